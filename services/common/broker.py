@@ -163,7 +163,7 @@ class EmbeddedKafka:
             ["java", f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseSerialGC",
              "-XX:TieredStopAtLevel=1", "-Dorg.slf4j.simpleLogger.defaultLogLevel=info",
              "-cp", classpath, "kafka.Kafka", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,  # noqa: PLW1509
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
         )
         log.close()
         self._wait_ready(timeout)

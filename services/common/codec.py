@@ -60,8 +60,8 @@ class Registry:
             self._version(path)
 
     def _version(self, path: Path) -> SchemaVersion:
-        parsed = fastavro.schema.load_schema(path)
-        version = SchemaVersion(parsed["name"], parsed, _fingerprint(parsed), path)
+        parsed: dict[str, Any] = fastavro.schema.load_schema(str(path))  # type: ignore[assignment]
+        version = SchemaVersion(str(parsed["name"]), parsed, _fingerprint(parsed), path)
         self.by_fingerprint.setdefault(version.fingerprint, version)
         return version
 
@@ -100,9 +100,10 @@ def decode_any(data: bytes | None) -> tuple[str, dict[str, Any]]:
         raise CodecError(f"unknown schema fingerprint {bytes(data[2:HEADER_LEN]).hex()}")
     reader = registry().current.get(writer.full_name, writer)
     try:
-        value = fastavro.schemaless_reader(
-            io.BytesIO(data[HEADER_LEN:]), writer.parsed, reader.parsed
-        )
+        body = io.BytesIO(data[HEADER_LEN:])
+        value = fastavro.schemaless_reader(body, writer.parsed, reader.parsed)
+        if body.tell() != len(data) - HEADER_LEN:
+            raise ValueError(f"{len(data) - HEADER_LEN - body.tell()} trailing bytes")
     except Exception as exc:  # fastavro raises many types on corrupt bodies
         raise CodecError(f"{writer.full_name}: corrupt body ({type(exc).__name__}: {exc})") from exc
     if not isinstance(value, dict):
@@ -126,7 +127,7 @@ def register_faust_codec() -> None:
     """
     from faust.serializers import codecs
 
-    class AvroCodec(codecs.Codec):  # type: ignore[misc]
+    class AvroCodec(codecs.Codec):
         def _dumps(self, obj: Any) -> bytes:
             if isinstance(obj, bytes | bytearray):
                 return bytes(obj)

@@ -1,0 +1,90 @@
+"""Prometheus metrics shared by every service; names are part of the alerting contract.
+
+`deploy/prometheus/alerts.yml` uses these names, and a test proves each exists. Each process
+exports its own registry at `GET /metrics`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# ingest
+http_requests_total = Counter(
+    "watistream_http_requests_total", "HTTP requests by route and status", ["route", "status"],
+    registry=REGISTRY)
+webhook_rejects_total = Counter(
+    "watistream_webhook_rejects_total", "Rejected webhooks by reason", ["reason"], registry=REGISTRY)
+webhook_events_total = Counter(
+    "watistream_webhook_events_total", "Accepted webhooks by provider and kind", ["provider", "kind"],
+    registry=REGISTRY)
+produce_latency_seconds = Histogram(
+    "watistream_produce_latency_seconds", "Time from produce to broker ack", ["topic"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY)
+
+# every consumer
+dead_letters_total = Counter(
+    "watistream_dead_letters_total", "Messages sent to the dead-letter topic", ["service", "reason"],
+    registry=REGISTRY)
+agent_up = Gauge(
+    "watistream_agent_up", "1 while a consumer/agent is running, 0 once it stopped", ["service", "agent"],
+    registry=REGISTRY)
+
+# context
+batches_flushed_total = Counter(
+    "watistream_batches_flushed_total", "Batches flushed by route", ["route"], registry=REGISTRY)
+gap_checks_total = Counter(
+    "watistream_gap_checks_total", "Gap decisions by outcome", ["outcome"], registry=REGISTRY)
+missed_injected_total = Counter(
+    "watistream_missed_messages_injected_total", "Missed messages injected by source", ["source"],
+    registry=REGISTRY)
+missed_per_batch = Histogram(
+    "watistream_missed_messages_per_batch", "Missed messages injected per checked batch",
+    buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200), registry=REGISTRY)
+history_fetch_total = Counter(
+    "watistream_history_fetch_total", "getMessages fetches by outcome", ["outcome"], registry=REGISTRY)
+history_fetch_failures_total = Counter(
+    "watistream_history_fetch_failures_total", "getMessages fetches that failed", ["reason"],
+    registry=REGISTRY)
+dedupe_hits_total = Counter(
+    "watistream_dedupe_hits_total", "Redelivered events ignored", ["kind"], registry=REGISTRY)
+batches_held_total = Counter(
+    "watistream_batches_held_total", "Batches not answered because a human is active or paused",
+    ["reason"], registry=REGISTRY)
+webhooks_missing_total = Counter(
+    "watistream_webhooks_missing_total", "Customer messages found in history but never by webhook",
+    registry=REGISTRY)
+messages_recovered_total = Counter(
+    "watistream_messages_recovered_total", "Missing customer messages recovered into a batch",
+    registry=REGISTRY)
+open_batches = Gauge(
+    "watistream_open_batches", "Open batches on this worker", registry=REGISTRY)
+
+# responder / vision
+replies_total = Counter(
+    "watistream_replies_total", "Batches handled by outcome", ["outcome"], registry=REGISTRY)
+openai_requests_total = Counter(
+    "watistream_openai_requests_total", "OpenAI calls by purpose and outcome", ["purpose", "outcome"],
+    registry=REGISTRY)
+openai_latency_seconds = Histogram(
+    "watistream_openai_latency_seconds", "OpenAI call latency", ["purpose"], registry=REGISTRY)
+send_failures_total = Counter(
+    "watistream_send_failures_total", "Channel sends that failed", ["channel", "reason"],
+    registry=REGISTRY)
+inflight_batches = Gauge(
+    "watistream_inflight_batches", "Batches being answered now", registry=REGISTRY)
+consumer_lag = Gauge(
+    "watistream_consumer_lag", "Messages behind the end of the input topics", ["service"],
+    registry=REGISTRY)
+images_classified_total = Counter(
+    "watistream_images_classified_total", "Images classified by category", ["category"],
+    registry=REGISTRY)
+
+
+def render() -> bytes:
+    return bytes(generate_latest(REGISTRY))
+
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

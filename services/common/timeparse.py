@@ -1,0 +1,75 @@
+"""Every timestamp format WATI and ManyChat send, parsed to timezone-aware UTC.
+
+Formats seen (reference/wati.md): unix seconds as a string or number (`"1764238453"`), unix
+milliseconds, ISO 8601 with 0-7 fractional digits, with `Z`, an offset or nothing (then UTC),
+and `24|11|2022` dates inside ticket texts. Unparseable input gives None, never a guess.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+from dateutil import parser as dateutil_parser
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+_PIPE_DATE = re.compile(r"^(\d{1,2})\|(\d{1,2})\|(\d{4})$")
+# Unix seconds between 2001 and 2286; larger values are milliseconds.
+_MAX_SECONDS = 10_000_000_000
+
+
+def parse_time(value: object) -> datetime | None:
+    """Parses one timestamp to aware UTC; None when absent or not a timestamp."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if isinstance(value, int | float):
+        return _from_epoch(float(value))
+    text = str(value).strip()
+    if not text:
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return _from_epoch(float(text))
+    pipe = _PIPE_DATE.match(text)
+    if pipe:
+        day, month, year = (int(g) for g in pipe.groups())
+        try:
+            return datetime(year, month, day, tzinfo=UTC)
+        except ValueError:
+            return None
+    try:
+        parsed = dateutil_parser.isoparse(_FRACTION.sub(r"\1", text))
+    except (ValueError, OverflowError):
+        try:
+            parsed = dateutil_parser.parse(text)
+        except (ValueError, OverflowError):
+            return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _from_epoch(number: float) -> datetime | None:
+    if number <= 0:
+        return None
+    seconds = number / 1000.0 if number >= _MAX_SECONDS else number
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def first_time(*candidates: object) -> datetime | None:
+    """The first candidate that parses (e.g. `created`, then `timestamp`)."""
+    for candidate in candidates:
+        parsed = parse_time(candidate)
+        if parsed is not None:
+            return parsed
+    return None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def to_millis(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
