@@ -199,3 +199,49 @@ class ResponderState(TypedDict):
     conversation_id: str | None
     batches: list[BatchProgress]
     updated_at: datetime
+
+
+class OwnReply(TypedDict):
+    batch_id: str
+    sent_at: datetime
+    text: str
+    provider_message_ids: list[str]
+
+
+class Batch(TypedDict):
+    batch_id: str
+    opened_at: datetime
+    last_message_at: datetime
+    messages: list[InboundMessage]
+    prior_last_inbound_at: datetime | None
+    prior_last_reply_at: datetime | None
+    fetch_started_at: datetime | None
+    fetch_attempts: int
+
+
+class Unanswered(TypedDict):
+    batch_id: str
+    routed_to: str
+    emitted_at: datetime
+    event_ids: list[str]
+
+
+class CustomerState(TypedDict):
+    customer_key: str
+    channel: Channel | None
+    provider_id: str | None
+    last_inbound_at: datetime | None
+    last_reply_at: datetime | None
+    last_human_at: datetime | None
+    recent_event_ids: list[str]
+    own_replies: list[OwnReply]
+    agent_messages: list[MissedItem]
+    open_batch: Batch | None
+    flushing_batch: Batch | None
+    held_messages: list[InboundMessage]
+    unanswered: list[Unanswered]
+    flushed_batch_ids: list[str]
+    paused: bool
+    paused_by: str | None
+    last_activity_at: datetime | None
+    batch_seq: int
