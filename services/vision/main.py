@@ -1,0 +1,127 @@
+"""`watistream vision`: the vision worker process, and `Vision`, the same worker in-process for tests.
+
+Consumes `vision-requests` in group `<prefix>vision` through the keyed consumer (one customer's
+batches strictly in order, different customers concurrently up to RESPONDER_CONCURRENCY), and
+serves `/healthz`, `/readyz`, `/metrics` on VISION_WEB_PORT. See `worker.py` for what it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+import httpx
+import openai
+from aiokafka import AIOKafkaProducer
+
+from services.common import logs
+from services.common.config import Settings
+from services.common.kafka import ensure_topics, make_producer
+from services.common.keyed_consumer import KeyedConsumer
+from services.common.ops_http import serve_ops
+from services.common.wati import WatiClient
+
+from .classify import parse_categories
+from .images import is_private_host
+from .worker import SERVICE, MediaFetcher, VisionWorker, attachment_http_client
+
+log = logging.getLogger(__name__)
+
+#: the ops endpoints carry no secret and no customer data; orchestrators must reach them.
+OPS_HOST = "0.0.0.0"
+
+
+class Vision:
+    """The vision worker with its producer, clients and consumer: `await start()`, `await stop()`.
+
+    ManyChat attachment URLs on private/loopback addresses are refused unless
+    `allow_private_urls` — by default allowed only when MANYCHAT_API_URL itself is such an address
+    (a local stand-in setup for tests, dev and demo).
+    """
+
+    def __init__(self, settings: Settings, *, allow_private_urls: bool | None = None) -> None:
+        self.settings = settings
+        self.allow_private_urls = (
+            is_private_host(settings.manychat_api_url) if allow_private_urls is None else allow_private_urls
+        )
+        self.producer: AIOKafkaProducer | None = None
+        self.client: openai.AsyncOpenAI | None = None
+        self.wati: WatiClient | None = None
+        self.http: httpx.AsyncClient | None = None
+        self.worker: VisionWorker | None = None
+        self.consumer: KeyedConsumer | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        topics = await ensure_topics(s)
+        self.producer = make_producer(s)
+        await self.producer.start()
+        self.client = openai.AsyncOpenAI(
+            api_key=s.openai_api_key, base_url=s.openai_base_url, timeout=s.openai_timeout_seconds,
+            max_retries=max(0, s.openai_max_attempts - 1),
+        )
+        if s.wati_api_url:
+            self.wati = WatiClient(s.wati_api_url, s.wati_api_token, timeout=20.0)
+        self.http = attachment_http_client(allow_private_urls=self.allow_private_urls)
+        fetcher = MediaFetcher(s, wati=self.wati, http=self.http, allow_private_urls=self.allow_private_urls)
+        self.worker = VisionWorker(s, producer=self.producer, client=self.client, fetcher=fetcher)
+        self.consumer = KeyedConsumer(
+            s, service=SERVICE, topics=[topics.vision_requests], group_id=f"{s.topic_prefix}vision",
+            handler=self.worker.handle, concurrency=max(1, s.responder_concurrency),
+            producer=self.producer, agent="vision_requests",
+        )
+        await self.consumer.start()
+        logs.event(log, "vision_started", model=s.vision_model_name,
+                   categories=",".join(self.worker.categories))
+
+    def ready(self) -> tuple[bool, str]:
+        if self.consumer is None:
+            return False, "not started"
+        return self.consumer.ready()
+
+    async def stop(self) -> None:
+        """Stops consuming (in-flight batches finish, bounded), then closes the clients."""
+        if self.consumer is not None:
+            await self.consumer.stop()
+            self.consumer = None
+        for closer in (
+            self.http.aclose() if self.http else None,
+            self.wati.aclose() if self.wati else None,
+            self.client.close() if self.client else None,
+        ):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer
+        self.http = self.wati = self.client = None
+        if self.producer is not None:
+            await self.producer.stop()
+            self.producer = None
+        logs.event(log, "vision_stopped", service=SERVICE)
+
+
+async def run(settings: Settings) -> int:
+    """Runs until SIGTERM/SIGINT, then stops cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    vision = Vision(settings)
+    ops = await serve_ops(OPS_HOST, settings.vision_web_port, vision.ready)
+    try:
+        await vision.start()
+        await stop.wait()
+    finally:
+        await vision.stop()
+        await ops.cleanup()
+    return 0
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    logs.setup("vision", settings.log_level)
+    settings.require("OPENAI_API_KEY")
+    parse_categories(settings.image_categories)  # a bad IMAGE_CATEGORIES fails before we start
+    logs.register_secret(settings.openai_api_key, settings.wati_api_token, settings.manychat_api_token)
+    return asyncio.run(run(settings))
