@@ -124,6 +124,9 @@ class Settings:
     vision_model: str = _env_field("", "VISION_MODEL", "model for image classification (= OPENAI_MODEL)")
     openai_timeout_seconds: float = _env_field(60.0, "OPENAI_TIMEOUT_SECONDS", "per OpenAI call")
     openai_max_attempts: int = _env_field(5, "OPENAI_MAX_ATTEMPTS", "tries per OpenAI call")
+    openai_max_output_tokens: int = _env_field(
+        1000, "OPENAI_MAX_OUTPUT_TOKENS", "cap on a reply's tokens (counts against rate limits); 0 = none"
+    )
     quiet_window_seconds: float = _env_field(
         30.0, "QUIET_WINDOW_SECONDS", "a burst ends after this much customer silence"
     )
@@ -174,6 +177,9 @@ class Settings:
     )
     responder_web_port: int = _env_field(8081, "RESPONDER_WEB_PORT", "responder health/metrics port")
     vision_web_port: int = _env_field(8082, "VISION_WEB_PORT", "vision health/metrics port")
+    ops_web_host: str = _env_field(
+        "127.0.0.1", "OPS_WEB_HOST", "bind address of the responder's and vision's health/metrics endpoints"
+    )
     system_prompt_file: str = _env_field("", "SYSTEM_PROMPT_FILE", "file with the instructions")
     prompt_locale: str = _env_field("es", "PROMPT_LOCALE", "labels of the missed-message block")
     fallback_text: str = _env_field(
