@@ -150,7 +150,9 @@ class EmbeddedKafka:
         config = self._write_config()
         classpath = f"{libs}/*"
         if not (self.data_dir / "logs" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # StorageTool would read a leading "-" as an option
+                cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
             fmt = subprocess.run(
                 ["java", "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
                  "-c", str(config), "--standalone"],

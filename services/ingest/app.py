@@ -1,0 +1,299 @@
+"""The webhook HTTP service: a thin aiohttp shell around the pure normalisers.
+
+Per webhook, checks run in this order and stop at the first failure, each answered with JSON
+`{"error": <code>, "reason": <text>}` and counted in `watistream_webhook_rejects_total{reason=code}`:
+401 secret (header or `?token=`), 413 body over `MAX_BODY_BYTES` (Content-Length, else counted while
+reading), 415 content type not `application/json`, 400 not UTF-8 JSON / not an object / rejected by
+the normaliser. Then the record is produced keyed by customer and the answer is 200 only after the
+broker's ack, or 503 + Retry-After once `PRODUCE_TIMEOUT_SECONDS` pass. Bad input never gets a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from services.common import metrics
+from services.common.codec import CodecError
+from services.common.config import ConfigError, Settings
+from services.common.kafka import Topics, dead_letter
+from services.common.logs import event
+from services.common.timeparse import utcnow
+
+from .auth import check_token, presented_token
+from .manychat import normalise_manychat
+from .outcomes import BusinessSend, CustomerMessage, Ignored, Rejected
+from .producer import BrokerUnavailable, ProducerSupervisor
+from .wati import classify_wati
+
+log = logging.getLogger(__name__)
+
+WATI_ROUTE = "/webhooks/wati"
+MANYCHAT_ROUTE = "/webhooks/manychat"
+# A client that sends its body slower than this is cut off (408), so it cannot hold a handler.
+BODY_READ_TIMEOUT_SECONDS = 10.0
+
+Outcome = CustomerMessage | BusinessSend | Ignored | Rejected
+Normaliser = Callable[[object, datetime], Outcome]
+
+
+def _manychat_outcome(payload: object, received_at: datetime) -> Outcome:
+    result = normalise_manychat(payload, received_at)
+    return result if isinstance(result, Rejected) else CustomerMessage(result)
+
+
+NORMALISERS: dict[str, Normaliser] = {"wati": classify_wati, "manychat": _manychat_outcome}
+
+SUPERVISOR_KEY = web.AppKey("supervisor", ProducerSupervisor)
+
+
+@dataclass
+class Ingest:
+    """The handlers' shared state: settings, topics, producer, clock (injectable for tests)."""
+
+    settings: Settings
+    topics: Topics
+    supervisor: ProducerSupervisor
+    clock: Callable[[], datetime] = utcnow
+
+    # --- webhooks ---
+
+    async def wati(self, request: web.Request) -> web.Response:
+        return await self._webhook(request, "wati")
+
+    async def manychat(self, request: web.Request) -> web.Response:
+        return await self._webhook(request, "manychat")
+
+    async def _webhook(self, request: web.Request, provider: str) -> web.Response:
+        started = asyncio.get_running_loop().time()
+        fields: dict[str, Any] = {"provider": provider}
+        response = await self._handle(request, provider, fields)
+        fields["status"] = response.status
+        fields["ms"] = round((asyncio.get_running_loop().time() - started) * 1000, 1)
+        level = logging.WARNING if response.status >= 500 else logging.INFO
+        event(log, "webhook", level, **fields)
+        return response
+
+    async def _handle(self, request: web.Request, provider: str, fields: dict[str, Any]) -> web.Response:
+        problem = check_token(
+            presented_token(request.headers.get("Authorization"), request.query),
+            self.settings.webhook_token,
+        )
+        if problem is not None:
+            return _reject(401, "unauthorized", problem, fields, {"WWW-Authenticate": "Bearer"})
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return _reject(413, "payload_too_large",
+                           f"the body is {request.content_length} bytes; the limit is {limit}", fields)
+        try:
+            body = await asyncio.wait_for(read_bounded(request, limit), BODY_READ_TIMEOUT_SECONDS)
+        except TimeoutError:
+            return _reject(408, "request_timeout", "the body did not arrive in time", fields)
+        if body is None:
+            return _reject(413, "payload_too_large", f"the body exceeds the limit of {limit} bytes", fields)
+        if request.content_type != "application/json":
+            return _reject(415, "unsupported_media_type",
+                           f"Content-Type must be application/json, got '{request.content_type}'", fields)
+        payload, parse_problem = parse_json(body)
+        if parse_problem is not None:
+            return _reject(400, "bad_json", parse_problem, fields)
+        received_at = self.clock()
+        try:
+            outcome = NORMALISERS[provider](payload, received_at)
+        except Exception as exc:  # a bug in a normaliser must not become a 500 or lose the payload
+            return await self._unprocessable(provider, body, exc, fields)
+        if isinstance(outcome, Rejected):
+            return _reject(400, outcome.code, outcome.reason, fields)
+        if isinstance(outcome, Ignored):
+            fields.update(outcome="ignored", reason=outcome.reason)
+            metrics.webhook_events_total.labels(provider, "ignored").inc()
+            return web.json_response({"status": "ignored", "reason": outcome.reason})
+        return await self._produce(provider, outcome, body, fields)
+
+    async def _produce(
+        self, provider: str, outcome: CustomerMessage | BusinessSend, body: bytes, fields: dict[str, Any]
+    ) -> web.Response:
+        if isinstance(outcome, CustomerMessage):
+            kind, topic, schema = "message", self.topics.inbound, "InboundMessage"
+        else:
+            kind, topic, schema = "agent_activity", self.topics.agent_activity, "AgentActivity"
+        record = outcome.record
+        event_id = record["event_id"]
+        fields.update(kind=kind, customer=record["customer_key"], message_type=record["message_type"],
+                      event_ref=event_ref(event_id))
+        if isinstance(outcome, BusinessSend):
+            fields["sender_kind"] = outcome.record["sender_kind"]
+        try:
+            await self.supervisor.send(topic, record["customer_key"], schema, dict(record))
+        except BrokerUnavailable as exc:
+            retry_after = str(max(1, math.ceil(self.settings.produce_timeout_seconds)))
+            return _reject(503, "broker_unavailable", f"message not stored, retry later: {exc}", fields,
+                           {"Retry-After": retry_after})
+        except CodecError as exc:
+            return await self._unprocessable(provider, body, exc, fields)
+        fields["outcome"] = "accepted"
+        metrics.webhook_events_total.labels(provider, kind).inc()
+        return web.json_response({"status": "accepted", "event_id": event_id, "kind": kind})
+
+    async def _unprocessable(
+        self, provider: str, body: bytes, exc: Exception, fields: dict[str, Any]
+    ) -> web.Response:
+        """Our bug, not the sender's: keep the raw body on the dead-letter topic (best effort), 400."""
+        log.error("normaliser failed on a %s webhook", provider, exc_info=exc)
+        recorded = False
+        producer = self.supervisor.producer
+        if producer is not None:
+            try:
+                await asyncio.wait_for(
+                    dead_letter(producer, self.topics, service="ingest", reason="normaliser_error",
+                                error=f"{type(exc).__name__}: {exc}", source_topic=None,
+                                payload=body, key=provider.encode()),
+                    self.settings.produce_timeout_seconds)
+                recorded = True
+            except Exception as dl_exc:  # the 400 stands whatever happens to the record
+                event(log, "dead_letter_failed", logging.ERROR, error=type(dl_exc).__name__)
+        fields["dead_lettered"] = recorded
+        note = "it was recorded for inspection" if recorded else "it could not be recorded"
+        return _reject(400, "unprocessable", f"the payload could not be normalised; {note}", fields)
+
+    # --- probes ---
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        problem = self.supervisor.readiness()
+        if problem is None:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not_ready", "reason": problem}, status=503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+def _reject(
+    status: int, code: str, reason: str, fields: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    metrics.webhook_rejects_total.labels(code).inc()
+    # reasons name fields and kinds, never message content: safe to log
+    fields.update(outcome="rejected", error=code, reason=reason)
+    return web.json_response({"error": code, "reason": reason}, status=status, headers=headers)
+
+
+def event_ref(event_id: str) -> str:
+    """The tail of an event id, for logs: a wamid's head encodes the customer's phone number."""
+    return event_id[-16:]
+
+
+async def read_bounded(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it exceeds `limit` bytes (chunked bodies included)."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = await request.content.read(64 * 1024)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(body: bytes) -> tuple[object, str | None]:
+    """(value, None) or (None, why the body is not JSON). NaN/Infinity are refused: not JSON."""
+    if not body.strip():
+        return None, "the body is empty"
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None, "the body is not UTF-8"
+    try:
+        return json.loads(text, parse_constant=_no_constants), None
+    except json.JSONDecodeError as exc:
+        return None, f"the body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+    except (ValueError, RecursionError) as exc:
+        return None, f"the body is not valid JSON: {str(exc) or type(exc).__name__}"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts every answer by route and status; unknown routes and errors answer JSON, not HTML."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status < 400:
+            raise
+        return web.json_response({"error": exc.reason.lower().replace(" ", "_"), "reason": exc.reason},
+                                 status=exc.status, headers={k: v for k, v in exc.headers.items()
+                                                             if k.lower() == "allow"})
+    except Exception:
+        log.exception("unhandled error on %s", route)
+        return web.json_response({"error": "internal_error", "reason": "internal error"}, status=500)
+    finally:
+        metrics.http_requests_total.labels(route, str(status)).inc()
+
+
+def make_app(settings: Settings, supervisor: ProducerSupervisor, clock: Callable[[], datetime] = utcnow
+             ) -> web.Application:
+    """The aiohttp application. Refuses an empty WEBHOOK_TOKEN: webhooks always need a secret."""
+    if not settings.webhook_token:
+        raise ConfigError("WEBHOOK_TOKEN is empty: the webhook endpoints refuse to run without a secret")
+    ingest = Ingest(settings, Topics.from_settings(settings), supervisor, clock)
+    app = web.Application(middlewares=[observe])
+    app[SUPERVISOR_KEY] = supervisor
+    app.router.add_post(WATI_ROUTE, ingest.wati)
+    app.router.add_post(MANYCHAT_ROUTE, ingest.manychat)
+    app.router.add_get("/healthz", ingest.healthz)
+    app.router.add_get("/readyz", ingest.readyz)
+    app.router.add_get("/metrics", ingest.metrics_text)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    settings: Settings, *, host: str | None = None, port: int | None = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> AsyncIterator[str]:
+    """Runs the service in this event loop; yields its base URL (`port=0`: a free port).
+
+    Returns before Kafka is connected: the service answers 503 and `/readyz` says why until it is.
+    On exit it stops accepting, lets running requests finish, then flushes the producer.
+    """
+    supervisor = ProducerSupervisor(settings)
+    app = make_app(settings, supervisor, clock)  # validates settings before anything starts
+    await supervisor.start()
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=settings.produce_timeout_seconds + 1)
+    try:
+        await runner.setup()
+        bind_port = settings.ingest_port if port is None else port
+        site = web.TCPSite(runner, host or settings.ingest_host, bind_port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        display_host = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+        yield f"http://{display_host}:{bound_port}"
+    finally:
+        await runner.cleanup()
+        await supervisor.close()
