@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Writes `.env.example` from `Settings.documented()`, so the example never drifts from the code.
+"""Writes `.env.example` and the README's configuration table from `Settings.documented()`,
+so neither drifts from the code.
 
-    python scripts/gen_env_example.py           # rewrite .env.example
-    python scripts/gen_env_example.py --check   # exit 1 if .env.example is stale (CI, tests)
+    python scripts/gen_env_example.py           # rewrite .env.example and the README table
+    python scripts/gen_env_example.py --check   # exit 1 if either is stale (CI, tests)
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ if str(ROOT) not in sys.path:  # runnable without the package installed
 from services.common.config import Settings  # noqa: E402
 
 TARGET = ROOT / ".env.example"
+README = ROOT / "README.md"
+TABLE_BEGIN, TABLE_END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 # Values with these characters are single-quoted: both compose (env_file and `${...}` interpolation)
 # and services.common.config.read_dotenv then take them literally.
@@ -70,23 +73,41 @@ def render() -> str:
     return "\n".join(lines)
 
 
+def readme_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, default, meaning in Settings.documented():
+        rows.append(f"| `{name}` | {f'`{default}`' if default else '(empty)'} | {meaning} |")
+    return "\n".join(rows)
+
+
+def render_readme(current: str) -> str:
+    """`current` with the text between the settings markers replaced by the table."""
+    head, sep, rest = current.partition(TABLE_BEGIN)
+    _, sep2, tail = rest.partition(TABLE_END)
+    if not sep or not sep2:
+        raise ValueError(f"README.md lacks the {TABLE_BEGIN} / {TABLE_END} markers")
+    return f"{head}{TABLE_BEGIN}\n{readme_table()}\n{TABLE_END}{tail}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--check", action="store_true", help="fail if .env.example differs")
     args = parser.parse_args(argv)
-    text = render()
-    current = TARGET.read_text(encoding="utf-8") if TARGET.is_file() else ""
-    if args.check:
-        if current != text:
-            print(f"{TARGET.name} is stale: run python scripts/gen_env_example.py", file=sys.stderr)
-            return 1
-        return 0
-    if current != text:
-        TARGET.write_text(text, encoding="utf-8")
-        print(f"wrote {TARGET}")
-    return 0
+    stale = 0
+    for target, make in ((TARGET, lambda _: render()), (README, render_readme)):
+        current = target.read_text(encoding="utf-8") if target.is_file() else ""
+        text = make(current)
+        if current == text:
+            continue
+        if args.check:
+            print(f"{target.name} is stale: run python scripts/gen_env_example.py", file=sys.stderr)
+            stale = 1
+        else:
+            target.write_text(text, encoding="utf-8")
+            print(f"wrote {target}")
+    return stale
 
 
 if __name__ == "__main__":
