@@ -5,7 +5,8 @@ The faust agent (services/context/app.py) decodes each event of a customer, call
 function may mutate) and the event, writes the returned state back to the table in the same
 step, and performs the returned `Effects` (produce requests/audit events, start a history fetch).
 Because the dedupe memory travels in the same state write as the effect, a replayed event (after
-a crash or a rebalance) changes nothing and emits nothing twice.
+a crash or a rebalance) changes nothing and emits nothing twice. (The functions never mutate the
+state passed in: they work on a deep copy, so a caller may compare before and after.)
 
 Times: `now` is the worker's wall clock as carried by the event being handled (the flush command's
 `issued_at`, or the processing time the shell passes) — injected, so tests control it.
@@ -16,30 +17,89 @@ Invariants (the old system's post-mortem, DESIGN.md "Lessons"):
    is updated; nothing read later changes them (6: the same rule for the reply time).
 3-5. Missed messages: selected by the window (prior_last_reply_at, first message of the batch),
    sorted by parsed time, never "the last N", never our own messages (services/context/missed.py).
+
+Decisions taken here (where the issues leave a choice):
+- Batch ids are `<customer_key>:<batch_seq>`: deterministic from the state, so a replayed message
+  opens the same batch id, and unique per customer.
+- One batch at a time leaves the customer: while a batch waits for its history (`flushing_batch`),
+  a newer open batch is not flushed (`due_action` returns None for it) — answers stay in order.
+- Gap check (WATI only; ManyChat has no history API): runs when `gap = earliest provider time of
+  the batch - prior last_inbound_at` EXCEEDS the customer's threshold, and on first contact (no
+  prior inbound: look back `missed_lookback_seconds`). Real-time agent messages since the last
+  reply are injected whatever the gap.
+- A history fetch that failed but returned some pages is used (the newest pages are the ones that
+  matter), with its `history_error` recorded; a failed fetch without items answers without history.
+- Hold: a batch is held when the operator paused the customer, or when a human agent wrote within
+  the customer's `hold_seconds` before `now` (0 = off). Human activity comes from real-time agent
+  events and from human-agent messages a history fetch finds (the only source on accounts
+  without `sessionMessageSent_v2`). Held messages wait for the next customer message; `resume`
+  only clears the pause (the human who paused usually answered them).
+- Request messages: held and recovered messages first, ordered by provider time (they precede the
+  burst), then the batch's own messages in arrival order.
+- Routing: vision when a message is an image/sticker with a media reference, or when an earlier
+  batch of the customer routed to vision is still unanswered (vision forwards in order; a text batch
+  overtaking it would be answered first).
+- Agent activity: our own sends (id, `own_send`, `API Token`/own text) and WATI's bot are ignored;
+  templates are kept as context (role agent, name "template") but are not human activity; `unknown`
+  counts as human only with an operator name or e-mail that is not ours (our own echo arrives
+  without one). A reply that reveals an earlier "human" item was our own send removes it again.
+- Pruning real-time agent messages on a reply never drops what a pending batch still needs (its
+  cutoff may be older than the new reply: post-mortem bug 6).
+- Customer messages of earlier batches the bot ANSWERED are remembered (`answered:<id>` in
+  `recent_event_ids`) and excluded from later missed context as `in_earlier_batch`, like those of
+  batches still unanswered; a batch answered with nothing sent leaves its messages as context.
+- Metrics are `(attribute name in services.common.metrics, labels, value)`; for a Histogram the
+  value is observed, for a Counter added. Duplicates (`Effects.duplicate`) carry no metric: the
+  shell counts `dedupe_hits_total` itself. History-fetch failures reported by the fetcher are
+  counted by the fetcher; the state counts only the timeouts it detects itself (result never came).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from services.common.config import GapPolicy
+from services.common.keys import split_key
 from services.common.records import (
     AgentActivity,
     AssistantReply,
+    Batch,
     BatchDecision,
+    Channel,
     ContextCommand,
     CustomerState,
+    HistoryItem,
     InboundMessage,
+    MissedItem,
+    OwnReply,
     ResponderRequest,
+    Unanswered,
     VisionRequest,
 )
+from services.context import missed
 
 RECENT_EVENT_IDS = 1000
 OWN_REPLIES = 30
 AGENT_MESSAGES = 100
 FLUSHED_BATCH_IDS = 100
 WHATSAPP_SESSION_SECONDS = 24 * 3600
+HELD_MESSAGES = 200
+"""Customer messages kept across held batches; beyond it the OLDEST are dropped (and logged)."""
+UNANSWERED_TTL_SECONDS = 3600.0
+"""An emitted batch without a reply after this long is forgotten (the responder dead-lettered it):
+it no longer pins the customer's batches to vision nor excludes its messages."""
+MAX_FETCH_ATTEMPTS = 2
+"""History fetches per batch: the first, and one retry after a timeout; then answer without."""
+RECONCILE_FETCH_ID = "reconcile"
+"""`HistoryFetchOrder.batch_id` of a sweep fetch; its result may come back with this id or None."""
+IMAGE_TYPES = frozenset({"image", "sticker"})
+"""Message types vision classifies (when the message carries a media reference)."""
+REPLY_KEY = "reply:"
+ANSWERED_KEY = "answered:"
+"""Prefixes in `recent_event_ids`: replies handled (dedupe), customer messages the bot answered."""
 
 
 @dataclass(frozen=True)
@@ -77,37 +137,173 @@ class Effects:
     duplicate: bool = False  # the event was a redelivery: nothing changed
 
 
+@dataclass(frozen=True)
+class GapDecision:
+    """Whether a batch's missed-message check (history fetch) runs, and why."""
+
+    gap_seconds: float | None
+    threshold_seconds: float
+    check: bool
+    outcome: str  # gap_exceeded | first_contact | short_gap | not_wati
+
+
+# -- public API -----------------------------------------------------------------------------------
+
 def new_state(customer_key: str) -> CustomerState:
     """The state of a customer never seen before."""
-    raise NotImplementedError
+    return {
+        "customer_key": customer_key,
+        "channel": None,
+        "provider_id": None,
+        "last_inbound_at": None,
+        "last_reply_at": None,
+        "last_human_at": None,
+        "recent_event_ids": [],
+        "own_replies": [],
+        "agent_messages": [],
+        "open_batch": None,
+        "flushing_batch": None,
+        "held_messages": [],
+        "unanswered": [],
+        "flushed_batch_ids": [],
+        "paused": False,
+        "paused_by": None,
+        "last_activity_at": None,
+        "batch_seq": 0,
+    }
 
 
 def on_inbound(
     state: CustomerState, message: InboundMessage, now: datetime, limits: Limits
 ) -> tuple[CustomerState, Effects]:
-    """A customer message."""
-    raise NotImplementedError
+    """A customer message: dedupe, open a batch (capturing the priors) if none is open, append."""
+    ids = message_ids(message)
+    seen = set(state["recent_event_ids"])
+    if seen.intersection(ids):
+        # Also the late webhook of a message already recovered from history: one answer, never two.
+        return state, Effects(duplicate=True, log=[("duplicate_ignored", {
+            "kind": "inbound", "event_id": message["event_id"]})])
+    state = copy.deepcopy(state)
+    effects = Effects()
+    batch = state["open_batch"]
+    if batch is None:
+        batch = _open_batch(state, now)
+        effects.log.append(("batch_opened", _batch_fields(batch)))
+    batch["messages"].append(_normalised_message(message))
+    batch["last_message_at"] = now
+    _remember(state["recent_event_ids"], ids, RECENT_EVENT_IDS)
+    state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
+    state["channel"] = message["channel"]
+    state["provider_id"] = message["provider_id"]
+    state["last_activity_at"] = now
+    return state, effects
 
 
 def on_agent_activity(
     state: CustomerState, activity: AgentActivity, now: datetime, limits: Limits
 ) -> tuple[CustomerState, Effects]:
-    """A business-side send reported in real time (sessionMessageSent_v2 / templateMessageSent_v2)."""
-    raise NotImplementedError
+    """A business-side send reported in real time (sessionMessageSent_v2 / templateMessageSent_v2).
+
+    Human-agent sends become real-time missed items and move `last_human_at` (hold); templates
+    become context items only; our own sends and WATI's bot are ignored (with the reason logged).
+    Never touches last_inbound_at / last_reply_at.
+    """
+    ids = _unique([activity["event_id"], *activity["provider_message_ids"]])
+    if set(state["recent_event_ids"]).intersection(ids):
+        return state, Effects(duplicate=True, log=[("duplicate_ignored", {
+            "kind": "agent_activity", "event_id": activity["event_id"]})])
+    state = copy.deepcopy(state)
+    effects = Effects()
+    _remember(state["recent_event_ids"], ids, RECENT_EVENT_IDS)
+    if state["channel"] is None:
+        state["channel"] = activity["channel"]
+    if state["provider_id"] is None:
+        state["provider_id"] = activity["provider_id"]
+    match_ids = set(ids) | ({activity["local_message_id"]} if activity["local_message_id"] else set())
+    kind = activity["sender_kind"]
+    reason = _ignored_activity_reason(state, activity, match_ids)
+    if reason is not None:
+        effects.log.append(("agent_activity_ignored", {
+            "event_id": activity["event_id"], "sender_kind": kind, "reason": reason}))
+        return state, effects
+    template = kind == "template"
+    text = (activity["text"] or "").strip() or f"[{activity['message_type'] or 'message'}]"
+    item: MissedItem = {
+        "at": activity["provider_time"],
+        "role": "agent",
+        "agent_name": missed.TEMPLATE_AGENT_NAME if template else _clean(activity["operator_name"]),
+        "text": text,
+        "message_type": activity["message_type"],
+        "source": "realtime",
+        "item_ids": _unique([*ids, activity["local_message_id"] or ""]),
+    }
+    agent_messages = sorted([*state["agent_messages"], item], key=lambda m: m["at"])
+    state["agent_messages"] = agent_messages[-AGENT_MESSAGES:]
+    if not template:
+        state["last_human_at"] = _later(state["last_human_at"], activity["provider_time"])
+    effects.log.append(("agent_message_recorded", {
+        "event_id": activity["event_id"], "sender_kind": kind, "at": activity["provider_time"],
+        "human": not template}))
+    return state, effects
 
 
 def on_reply(
     state: CustomerState, reply: AssistantReply, now: datetime, limits: Limits
 ) -> tuple[CustomerState, Effects]:
-    """The responder answered (or gave up on) a batch."""
-    raise NotImplementedError
+    """The responder answered (or gave up on) a batch: moves last_reply_at only if something was sent."""
+    key = REPLY_KEY + reply["batch_id"]
+    if key in state["recent_event_ids"]:
+        return state, Effects(duplicate=True, log=[("duplicate_ignored", {
+            "kind": "reply", "batch_id": reply["batch_id"]})])
+    state = copy.deepcopy(state)
+    effects = Effects()
+    answered_entry = next((u for u in state["unanswered"] if u["batch_id"] == reply["batch_id"]), None)
+    remembered = [key]
+    sent = reply["outcome"] in ("answered", "fallback") and bool(reply["text"].strip())
+    removed: list[MissedItem] = []
+    if sent:
+        state["last_reply_at"] = _later(state["last_reply_at"], reply["sent_at"])
+        own: OwnReply = {
+            "batch_id": reply["batch_id"],
+            "sent_at": reply["sent_at"],
+            "text": reply["text"],
+            "provider_message_ids": _unique(reply["provider_message_ids"]),
+        }
+        state["own_replies"] = [*state["own_replies"], own][-OWN_REPLIES:]
+        removed = _forget_own_echoes(state, own)
+        if reply["outcome"] == "answered" and answered_entry is not None:
+            remembered.extend(ANSWERED_KEY + i for i in answered_entry["event_ids"])
+    _remember(state["recent_event_ids"], remembered, RECENT_EVENT_IDS)
+    state["unanswered"] = [u for u in state["unanswered"] if u["batch_id"] != reply["batch_id"]]
+    pruned = _prune_agent_messages(state, now, limits)
+    effects.log.append(("reply_recorded", {
+        "batch_id": reply["batch_id"], "outcome": reply["outcome"], "sent": sent,
+        "last_reply_at": state["last_reply_at"], "agent_messages_pruned": pruned,
+        "own_echoes_removed": len(removed)}))
+    return state, effects
 
 
 def on_command(
     state: CustomerState, command: ContextCommand, now: datetime, limits: Limits
 ) -> tuple[CustomerState, Effects]:
     """flush / history_fetched / pause / resume / reconcile, keyed by customer."""
-    raise NotImplementedError
+    kind = command["kind"]
+    if kind == "flush":
+        return _on_flush(state, command, now, limits)
+    if kind == "history_fetched":
+        batch_id = command["batch_id"]
+        if not batch_id or batch_id == RECONCILE_FETCH_ID:
+            return _on_sweep_result(state, command, now, limits)
+        return _on_history(state, command, now, limits)
+    if kind in ("pause", "resume"):
+        state = copy.deepcopy(state)
+        state["paused"] = kind == "pause"
+        state["paused_by"] = (command["actor"] or "operator") if kind == "pause" else None
+        return state, Effects(log=[("bot_paused" if kind == "pause" else "bot_resumed", {
+            "actor": command["actor"], "held_messages": len(state["held_messages"])})])
+    if kind == "reconcile":
+        return _on_reconcile(state, now)
+    return state, Effects(log=[("command_ignored", {"kind": kind, "reason": "unknown_kind"})])
 
 
 def due_action(state: CustomerState, now: datetime, limits: Limits) -> str | None:
@@ -116,5 +312,526 @@ def due_action(state: CustomerState, now: datetime, limits: Limits) -> str | Non
     Due when the open batch's quiet window or max wait has passed, or when a flushing batch's
     history fetch has been running longer than `history_timeout_seconds` (crashed fetch task,
     worker restart): the flush command then retries the fetch once, then answers without history.
+    While a batch is flushing, the open batch waits for it (answers leave in order).
     """
-    raise NotImplementedError
+    flushing = state["flushing_batch"]
+    if flushing is not None:
+        return flushing["batch_id"] if _fetch_timed_out(flushing, now, limits) else None
+    batch = state["open_batch"]
+    if batch is not None and _is_due(batch, now, limits):
+        return batch["batch_id"]
+    return None
+
+
+# -- helpers others may call --------------------------------------------------------------------
+
+def message_ids(message: InboundMessage) -> list[str]:
+    """Every id a customer message is known by (its event id first)."""
+    return _unique([message["event_id"], *message["provider_message_ids"]])
+
+
+def batch_start(batch: Batch) -> datetime:
+    """The earliest provider time of the batch: the missed-message window ends strictly before it."""
+    return min(m["provider_time"] for m in batch["messages"])
+
+
+def gap_decision(batch: Batch, customer_key: str, limits: Limits) -> GapDecision:
+    """Gap = earliest message of the batch - prior last_inbound_at (post-mortem bugs 1 and 2)."""
+    threshold = limits.policy.gap_seconds(customer_key)
+    prior = batch["prior_last_inbound_at"]
+    gap = None if prior is None else (batch_start(batch) - prior).total_seconds()
+    if batch["messages"][0]["channel"] != "wati":
+        return GapDecision(gap, threshold, False, "not_wati")
+    if gap is None:
+        return GapDecision(gap, threshold, True, "first_contact")
+    if gap > threshold:
+        return GapDecision(gap, threshold, True, "gap_exceeded")
+    return GapDecision(gap, threshold, False, "short_gap")
+
+
+# -- flush, history, sweep ---------------------------------------------------------------------
+
+def _on_flush(
+    state: CustomerState, command: ContextCommand, now: datetime, limits: Limits
+) -> tuple[CustomerState, Effects]:
+    batch_id = command["batch_id"]
+    if not batch_id:
+        return state, Effects(log=[("flush_ignored", {"reason": "no_batch_id"})])
+    if batch_id in state["flushed_batch_ids"]:
+        return state, Effects(duplicate=True, log=[("duplicate_ignored", {
+            "kind": "flush", "batch_id": batch_id})])
+    flushing, batch = state["flushing_batch"], state["open_batch"]
+    if flushing is not None and flushing["batch_id"] == batch_id:
+        if not _fetch_timed_out(flushing, now, limits):
+            return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "fetch_running"})])
+        state = copy.deepcopy(state)
+        flushing = state["flushing_batch"]
+        assert flushing is not None
+        effects = Effects(metrics=[("history_fetch_failures_total", {"reason": "timeout"}, 1)])
+        if flushing["fetch_attempts"] < MAX_FETCH_ATTEMPTS:
+            flushing["fetch_started_at"] = now
+            flushing["fetch_attempts"] += 1
+            effects.fetch = _fetch_order(state, flushing, now, limits)
+            effects.log.append(("history_fetch_retry", {
+                "batch_id": batch_id, "attempt": flushing["fetch_attempts"]}))
+            return state, effects
+        return _finalize(state, "flushing_batch", None, "timeout", now, limits, effects)
+    if batch is None or batch["batch_id"] != batch_id:
+        return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "unknown_batch"})])
+    if flushing is not None:
+        return state, Effects(log=[("flush_ignored", {
+            "batch_id": batch_id, "reason": "earlier_batch_flushing"})])
+    if not _is_due(batch, now, limits):
+        return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "not_due"})])
+    state = copy.deepcopy(state)
+    batch = state["open_batch"]
+    assert batch is not None
+    gap = gap_decision(batch, state["customer_key"], limits)
+    effects = Effects(metrics=[("gap_checks_total", {"outcome": gap.outcome}, 1)])
+    if not gap.check:
+        return _finalize(state, "open_batch", None, None, now, limits, effects)
+    batch["fetch_started_at"] = now
+    batch["fetch_attempts"] = 1
+    state["flushing_batch"], state["open_batch"] = batch, None
+    effects.fetch = _fetch_order(state, batch, now, limits)
+    effects.log.append(("history_fetch_ordered", {
+        "batch_id": batch_id, "gap_seconds": gap.gap_seconds, "threshold_seconds": gap.threshold_seconds,
+        "outcome": gap.outcome, "stop_before": effects.fetch.stop_before}))
+    return state, effects
+
+
+def _on_history(
+    state: CustomerState, command: ContextCommand, now: datetime, limits: Limits
+) -> tuple[CustomerState, Effects]:
+    batch_id = command["batch_id"]
+    flushing = state["flushing_batch"]
+    if flushing is None or flushing["batch_id"] != batch_id:
+        if batch_id in state["flushed_batch_ids"]:
+            return state, Effects(duplicate=True, log=[("duplicate_ignored", {
+                "kind": "history", "batch_id": batch_id})])
+        return state, Effects(log=[("history_ignored", {"batch_id": batch_id, "reason": "stale"})])
+    error = command["history_error"]
+    history: list[HistoryItem] | None = list(command["history"])
+    if error and not history:
+        history = None
+    return _finalize(copy.deepcopy(state), "flushing_batch", history, error, now, limits, Effects())
+
+
+def _on_reconcile(state: CustomerState, now: datetime) -> tuple[CustomerState, Effects]:
+    """A sweep asks for this customer's history (the shell may also fetch directly)."""
+    if state["channel"] != "wati" or not state["provider_id"]:
+        return state, Effects(log=[("reconcile_skipped", {"reason": "not_wati"})])
+    order = HistoryFetchOrder(state["customer_key"], state["provider_id"], RECONCILE_FETCH_ID,
+                              _sweep_lower_bound(state, now))
+    return state, Effects(fetch=order, log=[("reconcile_fetch_ordered", {"stop_before": order.stop_before})])
+
+
+def _sweep_lower_bound(state: CustomerState, now: datetime) -> datetime:
+    session_start = now - timedelta(seconds=WHATSAPP_SESSION_SECONDS)
+    last_reply = state["last_reply_at"]
+    return session_start if last_reply is None else max(last_reply, session_start)
+
+
+def _on_sweep_result(
+    state: CustomerState, command: ContextCommand, now: datetime, limits: Limits
+) -> tuple[CustomerState, Effects]:
+    """Reconciliation: customer messages after the last reply, within 24 h, no webhook ever came.
+
+    They are put into the open batch (opened if needed, priors captured as for any message) as
+    `recovered` messages, so the customer is answered within one sweep; their ids join the dedupe
+    memory, so a repeated sweep — or the late webhook — recovers nothing twice. Only what is
+    recovered is counted as missing here (a repeated sweep would count the rest again).
+    """
+    if command["history_error"]:
+        return state, Effects(log=[("reconcile_failed", {"error": command["history_error"]})])
+    lower = _sweep_lower_bound(state, now)
+    seen = set(state["recent_event_ids"])
+    found: list[HistoryItem] = []
+    for item in command["history"]:
+        ids = item["item_ids"]
+        at = item["at"]
+        if (item["event_type"] != "message" or item["owner"] or at is None or at <= lower or not ids
+                or not item["text"].strip() or seen.intersection(ids)):
+            continue
+        found.append(item)
+        seen.update(ids)
+    if not found:
+        return state, Effects(log=[("reconcile_clean", {"items": len(command["history"])})])
+    state = copy.deepcopy(state)
+    effects = Effects()
+    recovered = sorted((_recovered_message(state, item, now) for item in found),
+                       key=lambda m: m["provider_time"])
+    batch = state["open_batch"]
+    if batch is None:
+        batch = _open_batch(state, now)
+        effects.log.append(("batch_opened", _batch_fields(batch)))
+    batch["messages"] = _insert_by_time(batch["messages"], recovered)
+    batch["last_message_at"] = now
+    for message in recovered:
+        _remember(state["recent_event_ids"], message_ids(message), RECENT_EVENT_IDS)
+        state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
+    state["last_activity_at"] = now
+    effects.metrics += [("webhooks_missing_total", {}, len(recovered)),
+                        ("messages_recovered_total", {}, len(recovered))]
+    effects.log.append(("messages_recovered", {
+        "batch_id": batch["batch_id"], "count": len(recovered), "by": "reconcile",
+        "event_ids": [m["event_id"] for m in recovered]}))
+    return state, effects
+
+
+# -- finalize: select, hold or route, emit --------------------------------------------------------
+
+def _finalize(
+    state: CustomerState,
+    slot: str,
+    history: list[HistoryItem] | None,
+    history_error: str | None,
+    now: datetime,
+    limits: Limits,
+    effects: Effects,
+) -> tuple[CustomerState, Effects]:
+    """Ends a batch (state already copied): exactly one BatchDecision, and a request unless held."""
+    batch: Batch | None = state["open_batch"] if slot == "open_batch" else state["flushing_batch"]
+    assert batch is not None
+    key = state["customer_key"]
+    gap = gap_decision(batch, key, limits)
+    lookback_start = now - timedelta(seconds=limits.missed_lookback_seconds)
+    cutoff = batch["prior_last_reply_at"]
+    held_before = state["held_messages"]
+    request_ids = {i for m in [*held_before, *batch["messages"]] for i in message_ids(m)}
+    earlier_ids = {i for u in state["unanswered"] for i in u["event_ids"]}
+    earlier_ids |= {e[len(ANSWERED_KEY):] for e in state["recent_event_ids"] if e.startswith(ANSWERED_KEY)}
+    selection = missed.select_missed(
+        history=history,
+        realtime=state["agent_messages"],
+        cutoff=cutoff,
+        lookback_start=lookback_start,
+        batch_start=batch_start(batch),
+        batch_event_ids=request_ids,
+        earlier_batch_event_ids=earlier_ids,
+        seen_event_ids=set(state["recent_event_ids"]),
+        own_replies=state["own_replies"],
+        now=now,
+        max_items=limits.missed_max_items,
+    )
+    recovered = [_recovered_message(state, item, now) for item in selection.recovered]
+    for message in recovered:
+        _remember(state["recent_event_ids"], message_ids(message), RECENT_EVENT_IDS)
+        state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
+    for item in selection.items:
+        if item["role"] == "agent" and item["agent_name"] != missed.TEMPLATE_AGENT_NAME:
+            state["last_human_at"] = _later(state["last_human_at"], item["at"])
+    recovered_ids = [m["event_id"] for m in [*recovered, *batch["messages"]] if m.get("recovered")]
+    messages = sorted([*held_before, *recovered], key=lambda m: m["provider_time"]) + batch["messages"]
+
+    if slot == "open_batch":
+        state["open_batch"] = None
+    else:
+        state["flushing_batch"] = None
+    _remember(state["flushed_batch_ids"], [batch["batch_id"]], FLUSHED_BATCH_IDS)
+    expired = _expire_unanswered(state, now)
+    hold_reason = _hold_reason(state, now, limits)
+    channel: Channel = batch["messages"][-1]["channel"]
+    provider_id = batch["messages"][-1]["provider_id"]
+
+    if hold_reason is not None:
+        routed_to = "held"
+        dropped_held = max(0, len(messages) - HELD_MESSAGES)
+        state["held_messages"] = messages[dropped_held:]
+        message_count = len(batch["messages"]) + len(recovered)
+        injected: list[MissedItem] = []
+        effects.metrics.append(("batches_held_total", {"reason": hold_reason}, 1))
+        if dropped_held:
+            effects.log.append(("held_messages_dropped", {
+                "batch_id": batch["batch_id"], "count": dropped_held}))
+    else:
+        routed_to = "vision" if _needs_vision(messages, state["unanswered"]) else "responder"
+        state["held_messages"] = []
+        message_count = len(messages)
+        injected = selection.items
+        request: ResponderRequest = {
+            "batch_id": batch["batch_id"],
+            "customer_key": key,
+            "channel": channel,
+            "provider_id": provider_id,
+            "messages": messages,
+            "prior_last_inbound_at": batch["prior_last_inbound_at"],
+            "prior_last_reply_at": cutoff,
+            "gap_seconds": gap.gap_seconds,
+            "missed_check_ran": gap.check,
+            "missed_messages": injected,
+            "missed_dropped_oldest": selection.dropped_oldest,
+            "images": [],
+            "created_at": now,
+        }
+        if routed_to == "vision":
+            effects.vision_requests.append({"request": request})
+        else:
+            effects.responder_requests.append(request)
+        entry: Unanswered = {
+            "batch_id": batch["batch_id"], "routed_to": routed_to, "emitted_at": now,
+            "event_ids": _unique(i for m in messages for i in message_ids(m)),
+        }
+        state["unanswered"] = [*state["unanswered"], entry]
+        effects.metrics.append(("missed_per_batch", {}, float(len(injected))))
+        by_source: dict[str, int] = {}
+        for item in injected:
+            by_source[item["source"]] = by_source.get(item["source"], 0) + 1
+        effects.metrics += [("missed_injected_total", {"source": s}, n) for s, n in sorted(by_source.items())]
+
+    decision: BatchDecision = {
+        "batch_id": batch["batch_id"],
+        "customer_key": key,
+        "channel": channel,
+        "decided_at": now,
+        "message_count": message_count,
+        "prior_last_inbound_at": batch["prior_last_inbound_at"],
+        "prior_last_reply_at": cutoff,
+        "gap_seconds": gap.gap_seconds,
+        "gap_threshold_seconds": gap.threshold_seconds,
+        "missed_check_ran": gap.check,
+        "cutoff": cutoff if cutoff is not None else lookback_start,
+        "sources": selection.sources,
+        "injected": injected,
+        "excluded": selection.excluded,
+        "held": hold_reason is not None,
+        "hold_reason": hold_reason,
+        "recovered_event_ids": recovered_ids,
+        "webhooks_missing": selection.webhooks_missing,
+        "history_error": history_error,
+        "routed_to": routed_to,
+    }
+    effects.decisions.append(decision)
+    effects.metrics.append(("batches_flushed_total", {"route": routed_to}, 1))
+    if selection.webhooks_missing:
+        effects.metrics.append(("webhooks_missing_total", {}, selection.webhooks_missing))
+    if recovered:
+        effects.metrics.append(("messages_recovered_total", {}, len(recovered)))
+    excluded_by_reason: dict[str, int] = {}
+    for excluded in selection.excluded:
+        excluded_by_reason[excluded["reason"]] = excluded_by_reason.get(excluded["reason"], 0) + 1
+    effects.log.append(("batch_decided", {
+        "batch_id": batch["batch_id"],
+        "routed_to": routed_to,
+        "messages": message_count,
+        "prior_last_inbound_at": batch["prior_last_inbound_at"],
+        "prior_last_reply_at": cutoff,
+        "gap_seconds": gap.gap_seconds,
+        "gap_threshold_seconds": gap.threshold_seconds,
+        "gap_outcome": gap.outcome,
+        "missed_check_ran": gap.check,
+        "window": [decision["cutoff"], batch_start(batch)],
+        "sources": selection.sources,
+        "injected": len(injected),
+        "dropped_oldest": selection.dropped_oldest,
+        "excluded": excluded_by_reason,
+        "held": hold_reason is not None,
+        "hold_reason": hold_reason,
+        "recovered_event_ids": recovered_ids,
+        "webhooks_missing": selection.webhooks_missing,
+        "missing_event_ids": selection.missing_ids,
+        "history_error": history_error,
+        "unanswered_expired": expired,
+    }))
+    return state, effects
+
+
+def _hold_reason(state: CustomerState, now: datetime, limits: Limits) -> str | None:
+    if state["paused"]:
+        return "paused"
+    hold = limits.policy.hold_seconds(state["customer_key"])
+    last_human = state["last_human_at"]
+    if hold > 0 and last_human is not None and (now - last_human).total_seconds() < hold:
+        return "human_active"
+    return None
+
+
+def _needs_vision(messages: list[InboundMessage], unanswered: list[Unanswered]) -> bool:
+    has_image = any(m["message_type"] in IMAGE_TYPES and m["media_ref"] for m in messages)
+    return has_image or any(u["routed_to"] == "vision" for u in unanswered)
+
+
+def _expire_unanswered(state: CustomerState, now: datetime) -> int:
+    limit = now - timedelta(seconds=UNANSWERED_TTL_SECONDS)
+    kept = [u for u in state["unanswered"] if u["emitted_at"] > limit]
+    expired = len(state["unanswered"]) - len(kept)
+    state["unanswered"] = kept
+    return expired
+
+
+# -- small helpers --------------------------------------------------------------------------------
+
+def _open_batch(state: CustomerState, now: datetime) -> Batch:
+    """Opens a batch, capturing the prior values BEFORE anything of the new message is applied."""
+    state["batch_seq"] += 1
+    batch: Batch = {
+        "batch_id": f"{state['customer_key']}:{state['batch_seq']}",
+        "opened_at": now,
+        "last_message_at": now,
+        "messages": [],
+        "prior_last_inbound_at": state["last_inbound_at"],
+        "prior_last_reply_at": state["last_reply_at"],
+        "fetch_started_at": None,
+        "fetch_attempts": 0,
+    }
+    state["open_batch"] = batch
+    return batch
+
+
+def _batch_fields(batch: Batch) -> dict[str, object]:
+    return {"batch_id": batch["batch_id"], "prior_last_inbound_at": batch["prior_last_inbound_at"],
+            "prior_last_reply_at": batch["prior_last_reply_at"]}
+
+
+def _is_due(batch: Batch, now: datetime, limits: Limits) -> bool:
+    quiet_end = batch["last_message_at"] + timedelta(seconds=limits.quiet_window_seconds)
+    max_end = batch["opened_at"] + timedelta(seconds=limits.max_batch_wait_seconds)
+    return now >= quiet_end or now >= max_end
+
+
+def _fetch_timed_out(batch: Batch, now: datetime, limits: Limits) -> bool:
+    started = batch["fetch_started_at"]
+    return started is None or now >= started + timedelta(seconds=limits.history_timeout_seconds)
+
+
+def _fetch_order(state: CustomerState, batch: Batch, now: datetime, limits: Limits) -> HistoryFetchOrder:
+    cutoff = batch["prior_last_reply_at"]
+    stop_before = cutoff if cutoff is not None else now - timedelta(seconds=limits.missed_lookback_seconds)
+    provider_id = state["provider_id"] or batch["messages"][-1]["provider_id"]
+    return HistoryFetchOrder(state["customer_key"], provider_id, batch["batch_id"], stop_before)
+
+
+def _recovered_message(state: CustomerState, item: HistoryItem, now: datetime) -> InboundMessage:
+    """A customer message found only in history, as if its webhook had come (flagged `recovered`).
+
+    Its event id is the last of its ids (the wamid when WATI gave one, as ingest does). History
+    carries no media reference, so a recovered image reaches the responder as its placeholder text.
+    """
+    ids = list(item["item_ids"])
+    at = item["at"]
+    assert at is not None and ids
+    provider_id = state["provider_id"] or split_key(state["customer_key"])[1]
+    return {
+        "event_id": ids[-1],
+        "customer_key": state["customer_key"],
+        "channel": state["channel"] or "wati",
+        "provider_id": provider_id,
+        "message_type": item["message_type"],
+        "text": item["text"],
+        "caption": None,
+        "media_ref": None,
+        "media_mime": None,
+        "sender_name": None,
+        "provider_message_ids": ids,
+        "provider_time": at,
+        "received_at": now,
+        "recovered": True,
+        "username": None,
+    }
+
+
+def _normalised_message(message: InboundMessage) -> InboundMessage:
+    """A copy with the optional fields present, so the state always matches the Avro schema."""
+    copied = copy.deepcopy(message)
+    copied.setdefault("recovered", False)
+    copied.setdefault("username", None)
+    return copied
+
+
+def _insert_by_time(existing: list[InboundMessage], new: list[InboundMessage]) -> list[InboundMessage]:
+    """Inserts `new` (sorted) before the first existing message sent later; existing order is kept."""
+    out = list(existing)
+    for message in new:
+        index = next((i for i, m in enumerate(out) if m["provider_time"] > message["provider_time"]),
+                     len(out))
+        out.insert(index, message)
+    return out
+
+
+def _ignored_activity_reason(
+    state: CustomerState, activity: AgentActivity, match_ids: set[str]
+) -> str | None:
+    """Why a business-side send is not a human agent's (None: it is, or it is a template)."""
+    kind = activity["sender_kind"]
+    if match_ids & missed.own_reply_ids(state["own_replies"]):
+        return "own_id"
+    if kind == "own_send":
+        return "own_operator"
+    if kind == "template":
+        return None
+    name = activity["operator_name"]
+    if kind == "wati_bot" or missed.is_wati_bot(name):
+        return "wati_bot"
+    if missed.is_own_operator(name):
+        return "own_operator"
+    if missed.matches_own_text(activity["text"], activity["provider_time"], state["own_replies"]):
+        return "own_text"
+    if kind == "unknown" and not (_clean(name) or _clean(activity["operator_email"])):
+        return "unknown_sender"
+    return None
+
+
+def _forget_own_echoes(state: CustomerState, reply: OwnReply) -> list[MissedItem]:
+    """Removes real-time "agent" items that this reply shows were our own send (race with the echo)."""
+    ids = set(reply["provider_message_ids"])
+    kept: list[MissedItem] = []
+    removed: list[MissedItem] = []
+    for item in state["agent_messages"]:
+        ours = bool(ids.intersection(item["item_ids"])) or (
+            item["agent_name"] != missed.TEMPLATE_AGENT_NAME
+            and missed.matches_own_text(item["text"], item["at"], [reply])
+        )
+        (removed if ours else kept).append(item)
+    if removed:
+        state["agent_messages"] = kept
+        if state["last_human_at"] is not None and any(r["at"] == state["last_human_at"] for r in removed):
+            humans = [m["at"] for m in kept if m["agent_name"] != missed.TEMPLATE_AGENT_NAME]
+            state["last_human_at"] = max(humans) if humans else None
+    return removed
+
+
+def _prune_agent_messages(state: CustomerState, now: datetime, limits: Limits) -> int:
+    """Drops real-time agent items at or before the last reply — but never what a pending batch
+    (open or flushing, whose cutoff was captured earlier) still needs."""
+    horizon = state["last_reply_at"]
+    if horizon is None:
+        return 0
+    for batch in (state["open_batch"], state["flushing_batch"]):
+        if batch is None:
+            continue
+        needed = batch["prior_last_reply_at"]
+        if needed is None:
+            needed = now - timedelta(seconds=limits.missed_lookback_seconds)
+        horizon = min(horizon, needed)
+    kept = [m for m in state["agent_messages"] if m["at"] > horizon]
+    pruned = len(state["agent_messages"]) - len(kept)
+    state["agent_messages"] = kept
+    return pruned
+
+
+def _remember(memory: list[str], ids: Iterable[str], limit: int) -> None:
+    """Appends ids not yet remembered; forgets the oldest beyond `limit` (FIFO)."""
+    present = set(memory)
+    for i in ids:
+        if i and i not in present:
+            memory.append(i)
+            present.add(i)
+    if len(memory) > limit:
+        del memory[: len(memory) - limit]
+
+
+def _unique(values: Iterable[str]) -> list[str]:
+    return [v for v in dict.fromkeys(values) if v]
+
+
+def _later(current: datetime | None, candidate: datetime | None) -> datetime | None:
+    if current is None:
+        return candidate
+    if candidate is None:
+        return current
+    return max(current, candidate)
+
+
+def _clean(value: str | None) -> str | None:
+    cleaned = " ".join(value.split()) if value else ""
+    return cleaned or None
