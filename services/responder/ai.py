@@ -1,0 +1,256 @@
+"""OpenAI calls of the responder: create a conversation, create a response in it — with our retries.
+
+The SDK's own retries are off (`max_retries=0`) because its policy retries every 429, including
+`insufficient_quota`, which never heals by waiting. Here:
+- 429 `rate_limit_exceeded`, 408, 409, 5xx, timeouts, connection errors: retried with exponential
+  backoff (0.5 s doubling to 8 s, jitter) or the server's `retry-after-ms` / `Retry-After` when it
+  sends one (up to 120 s; longer means give up), for `OPENAI_MAX_ATTEMPTS` attempts in total;
+- 400 `conversation_locked` (another request on the conversation still running, e.g. one of ours
+  that timed out on our side): waited out in short steps; not counted as an attempt (bounded apart);
+- 404 on a response: the conversation is gone (`ConversationGone`), the caller recreates it;
+- everything else (400, 401, 403, 429 `insufficient_quota`, bad response) fails at once.
+Failures are `AIFailure(reason, detail)`; `detail` holds status, code and ids only — never the
+customer's text nor the API's message, which may quote it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import openai
+from openai import AsyncOpenAI
+
+from ..common import metrics
+from ..common.logs import event
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+INITIAL_DELAY = 0.5
+MAX_DELAY = 8.0
+MAX_RETRY_AFTER = 120.0
+LOCKED_WAIT = 1.0
+MAX_LOCKED_WAITS = 30
+
+
+class AIFailure(Exception):
+    """No answer could be produced; `reason` is a short code, `detail` is safe to log/dead-letter."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ConversationGone(Exception):
+    """OpenAI answered 404 for the conversation."""
+
+
+@dataclass(frozen=True)
+class ErrorClass:
+    """What to do about one failed call."""
+
+    reason: str
+    retryable: bool
+    locked: bool = False
+    gone: bool = False
+
+
+def classify(status: int | None, code: str | None) -> ErrorClass:
+    """Pure: an HTTP status (None = timeout/connection) and error code → reason and retryability."""
+    if status is None:
+        return ErrorClass("connection_error", True)
+    if status == 400 and code == "conversation_locked":
+        return ErrorClass("conversation_locked", True, locked=True)
+    if status == 404:
+        if code == "model_not_found":
+            return ErrorClass("model_not_found", False)
+        return ErrorClass("conversation_not_found", False, gone=True)
+    if status == 429:
+        if code == "insufficient_quota":
+            return ErrorClass("insufficient_quota", False)
+        return ErrorClass("rate_limited", True)
+    if status in (408, 409):
+        return ErrorClass("timeout" if status == 408 else "conflict", True)
+    if status >= 500:
+        return ErrorClass("server_error", True)
+    if status in (401, 403):
+        return ErrorClass("unauthorized", False)
+    return ErrorClass("bad_request", False)
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """`retry-after-ms`, else `Retry-After` (seconds), from response headers; None if absent/bad."""
+    if headers is None:
+        return None
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) / divisor
+        except (TypeError, ValueError):
+            continue
+        if value >= 0:
+            return value
+    return None
+
+
+def backoff_delay(
+    attempt: int, retry_after: float | None, rand: Callable[[], float] = random.random
+) -> float:
+    """Pure: the wait before retry number `attempt` (1-based): the server's hint, else exponential."""
+    if retry_after is not None:
+        return retry_after
+    base = min(INITIAL_DELAY * 2 ** (attempt - 1), MAX_DELAY)
+    return base * (1 - 0.25 * rand())
+
+
+def customer_hash(customer_key: str) -> str:
+    """A stable pseudonym of the customer for OpenAI (safety_identifier, metadata): never the number."""
+    return hashlib.sha256(customer_key.encode()).hexdigest()[:32]
+
+
+def make_client(api_key: str, base_url: str, timeout: float) -> AsyncOpenAI:
+    return AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    response_id: str
+    input_tokens: int
+    output_tokens: int
+
+
+def answer_of(response: Any) -> Generated:
+    """The answer of a response, or AIFailure for empty output, a refusal or an incomplete answer."""
+    status = getattr(response, "status", None)
+    text = str(getattr(response, "output_text", "") or "")
+    refused = any(
+        getattr(part, "type", None) == "refusal"
+        for item in (getattr(response, "output", None) or [])
+        for part in (getattr(item, "content", None) or [])
+    )
+    rid = str(getattr(response, "id", "") or "")
+    if status == "incomplete":
+        details = getattr(response, "incomplete_details", None)
+        why = getattr(details, "reason", None) or "unknown"
+        raise AIFailure("incomplete", f"response {rid} incomplete ({why})")
+    if status == "failed":
+        raise AIFailure("failed", f"response {rid} failed")
+    if refused and not text.strip():
+        raise AIFailure("refusal", f"response {rid} refused")
+    if not text.strip():
+        raise AIFailure("empty_output", f"response {rid} has no output text")
+    usage = getattr(response, "usage", None)
+    return Generated(
+        text=text.strip(), response_id=rid,
+        input_tokens=int(getattr(usage, "input_tokens", 0) or 0),
+        output_tokens=int(getattr(usage, "output_tokens", 0) or 0),
+    )
+
+
+class Replier:
+    """The responder's two OpenAI operations, with the retry policy of the module docstring."""
+
+    def __init__(
+        self,
+        client: AsyncOpenAI,
+        *,
+        model: str,
+        instructions: str,
+        max_attempts: int,
+        max_output_tokens: int | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        locked_wait: float = LOCKED_WAIT,
+        max_locked_waits: int = MAX_LOCKED_WAITS,
+    ) -> None:
+        self.client = client
+        self.model = model
+        self.instructions = instructions
+        self.max_attempts = max(1, max_attempts)
+        self.max_output_tokens = max_output_tokens
+        self.sleep = sleep
+        self.locked_wait = locked_wait
+        self.max_locked_waits = max_locked_waits
+
+    async def create_conversation(self, customer_key: str, channel: str) -> str:
+        """A new conversation for the customer (metadata: a hash of the key and the channel only)."""
+        metadata = {"service": "watistream", "channel": channel, "customer": customer_hash(customer_key)}
+        conversation = await self._call(
+            "conversation", lambda: self.client.conversations.create(metadata=metadata), ids=""
+        )
+        return str(conversation.id)
+
+    async def reply(
+        self, conversation_id: str, input_items: list[dict[str, Any]], customer_key: str, batch_id: str
+    ) -> Generated:
+        """One answer in the conversation; ConversationGone on 404, AIFailure when none can be had."""
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "instructions": self.instructions,
+            "conversation": conversation_id,
+            "input": input_items,
+            "safety_identifier": customer_hash(customer_key),
+            "metadata": {"batch_id": batch_id[:512]},
+        }
+        if self.max_output_tokens:
+            kwargs["max_output_tokens"] = self.max_output_tokens
+        response = await self._call(
+            "reply", lambda: self.client.responses.create(**kwargs), ids=f"conversation {conversation_id}"
+        )
+        return answer_of(response)
+
+    async def _call(self, purpose: str, call: Callable[[], Awaitable[T]], ids: str) -> T:
+        attempt = 0
+        locked_waits = 0
+        while True:
+            started = time.monotonic()
+            try:
+                result = await call()
+            except (openai.APIStatusError, openai.APIConnectionError) as exc:
+                metrics.openai_latency_seconds.labels(purpose).observe(time.monotonic() - started)
+                status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
+                code = exc.code
+                kind = classify(status, code)
+                if isinstance(exc, openai.APITimeoutError):
+                    kind = ErrorClass("timeout", True)
+                metrics.openai_requests_total.labels(purpose, kind.reason).inc()
+                detail = f"{purpose}: HTTP {status if status is not None else '-'} code {code or '-'} {ids}"
+                if kind.gone:
+                    raise ConversationGone(detail) from None
+                if kind.locked:
+                    locked_waits += 1
+                    if locked_waits > self.max_locked_waits:
+                        raise AIFailure("conversation_locked", detail) from None
+                    await self.sleep(self.locked_wait * (1 + 0.5 * random.random()))
+                    continue
+                attempt += 1
+                if not kind.retryable:
+                    raise AIFailure(kind.reason, detail) from None
+                if attempt >= self.max_attempts:
+                    raise AIFailure(kind.reason, f"{detail} after {attempt} attempts") from None
+                headers = exc.response.headers if isinstance(exc, openai.APIStatusError) else None
+                hint = retry_after_seconds(headers)
+                if hint is not None and hint > MAX_RETRY_AFTER:
+                    raise AIFailure(kind.reason, f"{detail}; retry-after {hint:.0f}s too long") from None
+                delay = backoff_delay(attempt, hint)
+                event(log, "openai_retry", logging.WARNING, purpose=purpose, reason=kind.reason,
+                      attempt=attempt, delay=round(delay, 3))
+                await self.sleep(delay)
+                continue
+            except openai.OpenAIError as exc:  # bad response body and the like
+                metrics.openai_requests_total.labels(purpose, "bad_response").inc()
+                raise AIFailure("bad_response", f"{purpose}: {type(exc).__name__} {ids}") from None
+            metrics.openai_latency_seconds.labels(purpose).observe(time.monotonic() - started)
+            metrics.openai_requests_total.labels(purpose, "ok").inc()
+            return result

@@ -1,0 +1,214 @@
+"""`watistream responder`: the responder worker, and `Responder`, its in-process runner (tests, dev).
+
+Start order: topics exist → producer → state reader caught up (the service is not ready before) →
+keyed consumer of `responder_requests` (its `on_assign` waits until the state reader reached the end
+offsets of that moment, so a customer moved from another worker brings its conversation along) →
+ops endpoints. Stop: no new records, in-flight batches get `drain_timeout` to finish, finished
+offsets are committed, then everything closes.
+
+Configuration decisions: OPENAI_API_KEY is required. A channel without credentials is allowed but
+logged at start (WARNING): its batches are dead-lettered `send_failed` (`channel_not_configured`)
+and answered `nothing_sent`; at least one channel must be configured. SYSTEM_PROMPT_FILE, when set,
+must be readable; without it a short built-in instruction is used (and a warning logged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from ..common import logs
+from ..common.config import ConfigError, Settings
+from ..common.kafka import Topics, ensure_topics, make_producer
+from ..common.keyed_consumer import KeyedConsumer
+from ..common.logs import event
+from ..common.manychat import ManyChatClient
+from ..common.ops_http import bound_port, serve_ops
+from ..common.wati import WatiClient
+from .ai import Replier, make_client
+from .channels import ChannelSender
+from .prompt import UnknownLocale, labels_for
+from .state_store import StateStore
+from .worker import SERVICE, ResponderWorker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INSTRUCTIONS = (
+    "You are the customer-service assistant of this business. Answer in the customer's language, "
+    "briefly and politely. Use the conversation so far and any block of messages between the customer "
+    "and human agents. If you do not know something, say that a human agent will follow up."
+)
+
+
+def load_instructions(settings: Settings) -> str:
+    """The system prompt: SYSTEM_PROMPT_FILE's content, or the built-in default when it is unset."""
+    if not settings.system_prompt_file:
+        return DEFAULT_INSTRUCTIONS
+    path = Path(settings.system_prompt_file)
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"SYSTEM_PROMPT_FILE cannot be read: {exc.strerror}") from exc
+    if not text:
+        raise ConfigError("SYSTEM_PROMPT_FILE is empty")
+    return text
+
+
+def check_settings(settings: Settings) -> list[str]:
+    """Raises ConfigError for what makes the responder useless; returns warnings for the rest."""
+    settings.require("OPENAI_API_KEY", "KAFKA_BOOTSTRAP_SERVERS")
+    try:
+        labels_for(settings.prompt_locale)
+    except UnknownLocale as exc:
+        raise ConfigError(f"PROMPT_LOCALE: {exc}") from exc
+    if settings.responder_concurrency < 1:
+        raise ConfigError("RESPONDER_CONCURRENCY must be >= 1")
+    wati = bool(settings.wati_api_url and settings.wati_api_token)
+    manychat = bool(settings.manychat_api_url and settings.manychat_api_token)
+    if not wati and not manychat:
+        raise ConfigError(
+            "no channel configured: set WATI_API_URL + WATI_API_TOKEN and/or MANYCHAT_API_TOKEN"
+        )
+    warnings = []
+    if not wati:
+        warnings.append("WATI is not configured: WhatsApp batches will be dead-lettered")
+    if not manychat:
+        warnings.append("ManyChat is not configured: Facebook/Instagram batches will be dead-lettered")
+    if not settings.system_prompt_file:
+        warnings.append("SYSTEM_PROMPT_FILE is not set: using the built-in instructions")
+    return warnings
+
+
+class Responder:
+    """The whole responder in this process: `await start()`, `ready()`, `await stop()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        instructions: str | None = None,
+        web_port: int | None = None,
+        serve_http: bool = True,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self.settings = settings
+        self.instructions = instructions if instructions is not None else load_instructions(settings)
+        self.web_port = settings.responder_web_port if web_port is None else web_port
+        self.serve_http = serve_http
+        self.drain_timeout = drain_timeout
+        self.topics = Topics.from_settings(settings)
+        self.producer: AIOKafkaProducer | None = None
+        self.store: StateStore | None = None
+        self.consumer: KeyedConsumer | None = None
+        self.sender: ChannelSender | None = None
+        self.worker: ResponderWorker | None = None
+        self.runner: web.AppRunner | None = None
+        self._openai_close: list[object] = []
+
+    @property
+    def port(self) -> int | None:
+        return bound_port(self.runner) if self.runner is not None else None
+
+    def ready(self) -> tuple[bool, str]:
+        if self.store is None or self.consumer is None:
+            return False, "starting"
+        ok, reason = self.store.ready()
+        if not ok:
+            return ok, reason
+        return self.consumer.ready()
+
+    async def start(self) -> None:
+        s = self.settings
+        if self.serve_http:  # probes see "starting" rather than a refused connection
+            self.runner = await serve_ops(s.ops_web_host, self.web_port, self.ready)
+        await ensure_topics(s)
+        self.producer = make_producer(s)
+        await self.producer.start()
+        self.store = StateStore(s, self.producer, self.topics)
+        await self.store.start()
+        await self.store.wait_ready()
+        client = make_client(s.openai_api_key, s.openai_base_url, s.openai_timeout_seconds)
+        self._openai_close.append(client)
+        replier = Replier(client, model=s.openai_model, instructions=self.instructions,
+                          max_attempts=s.openai_max_attempts,
+                          max_output_tokens=s.openai_max_output_tokens or None)
+        wati = WatiClient(s.wati_api_url, s.wati_api_token) if s.wati_api_url and s.wati_api_token else None
+        manychat = (ManyChatClient(s.manychat_api_url, s.manychat_api_token)
+                    if s.manychat_api_url and s.manychat_api_token else None)
+        self.sender = ChannelSender(wati, manychat)
+        self.worker = ResponderWorker(s, replier=replier, sender=self.sender, store=self.store,
+                                      producer=self.producer, topics=self.topics)
+        self.consumer = KeyedConsumer(
+            s, service=SERVICE, topics=[self.topics.responder_requests],
+            group_id=f"{s.topic_prefix}responder",
+            handler=self.worker.handle, concurrency=s.responder_concurrency, producer=self.producer,
+            on_assign=self._on_assign, agent="requests", drain_timeout=self.drain_timeout,
+        )
+        await self.consumer.start()
+        event(log, "responder_started", concurrency=s.responder_concurrency, port=self.port)
+
+    async def _on_assign(self, partitions: set[TopicPartition]) -> None:
+        assert self.store is not None
+        await self.store.catch_up()
+
+    async def stop(self) -> None:
+        """Stops consuming (in-flight batches get `drain_timeout`), commits, closes everything."""
+        if self.consumer is not None:
+            await self.consumer.stop()
+        if self.store is not None:
+            await self.store.stop()
+        if self.producer is not None:
+            with contextlib.suppress(Exception):
+                await self.producer.stop()
+        if self.sender is not None:
+            await self.sender.aclose()
+        for client in self._openai_close:
+            with contextlib.suppress(Exception):
+                await client.close()  # type: ignore[attr-defined]
+        self._openai_close.clear()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        self.runner = None
+        event(log, "responder_stopped")
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Waits until `ready()` (tests and launchers); raises TimeoutError with the last reason."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            ok, reason = self.ready()
+            if ok:
+                return
+            if loop.time() > deadline:
+                raise TimeoutError(f"responder not ready: {reason}")
+            await asyncio.sleep(0.05)
+
+
+async def run(settings: Settings) -> int:
+    responder = Responder(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await responder.start()
+        await stop.wait()
+    finally:
+        await responder.stop()
+    return 0
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    logs.setup(SERVICE, settings.log_level)
+    logs.register_secret(settings.openai_api_key, settings.wati_api_token, settings.manychat_api_token)
+    for warning in check_settings(settings):
+        event(log, "config_warning", logging.WARNING, warning=warning)
+    return asyncio.run(run(settings))

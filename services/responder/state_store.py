@@ -1,0 +1,207 @@
+"""The responder's durable per-customer record: conversation id and recent batches' progress.
+
+Stored in the COMPACTED topic `responder_state`, keyed by customer, one `ResponderState` per write.
+Every responder process reads the whole topic from the beginning (no group, all partitions) into a
+dict and follows it, so a customer that moves to another worker on a rebalance brings its
+conversation and its answered batches along: the new owner waits (`catch_up`) until it has read
+up to the end offsets of the moment it got the partitions.
+
+Writes are write-ahead: `put` returns only after the broker acked, and the local copy is updated
+from the ack. The reader may still be behind its own writes, so each key remembers the offset of
+the state it holds and the reader never applies an older one over a newer one.
+
+Memory: every process holds every customer's record. Records are bounded (`MAX_BATCHES` batch
+entries; reply texts are kept only for the `KEEP_TEXTS` newest sent batches, and always for a
+batch that is generated but not yet sent, which is the one text a restart needs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime
+from typing import Any, cast
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from ..common import codec
+from ..common.config import Settings
+from ..common.kafka import Topics
+from ..common.logs import event
+from ..common.records import BatchProgress, ResponderState
+from ..common.timeparse import utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_BATCHES = 20
+KEEP_TEXTS = 5
+
+
+def empty_state(customer_key: str) -> ResponderState:
+    return {"customer_key": customer_key, "conversation_id": None, "batches": [], "updated_at": utcnow()}
+
+
+def find_batch(state: ResponderState, batch_id: str) -> BatchProgress | None:
+    for progress in state["batches"]:
+        if progress["batch_id"] == batch_id:
+            return progress
+    return None
+
+
+def with_progress(
+    state: ResponderState, progress: BatchProgress, now: datetime | None = None
+) -> ResponderState:
+    """A new state with `progress` replacing the batch's entry (moved to the end), bounded.
+
+    Pure. The oldest entries go first beyond MAX_BATCHES; texts of sent batches older than the
+    KEEP_TEXTS newest are dropped (never the text of a generated-but-unsent batch).
+    """
+    batches = [b for b in state["batches"] if b["batch_id"] != progress["batch_id"]]
+    batches.append(progress)
+    batches = batches[-MAX_BATCHES:]
+    sent_seen = 0
+    pruned: list[BatchProgress] = []
+    for entry in reversed(batches):
+        if entry["status"] == "sent":
+            sent_seen += 1
+            if sent_seen > KEEP_TEXTS and entry["text"]:
+                entry = cast(BatchProgress, {**entry, "text": ""})
+        pruned.append(entry)
+    pruned.reverse()
+    return {**state, "batches": pruned, "updated_at": now or utcnow()}
+
+
+def with_conversation(
+    state: ResponderState, conversation_id: str, now: datetime | None = None
+) -> ResponderState:
+    return {**state, "conversation_id": conversation_id, "updated_at": now or utcnow()}
+
+
+class StateStore:
+    """Reads the compacted state topic into memory and writes through it (see module docstring)."""
+
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, topics: Topics | None = None) -> None:
+        self.settings = settings
+        self.producer = producer
+        self.topics = topics or Topics.from_settings(settings)
+        self.topic = self.topics.responder_state
+        self._states: dict[str, tuple[int, ResponderState]] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: list[TopicPartition] = []
+        self._positions: dict[TopicPartition, int] = {}
+        self._progress = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._initial_done = False
+        self._failed: str | None = None
+
+    async def start(self) -> None:
+        """Starts the reader (from the beginning of every partition); see `wait_ready`."""
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            enable_auto_commit=False, auto_offset_reset="earliest", group_id=None,
+        )
+        await self._consumer.start()
+        # the producer's public metadata call waits until the topic's partitions are known
+        partitions = await self.producer.partitions_for(self.topic)
+        if not partitions:
+            raise RuntimeError(f"state topic {self.topic} has no partitions (was it created?)")
+        self._partitions = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._consumer.assign(self._partitions)
+        await self._consumer.seek_to_beginning(*self._partitions)
+        self._task = asyncio.create_task(self._read_loop(), name="responder-state-reader")
+        self._task.add_done_callback(self._reader_ended)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+        self._consumer = None
+
+    def ready(self) -> tuple[bool, str]:
+        if self._failed:
+            return False, f"state reader stopped: {self._failed}"
+        if not self._initial_done:
+            return False, "reading responder state"
+        return True, "ok"
+
+    async def wait_ready(self) -> None:
+        """Returns once the reader has read everything that was in the topic when this was called."""
+        await self.catch_up()
+        self._initial_done = True
+
+    async def catch_up(self) -> None:
+        """Waits until the reader reached the end offsets of this moment (used on partition assignment)."""
+        assert self._consumer is not None
+        targets = await self._consumer.end_offsets(self._partitions)
+        while True:
+            if self._failed:
+                raise RuntimeError(f"state reader stopped: {self._failed}")
+            if all(self._positions.get(tp, -1) >= end for tp, end in targets.items()):
+                return
+            progress = self._progress
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(progress.wait(), 1.0)
+
+    def get(self, customer_key: str) -> ResponderState | None:
+        held = self._states.get(customer_key)
+        return held[1] if held else None
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    async def put(self, state: ResponderState) -> None:
+        """Writes the customer's new state and waits for the broker's ack (then it is the local copy)."""
+        key = state["customer_key"]
+        metadata = await self.producer.send_and_wait(
+            self.topic, codec.encode("ResponderState", cast(dict[str, Any], state)), key=key.encode()
+        )
+        self._apply(key, int(metadata.offset), state)
+
+    def _apply(self, key: str, offset: int, state: ResponderState | None) -> None:
+        held = self._states.get(key)
+        if held is not None and held[0] >= offset:
+            return
+        if state is None:
+            self._states.pop(key, None)
+        else:
+            self._states[key] = (offset, state)
+
+    async def _read_loop(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200, max_records=2000)
+            for records in batches.values():
+                for record in records:
+                    self._read(record.key, record.offset, record.value)
+            for tp in self._partitions:
+                self._positions[tp] = await self._consumer.position(tp)
+            self._progress.set()
+            self._progress = asyncio.Event()
+
+    def _read(self, raw_key: bytes | None, offset: int, value: bytes | None) -> None:
+        if raw_key is None:
+            return
+        key = raw_key.decode(errors="replace")
+        if value is None:  # tombstone
+            self._apply(key, offset, None)
+            return
+        try:
+            state = cast(ResponderState, codec.decode("ResponderState", value))
+        except codec.CodecError as exc:
+            event(log, "state_record_unreadable", logging.ERROR, customer=key, offset=offset, error=str(exc))
+            return
+        self._apply(key, offset, state)
+
+    def _reader_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        self._failed = type(exc).__name__ if exc else "ended"
+        self._progress.set()
+        event(log, "state_reader_failed", logging.ERROR, error=self._failed)

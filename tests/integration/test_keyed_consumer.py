@@ -1,0 +1,395 @@
+"""KeyedConsumer on the real broker: per-key order, keys in parallel on one partition, commits of
+finished records only, poison records to the dead-letter topic, on_assign gating."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.structs import TopicPartition
+
+from services.common import codec
+from services.common.config import Settings
+from services.common.kafka import Topics, ensure_topics, make_producer
+from services.common.keyed_consumer import KeyedConsumer
+from services.common.timeparse import utcnow
+
+pytestmark = pytest.mark.broker
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Polls `check` until true; fails after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def command(customer: str, label: str) -> bytes:
+    return codec.encode("ContextCommand", {
+        "kind": "flush", "customer_key": customer, "batch_id": label, "issued_at": utcnow(),
+        "history": [], "history_error": None, "history_pages": 0, "actor": None,
+    })
+
+
+@pytest.fixture(scope="module")
+async def topics(settings: Settings) -> Topics:
+    return await ensure_topics(settings)
+
+
+@pytest.fixture
+async def producer(settings: Settings, topics: Topics) -> AsyncIterator[AIOKafkaProducer]:
+    p = make_producer(settings)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+class Recorder:
+    """A handler whose behaviour per batch label is scripted by the test."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run  # records of earlier tests on the shared topic are ignored
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.fail: set[str] = set()
+        self.inflight = 0
+        self.max_inflight = 0
+
+    async def __call__(self, name: str, value: dict[str, Any], record: ConsumerRecord) -> None:
+        label = str(value["batch_id"])
+        if self.run not in label:
+            return
+        self.started.append(label)
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            if label in self.gates:
+                await self.gates[label].wait()
+            else:
+                await asyncio.sleep(0.01)
+            if label in self.fail:
+                raise RuntimeError("scripted failure")
+            self.finished.append(label)
+        finally:
+            self.inflight -= 1
+
+
+def make_consumer(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer, handler: Any, group: str,
+    concurrency: int = 8, on_assign: Callable[[set[TopicPartition]], Awaitable[None]] | None = None,
+    drain_timeout: float = 0.3, **extra: Any,
+) -> KeyedConsumer:
+    return KeyedConsumer(
+        settings, service="test", topics=[topics.responder_requests], group_id=group, handler=handler,
+        concurrency=concurrency, producer=producer, on_assign=on_assign, drain_timeout=drain_timeout,
+        commit_interval=0.2, **extra,
+    )
+
+
+async def send(producer: AIOKafkaProducer, topics: Topics, customer: str, label: str,
+               partition: int = 0) -> None:
+    await producer.send_and_wait(topics.responder_requests, command(customer, label),
+                                 key=customer.encode(), partition=partition)
+
+
+async def test_order_per_key_and_slow_key_does_not_block_others_on_same_partition(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    rec = Recorder(run)
+    slow = f"slow-{run}-1"
+    rec.gates[slow] = asyncio.Event()
+    consumer = make_consumer(settings, topics, producer, rec, f"g-order-{run}", concurrency=4)
+    await consumer.start()
+    try:
+        # all on partition 0: the slow customer first, then two fast customers with 5 records each
+        await send(producer, topics, f"wati:slow{run}", slow)
+        await send(producer, topics, f"wati:slow{run}", f"slow-{run}-2")
+        for i in range(5):
+            await send(producer, topics, f"wati:a{run}", f"a-{run}-{i}")
+            await send(producer, topics, f"wati:b{run}", f"b-{run}-{i}")
+        await eventually(lambda: sum(x.startswith(("a-", "b-")) for x in rec.finished) == 10,
+                         what="fast keys to finish while the slow key is blocked")
+        assert slow in rec.started and slow not in rec.finished
+        assert f"slow-{run}-2" not in rec.started  # same key waits behind its predecessor
+        for who in ("a", "b"):
+            assert [x for x in rec.finished if x.startswith(f"{who}-")] == [
+                f"{who}-{run}-{i}" for i in range(5)]
+        rec.gates[slow].set()
+        await eventually(lambda: f"slow-{run}-2" in rec.finished, what="slow key to continue")
+        assert rec.finished.index(slow) < rec.finished.index(f"slow-{run}-2")
+        assert consumer.ready() == (True, "ok")
+    finally:
+        await consumer.stop()
+    assert consumer.ready()[0] is False
+
+
+async def test_concurrency_bound_is_respected(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    rec = Recorder(run)
+    for i in range(6):
+        rec.gates[f"k{i}-{run}"] = asyncio.Event()
+    consumer = make_consumer(settings, topics, producer, rec, f"g-bound-{run}", concurrency=3)
+    await consumer.start()
+    try:
+        for i in range(6):
+            await send(producer, topics, f"wati:k{i}{run}", f"k{i}-{run}", partition=i % 2)
+        await eventually(lambda: len(rec.started) == 3, what="three keys in flight")
+        await asyncio.sleep(0.3)  # give a fourth the chance to (wrongly) start
+        assert len(rec.started) == 3 and rec.max_inflight == 3
+        for gate in rec.gates.values():
+            gate.set()
+        await eventually(lambda: len(rec.finished) == 6, what="all keys")
+        assert rec.max_inflight == 3
+    finally:
+        await consumer.stop()
+
+
+async def test_commits_only_finished_records_and_redelivers_the_rest(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    group = f"g-commit-{run}"
+    rec = Recorder(run)
+    stuck = f"stuck-{run}"
+    rec.gates[stuck] = asyncio.Event()  # never set: the record is still running at stop()
+    consumer = make_consumer(settings, topics, producer, rec, group)
+    await consumer.start()
+    await send(producer, topics, f"wati:x{run}", f"done1-{run}")
+    await send(producer, topics, f"wati:x{run}", f"done2-{run}")
+    await eventually(lambda: f"done2-{run}" in rec.finished, what="first records")
+    await send(producer, topics, f"wati:y{run}", stuck)
+    await send(producer, topics, f"wati:x{run}", f"after-{run}")
+    await send(producer, topics, f"wati:z{run}", f"other-partition-{run}", partition=1)
+    await eventually(lambda: f"after-{run}" in rec.finished and f"other-partition-{run}" in rec.finished
+                     and stuck in rec.started, what="records around the stuck one")
+    await consumer.stop()  # drain_timeout 0.3 s: the stuck record is cancelled, not finished
+
+    rec2 = Recorder(run)
+    consumer2 = make_consumer(settings, topics, producer, rec2, group)
+    await consumer2.start()
+    try:
+        # sentinels after the restart: once they started, everything fetched before them has started
+        await send(producer, topics, f"wati:s{run}", f"sentinel0-{run}", partition=0)
+        await send(producer, topics, f"wati:s{run}", f"sentinel1-{run}", partition=1)
+        await eventually(lambda: {f"sentinel0-{run}", f"sentinel1-{run}"} <= set(rec2.started),
+                         what="sentinels")
+        # the unfinished record and what follows it on its partition come again; nothing before it,
+        # nothing of the fully finished partition
+        assert sorted(x for x in rec2.started if "sentinel" not in x) == sorted([stuck, f"after-{run}"])
+    finally:
+        await consumer2.stop()
+
+
+async def read_dead_letters(settings: Settings, topics: Topics, want: int) -> list[dict[str, Any]]:
+    reader = AIOKafkaConsumer(topics.dead_letter, bootstrap_servers=settings.kafka_bootstrap_servers,
+                              auto_offset_reset="earliest", enable_auto_commit=False)
+    await reader.start()
+    found: list[dict[str, Any]] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while len(found) < want and loop.time() < deadline:
+            batches = await reader.getmany(timeout_ms=200)
+            for records in batches.values():
+                found.extend(codec.decode("DeadLetter", r.value) for r in records)
+    finally:
+        await reader.stop()
+    return found
+
+
+async def test_poison_and_handler_errors_go_to_dead_letter_and_consumption_continues(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    rec = Recorder(run)
+    rec.fail.add(f"boom-{run}")
+    consumer = make_consumer(settings, topics, producer, rec, f"g-poison-{run}")
+    await consumer.start()
+    try:
+        await producer.send_and_wait(topics.responder_requests, b"not avro at all",
+                                     key=f"wati:p{run}".encode(), partition=2)
+        await send(producer, topics, f"wati:p{run}", f"boom-{run}", partition=2)
+        await send(producer, topics, f"wati:p{run}", f"fine-{run}", partition=2)
+        await eventually(lambda: f"fine-{run}" in rec.finished, what="record after the poison ones")
+        letters = [d for d in await read_dead_letters(settings, topics, 2)
+                   if d["key"] == f"wati:p{run}".encode() or d["batch_id"] == f"boom-{run}"]
+        reasons = sorted(d["reason"] for d in letters)
+        assert reasons == ["handler_error", "undecodable"]
+        poison = next(d for d in letters if d["reason"] == "undecodable")
+        assert poison["payload"] == b"not avro at all" and poison["partition"] == 2
+        assert poison["source_topic"] == topics.responder_requests
+        failed = next(d for d in letters if d["reason"] == "handler_error")
+        assert failed["customer_key"] == f"wati:p{run}" and "RuntimeError" in failed["error"]
+        assert consumer.ready() == (True, "ok")
+    finally:
+        await consumer.stop()
+
+
+async def test_failed_dead_letter_is_not_marked_finished(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    group = f"g-dlfail-{run}"
+    closed = make_producer(settings)
+    await closed.start()
+    await closed.stop()  # every produce raises ProducerClosed
+    rec = Recorder(run)
+    rec.fail.add(f"boom-{run}")
+    consumer = make_consumer(settings, topics, closed, rec, group)
+    await consumer.start()
+    await send(producer, topics, f"wati:d{run}", f"boom-{run}", partition=3)
+    await eventually(lambda: f"boom-{run}" in rec.started, what="the failing record")
+    await consumer.stop()
+
+    rec2 = Recorder(run)
+    consumer2 = make_consumer(settings, topics, producer, rec2, group)
+    await consumer2.start()
+    try:
+        await eventually(lambda: f"boom-{run}" in rec2.finished, what="redelivery of the record")
+    finally:
+        await consumer2.stop()
+
+
+async def test_on_assign_gates_dispatch_until_it_returns(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    rec = Recorder(run)
+    gate = asyncio.Event()
+    assigned: list[set[TopicPartition]] = []
+
+    async def on_assign(tps: set[TopicPartition]) -> None:
+        assigned.append(tps)
+        await gate.wait()
+
+    consumer = make_consumer(settings, topics, producer, rec, f"g-gate-{run}", on_assign=on_assign)
+    await send(producer, topics, f"wati:g{run}", f"gated-{run}")
+    await consumer.start()
+    try:
+        await eventually(lambda: bool(assigned), what="assignment")
+        assert len(assigned[0]) == settings.topic_partitions
+        await asyncio.sleep(0.5)
+        assert rec.started == []
+        ok, reason = consumer.ready()
+        assert not ok and "catching up" in reason
+        gate.set()
+        await eventually(lambda: f"gated-{run}" in rec.finished, what="dispatch after on_assign")
+        assert consumer.ready() == (True, "ok")
+    finally:
+        await consumer.stop()
+
+
+async def test_rebalance_to_a_second_consumer_keeps_keys_serial_and_loses_nothing(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    group = f"g-rebalance-{run}"
+    started: dict[str, list[str]] = {}
+    running: dict[str, int] = {}
+    overlaps: list[str] = []
+    by_consumer: dict[str, set[str]] = {"A": set(), "B": set()}
+
+    def handler_for(name: str) -> Any:
+        async def handle(_: str, value: dict[str, Any], record: ConsumerRecord) -> None:
+            label = str(value["batch_id"])
+            if run not in label:
+                return
+            key = label.rsplit("-", 1)[0]
+            if running.get(key):
+                overlaps.append(label)
+            running[key] = running.get(key, 0) + 1
+            started.setdefault(key, []).append(label)
+            by_consumer[name].add(label)
+            try:
+                await asyncio.sleep(0.2)
+            finally:
+                running[key] -= 1
+        return handle
+
+    a = make_consumer(settings, topics, producer, handler_for("A"), group, concurrency=3)
+    b = make_consumer(settings, topics, producer, handler_for("B"), group, concurrency=3)
+    keys = [f"k{i}{run}" for i in range(8)]
+    labels = {k: [f"{k}-{n:02d}" for n in range(8)] for k in keys}
+    await a.start()
+    try:
+        for n in range(8):
+            for k in keys:
+                await producer.send(topics.responder_requests, command(f"wati:{k}", labels[k][n]),
+                                    key=f"wati:{k}".encode())
+        await producer.flush()
+        await eventually(lambda: sum(map(len, started.values())) >= 10, what="A to start working")
+        await b.start()
+        await eventually(lambda: all(set(labels[k]) <= set(started.get(k, [])) for k in keys),
+                         timeout=40, what="every record handled")
+        await eventually(lambda: bool(b.assignment()) and bool(a.assignment()), what="split assignment")
+    finally:
+        await a.stop()
+        await b.stop()
+    assert by_consumer["B"]  # the second consumer took over part of the work
+    assert overlaps == []  # one key never ran twice at once, not even across the two consumers
+    for k in keys:
+        first_seen = list(dict.fromkeys(started[k]))
+        assert first_seen == labels[k]  # per-key order of first handling
+
+
+async def test_partition_is_paused_while_too_many_records_are_unfinished(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    rec = Recorder(run)
+    first = f"p-{run}-00"
+    rec.gates[first] = asyncio.Event()
+    consumer = make_consumer(settings, topics, producer, rec, f"g-pause-{run}", concurrency=2,
+                             pause_above=10, resume_below=3)
+    await consumer.start()
+    try:
+        for n in range(40):
+            await producer.send(topics.responder_requests, command(f"wati:p{run}", f"p-{run}-{n:02d}"),
+                                key=f"wati:p{run}".encode(), partition=3)
+        await producer.flush()
+        tp3 = TopicPartition(topics.responder_requests, 3)
+        await eventually(lambda: tp3 in consumer.paused(), what="partition 3 paused")
+        rec.gates[first].set()
+        await eventually(lambda: len(rec.finished) == 40, what="all records after resuming")
+        assert rec.finished == [f"p-{run}-{n:02d}" for n in range(40)]
+        await eventually(lambda: tp3 not in consumer.paused(), what="partition 3 resumed")
+    finally:
+        await consumer.stop()
+
+
+async def test_a_crashed_fetch_loop_shows_in_readiness_and_metrics(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    from services.common import metrics
+
+    run = uuid.uuid4().hex[:6]
+    consumer = make_consumer(settings, topics, producer, Recorder(run), f"g-crash-{run}")
+    consumer.agent = f"crash-{run}"
+    await consumer.start()
+    try:
+        await eventually(lambda: consumer.ready() == (True, "ok"), what="ready")
+        gauge = metrics.agent_up.labels("test", consumer.agent)
+        assert gauge._value.get() == 1
+
+        async def broken(*_: Any, **__: Any) -> Any:
+            raise RuntimeError("fetch exploded")
+
+        assert consumer._consumer is not None
+        consumer._consumer.getmany = broken  # type: ignore[method-assign]
+        await eventually(lambda: not consumer.ready()[0], what="readiness to drop")
+        assert consumer.ready() == (False, "crashed: RuntimeError")
+        assert gauge._value.get() == 0
+    finally:
+        await consumer.stop()
+    assert consumer.ready() == (False, "crashed: RuntimeError")

@@ -1,0 +1,227 @@
+"""The responder's pure decisions: error classes and backoff, answers, state bounds, validation, config."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from services.common.config import ConfigError, Settings
+from services.common.records import BatchProgress, ResponderState
+from services.responder.ai import (
+    MAX_DELAY,
+    AIFailure,
+    answer_of,
+    backoff_delay,
+    classify,
+    customer_hash,
+    retry_after_seconds,
+)
+from services.responder.main import DEFAULT_INSTRUCTIONS, check_settings, load_instructions
+from services.responder.state_store import (
+    KEEP_TEXTS,
+    MAX_BATCHES,
+    empty_state,
+    find_batch,
+    with_conversation,
+    with_progress,
+)
+from services.responder.worker import outcome_of, request_problem
+
+# ------------------------------------------------------------------------------------------ ai
+
+
+@pytest.mark.parametrize(("status", "code", "reason", "retryable"), [
+    (None, None, "connection_error", True),
+    (400, "conversation_locked", "conversation_locked", True),
+    (400, None, "bad_request", False),
+    (400, "invalid_image", "bad_request", False),
+    (401, "invalid_api_key", "unauthorized", False),
+    (403, None, "unauthorized", False),
+    (404, None, "conversation_not_found", False),
+    (404, "model_not_found", "model_not_found", False),
+    (408, None, "timeout", True),
+    (409, None, "conflict", True),
+    (429, "rate_limit_exceeded", "rate_limited", True),
+    (429, None, "rate_limited", True),
+    (429, "insufficient_quota", "insufficient_quota", False),
+    (500, None, "server_error", True),
+    (503, "server_is_overloaded", "server_error", True),
+])
+def test_classify(status: int | None, code: str | None, reason: str, retryable: bool) -> None:
+    kind = classify(status, code)
+    assert (kind.reason, kind.retryable) == (reason, retryable)
+    assert kind.locked == (code == "conversation_locked")
+    assert kind.gone == (status == 404 and code != "model_not_found")
+
+
+def test_retry_after_headers() -> None:
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds({}) is None
+    assert retry_after_seconds({"retry-after-ms": "250"}) == 0.25
+    assert retry_after_seconds({"retry-after": "3"}) == 3.0
+    assert retry_after_seconds({"retry-after-ms": "100", "retry-after": "9"}) == 0.1
+    assert retry_after_seconds({"retry-after-ms": "soon", "retry-after": "2"}) == 2.0
+    assert retry_after_seconds({"retry-after": "-1"}) is None
+
+
+def test_backoff_is_exponential_capped_with_jitter_unless_the_server_says() -> None:
+    assert backoff_delay(1, None, rand=lambda: 0.0) == 0.5
+    assert backoff_delay(2, None, rand=lambda: 0.0) == 1.0
+    assert backoff_delay(3, None, rand=lambda: 0.0) == 2.0
+    assert backoff_delay(10, None, rand=lambda: 0.0) == MAX_DELAY
+    assert backoff_delay(1, None, rand=lambda: 1.0) == 0.375
+    assert backoff_delay(5, 0.001) == 0.001
+
+
+def test_customer_hash_is_stable_and_hides_the_number() -> None:
+    h = customer_hash("wati:50372927077")
+    assert h == customer_hash("wati:50372927077") and len(h) == 32
+    assert "50372927077" not in h and h != customer_hash("wati:50372927078")
+
+
+def response(text: str = "Hola", status: str = "completed", parts: list[Any] | None = None,
+             incomplete: str | None = None) -> Any:
+    content = parts if parts is not None else [SimpleNamespace(type="output_text", text=text)]
+    return SimpleNamespace(
+        id="resp_1", status=status, output_text=text,
+        output=[SimpleNamespace(type="message", content=content)],
+        incomplete_details=SimpleNamespace(reason=incomplete) if incomplete else None,
+        usage=SimpleNamespace(input_tokens=12, output_tokens=3),
+    )
+
+
+def test_answer_of_a_good_response() -> None:
+    got = answer_of(response("  Hola, ¿en qué le ayudo?\n"))
+    assert (got.text, got.response_id, got.input_tokens, got.output_tokens) == (
+        "Hola, ¿en qué le ayudo?", "resp_1", 12, 3)
+
+
+@pytest.mark.parametrize(("resp", "reason"), [
+    (response(""), "empty_output"),
+    (response("   "), "empty_output"),
+    (response("", parts=[SimpleNamespace(type="refusal", refusal="No puedo")]), "refusal"),
+    (response("Texto cortado", status="incomplete", incomplete="max_output_tokens"), "incomplete"),
+    (response("", status="incomplete", incomplete="content_filter"), "incomplete"),
+    (response("x", status="failed"), "failed"),
+])
+def test_answer_of_failures(resp: Any, reason: str) -> None:
+    with pytest.raises(AIFailure) as info:
+        answer_of(resp)
+    assert info.value.reason == reason
+    assert "resp_1" in info.value.detail
+
+
+# ------------------------------------------------------------------------------------------ state
+
+
+def progress(n: int, status: str = "sent", text: str = "t") -> BatchProgress:
+    return {"batch_id": f"b{n}", "status": status, "text": f"{text}{n}", "response_id": f"r{n}",  # type: ignore[typeddict-item]
+            "provider_message_ids": [], "input_tokens": 0, "output_tokens": 0}
+
+
+def test_with_progress_replaces_and_moves_to_the_end() -> None:
+    state = with_progress(with_progress(empty_state("wati:1"), progress(1, "generated")), progress(2))
+    state = with_progress(state, progress(1, "sent"))
+    assert [(b["batch_id"], b["status"]) for b in state["batches"]] == [("b2", "sent"), ("b1", "sent")]
+    found = find_batch(state, "b1")
+    assert found is not None and found["status"] == "sent"
+    assert find_batch(state, "b9") is None
+
+
+def test_state_is_bounded_and_old_texts_dropped_but_never_an_unsent_one() -> None:
+    state: ResponderState = empty_state("wati:1")
+    state = with_progress(state, progress(0, "generated"))  # a generated batch stays textful
+    for n in range(1, MAX_BATCHES + 10):
+        state = with_progress(state, progress(n))
+    assert len(state["batches"]) == MAX_BATCHES
+    assert state["batches"][-1]["batch_id"] == f"b{MAX_BATCHES + 9}"
+    texts = [b["text"] for b in state["batches"]]
+    assert all(texts[-KEEP_TEXTS:]) and not any(texts[:-KEEP_TEXTS])
+    # a generated entry keeps its text however old
+    state = empty_state("wati:1")
+    state = with_progress(state, progress(0, "generated"))
+    for n in range(1, 10):
+        state = with_progress(state, progress(n))
+    assert find_batch(state, "b0")["text"] == "t0"  # type: ignore[index]
+
+
+def test_with_conversation_and_pure_updates() -> None:
+    base = empty_state("wati:1")
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    changed = with_conversation(base, "conv_1", now)
+    assert changed["conversation_id"] == "conv_1" and changed["updated_at"] == now
+    assert base["conversation_id"] is None  # the input is not modified
+
+
+# ------------------------------------------------------------------------------------------ worker
+
+
+def request(**overrides: Any) -> dict[str, Any]:
+    value: dict[str, Any] = {"batch_id": "b1", "customer_key": "wati:5037", "channel": "wati",
+                             "provider_id": "5037", "messages": [{"text": "hola"}], "images": []}
+    value.update(overrides)
+    return value
+
+
+@pytest.mark.parametrize(("overrides", "problem"), [
+    ({}, None),
+    ({"customer_key": "manychat:77", "channel": "instagram", "provider_id": "77"}, None),
+    ({"customer_key": "manychat:77", "channel": "facebook", "provider_id": "77"}, None),
+    ({"messages": [], "images": [{"file_id": "f"}]}, None),
+    ({"batch_id": " "}, "empty batch_id"),
+    ({"customer_key": "5037"}, "malformed customer_key"),
+    ({"customer_key": "sms:5037"}, "malformed customer_key"),
+    ({"channel": "instagram"}, "channel instagram does not match the customer key's provider wati"),
+    ({"customer_key": "manychat:77"}, "channel wati does not match the customer key's provider manychat"),
+    ({"provider_id": ""}, "empty provider_id"),
+    ({"messages": []}, "no messages"),
+])
+def test_request_problem(overrides: dict[str, Any], problem: str | None) -> None:
+    assert request_problem(request(**overrides)) == problem
+
+
+def test_outcome_of_stored_progress() -> None:
+    assert outcome_of(progress(1)) == "answered"
+    assert outcome_of({**progress(1), "response_id": None}) == "fallback"
+    assert outcome_of({**progress(1), "text": ""}) == "nothing_sent"
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def good_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"openai_api_key": "sk-x", "kafka_bootstrap_servers": "127.0.0.1:9092",
+                              "wati_api_url": "http://wati", "wati_api_token": "t",
+                              "manychat_api_token": "m", "system_prompt_file": ""}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def test_check_settings() -> None:
+    assert check_settings(good_settings()) == [
+        "SYSTEM_PROMPT_FILE is not set: using the built-in instructions"]
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        check_settings(good_settings(openai_api_key=""))
+    with pytest.raises(ConfigError, match="PROMPT_LOCALE"):
+        check_settings(good_settings(prompt_locale="fr"))
+    with pytest.raises(ConfigError, match="no channel"):
+        check_settings(good_settings(wati_api_token="", manychat_api_token=""))
+    warnings = check_settings(good_settings(manychat_api_token="", system_prompt_file="/x"))
+    assert warnings == ["ManyChat is not configured: Facebook/Instagram batches will be dead-lettered"]
+
+
+def test_load_instructions(tmp_path: Path) -> None:
+    assert load_instructions(good_settings()) == DEFAULT_INSTRUCTIONS
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("  Eres el asistente de la tienda.\n", encoding="utf-8")
+    loaded = load_instructions(good_settings(system_prompt_file=str(prompt)))
+    assert loaded == "Eres el asistente de la tienda."
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_instructions(good_settings(system_prompt_file=str(tmp_path / "missing.txt")))
+    (tmp_path / "empty.txt").write_text(" \n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="empty"):
+        load_instructions(good_settings(system_prompt_file=str(tmp_path / "empty.txt")))
