@@ -1,0 +1,753 @@
+"""The context service's faust shell: one table, one stateful agent, a flush timer, web views.
+
+Everything the service decides lives in `services/context/state.py` (pure functions). This module
+only moves bytes: it decodes each event inside a guard, calls ONE state function with the
+customer's state from the table, produces the returned effects, writes the new state back, and
+starts history fetches in the background.
+
+Delivery rule (at-least-once, made effectively-once by the state's dedupe memory):
+  1. produce the effects (responder/vision requests, audit decisions) and await the broker's acks;
+  2. THEN write the new state (which holds the dedupe record) to the table.
+A crash between 1 and 2 replays the event after restart: the state still lacks the dedupe record,
+so the effects are produced a second time and downstream dedupes them by batch id. The other order
+could lose an effect for good (state says "done", effect never reached the broker).
+
+faust pitfalls handled here (reference/faust.md, reference/broker.md):
+- values are consumed RAW and decoded in a guard; anything that fails goes to the dead-letter topic
+  with its reason and the agent carries on — an agent that raises dies while the process lives on,
+  so readiness also reports a crashed agent;
+- the table is written only inside the agent (stream iteration); timers and views only read it and
+  ask for changes by producing `ContextCommand`s keyed by the customer (the timer → command → agent
+  pattern), so every change happens in-stream and survives restarts and rebalances;
+- the flush timer never scans the table: an in-memory index (customer → next due time) is updated
+  by the agent after each write and rebuilt from the worker's own partitions after each recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import faust
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common import codec, kafka, logs, metrics
+from services.common.config import ConfigError, Settings
+from services.common.kafka import Topics
+from services.common.records import (
+    AgentActivity,
+    AssistantReply,
+    ContextCommand,
+    CustomerState,
+    InboundMessage,
+)
+from services.common.timeparse import utcnow
+from services.context import state as domain
+from services.context.fetcher import HistoryFetcher, ReconcileSweep, SweepTarget
+from services.context.state import Effects, Limits
+
+log = logging.getLogger(__name__)
+
+SERVICE = "context"
+AGENT_NAME = "context-events"
+TABLE_NAME = "customers"
+#: After this long without any change to the customer's state, a flush command is sent again.
+FLUSH_RESEND_SECONDS = 5.0
+#: Flush commands sent per timer tick at most (the rest wait for the next tick).
+FLUSH_MAX_PER_TICK = 2000
+#: When `due_action` says "not yet" although our estimate said "due", look again this much later.
+RECHECK_SECONDS = 1.0
+#: How often `consumer_lag{service="context"}` is refreshed.
+LAG_INTERVAL_SECONDS = 5.0
+#: Longest pause between retries of a produce that failed (broker unavailable).
+PRODUCE_BACKOFF_MAX_SECONDS = 5.0
+
+
+# -- pure helpers ---------------------------------------------------------------------------------
+
+def build_limits(settings: Settings) -> Limits:
+    """The state machine's thresholds from the process settings."""
+    return Limits(
+        quiet_window_seconds=settings.quiet_window_seconds,
+        max_batch_wait_seconds=settings.max_batch_wait_seconds,
+        missed_lookback_seconds=settings.missed_lookback_seconds,
+        missed_max_items=settings.missed_max_items,
+        history_timeout_seconds=settings.history_timeout_seconds,
+        policy=settings.gap_policy,
+    )
+
+
+def next_due(state: CustomerState, limits: Limits) -> datetime | None:
+    """When the timer should next ask `due_action` about this customer; None = nothing pending.
+
+    An estimate from the batch fields (the quiet window runs from the last message, the max wait
+    from the first, a running history fetch times out after `history_timeout_seconds`); the
+    authoritative answer is always `state.due_action`, so an early estimate costs one extra look.
+    """
+    candidates: list[datetime] = []
+    batch = state.get("open_batch")
+    if batch is not None:
+        candidates.append(min(
+            batch["last_message_at"] + timedelta(seconds=limits.quiet_window_seconds),
+            batch["opened_at"] + timedelta(seconds=limits.max_batch_wait_seconds),
+        ))
+    flushing = state.get("flushing_batch")
+    if flushing is not None:
+        started = flushing.get("fetch_started_at")
+        if started is not None:
+            candidates.append(started + timedelta(seconds=limits.history_timeout_seconds))
+        else:
+            candidates.append(flushing["last_message_at"])
+    return min(candidates) if candidates else None
+
+
+def customer_partition(customer_key: str, partitions: int) -> int:
+    """The partition the producers' default partitioner (murmur2, as Java's) puts this key in."""
+    return (murmur2(customer_key.encode("utf-8")) & 0x7FFFFFFF) % partitions
+
+
+@dataclass(slots=True)
+class Tracked:
+    """What the timer, the sweep and the list view need to know of one customer, in memory."""
+
+    partition: int
+    due_at: datetime | None = None
+    open: bool = False
+    flushing: bool = False
+    held: int = 0
+    paused: bool = False
+    channel: str | None = None
+    provider_id: str | None = None
+    last_activity_at: datetime | None = None
+    last_reply_at: datetime | None = None
+    batch_id: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Has an open, flushing or held batch (the list view's `open=1`)."""
+        return self.open or self.flushing or self.held > 0
+
+
+def _is_open(entry: Tracked) -> int:
+    return 1 if entry.open or entry.flushing else 0
+
+
+@dataclass
+class CustomerIndex:
+    """customer → next due time and status, for the customers of this worker's partitions.
+
+    A heap of (due time, key) gives the due customers without scanning everyone every tick; stale
+    heap entries (the customer's due time changed since) are skipped when popped.
+    """
+
+    resend_after: float = FLUSH_RESEND_SECONDS
+    entries: dict[str, Tracked] = field(default_factory=dict)
+    _heap: list[tuple[datetime, str]] = field(default_factory=list)
+    _inflight: dict[str, tuple[str, float]] = field(default_factory=dict)
+    _open: int = 0  # customers with an open or flushing batch (kept up to date, never counted)
+
+    def update(self, key: str, partition: int, state: CustomerState, limits: Limits) -> None:
+        """Records the customer's new state (the agent calls this after each table write)."""
+        open_batch = state.get("open_batch")
+        flushing = state.get("flushing_batch")
+        batch = flushing or open_batch
+        entry = Tracked(
+            partition=partition,
+            due_at=next_due(state, limits),
+            open=open_batch is not None,
+            flushing=flushing is not None,
+            held=len(state.get("held_messages") or []),
+            paused=bool(state.get("paused")),
+            channel=state.get("channel"),
+            provider_id=state.get("provider_id"),
+            last_activity_at=state.get("last_activity_at"),
+            last_reply_at=state.get("last_reply_at"),
+            batch_id=batch["batch_id"] if batch is not None else None,
+        )
+        previous = self.entries.get(key)
+        self._open += _is_open(entry) - (_is_open(previous) if previous is not None else 0)
+        self.entries[key] = entry
+        self._inflight.pop(key, None)  # the state changed: the timer decides afresh
+        if entry.due_at is not None:
+            heapq.heappush(self._heap, (entry.due_at, key))
+
+    def defer(self, key: str, until: datetime) -> None:
+        """Look at this customer again at `until` (the estimate was early)."""
+        entry = self.entries.get(key)
+        if entry is not None:
+            entry.due_at = until
+            heapq.heappush(self._heap, (until, key))
+
+    def due(self, now: datetime, limit: int = FLUSH_MAX_PER_TICK) -> list[str]:
+        """Customers whose due time has passed (each removed from the heap; re-added by defer/update)."""
+        found: list[str] = []
+        while self._heap and self._heap[0][0] <= now and len(found) < limit:
+            at, key = heapq.heappop(self._heap)
+            entry = self.entries.get(key)
+            if entry is None or entry.due_at != at or key in found:
+                continue
+            entry.due_at = None
+            found.append(key)
+        return found
+
+    def should_send(self, key: str, batch_id: str, monotonic_now: float) -> bool:
+        """False while a flush for this batch is in flight and younger than `resend_after`."""
+        sent = self._inflight.get(key)
+        return sent is None or sent[0] != batch_id or monotonic_now - sent[1] >= self.resend_after
+
+    def mark_sent(self, key: str, batch_id: str, monotonic_now: float) -> None:
+        self._inflight[key] = (batch_id, monotonic_now)
+
+    def keep_partitions(self, partitions: set[int]) -> None:
+        """Forgets customers of partitions this worker no longer owns."""
+        for key in [k for k, e in self.entries.items() if e.partition not in partitions]:
+            self._open -= _is_open(self.entries.pop(key))
+            self._inflight.pop(key, None)
+        self._heap = [(at, key) for at, key in self._heap if key in self.entries]
+        heapq.heapify(self._heap)
+
+    def clear(self) -> None:
+        self._open = 0
+        self.entries.clear()
+        self._heap.clear()
+        self._inflight.clear()
+
+    def pending(self) -> list[tuple[str, Tracked]]:
+        """Customers with an open, flushing or held batch, by key."""
+        return sorted((k, e) for k, e in self.entries.items() if e.pending)
+
+    def open_count(self) -> int:
+        return self._open
+
+    def reconcile_candidates(self, now: datetime, window_seconds: float) -> list[SweepTarget]:
+        """WATI customers active within the window, most recently active first.
+
+        `stop_before` mirrors the state machine's sweep window (after the bot's last reply, within
+        WhatsApp's 24 h session): older history pages cannot hold anything to recover.
+        """
+        since = now - timedelta(seconds=window_seconds)
+        session_start = now - timedelta(seconds=domain.WHATSAPP_SESSION_SECONDS)
+        found: list[SweepTarget] = []
+        for key, e in self.entries.items():
+            if e.channel == "wati" and e.provider_id and e.last_activity_at is not None \
+                    and e.last_activity_at >= since:
+                stop_before = max(e.last_reply_at or session_start, session_start)
+                found.append(SweepTarget(key, e.provider_id, e.last_activity_at, stop_before))
+        found.sort(key=lambda target: target.last_activity_at, reverse=True)
+        return found
+
+
+class Rejected(Exception):
+    """An input event the agent cannot handle; goes to the dead-letter topic with `reason`."""
+
+    def __init__(self, reason: str, error: str, customer_key: str | None = None) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+        self.customer_key = customer_key
+
+
+def decode_event(
+    topics: Topics, topic: str, key: bytes | None, value: bytes | None
+) -> tuple[str, str, dict[str, Any]]:
+    """(customer key, record name, record) of one input event, or Rejected with the reason."""
+    expected = {
+        topics.inbound: "InboundMessage",
+        topics.agent_activity: "AgentActivity",
+        topics.replies: "AssistantReply",
+        topics.context_commands: "ContextCommand",
+    }.get(topic)
+    if expected is None:
+        raise Rejected("unknown_topic", f"event from unexpected topic {topic}")
+    try:
+        name, record = codec.decode_any(value)
+    except codec.CodecError as exc:
+        raise Rejected("undecodable", str(exc)) from None
+    if name != expected:
+        raise Rejected("wrong_record_type", f"{topic} carries {expected}, got {name}")
+    customer = record.get("customer_key")
+    if not key:
+        raise Rejected("missing_key", "event has no Kafka key", customer)
+    try:
+        key_text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected("bad_key", "Kafka key is not UTF-8", customer) from None
+    if key_text != customer:
+        raise Rejected("key_mismatch", "Kafka key differs from the record's customer_key", customer)
+    return key_text, name, record
+
+
+def apply_metric(name: str, labels: dict[str, str], value: float) -> None:
+    """Applies one `Effects.metrics` entry; names are attributes of services.common.metrics."""
+    metric = getattr(metrics, name, None)
+    if not isinstance(metric, Counter | Gauge | Histogram):
+        logs.event(log, "unknown_metric", logging.WARNING, metric=name)
+        return
+    target: Any = metric.labels(**labels) if labels else metric
+    if isinstance(metric, Histogram):
+        target.observe(value)
+    elif isinstance(metric, Gauge) or value >= 0:
+        target.inc(value)
+
+
+# -- the faust shell ------------------------------------------------------------------------------
+
+class ContextApp(faust.App):
+    """faust.App carrying the context runtime; closes the runtime's clients when it stops."""
+
+    runtime: ContextRuntime
+
+    async def on_stop(self) -> None:
+        self.runtime.begin_stop()
+        await super().on_stop()
+        await self.runtime.close()
+
+    async def _on_agent_error(self, agent: faust.types.AgentT, exc: BaseException) -> None:
+        """faust calls this when an agent raised (it is dead now): readiness must say so."""
+        await self.runtime.on_agent_error(agent, exc)
+        await super()._on_agent_error(agent, exc)
+
+
+class ContextRuntime:
+    """The per-process state of the shell: table, producer, index, fetcher, readiness."""
+
+    def __init__(self, app: ContextApp, settings: Settings, table_partitions: int) -> None:
+        self.app = app
+        self.settings = settings
+        self.topics = Topics.from_settings(settings)
+        self.limits = build_limits(settings)
+        self.partitions = table_partitions
+        self.index = CustomerIndex()
+        self.agent: faust.types.AgentT | None = None
+        self.agent_error: str | None = None
+        self.index_ready = False
+        self.customers: faust.types.TableT = app.Table(
+            TABLE_NAME,
+            default=None,
+            key_type=bytes,  # bytes keys and values use the raw codec: the changelog key is the
+            value_type=bytes,  # Kafka key of the inputs, so faust routes views to the right worker
+            partitions=table_partitions,
+            help="CustomerState (Avro) by customer key",
+        )
+        self._producer: AIOKafkaProducer | None = None
+        self._producer_lock = asyncio.Lock()
+        self._stopping = False
+        self.fetcher = HistoryFetcher(settings, self.send_command)
+        self.sweep = ReconcileSweep(settings, self.fetcher)
+
+    # -- producer ---------------------------------------------------------------------------------
+    async def producer(self) -> AIOKafkaProducer:
+        """The idempotent acks=all producer of effects, commands and dead letters (started lazily)."""
+        async with self._producer_lock:
+            if self._producer is None:
+                producer = kafka.make_producer(self.settings)
+                await producer.start()
+                self._producer = producer
+            return self._producer
+
+    async def _retrying(self, what: str, send: Callable[[], Awaitable[None]]) -> None:
+        """Retries a produce until the broker acks it: an effect must never be skipped."""
+        delay = 0.2
+        while True:
+            try:
+                await send()
+                return
+            except KafkaError as exc:
+                if self._stopping:
+                    raise
+                logs.event(log, "produce_retry", logging.WARNING, what=what, error=type(exc).__name__,
+                           retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PRODUCE_BACKOFF_MAX_SECONDS)
+
+    async def send_command(self, command: ContextCommand) -> None:
+        """Produces a ContextCommand keyed by its customer (flush, history_fetched, pause, ...)."""
+        producer = await self.producer()
+        await kafka.send_record(
+            producer, self.topics.context_commands, command["customer_key"], "ContextCommand",
+            dict(command),
+        )
+
+    def begin_stop(self) -> None:
+        """From now on a failing produce is not retried: the event stays uncommitted (replayed)."""
+        self._stopping = True
+
+    async def close(self) -> None:
+        self._stopping = True
+        await self.sweep.close()
+        await self.fetcher.close()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    # -- the agent's work -------------------------------------------------------------------------
+    async def handle_event(
+        self, key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int
+    ) -> None:
+        """Handles one input event; never raises for bad input or a failing state function."""
+        try:
+            customer, name, record = decode_event(self.topics, topic, key, value)
+        except Rejected as rejected:
+            await self.dead_letter(rejected.reason, rejected.error, topic, partition, offset, key, value,
+                                   rejected.customer_key)
+            return
+        try:
+            stored = self.customers.get(customer.encode("utf-8"))
+            state = (
+                cast(CustomerState, codec.decode("CustomerState", stored))
+                if stored is not None else domain.new_state(customer)
+            )
+            new_state, effects = self._dispatch(name, state, record)
+            encoded = b"" if effects.duplicate else codec.encode("CustomerState", dict(new_state))
+            outputs = self._encode_outputs(effects)  # a schema mismatch is caught here, not later
+        except Exception as exc:  # a bug in one event's handling must not stop the others
+            logs.event(log, "handler_error", logging.ERROR, customer=customer, record=name,
+                       error=f"{type(exc).__name__}: {exc}")
+            await self.dead_letter("handler_error", f"{type(exc).__name__}: {exc}", topic, partition,
+                                   offset, key, value, customer)
+            return
+        if effects.duplicate:
+            metrics.dedupe_hits_total.labels(name).inc()
+            self._apply_observability(customer, effects)
+            return
+        await self._produce(customer, outputs)
+        if new_state is state:  # nothing changed (e.g. a flush that is not due yet): no write
+            self._apply_observability(customer, effects)
+            return
+        # after the effects were acked: see "Delivery rule" in the module docstring
+        self.customers[customer.encode("utf-8")] = encoded
+        self.index.update(customer, partition, new_state, self.limits)
+        metrics.open_batches.set(self.index.open_count())
+        self._apply_observability(customer, effects)
+        if effects.fetch is not None:
+            self.fetcher.start(effects.fetch)
+
+    def _dispatch(
+        self, name: str, state: CustomerState, record: dict[str, Any]
+    ) -> tuple[CustomerState, Effects]:
+        limits = self.limits
+        if name == "InboundMessage":
+            return domain.on_inbound(state, cast(InboundMessage, record), utcnow(), limits)
+        if name == "AgentActivity":
+            return domain.on_agent_activity(state, cast(AgentActivity, record), utcnow(), limits)
+        if name == "AssistantReply":
+            return domain.on_reply(state, cast(AssistantReply, record), utcnow(), limits)
+        command = cast(ContextCommand, record)
+        # The timer decided "due" with its clock: the flush must be judged with that same clock.
+        return domain.on_command(state, command, command["issued_at"], limits)
+
+    def _encode_outputs(self, effects: Effects) -> list[tuple[str, bytes]]:
+        """(topic, Avro value) of every record the effects produce, in the delivery order."""
+        outputs: list[tuple[str, str, dict[str, Any]]] = (
+            [(self.topics.responder_requests, "ResponderRequest", dict(r))
+             for r in effects.responder_requests]
+            + [(self.topics.vision_requests, "VisionRequest", dict(r)) for r in effects.vision_requests]
+            + [(self.topics.audit, "BatchDecision", dict(d)) for d in effects.decisions]
+        )
+        return [(topic, codec.encode(schema, value)) for topic, schema, value in outputs]
+
+    async def _produce(self, customer: str, outputs: list[tuple[str, bytes]]) -> None:
+        """Produces the outputs keyed by the customer and waits for every ack (retrying)."""
+        if not outputs:
+            return
+
+        async def send_all() -> None:
+            producer = await self.producer()
+            futures = [await producer.send(topic, value, key=customer.encode("utf-8"))
+                       for topic, value in outputs]
+            await asyncio.gather(*futures)
+
+        await self._retrying("effects", send_all)
+
+    def _apply_observability(self, customer: str, effects: Effects) -> None:
+        for metric_name, labels, value in effects.metrics:
+            if metric_name == "open_batches":
+                continue  # set from the index: per-worker truth across rebalances
+            try:
+                apply_metric(metric_name, labels, value)
+            except (ValueError, KeyError) as exc:
+                logs.event(log, "metric_error", logging.WARNING, metric=metric_name, error=str(exc))
+        for event_name, fields in effects.log:
+            values = dict(fields)
+            values.setdefault("customer", customer)
+            logs.event(log, event_name, logging.INFO, **values)
+
+    async def dead_letter(
+        self, reason: str, error: str, topic: str, partition: int, offset: int,
+        key: bytes | None, value: bytes | None, customer_key: str | None,
+    ) -> None:
+        async def send() -> None:
+            await kafka.dead_letter(
+                await self.producer(), self.topics, service=SERVICE, reason=reason, error=error,
+                source_topic=topic, partition=partition, offset=offset, key=key, payload=value,
+                customer_key=customer_key,
+            )
+
+        await self._retrying("dead_letter", send)
+
+    # -- agent health -----------------------------------------------------------------------------
+    async def on_agent_error(self, agent: Any, exc: BaseException) -> None:
+        """The agent raised and is dead: readiness reports it, the gauge drops to 0."""
+        self.agent_error = f"{type(exc).__name__}: {exc}"
+        metrics.agent_up.labels(SERVICE, AGENT_NAME).set(0)
+        logs.event(log, "agent_crashed", logging.CRITICAL, agent=AGENT_NAME, error=self.agent_error)
+
+    def agent_failure(self) -> str | None:
+        """Why the agent is not running, or None when it is."""
+        if self.agent_error is not None:
+            return self.agent_error
+        agent = self.agent
+        actors = list(getattr(agent, "_actors", []) or [])
+        for actor in actors:
+            task = getattr(actor, "actor_task", None)
+            if task is not None and task.done() and not self._stopping:
+                return "agent task ended"
+        return None
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, details): running, assigned and recovered, index rebuilt, agent alive."""
+        app = self.app
+        details: dict[str, Any] = {
+            "worker": self.worker_name(),
+            "partitions": sorted(self.active_partitions()),
+        }
+        failure = self.agent_failure()
+        if failure is not None:
+            metrics.agent_up.labels(SERVICE, AGENT_NAME).set(0)
+            details["reason"] = f"agent stopped: {failure}"
+            return False, details
+        if self._stopping:
+            details["reason"] = "stopping"
+            return False, details
+        if app.rebalancing_count == 0 or app.rebalancing:
+            details["reason"] = "rebalancing"
+            return False, details
+        if not self.index_ready:
+            details["reason"] = "recovering"
+            return False, details
+        return True, details
+
+    def worker_name(self) -> str:
+        return str(self.app.conf.canonical_url)
+
+    def active_partitions(self) -> set[int]:
+        """Partition numbers of the input topics this worker owns actively (not standby)."""
+        try:
+            actives = self.app.assignor.assigned_actives()
+        except Exception:
+            return set()
+        return {tp.partition for tp in actives if tp.topic == self.topics.inbound}
+
+    # -- recovery, timer, sweep -------------------------------------------------------------------
+    async def rebuild_index(self) -> None:
+        """After each recovery: one scan of this worker's partitions rebuilds the due index."""
+        try:
+            owned = self.active_partitions()
+            self.index.clear()
+            keys = [bytes(k) for k in self.customers]
+            broken = 0
+            for number, raw_key in enumerate(keys):
+                key = raw_key.decode("utf-8", errors="replace")
+                partition = customer_partition(key, self.partitions)
+                if partition not in owned:
+                    continue  # a standby's or a revoked partition's key (memory store)
+                stored = self.customers.get(raw_key)
+                if stored is None:
+                    continue
+                try:
+                    state = cast(CustomerState, codec.decode("CustomerState", stored))
+                except codec.CodecError:
+                    broken += 1
+                    continue
+                self.index.update(key, partition, state, self.limits)
+                if number % 500 == 499:
+                    await asyncio.sleep(0)
+            metrics.open_batches.set(self.index.open_count())
+            self.index_ready = True
+            logs.event(log, "index_rebuilt", partitions=sorted(owned), customers=len(self.index.entries),
+                       pending=len(self.index.pending()), undecodable=broken)
+        except Exception as exc:  # faust swallows exceptions of recovery callbacks: say it
+            logs.event(log, "index_rebuild_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            raise
+
+    def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
+        self.index_ready = False
+        lost = {tp.partition for tp in revoked if tp.topic == self.topics.inbound}
+        if lost:
+            self.index.keep_partitions({e.partition for e in self.index.entries.values()} - lost)
+
+    async def flush_tick(self) -> None:
+        """Sends a `flush` command for every customer whose batch is due (read-only on the table)."""
+        if not self.readiness()[0]:
+            return
+        now = utcnow()
+        monotonic_now = time.monotonic()
+        for key in self.index.due(now):
+            entry = self.index.entries.get(key)
+            stored = self.customers.get(key.encode("utf-8"))
+            if entry is None or stored is None:
+                continue
+            try:
+                state = cast(CustomerState, codec.decode("CustomerState", stored))
+                batch_id = domain.due_action(state, now, self.limits)
+            except Exception as exc:
+                logs.event(log, "due_check_failed", logging.ERROR, customer=key,
+                           error=f"{type(exc).__name__}: {exc}")
+                self.index.defer(key, now + timedelta(seconds=RECHECK_SECONDS * 10))
+                continue
+            if batch_id is None:
+                estimate = next_due(state, self.limits)
+                later = now + timedelta(seconds=RECHECK_SECONDS)
+                if estimate is not None:
+                    self.index.defer(key, max(estimate, later))
+                continue
+            # still due until the agent handles the command: look again after the resend delay
+            self.index.defer(key, now + timedelta(seconds=self.index.resend_after))
+            if not self.index.should_send(key, batch_id, monotonic_now):
+                continue
+            command: ContextCommand = {
+                "kind": "flush", "customer_key": key, "batch_id": batch_id, "issued_at": now,
+                "history": [], "history_error": None, "history_pages": 0, "actor": None,
+            }
+            try:
+                await self.send_command(command)
+            except KafkaError as exc:
+                logs.event(log, "flush_send_failed", logging.WARNING, customer=key,
+                           error=type(exc).__name__)
+                continue
+            self.index.mark_sent(key, batch_id, monotonic_now)
+
+    async def lag_tick(self) -> None:
+        """Exports `consumer_lag{service="context"}`: messages behind the end of the input topics.
+
+        From the consumer's cached high-water marks (updated by every fetch) and the offsets the
+        agent has read; partitions not yet read count from their committed offset.
+        """
+        if not self.readiness()[0]:
+            return
+        consumer = self.app.consumer
+        sources = {self.topics.inbound, self.topics.agent_activity, self.topics.replies,
+                   self.topics.context_commands}
+        read = getattr(consumer, "_read_offset", {})
+        committed = getattr(consumer, "_committed_offset", {})
+        lag = 0
+        for tp in consumer.assignment():
+            if tp.topic not in sources:
+                continue
+            try:
+                end: int | None = consumer.highwater(tp)
+            except Exception:  # revoked meanwhile (a rebalance started): skip it this time
+                end = None
+            last_read = read.get(tp)
+            position = last_read + 1 if last_read is not None else committed.get(tp)
+            if end is not None and position is not None:
+                lag += max(0, int(end) - int(position))
+        metrics.consumer_lag.labels(SERVICE).set(lag)
+
+    async def reconcile_tick(self) -> None:
+        if not self.readiness()[0]:
+            return
+        now = utcnow()
+        self.sweep.maybe_start(self.index.reconcile_candidates(now, self.settings.reconcile_window_seconds))
+
+
+def _broker_urls(bootstrap: str) -> list[str]:
+    return [f"kafka://{server.strip()}" for server in bootstrap.split(",") if server.strip()]
+
+
+def _web_host(bind: str) -> str:
+    """The host peers use to reach this worker's views (table routing); a wildcard bind → hostname."""
+    return socket.gethostname() if bind in ("0.0.0.0", "::", "") else bind
+
+
+def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> ContextApp:
+    """Builds the context service's faust app (no module-level app: tests build their own).
+
+    `table_standby_replicas` (faust's default 1): workers keep a warm copy of other workers'
+    partitions, so a takeover after a crash needs no full changelog replay.
+    """
+    if settings.context_store not in ("memory", "rocksdb"):
+        raise ConfigError(f"CONTEXT_STORE must be rocksdb or memory, got {settings.context_store!r}")
+    codec.register_faust_codec()
+    store = "memory://" if settings.context_store == "memory" else "rocksdb://"
+    session = float(settings.broker_session_timeout_seconds)
+    app = ContextApp(
+        f"{settings.topic_prefix}{SERVICE}",
+        broker=_broker_urls(settings.kafka_bootstrap_servers),
+        store=store,
+        datadir=str(Path(settings.data_dir) / f"context-{settings.context_web_port}"),
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        table_standby_replicas=table_standby_replicas,
+        broker_session_timeout=session,
+        broker_heartbeat_interval=max(0.5, session / 3.5),
+        web_bind=settings.context_web_host,
+        web_host=_web_host(settings.context_web_host),
+        web_port=settings.context_web_port,
+        web_tables_enabled=False,  # the built-in /table/ endpoints would expose customer data
+        web_router_enabled=False,  # /router/ exposes the cluster; @table_route works without it
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_metrics_enabled=False,
+        autodiscover=False,
+    )
+    runtime = ContextRuntime(app, settings, settings.topic_partitions)
+    app.runtime = runtime
+    topics = runtime.topics
+    source = app.topic(
+        topics.inbound, topics.agent_activity, topics.replies, topics.context_commands,
+        key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+        partitions=settings.topic_partitions,
+    )
+
+    async def context_events(stream: faust.StreamT[bytes]) -> None:
+        runtime.agent_error = None  # (re)started by faust's supervisor: alive again
+        metrics.agent_up.labels(SERVICE, AGENT_NAME).set(1)
+        async for event in stream.events():
+            message = event.message
+            await runtime.handle_event(
+                cast(bytes | None, event.key), cast(bytes | None, event.value),
+                message.topic, message.partition, message.offset,
+            )
+
+    runtime.agent = app.agent(source, name=AGENT_NAME, concurrency=1)(context_events)
+    runtime.customers.on_recover(runtime.rebuild_index)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _revoked(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        runtime.on_partitions_revoked(args[0] if args else kwargs.get("revoked", ()))
+
+    def guarded(tick: Callable[[], Awaitable[None]], name: str) -> Callable[[], Awaitable[None]]:
+        async def run_tick() -> None:  # an exception would end the timer for good: log and go on
+            try:
+                await tick()
+            except Exception as exc:
+                logs.event(log, "timer_error", logging.ERROR, timer=name,
+                           error=f"{type(exc).__name__}: {exc}")
+
+        run_tick.__name__ = run_tick.__qualname__ = name.replace("-", "_")
+        return run_tick
+
+    app.timer(interval=settings.flush_scan_interval_seconds, name="context-flush")(
+        guarded(runtime.flush_tick, "context-flush"))
+    app.timer(interval=LAG_INTERVAL_SECONDS, name="context-lag")(guarded(runtime.lag_tick, "context-lag"))
+    if settings.reconcile_interval_seconds > 0:
+        app.timer(interval=settings.reconcile_interval_seconds, name="context-reconcile")(
+            guarded(runtime.reconcile_tick, "context-reconcile"))
+
+    from services.context.views import register_views
+
+    register_views(app, runtime)
+    return app
+

@@ -1,0 +1,289 @@
+"""WATI history fetches of the context service, run beside the agent, never inside it.
+
+A slow WATI must never stall other customers, so the agent only ORDERS a fetch (state.py's
+`HistoryFetchOrder`); this module runs it as an asyncio task (bounded concurrency, overall
+timeout `HISTORY_TIMEOUT_SECONDS`), parses the raw items (services/context/history.py) and hands
+the result back to the agent as a `history_fetched` ContextCommand keyed by the customer, so the
+state changes in-stream. Every failure still produces that command, with `history_error` set to a
+short reason code, and the state machine answers without context. A task lost with the process is
+covered by the state machine too: `due_action` re-flushes a batch whose fetch timed out.
+
+The reconciliation sweep (issue 9 point 4) fetches, on a token-bucket budget of
+`RECONCILE_RATE_PER_SECOND` getMessages calls, the history of WATI customers active within
+`RECONCILE_WINDOW_SECONDS`, and delivers it the same way with no batch id; HTTP 429 that outlasts
+the client's own retries pauses the sweep (backing off) instead of hammering WATI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from services.common import logs, metrics
+from services.common.config import Settings
+from services.common.records import ContextCommand, HistoryItem
+from services.common.timeparse import utcnow
+from services.common.wati import WatiClient, WatiError
+from services.context.history import parse_history
+from services.context.state import HistoryFetchOrder
+
+log = logging.getLogger(__name__)
+
+#: getMessages fetches running at once per worker (others wait their turn).
+MAX_CONCURRENT_FETCHES = 16
+#: Tries to deliver a fetch result before giving up (the state machine's timeout covers the rest).
+COMMAND_SEND_ATTEMPTS = 5
+#: Longest pause of the sweep after WATI kept answering 429.
+SWEEP_BACKOFF_MAX_SECONDS = 60.0
+
+SendCommand = Callable[[ContextCommand], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class SweepTarget:
+    """One customer the reconciliation sweep checks, and how far back its history matters."""
+
+    customer_key: str
+    provider_id: str
+    last_activity_at: datetime
+    stop_before: datetime
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """Parsed history, pages read, and the failure reason (None on success)."""
+
+    history: list[HistoryItem] = field(default_factory=list)
+    pages: int = 0
+    error: str | None = None
+    status: int | None = None
+
+
+def history_command(
+    customer_key: str, batch_id: str | None, result: FetchResult, issued_at: datetime
+) -> ContextCommand:
+    """The `history_fetched` command that carries a fetch result back to the agent."""
+    return {
+        "kind": "history_fetched", "customer_key": customer_key, "batch_id": batch_id,
+        "issued_at": issued_at, "history": list(result.history), "history_error": result.error,
+        "history_pages": result.pages, "actor": None,
+    }
+
+
+class TokenBucket:
+    """`rate` tokens per second, at most `burst` saved up; `pause` empties it for a while (429)."""
+
+    def __init__(
+        self, rate: float, burst: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = max(1.0, burst)
+        self.clock = clock
+        self.tokens = self.burst
+        self.updated = clock()
+        self.paused_until = 0.0
+
+    def wait_time(self) -> float:
+        """Seconds until a token is available (0 = take one now)."""
+        now = self.clock()
+        if now < self.paused_until:
+            return self.paused_until - now
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+    def take(self) -> bool:
+        """Takes a token if one is available now."""
+        if self.wait_time() > 0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+    def pause(self, seconds: float) -> None:
+        """No tokens for `seconds` (and the saved-up ones are gone)."""
+        now = self.clock()
+        self.paused_until = max(self.paused_until, now + seconds)
+        self.tokens = 0.0
+        self.updated = self.paused_until
+
+    async def acquire(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        while not self.take():
+            await sleep(max(0.01, self.wait_time()))
+
+
+class HistoryFetcher:
+    """Runs history fetches as background tasks and delivers their results as commands."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        send_command: SendCommand,
+        *,
+        client_factory: Callable[[], WatiClient] | None = None,
+        max_concurrent: int = MAX_CONCURRENT_FETCHES,
+    ) -> None:
+        self.settings = settings
+        self.send_command = send_command
+        self._client_factory = client_factory or self._default_client
+        self._client: WatiClient | None = None
+        self._limit = asyncio.Semaphore(max_concurrent)
+        self._tasks: dict[tuple[str, str | None], asyncio.Task[None]] = {}
+
+    def _default_client(self) -> WatiClient:
+        return WatiClient(
+            self.settings.wati_api_url, self.settings.wati_api_token,
+            timeout=max(1.0, self.settings.history_timeout_seconds),
+        )
+
+    def client(self) -> WatiClient:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    @property
+    def running(self) -> int:
+        return sum(1 for t in self._tasks.values() if not t.done())
+
+    def start(self, order: HistoryFetchOrder) -> None:
+        """Starts the fetch of a batch; one still running for the same batch is replaced.
+
+        The state machine orders a second fetch only after the first timed out (lost task, worker
+        restart, stuck WATI): the old task's late answer would only be a stale duplicate.
+        """
+        task_key = (order.customer_key, order.batch_id)
+        running = self._tasks.get(task_key)
+        if running is not None and not running.done():
+            running.cancel()
+        task = asyncio.ensure_future(self._run_order(order))
+        self._tasks[task_key] = task
+        task.add_done_callback(lambda t: self._forget(task_key, t))
+
+    def _forget(self, task_key: tuple[str, str | None], task: asyncio.Task[None]) -> None:
+        if self._tasks.get(task_key) is task:
+            del self._tasks[task_key]
+        if not task.cancelled() and task.exception() is not None:
+            logs.event(log, "history_task_failed", logging.ERROR, customer=task_key[0],
+                       batch_id=task_key[1], error=repr(task.exception()))
+
+    async def _run_order(self, order: HistoryFetchOrder) -> None:
+        result = await self.fetch(order.customer_key, order.provider_id, order.stop_before,
+                                  purpose="batch", batch_id=order.batch_id)
+        await self.deliver(order.customer_key, order.batch_id, result)
+
+    async def deliver(self, customer_key: str, batch_id: str | None, result: FetchResult) -> None:
+        """Sends the result to the agent; retries a few times, then leaves it to the state timeout."""
+        for attempt in range(COMMAND_SEND_ATTEMPTS):
+            try:
+                await self.send_command(history_command(customer_key, batch_id, result, utcnow()))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logs.event(log, "history_delivery_retry", logging.WARNING, customer=customer_key,
+                           batch_id=batch_id, attempt=attempt + 1, error=type(exc).__name__)
+                await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+        logs.event(log, "history_delivery_failed", logging.ERROR, customer=customer_key, batch_id=batch_id)
+
+    async def fetch(
+        self,
+        customer_key: str,
+        provider_id: str,
+        stop_before: datetime | None,
+        *,
+        purpose: str,
+        batch_id: str | None = None,
+    ) -> FetchResult:
+        """One customer's history within HISTORY_TIMEOUT_SECONDS; failures become `error` codes."""
+        started = time.monotonic()
+        async with self._limit:
+            try:
+                raw, pages = await asyncio.wait_for(
+                    self.client().fetch_history(
+                        provider_id, stop_before=stop_before, max_pages=self.settings.history_max_pages
+                    ),
+                    timeout=self.settings.history_timeout_seconds,
+                )
+                result = FetchResult(history=parse_history(raw), pages=pages)
+            except WatiError as exc:
+                result = FetchResult(error=exc.reason, status=exc.status)
+            except TimeoutError:
+                result = FetchResult(error="timeout")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                result = FetchResult(error=f"unexpected_{type(exc).__name__}")
+        outcome = "ok" if result.error is None else "error"
+        metrics.history_fetch_total.labels(outcome).inc()
+        if result.error is not None:
+            metrics.history_fetch_failures_total.labels(result.error).inc()
+        logs.event(
+            log, "history_fetched", logging.INFO if result.error is None else logging.WARNING,
+            customer=customer_key, batch_id=batch_id, purpose=purpose, items=len(result.history),
+            pages=result.pages, error=result.error, status=result.status,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return result
+
+    async def close(self) -> None:
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+
+class ReconcileSweep:
+    """Fetches the history of recently active WATI customers on a rate budget (one sweep at a time)."""
+
+    def __init__(
+        self, settings: Settings, fetcher: HistoryFetcher, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self.fetcher = fetcher
+        self.bucket = TokenBucket(max(0.01, settings.reconcile_rate_per_second), burst=1.0, clock=clock)
+        self.backoff = 1.0
+        self._task: asyncio.Task[None] | None = None
+
+    def maybe_start(self, candidates: list[SweepTarget]) -> bool:
+        """Starts a sweep over the candidates unless the previous one is still running."""
+        if self._task is not None and not self._task.done():
+            return False
+        if not candidates:
+            return False
+        self._task = asyncio.ensure_future(self.run(candidates))
+        return True
+
+    async def run(self, candidates: list[SweepTarget]) -> None:
+        checked = 0
+        for target in candidates:
+            await self.bucket.acquire()
+            result = await self.fetcher.fetch(target.customer_key, target.provider_id, target.stop_before,
+                                              purpose="reconcile")
+            checked += 1
+            if result.error == "rate_limited" or result.status == 429:
+                self.bucket.pause(self.backoff)
+                logs.event(log, "reconcile_backoff", logging.WARNING, seconds=self.backoff)
+                self.backoff = min(self.backoff * 2, SWEEP_BACKOFF_MAX_SECONDS)
+                continue
+            self.backoff = 1.0
+            if result.error is None:
+                await self.fetcher.deliver(target.customer_key, None, result)
+        logs.event(log, "reconcile_sweep_done", customers=len(candidates), checked=checked)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+

@@ -1,0 +1,57 @@
+"""`watistream context`: creates the topics, then runs the context service's faust worker.
+
+Topics are created BEFORE the worker starts: a faust worker silently ignores a source topic that
+did not exist when it subscribed (reference/broker.md). The worker is started programmatically
+(faust's own CLI would parse our argv); SIGTERM / SIGINT stop it cleanly (commit, flush, close).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from services.common import logs
+from services.common.config import ConfigError, Settings
+from services.common.kafka import ensure_topics
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuses to start without what the worker needs (ConfigError names the variables)."""
+    settings.require("KAFKA_BOOTSTRAP_SERVERS", "WEB_TOKEN", "WATI_API_URL", "WATI_API_TOKEN")
+    if settings.context_store not in ("rocksdb", "memory"):
+        raise ConfigError(f"CONTEXT_STORE must be rocksdb or memory, got {settings.context_store!r}")
+    if settings.flush_scan_interval_seconds <= 0:
+        raise ConfigError("FLUSH_SCAN_INTERVAL_SECONDS must be > 0")
+    if settings.reconcile_interval_seconds > 0 and settings.reconcile_rate_per_second <= 0:
+        raise ConfigError("RECONCILE_RATE_PER_SECOND must be > 0 when the sweep is on")
+
+
+def main(args: argparse.Namespace, settings: Settings) -> int:
+    """Runs the worker until SIGTERM/SIGINT; returns the process exit code."""
+    logs.setup("context", settings.log_level)
+    logs.register_secret(settings.web_token, settings.wati_api_token, settings.webhook_token,
+                         settings.openai_api_key, settings.manychat_api_token)
+    check_settings(settings)
+
+    import faust
+
+    from services.context.app import create_app
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(ensure_topics(settings))
+    app = create_app(settings)
+    worker = faust.Worker(
+        app,
+        loop=loop,
+        loglevel=settings.log_level,
+        quiet=True,
+        override_logging=False,  # keep our JSON log lines (logs.setup)
+        redirect_stdouts=False,
+    )
+    worker.spinner = None  # a terminal progress spinner has no place in JSON log output
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
