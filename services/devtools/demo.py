@@ -51,17 +51,21 @@ async def run(base: Settings, once: bool, out: Any = None) -> int:
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="watistream-demo-") as tmp:
+    log_path = Path(base.data_dir) / "demo.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="watistream-demo-") as tmp, \
+            open(log_path, "w", encoding="utf-8") as service_log:  # noqa: ASYNC230 - once, at start
         data_dir = Path(tmp)  # a throwaway broker and store: the demo leaves nothing behind
         async with StandIns.running() as standins:
             settings = demo_settings(base, standins, data_dir)
-            say("watistream demo: stand-ins for WATI, ManyChat and OpenAI are running in this process")
-            async with DevStack(settings, out=out) as stack:
+            say("watistream demo: stand-ins for WATI, ManyChat and OpenAI run in this process;")
+            say(f"starting the embedded Kafka and the four services (their logs: {log_path}) ...")
+            async with DevStack(settings, out=service_log) as stack:
                 say("\n=== the scripted conversation (compressed clock) ===")
                 transcript = await scenario.play(
                     standins, stack.ingest_url, settings.webhook_token,
                     gap_seconds=settings.missed_gap_seconds, hold_seconds=settings.human_hold_seconds,
-                    echo=lambda who, text: say(f"  {who:>22} │ {text}"),
+                    echo=lambda who, text: say(_row(who, text)),
                 )
                 calls = len(scenario.reply_requests(standins))
                 say("\n=== summary ===")
@@ -73,6 +77,7 @@ async def run(base: Settings, once: bool, out: Any = None) -> int:
                     f"{stack.context_url}/customers/wati:{scenario.CUSTOMER}/")
                 say(f"metrics: {stack.ingest_url}/metrics  {stack.context_url}/metrics  "
                     f"http://127.0.0.1:{settings.responder_web_port}/metrics")
+                say(f"service logs: {log_path}")
                 say(f"audit report: KAFKA_BOOTSTRAP_SERVERS={stack.settings.kafka_bootstrap_servers} "
                     f"TOPIC_PREFIX={settings.topic_prefix} watistream report --since 1h")
                 if once:
@@ -88,6 +93,13 @@ async def run(base: Settings, once: bool, out: Any = None) -> int:
                 crash.cancel()
                 waiter.cancel()
     return 0
+
+
+def _row(who: str, text: str) -> str:
+    """One transcript row; continuation lines of a multi-line text stay in the text column."""
+    first, *rest = text.splitlines() or [""]
+    lines = [f"  {who:>22} │ {first}"] + [f"  {'':>22} │ {line}" for line in rest]
+    return "\n".join(lines)
 
 
 def main(args: Any, settings: Settings) -> int:

@@ -179,7 +179,7 @@ async def play(
         await bot_answers(2)
         block = developer_text(reply_requests(standins)[-1])
         transcript.context_blocks.append(block)
-        note("context", block or "(none)")
+        note("context sent to OpenAI", block or "(none)")
 
         # 4. A payment screenshot goes through vision, then the responder answers in the conversation.
         await customer_says(IMAGE_CAPTION, kind="image", data=IMAGE_FILE)
