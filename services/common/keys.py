@@ -45,3 +45,16 @@ def mask(value: str | None) -> str:
     prefix, sep, ident = value.rpartition(":")
     keep = ident[-3:] if len(ident) > 4 else ""
     return f"{prefix}{sep}{'*' * max(3, len(ident) - len(keep))}{keep}"
+
+
+def record_key_problem(kafka_key: bytes | None, customer_key: object) -> tuple[str, str] | None:
+    """(dead-letter reason, error) when a record's Kafka key is not its customer key, else None.
+
+    Every topic is keyed by customer: a record under no key or another key sits on a partition where
+    it is handled out of order with (and possibly concurrently to) that customer's other records.
+    """
+    if not kafka_key:
+        return "missing_key", "record has no Kafka key"
+    if bytes(kafka_key).decode("utf-8", errors="replace") != customer_key:
+        return "key_mismatch", "Kafka key differs from the record's customer_key"
+    return None

@@ -209,8 +209,11 @@ def register_views(app: ContextApp, runtime: ContextRuntime) -> None:
                     return self.json({"error": "bad_customer_key"}, status=400)
                 if (cast(Any, request).content_length or 0) > MAX_BODY_BYTES:
                     return self.json({"error": "body_too_large"}, status=413)
+                body = await cast(Any, request).read()  # aiohttp caps it at 1 MiB
+                if len(body) > MAX_BODY_BYTES:  # a chunked body has no Content-Length to check first
+                    return self.json({"error": "body_too_large"}, status=413)
                 try:
-                    actor = parse_actor(await cast(Any, request).read())
+                    actor = parse_actor(body)
                 except ValueError as exc:
                     return self.json({"error": "bad_request", "detail": str(exc)}, status=400)
                 command: ContextCommand = {

@@ -30,10 +30,6 @@ from .worker import SERVICE, MediaFetcher, VisionWorker, attachment_http_client
 
 log = logging.getLogger(__name__)
 
-#: the ops endpoints carry no secret and no customer data; orchestrators must reach them.
-OPS_HOST = "0.0.0.0"
-
-
 class Vision:
     """The vision worker with its producer, clients and consumer: `await start()`, `await stop()`.
 
@@ -109,7 +105,8 @@ async def run(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     vision = Vision(settings)
-    ops = await serve_ops(OPS_HOST, settings.vision_web_port, vision.ready)
+    # OPS_WEB_HOST (loopback by default; 0.0.0.0 in docker-compose), as for the responder
+    ops = await serve_ops(settings.ops_web_host, settings.vision_web_port, vision.ready)
     try:
         await vision.start()
         await stop.wait()

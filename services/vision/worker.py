@@ -54,6 +54,7 @@ from aiokafka.errors import KafkaError
 from services.common import codec, metrics
 from services.common.config import Settings
 from services.common.kafka import Topics, dead_letter
+from services.common.keys import record_key_problem
 from services.common.logs import event
 from services.common.records import (
     Channel,
@@ -249,6 +250,14 @@ class VisionWorker:
             )
             return
         request = cast(ResponderRequest, value["request"])
+        key_problem = record_key_problem(record.key, request["customer_key"])
+        if key_problem is not None:  # not from the context service: never forwarded
+            await dead_letter(
+                self.producer, self.topics, service=SERVICE, reason=key_problem[0], error=key_problem[1],
+                source_topic=record.topic, partition=record.partition, offset=record.offset, key=record.key,
+                payload=record.value, customer_key=request["customer_key"], batch_id=request["batch_id"],
+            )
+            return
         try:
             await self.process(request, record)
         except asyncio.CancelledError:
