@@ -2,7 +2,8 @@
 
 Services call `event(log, "batch_flushed", customer=key, ...)`. The formatter masks, in every
 line whatever its origin (our code, faust, aiokafka): runs of 7+ digits (phone numbers, waIds),
-BSUIDs, bearer tokens, `sk-` keys and every secret registered with `register_secret`.
+BSUIDs, WhatsApp message ids (wamids, which embed the phone number), bearer tokens, `sk-` keys
+and every secret registered with `register_secret`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 from .keys import mask
 
 _PATTERNS = [
+    # a wamid's head is the customer's phone number in base64: keep only its tail
+    (re.compile(r"wamid\.[A-Za-z0-9+/_=-]*?([A-Za-z0-9+/_=-]{8})\b"), r"wamid.…\1"),
     (re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"), r"\1***"),
     (re.compile(r"sk-[A-Za-z0-9_-]{6,}"), "sk-***"),
     (re.compile(r"(?i)(token=)[^&\s\"']+"), r"\1***"),
