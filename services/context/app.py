@@ -424,6 +424,8 @@ class ContextRuntime:
         await self._produce(customer, outputs)
         if new_state is state:  # nothing changed (e.g. a flush that is not due yet): no write
             self._apply_observability(customer, effects)
+            if effects.fetch is not None:  # a `reconcile` command orders a fetch without a change
+                self.fetcher.start(effects.fetch)
             return
         # after the effects were acked: see "Delivery rule" in the module docstring
         self.customers[customer.encode("utf-8")] = encoded

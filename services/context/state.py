@@ -25,8 +25,9 @@ Decisions taken here (where the issues leave a choice):
   a newer open batch is not flushed (`due_action` returns None for it) — answers stay in order.
 - Gap check (WATI only; ManyChat has no history API): runs when `gap = earliest provider time of
   the batch - prior last_inbound_at` EXCEEDS the customer's threshold, and on first contact (no
-  prior inbound: look back `missed_lookback_seconds`). Real-time agent messages since the last
-  reply are injected whatever the gap.
+  prior inbound: look back `missed_lookback_seconds`), and when held messages wait (`after_hold`:
+  the held batch's fetch kept nothing). Real-time agent messages since the last reply are
+  injected whatever the gap.
 - A history fetch that failed but returned some pages is used (the newest pages are the ones that
   matter), with its `history_error` recorded; a failed fetch without items answers without history.
 - Hold: a batch is held when the operator paused the customer, or when a human agent wrote within
@@ -144,7 +145,7 @@ class GapDecision:
     gap_seconds: float | None
     threshold_seconds: float
     check: bool
-    outcome: str  # gap_exceeded | first_contact | short_gap | not_wati
+    outcome: str  # gap_exceeded | first_contact | after_hold | short_gap | not_wati
 
 
 # -- public API -----------------------------------------------------------------------------------
@@ -335,8 +336,13 @@ def batch_start(batch: Batch) -> datetime:
     return min(m["provider_time"] for m in batch["messages"])
 
 
-def gap_decision(batch: Batch, customer_key: str, limits: Limits) -> GapDecision:
-    """Gap = earliest message of the batch - prior last_inbound_at (post-mortem bugs 1 and 2)."""
+def gap_decision(batch: Batch, customer_key: str, limits: Limits, held: bool = False) -> GapDecision:
+    """Gap = earliest message of the batch - prior last_inbound_at (post-mortem bugs 1 and 2).
+
+    `held`: customer messages of a held batch wait to be answered with this one. Their fetch found
+    what the humans said meanwhile but kept none of it, so the history is read again whatever the gap
+    (an account without sessionMessageSent_v2 has no other source of the agents' messages).
+    """
     threshold = limits.policy.gap_seconds(customer_key)
     prior = batch["prior_last_inbound_at"]
     gap = None if prior is None else (batch_start(batch) - prior).total_seconds()
@@ -346,6 +352,8 @@ def gap_decision(batch: Batch, customer_key: str, limits: Limits) -> GapDecision
         return GapDecision(gap, threshold, True, "first_contact")
     if gap > threshold:
         return GapDecision(gap, threshold, True, "gap_exceeded")
+    if held:
+        return GapDecision(gap, threshold, True, "after_hold")
     return GapDecision(gap, threshold, False, "short_gap")
 
 
@@ -386,7 +394,7 @@ def _on_flush(
     state = copy.deepcopy(state)
     batch = state["open_batch"]
     assert batch is not None
-    gap = gap_decision(batch, state["customer_key"], limits)
+    gap = gap_decision(batch, state["customer_key"], limits, bool(state["held_messages"]))
     effects = Effects(metrics=[("gap_checks_total", {"outcome": gap.outcome}, 1)])
     if not gap.check:
         return _finalize(state, "open_batch", None, None, now, limits, effects)
@@ -435,7 +443,8 @@ def _sweep_lower_bound(state: CustomerState, now: datetime) -> datetime:
 def _on_sweep_result(
     state: CustomerState, command: ContextCommand, now: datetime, limits: Limits
 ) -> tuple[CustomerState, Effects]:
-    """Reconciliation: customer messages after the last reply, within 24 h, no webhook ever came.
+    """Reconciliation: customer messages after the last reply, within 24 h, no webhook ever came,
+    and no human agent answered (`_human_answered_until`).
 
     They are put into the open batch (opened if needed, priors captured as for any message) as
     `recovered` messages, so the customer is answered within one sweep; their ids join the dedupe
@@ -446,12 +455,14 @@ def _on_sweep_result(
         return state, Effects(log=[("reconcile_failed", {"error": command["history_error"]})])
     lower = _sweep_lower_bound(state, now)
     seen = set(state["recent_event_ids"])
+    answered_until = _human_answered_until(state, command["history"], lower)
     found: list[HistoryItem] = []
     for item in command["history"]:
         ids = item["item_ids"]
         at = item["at"]
         if (item["event_type"] != "message" or item["owner"] or at is None or at <= lower or not ids
-                or not item["text"].strip() or seen.intersection(ids)):
+                or not item["text"].strip() or seen.intersection(ids)
+                or (answered_until is not None and at <= answered_until)):
             continue
         found.append(item)
         seen.update(ids)
@@ -479,6 +490,31 @@ def _on_sweep_result(
     return state, effects
 
 
+def _human_answered_until(
+    state: CustomerState, history: list[HistoryItem], lower: datetime
+) -> datetime | None:
+    """The last business-side item after `lower` that is not ours (a human's or a template).
+
+    A customer message before it was handled by that human: like `missed.select_missed`, the sweep
+    leaves it as context instead of recovering it for the bot to answer over the agent.
+    """
+    own_ids = missed.own_reply_ids(state["own_replies"])
+    latest: datetime | None = None
+    for item in history:
+        at = item["at"]
+        if at is None or at <= lower or not item["owner"] or not item["text"].strip():
+            continue
+        if item["event_type"] == "message" and (
+            own_ids.intersection([*item["item_ids"], item["local_message_id"] or ""])
+            or missed.is_own_operator(item["operator_name"])
+            or missed.matches_own_text(item["text"], at, state["own_replies"])
+        ):
+            continue
+        if item["event_type"] in ("message", "broadcastMessage"):
+            latest = _later(latest, at)
+    return latest
+
+
 # -- finalize: select, hold or route, emit --------------------------------------------------------
 
 def _finalize(
@@ -494,7 +530,7 @@ def _finalize(
     batch: Batch | None = state["open_batch"] if slot == "open_batch" else state["flushing_batch"]
     assert batch is not None
     key = state["customer_key"]
-    gap = gap_decision(batch, key, limits)
+    gap = gap_decision(batch, key, limits, bool(state["held_messages"]))
     lookback_start = now - timedelta(seconds=limits.missed_lookback_seconds)
     cutoff = batch["prior_last_reply_at"]
     held_before = state["held_messages"]

@@ -192,7 +192,8 @@ def test_postmortem_bug5_through_the_state_machine() -> None:
     assert c.flush(t("17:40:20")).fetch is not None
     c.history(t("17:40:21"), [])
     c.message(inbound("w3", t("17:40:30"), "¿Hola?"))
-    c.flush(t("17:40:40"))
+    assert c.flush(t("17:40:40")).fetch is not None  # held messages wait: the history is read again
+    c.history(t("17:40:41"), [])
     assert c.requests[-1]["batch_id"] == f"{c.state['customer_key']}:1"
     assert [d["hold_reason"] for d in c.decisions[-2:]] == ["human_active", "human_active"]
 
