@@ -38,7 +38,7 @@ from typing import Any, cast
 
 import faust
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 from aiokafka.partitioner import murmur2
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -356,13 +356,21 @@ class ContextRuntime:
                 self._producer = producer
             return self._producer
 
-    async def _retrying(self, what: str, send: Callable[[], Awaitable[None]]) -> None:
-        """Retries a produce until the broker acks it: an effect must never be skipped."""
+    async def _retrying(
+        self, what: str, send: Callable[[], Awaitable[None]], *, fatal: tuple[type[Exception], ...] = ()
+    ) -> None:
+        """Retries a produce until the broker acks it: an effect must never be skipped.
+
+        `fatal` errors can never succeed on retry (a record too large for the broker): they are
+        raised, so the event is dead-lettered instead of stalling every customer of this worker.
+        """
         delay = 0.2
         while True:
             try:
                 await send()
                 return
+            except fatal:
+                raise
             except KafkaError as exc:
                 if self._stopping:
                     raise
@@ -421,7 +429,13 @@ class ContextRuntime:
             metrics.dedupe_hits_total.labels(name).inc()
             self._apply_observability(customer, effects)
             return
-        await self._produce(customer, outputs)
+        try:
+            await self._produce(customer, outputs)
+        except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
+            # Can never succeed: record it where an operator sees it, then move on (writing the
+            # state), rather than retrying it forever on every flush.
+            await self.dead_letter("effect_too_large", type(exc).__name__, topic, partition, offset,
+                                   key, value, customer)
         if new_state is state:  # nothing changed (e.g. a flush that is not due yet): no write
             self._apply_observability(customer, effects)
             if effects.fetch is not None:  # a `reconcile` command orders a fetch without a change
@@ -470,7 +484,7 @@ class ContextRuntime:
                        for topic, value in outputs]
             await asyncio.gather(*futures)
 
-        await self._retrying("effects", send_all)
+        await self._retrying("effects", send_all, fatal=(MessageSizeTooLargeError, RecordTooLargeError))
 
     def _apply_observability(self, customer: str, effects: Effects) -> None:
         for metric_name, labels, value in effects.metrics:
