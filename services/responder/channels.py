@@ -5,6 +5,13 @@ sends ≤ 10 messages per call). Retryable failures (429, 5xx, timeouts) are ret
 backoff (WATI's Retry-After honoured, capped), resuming after the parts already delivered; WATI's
 `result: false` and other non-retryable failures end the send: `SendFailed` says which parts went out.
 WATI parts carry a `localMessageId` derived from the batch id, so the same part keeps the same id.
+
+A send resumed after a crash (`resume=True`: the batch was generated, maybe partly or wholly sent,
+but `sent` was never recorded) first looks for the batch's parts in the contact's newest WATI history
+page by that `localMessageId`, and sends only the parts WATI does not have: a responder SIGKILLed
+while WATI was accepting its reply must not send the reply twice (chaos drill, issue 7). A failed
+lookup sends anyway: a possible duplicate is better than no answer. ManyChat has no history to ask:
+its resumed sends stay at-least-once.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ from dataclasses import dataclass, field
 
 from ..common import metrics
 from ..common.manychat import ManyChatClient, ManyChatError
-from ..common.wati import WatiClient, WatiError
+from ..common.wati import WatiClient, WatiError, sent_message_ids
 from .splitting import limit_for, split_message
 
 MAX_RETRY_AFTER = 10.0
+#: history items searched for the parts of a resumed send (WATI lists the newest first).
+RESUME_LOOKUP_ITEMS = 100
 
 
 class SendFailed(Exception):
@@ -67,12 +76,14 @@ class ChannelSender:
         if self.manychat is not None:
             await self.manychat.aclose()
 
-    async def send(self, channel: str, provider_id: str, text: str, batch_id: str) -> Sent:
+    async def send(
+        self, channel: str, provider_id: str, text: str, batch_id: str, *, resume: bool = False
+    ) -> Sent:
         parts = split_message(text, limit_for(channel))
         if not parts:
             raise SendFailed("empty_text", [], [])
         if channel == "wati":
-            return await self._send_wati(provider_id, parts, batch_id)
+            return await self._send_wati(provider_id, parts, batch_id, resume=resume)
         if channel in ("facebook", "instagram"):
             return await self._send_manychat(provider_id, parts, instagram=channel == "instagram")
         raise SendFailed("unknown_channel", [], [])
@@ -82,12 +93,17 @@ class ChannelSender:
             return min(retry_after, MAX_RETRY_AFTER)
         return float(self.base_delay * 2 ** (attempt - 1))
 
-    async def _send_wati(self, contact_id: str, parts: list[str], batch_id: str) -> Sent:
+    async def _send_wati(self, contact_id: str, parts: list[str], batch_id: str, *, resume: bool) -> Sent:
         if self.wati is None:
             metrics.send_failures_total.labels("wati", "not_configured").inc()
             raise SendFailed("channel_not_configured", [], [])
+        delivered = await self._delivered_wati(contact_id, batch_id, len(parts)) if resume else {}
         sent = Sent([])
         for index, part in enumerate(parts):
+            if index in delivered:  # WATI has it already (sent before a crash): never twice
+                sent.parts.append(part)
+                sent.ids.extend(delivered[index])
+                continue
             attempt = 0
             while True:
                 attempt += 1
@@ -108,6 +124,22 @@ class ChannelSender:
                 sent.ids.extend(ids)
                 break
         return sent
+
+    async def _delivered_wati(self, contact_id: str, batch_id: str, count: int) -> dict[int, list[str]]:
+        """Part index → ids of the parts of this batch already in WATI's history (by localMessageId)."""
+        assert self.wati is not None
+        wanted = {local_message_id(batch_id, index): index for index in range(count)}
+        try:
+            page = await self.wati.get_messages_page(contact_id, 1, RESUME_LOOKUP_ITEMS)
+        except WatiError as exc:
+            metrics.send_failures_total.labels("wati", f"resume_lookup_{exc.reason}").inc()
+            return {}
+        found: dict[int, list[str]] = {}
+        for item in page.items:
+            local_id = item.get("localMessageId")
+            if isinstance(local_id, str) and local_id in wanted:
+                found[wanted[local_id]] = sent_message_ids({"message": item}, local_id)
+        return found
 
     async def _send_manychat(self, subscriber_id: str, parts: list[str], *, instagram: bool) -> Sent:
         channel = "instagram" if instagram else "facebook"

@@ -5,7 +5,8 @@ state needs no lock. Every step is written ahead to the compacted state topic be
 
 1. batch already `sent` → a redelivery: no OpenAI call, nothing sent; the AssistantReply is
    published again from the stored record (the context service dedupes by batch id);
-2. batch `generated` → the crash came between generating and sending: send the stored text;
+2. batch `generated` → the crash came between generating and sending: send the stored text, except
+   the parts WATI already has (looked up by localMessageId: the crash may have come mid-send);
 3. otherwise ensure the customer's conversation (create it and persist its id before using it —
    the only place conversations are created), call the Responses API in it, persist `generated`
    (text, response id, usage), send, persist `sent`, publish the AssistantReply.
@@ -33,7 +34,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from ..common import codec, metrics
 from ..common.config import Settings
 from ..common.kafka import Topics, dead_letter, send_record
-from ..common.keys import KeyError_, split_key
+from ..common.keys import KeyError_, record_key_problem, split_key
 from ..common.logs import event
 from ..common.records import AssistantReply, BatchProgress, ReplyOutcome, ResponderRequest, ResponderState
 from ..common.timeparse import utcnow
@@ -107,6 +108,11 @@ class ResponderWorker:
             await self._dead_letter(record, "unexpected_record", f"expected ResponderRequest, got {name}",
                                     _str(value.get("customer_key")), _str(value.get("batch_id")))
             return
+        key_problem = record_key_problem(record.key, value.get("customer_key"))
+        if key_problem is not None:  # not from the context service: never answered
+            await self._dead_letter(record, *key_problem, _str(value.get("customer_key")),
+                                    _str(value.get("batch_id")))
+            return
         problem = request_problem(value)
         if problem is not None:
             await self._dead_letter(record, "invalid_request", problem,
@@ -136,6 +142,7 @@ class ResponderWorker:
             await self._publish(request, progress, state["conversation_id"], redelivered=True,
                                 sent_at=sent_at)
             return "duplicate"
+        resumed = progress is not None  # generated before a crash: it may have reached WATI already
         if progress is None:
             state, progress = await self._produce_text(request, record, state)
             if progress is None:  # no answer and no fallback: nothing to send
@@ -143,7 +150,7 @@ class ResponderWorker:
                 await self._persist(with_progress(state, done))
                 await self._publish(request, done, state["conversation_id"])
                 return "nothing_sent"
-        return await self._send_and_finish(request, record, state, progress)
+        return await self._send_and_finish(request, record, state, progress, resume=resumed)
 
     async def _produce_text(
         self, request: ResponderRequest, record: ConsumerRecord, state: ResponderState
@@ -195,12 +202,12 @@ class ResponderWorker:
 
     async def _send_and_finish(
         self, request: ResponderRequest, record: ConsumerRecord, state: ResponderState,
-        progress: BatchProgress,
+        progress: BatchProgress, *, resume: bool = False,
     ) -> str:
         key, batch_id = request["customer_key"], request["batch_id"]
         try:
             sent = await self.sender.send(
-                request["channel"], request["provider_id"], progress["text"], batch_id
+                request["channel"], request["provider_id"], progress["text"], batch_id, resume=resume
             )
             parts, ids, text = sent.parts, sent.ids, progress["text"]
         except SendFailed as failure:
