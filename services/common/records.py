@@ -192,6 +192,7 @@ class BatchProgress(TypedDict):
     provider_message_ids: list[str]
     input_tokens: int
     output_tokens: int
+    sent_at: NotRequired[datetime | None]
 
 
 class ResponderState(TypedDict):

@@ -697,6 +697,7 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
         raise ConfigError(f"CONTEXT_STORE must be rocksdb or memory, got {settings.context_store!r}")
     codec.register_faust_codec()
     store = "memory://" if settings.context_store == "memory" else "rocksdb://"
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     session = float(settings.broker_session_timeout_seconds)
     app = ContextApp(
         f"{settings.topic_prefix}{SERVICE}",

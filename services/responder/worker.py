@@ -137,8 +137,11 @@ class ResponderWorker:
         progress = find_batch(state, batch_id)
         if progress is not None and progress["status"] == "sent":
             metrics.dedupe_hits_total.labels("responder_batch").inc()
-            # the original send time when the `sent` write was the state's last change
-            sent_at = state["updated_at"] if state["batches"][-1]["batch_id"] == batch_id else None
+            # the original send time: re-publishing "now" would move the context's cutoff past
+            # whatever humans wrote since (post-mortem bug 6). Records from before `sent_at` was
+            # stored fall back to the state's time when this batch was its last change.
+            sent_at = progress.get("sent_at") or (
+                state["updated_at"] if state["batches"][-1]["batch_id"] == batch_id else None)
             await self._publish(request, progress, state["conversation_id"], redelivered=True,
                                 sent_at=sent_at)
             return "duplicate"
@@ -205,6 +208,9 @@ class ResponderWorker:
         progress: BatchProgress, *, resume: bool = False,
     ) -> str:
         key, batch_id = request["customer_key"], request["batch_id"]
+        # The reply's time is when the send BEGAN: a later time would put human messages written
+        # meanwhile before the next cutoff; our own parts after it are excluded by their ids.
+        send_started = utcnow()
         try:
             sent = await self.sender.send(
                 request["channel"], request["provider_id"], progress["text"], batch_id, resume=resume
@@ -216,10 +222,10 @@ class ResponderWorker:
             parts, ids = failure.sent_parts, failure.ids
             text = "\n\n".join(parts)
         done = _progress(batch_id, "sent", text, progress["response_id"], progress["input_tokens"],
-                         progress["output_tokens"], ids)
+                         progress["output_tokens"], ids, sent_at=send_started)
         state = with_progress(state, done)
         await self._persist(state)
-        await self._publish(request, done, state["conversation_id"], parts=parts)
+        await self._publish(request, done, state["conversation_id"], parts=parts, sent_at=send_started)
         return outcome_of(done)
 
     async def _close_invalid(self, value: dict[str, Any]) -> None:
@@ -295,11 +301,12 @@ class ResponderWorker:
 
 def _progress(
     batch_id: str, status: str, text: str, response_id: str | None, input_tokens: int = 0,
-    output_tokens: int = 0, ids: list[str] | None = None,
+    output_tokens: int = 0, ids: list[str] | None = None, sent_at: datetime | None = None,
 ) -> BatchProgress:
     return cast(BatchProgress, {
         "batch_id": batch_id, "status": status, "text": text, "response_id": response_id,
         "provider_message_ids": list(ids or []), "input_tokens": input_tokens, "output_tokens": output_tokens,
+        "sent_at": sent_at,
     })
 
 

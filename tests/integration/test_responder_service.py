@@ -479,6 +479,21 @@ async def test_duplicate_batch_is_answered_once(env: Env) -> None:
     assert abs((second["sent_at"] - first["sent_at"]).total_seconds()) < 0.5  # the original send time
 
 
+async def test_redelivered_older_batch_keeps_its_original_send_time(env: Env) -> None:
+    """Re-publishing "now" would move the context's cutoff past what humans wrote (bug 6)."""
+    key, ident = new_customer()
+    older, newer = batch(key, ident, "Hola"), batch(key, ident, "¿Y el precio?")
+    await env.send(older)
+    first = await env.out.wait_reply(older["batch_id"])
+    await env.send(newer)
+    await env.out.wait_reply(newer["batch_id"])
+    await env.send(older)  # redelivered after a later batch changed the customer's state
+    await env.out.wait_reply(older["batch_id"], count=2)
+    again = env.out.for_batch(older["batch_id"])[1]
+    assert again["sent_at"] == first["sent_at"]
+    assert len(env.wati_texts(ident)) == 2
+
+
 async def test_slow_customer_does_not_delay_another_on_the_same_partition(env: Env) -> None:
     slow_key, slow_ident = new_customer()
     fast_key, fast_ident = new_customer()

@@ -36,6 +36,15 @@ def example(schema: object) -> object:
     return example(kind)
 
 
+def project(new: object, old: object) -> object:
+    """`new` restricted to the shape of `old`: fields added by a newer schema are left out."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {k: project(new.get(k), v) for k, v in old.items()}
+    if isinstance(old, list) and isinstance(new, list):
+        return [project(n, o) for n, o in zip(new, old, strict=True)]
+    return new
+
+
 @pytest.mark.parametrize(
     "name", sorted(n for n, v in codec.registry().current.items() if v.parsed["type"] == "record"))
 def test_every_schema_round_trips(name: str) -> None:
@@ -63,7 +72,7 @@ def test_previous_versions_are_readable_by_current() -> None:
         assert current.fingerprint != fp, f"{path.name} is identical to the current schema"
         for field in json.loads(Path(current.source).read_text())["fields"]:
             assert field["name"] in decoded
-        assert all(decoded[k] == v for k, v in value.items())  # type: ignore[union-attr]
+        assert project(decoded, value) == value, "old fields keep their values (nested too)"
 
 
 def test_inbound_v1_gets_new_field_defaults() -> None:
