@@ -132,6 +132,8 @@ def describe(message_type: str, text: str | None, labels: Labels) -> str:
     kind = (message_type or "text").strip().lower()
     if kind in TEXT_TYPES or not kind:
         return body or labels.empty
+    if body.lower() == f"[{kind}]":  # history's placeholder for a media item without caption
+        body = ""
     name = labels.kinds.get(kind) or labels.other_kind.format(kind=kind)
     return f"[{name}] {body}" if body else f"[{name}]"
 

@@ -212,3 +212,9 @@ def test_locales() -> None:
 def test_every_locale_has_the_same_kinds() -> None:
     kinds = {frozenset(labels.kinds) for labels in LABELS.values()}
     assert len(kinds) == 1
+
+
+def test_history_media_placeholder_is_not_repeated() -> None:
+    assert describe("image", "[image]", labels_for("es")) == "[Imagen]"
+    assert describe("image", "[IMAGE]", labels_for("en")) == "[Image]"
+    assert describe("image", "foto del recibo", labels_for("es")) == "[Imagen] foto del recibo"
