@@ -1,0 +1,185 @@
+"""A short run of every benchmark (`bench/`, smoke scale: seconds each) on the session's broker.
+
+The full benchmarks are not part of the test command (`python -m bench.run`, see BENCHMARKS.md);
+this proves each one still runs against the current services and that what the benchmarks check
+besides speed holds: every webhook accepted, every batch answered once and in order without a
+`conversation_locked`, every message reaching a ResponderRequest, the recovered table complete,
+and the old-design model's arithmetic equal to the stand-in's own usage figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import run as bench_run
+from bench.common import SCALES, BenchEnv, percentile, spread, summarise_collapsed
+from bench.cost import Burst, Day, old_design
+from bench.loadgen import wa_id_of, webhook_body
+from bench.stack import burst_schedule
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture(scope="module")
+def bench_env(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchEnv]:
+    yield BenchEnv(kafka, tmp_path_factory.mktemp("bench"), SCALES["smoke"])
+
+
+async def _one(bench: BenchEnv, name: str) -> dict[str, Any]:
+    [result] = await bench_run.run_all(bench, [name], echo=lambda _: None)
+    assert "error" not in result, result.get("traceback")
+    assert result["figures"], result
+    assert result["figures"][0]["value"] is not None, result["figures"][0]
+    return result
+
+
+async def test_ingest_benchmark_runs(bench_env: BenchEnv) -> None:
+    result = await _one(bench_env, "ingest")
+    details = result["details"]
+    assert details["non_2xx_or_errors"] == {"ingest": 0, "baseline": 0}
+    assert all(
+        run["statuses"].get("200", 0) > 0 for runs in details["throughput_runs"].values() for run in runs
+    )
+    for latency in details["latency_runs"].values():
+        assert latency["errors"] == {} and set(latency["statuses"]) == {"200"}, latency
+
+
+async def test_pipeline_benchmark_runs(bench_env: BenchEnv) -> None:
+    result = await _one(bench_env, "pipeline")
+    context = result["details"]["context"]
+    for step in [context["first_contact"], *context["steps"]]:
+        assert step["accepted"] > 0 and step["not_accepted"] == 0
+        assert step["missing_messages"] == 0 and step["drained"], step
+        assert step["overhead_ms"]["p50"] is not None and step["overhead_ms"]["p50"] >= -50, step
+    relay = result["details"]["baseline_relay"]["steps"][0]
+    assert relay["missing_messages"] == 0
+
+
+async def test_responder_benchmark_runs(bench_env: BenchEnv) -> None:
+    result = await _one(bench_env, "responder")
+    for kind in ("responder", "baseline"):
+        run = result["details"][kind]
+        assert run["answered"] == run["batches"] == run["replies"], run
+        assert run["duplicates"] == 0 and run["order_violations"] == 0
+        assert run["conversation_locked"] == 0
+    assert result["details"]["responder"]["openai_reply_calls"] == result["details"]["responder"]["batches"]
+
+
+async def test_cost_benchmark_runs(bench_env: BenchEnv) -> None:
+    result = await _one(bench_env, "cost")
+    details = result["details"]
+    assert details["unanswered_bursts"] == 0
+    assert details["openai_reply_calls"] == details["bursts"]  # one answer per burst
+    assert details["modelled_new_input_tokens"] == details["input_tokens"]
+    assert details["old_design"]["calls"] == details["messages"]
+
+
+async def test_state_benchmark_runs(bench_env: BenchEnv) -> None:
+    result = await _one(bench_env, "state")
+    details = result["details"]
+    assert details["indexed"] == details["customers"] == SCALES["smoke"].state_customers
+    assert details["view_ok"]
+
+
+# -- the pure parts ---------------------------------------------------------------------------------
+
+
+def test_old_design_model_counts_calls_fetches_and_growing_tokens() -> None:
+    at = datetime(2025, 10, 4, 12, 0, tzinfo=UTC)
+    day = Day(
+        [
+            Burst(0, 0, ["Hola", "Quiero reservar"], at, at, None),
+            Burst(
+                0,
+                1,
+                ["¿Cuánto cuesta?", "para dos", "gracias"],
+                at + timedelta(minutes=10),
+                at + timedelta(minutes=10),
+                600.0,
+            ),
+            Burst(0, 2, ["Ok"], at + timedelta(minutes=11), at + timedelta(minutes=11), 30.0),
+        ]
+    )
+    block = "MENSAJES ENTRE EL CLIENTE Y AGENTES HUMANOS\n[2025-10-04 12:05] Agente (Ana): Hola"
+    old = old_design(day, {(0, 1): block}, "Be brief.", "es", gap_seconds=300.0)
+    assert old["calls"] == 6  # one per message
+    assert old["fetches"] == 3  # one per message of the burst after the gap; none on first contact
+    without_block = old_design(day, {}, "Be brief.", "es", gap_seconds=300.0)
+    assert old["input_tokens"] > without_block["input_tokens"]  # the block is paid on 3 calls
+
+
+def test_burst_schedule_keeps_the_rate_and_the_burst_shape() -> None:
+    schedule = burst_schedule(
+        customers=100, rate=200, seconds=10, burst=3, spacing=0.2, tag="s0", seed=1, wa_id=wa_id_of
+    )
+    assert 1700 <= len(schedule) <= 2100
+    assert [e[0] for e in schedule] == sorted(e[0] for e in schedule)
+    per_customer: dict[str, list[float]] = {}
+    for t, wa_id, text in schedule:
+        assert text.startswith("s0 ")
+        per_customer.setdefault(wa_id, []).append(t)
+    assert len(per_customer) == 100
+    times = per_customer[wa_id_of(0)]
+    assert abs(times[1] - times[0] - 0.2) < 1e-9  # messages of a burst 0.2 s apart
+
+
+def test_helpers() -> None:
+    body = webhook_body(wa_id_of(7), "hola")
+    assert b'"waId": "50370000007"' in body and b'"text": "hola"' in body
+    assert webhook_body(wa_id_of(7), "x") != webhook_body(wa_id_of(7), "x")  # unique ids
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and percentile([], 0.5) is None
+    assert spread([10.0, 12.0, 11.0]) == {
+        "min": 10.0,
+        "median": 11.0,
+        "max": 12.0,
+        "n": 3,
+        "range_pct": pytest.approx(18.18, rel=1e-3),
+    }
+    lines = summarise_collapsed(
+        "main (services/x/main.py:1);f (lib/a.py:2) 3\nmain (services/x/main.py:1) 1\n"
+    )
+    assert lines[0].startswith(" 75.0%  self  f")
+    assert any("under main (x/main.py)" in line for line in lines)
+
+
+def test_results_render(tmp_path: Path) -> None:
+    doc = {
+        "scale": "smoke",
+        "finished_at": "now",
+        "seconds": 1.0,
+        "machine": {
+            "cores": 2,
+            "memory_gib": 1.0,
+            "cpu_model": "cpu",
+            "load_average_at_start": [0.1],
+            "python": "3.11",
+            "java": "java",
+        },
+        "results": [
+            {
+                "name": "x",
+                "title": "X",
+                "figures": [
+                    {
+                        "metric": "m",
+                        "value": 2.0,
+                        "unit": "ms",
+                        "baseline": 1.0,
+                        "ratio": 2.0,
+                        "target": "<= 1 ms",
+                        "met": False,
+                        "note": "n",
+                    }
+                ],
+            },
+            {"name": "y", "error": "RuntimeError: boom", "figures": []},
+        ],
+    }
+    markdown = bench_run.render_markdown(doc)
+    assert "| x | m | 2.0 ms | 1.0 ms | 2.00x | <= 1 ms | NO |" in markdown
+    assert "FAILED: RuntimeError: boom" in markdown
