@@ -609,6 +609,7 @@ class ContextRuntime:
             return
         now = utcnow()
         monotonic_now = time.monotonic()
+        due: list[tuple[str, str, ContextCommand]] = []
         for key in self.index.due(now):
             entry = self.index.entries.get(key)
             stored = self.customers.get(key.encode("utf-8"))
@@ -632,17 +633,20 @@ class ContextRuntime:
             self.index.defer(key, now + timedelta(seconds=self.index.resend_after))
             if not self.index.should_send(key, batch_id, monotonic_now):
                 continue
-            command: ContextCommand = {
+            due.append((key, batch_id, {
                 "kind": "flush", "customer_key": key, "batch_id": batch_id, "issued_at": now,
                 "history": [], "history_error": None, "history_pages": 0, "actor": None,
-            }
-            try:
-                await self.send_command(command)
-            except KafkaError as exc:
+            }))
+        # All due flushes at once: awaiting each ack in turn stretched the tick with the load.
+        results = await asyncio.gather(*(self.send_command(c) for _, _, c in due), return_exceptions=True)
+        for (key, batch_id, _), result in zip(due, results, strict=True):
+            if isinstance(result, KafkaError):
                 logs.event(log, "flush_send_failed", logging.WARNING, customer=key,
-                           error=type(exc).__name__)
-                continue
-            self.index.mark_sent(key, batch_id, monotonic_now)
+                           error=type(result).__name__)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self.index.mark_sent(key, batch_id, monotonic_now)
 
     async def lag_tick(self) -> None:
         """Exports `consumer_lag{service="context"}`: messages behind the end of the input topics.
