@@ -383,7 +383,7 @@ async def run(bench: BenchEnv) -> dict[str, Any]:
     )
     figures = [
         figure(
-            f"overhead p99 @{target} msg/s (default 1 s flush scan)",
+            f"overhead p99 @{target} msg/s (default flush scan, 0.2 s)",
             p99,
             "ms",
             baseline=base["overhead_ms"]["p99"],
