@@ -21,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from openai import AsyncOpenAI
 
-from services.common import codec
+from services.common import codec, metrics
 from services.common.config import Settings
 from services.common.kafka import Topics, ensure_topics, make_producer
 from services.common.records import InboundMessage, MissedItem, ResponderRequest
@@ -322,6 +322,35 @@ async def test_rate_limit_then_success(env: Env) -> None:
     assert reply["outcome"] == "answered"
     assert len(env.responses_of(key)) == 2  # the 429, then the answer
     assert env.wati_texts(ident) == [reply["text"]]
+
+
+async def test_a_429_storm_across_customers_is_absorbed_and_counted_exactly(env: Env) -> None:
+    """Drill (issue 7, point 3): every customer answered once, the metrics count every fault."""
+    def sample(outcome: str) -> float:
+        value = metrics.REGISTRY.get_sample_value(
+            "watistream_openai_requests_total", {"purpose": "reply", "outcome": outcome})
+        return value or 0.0
+
+    limited_before, ok_before = sample("rate_limited"), sample("ok")
+    customers = [new_customer() for _ in range(12)]
+    storm = 24  # two rate-limited answers per customer on average; each call retries ≤ 3 times
+    env.s.openai.fail_next(429, code="rate_limit_exceeded", times=storm)
+    batches = [batch(key, ident, f"hola {n}") for n, (key, ident) in enumerate(customers)]
+    for b in batches:
+        await env.send(b)
+    replies = [await env.out.wait_reply(b["batch_id"]) for b in batches]
+    limited = sample("rate_limited") - limited_before
+    answered = [r for r in replies if r["outcome"] == "answered"]
+    given_up = [r for r in replies if r["outcome"] != "answered"]
+    # Each customer got one reply or a dead letter with the reason, never an error text.
+    for (key, ident), reply in zip(customers, replies, strict=True):
+        assert env.wati_texts(ident) == ([reply["text"]] if reply["outcome"] == "answered" else [])
+    for reply in given_up:
+        await eventually(lambda r=reply: bool(env.out.dead_for(r["batch_id"])), what="dead letter")
+        assert env.out.dead_for(reply["batch_id"])[0]["reason"] == "rate_limited"
+    assert limited == storm, "every injected 429 is counted once"
+    assert sample("ok") - ok_before == len(answered)
+    assert len(answered) >= len(customers) - storm // 3  # only a customer hit 3 times gives up
 
 
 async def test_server_errors_exhausted_dead_letter_and_nothing_sent(env: Env) -> None:
