@@ -343,7 +343,7 @@ async def test_a_429_storm_across_customers_is_absorbed_and_counted_exactly(env:
     answered = [r for r in replies if r["outcome"] == "answered"]
     given_up = [r for r in replies if r["outcome"] != "answered"]
     # Each customer got one reply or a dead letter with the reason, never an error text.
-    for (key, ident), reply in zip(customers, replies, strict=True):
+    for (_key, ident), reply in zip(customers, replies, strict=True):
         assert env.wati_texts(ident) == ([reply["text"]] if reply["outcome"] == "answered" else [])
     for reply in given_up:
         await eventually(lambda r=reply: bool(env.out.dead_for(r["batch_id"])), what="dead letter")
