@@ -560,9 +560,17 @@ async def test_a_long_gap_gets_exactly_the_missed_history_and_survives_a_429(
     assert [r.query["pageNumber"] for r in pages] == ["1", "1", "2"]  # 429, retried, then page 2
 
 
+async def history_failures(http: httpx.AsyncClient, worker: ContextWorker, reason: str) -> float:
+    """`watistream_history_fetch_failures_total{reason}` as the worker's /metrics shows it."""
+    text = (await http.get(worker.url + "/metrics")).text
+    sample = f'watistream_history_fetch_failures_total{{reason="{reason}"}} '
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(sample))
+
+
 async def test_a_failing_history_still_answers_and_the_audit_says_why(
-    bus: Bus, worker: ContextWorker, stand_ins: StandIns
+    bus: Bus, worker: ContextWorker, stand_ins: StandIns, http: httpx.AsyncClient
 ) -> None:
+    failures_before = await history_failures(http, worker, "server_error")
     customer, wa_id = new_customer()
     stand_ins.wati.add_message(wa_id, text="algo que nunca veremos", owner=True, operator_name="Ana",
                                at=clock() - timedelta(hours=1))
@@ -573,6 +581,7 @@ async def test_a_failing_history_still_answers_and_the_audit_says_why(
     assert request["missed_check_ran"] is True and request["missed_messages"] == []
     audit = (await bus.wait_for(bus.topics.audit, customer))[0]
     assert audit["history_error"] == "server_error" and audit["routed_to"] == "responder"
+    assert await history_failures(http, worker, "server_error") == failures_before + 1, "counted once"
 
 
 async def test_an_agent_message_right_after_the_reply_reaches_the_next_request_but_our_echo_does_not(
