@@ -96,7 +96,8 @@ class Ingest:
             return _reject(413, "payload_too_large",
                            f"the body is {request.content_length} bytes; the limit is {limit}", fields)
         try:
-            body = await asyncio.wait_for(read_bounded(request, limit), BODY_READ_TIMEOUT_SECONDS)
+            async with asyncio.timeout(BODY_READ_TIMEOUT_SECONDS):
+                body = await read_bounded(request, limit)
         except TimeoutError:
             return _reject(408, "request_timeout", "the body did not arrive in time", fields)
         if body is None:

@@ -169,7 +169,8 @@ class ProducerSupervisor:
             raise BrokerUnavailable(self._problem)
         timeout = self.settings.produce_timeout_seconds
         try:
-            await asyncio.wait_for(send_record(producer, topic, key, schema, value), timeout)
+            async with asyncio.timeout(timeout):  # no extra task per webhook, unlike wait_for
+                await send_record(producer, topic, key, schema, value)
         except TimeoutError:
             self._healthy = False
             self._problem = f"Kafka did not acknowledge within {timeout:g} s"
