@@ -25,6 +25,8 @@ from services.common.config import Settings
 from services.common.kafka import Topics, ensure_topics, make_producer
 from services.common.timeparse import utcnow
 
+from .common import plain_request
+
 
 async def serve(settings: Settings) -> None:
     topics = Topics.from_settings(settings)
@@ -53,22 +55,7 @@ async def serve(settings: Settings) -> None:
         timers.pop(key, None)
         if not messages:
             return
-        first = messages[0]
-        request = {
-            "batch_id": f"{key}:{first['event_id']}",
-            "customer_key": key,
-            "channel": first["channel"],
-            "provider_id": first["provider_id"],
-            "messages": messages,
-            "prior_last_inbound_at": None,
-            "prior_last_reply_at": None,
-            "gap_seconds": None,
-            "missed_check_ran": False,
-            "missed_messages": [],
-            "missed_dropped_oldest": 0,
-            "images": [],
-            "created_at": utcnow(),
-        }
+        request = plain_request(f"{key}:{messages[0]['event_id']}", messages, utcnow())
         await producer.send_and_wait(
             topics.responder_requests, codec.encode("ResponderRequest", request), key=key.encode()
         )

@@ -447,3 +447,26 @@ def figure(
         "met": met,
         "note": note,
     }
+
+
+def wati_text_message(
+    wa_id: str, event_id: str, text: str, at: Any, sender: str | None = None
+) -> dict[str, Any]:
+    """An InboundMessage of a WATI customer, as ingest would produce it (bench traffic)."""
+    return {
+        "event_id": event_id, "customer_key": f"wati:{wa_id}", "channel": "wati", "provider_id": wa_id,
+        "message_type": "text", "text": text, "caption": None, "media_ref": None, "media_mime": None,
+        "sender_name": sender, "provider_message_ids": [], "provider_time": at, "received_at": at,
+        "recovered": False, "username": None,
+    }
+
+
+def plain_request(batch_id: str, messages: list[dict[str, Any]], created_at: Any) -> dict[str, Any]:
+    """A ResponderRequest for `messages` (one customer) with no missed-message context."""
+    first = messages[0]
+    return {
+        "batch_id": batch_id, "customer_key": first["customer_key"], "channel": first["channel"],
+        "provider_id": first["provider_id"], "messages": messages, "prior_last_inbound_at": None,
+        "prior_last_reply_at": None, "gap_seconds": None, "missed_check_ran": False,
+        "missed_messages": [], "missed_dropped_oldest": 0, "images": [], "created_at": created_at,
+    }

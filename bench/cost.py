@@ -32,7 +32,7 @@ from services.responder.prompt import build_input
 from services.standins import StandIns
 from services.standins.openai import _item_tokens, _normalize_item, approx_tokens, default_reply
 
-from .common import WEBHOOK_TOKEN, BenchEnv, ServiceProcess, figure
+from .common import WEBHOOK_TOKEN, BenchEnv, ServiceProcess, figure, plain_request, wati_text_message
 from .loadgen import wa_id_of, webhook_body
 
 _TAG = re.compile(r"\[c(\d+) s(\d+) m\d+\]")
@@ -199,37 +199,7 @@ def _input_tokens(instructions: str, effective: list[dict[str, Any]]) -> int:
 def _single_message_request(customer: int, text: str) -> Any:
     now = datetime.now(UTC)
     wa_id = wa_id_of(customer)
-    return {
-        "batch_id": "model",
-        "customer_key": f"wati:{wa_id}",
-        "channel": "wati",
-        "provider_id": wa_id,
-        "messages": [
-            {
-                "event_id": "model",
-                "customer_key": f"wati:{wa_id}",
-                "channel": "wati",
-                "provider_id": wa_id,
-                "message_type": "text",
-                "text": text,
-                "caption": None,
-                "media_ref": None,
-                "media_mime": None,
-                "sender_name": None,
-                "provider_message_ids": [],
-                "provider_time": now,
-                "received_at": now,
-            }
-        ],
-        "prior_last_inbound_at": None,
-        "prior_last_reply_at": None,
-        "gap_seconds": None,
-        "missed_check_ran": False,
-        "missed_messages": [],
-        "missed_dropped_oldest": 0,
-        "images": [],
-        "created_at": now,
-    }
+    return plain_request("model", [wati_text_message(wa_id, "model", text, now)], now)
 
 
 def _modelled_new(records: list[Any]) -> int:

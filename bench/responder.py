@@ -27,7 +27,17 @@ from services.common.kafka import ensure_topics, make_producer
 from services.common.timeparse import utcnow
 from services.standins import StandIns
 
-from .common import BenchEnv, Profiler, ServiceProcess, ack_rtt_ms, cpu_seconds_of, figure, settings_env
+from .common import (
+    BenchEnv,
+    Profiler,
+    ServiceProcess,
+    ack_rtt_ms,
+    cpu_seconds_of,
+    figure,
+    plain_request,
+    settings_env,
+    wati_text_message,
+)
 from .loadgen import wa_id_of
 from .stack import TopicReader
 
@@ -38,38 +48,9 @@ def request_of(customer: int, number: int, created: Any) -> dict[str, Any]:
     """The ResponderRequest of a customer's `number`-th batch (one text message)."""
     wa_id = wa_id_of(customer)
     key = f"wati:{wa_id}"
-    message = {
-        "event_id": f"wamid.bench{customer:06d}{number:03d}",
-        "customer_key": key,
-        "channel": "wati",
-        "provider_id": wa_id,
-        "message_type": "text",
-        "text": f"batch {number} of customer {customer}",
-        "caption": None,
-        "media_ref": None,
-        "media_mime": None,
-        "sender_name": "Bench Customer",
-        "provider_message_ids": [],
-        "provider_time": created,
-        "received_at": created,
-        "recovered": False,
-        "username": None,
-    }
-    return {
-        "batch_id": f"{key}:{number}",
-        "customer_key": key,
-        "channel": "wati",
-        "provider_id": wa_id,
-        "messages": [message],
-        "prior_last_inbound_at": None,
-        "prior_last_reply_at": None,
-        "gap_seconds": None,
-        "missed_check_ran": False,
-        "missed_messages": [],
-        "missed_dropped_oldest": 0,
-        "images": [],
-        "created_at": created,
-    }
+    message = wati_text_message(wa_id, f"wamid.bench{customer:06d}{number:03d}",
+                                f"batch {number} of customer {customer}", created, "Bench Customer")
+    return plain_request(f"{key}:{number}", [message], created)
 
 
 async def _measure(bench: BenchEnv, standins: StandIns, kind: str) -> dict[str, Any]:
