@@ -134,7 +134,9 @@ class Settings:
         120.0, "MAX_BATCH_WAIT_SECONDS", "a batch is flushed at the latest this long after it opened"
     )
     flush_scan_interval_seconds: float = _env_field(
-        0.2, "FLUSH_SCAN_INTERVAL_SECONDS", "how often the context worker looks for due batches"
+        0.2, "FLUSH_SCAN_INTERVAL_SECONDS",
+        "longest sleep of the context worker's flush loop (a batch is flushed at its due time; "
+        "this bounds the look-again while recovering)"
     )
     missed_gap_seconds: float = _env_field(
         300.0, "MISSED_GAP_SECONDS", "customer silence that triggers the history check"

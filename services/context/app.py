@@ -26,6 +26,7 @@ faust pitfalls handled here (reference/faust.md, reference/broker.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import socket
@@ -66,6 +67,8 @@ TABLE_NAME = "customers"
 FLUSH_RESEND_SECONDS = 5.0
 #: Flush commands sent per timer tick at most (the rest wait for the next tick).
 FLUSH_MAX_PER_TICK = 2000
+#: The flush loop never sleeps less than this between looks (more flushes due than one look sends).
+FLUSH_MIN_SLEEP_SECONDS = 0.002
 #: When `due_action` says "not yet" although our estimate said "due", look again this much later.
 RECHECK_SECONDS = 1.0
 #: How often `consumer_lag{service="context"}` is refreshed.
@@ -112,6 +115,17 @@ def next_due(state: CustomerState, limits: Limits) -> datetime | None:
     return min(candidates) if candidates else None
 
 
+def flush_sleep(next_due_at: datetime | None, now: datetime, longest: float) -> float:
+    """How long the flush loop sleeps: until the earliest due time, at most `longest` seconds.
+
+    Sleeping until the due time (instead of looking every `longest` seconds) is what keeps the
+    delay between "the quiet window ended" and "the flush command is sent" near zero.
+    """
+    if next_due_at is None:
+        return longest
+    return min(longest, max(FLUSH_MIN_SLEEP_SECONDS, (next_due_at - now).total_seconds()))
+
+
 def customer_partition(customer_key: str, partitions: int) -> int:
     """The partition the producers' default partitioner (murmur2, as Java's) puts this key in."""
     return (murmur2(customer_key.encode("utf-8")) & 0x7FFFFFFF) % partitions
@@ -152,6 +166,9 @@ class CustomerIndex:
     """
 
     resend_after: float = FLUSH_RESEND_SECONDS
+    #: Called when a due time earlier than every other one is recorded: the flush loop sleeps
+    #: until the earliest due time, so it must wake up and sleep less.
+    on_earlier_due: Callable[[], None] | None = None
     entries: dict[str, Tracked] = field(default_factory=dict)
     _heap: list[tuple[datetime, str]] = field(default_factory=list)
     _inflight: dict[str, tuple[str, float]] = field(default_factory=dict)
@@ -180,14 +197,24 @@ class CustomerIndex:
         self.entries[key] = entry
         self._inflight.pop(key, None)  # the state changed: the timer decides afresh
         if entry.due_at is not None:
-            heapq.heappush(self._heap, (entry.due_at, key))
+            self._push(entry.due_at, key)
 
     def defer(self, key: str, until: datetime) -> None:
         """Look at this customer again at `until` (the estimate was early)."""
         entry = self.entries.get(key)
         if entry is not None:
             entry.due_at = until
-            heapq.heappush(self._heap, (until, key))
+            self._push(until, key)
+
+    def _push(self, at: datetime, key: str) -> None:
+        earliest = not self._heap or at < self._heap[0][0]
+        heapq.heappush(self._heap, (at, key))
+        if earliest and self.on_earlier_due is not None:
+            self.on_earlier_due()
+
+    def next_due_at(self) -> datetime | None:
+        """The earliest due time recorded (possibly stale: waking early costs one empty look)."""
+        return self._heap[0][0] if self._heap else None
 
     def due(self, now: datetime, limit: int = FLUSH_MAX_PER_TICK) -> list[str]:
         """Customers whose due time has passed (each removed from the heap; re-added by defer/update)."""
@@ -328,7 +355,8 @@ class ContextRuntime:
         self.topics = Topics.from_settings(settings)
         self.limits = build_limits(settings)
         self.partitions = table_partitions
-        self.index = CustomerIndex()
+        self._flush_wakeup = asyncio.Event()
+        self.index = CustomerIndex(on_earlier_due=self._flush_wakeup.set)
         self.agent: faust.types.AgentT | None = None
         self.agent_error: str | None = None
         self.index_ready = False
@@ -603,10 +631,32 @@ class ContextRuntime:
         if lost:
             self.index.keep_partitions({e.partition for e in self.index.entries.values()} - lost)
 
-    async def flush_tick(self) -> None:
-        """Sends a `flush` command for every customer whose batch is due (read-only on the table)."""
+    async def flush_loop(self) -> None:
+        """Flushes each batch at its due time, for as long as the app runs; never dies of an error.
+
+        Sleeps until the index's earliest due time (at most FLUSH_SCAN_INTERVAL_SECONDS); the agent
+        wakes it when it records an earlier one. Not ready (recovering): looks again after the
+        longest sleep.
+        """
+        longest = self.settings.flush_scan_interval_seconds
+        while not self.app.should_stop:
+            self._flush_wakeup.clear()  # before reading the index: a wake-up after this is kept
+            try:
+                ready = await self.flush_tick()
+            except Exception as exc:  # a crashed loop would stop every flush of this worker
+                logs.event(log, "timer_error", logging.ERROR, timer="context-flush",
+                           error=f"{type(exc).__name__}: {exc}")
+                ready = False
+            delay = flush_sleep(self.index.next_due_at(), utcnow(), longest) if ready else longest
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_wakeup.wait(), delay)
+
+    async def flush_tick(self) -> bool:
+        """Sends a `flush` command for every customer whose batch is due (read-only on the table).
+
+        Returns False when the worker is not ready (nothing was looked at)."""
         if not self.readiness()[0]:
-            return
+            return False
         now = utcnow()
         monotonic_now = time.monotonic()
         due: list[tuple[str, str, ContextCommand]] = []
@@ -647,6 +697,7 @@ class ContextRuntime:
                 raise result
             else:
                 self.index.mark_sent(key, batch_id, monotonic_now)
+        return True
 
     async def lag_tick(self) -> None:
         """Exports `consumer_lag{service="context"}`: messages behind the end of the input topics.
@@ -760,8 +811,7 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
         run_tick.__name__ = run_tick.__qualname__ = name.replace("-", "_")
         return run_tick
 
-    app.timer(interval=settings.flush_scan_interval_seconds, name="context-flush")(
-        guarded(runtime.flush_tick, "context-flush"))
+    app.task(runtime.flush_loop)
     app.timer(interval=LAG_INTERVAL_SECONDS, name="context-lag")(guarded(runtime.lag_tick, "context-lag"))
     if settings.reconcile_interval_seconds > 0:
         app.timer(interval=settings.reconcile_interval_seconds, name="context-reconcile")(

@@ -25,6 +25,7 @@ from services.context.app import (
     build_limits,
     customer_partition,
     decode_event,
+    flush_sleep,
     next_due,
 )
 from services.context.fetcher import FetchResult, HistoryFetcher, ReconcileSweep, SweepTarget, TokenBucket
@@ -166,6 +167,29 @@ def test_index_resends_a_flush_only_after_the_resend_delay() -> None:
     assert index.should_send(KEY, "b2", 101.0)  # another batch is another flush
     index.update(KEY, 0, with_open_batch(T0, ("a", 0)), LIMITS)  # the state changed: decide afresh
     assert index.should_send(KEY, "b1", 101.0)
+
+
+def test_index_wakes_the_flush_loop_only_for_a_new_earliest_due_time() -> None:
+    wakeups: list[int] = []
+    index = CustomerIndex(on_earlier_due=lambda: wakeups.append(1))
+    assert index.next_due_at() is None
+    index.update("wati:1", 0, with_open_batch(T0, ("a", 0)), LIMITS)  # due T0+30: the first
+    assert len(wakeups) == 1 and index.next_due_at() == T0 + secs(30)
+    index.update("wati:2", 1, with_open_batch(T0 + secs(10), ("b", 0)), LIMITS)  # due later: no wake-up
+    assert len(wakeups) == 1 and index.next_due_at() == T0 + secs(30)
+    index.update("wati:3", 2, with_open_batch(T0 - secs(10), ("c", 0)), LIMITS)  # due earlier: wake up
+    assert len(wakeups) == 2 and index.next_due_at() == T0 + secs(20)
+    index.defer("wati:2", T0 + secs(1))  # a deferral can be the earliest too
+    assert len(wakeups) == 3 and index.next_due_at() == T0 + secs(1)
+    assert index.due(T0 + secs(30)) == ["wati:2", "wati:3", "wati:1"]
+    assert index.next_due_at() == T0 + secs(40)  # only wati:2's stale entry is left
+
+
+def test_flush_sleep_is_until_the_earliest_due_time_within_bounds() -> None:
+    assert flush_sleep(None, T0, 0.2) == 0.2  # nothing pending: the longest sleep
+    assert flush_sleep(T0 + secs(0.05), T0, 0.2) == pytest.approx(0.05)  # exactly until it is due
+    assert flush_sleep(T0 + secs(5), T0, 0.2) == 0.2  # never longer than the longest sleep
+    assert 0 < flush_sleep(T0 - secs(1), T0, 0.2) < 0.01  # overdue: look again at once, never spin
 
 
 def test_index_keeps_only_the_partitions_it_still_owns() -> None:
