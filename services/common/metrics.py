@@ -48,6 +48,12 @@ history_fetch_total = Counter(
 history_fetch_failures_total = Counter(
     "watistream_history_fetch_failures_total", "getMessages fetches that failed", ["reason"],
     registry=REGISTRY)
+history_fetch_retries_total = Counter(
+    "watistream_history_fetch_retries_total", "getMessages answers retried within a fetch (WATI 429)",
+    ["reason"], registry=REGISTRY)
+history_truncated_total = Counter(
+    "watistream_history_truncated_total", "History fetches cut short with more history in the window",
+    ["reason"], registry=REGISTRY)
 dedupe_hits_total = Counter(
     "watistream_dedupe_hits_total", "Redelivered events ignored", ["kind"], registry=REGISTRY)
 batches_held_total = Counter(
@@ -70,6 +76,9 @@ openai_requests_total = Counter(
     registry=REGISTRY)
 openai_latency_seconds = Histogram(
     "watistream_openai_latency_seconds", "OpenAI call latency", ["purpose"], registry=REGISTRY)
+openai_retries_total = Counter(
+    "watistream_openai_retries_total", "OpenAI attempts the SDK made again after a failed one (vision)",
+    ["purpose"], registry=REGISTRY)
 send_failures_total = Counter(
     "watistream_send_failures_total", "Channel sends that failed", ["channel", "reason"],
     registry=REGISTRY)

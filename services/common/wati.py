@@ -227,6 +227,7 @@ class WatiClient:
         max_pages: int = 10,
         max_429_retries: int = 5,
         page_size: int = 100,
+        notice: Callable[[str], None] | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
         """Raw items of every page fetched, and how many pages that took.
 
@@ -235,6 +236,10 @@ class WatiClient:
         (history shifting while we page) are kept once, by `id`/`whatsappMessageId`. HTTP 429 is
         retried after Retry-After (capped) up to `max_429_retries` times in total; any other
         failure raises WatiError.
+
+        `notice` hears what the result alone cannot tell, so the caller can count it (this client
+        keeps no metrics): "rate_limited" before each 429 retry, "max_pages" when the page cap
+        ended the fetch although WATI had more pages within the window (history truncated).
         """
         items: list[dict[str, Any]] = []
         seen: set[str] = set()
@@ -247,6 +252,8 @@ class WatiClient:
             except WatiError as exc:
                 if exc.reason != "rate_limited" or retries_left <= 0:
                     raise
+                if notice is not None:
+                    notice("rate_limited")
                 await self._sleep(self._backoff(exc.retry_after, max_429_retries - retries_left))
                 retries_left -= 1
                 continue
@@ -265,6 +272,9 @@ class WatiClient:
             if reached_cutoff or not page.has_more:
                 break
             page_number += 1
+        else:  # the cap, not the window or the end of the history, stopped the fetch
+            if notice is not None and pages:
+                notice("max_pages")
         return items, pages
 
     def _backoff(self, retry_after: float | None, attempt: int) -> float:

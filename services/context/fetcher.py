@@ -119,6 +119,14 @@ class TokenBucket:
             await sleep(max(0.01, self.wait_time()))
 
 
+def count_history_notice(notice: str) -> None:
+    """Counts what `WatiClient.fetch_history` absorbed: a 429 it retried, a history it truncated."""
+    if notice == "max_pages":
+        metrics.history_truncated_total.labels(notice).inc()
+    else:
+        metrics.history_fetch_retries_total.labels(notice).inc()
+
+
 class HistoryFetcher:
     """Runs history fetches as background tasks and delivers their results as commands."""
 
@@ -207,7 +215,8 @@ class HistoryFetcher:
             try:
                 raw, pages = await asyncio.wait_for(
                     self.client().fetch_history(
-                        provider_id, stop_before=stop_before, max_pages=self.settings.history_max_pages
+                        provider_id, stop_before=stop_before, max_pages=self.settings.history_max_pages,
+                        notice=count_history_notice,
                     ),
                     timeout=self.settings.history_timeout_seconds,
                 )

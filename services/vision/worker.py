@@ -107,6 +107,20 @@ def openai_outcome(exc: BaseException) -> str:
     return "error"
 
 
+async def count_sdk_retry(request: Any) -> None:
+    """httpx request hook of the vision client: counts each attempt the OpenAI SDK makes again.
+
+    The SDK retries (408/409/429/5xx, timeouts) inside one call, and `openai_requests_total`
+    counts the call's final outcome; without this, a 429 or 500 that a retry absorbed would be
+    counted nowhere. The SDK marks every attempt with `x-stainless-retry-count` (0 = first).
+    """
+    retry = str(request.headers.get("x-stainless-retry-count", "0"))
+    if retry.isdigit() and int(retry) > 0:
+        path = str(request.url.path)
+        purpose = "vision_upload" if path.endswith("/files") else "vision"
+        metrics.openai_retries_total.labels(purpose).inc()
+
+
 def openai_detail(exc: BaseException) -> str:
     """A short description of an OpenAI failure without the request's content."""
     if isinstance(exc, openai.APIStatusError):

@@ -368,6 +368,52 @@ async def answered(bus: Bus, http: httpx.AsyncClient, worker: ContextWorker, cus
     return request
 
 
+# -- the worker's counters -------------------------------------------------------------------------
+
+Sample = tuple[str, dict[str, str]]
+
+
+def history_failures(reason: str) -> Sample:
+    return "watistream_history_fetch_failures_total", {"reason": reason}
+
+
+def history_retries(reason: str) -> Sample:
+    return "watistream_history_fetch_retries_total", {"reason": reason}
+
+
+def history_truncated(reason: str) -> Sample:
+    return "watistream_history_truncated_total", {"reason": reason}
+
+
+def history_fetches(outcome: str) -> Sample:
+    return "watistream_history_fetch_total", {"outcome": outcome}
+
+
+async def worker_sample(http: httpx.AsyncClient, worker: ContextWorker, sample: Sample) -> float:
+    """One counter as the worker's /metrics shows it (0 before the label set was first used)."""
+    name, labels = sample
+    text = (await http.get(worker.url + "/metrics")).text
+    prefix = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "} "
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+class WorkerCounts:
+    """The worker's counters read before a fault is injected, for exact rises afterwards."""
+
+    def __init__(self, http: httpx.AsyncClient, worker: ContextWorker, samples: dict[str, Sample],
+                 before: dict[str, float]) -> None:
+        self.http, self.worker, self.samples, self.before = http, worker, samples, before
+
+    @classmethod
+    async def read(cls, http: httpx.AsyncClient, worker: ContextWorker, **samples: Sample) -> WorkerCounts:
+        before = {name: await worker_sample(http, worker, s) for name, s in samples.items()}
+        return cls(http, worker, samples, before)
+
+    async def deltas(self) -> dict[str, float]:
+        return {name: await worker_sample(self.http, self.worker, s) - self.before[name]
+                for name, s in self.samples.items()}
+
+
 # -- scenarios -----------------------------------------------------------------------------------------
 
 async def test_poison_on_every_input_topic_is_dead_lettered_and_the_worker_goes_on(
@@ -537,6 +583,9 @@ async def test_a_long_gap_gets_exactly_the_missed_history_and_survives_a_429(
                    own_text)
     expected = add_realistic_history(stand_ins.wati, wa_id, now, reply_at, own_id, own_text)
     calls_before = len([r for r in stand_ins.wati.requests if wa_id in r.path])
+    counts = await WorkerCounts.read(
+        http, worker, retried=history_retries("rate_limited"), failed=history_failures("rate_limited"),
+        fetch_ok=history_fetches("ok"), truncated=history_truncated("max_pages"))
     stand_ins.wati.fail_next("getMessages", 429)
     await bus.inbound(inbound(customer, "hola de nuevo", now))
     request = (await bus.wait_for(bus.topics.responder_requests, customer, count=2))[1]
@@ -558,30 +607,64 @@ async def test_a_long_gap_gets_exactly_the_missed_history_and_survives_a_429(
     assert {"own_id", "own_operator", "before_cutoff"} <= reasons
     pages = [r for r in stand_ins.wati.requests if wa_id in r.path][calls_before:]
     assert [r.query["pageNumber"] for r in pages] == ["1", "1", "2"]  # 429, retried, then page 2
+    # the absorbed 429 is counted as a retry, not as a failed fetch
+    assert await counts.deltas() == {"retried": 1, "failed": 0, "fetch_ok": 1, "truncated": 0}
 
 
-async def history_failures(http: httpx.AsyncClient, worker: ContextWorker, reason: str) -> float:
-    """`watistream_history_fetch_failures_total{reason}` as the worker's /metrics shows it."""
-    text = (await http.get(worker.url + "/metrics")).text
-    sample = f'watistream_history_fetch_failures_total{{reason="{reason}"}} '
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(sample))
-
-
+@pytest.mark.parametrize(("status", "times", "body", "reason", "retried"), [
+    (500, 1, None, "server_error", 0),
+    (200, 1, "<html>bad gateway</html>", "bad_response", 0),  # garbage instead of JSON
+    (200, 1, '{"result": "success", "messages": {"items": [1, 2]}}', "bad_response", 0),  # wrong shape
+    (429, 6, None, "rate_limited", 5),  # the client retries 5 times (Retry-After: 0), then gives up
+], ids=["500", "garbage_json", "wrong_shape", "429_exhausted"])
 async def test_a_failing_history_still_answers_and_the_audit_says_why(
-    bus: Bus, worker: ContextWorker, stand_ins: StandIns, http: httpx.AsyncClient
+    bus: Bus, worker: ContextWorker, stand_ins: StandIns, http: httpx.AsyncClient,
+    status: int, times: int, body: str | None, reason: str, retried: int,
 ) -> None:
-    failures_before = await history_failures(http, worker, "server_error")
+    """Issue 7 point 3: the batch is answered without history, and /metrics counts the fault."""
+    counts = await WorkerCounts.read(
+        http, worker, failed=history_failures(reason), retried=history_retries("rate_limited"),
+        fetch_error=history_fetches("error"), fetch_ok=history_fetches("ok"))
     customer, wa_id = new_customer()
     stand_ins.wati.add_message(wa_id, text="algo que nunca veremos", owner=True, operator_name="Ana",
                                at=clock() - timedelta(hours=1))
-    stand_ins.wati.fail_next("getMessages", 500)
+    stand_ins.wati.fail_next("getMessages", status, times=times, body=body)
     await bus.inbound(inbound(customer, "¿hay alguien?", clock()))
     request = (await bus.wait_for(bus.topics.responder_requests, customer))[0]
     assert texts(request) == ["¿hay alguien?"]
     assert request["missed_check_ran"] is True and request["missed_messages"] == []
     audit = (await bus.wait_for(bus.topics.audit, customer))[0]
-    assert audit["history_error"] == "server_error" and audit["routed_to"] == "responder"
-    assert await history_failures(http, worker, "server_error") == failures_before + 1, "counted once"
+    assert audit["history_error"] == reason and audit["routed_to"] == "responder"
+    assert len([r for r in stand_ins.wati.requests if wa_id in r.path]) == times  # nothing else asked
+    # the fetcher counts before it hands the result to the agent: no lag behind the request
+    assert await counts.deltas() == {"failed": 1, "retried": retried, "fetch_error": 1, "fetch_ok": 0}
+
+
+async def test_a_huge_history_is_cut_at_the_page_cap_and_the_cut_is_counted(
+    bus: Bus, worker: ContextWorker, stand_ins: StandIns, http: httpx.AsyncClient
+) -> None:
+    """Issue 7 point 3: 1,050 agent messages in the window; HISTORY_MAX_PAGES=10 pages of 100 are
+    read, the newest MISSED_MAX_ITEMS=200 of them reach the request, and the cut is counted."""
+    assert (worker.settings.history_max_pages, worker.settings.missed_max_items) == (10, 200)
+    customer, wa_id = new_customer()
+    now = clock()
+    start = now - timedelta(hours=3)  # the newest ends ~90 min ago: no human hold
+    for n in range(1050):
+        stand_ins.wati.add_message(wa_id, text=f"agente {n}", owner=True, operator_name="Ana",
+                                   at=start + timedelta(seconds=5 * n))
+    counts = await WorkerCounts.read(
+        http, worker, truncated=history_truncated("max_pages"), fetch_ok=history_fetches("ok"),
+        fetch_error=history_fetches("error"))
+    await bus.inbound(inbound(customer, "¿me ayudan?", now))
+    request = (await bus.wait_for(bus.topics.responder_requests, customer))[0]
+    assert texts(request) == ["¿me ayudan?"]
+    assert [m["text"] for m in request["missed_messages"]] == [f"agente {n}" for n in range(850, 1050)]
+    assert request["missed_dropped_oldest"] == 800  # of the 1,000 read; 50 were never fetched
+    pages = [r.query["pageNumber"] for r in stand_ins.wati.requests if wa_id in r.path]
+    assert pages == [str(n) for n in range(1, 11)]
+    audit = (await bus.wait_for(bus.topics.audit, customer))[0]
+    assert audit["history_error"] is None and audit["routed_to"] == "responder"
+    assert await counts.deltas() == {"truncated": 1, "fetch_ok": 1, "fetch_error": 0}
 
 
 async def test_an_agent_message_right_after_the_reply_reaches_the_next_request_but_our_echo_does_not(

@@ -97,6 +97,24 @@ async def test_fetch_history_without_cutoff_reads_every_page(s: StandIns, wati: 
     assert capped_pages == 2 and len(capped) == 20
 
 
+async def test_fetch_history_tells_the_caller_what_it_absorbed(s: StandIns, wati: WatiClient) -> None:
+    """The notices the context service counts: each 429 retried, and a cut by the page cap only
+    when WATI had more within the window."""
+    add_minutes(s, 25)
+    heard: list[str] = []
+    s.wati.fail_next("getMessages", 429, times=2, after=1)  # page 2 is refused twice, then served
+    items, pages = await wati.fetch_history(CONTACT, stop_before=None, page_size=10, max_pages=2,
+                                            notice=heard.append)
+    assert (len(items), pages) == (20, 2)
+    assert heard == ["rate_limited", "rate_limited", "max_pages"]
+    heard.clear()
+    # not cut: the window ends on the last page allowed; the history ends on the last page allowed
+    await wati.fetch_history(CONTACT, stop_before=T0 + timedelta(minutes=12), page_size=10, max_pages=2,
+                             notice=heard.append)
+    await wati.fetch_history(CONTACT, stop_before=None, page_size=10, max_pages=3, notice=heard.append)
+    assert heard == []
+
+
 async def test_fetch_history_of_an_empty_contact(wati: WatiClient) -> None:
     assert await wati.fetch_history("US.123124141512", stop_before=T0) == ([], 1)
 

@@ -47,6 +47,52 @@ async def eventually(check: Callable[[], bool], timeout: float = 30.0, what: str
         await asyncio.sleep(0.02)
 
 
+class Counts:
+    """Prometheus samples read before a fault is injected, so a test can assert exact rises.
+
+    The responder runs in this process, so its counters are read from the registry directly.
+    """
+
+    def __init__(self, **samples: tuple[str, dict[str, str]]) -> None:
+        self.samples = samples
+        self.before = {name: self._value(*sample) for name, sample in samples.items()}
+
+    @staticmethod
+    def _value(metric: str, labels: dict[str, str]) -> float:
+        return metrics.REGISTRY.get_sample_value(metric, labels) or 0.0
+
+    def deltas(self) -> dict[str, float]:
+        return {name: self._value(*sample) - self.before[name] for name, sample in self.samples.items()}
+
+    async def expect(self, expected: dict[str, float], timeout: float = 10.0) -> None:
+        """Waits until the rises equal `expected` exactly, then asserts it.
+
+        A counter may lag the Kafka record a test saw by one step of the responder's coroutine
+        (records are produced, then counted), hence the poll; a rise beyond `expected` fails.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.deltas() != expected and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        assert self.deltas() == expected
+
+
+def openai_calls(outcome: str, purpose: str = "reply") -> tuple[str, dict[str, str]]:
+    return "watistream_openai_requests_total", {"purpose": purpose, "outcome": outcome}
+
+
+def dead_letters(reason: str) -> tuple[str, dict[str, str]]:
+    return "watistream_dead_letters_total", {"service": "responder", "reason": reason}
+
+
+def replies(outcome: str) -> tuple[str, dict[str, str]]:
+    return "watistream_replies_total", {"outcome": outcome}
+
+
+def send_failures(channel: str, reason: str) -> tuple[str, dict[str, str]]:
+    return "watistream_send_failures_total", {"channel": channel, "reason": reason}
+
+
 # ------------------------------------------------------------------------------------------ fixtures
 
 
@@ -315,6 +361,8 @@ async def test_deleted_conversation_is_recreated_and_answered(env: Env) -> None:
 
 async def test_rate_limit_then_success(env: Env) -> None:
     key, ident = new_customer()
+    counts = Counts(limited=openai_calls("rate_limited"), ok=openai_calls("ok"), answered=replies("answered"),
+                    dead=dead_letters("rate_limited"))
     env.s.openai.fail_next(429, times=1)
     b = batch(key, ident, "Hola")
     await env.send(b)
@@ -322,6 +370,7 @@ async def test_rate_limit_then_success(env: Env) -> None:
     assert reply["outcome"] == "answered"
     assert len(env.responses_of(key)) == 2  # the 429, then the answer
     assert env.wati_texts(ident) == [reply["text"]]
+    await counts.expect({"limited": 1, "ok": 1, "answered": 1, "dead": 0})
 
 
 async def test_a_429_storm_across_customers_is_absorbed_and_counted_exactly(env: Env) -> None:
@@ -355,6 +404,8 @@ async def test_a_429_storm_across_customers_is_absorbed_and_counted_exactly(env:
 
 async def test_server_errors_exhausted_dead_letter_and_nothing_sent(env: Env) -> None:
     key, ident = new_customer()
+    counts = Counts(server_error=openai_calls("server_error"), ok=openai_calls("ok"),
+                    dead=dead_letters("server_error"), nothing_sent=replies("nothing_sent"))
     env.s.openai.fail_next(500, times=3)
     b = batch(key, ident, "Hola")
     await env.send(b)
@@ -367,6 +418,8 @@ async def test_server_errors_exhausted_dead_letter_and_nothing_sent(env: Env) ->
     assert dead["reason"] == "server_error" and dead["service"] == "responder"
     assert dead["customer_key"] == key and "HTTP 500" in dead["error"]
     assert "Hola" not in dead["error"]
+    # OPENAI_MAX_ATTEMPTS = 3: every injected 500 is counted, one dead letter, one reply record
+    await counts.expect({"server_error": 3, "ok": 0, "dead": 1, "nothing_sent": 1})
     # the batch is done: a redelivery is not retried
     await env.send(b)
     await env.out.wait_reply(b["batch_id"], count=2)
@@ -382,6 +435,8 @@ async def test_server_errors_exhausted_with_fallback_text(env: Env) -> None:
     assert env.responder.worker is not None
     env.responder.worker.fallback_text = "Un agente le responderá en breve."
     key, ident = new_customer()
+    counts = Counts(server_error=openai_calls("server_error"), ok=openai_calls("ok"),
+                    dead=dead_letters("server_error"), fallback=replies("fallback"))
     env.s.openai.fail_next(503, times=3)
     b = batch(key, ident, "Hola")
     await env.send(b)
@@ -391,6 +446,7 @@ async def test_server_errors_exhausted_with_fallback_text(env: Env) -> None:
     assert env.wati_texts(ident) == ["Un agente le responderá en breve."]
     await eventually(lambda: bool(env.out.dead_for(b["batch_id"])), what="dead letter")
     assert env.out.dead_for(b["batch_id"])[0]["reason"] == "server_error"
+    await counts.expect({"server_error": 3, "ok": 0, "dead": 1, "fallback": 1})
     b2 = batch(key, ident, "¿Hola?")
     await env.send(b2)
     assert (await env.out.wait_reply(b2["batch_id"]))["outcome"] == "answered"
@@ -406,6 +462,8 @@ async def test_non_retryable_errors_fail_at_once(
     env: Env, status: int, code: str | None, reason: str
 ) -> None:
     key, ident = new_customer()
+    counts = Counts(failed=openai_calls(reason), ok=openai_calls("ok"), dead=dead_letters(reason),
+                    nothing_sent=replies("nothing_sent"))
     env.s.openai.fail_next(status, code=code, times=1)
     b = batch(key, ident, "Hola")
     await env.send(b)
@@ -415,6 +473,73 @@ async def test_non_retryable_errors_fail_at_once(
     await eventually(lambda: bool(env.out.dead_for(b["batch_id"])), what="dead letter")
     assert env.out.dead_for(b["batch_id"])[0]["reason"] == reason
     assert env.wati_texts(ident) == []
+    await counts.expect({"failed": 1, "ok": 0, "dead": 1, "nothing_sent": 1})  # one call, not retried
+
+
+async def test_openai_timeouts_fall_back_and_every_attempt_is_counted(env: Env) -> None:
+    """Issue 7 point 3: OpenAI answers slower than the client waits, on every attempt."""
+    worker = env.responder.worker
+    assert worker is not None
+    worker.fallback_text = "Un agente le responderá en breve."
+    key, ident = new_customer()
+    env.s.openai.latency_for(lambda body: body.get("safety_identifier") == customer_hash(key), 0.6)
+    locked_before = env.s.openai.locked_count
+    counts = Counts(timeout=openai_calls("timeout"), locked=openai_calls("conversation_locked"),
+                    ok=openai_calls("ok"), dead=dead_letters("timeout"), fallback=replies("fallback"))
+    client = worker.replier.client
+    worker.replier.client = client.with_options(timeout=0.25)  # shares the connection pool
+    try:
+        b = batch(key, ident, "Hola")
+        await env.send(b)
+        reply = await env.out.wait_reply(b["batch_id"])
+    finally:
+        worker.replier.client = client
+    assert reply["outcome"] == "fallback" and env.wati_texts(ident) == ["Un agente le responderá en breve."]
+    await eventually(lambda: bool(env.out.dead_for(b["batch_id"])), what="dead letter")
+    [dead] = env.out.dead_for(b["batch_id"])
+    assert dead["reason"] == "timeout" and "after 3 attempts" in dead["error"] and "Hola" not in dead["error"]
+    # An abandoned call keeps the stand-in's conversation busy until its latency ends, so the next
+    # attempt may meet `conversation_locked` (waited out, not an attempt): how often depends on
+    # timing, but each such answer is counted once, and exactly OPENAI_MAX_ATTEMPTS time out.
+    locked = env.s.openai.locked_count - locked_before
+    assert len(env.responses_of(key)) == 3 + locked
+    await counts.expect({"timeout": 3, "locked": locked, "ok": 0, "dead": 1, "fallback": 1})
+    await eventually(lambda: env.s.openai.in_flight == 0, what="abandoned calls finished")
+
+
+@pytest.mark.parametrize(("channel", "status", "reason"), [
+    ("wati", 200, "result_false"),  # a 200 whose body says `result: false`
+    ("facebook", 400, "rejected"),
+    ("instagram", 403, "unauthorized"),
+    ("facebook", 404, "client_error"),
+])
+async def test_a_refused_send_is_dead_lettered_counted_once_and_not_retried(
+    env: Env, channel: str, status: int, reason: str
+) -> None:
+    """Issue 7 point 3: WATI `result: false` and ManyChat 4xx end the send at once."""
+    key, ident = new_customer("wati" if channel == "wati" else "manychat")
+    counts = Counts(send_failed=send_failures(channel, reason), dead=dead_letters("send_failed"),
+                    nothing_sent=replies("nothing_sent"), answered=replies("answered"))
+    if channel == "wati":
+        env.s.wati.fail_next("send", status)
+    else:
+        env.s.manychat.fail_next(status)
+    b = batch(key, ident, "Hola", channel=channel)
+    await env.send(b)
+    reply = await env.out.wait_reply(b["batch_id"])
+    assert reply["outcome"] == "nothing_sent" and reply["parts"] == []
+    await eventually(lambda: bool(env.out.dead_for(b["batch_id"])), what="dead letter")
+    [dead] = env.out.dead_for(b["batch_id"])
+    assert dead["reason"] == "send_failed" and dead["error"] == f"{reason} after 0 part(s) on {channel}"
+    if channel == "wati":
+        attempts = [r for r in env.s.wati.requests if r.path.endswith(f"/sendSessionMessage/{ident}")]
+        assert env.wati_texts(ident) == []
+    else:
+        attempts = [r for r in env.s.manychat.requests if isinstance(r.body, dict)
+                    and str(r.body.get("subscriber_id")) == ident]
+        assert env.s.manychat.texts_for(ident) == []
+    assert len(attempts) == 1  # not retried: the provider said no
+    await counts.expect({"send_failed": 1, "dead": 1, "nothing_sent": 1, "answered": 0})
 
 
 async def test_empty_model_output_is_a_failure_never_sent(env: Env) -> None:

@@ -329,8 +329,23 @@ async def test_openai_failures_after_retries_still_forward_the_batch(env: Env) -
     cust = customer("wati")
     env.stand_ins.wati.add_media("data/images/ok.png", png_bytes(), "image/png")
 
+    def counts() -> dict[str, float]:
+        return {f"{purpose}:{outcome}": sample("watistream_openai_requests_total",
+                                               {"purpose": purpose, "outcome": outcome})
+                for purpose in ("vision", "vision_upload")
+                for outcome in ("ok", "server_error", "rate_limited")} | {
+            f"{purpose}:retried": sample("watistream_openai_retries_total", {"purpose": purpose})
+            for purpose in ("vision", "vision_upload")}
+
+    def rises(before: dict[str, float]) -> dict[str, float]:
+        """Only what changed: every other counter of the two purposes must stay put."""
+        return {k: v - before[k] for k, v in counts().items() if v != before[k]}
+
+    # OPENAI_MAX_ATTEMPTS=2 here: the SDK makes a call twice at most. Each injected fault is either
+    # a retried attempt (`openai_retries_total`) or the call's final outcome (`openai_requests_total`).
     # classification: 500 on every attempt -> uploaded but unclassified
     batch = new_id("cls500")
+    before = counts()
     openai.fail_next(500, times=2, kind="responses")
     await env.submit(request(cust, batch, [image(cust, 1, "data/images/ok.png")]))
     [img] = (await env.forwarded(batch))[0].value["images"]
@@ -340,23 +355,28 @@ async def test_openai_failures_after_retries_still_forward_the_batch(env: Env) -
     [dead] = env.dead(batch)
     assert dead["reason"] == "classification_failed" and "500" in dead["error"]
     assert openai.faults.pending("responses") == 0  # both attempts were made
+    assert rises(before) == {"vision_upload:ok": 1, "vision:retried": 1, "vision:server_error": 1}
 
     # upload: 500 on every attempt -> unreadable
     batch = new_id("up500")
+    before = counts()
     openai.fail_next(500, times=2, kind="files")
     await env.submit(request(cust, batch, [image(cust, 2, "data/images/ok.png")]))
     [img] = (await env.forwarded(batch))[0].value["images"]
     assert img["category"] == "unreadable" and img["file_id"] is None and img["mime"] == "image/png"
     await eventually(lambda: len(env.dead(batch)) == 1, what="dead letter")
     assert env.dead(batch)[0]["reason"] == "image_upload_failed"
+    assert rises(before) == {"vision_upload:retried": 1, "vision_upload:server_error": 1}
 
     # one 429 is retried and then succeeds
     batch = new_id("r429")
+    before = counts()
     openai.fail_next(429, times=1, kind="responses")
     await env.submit(request(cust, batch, [image(cust, 3, "data/images/ok.png")]))
     [img] = (await env.forwarded(batch))[0].value["images"]
     assert img["category"] == "general_inquiry" and img["confidence"] == 0.5
     assert env.dead(batch) == []
+    assert rises(before) == {"vision_upload:ok": 1, "vision:retried": 1, "vision:ok": 1}
 
 
 async def test_an_invalid_model_answer_becomes_other_with_zero_confidence(env: Env) -> None:
