@@ -31,13 +31,15 @@ import heapq
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import faust
+import faust.streams as faust_streams
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 from aiokafka.partitioner import murmur2
@@ -73,6 +75,10 @@ FLUSH_MIN_SLEEP_SECONDS = 0.002
 RECHECK_SECONDS = 1.0
 #: How often `consumer_lag{service="context"}` is refreshed.
 LAG_INTERVAL_SECONDS = 5.0
+#: The agent takes events in chunks of at most this many, waiting at most this long to fill one:
+#: a chunk's effects share one ack wait (faust acks the chunk's events after it was handled).
+AGENT_CHUNK_MAX = 500
+AGENT_CHUNK_WITHIN_SECONDS = 0.005
 #: Longest pause between retries of a produce that failed (broker unavailable).
 PRODUCE_BACKOFF_MAX_SECONDS = 5.0
 
@@ -346,6 +352,50 @@ class ContextApp(faust.App):
         await super()._on_agent_error(agent, exc)
 
 
+@dataclass(slots=True)
+class Incoming:
+    """One input record as the agent got it; `event` is faust's (table writes are made in its name)."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    event: Any = None
+
+
+@dataclass(slots=True)
+class Decided:
+    """An event whose state function ran and whose effects are being produced."""
+
+    item: Incoming
+    customer: str
+    new_state: CustomerState | None  # None: nothing changed, no table write
+    encoded: bytes
+    effects: Effects
+    outputs: list[tuple[str, bytes]]
+    sends: list[asyncio.Future[Any]]
+
+
+@contextlib.contextmanager
+def _in_the_name_of(event: Any) -> Iterator[None]:
+    """Makes `event` faust's current event while writing the table.
+
+    faust takes the changelog partition and the RocksDB partition of a table write from the
+    current event, which it sets only while a stream iterates one event at a time; a chunk's writes
+    happen after the chunk's acks, so each is made in the name of its own event (a private faust
+    context variable, pinned by tests/integration/test_context_service.py's restart tests).
+    """
+    if event is None:
+        yield
+        return
+    token = faust_streams._current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        faust_streams._current_event.reset(token)
+
+
 class ContextRuntime:
     """The per-process state of the shell: table, producer, index, fetcher, readiness."""
 
@@ -432,50 +482,103 @@ class ContextRuntime:
         self, key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int
     ) -> None:
         """Handles one input event; never raises for bad input or a failing state function."""
+        await self.handle_events([Incoming(key, value, topic, partition, offset)])
+
+    async def handle_events(self, items: Sequence[Incoming]) -> None:
+        """Handles a chunk of events in order; never raises for bad input or a failing state function.
+
+        The effects of every event are produced first and their acks awaited together, THEN the
+        states are written in order (the delivery rule, per event): one ack wait per chunk instead
+        of one per flush, which is what kept a busy worker's queue growing. A later event of the
+        same customer in the chunk sees the earlier one's new state (not yet in the table).
+        """
+        decided: list[Decided] = []
+        unwritten: dict[str, CustomerState] = {}
+        for item in items:
+            outcome = await self._decide(item, unwritten)
+            if outcome is not None:
+                decided.append(outcome)
+            await asyncio.sleep(0)  # let the flush loop and the fetches run between events
+        for outcome in decided:
+            await self._complete(outcome)
+
+    async def _decide(self, item: Incoming, unwritten: dict[str, CustomerState]) -> Decided | None:
+        """Runs the state function and starts producing the effects; None when nothing is left to do."""
         try:
-            customer, name, record = decode_event(self.topics, topic, key, value)
+            customer, name, record = decode_event(self.topics, item.topic, item.key, item.value)
         except Rejected as rejected:
-            await self.dead_letter(rejected.reason, rejected.error, topic, partition, offset, key, value,
-                                   rejected.customer_key)
-            return
+            await self._dead_letter_input(item, rejected.reason, rejected.error, rejected.customer_key)
+            return None
         try:
-            stored = self.customers.get(customer.encode("utf-8"))
-            state = (
-                cast(CustomerState, codec.decode("CustomerState", stored))
-                if stored is not None else domain.new_state(customer)
-            )
+            state = unwritten.get(customer)
+            if state is None:
+                stored = self.customers.get(customer.encode("utf-8"))
+                state = (
+                    cast(CustomerState, codec.decode("CustomerState", stored))
+                    if stored is not None else domain.new_state(customer)
+                )
             new_state, effects = self._dispatch(name, state, record)
             encoded = b"" if effects.duplicate else codec.encode("CustomerState", dict(new_state))
             outputs = self._encode_outputs(effects)  # a schema mismatch is caught here, not later
         except Exception as exc:  # a bug in one event's handling must not stop the others
             logs.event(log, "handler_error", logging.ERROR, customer=customer, record=name,
                        error=f"{type(exc).__name__}: {exc}")
-            await self.dead_letter("handler_error", f"{type(exc).__name__}: {exc}", topic, partition,
-                                   offset, key, value, customer)
-            return
+            await self._dead_letter_input(item, "handler_error", f"{type(exc).__name__}: {exc}", customer)
+            return None
         if effects.duplicate:
             metrics.dedupe_hits_total.labels(name).inc()
             self._apply_observability(customer, effects)
-            return
+            return None
+        changed = new_state is not state
+        if changed:
+            unwritten[customer] = new_state
+        return Decided(item, customer, new_state if changed else None, encoded, effects, outputs,
+                       await self._start_sends(customer, outputs))
+
+    async def _start_sends(
+        self, customer: str, outputs: list[tuple[str, bytes]]
+    ) -> list[asyncio.Future[Any]]:
+        """Hands the outputs to the producer without waiting for the acks ([] if that failed: the
+        retrying path in `_complete` sends them again)."""
+        if not outputs:
+            return []
         try:
-            await self._produce(customer, outputs)
+            producer = await self.producer()
+            key = customer.encode("utf-8")
+            return [await producer.send(topic, value, key=key) for topic, value in outputs]
+        except KafkaError:
+            return []
+
+    async def _complete(self, outcome: Decided) -> None:
+        """Waits until the event's effects are acked (retrying), then writes its state."""
+        customer, effects = outcome.customer, outcome.effects
+        try:
+            if outcome.outputs:
+                try:
+                    if not outcome.sends:
+                        raise KafkaError("not handed to the producer")
+                    await asyncio.gather(*outcome.sends)
+                except (MessageSizeTooLargeError, RecordTooLargeError):
+                    raise
+                except KafkaError:
+                    await self._produce(customer, outcome.outputs)
         except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
             # Can never succeed: record it where an operator sees it, then move on (writing the
             # state), rather than retrying it forever on every flush.
-            await self.dead_letter("effect_too_large", type(exc).__name__, topic, partition, offset,
-                                   key, value, customer)
-        if new_state is state:  # nothing changed (e.g. a flush that is not due yet): no write
-            self._apply_observability(customer, effects)
-            if effects.fetch is not None:  # a `reconcile` command orders a fetch without a change
-                self.fetcher.start(effects.fetch)
-            return
-        # after the effects were acked: see "Delivery rule" in the module docstring
-        self.customers[customer.encode("utf-8")] = encoded
-        self.index.update(customer, partition, new_state, self.limits)
-        metrics.open_batches.set(self.index.open_count())
+            await self._dead_letter_input(outcome.item, "effect_too_large", type(exc).__name__, customer)
+        if outcome.new_state is not None:
+            # after the effects were acked: see "Delivery rule" in the module docstring
+            with _in_the_name_of(outcome.item.event):
+                self.customers[customer.encode("utf-8")] = outcome.encoded
+            self.index.update(customer, outcome.item.partition, outcome.new_state, self.limits)
+            metrics.open_batches.set(self.index.open_count())
         self._apply_observability(customer, effects)
-        if effects.fetch is not None:
+        if effects.fetch is not None:  # a `reconcile` command orders a fetch without a state change
             self.fetcher.start(effects.fetch)
+
+    async def _dead_letter_input(self, item: Incoming, reason: str, error: str, customer: str | None) -> None:
+        await self.dead_letter(reason, error, item.topic, item.partition, item.offset, item.key, item.value,
+                               customer)
 
     def _dispatch(
         self, name: str, state: CustomerState, record: dict[str, Any]
@@ -786,12 +889,13 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
     async def context_events(stream: faust.StreamT[bytes]) -> None:
         runtime.agent_error = None  # (re)started by faust's supervisor: alive again
         metrics.agent_up.labels(SERVICE, AGENT_NAME).set(1)
-        async for event in stream.events():
-            message = event.message
-            await runtime.handle_event(
-                cast(bytes | None, event.key), cast(bytes | None, event.value),
-                message.topic, message.partition, message.offset,
-            )
+        chunks = cast(Any, stream).take_events  # faust's StreamT does not declare it
+        async for events in chunks(AGENT_CHUNK_MAX, within=AGENT_CHUNK_WITHIN_SECONDS):
+            await runtime.handle_events([
+                Incoming(cast(bytes | None, e.key), cast(bytes | None, e.value), e.message.topic,
+                         e.message.partition, e.message.offset, e)
+                for e in events
+            ])
 
     runtime.agent = app.agent(source, name=AGENT_NAME, concurrency=1)(context_events)
     runtime.customers.on_recover(runtime.rebuild_index)
