@@ -96,24 +96,31 @@ def judge(name: str, version: str, project: Mapping[str, Any] | None, error: str
 
 
 async def fetch_projects(
-    names: Iterable[str], *, base_url: str = PYPI_URL, concurrency: int = 16, timeout: float = 60.0
+    names: Iterable[str], *, base_url: str = PYPI_URL, concurrency: int = 16, timeout: float = 60.0,
+    attempts: int = 3, retry_delay: float = 1.0,
 ) -> dict[str, tuple[dict[str, Any] | None, str | None]]:
-    """{name: (project JSON or None, error or None)}, fetched concurrently."""
+    """{name: (project JSON or None, error or None)}, fetched concurrently; 5xx and network errors
+    are tried `attempts` times."""
     limit = asyncio.Semaphore(concurrency)
     results: dict[str, tuple[dict[str, Any] | None, str | None]] = {}
 
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
         async def one(name: str) -> None:
             async with limit:
-                try:
-                    response = await client.get(f"{base_url}/{name}/json")
-                    if response.status_code != 200:
+                for attempt in range(attempts):  # a blip must not fail the test command
+                    try:
+                        response = await client.get(f"{base_url}/{name}/json")
+                        if response.status_code == 200:
+                            body = response.json()
+                            results[name] = (body, None) if isinstance(body, dict) else (None, "not JSON")
+                            return
                         results[name] = (None, f"PyPI answered HTTP {response.status_code}")
-                        return
-                    body = response.json()
-                    results[name] = (body, None) if isinstance(body, dict) else (None, "not a JSON object")
-                except (httpx.HTTPError, ValueError) as exc:
-                    results[name] = (None, f"{type(exc).__name__}: {exc}")
+                        if response.status_code < 500:
+                            return
+                    except (httpx.HTTPError, ValueError) as exc:
+                        results[name] = (None, f"{type(exc).__name__}: {exc}")
+                    if attempt + 1 < attempts:
+                        await asyncio.sleep(retry_delay * 2**attempt)
 
         await asyncio.gather(*(one(n) for n in names))
     return results

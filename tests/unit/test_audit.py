@@ -67,12 +67,18 @@ def test_pinned_by_names_the_distribution_that_holds_a_package_back() -> None:
 
 @pytest.fixture
 async def fake_pypi() -> AsyncIterator[str]:
+    calls: dict[str, int] = {}
+
     async def project_json(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name == "missing":
             return web.Response(status=404)
         if name == "garbage":
             return web.Response(text="<html>", content_type="text/html")
+        if name == "flaky":
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] < 3:
+                return web.Response(status=503)
         return web.json_response(project("1.0", VULN) if name == "bad" else project("1.0"))
 
     app = web.Application()
@@ -89,7 +95,9 @@ async def fake_pypi() -> AsyncIterator[str]:
 
 
 async def test_fetching_reports_each_projects_answer_or_why_not(fake_pypi: str) -> None:
-    got = await fetch_projects(["good", "bad", "missing", "garbage"], base_url=fake_pypi)
+    got = await fetch_projects(["good", "bad", "missing", "garbage", "flaky"], base_url=fake_pypi,
+                               retry_delay=0.01)
+    assert judge("flaky", "1.0", *got["flaky"]).verdict == "clean"  # two 503s, then an answer
     assert judge("good", "1.0", *got["good"]).verdict == "clean"
     assert judge("bad", "1.0", *got["bad"]).verdict == "vulnerable"
     assert got["missing"] == (None, "PyPI answered HTTP 404")
