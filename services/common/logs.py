@@ -27,7 +27,20 @@ _PATTERNS = [
     (".", re.compile(r"\b[A-Z]{2}\.(?:ENT\.)?[A-Za-z0-9]{6,}\b"), "**.***"),  # BSUIDs
     ("", re.compile(r"(?<![\d.])(\+?\d)\d{4,}(\d{2})(?![\d.])"), r"\1*****\2"),  # phone-like runs
 ]
+_MARKED = _PATTERNS[:4]
+_BSUID = _PATTERNS[4][1]
 _secrets: list[str] = []  # longest first, so a secret containing another is masked whole
+
+# The last two patterns have no literal marker, and Python's regex engine scans a ~300-character
+# line for them in ~10 µs each. For ASCII text a byte translation gives the line's "shape" in
+# ~0.3 µs (digit -> '0', A-Z -> 'A', '.' and '+' kept, anything else -> ' '): a BSUID needs "AA."
+# in it, a phone-like run needs "0000000" (7+ digits). In non-ASCII text `\d` also matches other
+# scripts' digits, so such lines take the regexes.
+_SHAPE = bytes(
+    0x30 if 0x30 <= b <= 0x39 else 0x41 if 0x41 <= b <= 0x5A else b if b in b".+" else 0x20
+    for b in range(256)
+)
+_DIGIT, _DOT, _PLUS = 0x30, 0x2E, 0x2B
 
 
 def register_secret(*values: str) -> None:
@@ -37,6 +50,67 @@ def register_secret(*values: str) -> None:
 
 
 def redact(text: str) -> str:
+    """`text` with secrets, phone numbers, BSUIDs, wamid heads, bearer tokens and keys masked.
+
+    Same result as `redact_reference` (a property test holds them equal), without the regex
+    scans that cannot match."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    lowered = text.lower()
+    for marker, pattern, replacement in _MARKED:
+        if marker in lowered:
+            text = pattern.sub(replacement, text)
+    if not text.isascii():
+        return _unmarked_regexes(text)
+    shape = text.encode("ascii").translate(_SHAPE)
+    if b"AA." in shape:
+        masked = _BSUID.sub("**.***", text)
+        if masked != text:
+            text = masked
+            shape = text.encode("ascii").translate(_SHAPE)
+    if b"0000000" in shape:
+        text = _mask_digit_runs(text, shape)
+    return text
+
+
+def _unmarked_regexes(text: str) -> str:
+    for _, pattern, replacement in _PATTERNS[4:]:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _mask_digit_runs(text: str, shape: bytes) -> str:
+    """The phone pattern's substitution, for ASCII `text` whose shape is `shape`.
+
+    The pattern matches a whole run of 7+ digits (digits before it fail the look-behind, after it
+    the look-ahead), not preceded by '.' nor followed by '.', with the '+' before it when that '+'
+    is itself not preceded by a digit or '.'; it keeps the first digit (and '+') and the last two.
+    """
+    pieces: list[str] = []
+    done = 0
+    end = len(shape)
+    start = shape.find(b"0000000")
+    while start >= 0:
+        stop = start + 7
+        while stop < end and shape[stop] == _DIGIT:
+            stop += 1
+        before = shape[start - 1] if start else 0
+        if before != _DOT and (stop == end or shape[stop] != _DOT):
+            head = start
+            if before == _PLUS and (start == 1 or shape[start - 2] not in (_DIGIT, _DOT)):
+                head = start - 1
+            pieces += (text[done:head], text[head:start + 1], "*****", text[stop - 2:stop])
+            done = stop
+        start = shape.find(b"0000000", stop)
+    if not pieces:
+        return text
+    pieces.append(text[done:])
+    return "".join(pieces)
+
+
+def redact_reference(text: str) -> str:
+    """The plain definition of `redact` (every pattern in order), kept to test the fast one."""
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, "***")
@@ -47,14 +121,27 @@ def redact(text: str) -> str:
     return text
 
 
+# `json.dumps(doc, default=str, ensure_ascii=False)` builds this encoder on every call.
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
         self.service = service
+        self._second: tuple[int, Any, str] | None = None  # (second, converter, its text)
+
+    def _timestamp(self, record: logging.LogRecord) -> str:
+        """`formatTime` to the second, cached: most lines of a second share that text."""
+        second = int(record.created)
+        cached = self._second
+        if cached is None or cached[0] != second or cached[1] is not self.converter:
+            cached = self._second = (second, self.converter, self.formatTime(record, "%Y-%m-%dT%H:%M:%S"))
+        return f"{cached[2]}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record),
             "level": record.levelname,
             "service": self.service,
             "logger": record.name,
@@ -67,7 +154,7 @@ class JsonFormatter(logging.Formatter):
             doc["msg"] = record.getMessage()
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return redact(json.dumps(doc, default=str, ensure_ascii=False))
+        return redact(_ENCODER.encode(doc))
 
 
 def setup(service: str, level: str = "INFO") -> None:
@@ -80,6 +167,10 @@ def setup(service: str, level: str = "INFO") -> None:
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    # The JSON lines show none of these record attributes; skipping them (the logging HOWTO's
+    # "Optimization" settings) saves a stack walk and three lookups on every line.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root.setLevel(level.upper())
     for noisy in ("aiokafka", "kafka", "faust", "mode", "httpx", "httpx2", "openai", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

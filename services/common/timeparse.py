@@ -13,6 +13,12 @@ from datetime import UTC, datetime
 from dateutil import parser as dateutil_parser
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
+_NUMBER = re.compile(r"\d+(\.\d+)?")
+# The shape WATI's `created` has (`2025-11-27T10:14:13.1234567Z`): `datetime.fromisoformat` parses
+# it ~10x faster than dateutil. Fractions beyond microseconds are cut, as `_FRACTION` does; whatever
+# fromisoformat refuses (hour 24, a bad day) goes the dateutil way, so results never differ.
+_ISO_FAST = re.compile(
+    r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?)(?:(?<=\.\d{6})\d+)?(Z|[+-]\d{2}:\d{2})?", re.ASCII)
 _PIPE_DATE = re.compile(r"^(\d{1,2})\|(\d{1,2})\|(\d{4})$")
 # Unix seconds between 2001 and 2286; larger values are milliseconds.
 _MAX_SECONDS = 10_000_000_000
@@ -29,7 +35,20 @@ def parse_time(value: object) -> datetime | None:
     text = str(value).strip()
     if not text:
         return None
-    if re.fullmatch(r"\d+(\.\d+)?", text):
+    fast = _ISO_FAST.fullmatch(text)
+    if fast is not None:
+        try:
+            parsed = datetime.fromisoformat(fast.group(1) + (fast.group(2) or ""))
+        except ValueError:
+            pass
+        else:
+            return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    return _parse_slow(text)
+
+
+def _parse_slow(text: str) -> datetime | None:
+    """Every other textual format (and the reference the fast ISO path is tested against)."""
+    if _NUMBER.fullmatch(text):
         return _from_epoch(float(text))
     pipe = _PIPE_DATE.match(text)
     if pipe:

@@ -75,9 +75,11 @@ def opt_str(
     (eventType, type), where a number means a broken payload.
     """
     value = doc.get(name)
-    label = f"{where}{name}"
     if value is None:
         return None
+    if type(value) is str and len(value) <= limit:  # the common case, checked first (hot path)
+        return value if value.strip() else None
+    label = f"{where}{name}"
     if isinstance(value, bool):
         raise Invalid("bad_field", f"field '{label}' must be a string, got a boolean")
     if isinstance(value, int | float) and numbers:

@@ -340,6 +340,27 @@ async def test_oversized_chunked_body_without_content_length(
     assert await reader.end_offsets(topics.inbound, topics.agent_activity) == before
 
 
+async def test_a_body_that_stops_arriving_is_cut_off_with_408(
+    base_url: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The body-read timer is skipped only when the whole body is already buffered; a sender that
+    declares 100 bytes and sends 10 still holds a handler for at most the timeout."""
+    monkeypatch.setattr(ingest_app, "BODY_READ_TIMEOUT_SECONDS", 0.3)
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write((f"POST /webhooks/wati HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Authorization: Bearer {settings.webhook_token}\r\nContent-Length: 100\r\n\r\n"
+                      '{"waId": "5').encode())
+        await writer.drain()
+        started = time.monotonic()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        assert status_line.split()[1] == b"408", status_line
+        assert time.monotonic() - started < 5
+    finally:
+        writer.close()
+
+
 async def test_manychat_rejection(base_url: str, http: aiohttp.ClientSession) -> None:
     status, body = await post(http, f"{base_url}/webhooks/manychat", {"first_name": "Ana"})
     assert status == 400 and body["error"] == "missing_subscriber"

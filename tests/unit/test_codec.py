@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import fastavro
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.common import codec
+from tests.unit.test_fuzz_codec import from_schema
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, 123000, tzinfo=UTC)
 
@@ -119,3 +123,105 @@ def test_trailing_garbage_is_corrupt() -> None:
                                        "message_type": "text", "source": "history", "item_ids": []})
     with pytest.raises(codec.CodecError, match="trailing bytes"):
         codec.decode_any(good + b"\x00\x00")
+
+
+# --- the compiled writer writes fastavro's bytes ---------------------------------------------------
+
+def _fastavro_bytes(version: codec.SchemaVersion, value: Any) -> bytes:
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, version.parsed, value, strict_allow_default=True)
+    return buf.getvalue()
+
+
+def _compiled_bytes(version: codec.SchemaVersion, value: Any) -> bytes:
+    assert version.writer is not None
+    out = bytearray()
+    version.writer(value, out)
+    return bytes(out)
+
+
+_VERSIONS = sorted(codec.registry().by_fingerprint.values(), key=lambda v: str(v.source))
+_ZONES = st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-3))])
+_AWARE = st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2300, 1, 1), timezones=_ZONES)
+
+
+def _values(schema: Any) -> st.SearchStrategy[Any]:
+    """`from_schema`'s valid values, with datetimes in several zones and with sub-millisecond parts."""
+    if isinstance(schema, dict) and schema.get("logicalType") == "timestamp-millis":
+        return st.one_of(_AWARE, st.integers(-(2**62), 2**62))
+    if isinstance(schema, list):
+        return st.one_of([_values(branch) for branch in schema])
+    if isinstance(schema, dict) and schema.get("type") == "record":
+        return st.fixed_dictionaries({f["name"]: _values(f["type"]) for f in schema["fields"]})
+    if isinstance(schema, dict) and schema.get("type") == "array":
+        return st.lists(_values(schema["items"]), max_size=3)
+    return from_schema(schema)
+
+
+def test_the_hot_path_schemas_have_a_compiled_writer() -> None:
+    for name in ("InboundMessage", "AgentActivity", "DeadLetter"):
+        assert codec.registry().schema(name).writer is not None, name
+
+
+@pytest.mark.parametrize("version", _VERSIONS, ids=lambda v: v.source.name)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_compiled_writer_bytes_equal_fastavro_bytes(
+    version: codec.SchemaVersion, data: st.DataObject
+) -> None:
+    if version.writer is None:
+        return  # a schema with a type the writer does not handle always takes fastavro
+    value = data.draw(_values(fastavro.schema.expand_schema(version.parsed)))
+    assert _compiled_bytes(version, value) == _fastavro_bytes(version, value)
+
+
+class _Text(str):
+    """A str subclass: not an exact type, so the compiled writer leaves it to fastavro."""
+
+
+_ODD = st.sampled_from([
+    1, -1, 2**70, "x", "", _Text("x"), "\ud800", None, True, False, 1.5, float("nan"), b"x", [], ["x"],
+    ("x",), {}, {"x": 1}, datetime(2026, 1, 1), datetime(2026, 1, 1, tzinfo=UTC), "wati", "unknown",
+])
+
+
+@st.composite
+def _odd_inbound(draw: st.DrawFn) -> dict[str, Any]:
+    """An InboundMessage/AgentActivity-ish dict with a field replaced, removed or added."""
+    version = codec.registry().schema(draw(st.sampled_from(["InboundMessage", "AgentActivity"])))
+    value: dict[str, Any] = dict(draw(_values(fastavro.schema.expand_schema(version.parsed))))
+    value["_schema"] = version.full_name.rsplit(".", 1)[-1]
+    for _ in range(draw(st.integers(1, 2))):
+        how = draw(st.sampled_from(["replace", "remove", "add"]))
+        names = [k for k in value if k != "_schema"]
+        if how == "replace":
+            value[draw(st.sampled_from(names))] = draw(_ODD)
+        elif how == "remove":
+            del value[draw(st.sampled_from(names))]
+        else:
+            value["extra_field"] = draw(_ODD)
+    return value
+
+
+def _outcome(encoder: Any, name: str, value: dict[str, Any]) -> object:
+    try:
+        return encoder(name, value)
+    except codec.CodecError as exc:
+        return ("CodecError", str(exc))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_odd_inbound())
+def test_encode_gives_fastavros_bytes_or_error_for_odd_values(value: dict[str, Any]) -> None:
+    """Whatever the compiled writer cannot take exactly, fastavro writes or refuses, as before."""
+    name = value.pop("_schema")
+    assert _outcome(codec.encode, name, value) == _outcome(codec.encode_with_fastavro, name, value)
+
+
+def test_encode_of_a_webhook_record_equals_fastavro() -> None:
+    value = {"event_id": "wamid.x", "customer_key": "wati:50370000001", "channel": "wati",
+             "provider_id": "50370000001", "message_type": "text", "text": "hola " * 40, "caption": None,
+             "media_ref": None, "media_mime": None, "sender_name": "Ana", "provider_message_ids": ["a", "b"],
+             "provider_time": NOW, "received_at": NOW + timedelta(microseconds=999), "recovered": False,
+             "username": None}
+    assert codec.encode("InboundMessage", value) == codec.encode_with_fastavro("InboundMessage", value)
