@@ -54,13 +54,7 @@ def redact(text: str) -> str:
 
     Same result as `redact_reference` (a property test holds them equal), without the regex
     scans that cannot match."""
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, "***")
-    lowered = text.lower()
-    for marker, pattern, replacement in _MARKED:
-        if marker in lowered:
-            text = pattern.sub(replacement, text)
+    text = _mask_secrets_and_marked(text, _MARKED)
     if not text.isascii():
         return _unmarked_regexes(text)
     shape = text.encode("ascii").translate(_SHAPE)
@@ -111,11 +105,16 @@ def _mask_digit_runs(text: str, shape: bytes) -> str:
 
 def redact_reference(text: str) -> str:
     """The plain definition of `redact` (every pattern in order), kept to test the fast one."""
+    return _mask_secrets_and_marked(text, _PATTERNS)
+
+
+def _mask_secrets_and_marked(text: str, patterns: list[tuple[str, re.Pattern[str], str]]) -> str:
+    """Registered secrets, then each pattern whose marker is in the lower-cased line."""
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, "***")
     lowered = text.lower()
-    for marker, pattern, replacement in _PATTERNS:
+    for marker, pattern, replacement in patterns:
         if marker in lowered:
             text = pattern.sub(replacement, text)
     return text
