@@ -272,15 +272,6 @@ def _compile_union(branches: list[Any], named: dict[str, Any], seen: frozenset[s
     if other is None:
         return None
     null_tag, other_tag = (0, 2) if null_index == 0 else (2, 0)  # zig-zag of the branch index
-    if other is _string:
-        def optional_string(value: Any, out: bytearray) -> None:  # the most common field type
-            if value is None:
-                out.append(null_tag)
-            else:
-                out.append(other_tag)
-                _string(value, out)
-        return optional_string
-
     def union(value: Any, out: bytearray) -> None:
         if value is None:
             out.append(null_tag)
