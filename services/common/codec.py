@@ -218,8 +218,8 @@ def _compile(schema: Any, named: dict[str, Any], seen: frozenset[str]) -> Writer
     if isinstance(schema, str):
         if schema in _PRIMITIVE_WRITERS:
             return _PRIMITIVE_WRITERS[schema]
-        if schema in named and schema not in seen:
-            return _compile(named[schema], named, seen | {schema})
+        if schema in named:  # a reference to a named type; the record branch guards recursion
+            return _compile(named[schema], named, seen)
         return None
     if isinstance(schema, list):
         return _compile_union(schema, named, seen)
