@@ -158,9 +158,10 @@ def _values(schema: Any) -> st.SearchStrategy[Any]:
     return from_schema(schema)
 
 
-def test_the_hot_path_schemas_have_a_compiled_writer() -> None:
-    for name in ("InboundMessage", "AgentActivity", "DeadLetter"):
-        assert codec.registry().schema(name).writer is not None, name
+def test_every_schema_has_a_compiled_writer() -> None:
+    """CustomerState (written on every context event) refers to named types more than once: a
+    reference once counted as recursion and left it on fastavro's slower path."""
+    assert [v.full_name for v in codec.registry().by_fingerprint.values() if v.writer is None] == []
 
 
 @pytest.mark.parametrize("version", _VERSIONS, ids=lambda v: v.source.name)
