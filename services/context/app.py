@@ -10,7 +10,9 @@ Delivery rule (at-least-once, made effectively-once by the state's dedupe memory
   2. THEN write the new state (which holds the dedupe record) to the table.
 A crash between 1 and 2 replays the event after restart: the state still lacks the dedupe record,
 so the effects are produced a second time and downstream dedupes them by batch id. The other order
-could lose an effect for good (state says "done", effect never reached the broker).
+could lose an effect for good (state says "done", effect never reached the broker). The agent
+takes events in chunks: every event's effects are produced, their acks awaited together, then the
+states are written in order (the rule holds per event; faust acks the chunk's offsets after that).
 
 faust pitfalls handled here (reference/faust.md, reference/broker.md):
 - values are consumed RAW and decoded in a guard; anything that fails goes to the dead-letter topic
@@ -20,7 +22,8 @@ faust pitfalls handled here (reference/faust.md, reference/broker.md):
   ask for changes by producing `ContextCommand`s keyed by the customer (the timer → command → agent
   pattern), so every change happens in-stream and survives restarts and rebalances;
 - the flush timer never scans the table: an in-memory index (customer → next due time) is updated
-  by the agent after each write and rebuilt from the worker's own partitions after each recovery.
+  by the agent after each write and rebuilt from the worker's own partitions after each recovery;
+  the timer sleeps until the earliest due time (the agent wakes it for an earlier one).
 """
 
 from __future__ import annotations
