@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 
+from .provider_http import ProviderClient
+
 MAX_TEXT_CHARS = 2000
 MAX_MESSAGES_PER_CALL = 10
 
@@ -55,7 +57,7 @@ def _status_error(status: int, sent: int) -> ManyChatError:
     return ManyChatError("client_error", status=status, sent_messages=sent)
 
 
-class ManyChatClient:
+class ManyChatClient(ProviderClient):
     """A ManyChat page's sending API (the Bearer token is the page API key)."""
 
     def __init__(
@@ -67,23 +69,9 @@ class ManyChatClient:
         transport: httpx.AsyncBaseTransport | None = None,
         message_tag: str | None = None,
     ) -> None:
-        if not base_url:
-            raise ValueError("ManyChat base URL is empty")
-        self._url = base_url.rstrip("/") + "/fb/sending/sendContent"
+        super().__init__("ManyChat", base_url, token, timeout=timeout, transport=transport)
+        self._url = self._base + "/fb/sending/sendContent"
         self._message_tag = message_tag
-        self._http = httpx.AsyncClient(
-            timeout=timeout, transport=transport, follow_redirects=False,
-            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-        )
-
-    async def __aenter__(self) -> ManyChatClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     async def send_content(self, subscriber_id: str, texts: list[str], *, instagram: bool) -> None:
         """Sends the texts in order, ≤ 10 per call; each text must be ≤ 2000 characters.

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 
+from .provider_http import ProviderClient
 from .timeparse import first_time
 
 MAX_TEXT_CHARS = 4096
@@ -159,7 +160,7 @@ def sent_message_ids(doc: dict[str, Any], local_message_id: str | None) -> list[
     return list(dict.fromkeys(found))
 
 
-class WatiClient:
+class WatiClient(ProviderClient):
     """One tenant's WATI API; `base_url` includes the tenant (`https://live-server-X.wati.io/123`)."""
 
     def __init__(
@@ -172,24 +173,9 @@ class WatiClient:
         retry_after_cap: float = RETRY_AFTER_CAP_SECONDS,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        if not base_url:
-            raise ValueError("WATI base URL is empty")
-        self._base = base_url.rstrip("/")
+        super().__init__("WATI", base_url, token, timeout=timeout, transport=transport)
         self._retry_after_cap = retry_after_cap
         self._sleep = sleep
-        self._http = httpx.AsyncClient(
-            timeout=timeout, transport=transport, follow_redirects=False,
-            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-        )
-
-    async def __aenter__(self) -> WatiClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     def _url(self, path: str) -> str:
         return f"{self._base}/api/v1/{path}"
