@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 from aiohttp import web
 
 from services.common.config import Settings
 from services.common.kafka import Topics, ensure_topics, make_producer
+
+from .common import serve_until_signal
 
 
 async def serve(settings: Settings, null: bool) -> None:
@@ -35,23 +36,11 @@ async def serve(settings: Settings, null: bool) -> None:
             await producer.send_and_wait(topic, body)
         return web.json_response({"status": "accepted"})
 
-    async def ready(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ready"})
-
     app = web.Application()
     app.router.add_post("/webhooks/wati", webhook)
-    app.router.add_get("/readyz", ready)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", settings.ingest_port).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await serve_until_signal(settings.ingest_port, app=app)
     finally:
-        await runner.cleanup()
         if producer is not None:
             await producer.stop()
 

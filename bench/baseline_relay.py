@@ -13,19 +13,14 @@ Run as `python -m bench.baseline_relay` with the services' environment.
 from __future__ import annotations
 
 import asyncio
-import signal
 from typing import Any
-
-from aiohttp import web
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
 
 from services.common import codec
 from services.common.config import Settings
 from services.common.kafka import Topics, ensure_topics, make_producer
 from services.common.timeparse import utcnow
 
-from .common import plain_request
+from .common import assigned_consumer, plain_request, serve_until_signal
 
 
 async def serve(settings: Settings) -> None:
@@ -33,15 +28,8 @@ async def serve(settings: Settings) -> None:
     await ensure_topics(settings)
     producer = make_producer(settings)
     await producer.start()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_auto_commit=False,
-        auto_offset_reset="latest",
-        fetch_max_wait_ms=20,
-    )
-    await consumer.start()
-    parts = [TopicPartition(topics.inbound, p) for p in range(settings.topic_partitions)]
-    consumer.assign(parts)
+    consumer = await assigned_consumer(settings, topics.inbound, offset_reset="latest")
+    parts = list(consumer.assignment())
     await consumer.seek_to_end(*parts)
     for tp in parts:
         await consumer.position(tp)  # resolve "latest" now, before the service says it is ready
@@ -78,23 +66,9 @@ async def serve(settings: Settings) -> None:
                         old.cancel()
                     timers[key] = loop.call_later(settings.quiet_window_seconds, fire, key)
 
-    async def ready(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ready"})
-
-    app = web.Application()
-    app.router.add_get("/readyz", ready)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", settings.context_web_port).start()
-    task = asyncio.create_task(consume())
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await serve_until_signal(settings.context_web_port, consume())
     finally:
-        task.cancel()
-        await runner.cleanup()
         await consumer.stop()
         await producer.stop()
 

@@ -13,18 +13,16 @@ Run as `python -m bench.baseline_responder` with the services' environment.
 from __future__ import annotations
 
 import asyncio
-import signal
 from typing import Any
 
 import httpx
-from aiohttp import web
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
 
 from services.common import codec
 from services.common.config import Settings
 from services.common.kafka import Topics, ensure_topics, make_producer
 from services.common.timeparse import utcnow
+
+from .common import assigned_consumer, serve_until_signal
 
 
 async def serve(settings: Settings) -> None:
@@ -32,15 +30,7 @@ async def serve(settings: Settings) -> None:
     await ensure_topics(settings)
     producer = make_producer(settings)
     await producer.start()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=20,
-    )
-    await consumer.start()
-    parts = [TopicPartition(topics.responder_requests, p) for p in range(settings.topic_partitions)]
-    consumer.assign(parts)
+    consumer = await assigned_consumer(settings, topics.responder_requests, offset_reset="earliest")
     limits = httpx.Limits(
         max_connections=settings.responder_concurrency * 2,
         max_keepalive_connections=settings.responder_concurrency * 2,
@@ -107,24 +97,9 @@ async def serve(settings: Settings) -> None:
                     key = request["customer_key"]
                     chains[key] = asyncio.create_task(answer(request, chains.get(key)))
 
-    async def ready(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ready"})
-
-    app = web.Application()
-    app.router.add_get("/readyz", ready)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", settings.responder_web_port).start()
-    task = asyncio.create_task(consume())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await serve_until_signal(settings.responder_web_port, consume())
     finally:
-        task.cancel()
-        await runner.cleanup()
         await consumer.stop()
         await producer.stop()
         await openai.aclose()

@@ -18,12 +18,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
 
 from services.common.broker import free_port
 from services.common.config import Settings
@@ -470,3 +473,46 @@ def plain_request(batch_id: str, messages: list[dict[str, Any]], created_at: Any
         "prior_last_reply_at": None, "gap_seconds": None, "missed_check_ran": False,
         "missed_messages": [], "missed_dropped_oldest": 0, "images": [], "created_at": created_at,
     }
+
+
+# --- what the same-run baselines share -------------------------------------------------------------
+
+async def assigned_consumer(settings: Settings, topic: str, *, offset_reset: str) -> AIOKafkaConsumer:
+    """A plain consumer of every partition of `topic` (no group, no commits): the baselines' input."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset=offset_reset,
+        fetch_max_wait_ms=20,
+    )
+    await consumer.start()
+    consumer.assign([TopicPartition(topic, p) for p in range(settings.topic_partitions)])
+    return consumer
+
+
+async def serve_until_signal(
+    port: int, work: Awaitable[None] | None = None, app: web.Application | None = None
+) -> None:
+    """Serves `app` plus `GET /readyz` on 127.0.0.1:`port` and runs `work` until SIGTERM/SIGINT.
+
+    The callers close their own clients afterwards (in a `finally` around this call)."""
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ready"})
+
+    app = app if app is not None else web.Application()
+    app.router.add_get("/readyz", ready)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    task = asyncio.ensure_future(work) if work is not None else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        if task is not None:
+            task.cancel()
+        await runner.cleanup()

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from services.common.kafka import ensure_topics
+from services.devtools.scenario import developer_text
 from services.responder.prompt import build_input
 from services.standins import StandIns
 from services.standins.openai import _item_tokens, _normalize_item, approx_tokens, default_reply
@@ -336,7 +337,7 @@ async def run(bench: BenchEnv) -> dict[str, Any]:
             "getmessages_calls": len(getmessages),
             "input_tokens": new_tokens,
             "modelled_new_input_tokens": modelled_new,
-            "calls_with_missed_block": sum(1 for r in calls if _developer_text(r)),
+            "calls_with_missed_block": sum(1 for r in calls if developer_text(r)),
             "old_design": old,
             "day_seconds": day_seconds,
             "settings": {
@@ -348,21 +349,11 @@ async def run(bench: BenchEnv) -> dict[str, Any]:
     }
 
 
-def _developer_text(record: Any) -> str:
-    for item in record.request.get("input") or []:
-        if isinstance(item, dict) and item.get("role") == "developer":
-            content = item.get("content")
-            if isinstance(content, str):
-                return content
-            return "".join(str(p.get("text", "")) for p in content or [] if isinstance(p, dict))
-    return ""
-
-
 def _blocks_by_burst(calls: list[Any]) -> dict[tuple[int, int], str]:
     """The missed-message block the product sent with each burst (bursts are tagged `[c<n> s<k> m<i>]`)."""
     blocks: dict[tuple[int, int], str] = {}
     for record in calls:
-        block = _developer_text(record)
+        block = developer_text(record)
         if not block:
             continue
         user = json.dumps(record.request.get("input"), ensure_ascii=False)
