@@ -340,12 +340,8 @@ def test_token_bucket_spends_the_rate_and_pauses() -> None:
 
 @pytest.fixture(scope="module")
 async def wati_server() -> AsyncIterator[WatiStandIn]:
-    server = WatiStandIn()
-    await server.start()
-    try:
+    async with WatiStandIn() as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

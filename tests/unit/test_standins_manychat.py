@@ -15,12 +15,8 @@ TOKEN = "manychat-test-token"
 
 @pytest.fixture(scope="module")
 async def server() -> AsyncIterator[ManyChatStandIn]:
-    stand_in = ManyChatStandIn()
-    await stand_in.start()
-    try:
+    async with ManyChatStandIn() as stand_in:
         yield stand_in
-    finally:
-        await stand_in.stop()
 
 
 @pytest.fixture

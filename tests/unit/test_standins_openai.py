@@ -29,12 +29,8 @@ PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32).decode()
 
 @pytest.fixture(scope="module")
 async def server() -> AsyncIterator[OpenAIStandIn]:
-    stand_in = OpenAIStandIn()
-    await stand_in.start()
-    try:
+    async with OpenAIStandIn() as stand_in:
         yield stand_in
-    finally:
-        await stand_in.stop()
 
 
 @pytest.fixture

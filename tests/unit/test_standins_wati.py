@@ -20,12 +20,8 @@ T0 = datetime(2025, 11, 27, 10, 0, 0, 123456, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 async def server() -> AsyncIterator[WatiStandIn]:
-    stand_in = WatiStandIn()
-    await stand_in.start()
-    try:
+    async with WatiStandIn() as stand_in:
         yield stand_in
-    finally:
-        await stand_in.stop()
 
 
 @pytest.fixture
