@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter
 
-from services.ingest.app import CounterChildren, event_ref, parse_json, parse_json_stdlib
+from services.common.metrics import Children
+from services.ingest.app import event_ref, parse_json, parse_json_stdlib
 from services.ingest.auth import check_token, presented_token
 from services.ingest.main import Throttle
 from services.ingest.outcomes import (
@@ -224,7 +225,7 @@ def test_key_hash_cache_is_bounded_and_keeps_answering() -> None:
 
 def test_counter_children_are_the_labelled_children() -> None:
     counter = Counter("test_ingest_children_total", "test", ["a", "b"], registry=CollectorRegistry())
-    children = CounterChildren(counter)
+    children = Children(counter)
     children("x", "1").inc()
     children("x", "1").inc()
     children("y", "2").inc(5)
