@@ -485,12 +485,6 @@ class ContextRuntime:
             await producer.stop()
 
     # -- the agent's work -------------------------------------------------------------------------
-    async def handle_event(
-        self, key: bytes | None, value: bytes | None, topic: str, partition: int, offset: int
-    ) -> None:
-        """Handles one input event; never raises for bad input or a failing state function."""
-        await self.handle_events([Incoming(key, value, topic, partition, offset)])
-
     async def handle_events(self, items: Sequence[Incoming]) -> None:
         """Handles a chunk of events in order; never raises for bad input or a failing state function.
 

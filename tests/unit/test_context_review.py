@@ -81,7 +81,7 @@ def test_the_sweep_still_recovers_what_nobody_answered() -> None:
 
 async def test_a_reconcile_command_starts_the_fetch_it_orders(tmp_path: Any) -> None:
     """`on_command("reconcile")` changes no state but orders a fetch: the shell must still start it."""
-    from services.context.app import create_app
+    from services.context.app import Incoming, create_app
 
     app = create_app(Settings(kafka_bootstrap_servers="k:9092", topic_prefix="rv.", web_token="t",
                               context_store="memory", data_dir=str(tmp_path)))
@@ -91,5 +91,5 @@ async def test_a_reconcile_command_starts_the_fetch_it_orders(tmp_path: Any) -> 
     started: list[HistoryFetchOrder] = []
     runtime.fetcher.start = started.append  # type: ignore[method-assign]
     value = codec.encode("ContextCommand", dict(command("reconcile", t("10:30:00"))))
-    await runtime.handle_event(KEY.encode("utf-8"), value, runtime.topics.context_commands, 0, 1)
+    await runtime.handle_events([Incoming(KEY.encode("utf-8"), value, runtime.topics.context_commands, 0, 1)])
     assert [o.batch_id for o in started] == [sm.RECONCILE_FETCH_ID]
