@@ -11,8 +11,12 @@ Delivery rule (at-least-once, made effectively-once by the state's dedupe memory
 A crash between 1 and 2 replays the event after restart: the state still lacks the dedupe record,
 so the effects are produced a second time and downstream dedupes them by batch id. The other order
 could lose an effect for good (state says "done", effect never reached the broker). The agent
-takes events in chunks: every event's effects are produced, their acks awaited together, then the
-states are written in order (the rule holds per event; faust acks the chunk's offsets after that).
+takes events from a NO-ACK stream: faust commits nothing on its own. An event's offset is acked
+(and so can be committed) only once its effects are acked AND its state's changelog record is on the
+broker (3.); a failure acks nothing more, so the event is replayed after a restart. Deciding and
+completing are pipelined: the agent runs the state function of the next events while a completion
+task awaits the acks of the earlier ones, in chunks of whatever is queued (no polling).
+  3. THEN ack the input event, in arrival order.
 
 faust pitfalls handled here (reference/faust.md, reference/broker.md):
 - values are consumed RAW and decoded in a guard; anything that fails goes to the dead-letter topic
@@ -78,14 +82,10 @@ FLUSH_MIN_SLEEP_SECONDS = 0.002
 RECHECK_SECONDS = 1.0
 #: How often `consumer_lag{service="context"}` is refreshed.
 LAG_INTERVAL_SECONDS = 5.0
-#: The agent takes events in chunks of at most this many, waiting at most this long to fill one:
-#: a chunk's effects share one ack wait (faust acks the chunk's events after it was handled).
-#: faust's `take_events` polls every `within`: ~7 % of a core while idle (measured), the price of
-#: the chunking. A loop over `stream.events()` that handled whatever was buffered, without
-#: polling, lost table state in 3 of 4 runs of the SIGKILL drill (tests/e2e/test_chaos.py) for a
-#: reason not found yet: not used.
-AGENT_CHUNK_MAX = 500
-AGENT_CHUNK_WITHIN_SECONDS = 0.005
+#: Events decided by the agent and not yet completed (effects acked, state durable, input acked) at
+#: most: the agent waits for the completion task beyond this. The completion task takes whatever is
+#: queued (up to this many) as one chunk: one wait for the acks of all of them.
+AGENT_INFLIGHT_MAX = 500
 #: Longest pause between retries of a produce that failed (broker unavailable).
 PRODUCE_BACKOFF_MAX_SECONDS = 5.0
 
@@ -343,6 +343,34 @@ def apply_metric(name: str, labels: dict[str, str], value: float) -> None:
 
 # -- the faust shell ------------------------------------------------------------------------------
 
+class ChangelogTrackingTable(faust.Table):
+    """faust's Table, keeping the changelog send of each write until the shell takes it.
+
+    faust's `table[key] = value` hands the changelog record to its producer buffer and returns; the
+    commit's flush gives up after ~0.1 s per buffered message and commits anyway. The shell awaits
+    these sends before it acks the input event, so no offset is committed ahead of its state.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.changelog_sends: list[asyncio.Future[Any]] = []
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        sent = super().send_changelog(*args, **kwargs)
+        self.changelog_sends.append(sent)
+        return sent
+
+
+def take_changelog_sends(table: Any) -> list[asyncio.Future[Any]]:
+    """The changelog sends of the writes since the last call (none for a plain dict: unit tests)."""
+    sends: list[asyncio.Future[Any]] | None = getattr(table, "changelog_sends", None)
+    if not sends:
+        return []
+    taken = list(sends)
+    sends.clear()
+    return taken
+
+
 class ContextApp(faust.App):
     """faust.App carrying the context runtime; closes the runtime's clients when it stops."""
 
@@ -372,6 +400,15 @@ class Incoming:
 
 
 @dataclass(slots=True)
+class Pending:
+    """An event on its way through the pipeline; `outcome` None: nothing to write (dead-lettered,
+    duplicate), only the ack is left."""
+
+    item: Incoming
+    outcome: Decided | None = None
+
+
+@dataclass(slots=True)
 class Decided:
     """An event whose state function ran and whose effects are being produced."""
 
@@ -389,9 +426,9 @@ def _in_the_name_of(event: Any) -> Iterator[None]:
     """Makes `event` faust's current event while writing the table.
 
     faust takes the changelog partition and the RocksDB partition of a table write from the
-    current event, which it sets only while a stream iterates one event at a time; a chunk's writes
-    happen after the chunk's acks, so each is made in the name of its own event (a private faust
-    context variable, pinned by tests/integration/test_context_service.py's restart tests).
+    current event, which it sets only while a stream iterates one event at a time; the writes happen
+    in the completion task, so each is made in the name of its own event (a private faust context
+    variable: faust is pinned, and tests/unit/test_context_chunks.py fails if it disappears).
     """
     if event is None:
         yield
@@ -425,6 +462,8 @@ class ContextRuntime:
             partitions=table_partitions,
             help="CustomerState (Avro) by customer key",
         )
+        #: faust's ack of an input event (the agent's no-ack stream's); None outside a stream
+        self.acker: Callable[[Any], Awaitable[Any]] | None = None
         self._producer: AIOKafkaProducer | None = None
         self._producer_lock = asyncio.Lock()
         self._stopping = False
@@ -486,30 +525,26 @@ class ContextRuntime:
 
     # -- the agent's work -------------------------------------------------------------------------
     async def handle_events(self, items: Sequence[Incoming]) -> None:
-        """Handles a chunk of events in order; never raises for bad input or a failing state function.
+        """Decides a chunk of events in order, then completes them (what the pipeline does, at once).
 
-        The effects of every event are produced first and their acks awaited together, THEN the
-        states are written in order (the delivery rule, per event): one ack wait per chunk instead
-        of one per flush, which is what kept a busy worker's queue growing. A later event of the
-        same customer in the chunk sees the earlier one's new state (not yet in the table).
+        For the tests and for callers without a stream; the agent pipelines the two halves instead
+        (`EventPipeline`).
         """
-        decided: list[Decided] = []
         unwritten: dict[str, CustomerState] = {}
-        for item in items:
-            outcome = await self._decide(item, unwritten)
-            if outcome is not None:
-                decided.append(outcome)
-            await asyncio.sleep(0)  # let the flush loop and the fetches run between events
-        for outcome in decided:
-            await self._complete(outcome)
+        pending = [await self.decide(item, unwritten) for item in items]
+        await self.complete_chunk(pending, unwritten)
 
-    async def _decide(self, item: Incoming, unwritten: dict[str, CustomerState]) -> Decided | None:
-        """Runs the state function and starts producing the effects; None when nothing is left to do."""
+    async def decide(self, item: Incoming, unwritten: dict[str, CustomerState]) -> Pending:
+        """Runs the state function and starts producing the effects (a bad event is dead-lettered here).
+
+        `unwritten` holds the newest decided state of each customer whose state is not in the table
+        yet: a later event of the same customer must see it.
+        """
         try:
             customer, name, record = decode_event(self.topics, item.topic, item.key, item.value)
         except Rejected as rejected:
             await self._dead_letter_input(item, rejected.reason, rejected.error, rejected.customer_key)
-            return None
+            return Pending(item)
         try:
             state = unwritten.get(customer)
             if state is None:
@@ -525,22 +560,22 @@ class ContextRuntime:
             logs.event(log, "handler_error", logging.ERROR, customer=customer, record=name,
                        error=f"{type(exc).__name__}: {exc}")
             await self._dead_letter_input(item, "handler_error", f"{type(exc).__name__}: {exc}", customer)
-            return None
+            return Pending(item)
         if effects.duplicate:
             metrics.dedupe_hits_total.labels(name).inc()
             self._apply_observability(customer, effects)
-            return None
+            return Pending(item)
         changed = new_state is not state
         if changed:
             unwritten[customer] = new_state
-        return Decided(item, customer, new_state if changed else None, encoded, effects, outputs,
-                       await self._start_sends(customer, outputs))
+        return Pending(item, Decided(item, customer, new_state if changed else None, encoded, effects,
+                                     outputs, await self._start_sends(customer, outputs)))
 
     async def _start_sends(
         self, customer: str, outputs: list[tuple[str, bytes]]
     ) -> list[asyncio.Future[Any]]:
         """Hands the outputs to the producer without waiting for the acks ([] if that failed: the
-        retrying path in `_complete` sends them again)."""
+        retrying path in `_await_effects` sends them again)."""
         if not outputs:
             return []
         try:
@@ -550,9 +585,34 @@ class ContextRuntime:
         except KafkaError:
             return []
 
-    async def _complete(self, outcome: Decided) -> None:
-        """Waits until the event's effects are acked (retrying), then writes its state."""
-        customer, effects = outcome.customer, outcome.effects
+    async def complete_chunk(self, chunk: Sequence[Pending], unwritten: dict[str, CustomerState]) -> None:
+        """Completes decided events in order; acks each input only once nothing of it can be lost.
+
+        1. every effect acked (retrying); 2. every new state written to the table, in order; 3. every
+        changelog record of those writes acked by the broker; 4. the inputs acked, in order. An
+        exception anywhere (only when stopping, in practice) acks nothing of the chunk: faust cannot
+        commit those offsets, and the events are replayed after the restart.
+        """
+        decided = [p.outcome for p in chunk if p.outcome is not None]
+        for outcome in decided:
+            await self._await_effects(outcome)
+        writes: list[tuple[Decided, list[asyncio.Future[Any]]]] = []
+        for outcome in decided:
+            writes.append((outcome, self._write_state(outcome)))
+            if outcome.new_state is not None and unwritten.get(outcome.customer) is outcome.new_state:
+                del unwritten[outcome.customer]  # the table has it (or a newer one is still unwritten)
+        for outcome, changelog in writes:
+            await self._durable(outcome, changelog)
+        for outcome in decided:
+            self._apply_observability(outcome.customer, outcome.effects)
+            if outcome.effects.fetch is not None:  # `reconcile` orders a fetch without a state change
+                self.fetcher.start(outcome.effects.fetch)
+        for pending in chunk:
+            await self.ack(pending.item)
+
+    async def _await_effects(self, outcome: Decided) -> None:
+        """Waits until the event's effects are acked (producing them again if that failed)."""
+        customer = outcome.customer
         try:
             if outcome.outputs:
                 try:
@@ -567,15 +627,47 @@ class ContextRuntime:
             # Can never succeed: record it where an operator sees it, then move on (writing the
             # state), rather than retrying it forever on every flush.
             await self._dead_letter_input(outcome.item, "effect_too_large", type(exc).__name__, customer)
-        if outcome.new_state is not None:
-            # after the effects were acked: see "Delivery rule" in the module docstring
-            with _in_the_name_of(outcome.item.event):
-                self.customers[customer.encode("utf-8")] = outcome.encoded
-            self.index.update(customer, outcome.item.partition, outcome.new_state, self.limits)
-            metrics.open_batches.set(self.index.open_count())
-        self._apply_observability(customer, effects)
-        if effects.fetch is not None:  # a `reconcile` command orders a fetch without a state change
-            self.fetcher.start(effects.fetch)
+
+    def _write_state(self, outcome: Decided) -> list[asyncio.Future[Any]]:
+        """Writes the event's new state to the table (after its effects were acked: see "Delivery
+        rule" in the module docstring); returns the changelog sends of the write."""
+        if outcome.new_state is None:
+            return []
+        customer = outcome.customer
+        with _in_the_name_of(outcome.item.event):
+            self.customers[customer.encode("utf-8")] = outcome.encoded
+        self.index.update(customer, outcome.item.partition, outcome.new_state, self.limits)
+        metrics.open_batches.set(self.index.open_count())
+        return take_changelog_sends(self.customers)
+
+    async def _durable(self, outcome: Decided, changelog: list[asyncio.Future[Any]]) -> None:
+        """Waits until the changelog records of the event's write are acked by the broker.
+
+        A failed send is repaired by sending the customer's CURRENT value again (never this event's,
+        which a later event of the chunk may have superseded: the changelog's last record must be the
+        newest state). The current state contains this event's, so its ack makes this event durable.
+        """
+        delay = 0.2
+        while changelog:
+            try:
+                await asyncio.gather(*changelog)
+                return
+            except Exception as exc:
+                if self._stopping:
+                    raise
+                logs.event(log, "produce_retry", logging.WARNING, what="changelog",
+                           error=type(exc).__name__, retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PRODUCE_BACKOFF_MAX_SECONDS)
+                key = outcome.customer.encode("utf-8")
+                with _in_the_name_of(outcome.item.event):
+                    self.customers[key] = self.customers[key]
+                changelog = take_changelog_sends(self.customers)
+
+    async def ack(self, item: Incoming) -> None:
+        """Acks the input event with faust (its offset becomes committable); no-op without a stream."""
+        if item.event is not None and self.acker is not None:
+            await self.acker(item.event)
 
     async def _dead_letter_input(self, item: Incoming, reason: str, error: str, customer: str | None) -> None:
         await self.dead_letter(reason, error, item.topic, item.partition, item.offset, item.key, item.value,
@@ -837,6 +929,70 @@ class ContextRuntime:
         self.sweep.maybe_start(self.index.reconcile_candidates(now, self.settings.reconcile_window_seconds))
 
 
+class EventPipeline:
+    """Decides events as they come and completes them in a task of its own, in arrival order.
+
+    The agent calls `accept` for each event: the state function runs and the effects are handed to
+    the producer at once; the completion task takes whatever is queued as one chunk
+    (`ContextRuntime.complete_chunk`: effects acked, states written, changelog acked, inputs acked).
+    So the state function of the next events runs while the acks of the earlier ones are awaited,
+    and nothing polls: an idle worker sleeps on the stream and on the queue.
+
+    A failed completion stops everything: nothing after it is acked, and `accept` raises it (the
+    agent dies, readiness says so; when stopping, the events are replayed after the restart).
+    """
+
+    def __init__(self, runtime: ContextRuntime, max_inflight: int = AGENT_INFLIGHT_MAX) -> None:
+        self.runtime = runtime
+        self.max_inflight = max_inflight
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue(max_inflight)
+        self._unwritten: dict[str, CustomerState] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> EventPipeline:
+        self._task = asyncio.create_task(self._complete_forever(), name="context-completion")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def accept(self, item: Incoming) -> None:
+        """Decides one event and queues it for completion (waits while `max_inflight` are queued)."""
+        self._raise_if_failed()
+        pending = await self.runtime.decide(item, self._unwritten)
+        put = asyncio.ensure_future(self._queue.put(pending))
+        assert self._task is not None
+        await asyncio.wait({put, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():  # the completion task ended while the queue was full
+            put.cancel()
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        task = self._task
+        if task is None:
+            raise RuntimeError("event pipeline is not running")
+        if task.done():
+            exc = None if task.cancelled() else task.exception()
+            raise exc if exc is not None else RuntimeError("event completion stopped")
+
+    async def _complete_forever(self) -> None:
+        queue = self._queue
+        while True:
+            chunk = [await queue.get()]
+            while len(chunk) < self.max_inflight and not queue.empty():
+                chunk.append(queue.get_nowait())
+            try:
+                await self.runtime.complete_chunk(chunk, self._unwritten)
+            except Exception as exc:
+                logs.event(log, "completion_failed", logging.WARNING if self.runtime._stopping else
+                           logging.ERROR, error=f"{type(exc).__name__}: {exc}", unacked=len(chunk))
+                raise
+
+
 def _broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap.split(",") if server.strip()]
 
@@ -866,6 +1022,7 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
         table_standby_replicas=table_standby_replicas,
+        Table=ChangelogTrackingTable,  # awaitable changelog sends (see the class)
         broker_session_timeout=session,
         broker_heartbeat_interval=max(0.5, session / 3.5),
         web_bind=settings.context_web_host,
@@ -890,13 +1047,14 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
     async def context_events(stream: faust.StreamT[bytes]) -> None:
         runtime.agent_error = None  # (re)started by faust's supervisor: alive again
         metrics.agent_up.labels(SERVICE, AGENT_NAME).set(1)
-        chunks = cast(Any, stream).take_events  # faust's StreamT does not declare it
-        async for events in chunks(AGENT_CHUNK_MAX, within=AGENT_CHUNK_WITHIN_SECONDS):
-            await runtime.handle_events([
-                Incoming(cast(bytes | None, e.key), cast(bytes | None, e.value), e.message.topic,
-                         e.message.partition, e.message.offset, e)
-                for e in events
-            ])
+        # faust acks nothing by itself (its StreamT does not declare noack): the pipeline acks each event
+        manual = cast(Any, stream).noack()
+        runtime.acker = manual.ack
+        async with EventPipeline(runtime) as pipeline:
+            async for event in manual.events():
+                await pipeline.accept(Incoming(
+                    cast(bytes | None, event.key), cast(bytes | None, event.value), event.message.topic,
+                    event.message.partition, event.message.offset, event))
 
     runtime.agent = app.agent(source, name=AGENT_NAME, concurrency=1)(context_events)
     runtime.customers.on_recover(runtime.rebuild_index)

@@ -183,3 +183,9 @@ def test_results_render(tmp_path: Path) -> None:
     markdown = bench_run.render_markdown(doc)
     assert "| x | m | 2.0 ms | 1.0 ms | 2.00x | <= 1 ms | NO |" in markdown
     assert "FAILED: RuntimeError: boom" in markdown
+
+
+async def test_idle_benchmark_runs(bench_env: BenchEnv) -> None:
+    result = await _one(bench_env, "idle")
+    details = result["details"]
+    assert details["worker_percent"] >= 0 and details["baseline_percent"] >= 0

@@ -4,6 +4,8 @@ the chunk is acked, and a later event of a customer sees the earlier one's state
 from __future__ import annotations
 
 import asyncio
+import collections.abc
+from dataclasses import dataclass
 from typing import Any, cast
 
 from services.common import codec
@@ -74,3 +76,146 @@ async def test_a_chunk_writes_its_states_only_after_every_effect_is_acked(tmp_pa
     assert after["open_batch"] is None and after["flushing_batch"] is None
     request = codec.decode("ResponderRequest", producer.sent[0][1])
     assert [m["event_id"] for m in request["messages"]] == ["w2"]
+
+
+class ChangelogTable(dict[bytes, bytes]):
+    """A table whose every write hands back a changelog send the test resolves (the broker's ack)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.changelog_sends: list[asyncio.Future[Any]] = []
+        self.sent: list[tuple[bytes, bytes, asyncio.Future[Any]]] = []
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        super().__setitem__(key, value)
+        sent: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.changelog_sends.append(sent)
+        self.sent.append((key, value, sent))
+
+
+@dataclass
+class FakeEvent:
+    """Stands for faust's event object (table writes are made in its name: weak-referenceable)."""
+
+    offset: int
+
+
+class Acks:
+    """faust's ack of an input event, recorded by offset."""
+
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+
+    async def __call__(self, event: FakeEvent) -> None:
+        self.acked.append(event.offset)
+
+
+async def _until(condition: Any, what: str, timeout: float = 5.0) -> None:
+    """Waits for a condition the code under test reaches by itself (a retry backs off for real)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.001)
+
+
+def _runtime_with(tmp_path: Any, table: dict[bytes, bytes]) -> tuple[Any, HeldProducer, Acks]:
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ch.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    runtime = create_app(settings).runtime
+    runtime.customers = table
+    producer = HeldProducer()
+    runtime._producer = producer
+    acks = Acks()
+    runtime.acker = acks
+    return runtime, producer, acks
+
+
+def _inbound_event(runtime: Any, event_id: str, offset: int, key: str = KEY) -> Incoming:
+    message = inbound(event_id, utcnow() - secs(5), f"hola {event_id}", key=key)
+    return Incoming(key.encode(), codec.encode("InboundMessage", dict(message)), runtime.topics.inbound,
+                    0, offset, event=FakeEvent(offset))
+
+
+async def test_an_input_is_acked_only_once_its_state_is_on_the_broker(tmp_path: Any) -> None:
+    """The hole of faust's take_events: offsets committed while the table's changelog record was
+    still in faust's producer buffer. Here nothing is acked before the changelog send resolves."""
+    from services.context.app import EventPipeline
+
+    table = ChangelogTable()
+    runtime, _, acks = _runtime_with(tmp_path, table)
+    async with EventPipeline(runtime) as pipeline:
+        await pipeline.accept(_inbound_event(runtime, "w1", 10))
+        await pipeline.accept(_inbound_event(runtime, "w2", 11, key="wati:50370000001"))
+        await _until(lambda: len(table.sent) >= 1, "the first state written")
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert acks.acked == [], "acked before the changelog record reached the broker"
+        table.sent[0][2].set_result(None)
+        await _until(lambda: len(table.sent) == 2, "the second state written")
+        assert acks.acked[:1] == [10]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert acks.acked == [10], "acked before the changelog record reached the broker"
+        table.sent[1][2].set_result(None)
+        await _until(lambda: acks.acked == [10, 11], "both acked in order")
+
+
+async def test_a_failed_completion_acks_nothing_more_and_stops_the_agent(tmp_path: Any) -> None:
+    from services.context.app import EventPipeline
+
+    table = ChangelogTable()
+    runtime, _, acks = _runtime_with(tmp_path, table)
+    async with EventPipeline(runtime) as pipeline:
+        await pipeline.accept(_inbound_event(runtime, "w1", 10))
+        await _until(lambda: len(table.sent) == 1, "state written")
+        runtime.begin_stop()  # stopping: a failed send is not retried
+        table.sent[0][2].set_exception(RuntimeError("broker gone"))
+        await pipeline.accept(_inbound_event(runtime, "w2", 11, key="wati:50370000001"))
+        await _until(lambda: pipeline._task is not None and pipeline._task.done(), "completion stopped")
+        try:
+            await pipeline.accept(_inbound_event(runtime, "w3", 12, key="wati:50370000002"))
+        except RuntimeError as exc:
+            assert "broker gone" in str(exc)
+        else:
+            raise AssertionError("accept went on after the completion failed")
+    assert acks.acked == [], "an event was acked although its state never reached the broker"
+
+
+async def test_a_failed_changelog_send_is_repaired_with_the_newest_state(tmp_path: Any) -> None:
+    """Two events of one customer in one chunk, the first one's changelog send fails: the repair
+    re-sends the CURRENT value (the second's), never the first's older one after it."""
+    table = ChangelogTable()
+    runtime, _, acks = _runtime_with(tmp_path, table)
+    chunk = [_inbound_event(runtime, "w1", 10), _inbound_event(runtime, "w2", 11)]
+    handling = asyncio.create_task(runtime.handle_events(chunk))
+    await _until(lambda: len(table.sent) == 2, "both states written")
+    newest = table.sent[1][1]
+    table.sent[0][2].set_exception(RuntimeError("NotLeaderForPartition"))
+    await _until(lambda: len(table.sent) == 3, "the repair send")
+    assert table.sent[2][1] == newest, "the repair sent an older state after a newer one"
+    for _, _, sent in table.sent[1:]:
+        sent.set_result(None)
+    await asyncio.wait_for(handling, 5)
+    assert acks.acked == [10, 11]
+
+
+def test_the_private_faust_parts_the_shell_relies_on_still_exist(tmp_path: Any) -> None:
+    """faust-streaming and mode-streaming are pinned (pyproject.toml); this fails loudly on an upgrade
+    that removes what the shell uses from their insides."""
+    import faust
+    import faust.streams as faust_streams
+
+    from services.context.app import ChangelogTrackingTable
+
+    assert hasattr(faust_streams, "_current_event"), "table writes in the name of an event"
+    assert callable(getattr(faust.Stream, "noack", None)) and callable(getattr(faust.Stream, "ack", None))
+    assert callable(getattr(faust.Table, "send_changelog", None))
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="pf.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    app = create_app(settings)
+    assert isinstance(app.runtime.customers, ChangelogTrackingTable), "the app's Table setting"
+    consumer = app.consumer
+    for name in ("_read_offset", "_committed_offset"):  # the lag gauge
+        assert isinstance(getattr(consumer, name, None), dict | collections.abc.Mapping), name
+    assert hasattr(app.runtime.agent, "_actors"), "the agent's liveness check"
