@@ -153,6 +153,8 @@ class ContextCommand(TypedDict):
     history_error: str | None
     history_pages: int
     actor: str | None
+    #: flush: the number of batch messages the timer saw (None: all); replays flush the same batch
+    batch_messages: NotRequired[int | None]
 
 
 class ExcludedItem(TypedDict):

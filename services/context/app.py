@@ -676,13 +676,18 @@ class ContextRuntime:
     def _dispatch(
         self, name: str, state: CustomerState, record: dict[str, Any]
     ) -> tuple[CustomerState, Effects]:
+        """Calls the state function with the time the event carries, never this worker's clock: a
+        replay (after a crash, later, in another interleaving of the four topics) must decide the same."""
         limits = self.limits
         if name == "InboundMessage":
-            return domain.on_inbound(state, cast(InboundMessage, record), utcnow(), limits)
+            message = cast(InboundMessage, record)
+            return domain.on_inbound(state, message, message["received_at"], limits)
         if name == "AgentActivity":
-            return domain.on_agent_activity(state, cast(AgentActivity, record), utcnow(), limits)
+            activity = cast(AgentActivity, record)
+            return domain.on_agent_activity(state, activity, activity["received_at"], limits)
         if name == "AssistantReply":
-            return domain.on_reply(state, cast(AssistantReply, record), utcnow(), limits)
+            reply = cast(AssistantReply, record)
+            return domain.on_reply(state, reply, reply["sent_at"], limits)
         command = cast(ContextCommand, record)
         # The timer decided "due" with its clock: the flush must be judged with that same clock.
         return domain.on_command(state, command, command["issued_at"], limits)
@@ -879,9 +884,12 @@ class ContextRuntime:
             self.index.defer(key, now + timedelta(seconds=self.index.resend_after))
             if not self.index.should_send(key, batch_id, monotonic_now):
                 continue
+            batch = state["open_batch"]
+            seen = len(batch["messages"]) if batch is not None and batch["batch_id"] == batch_id else None
             due.append((key, batch_id, {
                 "kind": "flush", "customer_key": key, "batch_id": batch_id, "issued_at": now,
                 "history": [], "history_error": None, "history_pages": 0, "actor": None,
+                "batch_messages": seen,  # exactly these are flushed, whenever the command is handled
             }))
         # All due flushes at once: awaiting each ack in turn stretched the tick with the load.
         results = await asyncio.gather(*(self.send_command(c) for _, _, c in due), return_exceptions=True)

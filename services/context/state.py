@@ -389,11 +389,28 @@ def _on_flush(
     if flushing is not None:
         return state, Effects(log=[("flush_ignored", {
             "batch_id": batch_id, "reason": "earlier_batch_flushing"})])
-    if not _is_due(batch, now, limits):
+    seen = command.get("batch_messages")
+    if seen is not None and len(batch["messages"]) < seen:
+        # A replay in another interleaving: messages the timer saw are not handled yet. The timer
+        # sends the flush again once they are (with the same count: the same batch).
+        return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "not_yet_seen"})])
+    if not _is_due(_seen_part(batch, seen), now, limits):  # judged on what the timer saw
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "not_due"})])
     state = copy.deepcopy(state)
     batch = state["open_batch"]
     assert batch is not None
+    later = _take_unseen(batch, seen)
+    state, effects = _flush_open_batch(state, batch, now, limits)
+    if later:
+        _reopen(state, batch, later)
+    return state, effects
+
+
+def _flush_open_batch(
+    state: CustomerState, batch: Batch, now: datetime, limits: Limits
+) -> tuple[CustomerState, Effects]:
+    """Flushes the open batch (state already copied): finalize it, or order its history check."""
+    batch_id = batch["batch_id"]
     gap = gap_decision(batch, state["customer_key"], limits, bool(state["held_messages"]))
     effects = Effects(metrics=[("gap_checks_total", {"outcome": gap.outcome}, 1)])
     if not gap.check:
@@ -712,6 +729,39 @@ def _open_batch(state: CustomerState, now: datetime) -> Batch:
     }
     state["open_batch"] = batch
     return batch
+
+
+def _seen_part(batch: Batch, seen: int | None) -> Batch:
+    """The batch as the timer saw it: its first `seen` messages (the batch itself when that is all)."""
+    if seen is None or len(batch["messages"]) <= seen:
+        return batch
+    part = batch.copy()
+    part["messages"] = batch["messages"][:seen]
+    part["last_message_at"] = max(m["received_at"] for m in part["messages"])
+    return part
+
+
+def _take_unseen(batch: Batch, seen: int | None) -> list[InboundMessage]:
+    """Removes (and returns) the batch's messages after the first `seen`: they were handled after
+    the timer decided the flush, so they belong to the next batch, however the replay interleaves."""
+    part = _seen_part(batch, seen)
+    if part is batch:
+        return []
+    later = batch["messages"][len(part["messages"]):]
+    batch["messages"], batch["last_message_at"] = part["messages"], part["last_message_at"]
+    return later
+
+
+def _reopen(state: CustomerState, flushed: Batch, later: list[InboundMessage]) -> None:
+    """Opens the next batch with `later`, exactly as if they had come after the flush."""
+    before = state["last_inbound_at"]
+    state["last_inbound_at"] = flushed["prior_last_inbound_at"]
+    for message in flushed["messages"]:
+        state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
+    batch = _open_batch(state, later[0]["received_at"])
+    state["last_inbound_at"] = before
+    batch["messages"] = later
+    batch["last_message_at"] = later[-1]["received_at"]
 
 
 def _batch_fields(batch: Batch) -> dict[str, object]:
