@@ -38,7 +38,7 @@ from aiokafka.structs import TopicPartition
 
 from . import codec, metrics
 from .config import Settings
-from .kafka import Topics, dead_letter
+from .kafka import Topics, dead_letter, make_consumer
 from .keys import mask
 from .logs import event
 
@@ -173,8 +173,8 @@ class KeyedConsumer:
     async def start(self) -> None:
         """Joins the group and starts fetching; returns once the consumer is started (not assigned)."""
         session_ms = int(self.settings.broker_session_timeout_seconds * 1000)
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+        self._consumer = make_consumer(
+            self.settings,
             group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

@@ -841,6 +841,20 @@ def _broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap.split(",") if server.strip()]
 
 
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """faust's form of `kafka.client_security(settings)`: its consumers, producer and admin use it."""
+    security = kafka.client_security(settings)
+    protocol = security.get("security_protocol", "PLAINTEXT")
+    if protocol.startswith("SASL_"):
+        return faust.SASLCredentials(
+            username=security["sasl_plain_username"], password=security["sasl_plain_password"],
+            mechanism=security["sasl_mechanism"], ssl_context=security.get("ssl_context"),
+        )
+    if protocol == "SSL":
+        return faust.SSLCredentials(security["ssl_context"])
+    return None
+
+
 def _web_host(bind: str) -> str:
     """The host peers use to reach this worker's views (table routing); a wildcard bind → hostname."""
     return socket.gethostname() if bind in ("0.0.0.0", "::", "") else bind
@@ -861,6 +875,7 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
     app = ContextApp(
         f"{settings.topic_prefix}{SERVICE}",
         broker=_broker_urls(settings.kafka_bootstrap_servers),
+        broker_credentials=broker_credentials(settings),
         store=store,
         datadir=str(Path(settings.data_dir) / f"context-{settings.context_web_port}"),
         topic_partitions=settings.topic_partitions,
