@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import faust
 import pytest
@@ -15,7 +16,7 @@ from services.common.kafka import check_kafka_auth, client_options, client_secur
 from services.context.app import broker_credentials
 from tests.tls import make_pki
 
-SASL = {"kafka_sasl_username": "svc", "kafka_sasl_password": "pw-unit-0001"}
+SASL: dict[str, Any] = {"kafka_sasl_username": "svc", "kafka_sasl_password": "pw-unit-0001"}
 
 
 def test_plaintext_adds_nothing_to_the_clients() -> None:
