@@ -115,6 +115,9 @@ def test_context_is_a_statefulset_with_a_volume_at_data_dir_and_a_standby(
     assert pod_settings.context_store == "rocksdb"
     headless = by_kind(resources, "Service")[context["spec"]["serviceName"]]
     assert headless["spec"]["clusterIP"] == "None"
+    # with CONTEXT_WEB_HOST=0.0.0.0 a worker advertises socket.gethostname() to its peers
+    assert pod_settings.context_web_host == "0.0.0.0"
+    assert context["spec"]["template"]["spec"]["setHostnameAsFQDN"] is True, "a name peers can resolve"
 
 
 def test_every_variable_is_a_setting_and_secrets_come_from_secrets(
