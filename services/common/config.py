@@ -1,7 +1,7 @@
 """All configuration, from environment variables (a `.env` file is read if present).
 
 Every setting has a documented default here and in the README's configuration table; the names of
-DESIGN.md's "Outer contract" are fixed because operators' scripts rely on them.
+docs/design.md's "Outer contract" are fixed because operators' scripts rely on them.
 """
 
 from __future__ import annotations

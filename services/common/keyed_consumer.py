@@ -4,7 +4,7 @@ what is finished.
 Why not a faust agent: an agent gives one in-flight event per partition (concurrency=1), or loses
 per-key order and commit safety (concurrency>1, faust #606 commits past unfinished events). The
 responder and vision wait seconds on OpenAI per record, so they need many customers in flight per
-partition while one customer's records stay in order (reference/faust.md, "Concurrency and delivery").
+partition while one customer's records stay in order (docs/faust.md, "Concurrency and delivery").
 
 Design:
 - one FIFO queue per Kafka key; at most `concurrency` keys in flight; a key with more records goes

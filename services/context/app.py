@@ -14,7 +14,7 @@ could lose an effect for good (state says "done", effect never reached the broke
 takes events in chunks: every event's effects are produced, their acks awaited together, then the
 states are written in order (the rule holds per event; faust acks the chunk's offsets after that).
 
-faust pitfalls handled here (reference/faust.md, reference/broker.md):
+faust pitfalls handled here (docs/faust.md, docs/broker.md):
 - values are consumed RAW and decoded in a guard; anything that fails goes to the dead-letter topic
   with its reason and the agent carries on — an agent that raises dies while the process lives on,
   so readiness also reports a crashed agent;
