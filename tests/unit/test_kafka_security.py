@@ -82,6 +82,18 @@ async def test_check_reports_configuration_errors_without_connecting() -> None:
     assert await check_kafka_auth(Settings()) == "KAFKA_BOOTSTRAP_SERVERS is empty"
 
 
+async def test_check_names_an_unreachable_broker() -> None:
+    from services.common.broker import free_port
+
+    closed = Settings(kafka_bootstrap_servers=f"127.0.0.1:{free_port()}")
+    reason = str(await check_kafka_auth(closed, timeout=3))
+    assert reason.startswith(f"{closed.kafka_bootstrap_servers}: cannot connect")
+    assert "is the broker running and the address right?" in reason
+    assert await check_kafka_auth(Settings(kafka_bootstrap_servers="no-port")) == (
+        "KAFKA_BOOTSTRAP_SERVERS entry 'no-port' is not host:port"
+    )
+
+
 def test_the_sasl_password_is_masked_in_logs() -> None:
     client_security(Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_username="svc",
                              kafka_sasl_password="hunter2-sasl-pw"))
