@@ -11,7 +11,6 @@ import pytest
 
 from services.common.broker import EmbeddedKafka, SecuredListener
 from services.common.config import Settings
-from tests.tls import make_pki
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +34,8 @@ def secured_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings
     Yields the client settings that reach it (SCRAM-SHA-512 as user `watistream`); started only
     by the tests that ask for it.
     """
+    from tests.tls import make_pki  # cryptography: only the secured-Kafka tests need it
+
     pki = make_pki(tmp_path_factory.mktemp("pki"))
     broker = EmbeddedKafka(
         tmp_path_factory.mktemp("secured-kafka"), partitions=4,
