@@ -30,6 +30,7 @@ from aiokafka.structs import TopicPartition
 
 from services.common.broker import free_port
 from services.common.config import Settings
+from services.common.kafka import make_consumer
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBHOOK_TOKEN = "bench-webhook-token"
@@ -479,8 +480,8 @@ def plain_request(batch_id: str, messages: list[dict[str, Any]], created_at: Any
 
 async def assigned_consumer(settings: Settings, topic: str, *, offset_reset: str) -> AIOKafkaConsumer:
     """A plain consumer of every partition of `topic` (no group, no commits): the baselines' input."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+    consumer = make_consumer(
+        settings,
         enable_auto_commit=False,
         auto_offset_reset=offset_reset,
         fetch_max_wait_ms=20,

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-# A WATI `message` webhook (reference/wati.md, the shape of services/devtools/scenario.py), with
+# A WATI `message` webhook (docs/wati.md, the shape of services/devtools/scenario.py), with
 # placeholders for what varies; built with %-formatting, which costs ~1 µs per body.
 _TEMPLATE = (
     '{"id": "%(oid)s", "created": "%(created)s", "whatsappMessageId": "wamid.HBgL%(wamid)s", '

@@ -189,9 +189,7 @@ async def _stack(
     topics = await ensure_topics(settings)
     commands = topics.context_commands if worker == "context" else None
     reader = await TopicReader(
-        bench.bootstrap,
-        [topics.responder_requests, *([commands] if commands else [])],
-        settings.topic_partitions,
+        settings, [topics.responder_requests, *([commands] if commands else [])]
     ).start()
     ingest = ServiceProcess.watistream(bench, "ingest", settings, tag=f"-{name}")
     if worker == "context":

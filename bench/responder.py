@@ -69,7 +69,7 @@ async def _measure(bench: BenchEnv, standins: StandIns, kind: str) -> dict[str, 
     )
     limit = settings.responder_concurrency / OPENAI_LATENCY
     topics = await ensure_topics(settings)
-    reader = await TopicReader(bench.bootstrap, [topics.replies], settings.topic_partitions).start()
+    reader = await TopicReader(settings, [topics.replies]).start()
     if kind == "responder":
         service = ServiceProcess.watistream(bench, "responder", settings).start()
     else:

@@ -19,6 +19,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from services.common import codec
+from services.common.config import Settings
+from services.common.kafka import make_consumer
 
 
 @dataclass
@@ -38,9 +40,9 @@ class Seen:
 class TopicReader:
     """Reads topics from offset 0 in the background; `records[topic]` in per-partition order."""
 
-    def __init__(self, bootstrap: str, topics: list[str], partitions: int) -> None:
-        self.bootstrap = bootstrap
-        self.partitions = partitions  # every topic of the project has the configured count
+    def __init__(self, settings: Settings, topics: list[str]) -> None:
+        self.settings = settings
+        self.partitions = settings.topic_partitions  # every topic of the project has this count
         self.topics = topics
         self.records: dict[str, list[Seen]] = {t: [] for t in topics}
         self.undecodable = 0
@@ -49,8 +51,8 @@ class TopicReader:
         self._changed = asyncio.Event()
 
     async def start(self) -> TopicReader:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
+        consumer = make_consumer(
+            self.settings,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=20,

@@ -180,7 +180,7 @@ async def run(bench: BenchEnv) -> dict[str, Any]:
     Path(settings_a.data_dir).mkdir(parents=True, exist_ok=True)
     worker, ready_empty, rss_empty = await _start(bench, settings_a, "a")
     try:
-        reader = await TopicReader(bench.bootstrap, [changelog], base.topic_partitions).start()
+        reader = await TopicReader(base, [changelog]).start()
         producer = make_producer(base)
         await producer.start()
         now = utcnow()

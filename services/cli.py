@@ -1,4 +1,4 @@
-"""`watistream` — the one console script (DESIGN.md, "Outer contract").
+"""`watistream` — the one console script (docs/design.md, "Outer contract").
 
 Each sub-command imports only what it runs, so `watistream broker` starts without faust.
 """

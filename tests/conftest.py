@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.broker import EmbeddedKafka
+from services.common.broker import EmbeddedKafka, SecuredListener
 from services.common.config import Settings
 
 
@@ -19,6 +19,35 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     broker = EmbeddedKafka(tmp_path_factory.mktemp("kafka"), partitions=4)
     try:
         yield broker.start()
+    finally:
+        broker.stop()
+
+
+#: The SASL users of the secured broker (each has SCRAM-SHA-256/512 and PLAIN credentials).
+SECURED_USERS = {"watistream": "s3cret-watistream-pw", "other": "other-pw-0000"}
+
+
+@pytest.fixture(scope="session")
+def secured_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A second embedded broker whose only client listener is SASL_SSL, with a CA made here.
+
+    Yields the client settings that reach it (SCRAM-SHA-512 as user `watistream`); started only
+    by the tests that ask for it.
+    """
+    from tests.tls import make_pki  # cryptography: only the secured-Kafka tests need it
+
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    broker = EmbeddedKafka(
+        tmp_path_factory.mktemp("secured-kafka"), partitions=4,
+        secured=SecuredListener(pki.cert_file, pki.key_file, pki.ca_file, SECURED_USERS),
+    )
+    try:
+        bootstrap = broker.start()
+        yield Settings(
+            kafka_bootstrap_servers=bootstrap, kafka_security_protocol="SASL_SSL",
+            kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="watistream",
+            kafka_sasl_password=SECURED_USERS["watistream"], kafka_ssl_ca_file=str(pki.ca_file),
+        )
     finally:
         broker.stop()
 

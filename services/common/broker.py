@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,60 @@ def _die_with_parent() -> None:
     os.setpgrp()  # a Ctrl-C in the terminal reaches the parent, which stops us in order
 
 
+SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN")
+
+
+@dataclass(frozen=True)
+class SecuredListener:
+    """Makes the client listener SASL_SSL: TLS with a PEM key and certificate, SASL users.
+
+    Every user gets SCRAM-SHA-256 and SCRAM-SHA-512 credentials (created when the storage is
+    formatted, as KRaft requires) and a PLAIN login. The broker talks to itself over the same
+    listener as the first user, trusting `ca_file`. For tests and secured rehearsals; the default
+    broker stays PLAINTEXT.
+    """
+
+    cert_file: Path  # PEM: the broker's certificate, then any intermediates
+    key_file: Path  # PEM: its unencrypted PKCS#8 private key
+    ca_file: Path  # PEM: the CA that signed cert_file
+    users: Mapping[str, str]  # user name -> password
+
+    def properties(self) -> dict[str, str]:
+        user, password = next(iter(self.users.items()))
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required"
+        plain_users = " ".join(f'user_{u}="{p}"' for u, p in self.users.items())
+        return {
+            "inter.broker.listener.name": "SASL_SSL",
+            "sasl.enabled.mechanisms": ",".join(SASL_MECHANISMS),
+            "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": f"{scram};",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config":
+                f'{scram} username="{user}" password="{password}";',
+            "listener.name.sasl_ssl.plain.sasl.jaas.config":
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="{user}" password="{password}" {plain_users};',
+            # PEM key and chain inline (a PEM keystore *file* demands an encrypted key)
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.key": _one_line(self.key_file.read_text()),
+            "ssl.keystore.certificate.chain": _one_line(self.cert_file.read_text()),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.ca_file),
+        }
+
+    def scram_format_args(self) -> list[str]:
+        """`kafka-storage format` arguments creating every user's SCRAM credentials."""
+        args: list[str] = []
+        for user, password in self.users.items():
+            for mechanism in SASL_MECHANISMS[:2]:
+                args += ["--add-scram", f"{mechanism}=[name={user},password={password}]"]
+        return args
+
+
+def _one_line(pem: str) -> str:
+    """A multi-line PEM as one properties value (`\\n` is a newline to java.util.Properties)."""
+    return "\\n".join(pem.strip().splitlines())
+
+
 @dataclass
 class EmbeddedKafka:
     """One broker process. `start()` blocks until it accepts connections."""
@@ -100,6 +155,7 @@ class EmbeddedKafka:
     controller_port: int = 0
     partitions: int = 8
     heap: str = "512m"
+    secured: SecuredListener | None = None  # None: the PLAINTEXT listener of dev/demo
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -111,13 +167,14 @@ class EmbeddedKafka:
         return self.data_dir / "broker.log"
 
     def _write_config(self) -> Path:
+        client = "SASL_SSL" if self.secured else "PLAINTEXT"
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": f"{client}://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"{client}://127.0.0.1:{self.port}",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": f"{client}:{client},CONTROLLER:PLAINTEXT",
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
             "log.dirs": str(self.data_dir / "logs"),
             "num.partitions": str(self.partitions),
@@ -130,6 +187,7 @@ class EmbeddedKafka:
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
             "log.retention.hours": "168",
+            **(self.secured.properties() if self.secured else {}),
         }
         path = self.data_dir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -155,7 +213,8 @@ class EmbeddedKafka:
                 cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
             fmt = subprocess.run(
                 ["java", "-cp", classpath, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                 "-c", str(config), "--standalone"],
+                 "-c", str(config), "--standalone",
+                 *(self.secured.scram_format_args() if self.secured else [])],
                 capture_output=True, text=True, check=False,
             )
             if fmt.returncode != 0:

@@ -1,7 +1,7 @@
 """All configuration, from environment variables (a `.env` file is read if present).
 
 Every setting has a documented default here and in the README's configuration table; the names of
-DESIGN.md's "Outer contract" are fixed because operators' scripts rely on them.
+docs/design.md's "Outer contract" are fixed because operators' scripts rely on them.
 """
 
 from __future__ import annotations
@@ -192,6 +192,26 @@ class Settings:
         "payment_proof,general_inquiry,other", "IMAGE_CATEGORIES", "image classes"
     )
     log_level: str = _env_field("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING")
+
+    # --- Secured Kafka (SASL / TLS). Every client (aiokafka producers, consumers, admin, faust)
+    # --- gets these through services.common.kafka.client_options(); PLAINTEXT keeps the old behaviour.
+    kafka_security_protocol: str = _env_field(
+        "PLAINTEXT", "KAFKA_SECURITY_PROTOCOL", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
+    kafka_sasl_mechanism: str = _env_field(
+        "PLAIN", "KAFKA_SASL_MECHANISM", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols)"
+    )
+    kafka_sasl_username: str = _env_field("", "KAFKA_SASL_USERNAME", "SASL user (SASL_* protocols)")
+    kafka_sasl_password: str = _env_field("", "KAFKA_SASL_PASSWORD", "SASL password (SASL_* protocols)")
+    kafka_ssl_ca_file: str = _env_field(
+        "", "KAFKA_SSL_CA_FILE", "PEM CA that signed the broker's certificate; empty = system CAs"
+    )
+    kafka_ssl_cert_file: str = _env_field(
+        "", "KAFKA_SSL_CERT_FILE", "PEM client certificate (mutual TLS); empty = none"
+    )
+    kafka_ssl_key_file: str = _env_field(
+        "", "KAFKA_SSL_KEY_FILE", "PEM private key of KAFKA_SSL_CERT_FILE"
+    )
 
     @property
     def gap_policy(self) -> GapPolicy:

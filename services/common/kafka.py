@@ -9,15 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from dataclasses import dataclass, fields
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+)
+from aiokafka.helpers import create_ssl_context
 
-from . import codec, metrics
-from .config import Settings
+from . import codec, logs, metrics
+from .config import ConfigError, Settings
 from .logs import event
 from .timeparse import utcnow
 
@@ -50,6 +58,141 @@ class Topics:
 
 COMPACTED = {"responder_state"}
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def client_security(settings: Settings) -> dict[str, Any]:
+    """aiokafka's security keyword arguments (the same for producers, consumers and the admin client).
+
+    Empty for PLAINTEXT, so an unsecured broker sees exactly the clients it saw before. Raises
+    ConfigError naming the setting when the combination cannot work (it would otherwise surface as
+    an opaque connection failure). The SASL password is registered as a secret for the logs.
+    """
+    protocol = settings.kafka_security_protocol.strip().upper()
+    if protocol not in SECURITY_PROTOCOLS:
+        raise ConfigError(
+            f"KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}, "
+            f"got {settings.kafka_security_protocol!r}"
+        )
+    if protocol == "PLAINTEXT":
+        return {}
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol.startswith("SASL_"):
+        mechanism = settings.kafka_sasl_mechanism.strip().upper()
+        if mechanism not in SASL_MECHANISMS:
+            raise ConfigError(
+                f"KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)}, "
+                f"got {settings.kafka_sasl_mechanism!r}"
+            )
+        if not settings.kafka_sasl_username or not settings.kafka_sasl_password:
+            raise ConfigError(
+                f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+            )
+        logs.register_secret(settings.kafka_sasl_password)
+        options.update(
+            sasl_mechanism=mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=settings.kafka_sasl_password,
+        )
+    if protocol.endswith("SSL"):
+        options["ssl_context"] = _ssl_context(settings)
+    return options
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext:
+    """Verifies the broker's certificate and host name (system CAs unless KAFKA_SSL_CA_FILE)."""
+    if settings.kafka_ssl_key_file and not settings.kafka_ssl_cert_file:
+        raise ConfigError("KAFKA_SSL_KEY_FILE is set but KAFKA_SSL_CERT_FILE is empty")
+    try:
+        return create_ssl_context(
+            cafile=settings.kafka_ssl_ca_file or None,
+            certfile=settings.kafka_ssl_cert_file or None,
+            keyfile=settings.kafka_ssl_key_file or None,
+        )
+    except (OSError, ssl.SSLError) as exc:
+        names = "KAFKA_SSL_CA_FILE / KAFKA_SSL_CERT_FILE / KAFKA_SSL_KEY_FILE"
+        raise ConfigError(f"cannot load the Kafka TLS files ({names}): {exc}") from exc
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Bootstrap servers plus security: the keyword arguments every Kafka client is built with."""
+    return {"bootstrap_servers": settings.kafka_bootstrap_servers, **client_security(settings)}
+
+
+def make_consumer(settings: Settings, *topics: str, **options: Any) -> AIOKafkaConsumer:
+    """An aiokafka consumer on the configured cluster; `options` are the caller's consumer knobs."""
+    return AIOKafkaConsumer(*topics, **client_options(settings), **options)
+
+
+def make_admin(settings: Settings, **options: Any) -> AIOKafkaAdminClient:
+    """An admin client on the configured cluster (topic listing and creation)."""
+    return AIOKafkaAdminClient(**client_options(settings), **options)
+
+
+async def check_kafka_auth(settings: Settings, timeout: float = 10.0) -> str | None:
+    """None when a bootstrap server accepts a connection with the configured security, else why not.
+
+    Connects directly (aiokafka's own bootstrap only says "Unable to bootstrap"), so a wrong
+    password, an untrusted certificate or a protocol mismatch each get their own sentence, naming
+    the setting to change. Tried in order over KAFKA_BOOTSTRAP_SERVERS; the first success wins.
+    """
+    if not settings.kafka_bootstrap_servers.strip():
+        return "KAFKA_BOOTSTRAP_SERVERS is empty"
+    try:
+        security = client_security(settings)
+    except ConfigError as exc:
+        return str(exc)
+    reasons: list[str] = []
+    for server in (s.strip() for s in settings.kafka_bootstrap_servers.split(",") if s.strip()):
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit():
+            return f"KAFKA_BOOTSTRAP_SERVERS entry {server!r} is not host:port"
+        try:
+            conn = await asyncio.wait_for(
+                create_conn(host.strip("[]"), int(port), request_timeout_ms=int(timeout * 1000), **security),
+                timeout,
+            )
+        except Exception as exc:  # each failure becomes a sentence; nothing escapes a check
+            reasons.append(f"{server}: {_auth_failure(settings, exc)}")
+            continue
+        conn.close()
+        return None
+    return "; ".join(reasons)
+
+
+def _auth_failure(settings: Settings, exc: BaseException) -> str:
+    """One operator-facing sentence for a failed connection, naming what to change."""
+    protocol = settings.kafka_security_protocol.strip().upper()
+    if isinstance(exc, SaslAuthenticationFailed):
+        return (
+            f"the broker rejected user {settings.kafka_sasl_username!r} with "
+            f"{settings.kafka_sasl_mechanism} (wrong KAFKA_SASL_USERNAME / KAFKA_SASL_PASSWORD, "
+            f"or the user has no {settings.kafka_sasl_mechanism} credentials): {exc}"
+        )
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return f"KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism} is not enabled on the broker: {exc}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"the broker's TLS certificate is not trusted ({exc.verify_message}); set KAFKA_SSL_CA_FILE "
+            "to the CA that signed it, and check the host name in KAFKA_BOOTSTRAP_SERVERS matches it"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc}); does the listener speak {protocol}?"
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return (
+            "no answer in time: the broker is unreachable, or KAFKA_SECURITY_PROTOCOL="
+            f"{protocol} does not match the listener (TLS vs plain, SASL or not)"
+        )
+    if isinstance(exc, ConnectionError | OSError):
+        return f"cannot connect ({exc}); is the broker running and the address right?"
+    if isinstance(exc, KafkaError):
+        return (
+            f"connection failed ({type(exc).__name__}: {exc}); check that KAFKA_SECURITY_PROTOCOL="
+            f"{protocol} matches the listener"
+        )
+    return f"connection failed ({type(exc).__name__}: {exc})"
+
 
 async def ensure_topics(settings: Settings, attempts: int = 30) -> Topics:
     """Creates every topic that does not exist yet; safe to call from every process at start."""
@@ -64,7 +207,7 @@ async def ensure_topics(settings: Settings, attempts: int = 30) -> Topics:
         for f in fields(topics)
     ]
     for attempt in range(attempts):
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+        admin = make_admin(settings)
         try:
             await admin.start()
             existing = set(await admin.list_topics())
@@ -87,7 +230,7 @@ async def ensure_topics(settings: Settings, attempts: int = 30) -> Topics:
 def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     """acks=all and idempotence: a retried send never duplicates; linger lets requests share batches."""
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        **client_options(settings),
         "acks": "all",
         "enable_idempotence": True,
         "linger_ms": 2,

@@ -4,7 +4,7 @@ what is finished.
 Why not a faust agent: an agent gives one in-flight event per partition (concurrency=1), or loses
 per-key order and commit safety (concurrency>1, faust #606 commits past unfinished events). The
 responder and vision wait seconds on OpenAI per record, so they need many customers in flight per
-partition while one customer's records stay in order (reference/faust.md, "Concurrency and delivery").
+partition while one customer's records stay in order (docs/faust.md, "Concurrency and delivery").
 
 Design:
 - one FIFO queue per Kafka key; at most `concurrency` keys in flight; a key with more records goes
@@ -38,7 +38,7 @@ from aiokafka.structs import TopicPartition
 
 from . import codec, metrics
 from .config import Settings
-from .kafka import Topics, dead_letter
+from .kafka import Topics, dead_letter, make_consumer
 from .keys import mask
 from .logs import event
 
@@ -173,8 +173,8 @@ class KeyedConsumer:
     async def start(self) -> None:
         """Joins the group and starts fetching; returns once the consumer is started (not assigned)."""
         session_ms = int(self.settings.broker_session_timeout_seconds * 1000)
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+        self._consumer = make_consumer(
+            self.settings,
             group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

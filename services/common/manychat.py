@@ -1,4 +1,4 @@
-"""ManyChat sending client: `POST /fb/sending/sendContent` (reference/manychat.md).
+"""ManyChat sending client: `POST /fb/sending/sendContent` (docs/manychat.md).
 
 Failures are `ManyChatError` with a short `reason` safe to log (never the body, the subscriber id
 or the token) and `retryable`. When a reply needs several calls (more than 10 messages) and a later

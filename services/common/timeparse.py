@@ -1,6 +1,6 @@
 """Every timestamp format WATI and ManyChat send, parsed to timezone-aware UTC.
 
-Formats seen (reference/wati.md): unix seconds as a string or number (`"1764238453"`), unix
+Formats seen (docs/wati.md): unix seconds as a string or number (`"1764238453"`), unix
 milliseconds, ISO 8601 with 0-7 fractional digits, with `Z`, an offset or nothing (then UTC),
 and `24|11|2022` dates inside ticket texts. Unparseable input gives None, never a guess.
 """

@@ -1,4 +1,4 @@
-"""WATI API client: conversation history, session messages, media (reference/wati.md).
+"""WATI API client: conversation history, session messages, media (docs/wati.md).
 
 Read leniently, fail explicitly: every failure is a `WatiError` with a short `reason` code that is
 safe to log (never a response body, a phone number or the token), and `retryable` tells the caller

@@ -18,7 +18,7 @@ completing are pipelined: the agent runs the state function of the next events w
 task awaits the acks of the earlier ones, in chunks of whatever is queued (no polling).
   3. THEN ack the input event, in arrival order.
 
-faust pitfalls handled here (reference/faust.md, reference/broker.md):
+faust pitfalls handled here (docs/faust.md, docs/broker.md):
 - values are consumed RAW and decoded in a guard; anything that fails goes to the dead-letter topic
   with its reason and the agent carries on — an agent that raises dies while the process lives on,
   so readiness also reports a crashed agent;
@@ -1005,6 +1005,20 @@ def _broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap.split(",") if server.strip()]
 
 
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """faust's form of `kafka.client_security(settings)`: its consumers, producer and admin use it."""
+    security = kafka.client_security(settings)
+    protocol = security.get("security_protocol", "PLAINTEXT")
+    if protocol.startswith("SASL_"):
+        return faust.SASLCredentials(
+            username=security["sasl_plain_username"], password=security["sasl_plain_password"],
+            mechanism=security["sasl_mechanism"], ssl_context=security.get("ssl_context"),
+        )
+    if protocol == "SSL":
+        return faust.SSLCredentials(security["ssl_context"])
+    return None
+
+
 def _web_host(bind: str) -> str:
     """The host peers use to reach this worker's views (table routing); a wildcard bind → hostname."""
     return socket.gethostname() if bind in ("0.0.0.0", "::", "") else bind
@@ -1025,6 +1039,7 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
     app = ContextApp(
         f"{settings.topic_prefix}{SERVICE}",
         broker=_broker_urls(settings.kafka_bootstrap_servers),
+        broker_credentials=broker_credentials(settings),
         store=store,
         datadir=str(Path(settings.data_dir) / f"context-{settings.context_web_port}"),
         topic_partitions=settings.topic_partitions,

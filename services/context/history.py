@@ -1,6 +1,6 @@
 """WATI getMessages items -> `HistoryItem`s: times parsed to aware UTC, ids and sender kept.
 
-Pure and lenient (reference/wati.md: "real payloads vary"): one garbage item gives None and never
+Pure and lenient (docs/wati.md: "real payloads vary"): one garbage item gives None and never
 raises, so one odd item cannot cost a customer their whole missed-message context.
 
 What each item becomes:

@@ -1,7 +1,7 @@
 """`watistream context`: creates the topics, then runs the context service's faust worker.
 
 Topics are created BEFORE the worker starts: a faust worker silently ignores a source topic that
-did not exist when it subscribed (reference/broker.md). The worker is started programmatically
+did not exist when it subscribed (docs/broker.md). The worker is started programmatically
 (faust's own CLI would parse our argv); SIGTERM / SIGINT stop it cleanly (commit, flush, close).
 """
 

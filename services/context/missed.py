@@ -1,9 +1,9 @@
 """The exact missed-message context of one batch: what customer and human agents said since the
 bot's last reply and before the batch, from WATI's history and from real-time agent events.
 
-Pure: no Kafka, no HTTP, no clock (every time is passed in). The old system's post-mortem bugs 3-5
-are ruled out here: items are kept by the WINDOW (never "the last N"), sorted by PARSED time, the
-cutoff is the bot's last reply, and our own messages are never "missed".
+Pure: no Kafka, no HTTP, no clock (every time is passed in). The old system's bugs 3-5
+(docs/old-system.md) are ruled out here: items are kept by the WINDOW (never "the last N"), sorted
+by PARSED time, the cutoff is the bot's last reply, and our own messages are never "missed".
 
 Decisions (issue 3 point 5, issue 9 points 2 and 4):
 - Window: strictly after `cutoff` (the batch's prior `last_reply_at`; without one, strictly after

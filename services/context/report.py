@@ -33,7 +33,7 @@ from typing import Any, cast
 
 from services.common import codec, logs
 from services.common.config import Settings
-from services.common.kafka import Topics
+from services.common.kafka import Topics, make_admin, make_consumer
 from services.common.keys import mask
 from services.common.logs import redact
 from services.common.records import BatchDecision, DeadLetter
@@ -433,12 +433,7 @@ def _feed(summary: Summary, role: str, value: bytes | None) -> bool:
 async def _partitions(settings: Settings, names: list[str], timeout_ms: int) -> dict[str, list[int]]:
     """Partition ids of the named topics that exist. Asks for ALL topics' metadata: naming a topic in
     a metadata request could auto-create it on a broker with auto.create.topics.enable."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=timeout_ms,
-        client_id="watistream-report",
-    )
+    admin = make_admin(settings, request_timeout_ms=timeout_ms, client_id="watistream-report")
     try:
         await admin.start()
         described = await admin.describe_topics(None)
@@ -483,8 +478,8 @@ async def collect(
                 summary = Summary(until - min(window, until - EPOCH), until)  # `--since 9999w`
                 if not tps:
                     return Collected(summary, {}, True, notes)
-                consumer = AIOKafkaConsumer(
-                    bootstrap_servers=settings.kafka_bootstrap_servers,
+                consumer = make_consumer(
+                    settings,
                     group_id=None,  # never commits: the report cannot move any service's offsets
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",  # retention deleted the seeked offset: read what is left

@@ -11,7 +11,7 @@ state passed in: they work on a deep copy, so a caller may compare before and af
 Times: `now` is the worker's wall clock as carried by the event being handled (the flush command's
 `issued_at`, or the processing time the shell passes) — injected, so tests control it.
 
-Invariants (the old system's post-mortem, DESIGN.md "Lessons"):
+Invariants (the old system's bugs, docs/old-system.md; docs/design.md "Lessons"):
 1. `last_inbound_at` changes only on customer messages; `last_reply_at` only on reply events.
 2. A batch captures `prior_last_inbound_at` / `prior_last_reply_at` when it OPENS, before anything
    is updated; nothing read later changes them (6: the same rule for the reply time).
@@ -45,7 +45,7 @@ Decisions taken here (where the issues leave a choice):
   counts as human only with an operator name or e-mail that is not ours (our own echo arrives
   without one). A reply that reveals an earlier "human" item was our own send removes it again.
 - Pruning real-time agent messages on a reply never drops what a pending batch still needs (its
-  cutoff may be older than the new reply: post-mortem bug 6).
+  cutoff may be older than the new reply: docs/old-system.md, bug 6).
 - Customer messages of earlier batches the bot ANSWERED are remembered (`answered:<id>` in
   `recent_event_ids`) and excluded from later missed context as `in_earlier_batch`, like those of
   batches still unanswered; a batch answered with nothing sent leaves its messages as context.
@@ -337,7 +337,7 @@ def batch_start(batch: Batch) -> datetime:
 
 
 def gap_decision(batch: Batch, customer_key: str, limits: Limits, held: bool = False) -> GapDecision:
-    """Gap = earliest message of the batch - prior last_inbound_at (post-mortem bugs 1 and 2).
+    """Gap = earliest message of the batch - prior last_inbound_at (docs/old-system.md, bugs 1 and 2).
 
     `held`: customer messages of a held batch wait to be answered with this one. Their fetch found
     what the humans said meanwhile but kept none of it, so the history is read again whatever the gap

@@ -76,7 +76,7 @@ def demo_reply(request: dict[str, Any]) -> str:
 
 
 def wati_webhook(text: str, at: datetime, *, kind: str = "text", data: str | None = None) -> dict[str, Any]:
-    """A customer-message webhook as WATI sends it (reference/wati.md)."""
+    """A customer-message webhook as WATI sends it (docs/wati.md)."""
     return {
         "id": object_id(), "created": at.strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z",
         "whatsappMessageId": wamid(), "conversationId": "demo-conversation", "ticketId": "demo-ticket",

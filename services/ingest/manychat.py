@@ -1,7 +1,7 @@
 """ManyChat External Request body -> customer message or rejection. Pure.
 
 ManyChat has no fixed webhook: the account owner defines the body of an External Request
-(`reference/manychat.md`). Three shapes are accepted:
+(`docs/manychat.md`). Three shapes are accepted:
 
 (a) Full Subscriber Data at the top level: `{"id", "first_name", "last_name", "name",
     "last_input_text", "ig_id", "ig_username", ...}`;

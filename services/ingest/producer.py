@@ -10,7 +10,7 @@ a started idempotent producer reconnects by itself once the broker is back, and 
 out meanwhile do not wedge it (the next sends were acked in ~10 ms). Those timed-out records stay in
 the producer's buffer and ARE delivered after the broker returns, although their webhook was
 answered 503: if the provider retries, the same event id arrives twice and context's dedupe by
-event id drops the copy (at-least-once, DESIGN.md "Delivery"). So the producer is never recreated
+event id drops the copy (at-least-once, docs/design.md "Delivery"). So the producer is never recreated
 after a timeout: recreating it would only lose that buffer.
 """
 

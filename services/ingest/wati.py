@@ -1,6 +1,6 @@
 """WATI webhook payload -> customer message, business-side send, ignored event or rejection. Pure.
 
-Facts behind the rules are in `reference/wati.md`. Parsing is lenient about shape (real payloads
+Facts behind the rules are in `docs/wati.md`. Parsing is lenient about shape (real payloads
 vary: numbers where strings are documented, missing `eventType`, `_bsuid` variants) and strict about
 types that would corrupt a record (a list where the text belongs is a 400 naming the field).
 

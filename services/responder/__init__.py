@@ -1,1 +1,4 @@
-"""The responder: answers each batch through OpenAI in the customer's conversation, once (DESIGN.md 3)."""
+"""The responder: answers each batch through OpenAI in the customer's conversation, once.
+
+docs/design.md, "responder".
+"""

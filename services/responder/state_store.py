@@ -28,7 +28,7 @@ from aiokafka.structs import TopicPartition
 
 from ..common import codec
 from ..common.config import Settings
-from ..common.kafka import Topics
+from ..common.kafka import Topics, make_consumer
 from ..common.logs import event
 from ..common.records import BatchProgress, ResponderState
 from ..common.timeparse import utcnow
@@ -98,8 +98,8 @@ class StateStore:
 
     async def start(self) -> None:
         """Starts the reader (from the beginning of every partition); see `wait_ready`."""
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+        self._consumer = make_consumer(
+            self.settings,
             enable_auto_commit=False, auto_offset_reset="earliest", group_id=None,
         )
         await self._consumer.start()

@@ -138,7 +138,7 @@ class ResponderWorker:
         if progress is not None and progress["status"] == "sent":
             metrics.dedupe_hits_total.labels("responder_batch").inc()
             # the original send time: re-publishing "now" would move the context's cutoff past
-            # whatever humans wrote since (post-mortem bug 6). Records from before `sent_at` was
+            # whatever humans wrote since (docs/old-system.md, bug 6). Records from before `sent_at` was
             # stored fall back to the state's time when this batch was its last change.
             sent_at = progress.get("sent_at") or (
                 state["updated_at"] if state["batches"][-1]["batch_id"] == batch_id else None)

@@ -1,4 +1,4 @@
-"""ManyChat stand-in: `POST /fb/sending/sendContent`, validated like reference/manychat.md.
+"""ManyChat stand-in: `POST /fb/sending/sendContent`, validated like docs/manychat.md.
 
 Answers (shapes chosen where the reference is silent):
 - success: HTTP 200 `{"status": "success"}`;

@@ -1,4 +1,4 @@
-"""OpenAI stand-in: Conversations, Responses (with conversation state) and Files — reference/openai.md.
+"""OpenAI stand-in: Conversations, Responses (with conversation state) and Files — docs/openai.md.
 
 Works with the official `openai` SDK (`AsyncOpenAI(base_url=<url>, api_key=...)`). What it models:
 - conversations: create (items, metadata ≤ 16 pairs), retrieve, update, delete (items survive, like

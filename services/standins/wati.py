@@ -1,4 +1,4 @@
-"""WATI stand-in: getMessages history, sendSessionMessage/File, getMedia — shapes of reference/wati.md.
+"""WATI stand-in: getMessages history, sendSessionMessage/File, getMedia — shapes of docs/wati.md.
 
 Behaviour chosen where the reference says "unconfirmed" (tests rely on these choices):
 - getMessages of a contact with no history (unknown contact) answers the ordinary success shape

@@ -2,7 +2,7 @@
 
 Images are classified by ONE Responses API call made OUTSIDE the customer's conversation (no
 `conversation`, no `previous_response_id`, `store: false`): the classifier's JSON must never land in
-the customer's conversation (reference/openai.md). The answer is forced into a strict json_schema
+the customer's conversation (docs/openai.md). The answer is forced into a strict json_schema
 (`image_class`) whose category enum comes from `IMAGE_CATEGORIES`; we still validate it, because a
 refusal, a truncated answer or a model that ignores the schema must not break the batch.
 

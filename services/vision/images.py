@@ -2,7 +2,7 @@
 
 Pure functions, no I/O. We trust the bytes, never the provider's declared content type: WATI and
 CDNs label files loosely, and an HTML error page served with status 200 must not reach OpenAI as an
-"image". OpenAI reads PNG, JPEG, WEBP and non-animated GIF (reference/openai.md); everything else
+"image". OpenAI reads PNG, JPEG, WEBP and non-animated GIF (docs/openai.md); everything else
 is rejected here with a reason code that ends up in the dead-letter topic:
 
 - `not_an_image`       the bytes are no image at all (PDF, HTML, empty, unknown);

@@ -35,7 +35,7 @@ GAP, HOLD = 6.0, 4.0
 
 
 def bsuid_webhook(event_type: str, text: str, at: datetime, **extra: Any) -> dict[str, Any]:
-    """A BSUID-first WATI payload: `bsuid` always present, no `waId` (reference/wati.md)."""
+    """A BSUID-first WATI payload: `bsuid` always present, no `waId` (docs/wati.md)."""
     payload = {
         "eventType": event_type, "id": object_id(), "whatsappMessageId": wamid(),
         "created": at.strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z", "timestamp": str(int(at.timestamp())),

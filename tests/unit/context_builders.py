@@ -34,7 +34,7 @@ DAY = (2025, 10, 7)
 
 
 def t(clock: str, day: tuple[int, int, int] = DAY) -> datetime:
-    """`t("16:54:17")` or `t("16:54:17.250")`: an aware UTC time on the post-mortem's day."""
+    """`t("16:54:17")` or `t("16:54:17.250")`: an aware UTC time on the day of docs/old-system.md's cases."""
     main, _, frac = clock.partition(".")
     h, m, s = (int(x) for x in main.split(":"))
     micro = int((frac or "0").ljust(6, "0")[:6])

@@ -1,4 +1,4 @@
-"""getMessages items -> HistoryItem: every timestamp format of reference/wati.md, every eventType,
+"""getMessages items -> HistoryItem: every timestamp format of docs/wati.md, every eventType,
 lenient owners and texts, and garbage that must give None without raising."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from services.context.history import parse_history, parse_history_item
 
 
 def message(**overrides: Any) -> dict[str, Any]:
-    """A getMessages `message` item as WATI sends it (reference/wati.md)."""
+    """A getMessages `message` item as WATI sends it (docs/wati.md)."""
     item: dict[str, Any] = {
         "id": "69282478274a880fe782b2d9",
         "whatsappMessageId": "wamid.HBgNODYxAA==",

@@ -1,11 +1,11 @@
-"""Every bug of the old system's post-mortem (shared/seed/old-system-postmortem.md), replayed with
+"""Every bug of the old system (docs/old-system.md), replayed with
 its own timeline against the pure context logic. Each must be impossible here.
 
 Bug 7 (the image classifier sent "Error: No conversation context available" to a customer) lives
 in the responder/vision services, not in the context logic: its regression test belongs there.
 
 Where a timeline would also trigger the human-hold feature (issue 9), the test says how it is
-configured: some run with the hold off to replay the post-mortem exactly, some with it on to show
+configured: some run with the hold off to replay the old system's case exactly, some with it on to show
 the timeline through the whole state machine.
 """
 
@@ -75,7 +75,7 @@ def test_postmortem_bug3_unsorted_history_gives_every_gap_message_in_chronologic
     """Previous webhook 17:21:23, new one 444 s later (17:28:47). WATI returns the agent's 25 photo
     messages of the gap scrambled, with an OLD conversation at the end of the list: the old code's
     `[-20:]` injected those old messages as "[Unknown time]". Here: all 25, ascending, nothing old.
-    (Hold off: this replays the post-mortem; the hold has its own tests.)"""
+    (Hold off: this replays the old system's case; the hold has its own tests.)"""
     c = Customer(lim=limits(hold=0))
     c.message(inbound("w1", t("17:21:23"), "¿Me manda fotos del hotel?"))
     c.flush(t("17:21:53"))

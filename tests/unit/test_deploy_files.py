@@ -49,6 +49,13 @@ COMPOSE_ONLY = {
     "INIT_TOPICS": "kafka-init: topic names after the prefix",
     "INIT_COMPACTED_TOPICS": "kafka-init: compacted topic names after the prefix",
 }
+# `${VAR}`s of docker-compose.yml that are not settings of the code (profile services only).
+COMPOSE_VARIABLES = {
+    "WEBHOOK_DOMAIN": "tls profile: the public name Caddy gets a certificate for",
+    "GRAFANA_ADMIN_PASSWORD": "monitoring profile: Grafana's admin password",
+}
+# Services started only with `--profile NAME`, by profile.
+PROFILES = {"monitoring": {"prometheus", "grafana"}, "tls": {"webhook-proxy"}}
 KAFKA_IMAGE_ONLY = {"CLUSTER_ID"}  # the apache/kafka image's own, besides its KAFKA_* variables
 # The port each service listens on (a Settings field): health checks and published ports use it.
 SERVICE_PORT = {
@@ -162,6 +169,28 @@ def ports_of(service: dict[str, Any]) -> list[Port]:
     return out
 
 
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    read_only: bool
+    create_host_path: bool = True
+
+
+def mounts_of(service: dict[str, Any]) -> dict[str, Mount]:
+    """target -> mount, short (`source:target[:ro]`) and long syntax."""
+    out = {}
+    for entry in service.get("volumes", []):
+        if isinstance(entry, dict):
+            out[entry["target"]] = Mount(
+                entry["source"], bool(entry.get("read_only")),
+                bool(entry.get("bind", {}).get("create_host_path", True)),
+            )
+        else:
+            source, target, *mode = str(entry).split(":")
+            out[target] = Mount(source, mode == ["ro"])
+    return out
+
+
 # ---------------------------------------------------------------- compose: schema and structure
 
 
@@ -184,7 +213,10 @@ def test_compose_file_is_valid_against_the_compose_specification(
 
 
 def test_the_stack_is_kafka_the_topic_step_and_the_four_services(services: dict[str, Any]) -> None:
-    assert set(services) == {"kafka", "kafka-init", *APP_SERVICES}
+    core = {name for name, service in services.items() if not service.get("profiles")}
+    assert core == {"kafka", "kafka-init", *APP_SERVICES}
+    for profile, names in PROFILES.items():
+        assert {n for n, s in services.items() if profile in s.get("profiles", [])} == names, profile
     images = {services[name].get("image") for name in APP_SERVICES}
     assert len(images) == 1, "the four services run one image"
     for name in APP_SERVICES:
@@ -231,7 +263,7 @@ def test_compose_variables_are_documented_settings_with_the_same_defaults(
     used: set[str] = set()
     with_defaults = interpolate(raw_compose, dict(DOCUMENTED), used)
     assert used, "the file takes ports and topic settings from .env"
-    assert used <= set(DOCUMENTED), f"not settings: {sorted(used - set(DOCUMENTED))}"
+    assert used - set(DOCUMENTED) == set(COMPOSE_VARIABLES), f"not settings: {sorted(used - set(DOCUMENTED))}"
     # `${VAR:-default}` with no .env at all must give the same file as a .env of the code's defaults
     assert interpolate(raw_compose, {}) == with_defaults
 
@@ -288,13 +320,10 @@ def test_only_the_webhook_port_is_public(services: dict[str, Any]) -> None:
 
 def test_state_lives_in_named_volumes(compose: dict[str, Any], services: dict[str, Any]) -> None:
     declared = set(compose["volumes"])
-    mounts = {
-        name: {str(v).split(":")[1]: str(v).split(":")[0] for v in service.get("volumes", [])}
-        for name, service in services.items()
-    }
-    assert mounts["kafka"][env_of(services["kafka"])["KAFKA_LOG_DIRS"]] in declared
+    mounts = {name: mounts_of(service) for name, service in services.items()}
+    assert mounts["kafka"][env_of(services["kafka"])["KAFKA_LOG_DIRS"]].source in declared
     context_store = Path(env_of(services["context"])["DATA_DIR"])
-    assert mounts["context"][str(context_store)] in declared
+    assert mounts["context"][str(context_store)].source in declared
     assert Settings().context_store == "rocksdb"
 
 
@@ -627,3 +656,119 @@ def test_generator_quotes_what_dotenv_readers_would_change(tmp_path: Path) -> No
     assert read_dotenv(dotenv) == values
     with pytest.raises(ValueError):
         GENERATOR.quote("it's")
+
+
+# ------------------------------------------------------- compose: system prompt, monitoring, TLS proxy
+
+
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+GRAFANA = ROOT / "deploy" / "grafana"
+CADDYFILE = ROOT / "deploy" / "caddy" / "Caddyfile"
+PROMPT_EXAMPLE = ROOT / "deploy" / "system-prompt.example.txt"
+
+
+def repo_path(source: str) -> Path:
+    """A bind mount's source, relative to the compose file."""
+    return (COMPOSE_FILE.parent / source).resolve()
+
+
+def test_the_system_prompt_file_is_mounted_read_only_into_every_service(services: dict[str, Any]) -> None:
+    from services.responder.main import load_instructions
+
+    sources = set()
+    for name in APP_SERVICES:
+        target = env_of(services[name])["SYSTEM_PROMPT_FILE"]
+        mount = mounts_of(services[name])[target]
+        assert mount.read_only and not mount.create_host_path, f"{name}: a missing file must stop compose"
+        sources.add(mount.source)
+    (source,) = sources
+    assert repo_path(source) == ROOT / "system-prompt.txt", "documented as ./system-prompt.txt"
+    assert "cp deploy/system-prompt.example.txt system-prompt.txt" in COMPOSE_FILE.read_text(encoding="utf-8")
+    example = load_instructions(Settings(system_prompt_file=str(PROMPT_EXAMPLE)))
+    assert "human agent" in example
+
+
+def test_prometheus_scrapes_every_service_and_loads_the_alerts(services: dict[str, Any]) -> None:
+    prometheus = services["prometheus"]
+    mounts = mounts_of(prometheus)
+    config_target = next(a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file="))
+    assert repo_path(mounts[config_target].source) == PROMETHEUS_CONFIG and mounts[config_target].read_only
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
+    (rules,) = config["rule_files"]
+    assert repo_path(mounts[rules].source) == ROOT / "deploy" / "prometheus" / "alerts.yml"
+    settings = Settings()
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {f"watistream-{name}" for name in APP_SERVICES}
+    for name in APP_SERVICES:
+        (static,) = jobs[f"watistream-{name}"]["static_configs"]
+        assert static["targets"] == [f"{name}:{getattr(settings, SERVICE_PORT[name])}"], name
+        assert jobs[f"watistream-{name}"].get("metrics_path", "/metrics") == "/metrics"
+    alerts = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text(encoding="utf-8")
+    job_regex = re.search(r'up\{job=~"([^"]+)"\}', alerts)
+    assert job_regex and all(re.fullmatch(job_regex.group(1), job) for job in jobs)
+
+
+def test_grafana_is_provisioned_with_the_datasource_and_a_dashboard_of_the_real_metrics(
+    services: dict[str, Any],
+) -> None:
+    from services.common import metrics
+    from tests.unit.test_alerts import exported_names, label_problems, missing_metrics
+
+    mounts = mounts_of(services["grafana"])
+    assert repo_path(mounts["/etc/grafana/provisioning"].source) == GRAFANA / "provisioning"
+    (datasource,) = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text(encoding="utf-8")
+    )["datasources"]
+    assert datasource["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load(
+        (GRAFANA / "provisioning" / "dashboards" / "watistream.yml").read_text(encoding="utf-8")
+    )["providers"]
+    assert repo_path(mounts[provider["options"]["path"]].source) == GRAFANA / "dashboards"
+    dashboard = json.loads((GRAFANA / "dashboards" / "watistream.json").read_text(encoding="utf-8"))
+    targets = [
+        {"alert": panel["title"], "expr": target["expr"], "annotations": {}}
+        for panel in dashboard["panels"] for target in panel.get("targets", [])
+    ]
+    assert all(t["datasource"]["uid"] == datasource["uid"]
+               for panel in dashboard["panels"] for t in panel.get("targets", []))
+    exported = exported_names(metrics.REGISTRY)
+    assert missing_metrics(targets, exported) == []
+    # histogram_quantile groups buckets by `le`, a label of every *_bucket series
+    bucketed = [t for t in targets if "_bucket[" in t["expr"]]
+    assert bucketed and label_problems(targets, exported) == [
+        f"{t['alert']}: grouping by unknown label 'le'" for t in bucketed
+    ]
+    # every series the README lists for operators has a panel
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"`(watistream_[a-z_]+)[`{]", readme))
+    on_dashboard = {name for t in targets for name in re.findall(r"watistream_[a-z_]+", t["expr"])}
+    on_dashboard |= {re.sub(r"_bucket$", "", n) for n in on_dashboard}
+    assert len(listed) >= 15 and listed <= on_dashboard, sorted(listed - on_dashboard)
+
+
+def test_the_tls_proxy_forwards_only_the_webhook_routes_to_ingest(services: dict[str, Any]) -> None:
+    from services.ingest.app import MANYCHAT_ROUTE, WATI_ROUTE
+
+    proxy = services["webhook-proxy"]
+    assert repo_path(mounts_of(proxy)["/etc/caddy/Caddyfile"].source) == CADDYFILE
+    assert {p.target for p in ports_of(proxy)} == {"80", "443"}
+    env = env_of(proxy)
+    settings = Settings()
+    assert env["INGEST_PORT"] == str(settings.ingest_port)
+    assert env["MAX_BODY_BYTES"] == str(settings.max_body_bytes)
+    assert proxy["depends_on"] == {"ingest": {"condition": "service_healthy"}}
+    caddy = "\n".join(line for line in CADDYFILE.read_text(encoding="utf-8").splitlines()
+                      if not line.lstrip().startswith("#"))
+    assert re.search(r"^\{\$WEBHOOK_DOMAIN\} \{", caddy, re.M)
+    (paths,) = re.findall(r"^\s*path (.+)$", caddy, re.M)
+    assert set(paths.split()) == {WATI_ROUTE, MANYCHAT_ROUTE}
+    assert re.search(r"^\s*method POST$", caddy, re.M)
+    assert re.findall(r"reverse_proxy (\S+)", caddy) == ["ingest:{$INGEST_PORT}"]
+    assert "max_size {$MAX_BODY_BYTES}" in caddy
+    assert re.search(r"handle \{\s*respond \"not found\" 404\s*\}", caddy), "everything else: 404"
+
+
+def test_monitoring_ports_stay_on_localhost(services: dict[str, Any]) -> None:
+    for name in PROFILES["monitoring"]:
+        assert [p.host_ip for p in ports_of(services[name])] == ["127.0.0.1"], name
+        assert "env_file" not in services[name], f"{name} needs none of the services' secrets"
