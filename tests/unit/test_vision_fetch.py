@@ -13,8 +13,8 @@ from services.vision.worker import attachment_http_client, openai_detail, openai
 REQUEST = httpx2.Request("POST", "https://api.openai.com/v1/responses")
 
 
-def status_error(status: int, code: str | None = None) -> openai.APIStatusError:
-    body = {"error": {"message": "echoed customer text", "type": "t", "param": None, "code": code}}
+def status_error(status: int, code: str | None = None, type_: str = "t") -> openai.APIStatusError:
+    body = {"error": {"message": "echoed customer text", "type": type_, "param": None, "code": code}}
     response = httpx2.Response(status, json=body, request=REQUEST)
     return openai.APIStatusError("echoed customer text", response=response, body=body["error"])
 
@@ -25,7 +25,13 @@ def status_error(status: int, code: str | None = None) -> openai.APIStatusError:
     (openai.RateLimitError("m", response=httpx2.Response(429, request=REQUEST), body=None), "rate_limited"),
     (status_error(500), "server_error"),
     (status_error(503), "server_error"),
-    (status_error(400, "invalid_image"), "client_error"),
+    (status_error(400, "invalid_image"), "bad_request"),
+    (status_error(401, "invalid_api_key"), "unauthorized"),
+    (status_error(404), "not_found"),
+    # billing bodies (issue 13, point 7): labelled `rate_limited` before
+    (status_error(429, "credit_balance_exhausted", "insufficient_quota"), "insufficient_quota"),
+    (status_error(429, None, "insufficient_quota"), "insufficient_quota"),
+    (status_error(429, "rate_limit_exceeded", "requests"), "rate_limited"),
     (RuntimeError("x"), "error"),
 ])
 def test_openai_failures_have_bounded_labels(exc: BaseException, label: str) -> None:
