@@ -362,7 +362,8 @@ def decode_any(data: bytes | None) -> tuple[str, dict[str, Any]]:
         raise CodecError("not Avro single-object encoding (bad or missing header)")
     writer = registry().by_fingerprint.get(bytes(data[2:HEADER_LEN]))
     if writer is None:
-        raise CodecError(f"unknown schema fingerprint {bytes(data[2:HEADER_LEN]).hex()}")
+        raise CodecError(f"unknown schema fingerprint {bytes(data[2:HEADER_LEN]).hex()} (not a released "
+                         f"version in {LEDGER_FILE}: written by a newer release, or not Avro)")
     reader = registry().current.get(writer.full_name, writer)
     try:
         body = io.BytesIO(data[HEADER_LEN:])

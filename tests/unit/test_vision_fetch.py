@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import httpx
 import httpx2
 import openai
 import pytest
 
 from services.vision.images import ImageRejected
-from services.vision.worker import attachment_http_client, openai_detail, openai_outcome
+from services.vision.worker import (
+    attachment_http_client,
+    openai_detail,
+    openai_outcome,
+    refuse_retry_of_billing_errors,
+)
 
 REQUEST = httpx2.Request("POST", "https://api.openai.com/v1/responses")
 
@@ -54,3 +62,17 @@ async def test_every_redirect_target_is_checked() -> None:
         assert client.follow_redirects and client.max_redirects == 3
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(("status", "body", "refused"), [
+    (429, {"error": {"type": "insufficient_quota", "code": "credit_balance_exhausted"}}, True),
+    (429, {"error": {"type": "insufficient_quota", "code": None}}, True),
+    (429, {"error": {"type": "requests", "code": "rate_limit_exceeded"}}, False),
+    (429, None, False),  # not JSON
+    (500, {"error": {"type": "insufficient_quota", "code": None}}, False),
+])
+async def test_the_sdk_is_told_not_to_retry_a_billing_429(status: int, body: Any, refused: bool) -> None:
+    content = b"Too Many Requests" if body is None else json.dumps(body).encode()
+    response = httpx2.Response(status, content=content, request=REQUEST)
+    await refuse_retry_of_billing_errors(response)
+    assert response.headers.get("x-should-retry") == ("false" if refused else None)
