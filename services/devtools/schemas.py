@@ -230,6 +230,8 @@ def release(directory: Path) -> list[str]:
     wrote. Refuses (CodecError) when the current schema cannot read a released version."""
     registry = codec.Registry(directory)
     names = unreleased(registry)
+    if not names:
+        return []
     broken = unreadable(registry)
     if broken:
         raise codec.CodecError("not released, the change is incompatible: " + "; ".join(
