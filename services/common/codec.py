@@ -2,13 +2,19 @@
 
 Wire format (Avro spec, "Single object encoding"): 0xC3 0x01, the 8-byte little-endian CRC-64-AVRO
 fingerprint of the writer schema's Parsing Canonical Form, then the binary body. A reader therefore
-knows which schema wrote a value: it resolves values written by a previous version (kept in
-`schemas/previous/`) to the current version of the same record.
+knows which schema wrote a value: it resolves values written by any released version to the
+current version of the same record (Avro schema resolution).
+
+Released versions: `schemas/released.json` (the ledger) lists, for each record, every version ever
+released: its fingerprint and a self-contained snapshot under `schemas/previous/`. Every value on a
+topic (compacted state included) was written by one of them, so every one stays decodable; a
+schema changed without a ledger entry fails the tests (`python -m services.devtools.schemas`).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,17 +58,68 @@ def _fingerprint(schema: Any) -> bytes:
     return int(fingerprint(canonical, "CRC-64-AVRO"), 16).to_bytes(8, "little")
 
 
+LEDGER_FILE = "released.json"
+
+
+@dataclass(frozen=True)
+class ReleasedVersion:
+    """One ledger entry: version `number` of record `full_name`, its fingerprint and snapshot."""
+
+    full_name: str
+    number: int
+    fingerprint: bytes
+    snapshot: Path
+
+
+def read_ledger(directory: Path) -> list[ReleasedVersion]:
+    """The released versions listed in `directory/released.json`, checked for shape (not content).
+
+    Shape: `{"watistream.X": [{"version": 1, "fingerprint": "<16 hex>", "snapshot":
+    "previous/watistream.X.v1.avsc"}, ...], ...}`; the fingerprint is the 8 header bytes in hex.
+    """
+    path = directory / LEDGER_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CodecError(f"schema ledger {path} unreadable: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise CodecError(f"schema ledger {path}: expected an object of record names")
+    released: list[ReleasedVersion] = []
+    for full_name, entries in doc.items():
+        if not isinstance(entries, list):
+            raise CodecError(f"schema ledger {path}: {full_name} is not a list of versions")
+        for entry in entries:
+            try:
+                released.append(ReleasedVersion(
+                    str(full_name), int(entry["version"]), bytes.fromhex(str(entry["fingerprint"])),
+                    directory / str(entry["snapshot"])))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CodecError(f"schema ledger {path}: bad entry {entry!r} of {full_name}") from exc
+    return released
+
+
 class Registry:
-    """Every known schema version, by full name (current) and by fingerprint (all versions)."""
+    """Every known schema version: by full name (current) and by fingerprint (current and every
+    released version of the ledger)."""
 
     def __init__(self, directory: Path) -> None:
         self.current: dict[str, SchemaVersion] = {}
         self.by_fingerprint: dict[bytes, SchemaVersion] = {}
         for path in sorted(directory.glob("*.avsc")):
             self.current[path.stem] = self._version(path)
-        # Previous versions are self-contained files, kept so that old data stays readable.
-        for path in sorted((directory / "previous").glob("*.avsc")):
-            self._version(path)
+        # Released versions are self-contained snapshots, kept so that data written by them stays
+        # readable. A snapshot that does not have its ledger fingerprint would make data written
+        # by that version unreadable: refused at start rather than discovered on a customer's event.
+        self.released = read_ledger(directory)
+        for entry in self.released:
+            try:
+                version = self._version(entry.snapshot)
+            except Exception as exc:  # fastavro's parse errors are of several types
+                raise CodecError(f"snapshot {entry.snapshot} unreadable: {exc}") from exc
+            if (version.full_name, version.fingerprint) != (entry.full_name, entry.fingerprint):
+                raise CodecError(
+                    f"snapshot {entry.snapshot} is {version.full_name} {version.fingerprint.hex()}, "
+                    f"the ledger says {entry.full_name} {entry.fingerprint.hex()}")
 
     def _version(self, path: Path) -> SchemaVersion:
         parsed: dict[str, Any] = fastavro.schema.load_schema(str(path))  # type: ignore[assignment]
@@ -305,7 +362,8 @@ def decode_any(data: bytes | None) -> tuple[str, dict[str, Any]]:
         raise CodecError("not Avro single-object encoding (bad or missing header)")
     writer = registry().by_fingerprint.get(bytes(data[2:HEADER_LEN]))
     if writer is None:
-        raise CodecError(f"unknown schema fingerprint {bytes(data[2:HEADER_LEN]).hex()}")
+        raise CodecError(f"unknown schema fingerprint {bytes(data[2:HEADER_LEN]).hex()} (not a released "
+                         f"version in {LEDGER_FILE}: written by a newer release, or not Avro)")
     reader = registry().current.get(writer.full_name, writer)
     try:
         body = io.BytesIO(data[HEADER_LEN:])

@@ -7,8 +7,12 @@ The SDK's own retries are off (`max_retries=0`) because its policy retries every
   sends one (up to 120 s; longer means give up), for `OPENAI_MAX_ATTEMPTS` attempts in total;
 - 400 `conversation_locked` (another request on the conversation still running, e.g. one of ours
   that timed out on our side): waited out in short steps; not counted as an attempt (bounded apart);
-- 404 on a response: the conversation is gone (`ConversationGone`), the caller recreates it;
-- everything else (400, 401, 403, 429 `insufficient_quota`, bad response) fails at once.
+- 404 on a response that names the conversation: it is gone (`ConversationGone`), the caller
+  recreates it; a 404 that does not (e.g. a deleted `file_id` in an image part) is checked by
+  retrieving the conversation: gone only if that 404s too, else `not_found` fails the batch and
+  the conversation, with the customer's history, is kept;
+- everything else (400, 401, 403, 429 billing — `type: insufficient_quota`, whatever its `code` —,
+  bad response) fails at once. Classification: `services/common/openai_errors.py`.
 Failures are `AIFailure(reason, detail)`; `detail` holds status, code and ids only — never the
 customer's text nor the API's message, which may quote it.
 """
@@ -29,6 +33,7 @@ from openai import AsyncOpenAI
 
 from ..common import metrics
 from ..common.logs import event
+from ..common.openai_errors import ErrorBody, ErrorClass, classify, retry_after_seconds
 
 log = logging.getLogger(__name__)
 
@@ -51,57 +56,7 @@ class AIFailure(Exception):
 
 
 class ConversationGone(Exception):
-    """OpenAI answered 404 for the conversation."""
-
-
-@dataclass(frozen=True)
-class ErrorClass:
-    """What to do about one failed call."""
-
-    reason: str
-    retryable: bool
-    locked: bool = False
-    gone: bool = False
-
-
-def classify(status: int | None, code: str | None) -> ErrorClass:
-    """Pure: an HTTP status (None = timeout/connection) and error code → reason and retryability."""
-    if status is None:
-        return ErrorClass("connection_error", True)
-    if status == 400 and code == "conversation_locked":
-        return ErrorClass("conversation_locked", True, locked=True)
-    if status == 404:
-        if code == "model_not_found":
-            return ErrorClass("model_not_found", False)
-        return ErrorClass("conversation_not_found", False, gone=True)
-    if status == 429:
-        if code == "insufficient_quota":
-            return ErrorClass("insufficient_quota", False)
-        return ErrorClass("rate_limited", True)
-    if status in (408, 409):
-        return ErrorClass("timeout" if status == 408 else "conflict", True)
-    if status >= 500:
-        return ErrorClass("server_error", True)
-    if status in (401, 403):
-        return ErrorClass("unauthorized", False)
-    return ErrorClass("bad_request", False)
-
-
-def retry_after_seconds(headers: Any) -> float | None:
-    """`retry-after-ms`, else `Retry-After` (seconds), from response headers; None if absent/bad."""
-    if headers is None:
-        return None
-    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        raw = headers.get(name)
-        if raw is None:
-            continue
-        try:
-            value = float(raw) / divisor
-        except (TypeError, ValueError):
-            continue
-        if value >= 0:
-            return value
-    return None
+    """OpenAI answered 404 for the conversation (named in the error, or confirmed by retrieving it)."""
 
 
 def backoff_delay(
@@ -205,12 +160,36 @@ class Replier:
         }
         if self.max_output_tokens:
             kwargs["max_output_tokens"] = self.max_output_tokens
-        response = await self._call(
-            "reply", lambda: self.client.responses.create(**kwargs), ids=f"conversation {conversation_id}"
-        )
+        try:
+            response = await self._call(
+                "reply", lambda: self.client.responses.create(**kwargs),
+                ids=f"conversation {conversation_id}", conversation_id=conversation_id,
+            )
+        except AIFailure as failure:
+            if failure.reason == "not_found" and await self._conversation_is_gone(conversation_id):
+                raise ConversationGone(failure.detail) from None
+            raise
         return answer_of(response)
 
-    async def _call(self, purpose: str, call: Callable[[], Awaitable[T]], ids: str) -> T:
+    async def _conversation_is_gone(self, conversation_id: str) -> bool:
+        """After a 404 that did not name the conversation: does the conversation still exist?
+        Only a 404 on retrieving it says it is gone; anything else keeps it (and its history)."""
+        started = time.monotonic()
+        try:
+            await self.client.conversations.retrieve(conversation_id)
+            outcome = "ok"
+        except openai.NotFoundError:
+            outcome = "conversation_not_found"
+        except openai.OpenAIError as exc:
+            outcome = classify(exc.status_code if isinstance(exc, openai.APIStatusError) else None,
+                               ErrorBody.of(getattr(exc, "body", None))).reason
+        metrics.openai_latency_seconds.labels("conversation_check").observe(time.monotonic() - started)
+        metrics.openai_requests_total.labels("conversation_check", outcome).inc()
+        return outcome == "conversation_not_found"
+
+    async def _call(
+        self, purpose: str, call: Callable[[], Awaitable[T]], ids: str, conversation_id: str | None = None
+    ) -> T:
         attempt = 0
         locked_waits = 0
         while True:
@@ -220,8 +199,9 @@ class Replier:
             except (openai.APIStatusError, openai.APIConnectionError) as exc:
                 metrics.openai_latency_seconds.labels(purpose).observe(time.monotonic() - started)
                 status = exc.status_code if isinstance(exc, openai.APIStatusError) else None
-                code = exc.code
-                kind = classify(status, code)
+                error = ErrorBody.of(getattr(exc, "body", None))
+                code = error.code or exc.code
+                kind = classify(status, error, conversation_id)
                 if isinstance(exc, openai.APITimeoutError):
                     kind = ErrorClass("timeout", True)
                 metrics.openai_requests_total.labels(purpose, kind.reason).inc()
@@ -240,7 +220,7 @@ class Replier:
                 if attempt >= self.max_attempts:
                     raise AIFailure(kind.reason, f"{detail} after {attempt} attempts") from None
                 headers = exc.response.headers if isinstance(exc, openai.APIStatusError) else None
-                hint = retry_after_seconds(headers)
+                hint = retry_after_seconds(headers, now=time.time())
                 if hint is not None and hint > MAX_RETRY_AFTER:
                     raise AIFailure(kind.reason, f"{detail}; retry-after {hint:.0f}s too long") from None
                 delay = backoff_delay(attempt, hint)

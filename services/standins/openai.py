@@ -16,9 +16,14 @@ Works with the official `openai` SDK (`AsyncOpenAI(base_url=<url>, api_key=...)`
 - faults (`fail_next`), latency (global, per conversation, per predicate), `hold(conversation)`
   (a response waits, lock held, until the test releases it), records for assertions.
 
+Errors as the real API sends them (`fail_next`): billing 429s keep `type: "insufficient_quota"`
+with `code` one of `BILLING_MESSAGES` (or, in older bodies, `null` — pass `type_` to write that);
+rate-limit 429s carry `retry-after-ms` or `Retry-After` (seconds), as the test chooses.
+
 Choices where the reference is silent: 404 bodies use `code: null` (only the status says "not
-found"); an unknown `file_id` in an image part is 400 `file_not_found`; only `message` input items
-are supported (other item types → 400), which is all this project sends.
+found"); an unknown `file_id` in an image part is 400 `file_not_found` (`missing_file_status = 404`
+answers 404 naming the part's `file_id` instead); only `message` input items are supported (other
+item types → 400), which is all this project sends.
 """
 
 from __future__ import annotations
@@ -58,6 +63,15 @@ DETAILS = ("low", "high", "auto")
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif")
 FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 FAULT_KINDS = ("responses", "conversations", "files", "any")
+#: billing `code` → message, sent with 429 `type: "insufficient_quota"`. The stand-in's own list
+#: (not the services'): a fake that imported the code under test could not disagree with it.
+BILLING_MESSAGES = {
+    "insufficient_quota": "You exceeded your current quota, please check your plan and billing details.",
+    "credit_balance_exhausted": "Your credit balance is exhausted. Add credits to continue using the API.",
+    "organization_spend_limit_exceeded": "Your organization has reached its spend limit.",
+    "project_spend_limit_exceeded": "This project has reached its spend limit.",
+    "organization_usage_limit_exceeded": "Your organization has reached its usage limit.",
+}
 LOCKED_MESSAGE = "Another process is currently operating on this conversation. Please retry in a few seconds."
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+);base64,(.*)$", re.DOTALL)
 _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -335,6 +349,8 @@ class OpenAIStandIn(StandInServer):
         self.conversations: dict[str, list[dict[str, Any]]] = {}
         self.responses: dict[str, ResponseRecord] = {}
         self.files: dict[str, StoredFile] = {}
+        #: status of a response whose input names an unknown or deleted `file_id` (400 or 404).
+        self.missing_file_status = 400
         #: per-conversation latency of responses (overrides rules and the global latency).
         self.conversation_latency: dict[str, float] = {}
         self.locked_count = 0
@@ -361,19 +377,28 @@ class OpenAIStandIn(StandInServer):
         *,
         kind: str = "responses",
         after: int = 0,
+        type_: str | None = None,
+        param: str | None = None,
     ) -> None:
         """The next `times` requests of `kind` ("responses", "conversations", "files", "any"),
         after `after` normal ones, fail.
 
-        Type and message follow OpenAI per status (429 `rate_limit_exceeded` unless `code` says
-        `insufficient_quota`, 500 `server_error`, 503 `server_is_overloaded`). Default header:
-        `retry-after-ms: 1` so the SDK retries at once; `headers` replaces it (`{}` = none).
+        Type and message follow OpenAI per status (429 `rate_limit_exceeded`, or a billing error
+        `type: "insufficient_quota"` when `code` is one of `BILLING_MESSAGES`; 500 `server_error`,
+        503 `server_is_overloaded`). `type_` writes the body's type as given and its code exactly as
+        `code` (None → `null`, e.g. an older billing body); `param` names the parameter at fault.
+        Default header: `retry-after-ms: 1` so the SDK retries at once; `headers` replaces it
+        (`{}` = none, `{"retry-after": "2"}` = seconds).
         """
         if kind not in FAULT_KINDS:
             raise ValueError(f"kind must be one of {FAULT_KINDS}")
-        type_, default_code, default_message = _fault_defaults(status, code)
+        default_type, default_code, default_message = _fault_defaults(status, code)
+        if type_ is not None:
+            default_code = code
+            if status == 429 and type_ == "insufficient_quota":
+                default_message = BILLING_MESSAGES[code or "insufficient_quota"]
         body = json.dumps({"error": {
-            "message": message or default_message, "type": type_, "param": None,
+            "message": message or default_message, "type": type_ or default_type, "param": param,
             "code": code if code is not None else default_code,
         }})
         all_headers = merged_headers({"retry-after-ms": "1"}, headers)
@@ -437,6 +462,7 @@ class OpenAIStandIn(StandInServer):
         self.release_all()
         self.locked_count = 0
         self.locked_by_conversation.clear()
+        self.missing_file_status = 400
         self.reply_fn = default_reply
         self.json_fn = default_json
 
@@ -668,9 +694,11 @@ class OpenAIStandIn(StandInServer):
             raise _missing("input")
         raw_input = body["input"]
         if isinstance(raw_input, str):
-            input_items = [_normalize_item({"role": "user", "content": raw_input}, "input", self.files)]
+            input_items = [_normalize_item({"role": "user", "content": raw_input}, "input", self.files,
+                                           self.missing_file_status)]
         elif isinstance(raw_input, list):
-            input_items = [_normalize_item(i, f"input[{n}]", self.files) for n, i in enumerate(raw_input)]
+            input_items = [_normalize_item(i, f"input[{n}]", self.files, self.missing_file_status)
+                           for n, i in enumerate(raw_input)]
         else:
             raise _invalid("input", "expected a string or an array.", "invalid_type")
         instructions = body.get("instructions")
@@ -839,9 +867,8 @@ def _kind_of(path: str) -> str | None:
 
 def _fault_defaults(status: int, code: str | None) -> tuple[str, str | None, str]:
     """(type, code, message) OpenAI uses for an error status."""
-    if status == 429 and code == "insufficient_quota":
-        return ("insufficient_quota", "insufficient_quota",
-                "You exceeded your current quota, please check your plan and billing details.")
+    if status == 429 and code in BILLING_MESSAGES:
+        return ("insufficient_quota", code, BILLING_MESSAGES[code])
     if status == 429:
         return ("requests", "rate_limit_exceeded",
                 "Rate limit reached for requests. Please try again in 1ms.")
@@ -888,7 +915,9 @@ def _text_format(text: object) -> dict[str, Any]:
     return dict(fmt)
 
 
-def _normalize_item(raw: object, param: str, files: dict[str, StoredFile]) -> dict[str, Any]:
+def _normalize_item(
+    raw: object, param: str, files: dict[str, StoredFile], missing_file_status: int = 400
+) -> dict[str, Any]:
     """Validates one input message and returns it as a stored conversation item."""
     if not isinstance(raw, dict):
         raise _invalid(param, "expected an object.", "invalid_type")
@@ -907,7 +936,8 @@ def _normalize_item(raw: object, param: str, files: dict[str, StoredFile]) -> di
     if isinstance(content, str):
         parts: list[dict[str, Any]] = [{"type": text_type, "text": content}]
     elif isinstance(content, list):
-        parts = [_normalize_part(p, f"{param}.content[{n}]", role, files) for n, p in enumerate(content)]
+        parts = [_normalize_part(p, f"{param}.content[{n}]", role, files, missing_file_status)
+                 for n, p in enumerate(content)]
     else:
         raise _invalid(f"{param}.content", "expected a string or an array.", "invalid_type")
     for part in parts:
@@ -917,7 +947,15 @@ def _normalize_item(raw: object, param: str, files: dict[str, StoredFile]) -> di
             "role": role, "content": parts}
 
 
-def _normalize_part(raw: object, param: str, role: str, files: dict[str, StoredFile]) -> dict[str, Any]:
+def _missing_file(fid: object, param: str, status: int) -> ApiError:
+    """An unknown file: 400 `file_not_found`, or (missing_file_status = 404) a 404 naming the part."""
+    return ApiError(status, f"File '{fid}' not found.", param=param,
+                    code="file_not_found" if status == 400 else None)
+
+
+def _normalize_part(
+    raw: object, param: str, role: str, files: dict[str, StoredFile], missing_file_status: int = 400
+) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise _invalid(param, "expected an object.", "invalid_type")
     kind = raw.get("type")
@@ -939,15 +977,13 @@ def _normalize_part(raw: object, param: str, role: str, files: dict[str, StoredF
             raise ApiError(400, f"Invalid '{param}': one of 'image_url' or 'file_id' is required.",
                            param=param, code="missing_required_parameter")
         if fid is not None and fid not in files:
-            raise ApiError(400, f"File '{fid}' not found.", param=f"{param}.file_id",
-                           code="file_not_found")
+            raise _missing_file(fid, f"{param}.file_id", missing_file_status)
         if url is not None:
             _check_image_url(url, f"{param}.image_url")
         return dict(raw)
     if kind == "input_file":
         if raw.get("file_id") is not None and raw["file_id"] not in files:
-            raise ApiError(400, f"File '{raw['file_id']}' not found.", param=f"{param}.file_id",
-                           code="file_not_found")
+            raise _missing_file(raw["file_id"], f"{param}.file_id", missing_file_status)
         return dict(raw)
     raise _invalid(f"{param}.type", f"unsupported content part type {kind!r}.")
 

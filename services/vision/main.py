@@ -26,7 +26,14 @@ from services.common.wati import WatiClient
 
 from .classify import parse_categories
 from .images import is_private_host
-from .worker import SERVICE, MediaFetcher, VisionWorker, attachment_http_client, count_sdk_retry
+from .worker import (
+    SERVICE,
+    MediaFetcher,
+    VisionWorker,
+    attachment_http_client,
+    count_sdk_retry,
+    refuse_retry_of_billing_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,8 @@ class Vision:
         self.client = openai.AsyncOpenAI(
             api_key=s.openai_api_key, base_url=s.openai_base_url, timeout=s.openai_timeout_seconds,
             max_retries=max(0, s.openai_max_attempts - 1),
-            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [count_sdk_retry]}),
+            http_client=openai.DefaultAsyncHttpxClient(event_hooks={
+                "request": [count_sdk_retry], "response": [refuse_retry_of_billing_errors]}),
         )
         if s.wati_api_url:
             self.wati = WatiClient(s.wati_api_url, s.wati_api_token, timeout=20.0)

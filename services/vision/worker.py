@@ -40,6 +40,7 @@ same batch id, and the responder answers a batch id once.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -51,7 +52,7 @@ import openai
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
-from services.common import codec, metrics
+from services.common import codec, metrics, openai_errors
 from services.common.config import Settings
 from services.common.kafka import Topics, dead_letter
 from services.common.keys import record_key_problem
@@ -95,16 +96,29 @@ class ImageResult:
 
 
 def openai_outcome(exc: BaseException) -> str:
-    """A bounded metric label for an OpenAI failure."""
+    """A bounded metric label for an OpenAI failure (the responder's reasons, same classification)."""
     if isinstance(exc, openai.APITimeoutError):
         return "timeout"
+    if isinstance(exc, openai.APIStatusError):
+        return openai_errors.classify(exc.status_code, openai_errors.ErrorBody.of(exc.body)).reason
     if isinstance(exc, openai.APIConnectionError):
         return "connection_error"
-    if isinstance(exc, openai.RateLimitError):
-        return "rate_limited"
-    if isinstance(exc, openai.APIStatusError):
-        return "server_error" if exc.status_code >= 500 else "client_error"
     return "error"
+
+
+async def refuse_retry_of_billing_errors(response: Any) -> None:
+    """httpx response hook of the vision client: a billing 429 (`type: insufficient_quota`, any
+    code) gets `x-should-retry: false`, so the SDK — which retries every 429 — does not ask again
+    for what waiting cannot heal. Other answers are left as they are (and their bodies unread)."""
+    if response.status_code != 429:
+        return
+    await response.aread()
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        return
+    if openai_errors.is_billing(429, openai_errors.ErrorBody.of(body)):
+        response.headers["x-should-retry"] = "false"
 
 
 async def count_sdk_retry(request: Any) -> None:

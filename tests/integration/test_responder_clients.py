@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
+from services.common import metrics
 from services.common.manychat import ManyChatClient
 from services.common.wati import WatiClient
 from services.responder.ai import AIFailure, ConversationGone, Replier, make_client
 from services.responder.channels import ChannelSender, SendFailed, local_message_id
 from services.standins import StandIns
 
-USER = [{"role": "user", "content": [{"type": "input_text", "text": "Hola"}]}]
+USER: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "input_text", "text": "Hola"}]}]
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +109,122 @@ async def test_deleted_conversation_is_reported_as_gone(s: StandIns) -> None:
     await r.client.conversations.delete(conv)
     with pytest.raises(ConversationGone):
         await r.reply(conv, USER, "wati:5037", "b1")
+
+
+def _sample(purpose: str, outcome: str) -> float:
+    return metrics.REGISTRY.get_sample_value(
+        "watistream_openai_requests_total", {"purpose": purpose, "outcome": outcome}) or 0.0
+
+
+class Rises:
+    """`watistream_openai_requests_total` samples before a call, to assert their exact rises."""
+
+    KEYS = [("reply", o) for o in ("ok", "rate_limited", "insufficient_quota", "not_found",
+                                   "conversation_not_found")] + [
+        ("conversation_check", o) for o in ("ok", "conversation_not_found")]
+
+    def __init__(self) -> None:
+        self.before = {k: _sample(*k) for k in self.KEYS}
+
+    def __call__(self) -> dict[str, float]:
+        """Only what changed, as "purpose:outcome" → rise."""
+        return {f"{p}:{o}": _sample(p, o) - self.before[(p, o)] for p, o in self.KEYS
+                if _sample(p, o) != self.before[(p, o)]}
+
+
+def responses_posted(s: StandIns) -> int:
+    return len([q for q in s.openai.requests if q.path == "/v1/responses"])
+
+
+@pytest.mark.parametrize(("code", "type_"), [
+    ("credit_balance_exhausted", None),
+    ("organization_spend_limit_exceeded", None),
+    ("project_spend_limit_exceeded", None),
+    ("organization_usage_limit_exceeded", None),
+    ("insufficient_quota", None),
+    (None, "insufficient_quota"),  # older bodies: code null
+])
+async def test_every_billing_429_fails_at_once_and_is_counted_as_insufficient_quota(
+    s: StandIns, code: str | None, type_: str | None
+) -> None:
+    """Issue 13, point 7: retried as a rate limit (5 attempts, `rate_limited`) before."""
+    sleeps = Sleeps()
+    r = replier(s, sleeps, attempts=5)
+    conv = await r.create_conversation("wati:5037", "wati")
+    s.openai.fail_next(429, code=code, type_=type_, times=5)
+    rises = Rises()
+    with pytest.raises(AIFailure) as info:
+        await r.reply(conv, USER, "wati:5037", "b1")
+    assert info.value.reason == "insufficient_quota"
+    assert f"code {code or '-'}" in info.value.detail
+    assert responses_posted(s) == 1 and sleeps.delays == []
+    assert rises() == {"reply:insufficient_quota": 1}
+
+
+async def test_a_429_with_retry_after_in_seconds_is_waited_then_answered(s: StandIns) -> None:
+    sleeps = Sleeps()
+    r = replier(s, sleeps)
+    conv = await r.create_conversation("wati:5037", "wati")
+    s.openai.fail_next(429, code="rate_limit_exceeded", headers={"retry-after": "3"})
+    s.openai.fail_next(429, code="rate_limit_exceeded", headers={"retry-after-ms": "40"})
+    rises = Rises()
+    got = await r.reply(conv, USER, "wati:5037", "b1")
+    assert got.text and sleeps.delays == [3.0, 0.04]
+    assert rises() == {"reply:rate_limited": 2, "reply:ok": 1}
+
+
+async def _image_input(r: Replier) -> tuple[list[dict[str, Any]], str]:
+    """A user message with an uploaded image, and the image's file id."""
+    uploaded = await r.client.files.create(file=("a.png", PNG, "image/png"), purpose="vision")
+    content = [*USER[0]["content"], {"type": "input_image", "file_id": uploaded.id, "detail": "low"}]
+    return [{"role": "user", "content": content}], uploaded.id
+
+
+async def test_a_404_about_a_deleted_file_keeps_the_conversation(s: StandIns) -> None:
+    """Vision's file deleted before the answer: OpenAI's 404 names the file, not the conversation.
+    Before: ConversationGone, and the worker started a new conversation (the history lost)."""
+    r = replier(s, Sleeps())
+    conv = await r.create_conversation("wati:5037", "wati")
+    await r.reply(conv, USER, "wati:5037", "b0")  # the customer's history
+    items, file_id = await _image_input(r)
+    await r.client.files.delete(file_id)
+    s.openai.missing_file_status = 404
+    rises = Rises()
+    with pytest.raises(AIFailure) as info:
+        await r.reply(conv, items, "wati:5037", "b1")
+    assert info.value.reason == "not_found" and "HTTP 404" in info.value.detail
+    assert not s.openai.is_deleted(conv) and len(s.openai.conversations[conv]) == 2  # history kept
+    assert [q.method for q in s.openai.requests if q.path == f"/v1/conversations/{conv}"] == ["GET"]
+    assert rises() == {"reply:not_found": 1, "conversation_check:ok": 1}
+
+
+async def test_a_404_naming_nothing_is_gone_only_if_the_conversation_is(s: StandIns) -> None:
+    r = replier(s, Sleeps())
+    conv = await r.create_conversation("wati:5037", "wati")
+    s.openai.fail_next(404, message="Not found.")  # live conversation: the 404 was about something else
+    rises = Rises()
+    with pytest.raises(AIFailure) as info:
+        await r.reply(conv, USER, "wati:5037", "b1")
+    assert info.value.reason == "not_found"
+    assert rises() == {"reply:not_found": 1, "conversation_check:ok": 1}
+
+    await r.client.conversations.delete(conv)
+    s.openai.fail_next(404, message="Not found.")
+    rises = Rises()
+    with pytest.raises(ConversationGone):
+        await r.reply(conv, USER, "wati:5037", "b2")
+    assert rises() == {"reply:not_found": 1, "conversation_check:conversation_not_found": 1}
+
+
+async def test_a_404_naming_the_conversation_needs_no_check(s: StandIns) -> None:
+    r = replier(s, Sleeps())
+    conv = await r.create_conversation("wati:5037", "wati")
+    await r.client.conversations.delete(conv)
+    rises = Rises()
+    with pytest.raises(ConversationGone):
+        await r.reply(conv, USER, "wati:5037", "b1")
+    assert [q.method for q in s.openai.requests if q.path == f"/v1/conversations/{conv}"] == ["DELETE"]
+    assert rises() == {"reply:conversation_not_found": 1}
 
 
 async def test_conversation_metadata_has_no_phone_number(s: StandIns) -> None:

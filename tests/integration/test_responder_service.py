@@ -234,6 +234,7 @@ async def env(settings: Settings) -> AsyncIterator[Env]:
 def _clean_faults(env: Env) -> None:
     env.s.openai.faults.clear()
     env.s.openai.clear_latency()
+    env.s.openai.missing_file_status = 400
     env.s.wati.faults.clear()
     env.s.manychat.faults.clear()
     assert env.responder.worker is not None
@@ -453,18 +454,25 @@ async def test_server_errors_exhausted_with_fallback_text(env: Env) -> None:
     assert env.conversations_created_for(key) == 1
 
 
-@pytest.mark.parametrize(("status", "code", "reason"), [
-    (429, "insufficient_quota", "insufficient_quota"),
-    (400, None, "bad_request"),
-    (401, None, "unauthorized"),
+@pytest.mark.parametrize(("status", "code", "type_", "reason"), [
+    (429, "insufficient_quota", None, "insufficient_quota"),
+    # billing bodies as OpenAI sends them now (issue 13, point 7): before, each was retried as a
+    # rate limit (OPENAI_MAX_ATTEMPTS calls, counted `rate_limited`, dead-lettered `rate_limited`)
+    (429, "credit_balance_exhausted", None, "insufficient_quota"),
+    (429, "organization_spend_limit_exceeded", None, "insufficient_quota"),
+    (429, "project_spend_limit_exceeded", None, "insufficient_quota"),
+    (429, "organization_usage_limit_exceeded", None, "insufficient_quota"),
+    (429, None, "insufficient_quota", "insufficient_quota"),  # older bodies: code null
+    (400, None, None, "bad_request"),
+    (401, None, None, "unauthorized"),
 ])
 async def test_non_retryable_errors_fail_at_once(
-    env: Env, status: int, code: str | None, reason: str
+    env: Env, status: int, code: str | None, type_: str | None, reason: str
 ) -> None:
     key, ident = new_customer()
     counts = Counts(failed=openai_calls(reason), ok=openai_calls("ok"), dead=dead_letters(reason),
-                    nothing_sent=replies("nothing_sent"))
-    env.s.openai.fail_next(status, code=code, times=1)
+                    nothing_sent=replies("nothing_sent"), rate_limited=openai_calls("rate_limited"))
+    env.s.openai.fail_next(status, code=code, type_=type_, times=3)
     b = batch(key, ident, "Hola")
     await env.send(b)
     reply = await env.out.wait_reply(b["batch_id"])
@@ -473,7 +481,9 @@ async def test_non_retryable_errors_fail_at_once(
     await eventually(lambda: bool(env.out.dead_for(b["batch_id"])), what="dead letter")
     assert env.out.dead_for(b["batch_id"])[0]["reason"] == reason
     assert env.wati_texts(ident) == []
-    await counts.expect({"failed": 1, "ok": 0, "dead": 1, "nothing_sent": 1})  # one call, not retried
+    env.s.openai.faults.clear()
+    # one call, not retried
+    await counts.expect({"failed": 1, "ok": 0, "dead": 1, "nothing_sent": 1, "rate_limited": 0})
 
 
 async def test_openai_timeouts_fall_back_and_every_attempt_is_counted(env: Env) -> None:
@@ -687,6 +697,45 @@ async def test_images_from_vision_reach_openai_by_file_id(env: Env) -> None:
         {"type": "input_image", "file_id": uploaded.id, "detail": "low"},
     ]
     assert env.conversations_created_for(key) == 1  # the image's answer lives in the conversation
+
+
+async def test_a_404_about_a_deleted_image_file_keeps_the_customers_conversation(env: Env) -> None:
+    """Issue 13, point 7: vision's file deleted before the answer. OpenAI's 404 names the file; it
+    was taken for "conversation gone" and a new conversation dropped the customer's history."""
+    client = AsyncOpenAI(api_key=env.s.openai.api_key, base_url=env.s.openai_url)
+    png = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00"
+           b"\x90wS\xde\x00\x00\x00\x0cIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05\x18\xd8N\x00\x00\x00"
+           b"\x00IEND\xaeB`\x82")
+    uploaded = await client.files.create(file=("pago.png", png, "image/png"), purpose="vision")
+    await client.files.delete(uploaded.id)
+    await client.close()
+    key, ident = new_customer()
+    first = batch(key, ident, "Quiero pagar mi pedido")
+    await env.send(first)
+    conversation = (await env.out.wait_reply(first["batch_id"]))["conversation_id"]
+    env.s.openai.missing_file_status = 404
+    counts = Counts(not_found=openai_calls("not_found"), gone=openai_calls("conversation_not_found"),
+                    checked=openai_calls("ok", "conversation_check"), dead=dead_letters("not_found"),
+                    nothing_sent=replies("nothing_sent"))
+    second = batch(key, ident)
+    second["messages"] = [{**message(key, ident, "", kind="image"), "caption": "mi pago",
+                           "media_ref": "data/images/pago.png", "media_mime": "image/png"}]
+    second["images"] = [{"media_ref": "data/images/pago.png", "file_id": uploaded.id, "mime": "image/png",
+                         "category": "payment_proof", "confidence": 0.9, "description": None}]
+    await env.send(second)
+    reply = await env.out.wait_reply(second["batch_id"])
+    assert reply["outcome"] == "nothing_sent" and reply["conversation_id"] == conversation
+    await eventually(lambda: bool(env.out.dead_for(second["batch_id"])), what="dead letter")
+    [dead] = env.out.dead_for(second["batch_id"])
+    assert dead["reason"] == "not_found" and "HTTP 404" in dead["error"] and "mi pago" not in dead["error"]
+    await counts.expect({"not_found": 1, "gone": 0, "checked": 1, "dead": 1, "nothing_sent": 1})
+    assert env.conversations_created_for(key) == 1 and not env.s.openai.is_deleted(conversation)
+    # the next batch is answered in the same conversation, with the first batch's history in it
+    third = batch(key, ident, "¿Recibieron mi pago?")
+    await env.send(third)
+    assert (await env.out.wait_reply(third["batch_id"]))["conversation_id"] == conversation
+    [*_, record] = env.completed_for(key)
+    assert "Quiero pagar mi pedido" in json.dumps(record.effective_input, ensure_ascii=False)
 
 
 async def test_ops_endpoints(env: Env) -> None:

@@ -333,7 +333,7 @@ async def test_openai_failures_after_retries_still_forward_the_batch(env: Env) -
         return {f"{purpose}:{outcome}": sample("watistream_openai_requests_total",
                                                {"purpose": purpose, "outcome": outcome})
                 for purpose in ("vision", "vision_upload")
-                for outcome in ("ok", "server_error", "rate_limited")} | {
+                for outcome in ("ok", "server_error", "rate_limited", "insufficient_quota")} | {
             f"{purpose}:retried": sample("watistream_openai_retries_total", {"purpose": purpose})
             for purpose in ("vision", "vision_upload")}
 
@@ -377,6 +377,31 @@ async def test_openai_failures_after_retries_still_forward_the_batch(env: Env) -
     assert img["category"] == "general_inquiry" and img["confidence"] == 0.5
     assert env.dead(batch) == []
     assert rises(before) == {"vision_upload:ok": 1, "vision:retried": 1, "vision:ok": 1}
+
+    # a 429 with `Retry-After` in seconds is retried after that wait (the SDK honours it)
+    batch = new_id("r429s")
+    before = counts()
+    openai.fail_next(429, times=1, kind="responses", headers={"retry-after": "1"})
+    started = asyncio.get_running_loop().time()
+    await env.submit(request(cust, batch, [image(cust, 4, "data/images/ok.png")]))
+    [img] = (await env.forwarded(batch))[0].value["images"]
+    assert img["category"] == "general_inquiry"
+    assert asyncio.get_running_loop().time() - started >= 1.0
+    assert rises(before) == {"vision_upload:ok": 1, "vision:retried": 1, "vision:ok": 1}
+
+    # a billing 429 (each body OpenAI sends) is not retried: waiting does not heal it (issue 13, 7)
+    for n, (code, type_) in enumerate([("credit_balance_exhausted", None), (None, "insufficient_quota")]):
+        batch = new_id(f"quota{n}")
+        before = counts()
+        openai.fail_next(429, code=code, type_=type_, times=2, kind="responses")
+        await env.submit(request(cust, batch, [image(cust, 5 + n, "data/images/ok.png")]))
+        [img] = (await env.forwarded(batch))[0].value["images"]
+        assert img["category"] == "unclassified" and img["file_id"]
+        await eventually(lambda b=batch: len(env.dead(b)) == 1, what="dead letter")
+        assert env.dead(batch)[0]["reason"] == "classification_failed"
+        assert openai.faults.pending("responses") == 1  # one attempt, the second fault unused
+        openai.faults.clear()
+        assert rises(before) == {"vision_upload:ok": 1, "vision:insufficient_quota": 1}
 
 
 async def test_an_invalid_model_answer_becomes_other_with_zero_confidence(env: Env) -> None:

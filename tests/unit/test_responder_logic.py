@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from services.common.config import ConfigError, Settings
+from services.common.openai_errors import ErrorBody
 from services.common.records import BatchProgress, ResponderState
 from services.responder.ai import (
     MAX_DELAY,
@@ -41,7 +42,7 @@ from services.responder.worker import outcome_of, request_problem
     (400, "invalid_image", "bad_request", False),
     (401, "invalid_api_key", "unauthorized", False),
     (403, None, "unauthorized", False),
-    (404, None, "conversation_not_found", False),
+    (404, None, "not_found", False),  # names nothing: the replier checks the conversation
     (404, "model_not_found", "model_not_found", False),
     (408, None, "timeout", True),
     (409, None, "conflict", True),
@@ -52,10 +53,10 @@ from services.responder.worker import outcome_of, request_problem
     (503, "server_is_overloaded", "server_error", True),
 ])
 def test_classify(status: int | None, code: str | None, reason: str, retryable: bool) -> None:
-    kind = classify(status, code)
+    kind = classify(status, ErrorBody(code=code))
     assert (kind.reason, kind.retryable) == (reason, retryable)
     assert kind.locked == (code == "conversation_locked")
-    assert kind.gone == (status == 404 and code != "model_not_found")
+    assert not kind.gone  # only a 404 naming the conversation: tests/unit/test_openai_errors.py
 
 
 def test_retry_after_headers() -> None:
