@@ -125,6 +125,10 @@ def next_due(state: CustomerState, limits: Limits) -> datetime | None:
             candidates.append(started + timedelta(seconds=limits.history_timeout_seconds))
         else:
             candidates.append(flushing["last_message_at"])
+    if batch is None and flushing is None:
+        hold_end = domain.hold_ends_at(state, limits)  # held messages are answered when it ends
+        if hold_end is not None:
+            candidates.append(hold_end)
     return min(candidates) if candidates else None
 
 
@@ -602,6 +606,7 @@ class ContextRuntime:
              for r in effects.responder_requests]
             + [(self.topics.vision_requests, "VisionRequest", dict(r)) for r in effects.vision_requests]
             + [(self.topics.audit, "BatchDecision", dict(d)) for d in effects.decisions]
+            + [(self.topics.dead_letter, "DeadLetter", dict(d)) for d in effects.dead_letters]
         )
         return [(topic, codec.encode(schema, value)) for topic, schema, value in outputs]
 

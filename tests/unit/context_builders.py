@@ -224,6 +224,8 @@ def check_effects(effects: Effects) -> None:
         codec.encode("VisionRequest", {"request": dict(vision["request"])})
     for decision in effects.decisions:
         codec.encode("BatchDecision", dict(decision))
+    for dead_letter in effects.dead_letters:
+        codec.encode("DeadLetter", dict(dead_letter))
 
 
 class Customer:

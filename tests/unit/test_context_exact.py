@@ -1,0 +1,182 @@
+"""Exact context (issue 14): nobody left waiting after a hold, coarse timestamps, one own-message
+rule, no blind spot by default — each a timeline driven through the pure state machine."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+
+from services.context import state as sm
+from services.context.app import next_due
+
+from .context_builders import (
+    KEY,
+    Customer,
+    activity,
+    agent_item,
+    command,
+    customer_item,
+    inbound,
+    limits,
+    secs,
+    t,
+)
+
+T0 = t("10:00:00")
+
+
+def talk(c: Customer, *events: tuple[str, datetime]) -> None:
+    for event_id, at in events:
+        c.message(inbound(event_id, at, f"texto {event_id}"))
+
+
+def flushed(c: Customer, now: datetime) -> sm.Effects:
+    """The timer's flush at `now`, and an empty history if a fetch was ordered (its effects)."""
+    effects = c.flush(now)
+    if effects.fetch is not None:
+        return c.history(now + secs(1), [])
+    return effects
+
+
+def answered_once(c: Customer, at: datetime) -> None:
+    """m0 at T0, flushed and answered at `at` (history empty)."""
+    talk(c, ("m0", T0))
+    effects = c.flush(T0 + secs(30))
+    if effects.fetch is not None:
+        c.history(T0 + secs(31), [])
+    c.answer(at)
+
+
+def held_after_agent(c: Customer) -> None:
+    """Bot answered m0; agent Ana wrote at +100; the customer's m1 (+160) is held at +190."""
+    answered_once(c, T0 + secs(40))
+    c.agent(activity("a1", T0 + secs(100), "Hola, soy Ana del hotel. ¿Le ayudo con la factura?"))
+    talk(c, ("m1", T0 + secs(160)))
+    held = c.flush(T0 + secs(190))
+    assert held.decisions[0]["hold_reason"] == "human_active"
+
+
+# -- 1. nobody left waiting after a hold -----------------------------------------------------------
+
+def test_hold_end_is_due_and_the_bot_answers_held_messages_nobody_answered() -> None:
+    c = Customer(lim=limits(hold=900))
+    held_after_agent(c)
+    assert c.due(T0 + secs(999)) is None  # the hold runs until last human + 900 s
+    assert next_due(c.state, c.limits) == T0 + secs(1000)  # the timer's index knows when it ends
+    batch_id = c.due(T0 + secs(1000))
+    assert batch_id == f"{KEY}:3"
+    effects = c.flush(T0 + secs(1000))
+    if effects.fetch is not None:
+        c.history(T0 + secs(1001), [customer_item("m1", T0 + secs(160), "texto m1")])
+    assert len(c.requests) == 2
+    request = c.requests[-1]
+    assert [m["event_id"] for m in request["messages"]] == ["m1"]
+    assert [(i["role"], i["at"]) for i in request["missed_messages"]] == [("agent", T0 + secs(100))]
+    assert c.state["held_messages"] == []
+    assert c.due(T0 + secs(2000)) is None
+
+
+def test_hold_end_after_a_human_answered_gives_them_as_context_in_time_order() -> None:
+    c = Customer(lim=limits(hold=900))
+    held_after_agent(c)
+    c.agent(activity("a2", T0 + secs(200), "Su factura ya va en camino por correo."))
+    assert c.due(T0 + secs(1100)) is not None
+    effects = c.flush(T0 + secs(1100))
+    assert effects.responder_requests == [] and effects.fetch is None  # the human handled m1
+    assert c.state["held_messages"] == []
+    assert c.due(T0 + secs(3000)) is None
+
+    talk(c, ("m2", T0 + secs(1500)))
+    effects = c.flush(T0 + secs(1530))
+    if effects.fetch is not None:
+        c.history(T0 + secs(1531), [])
+    request = c.requests[-1]
+    assert [m["event_id"] for m in request["messages"]] == ["m2"]  # m1 is not answered again
+    assert [(i["role"], i["at"]) for i in request["missed_messages"]] == [
+        ("agent", T0 + secs(100)), ("customer", T0 + secs(160)), ("agent", T0 + secs(200))]
+
+
+def test_next_batch_after_expired_hold_puts_human_handled_held_messages_in_the_agent_block() -> None:
+    """The customer writes again after the hold ended, before the timer's flush came."""
+    c = Customer(lim=limits(hold=900))
+    held_after_agent(c)
+    c.agent(activity("a2", T0 + secs(200), "Su factura ya va en camino por correo."))
+    talk(c, ("m2", T0 + secs(1150)))
+    effects = c.flush(T0 + secs(1180))
+    if effects.fetch is not None:
+        c.history(T0 + secs(1181), [])
+    request = c.requests[-1]
+    assert [m["event_id"] for m in request["messages"]] == ["m2"]
+    assert [(i["role"], i["at"]) for i in request["missed_messages"]] == [
+        ("agent", T0 + secs(100)), ("customer", T0 + secs(160)), ("agent", T0 + secs(200))]
+
+
+def test_resume_ends_a_pause_and_the_bot_answers_what_no_human_answered() -> None:
+    c = Customer()
+    c.command(command("pause", T0, actor="ops@hotel.com"))
+    talk(c, ("m1", T0 + secs(1)))
+    flushed(c, T0 + secs(31))
+    assert c.requests == [] and c.due(T0 + secs(5000)) is None  # paused: no end in sight
+    assert next_due(c.state, c.limits) is None
+    c.command(command("resume", T0 + secs(100), actor="ops@hotel.com"))
+    assert next_due(c.state, c.limits) is not None
+    effects = c.flush(T0 + secs(100))
+    if effects.fetch is not None:
+        c.history(T0 + secs(101), [])
+    assert [m["event_id"] for m in c.requests[-1]["messages"]] == ["m1"]
+
+
+def test_held_messages_older_than_the_whatsapp_session_are_context_not_questions() -> None:
+    c = Customer()
+    answered_once(c, T0 + secs(40))
+    c.command(command("pause", T0 + secs(50), actor="ops@hotel.com"))
+    talk(c, ("m1", T0 + secs(60)))
+    flushed(c, T0 + secs(90))
+    resumed = T0 + secs(25 * 3600)
+    c.command(command("resume", resumed, actor="ops@hotel.com"))
+    effects = c.flush(resumed)
+    assert effects.responder_requests == []
+    talk(c, ("m2", resumed + secs(10)))
+    effects = c.flush(resumed + secs(40))
+    if effects.fetch is not None:
+        c.history(resumed + secs(41), [])
+    request = c.requests[-1]
+    assert [m["event_id"] for m in request["messages"]] == ["m2"]
+    assert [(i["role"], i["text"]) for i in request["missed_messages"]] == [("customer", "texto m1")]
+
+
+def test_held_messages_beyond_the_cap_are_dead_lettered_counted_and_audited(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sm, "HELD_MESSAGES", 2)
+    c = Customer()
+    c.command(command("pause", T0, actor="ops@hotel.com"))
+    talk(c, ("m1", T0 + secs(1)), ("m2", T0 + secs(2)), ("m3", T0 + secs(3)))
+    effects = flushed(c, T0 + secs(33))
+    assert [m["event_id"] for m in c.state["held_messages"]] == ["m2", "m3"]
+    assert [(d["reason"], d["customer_key"]) for d in effects.dead_letters] == [("held_overflow", KEY)]
+    assert ("dead_letters_total", {"service": "context", "reason": "held_overflow"}, 1) in effects.metrics
+    assert [(e["item_ids"], e["reason"]) for e in effects.decisions[0]["excluded"]] == [
+        (["m1"], "held_overflow")]
+
+
+def test_history_found_agent_message_after_held_ones_counts_as_answering_them() -> None:
+    """On an account without real-time agent events the agent's answer is known from history."""
+    c = Customer(lim=limits(hold=900, gap=60))
+    answered_once(c, T0 + secs(40))
+    talk(c, ("m1", T0 + secs(160)))
+    effects = c.flush(T0 + secs(190))
+    assert effects.fetch is not None
+    held = c.history(T0 + secs(191), [agent_item("h-a1", T0 + secs(100), "Hola, soy Ana del hotel.")])
+    assert held.decisions[0]["held"] is True
+    talk(c, ("m2", T0 + secs(600)))  # still within the hold: held too
+    effects = c.flush(T0 + secs(630))
+    c.history(T0 + secs(631), [agent_item("h-a1", T0 + secs(100), "Hola, soy Ana del hotel."),
+                               agent_item("h-a2", T0 + secs(300), "Ya le respondo su consulta m1.")])
+    assert c.state["last_human_at"] == T0 + secs(300)
+    effects = c.flush(T0 + secs(1200))  # hold end: 300 + 900
+    if effects.fetch is not None:
+        c.history(T0 + secs(1201), [agent_item("h-a2", T0 + secs(300), "Ya le respondo su consulta m1.")])
+    request = c.requests[-1]
+    assert [m["event_id"] for m in request["messages"]] == ["m2"]
+    assert ("customer", T0 + secs(160)) in [(i["role"], i["at"]) for i in request["missed_messages"]]
