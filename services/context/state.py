@@ -46,7 +46,8 @@ Decisions taken here (where the issues leave a choice):
 - Routing: vision when a message is an image/sticker with a media reference, or when an earlier
   batch of the customer routed to vision is still unanswered (vision forwards in order; a text batch
   overtaking it would be answered first).
-- Agent activity: our own sends (id, `own_send`, `API Token`/own text) and WATI's bot are ignored;
+- Agent activity: our own sends and WATI's bot are ignored, by the one own-message rule of
+  services/common/own_messages.py (id, `API Token`, `Bot`, own text — never over a human name);
   templates are kept as context (role agent, name "template") but are not human activity; `unknown`
   counts as human only with an operator name or e-mail that is not ours (our own echo arrives
   without one). A reply that reveals an earlier "human" item was our own send removes it again.
@@ -69,7 +70,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.common import codec
+from services.common import codec, own_messages
 from services.common.config import GapPolicy
 from services.common.keys import split_key
 from services.common.records import (
@@ -597,17 +598,15 @@ def _human_answered_until(
     A customer message before it was handled by that human: like `missed.select_missed`, the sweep
     leaves it as context instead of recovering it for the bot to answer over the agent.
     """
-    own_ids = missed.own_reply_ids(state["own_replies"])
     latest: datetime | None = None
     for item in history:
         at = item["at"]
         if at is None or at <= lower or not item["owner"] or not item["text"].strip():
             continue
-        if item["event_type"] == "message" and (
-            own_ids.intersection([*item["item_ids"], item["local_message_id"] or ""])
-            or missed.is_own_operator(item["operator_name"])
-            or missed.matches_own_text(item["text"], at, state["own_replies"])
-        ):
+        if item["event_type"] == "message" and own_messages.own_reason(
+            ids=[*item["item_ids"], item["local_message_id"] or ""], operator_name=item["operator_name"],
+            texts=[item["text"]], at=at, own_replies=state["own_replies"],
+        ) is not None:
             continue
         if item["event_type"] in ("message", "broadcastMessage"):
             latest = _later(latest, at)
@@ -924,19 +923,17 @@ def _ignored_activity_reason(
 ) -> str | None:
     """Why a business-side send is not a human agent's (None: it is, or it is a template)."""
     kind = activity["sender_kind"]
-    if match_ids & missed.own_reply_ids(state["own_replies"]):
-        return "own_id"
-    if kind == "own_send":
-        return "own_operator"
-    if kind == "template":
-        return None
     name = activity["operator_name"]
-    if kind == "wati_bot" or missed.is_wati_bot(name):
+    if kind == "template":  # a template is context, never a human's nor ours — unless sent by us
+        ours = match_ids & own_messages.own_reply_ids(state["own_replies"])
+        return "own_id" if ours else None
+    reason = own_messages.own_reason(
+        ids=match_ids, operator_name=name, texts=[activity["text"]], at=activity["provider_time"],
+        own_replies=state["own_replies"], own_send=kind == "own_send")
+    if reason is not None:
+        return reason
+    if kind == "wati_bot":
         return "wati_bot"
-    if missed.is_own_operator(name):
-        return "own_operator"
-    if missed.matches_own_text(activity["text"], activity["provider_time"], state["own_replies"]):
-        return "own_text"
     if kind == "unknown" and not (_clean(name) or _clean(activity["operator_email"])):
         return "unknown_sender"
     return None
@@ -950,7 +947,9 @@ def _forget_own_echoes(state: CustomerState, reply: OwnReply) -> list[MissedItem
     for item in state["agent_messages"]:
         ours = item["role"] == "agent" and (bool(ids.intersection(item["item_ids"])) or (
             item["agent_name"] != missed.TEMPLATE_AGENT_NAME
-            and missed.matches_own_text(item["text"], item["at"], [reply])
+            and own_messages.own_reason(ids=item["item_ids"], operator_name=item["agent_name"],
+                                        texts=[item["text"]], at=item["at"], own_replies=[reply])
+            is not None
         ))
         (removed if ours else kept).append(item)
     if removed:

@@ -7,8 +7,10 @@ from datetime import datetime
 
 import pytest
 
+from services.context import missed
 from services.context import state as sm
 from services.context.app import next_due
+from services.ingest import wati
 
 from .context_builders import (
     KEY,
@@ -19,6 +21,8 @@ from .context_builders import (
     customer_item,
     inbound,
     limits,
+    own_reply,
+    reply,
     secs,
     t,
 )
@@ -39,13 +43,12 @@ def flushed(c: Customer, now: datetime) -> sm.Effects:
     return effects
 
 
-def answered_once(c: Customer, at: datetime) -> None:
-    """m0 at T0, flushed and answered at `at` (history empty)."""
+def answered_once(c: Customer, at: datetime, text: str = "Con gusto le ayudo con su reserva.",
+                  ids: tuple[str, ...] = ()) -> None:
+    """m0 at T0, flushed and answered at `at` with `text` sent as `ids` (history empty)."""
     talk(c, ("m0", T0))
-    effects = c.flush(T0 + secs(30))
-    if effects.fetch is not None:
-        c.history(T0 + secs(31), [])
-    c.answer(at)
+    flushed(c, T0 + secs(30))
+    c.answer(at, text, ids)
 
 
 def held_after_agent(c: Customer) -> None:
@@ -180,3 +183,65 @@ def test_history_found_agent_message_after_held_ones_counts_as_answering_them() 
     request = c.requests[-1]
     assert [m["event_id"] for m in request["messages"]] == ["m2"]
     assert ("customer", T0 + secs(160)) in [(i["role"], i["at"]) for i in request["missed_messages"]]
+
+
+# -- 3. one own-message rule, never over a human ---------------------------------------------------
+
+OUR_TEXT = "Con gusto le ayudo con su reserva, ¿para qué fecha sería?"
+
+
+def test_history_agent_pasting_our_reply_with_their_own_id_is_a_human() -> None:
+    pasted = agent_item("h-1", t("17:00:00"), OUR_TEXT, operator="Ana Agente", wamid="wamid.AGENT1")
+    selection = missed.select_missed(
+        history=[pasted], realtime=[], cutoff=t("16:54:30"), lookback_start=t("16:00:00"),
+        batch_start=t("17:40:30"), batch_event_ids=set(), earlier_batch_event_ids=set(),
+        seen_event_ids=set(), own_replies=[own_reply(OUR_TEXT, t("16:54:30"), ["wamid.OURS"])],
+        now=t("17:41:00"), max_items=200)
+    assert [(i["role"], i["agent_name"]) for i in selection.items] == [("agent", "Ana Agente")]
+
+
+def test_realtime_agent_pasting_our_reply_is_recorded_as_human_activity() -> None:
+    c = Customer()
+    answered_once(c, T0 + secs(40), OUR_TEXT, ("wamid.OURS",))
+    effects = c.agent(activity("wamid.AGENT1", T0 + secs(60), OUR_TEXT, operator="Ana Agente"))
+    assert "agent_activity_ignored" not in [name for name, _ in effects.log]
+    assert c.state["last_human_at"] == T0 + secs(60)
+
+
+def test_a_reply_arriving_after_a_human_pasted_it_does_not_remove_the_human_message() -> None:
+    c = Customer()
+    talk(c, ("m0", T0))
+    flushed(c, T0 + secs(30))
+    c.agent(activity("wamid.AGENT1", T0 + secs(45), OUR_TEXT, operator="Ana Agente"))
+    c.replied(reply(f"{KEY}:1", T0 + secs(40), OUR_TEXT, ids=["wamid.OURS"]))
+    assert [i["item_ids"] for i in c.state["agent_messages"]] == [["wamid.AGENT1"]]
+    assert c.state["last_human_at"] == T0 + secs(45)
+
+
+def test_sweep_does_not_recover_over_a_human_who_pasted_our_reply() -> None:
+    c = Customer(lim=limits(hold=0))
+    answered_once(c, T0 + secs(40), OUR_TEXT, ("wamid.OURS",))
+    effects = c.command(command("history_fetched", T0 + secs(400), None, history=[
+        customer_item("wamid.ONLY", T0 + secs(300), "¿Siguen ahí?"),
+        agent_item("h-2", T0 + secs(320), OUR_TEXT, operator="Ana Agente", wamid="wamid.AGENT2"),
+    ]))
+    assert c.state["open_batch"] is None, effects.log
+
+
+@pytest.mark.parametrize(("name", "kind"), [
+    ("API Token 7f3a", "own_send"), ("api token", "own_send"), ("API_Token 9", "own_send"),
+    ("API-TOKEN", "own_send"), ("APIToken", "own_send"), ("  API  TOKEN (integration)", "own_send"),
+    ("Bot", "wati_bot"), ("Bot ", "wati_bot"), (" b o T", "wati_bot"), ("BOT", "wati_bot"),
+    ("Tokenizer API", "human_agent"), ("Abbot", "human_agent"), ("Botero Ana", "human_agent"),
+])
+def test_ingest_state_and_missed_agree_on_who_sent_a_message(name: str, kind: str) -> None:
+    assert wati.sender_kind("sessionMessageSent", "text", name, None) == kind
+    selection = missed.select_missed(
+        history=[agent_item("h-1", t("17:00:00"), "Un texto cualquiera del negocio", operator=name)],
+        realtime=[], cutoff=t("16:54:30"), lookback_start=t("16:00:00"), batch_start=t("17:40:30"),
+        batch_event_ids=set(), earlier_batch_event_ids=set(), seen_event_ids=set(), own_replies=[],
+        now=t("17:41:00"), max_items=200)
+    assert (selection.items == []) == (kind != "human_agent")
+    c = Customer()
+    c.agent(activity("a1", T0, "Un texto cualquiera del negocio", kind="human_agent", operator=name))
+    assert (c.state["last_human_at"] is None) == (kind != "human_agent")
