@@ -8,7 +8,11 @@ cutoff is the bot's last reply, and our own messages are never "missed".
 Decisions (issue 3 point 5, issue 9 points 2 and 4):
 - Window: strictly after `cutoff` (the batch's prior `last_reply_at`; without one, strictly after
   `lookback_start`) and strictly before `batch_start` (the earliest provider time of the batch).
-  Equal times are outside on both ends.
+  Equal times are outside on both ends — at the resolution each time really has: a real-time-only
+  item's whole-second time (WATI's webhook `timestamp`) stands for its whole second, so an agent
+  message written in the second of our reply, just after it, is inside (`timeparse.
+  possibly_after`). Whether the model already has such an item is told by ids, not by time: ids in
+  `given_event_ids` (context given to an earlier request) are then `in_earlier_batch`.
 - Roles: customer messages (owner false) -> `customer`; business-side messages of a human or of an
   operator we cannot name -> `agent` (agent_name = operator name, or None); broadcast/template
   items -> `agent` with agent_name `"template"` (the customer saw them: a promotion or a reminder
@@ -68,6 +72,7 @@ from services.common.own_messages import (
     own_reply_ids,
 )
 from services.common.records import ExcludedItem, HistoryItem, ItemSource, MissedItem, OwnReply, Role
+from services.common.timeparse import is_whole_second, possibly_after
 
 __all__ = ["is_wati_bot", "matches_own_text", "normalise_text", "own_reply_ids", "select_missed"]
 
@@ -198,6 +203,12 @@ def _own_reason(group: _Group, at: datetime | None, own_replies: list[OwnReply])
     return None
 
 
+def _in_cutoff_second(group: _Group, at: datetime, lower: datetime) -> bool:
+    """A real-time-only item with a whole-second time (WATI's webhook `timestamp`) in the second
+    of the cutoff: it may have been written just after it. (History's `created` has milliseconds.)"""
+    return group.history is None and is_whole_second(at) and possibly_after(at, lower)
+
+
 def _excluded(ids: list[str], reason: str, at: datetime | None) -> ExcludedItem:
     return {"item_ids": list(ids), "reason": reason, "at": at}
 
@@ -279,6 +290,7 @@ def select_missed(
     batch_event_ids: set[str],
     earlier_batch_event_ids: set[str],
     seen_event_ids: set[str],
+    given_event_ids: set[str] | frozenset[str] = frozenset(),
     own_replies: list[OwnReply],
     now: datetime,
     max_items: int,
@@ -315,13 +327,13 @@ def select_missed(
             reason = IN_BATCH
         elif at is None:
             reason = NO_TIME
-        elif at <= lower:
+        elif at <= lower and not _in_cutoff_second(group, at, lower):
             reason = BEFORE_CUTOFF
         elif at >= batch_start:
             reason = NOT_BEFORE_BATCH
         elif id_set & own_ids:
             reason = OWN_ID
-        elif id_set & earlier_batch_event_ids:
+        elif id_set & earlier_batch_event_ids or (at <= lower and id_set & given_event_ids):
             reason = IN_EARLIER_BATCH
         elif main.role == "agent":
             reason = _own_reason(group, at, own_replies)

@@ -56,6 +56,9 @@ Decisions taken here (where the issues leave a choice):
 - Customer messages of earlier batches the bot ANSWERED are remembered (`answered:<id>` in
   `recent_event_ids`) and excluded from later missed context as `in_earlier_batch`, like those of
   batches still unanswered; a batch answered with nothing sent leaves its messages as context.
+  Context items given to the model are remembered too (`given:<id>`): a whole-second real-time
+  item in the second of the cutoff may be before or after it, and its ids — not its time — tell
+  whether the model already has it.
 - Metrics are `(attribute name in services.common.metrics, labels, value)`; for a Histogram the
   value is observed, for a Counter added. Duplicates (`Effects.duplicate`) carry no metric: the
   shell counts `dedupe_hits_total` itself. History-fetch failures reported by the fetcher are
@@ -90,7 +93,7 @@ from services.common.records import (
     Unanswered,
     VisionRequest,
 )
-from services.common.timeparse import surely_after
+from services.common.timeparse import possibly_after, surely_after
 from services.context import missed
 
 RECENT_EVENT_IDS = 1000
@@ -114,6 +117,7 @@ IMAGE_TYPES = frozenset({"image", "sticker"})
 """Message types vision classifies (when the message carries a media reference)."""
 REPLY_KEY = "reply:"
 ANSWERED_KEY = "answered:"
+GIVEN_KEY = "given:"
 """Prefixes in `recent_event_ids`: replies handled (dedupe), customer messages the bot answered."""
 
 
@@ -634,6 +638,7 @@ def _finalize(
     held_before = state["held_messages"]
     earlier_ids = {i for u in state["unanswered"] for i in u["event_ids"]}
     earlier_ids |= {e[len(ANSWERED_KEY):] for e in state["recent_event_ids"] if e.startswith(ANSWERED_KEY)}
+    given_ids = {e[len(GIVEN_KEY):] for e in state["recent_event_ids"] if e.startswith(GIVEN_KEY)}
 
     def select(held: list[InboundMessage]) -> missed.Selection:
         return missed.select_missed(
@@ -644,6 +649,7 @@ def _finalize(
             batch_start=batch_start(batch),
             batch_event_ids={i for m in [*held, *batch["messages"]] for i in message_ids(m)},
             earlier_batch_event_ids=earlier_ids,
+            given_event_ids=given_ids,
             seen_event_ids=set(state["recent_event_ids"]),
             own_replies=state["own_replies"],
             now=now,
@@ -724,6 +730,8 @@ def _finalize(
             "batch_id": batch["batch_id"], "routed_to": routed_to, "emitted_at": now,
             "event_ids": _unique(i for m in messages for i in message_ids(m)),
         }
+        _remember(state["recent_event_ids"], [GIVEN_KEY + i for item in injected for i in item["item_ids"]],
+                  RECENT_EVENT_IDS)
         state["unanswered"] = [*state["unanswered"], entry]
         effects.metrics.append(("missed_per_batch", {}, float(len(injected))))
         by_source: dict[str, int] = {}
@@ -974,7 +982,7 @@ def _prune_agent_messages(state: CustomerState, now: datetime, limits: Limits) -
         if needed is None:
             needed = now - timedelta(seconds=limits.missed_lookback_seconds)
         horizon = min(horizon, needed)
-    kept = [m for m in state["agent_messages"] if m["at"] > horizon]
+    kept = [m for m in state["agent_messages"] if possibly_after(m["at"], horizon)]  # coarse: keep
     pruned = len(state["agent_messages"]) - len(kept)
     state["agent_messages"] = kept
     return pruned

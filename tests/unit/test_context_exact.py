@@ -245,3 +245,54 @@ def test_ingest_state_and_missed_agree_on_who_sent_a_message(name: str, kind: st
     c = Customer()
     c.agent(activity("a1", T0, "Un texto cualquiera del negocio", kind="human_agent", operator=name))
     assert (c.state["last_human_at"] is None) == (kind != "human_agent")
+
+
+# -- 2. coarse timestamps ------------------------------------------------------------------------
+
+def test_whole_second_agent_message_in_the_second_of_our_reply_is_kept() -> None:
+    """The bot replied at 16:54:30.300; Ana wrote at 16:54:30.800, which the webhook says is 16:54:30."""
+    ana = {"at": t("16:54:30"), "role": "agent", "agent_name": "Ana Agente", "text": "Le llamo en 5 min",
+           "message_type": "text", "source": "realtime", "item_ids": ["wamid.ANA"]}
+    selection = missed.select_missed(
+        history=None, realtime=[ana], cutoff=t("16:54:30.300"),  # type: ignore[list-item]
+        lookback_start=t("16:00:00"), batch_start=t("17:40:30"), batch_event_ids=set(),
+        earlier_batch_event_ids=set(), seen_event_ids=set(), own_replies=[], now=t("17:41:00"),
+        max_items=200)
+    assert [i["text"] for i in selection.items] == ["Le llamo en 5 min"]
+
+
+def test_agent_webhook_in_the_second_of_our_reply_reaches_the_next_request() -> None:
+    c = Customer(lim=limits(hold=0))
+    answered_once(c, T0 + secs(40.3))
+    c.agent(activity("wamid.ANA", T0 + secs(40), "Le llamo en 5 minutos"), now=T0 + secs(41))
+    talk(c, ("m1", T0 + secs(100)))
+    flushed(c, T0 + secs(130))
+    assert [i["text"] for i in c.requests[-1]["missed_messages"]] == ["Le llamo en 5 minutos"]
+
+
+def test_agent_webhook_before_the_reply_event_is_not_pruned_by_it() -> None:
+    """The agent's webhook (16:54:30, coarse) is handled before our reply event (sent 16:54:30.300)."""
+    c = Customer(lim=limits(hold=0))
+    talk(c, ("m0", T0))
+    flushed(c, T0 + secs(30))
+    c.agent(activity("wamid.ANA", T0 + secs(40), "Le llamo en 5 minutos"), now=T0 + secs(40.5))
+    c.answer(T0 + secs(40.3))
+    assert [i["item_ids"] for i in c.state["agent_messages"]] == [["wamid.ANA"]]
+    talk(c, ("m1", T0 + secs(100)))
+    flushed(c, T0 + secs(130))
+    assert [i["text"] for i in c.requests[-1]["missed_messages"]] == ["Le llamo en 5 minutos"]
+
+
+def test_what_the_model_was_given_is_known_by_ids_not_only_by_time() -> None:
+    """An item given in batch 1 whose whole second reaches past our reply is not given again."""
+    c = Customer(lim=limits(hold=0, quiet=0.2, max_wait=0.5, gap=0))
+    c.agent(activity("wamid.ANA", T0 + secs(40), "Le llamo en 5 minutos"), now=T0 + secs(40.3))
+    talk(c, ("m1", T0 + secs(40.4)))
+    flushed(c, T0 + secs(40.6))
+    assert [i["text"] for i in c.requests[-1]["missed_messages"]] == ["Le llamo en 5 minutos"]
+    c.answer(T0 + secs(40.9))
+    talk(c, ("m2", T0 + secs(50)))
+    flushed(c, T0 + secs(50.6))
+    assert c.requests[-1]["missed_messages"] == []
+    excluded = [(e["reason"], e["item_ids"]) for e in c.decisions[-1]["excluded"]]
+    assert ("in_earlier_batch", ["wamid.ANA"]) in excluded
