@@ -131,6 +131,7 @@ class Limits:
     missed_max_items: int
     history_timeout_seconds: float
     policy: GapPolicy  # per-customer gap and hold thresholds
+    history_every_batch: bool = True  # MISSED_HISTORY=every_batch: no blind spot (False: gap rule)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ class GapDecision:
     gap_seconds: float | None
     threshold_seconds: float
     check: bool
-    outcome: str  # gap_exceeded | first_contact | after_hold | short_gap | not_wati
+    outcome: str  # gap_exceeded | first_contact | after_hold | every_batch | short_gap | not_wati
 
 
 # -- public API -----------------------------------------------------------------------------------
@@ -391,6 +392,8 @@ def gap_decision(batch: Batch, customer_key: str, limits: Limits, held: bool = F
         return GapDecision(gap, threshold, True, "gap_exceeded")
     if held or gap < 0:  # gap < 0: the batch carries messages that were held (they predate it)
         return GapDecision(gap, threshold, True, "after_hold")
+    if limits.history_every_batch:
+        return GapDecision(gap, threshold, True, "every_batch")
     return GapDecision(gap, threshold, False, "short_gap")
 
 

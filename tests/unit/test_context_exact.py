@@ -7,9 +7,10 @@ from datetime import datetime
 
 import pytest
 
+from services.common.config import ConfigError, Settings
 from services.context import missed
 from services.context import state as sm
-from services.context.app import next_due
+from services.context.app import build_limits, next_due
 from services.ingest import wati
 
 from .context_builders import (
@@ -296,3 +297,47 @@ def test_what_the_model_was_given_is_known_by_ids_not_only_by_time() -> None:
     assert c.requests[-1]["missed_messages"] == []
     excluded = [(e["reason"], e["item_ids"]) for e in c.decisions[-1]["excluded"]]
     assert ("in_earlier_batch", ["wamid.ANA"]) in excluded
+
+
+# -- 4. no blind spot by default -----------------------------------------------------------------
+
+def default_limits(**overrides: object) -> sm.Limits:
+    return build_limits(Settings(**overrides))  # type: ignore[arg-type]
+
+
+def test_by_default_a_short_gap_batch_reads_history_and_recovers_what_wati_never_delivered() -> None:
+    c = Customer(lim=default_limits(human_hold_seconds=0.0))  # the agent's message would hold it
+    answered_once(c, T0 + secs(40))
+    talk(c, ("m1", T0 + secs(100)))  # 60 s after the reply: far below MISSED_GAP_SECONDS
+    effects = c.flush(T0 + secs(130))
+    assert effects.fetch is not None
+    assert ("gap_checks_total", {"outcome": "every_batch"}, 1) in effects.metrics
+    c.history(T0 + secs(131), [
+        customer_item("wamid.LOST", T0 + secs(60), "¿Tienen estacionamiento?"),  # webhook never came
+        agent_item("h-a1", T0 + secs(70), "Sí, gratuito", wamid="wamid.A1"),  # no agent webhooks
+        customer_item("m1", T0 + secs(100), "texto m1"),
+    ])
+    request = c.requests[-1]
+    assert [m["event_id"] for m in request["messages"]] == ["m1"]
+    assert [(i["role"], i["text"]) for i in request["missed_messages"]] == [
+        ("customer", "¿Tienen estacionamiento?"), ("agent", "Sí, gratuito")]
+
+
+def test_by_default_an_undelivered_unanswered_customer_message_is_answered() -> None:
+    c = Customer(lim=default_limits(human_hold_seconds=0.0))
+    answered_once(c, T0 + secs(40))
+    talk(c, ("m1", T0 + secs(100)))
+    c.flush(T0 + secs(130))
+    c.history(T0 + secs(131), [customer_item("wamid.LOST", T0 + secs(60), "¿Tienen estacionamiento?")])
+    assert [m["event_id"] for m in c.requests[-1]["messages"]] == ["wamid.LOST", "m1"]
+
+
+def test_gap_mode_is_for_accounts_with_real_time_agent_events_and_needs_the_sweep() -> None:
+    with pytest.raises(ConfigError, match="RECONCILE_INTERVAL_SECONDS"):
+        default_limits(missed_history="gap")
+    c = Customer(lim=default_limits(missed_history="gap", reconcile_interval_seconds=60.0))
+    answered_once(c, T0 + secs(40))
+    talk(c, ("m1", T0 + secs(100)))
+    assert c.flush(T0 + secs(130)).fetch is None
+    with pytest.raises(ConfigError, match="MISSED_HISTORY"):
+        default_limits(missed_history="sometimes")
