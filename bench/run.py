@@ -25,7 +25,7 @@ from typing import Any
 
 from services.common.broker import EmbeddedKafka
 
-from . import cost, ingest, pipeline, responder, state
+from . import cost, history, ingest, pipeline, responder, state
 from .common import SCALES, BenchEnv, machine_info
 
 Benchmark = Callable[[BenchEnv], Awaitable[dict[str, Any]]]
@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "responder": responder.run,
     "cost": cost.run,
     "state": state.run,
+    "history": history.run,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

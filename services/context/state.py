@@ -23,11 +23,14 @@ Decisions taken here (where the issues leave a choice):
   opens the same batch id, and unique per customer.
 - One batch at a time leaves the customer: while a batch waits for its history (`flushing_batch`),
   a newer open batch is not flushed (`due_action` returns None for it) — answers stay in order.
-- Gap check (WATI only; ManyChat has no history API): runs when `gap = earliest provider time of
-  the batch - prior last_inbound_at` EXCEEDS the customer's threshold, and on first contact (no
-  prior inbound: look back `missed_lookback_seconds`), and when held messages wait (`after_hold`:
-  the held batch's fetch kept nothing). Real-time agent messages since the last reply are
-  injected whatever the gap.
+- Gap check (WATI only; ManyChat has no history API): with `Limits.history_every_batch` (the
+  default, MISSED_HISTORY=every_batch) the history is read for EVERY batch (`every_batch`): an
+  account without real-time agent webhooks, and a customer message WATI never delivered, leave no
+  blind spot. Otherwise (MISSED_HISTORY=gap) it runs when `gap = earliest provider time of the
+  batch - prior last_inbound_at` EXCEEDS the customer's threshold, on first contact (no prior
+  inbound: look back `missed_lookback_seconds`), and when held messages wait or the batch carries
+  them (gap < 0) (`after_hold`: the held batch's fetch kept nothing). Real-time agent messages
+  since the last reply are injected whatever the gap.
 - A history fetch that failed but returned some pages is used (the newest pages are the ones that
   matter), with its `history_error` recorded; a failed fetch without items answers without history.
 - Hold: a batch is held when the operator paused the customer, or when a human agent wrote within
