@@ -96,7 +96,7 @@ from services.common.records import (
     Unanswered,
     VisionRequest,
 )
-from services.common.timeparse import possibly_after, surely_after
+from services.common.timeparse import is_whole_second, possibly_after, surely_after
 from services.context import missed
 
 RECENT_EVENT_IDS = 1000
@@ -121,6 +121,8 @@ IMAGE_TYPES = frozenset({"image", "sticker"})
 REPLY_KEY = "reply:"
 ANSWERED_KEY = "answered:"
 GIVEN_KEY = "given:"
+GIVEN_ITEMS = 20
+"""Context items remembered as given per batch (see `_given_keys`)."""
 """Prefixes in `recent_event_ids`: replies handled (dedupe), customer messages the bot answered."""
 
 
@@ -736,8 +738,7 @@ def _finalize(
             "batch_id": batch["batch_id"], "routed_to": routed_to, "emitted_at": now,
             "event_ids": _unique(i for m in messages for i in message_ids(m)),
         }
-        _remember(state["recent_event_ids"], [GIVEN_KEY + i for item in injected for i in item["item_ids"]],
-                  RECENT_EVENT_IDS)
+        _remember(state["recent_event_ids"], _given_keys(injected), RECENT_EVENT_IDS)
         state["unanswered"] = [*state["unanswered"], entry]
         effects.metrics.append(("missed_per_batch", {}, float(len(injected))))
         by_source: dict[str, int] = {}
@@ -810,6 +811,14 @@ def _hold_reason(state: CustomerState, now: datetime, limits: Limits) -> str | N
     if hold > 0 and last_human is not None and (now - last_human).total_seconds() < hold:
         return "human_active"
     return None
+
+
+def _given_keys(injected: list[MissedItem]) -> list[str]:
+    """`given:<id>` of the context items whose time alone could not tell later whether the model
+    has them: real-time-only items with a whole-second time (history's times have milliseconds),
+    the newest GIVEN_ITEMS — so the dedupe memory is not flooded by a long missed block."""
+    coarse = [i for i in injected if i["source"] == "realtime" and is_whole_second(i["at"])]
+    return [GIVEN_KEY + pid for item in coarse[-GIVEN_ITEMS:] for pid in item["item_ids"]]
 
 
 def _held_overflow(

@@ -4,13 +4,15 @@ rule, no blind spot by default — each a timeline driven through the pure state
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
+from services.common import codec
 from services.common.config import ConfigError, Settings
 from services.context import missed
 from services.context import state as sm
-from services.context.app import build_limits, next_due
+from services.context.app import build_limits, create_app, next_due
 from services.ingest import wati
 
 from .context_builders import (
@@ -341,3 +343,20 @@ def test_gap_mode_is_for_accounts_with_real_time_agent_events_and_needs_the_swee
     assert c.flush(T0 + secs(130)).fetch is None
     with pytest.raises(ConfigError, match="MISSED_HISTORY"):
         default_limits(missed_history="sometimes")
+
+
+def test_the_shell_produces_the_held_overflow_dead_letters_with_the_effects(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sm, "HELD_MESSAGES", 1)
+    c = Customer()
+    c.command(command("pause", T0, actor="ops@hotel.com"))
+    talk(c, ("m1", T0 + secs(1)), ("m2", T0 + secs(2)))
+    effects = flushed(c, T0 + secs(32))
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ex.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    runtime = create_app(settings).runtime
+    outputs = runtime._encode_outputs(effects)
+    assert [topic for topic, _ in outputs] == [runtime.topics.audit, runtime.topics.dead_letter]
+    dead = codec.decode("DeadLetter", outputs[1][1])
+    assert dead["reason"] == "held_overflow" and dead["customer_key"] == KEY
+    assert codec.decode("InboundMessage", dead["payload"])["event_id"] == "m1"
