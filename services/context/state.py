@@ -477,6 +477,9 @@ def _settle_held(
     Context: a human agent wrote after it (the human handled it), or it is older than WhatsApp's
     24 h session (no question to answer any more). Context items join `agent_messages` (role
     customer), so the selection gives them to the model in time order with the agents' messages.
+    "After" is judged at the resolution the times have (`surely_after`): a human message in the
+    same whole second as the customer's may have come first, and then the bot answers — nobody is
+    left waiting on a guess.
     """
     session_start = now - timedelta(seconds=WHATSAPP_SESSION_SECONDS)
     last_human = state["last_human_at"]
