@@ -13,6 +13,10 @@ Decisions (issue 3 point 5, issue 9 points 2 and 4):
   message written in the second of our reply, just after it, is inside (`timeparse.
   possibly_after`). Whether the model already has such an item is told by ids, not by time: ids in
   `given_event_ids` (context given to an earlier request) are then `in_earlier_batch`.
+  `resume_from`: the previous request's window ended at its batch start, and the bot replied later;
+  what was written in between (an agent answering while the bot composed its reply, a customer
+  message WATI never delivered) was in no request, so the window reaches back to it — our reply and
+  that batch's messages are still excluded, by the rules below.
 - Roles: customer messages (owner false) -> `customer`; business-side messages of a human or of an
   operator we cannot name -> `agent` (agent_name = operator name, or None); broadcast/template
   items -> `agent` with agent_name `"template"` (the customer saw them: a promotion or a reminder
@@ -291,6 +295,7 @@ def select_missed(
     earlier_batch_event_ids: set[str],
     seen_event_ids: set[str],
     given_event_ids: set[str] | frozenset[str] = frozenset(),
+    resume_from: datetime | None = None,
     own_replies: list[OwnReply],
     now: datetime,
     max_items: int,
@@ -298,7 +303,9 @@ def select_missed(
     """The missed-message context of one batch (rules in the module docstring).
 
     `history` None means no history was consulted (short gap, ManyChat, fetch failed);
-    `realtime` are the human-agent/template items recorded from WATI's send events.
+    `realtime` are the human-agent/template items recorded from WATI's send events;
+    `resume_from` (before `cutoff`): where the request the cutoff's reply answered stopped looking —
+    items after it were in no request, so they are in the window too (see the module docstring).
     """
     lower = cutoff if cutoff is not None else lookback_start
     own_ids = own_reply_ids(own_replies)
@@ -327,7 +334,8 @@ def select_missed(
             reason = IN_BATCH
         elif at is None:
             reason = NO_TIME
-        elif at <= lower and not _in_cutoff_second(group, at, lower):
+        elif at <= lower and not _in_cutoff_second(group, at, lower) and not (
+                resume_from is not None and at > resume_from):
             reason = BEFORE_CUTOFF
         elif at >= batch_start:
             reason = NOT_BEFORE_BATCH

@@ -55,7 +55,9 @@ Decisions taken here (where the issues leave a choice):
   counts as human only with an operator name or e-mail that is not ours (our own echo arrives
   without one). A reply that reveals an earlier "human" item was our own send removes it again.
 - Pruning real-time agent messages on a reply never drops what a pending batch still needs (its
-  cutoff may be older than the new reply: post-mortem bug 6).
+  cutoff may be older than the new reply: post-mortem bug 6), nor what came after the last
+  request's window end (`window_end:` entries in `recent_event_ids`): a human message written
+  while the bot composed its answer was in no request, and the next window reaches back to it.
 - Customer messages of earlier batches the bot ANSWERED are remembered (`answered:<id>` in
   `recent_event_ids`) and excluded from later missed context as `in_earlier_batch`, like those of
   batches still unanswered; a batch answered with nothing sent leaves its messages as context.
@@ -121,6 +123,9 @@ IMAGE_TYPES = frozenset({"image", "sticker"})
 REPLY_KEY = "reply:"
 ANSWERED_KEY = "answered:"
 GIVEN_KEY = "given:"
+WINDOW_KEY = "window_end:"
+"""`recent_event_ids` entries `window_end:<ISO time>`: where each emitted request's missed window
+ended (its batch start). What happened between it and the bot's reply was in no request."""
 GIVEN_ITEMS = 20
 """Context items remembered as given per batch (see `_given_keys`)."""
 """Prefixes in `recent_event_ids`: replies handled (dedupe), customer messages the bot answered."""
@@ -650,6 +655,7 @@ def _finalize(
     earlier_ids = {i for u in state["unanswered"] for i in u["event_ids"]}
     earlier_ids |= {e[len(ANSWERED_KEY):] for e in state["recent_event_ids"] if e.startswith(ANSWERED_KEY)}
     given_ids = {e[len(GIVEN_KEY):] for e in state["recent_event_ids"] if e.startswith(GIVEN_KEY)}
+    resume_from = _resume_from(state, cutoff)
 
     def select(held: list[InboundMessage]) -> missed.Selection:
         return missed.select_missed(
@@ -661,6 +667,7 @@ def _finalize(
             batch_event_ids={i for m in [*held, *batch["messages"]] for i in message_ids(m)},
             earlier_batch_event_ids=earlier_ids,
             given_event_ids=given_ids,
+            resume_from=resume_from,
             seen_event_ids=set(state["recent_event_ids"]),
             own_replies=state["own_replies"],
             now=now,
@@ -741,7 +748,8 @@ def _finalize(
             "batch_id": batch["batch_id"], "routed_to": routed_to, "emitted_at": now,
             "event_ids": _unique(i for m in messages for i in message_ids(m)),
         }
-        _remember(state["recent_event_ids"], _given_keys(injected), RECENT_EVENT_IDS)
+        _remember(state["recent_event_ids"],
+                  [*_given_keys(injected), WINDOW_KEY + batch_start(batch).isoformat()], RECENT_EVENT_IDS)
         state["unanswered"] = [*state["unanswered"], entry]
         effects.metrics.append(("missed_per_batch", {}, float(len(injected))))
         by_source: dict[str, int] = {}
@@ -814,6 +822,20 @@ def _hold_reason(state: CustomerState, now: datetime, limits: Limits) -> str | N
     if hold > 0 and last_human is not None and (now - last_human).total_seconds() < hold:
         return "human_active"
     return None
+
+
+def _window_ends(state: CustomerState) -> list[datetime]:
+    return [datetime.fromisoformat(e[len(WINDOW_KEY):]) for e in state["recent_event_ids"]
+            if e.startswith(WINDOW_KEY)]
+
+
+def _resume_from(state: CustomerState, cutoff: datetime | None) -> datetime | None:
+    """Where the request answered by the reply at `cutoff` stopped looking (its batch start): items
+    between it and the cutoff — written while the bot composed that answer — were in no request."""
+    if cutoff is None:
+        return None
+    ends = [end for end in _window_ends(state) if end <= cutoff]
+    return max(ends) if ends else None
 
 
 def _given_keys(injected: list[MissedItem]) -> list[str]:
@@ -993,6 +1015,9 @@ def _prune_agent_messages(state: CustomerState, now: datetime, limits: Limits) -
     horizon = state["last_reply_at"]
     if horizon is None:
         return 0
+    ends = _window_ends(state)
+    if ends:  # what came after the last request's window is in no request yet: keep it
+        horizon = min(horizon, max(ends))
     for batch in (state["open_batch"], state["flushing_batch"]):
         if batch is None:
             continue

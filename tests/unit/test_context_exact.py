@@ -360,3 +360,45 @@ def test_the_shell_produces_the_held_overflow_dead_letters_with_the_effects(
     dead = codec.decode("DeadLetter", outputs[1][1])
     assert dead["reason"] == "held_overflow" and dead["customer_key"] == KEY
     assert codec.decode("InboundMessage", dead["payload"])["event_id"] == "m1"
+
+
+# -- a human message written while the bot composed its answer ------------------------------------
+
+def test_an_agent_message_written_while_the_bot_composed_its_answer_reaches_the_next_request() -> None:
+    """m0's batch starts at T0 and is answered at +35; Ana wrote at +32 (after the batch's window,
+    before our reply): neither window held it, so no request ever had it."""
+    c = Customer(lim=limits(hold=0))
+    talk(c, ("m0", T0))
+    flushed(c, T0 + secs(30))
+    c.agent(activity("wamid.ANA", T0 + secs(32), "Le llamo en 5 minutos"))
+    c.answer(T0 + secs(35))
+    talk(c, ("m1", T0 + secs(100)))
+    flushed(c, T0 + secs(130))
+    assert [i["text"] for i in c.requests[-1]["missed_messages"]] == ["Le llamo en 5 minutos"]
+    assert c.decisions[-1]["cutoff"] == T0 + secs(35)  # the cutoff is still the bot's last reply
+
+
+def test_the_same_from_history_and_after_the_hold_it_caused() -> None:
+    c = Customer(lim=limits(hold=900, every_batch=True))
+    talk(c, ("m0", T0))
+    flushed(c, T0 + secs(30))
+    c.answer(T0 + secs(35), ids=["wamid.OURS"])
+    talk(c, ("m1", T0 + secs(100)))
+    c.flush(T0 + secs(130))
+    held = c.history(T0 + secs(131), [
+        customer_item("m0", T0, "texto m0"),
+        agent_item("h-ana", T0 + secs(32), "Le llamo en 5 minutos", wamid="wamid.ANA"),
+        agent_item("h-ours", T0 + secs(35.2), "Con gusto le ayudo con su reserva.", wamid="wamid.OURS"),
+        customer_item("m1", T0 + secs(100), "texto m1"),
+    ])
+    assert held.decisions[0]["hold_reason"] == "human_active"  # Ana wrote 98 s before
+    effects = c.flush(T0 + secs(932))  # the hold's end: m1 is answered by itself
+    c.history(T0 + secs(933), [
+        agent_item("h-ana", T0 + secs(32), "Le llamo en 5 minutos", wamid="wamid.ANA"),
+        agent_item("h-ours", T0 + secs(35.2), "Con gusto le ayudo con su reserva.", wamid="wamid.OURS"),
+        customer_item("m1", T0 + secs(100), "texto m1"),
+    ])
+    assert effects.fetch is not None
+    request = c.requests[-1]
+    assert [m["event_id"] for m in request["messages"]] == ["m1"]
+    assert [i["text"] for i in request["missed_messages"]] == ["Le llamo en 5 minutos"]
