@@ -25,7 +25,7 @@ from typing import Any
 
 from services.common.broker import EmbeddedKafka
 
-from . import cost, idle, ingest, pipeline, responder, state
+from . import cost, history, idle, ingest, pipeline, responder, state
 from .common import SCALES, BenchEnv, machine_info
 
 Benchmark = Callable[[BenchEnv], Awaitable[dict[str, Any]]]
@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "cost": cost.run,
     "state": state.run,
     "idle": idle.run,
+    "history": history.run,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

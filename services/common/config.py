@@ -192,6 +192,13 @@ class Settings:
         "payment_proof,general_inquiry,other", "IMAGE_CATEGORIES", "image classes"
     )
     log_level: str = _env_field("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING")
+    # -- exact context (issue 14): when the context service reads WATI's history ---------------
+    missed_history: str = _env_field(
+        "every_batch", "MISSED_HISTORY",
+        "every_batch: read WATI history for every batch (no blind spot); gap: only after "
+        "MISSED_GAP_SECONDS of silence — for accounts whose real-time agent webhooks flow, and "
+        "only with RECONCILE_INTERVAL_SECONDS > 0 (the sweep then recovers undelivered messages)"
+    )
 
     # --- Secured Kafka (SASL / TLS). Every client (aiokafka producers, consumers, admin, faust)
     # --- gets these through services.common.kafka.client_options(); PLAINTEXT keeps the old behaviour.

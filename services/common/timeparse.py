@@ -8,7 +8,7 @@ and `24|11|2022` dates inside ticket texts. Unparseable input gives None, never 
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from dateutil import parser as dateutil_parser
 
@@ -92,3 +92,31 @@ def utcnow() -> datetime:
 
 def to_millis(value: datetime) -> int:
     return int(value.timestamp() * 1000)
+
+
+# -- comparing times of different resolutions ----------------------------------------------------
+# WATI's webhooks carry whole-second `timestamp`s; history's `created` and our own clocks have
+# fractions. A time without a fraction may be anywhere in its second, so it stands for the interval
+# [t, t + 1 s); a time with a fraction is a point. (A fine time that happens to end in .000000 is
+# taken as coarse: the window widens by under a second, and what is in it is told apart by ids.)
+
+_ONE_SECOND = timedelta(seconds=1)
+
+
+def is_whole_second(at: datetime) -> bool:
+    """Whether `at` may come from a whole-second source (no fraction)."""
+    return at.microsecond == 0
+
+
+def _latest(at: datetime) -> datetime:
+    return at + _ONE_SECOND if is_whole_second(at) else at
+
+
+def possibly_after(at: datetime, other: datetime) -> bool:
+    """`at` may be later than `other` at the resolution each really has."""
+    return _latest(at) > other
+
+
+def surely_after(at: datetime, other: datetime) -> bool:
+    """`at` is later than `other` whatever the fraction a whole-second time lost."""
+    return at >= _latest(other) if is_whole_second(other) else at > other

@@ -93,7 +93,17 @@ PRODUCE_BACKOFF_MAX_SECONDS = 5.0
 # -- pure helpers ---------------------------------------------------------------------------------
 
 def build_limits(settings: Settings) -> Limits:
-    """The state machine's thresholds from the process settings."""
+    """The state machine's thresholds from the process settings.
+
+    MISSED_HISTORY=gap without the reconciliation sweep is refused: a customer message WATI never
+    delivered within a short gap would then never be seen (a blind spot nobody chose knowingly).
+    """
+    mode = settings.missed_history.strip().lower()
+    if mode not in ("every_batch", "gap"):
+        raise ConfigError(f"MISSED_HISTORY must be every_batch or gap, got {settings.missed_history!r}")
+    if mode == "gap" and settings.reconcile_interval_seconds <= 0:
+        raise ConfigError("MISSED_HISTORY=gap needs RECONCILE_INTERVAL_SECONDS > 0: without the sweep, "
+                          "customer messages WATI never delivered within a short gap are never seen")
     return Limits(
         quiet_window_seconds=settings.quiet_window_seconds,
         max_batch_wait_seconds=settings.max_batch_wait_seconds,
@@ -101,6 +111,7 @@ def build_limits(settings: Settings) -> Limits:
         missed_max_items=settings.missed_max_items,
         history_timeout_seconds=settings.history_timeout_seconds,
         policy=settings.gap_policy,
+        history_every_batch=mode == "every_batch",
     )
 
 
@@ -125,6 +136,10 @@ def next_due(state: CustomerState, limits: Limits) -> datetime | None:
             candidates.append(started + timedelta(seconds=limits.history_timeout_seconds))
         else:
             candidates.append(flushing["last_message_at"])
+    if batch is None and flushing is None:
+        hold_end = domain.hold_ends_at(state, limits)  # held messages are answered when it ends
+        if hold_end is not None:
+            candidates.append(hold_end)
     return min(candidates) if candidates else None
 
 
@@ -699,6 +714,7 @@ class ContextRuntime:
              for r in effects.responder_requests]
             + [(self.topics.vision_requests, "VisionRequest", dict(r)) for r in effects.vision_requests]
             + [(self.topics.audit, "BatchDecision", dict(d)) for d in effects.decisions]
+            + [(self.topics.dead_letter, "DeadLetter", dict(d)) for d in effects.dead_letters]
         )
         return [(topic, codec.encode(schema, value)) for topic, schema, value in outputs]
 

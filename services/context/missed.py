@@ -8,7 +8,15 @@ by PARSED time, the cutoff is the bot's last reply, and our own messages are nev
 Decisions (issue 3 point 5, issue 9 points 2 and 4):
 - Window: strictly after `cutoff` (the batch's prior `last_reply_at`; without one, strictly after
   `lookback_start`) and strictly before `batch_start` (the earliest provider time of the batch).
-  Equal times are outside on both ends.
+  Equal times are outside on both ends — at the resolution each time really has: a real-time-only
+  item's whole-second time (WATI's webhook `timestamp`) stands for its whole second, so an agent
+  message written in the second of our reply, just after it, is inside (`timeparse.
+  possibly_after`). Whether the model already has such an item is told by ids, not by time: ids in
+  `given_event_ids` (context given to an earlier request) are then `in_earlier_batch`.
+  `resume_from`: the previous request's window ended at its batch start, and the bot replied later;
+  what was written in between (an agent answering while the bot composed its reply, a customer
+  message WATI never delivered) was in no request, so the window reaches back to it — our reply and
+  that batch's messages are still excluded, by the rules below.
 - Roles: customer messages (owner false) -> `customer`; business-side messages of a human or of an
   operator we cannot name -> `agent` (agent_name = operator name, or None); broadcast/template
   items -> `agent` with agent_name `"template"` (the customer saw them: a promotion or a reminder
@@ -16,17 +24,12 @@ Decisions (issue 3 point 5, issue 9 points 2 and 4):
   assigned to agent@x.com") -> `event`: they tell the model that a human took over or closed the
   chat, which explains the agents' messages around them. Unknown event types -> excluded
   `unsupported` (visible in the audit instead of silently injected or silently lost).
-- Our own messages, in this order: by id (every provider id recorded from our sends, matched
-  against an item's ids and its localMessageId) -> `own_id`; by operator name (`API Token ...`
-  = sends through the API, and WATI's `Bot` in any case/spacing; for `message` items only - a
-  broadcast is never ours) -> `own_operator`; by text -> `own_text`. Text matching normalises
-  (NFKC, case-fold, punctuation removed, whitespace collapsed) and counts as ours when
-  * equal to one of our recent reply texts and at least NEAR_TEXT_MIN_CHARS long, or equal but
-    shorter and within SHORT_OWN_TEXT_TOLERANCE_SECONDS of that reply (a short human "ok" written
-    later is not ours just because we once said "Ok"), or
-  * both texts are at least NEAR_TEXT_MIN_CHARS long and one contains the other (a part of a
-    reply we split for the channel's limit), or their difflib ratio is >= NEAR_TEXT_RATIO.
-  A short text is never dropped because our reply merely CONTAINS it.
+- Our own messages: the one rule of services/common/own_messages.py (also used by ingest and the
+  state machine): by id -> `own_id`; by operator name (`API Token ...`, and WATI's `Bot`; for
+  `message` items only - a broadcast is never ours) -> `own_operator`; by text (normalised: NFKC,
+  case-fold, no punctuation; equal, a part of a split reply, or nearly identical; a short text only
+  close in time) -> `own_text` — but never over a human: an item with a human operator name whose
+  ids can be told apart from our reply's is the human's, even when the agent pasted our answer.
 - Batch: items whose ids are in the current request (`batch_event_ids`, incl. held messages) ->
   `in_batch`; ids of an earlier emitted batch (still unanswered, or answered: the bot has them in
   its conversation) -> `in_earlier_batch`.
@@ -60,20 +63,24 @@ Decisions (issue 3 point 5, issue 9 points 2 and 4):
 
 from __future__ import annotations
 
-import difflib
 import re
-import unicodedata
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
+from services.common.own_messages import (
+    is_wati_bot,
+    matches_own_text,
+    normalise_text,
+    own_reason,
+    own_reply_ids,
+)
 from services.common.records import ExcludedItem, HistoryItem, ItemSource, MissedItem, OwnReply, Role
+from services.common.timeparse import is_whole_second, possibly_after
+
+__all__ = ["is_wati_bot", "matches_own_text", "normalise_text", "own_reply_ids", "select_missed"]
 
 TEXT_MERGE_TOLERANCE_SECONDS = 120.0
-NEAR_TEXT_MIN_CHARS = 20
-NEAR_TEXT_RATIO = 0.9
-SHORT_OWN_TEXT_TOLERANCE_SECONDS = 300.0
 SESSION_SECONDS = 24 * 3600.0
 TEMPLATE_AGENT_NAME = "template"
 
@@ -92,7 +99,6 @@ UNSUPPORTED = "unsupported"
 DROPPED_OLDEST = "dropped_oldest"
 
 _MESSAGE, _BROADCAST, _TICKET = "message", "broadcastMessage", "ticket"
-_API_TOKEN = re.compile(r"^api[\s_-]*token\b")
 _SPACES = re.compile(r"\s+")
 
 
@@ -109,63 +115,6 @@ class Selection:
     missing_ids: list[str] = field(default_factory=list)  # event ids of every missing webhook
 
 
-def normalise_text(text: str | None) -> str:
-    """Comparable form of a message text: NFKC, case-folded, no punctuation, single spaces."""
-    if not text:
-        return ""
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    kept = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in folded)
-    return _SPACES.sub(" ", kept).strip()
-
-
-def is_own_operator(name: str | None) -> bool:
-    """`API Token ...` (our API sends) or WATI's own `Bot` (seen as "Bot "), any case/spacing."""
-    if not name:
-        return False
-    cleaned = _SPACES.sub(" ", name).strip().casefold()
-    return cleaned == "bot" or bool(_API_TOKEN.match(cleaned))
-
-
-def is_wati_bot(name: str | None) -> bool:
-    """WATI's own chatbot (`Bot`, seen with a trailing space)."""
-    return bool(name) and _SPACES.sub(" ", name or "").strip().casefold() == "bot"
-
-
-def own_reply_ids(own_replies: Iterable[OwnReply]) -> set[str]:
-    return {pid for reply in own_replies for pid in reply["provider_message_ids"] if pid}
-
-
-def matches_own_text(text: str | None, at: datetime | None, own_replies: Iterable[OwnReply]) -> bool:
-    """Whether a business-side text is one of our recent replies (see the module docstring)."""
-    mine = normalise_text(text)
-    if not mine:
-        return False
-    for reply in own_replies:
-        ours = normalise_text(reply["text"])
-        if not ours:
-            continue
-        if mine == ours:
-            if len(mine) >= NEAR_TEXT_MIN_CHARS:
-                return True
-            close = at is not None and abs((at - reply["sent_at"]).total_seconds()) <= (
-                SHORT_OWN_TEXT_TOLERANCE_SECONDS
-            )
-            if close:
-                return True
-            continue
-        if min(len(mine), len(ours)) < NEAR_TEXT_MIN_CHARS:
-            continue
-        if mine in ours or ours in mine:
-            return True
-        # ratio() <= 2*min/(a+b): skip pairs whose lengths alone rule the threshold out.
-        if 2 * min(len(mine), len(ours)) / (len(mine) + len(ours)) < NEAR_TEXT_RATIO:
-            continue
-        matcher = difflib.SequenceMatcher(None, mine, ours, autojunk=False)
-        if matcher.quick_ratio() >= NEAR_TEXT_RATIO and matcher.ratio() >= NEAR_TEXT_RATIO:
-            return True
-    return False
-
-
 @dataclass
 class _Candidate:
     source: Literal["history", "realtime"]
@@ -175,7 +124,6 @@ class _Candidate:
     agent_name: str | None
     text: str
     message_type: str
-    own_operator: bool
     history: HistoryItem | None = None
 
 
@@ -221,12 +169,10 @@ def _from_history(item: HistoryItem) -> _Candidate:
         ids.append(local)
     role: Role | None
     agent_name: str | None = None
-    own_operator = False
     if item["event_type"] == _MESSAGE:
         role = "agent" if item["owner"] else "customer"
         if item["owner"]:
             agent_name = _clean_name(item["operator_name"])
-            own_operator = is_own_operator(item["operator_name"])
     elif item["event_type"] == _BROADCAST:
         role, agent_name = "agent", TEMPLATE_AGENT_NAME
     elif item["event_type"] == _TICKET:
@@ -234,13 +180,37 @@ def _from_history(item: HistoryItem) -> _Candidate:
     else:
         role = None
     return _Candidate("history", ids, item["at"], role, agent_name, item["text"], item["message_type"],
-                      own_operator, item)
+                      item)
 
 
 def _from_realtime(item: MissedItem) -> _Candidate:
     return _Candidate("realtime", list(dict.fromkeys(item["item_ids"])), item["at"], item["role"],
-                      item["agent_name"], item["text"], item["message_type"],
-                      is_own_operator(item["agent_name"]))
+                      item["agent_name"], item["text"], item["message_type"])
+
+
+_OWN_REASONS = {"own_operator": OWN_OPERATOR, "wati_bot": OWN_OPERATOR, "own_text": OWN_TEXT}
+
+
+def _own_reason(group: _Group, at: datetime | None, own_replies: list[OwnReply]) -> str | None:
+    """The shared own-message rule (services/common/own_messages.py) over each source's view of
+    the message (operator name and text); WATI's bot is reported as `own_operator` here."""
+    found: set[str] = set()
+    for member in group.members():
+        operator = None if member.agent_name == TEMPLATE_AGENT_NAME else member.agent_name
+        own = own_reason(ids=group.ids, operator_name=operator, texts=[member.text], at=at,
+                         own_replies=own_replies)
+        if own is not None:
+            found.add(_OWN_REASONS.get(own, own))
+    for reason in (OWN_OPERATOR, OWN_TEXT):
+        if reason in found:
+            return reason
+    return None
+
+
+def _in_cutoff_second(group: _Group, at: datetime, lower: datetime) -> bool:
+    """A real-time-only item with a whole-second time (WATI's webhook `timestamp`) in the second
+    of the cutoff: it may have been written just after it. (History's `created` has milliseconds.)"""
+    return group.history is None and is_whole_second(at) and possibly_after(at, lower)
 
 
 def _excluded(ids: list[str], reason: str, at: datetime | None) -> ExcludedItem:
@@ -324,6 +294,8 @@ def select_missed(
     batch_event_ids: set[str],
     earlier_batch_event_ids: set[str],
     seen_event_ids: set[str],
+    given_event_ids: set[str] | frozenset[str] = frozenset(),
+    resume_from: datetime | None = None,
     own_replies: list[OwnReply],
     now: datetime,
     max_items: int,
@@ -331,7 +303,9 @@ def select_missed(
     """The missed-message context of one batch (rules in the module docstring).
 
     `history` None means no history was consulted (short gap, ManyChat, fetch failed);
-    `realtime` are the human-agent/template items recorded from WATI's send events.
+    `realtime` are the human-agent/template items recorded from WATI's send events;
+    `resume_from` (before `cutoff`): where the request the cutoff's reply answered stopped looking —
+    items after it were in no request, so they are in the window too (see the module docstring).
     """
     lower = cutoff if cutoff is not None else lookback_start
     own_ids = own_reply_ids(own_replies)
@@ -360,20 +334,17 @@ def select_missed(
             reason = IN_BATCH
         elif at is None:
             reason = NO_TIME
-        elif at <= lower:
+        elif at <= lower and not _in_cutoff_second(group, at, lower) and not (
+                resume_from is not None and at > resume_from):
             reason = BEFORE_CUTOFF
         elif at >= batch_start:
             reason = NOT_BEFORE_BATCH
         elif id_set & own_ids:
             reason = OWN_ID
-        elif id_set & earlier_batch_event_ids:
+        elif id_set & earlier_batch_event_ids or (at <= lower and id_set & given_event_ids):
             reason = IN_EARLIER_BATCH
-        elif main.role == "agent" and any(m.own_operator for m in group.members()):
-            reason = OWN_OPERATOR
-        elif main.role == "agent" and any(
-            matches_own_text(m.text, at, own_replies) for m in group.members()
-        ):
-            reason = OWN_TEXT
+        elif main.role == "agent":
+            reason = _own_reason(group, at, own_replies)
         if reason is not None:
             excluded.append(_excluded(ids, reason, at))
             continue

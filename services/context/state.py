@@ -23,32 +23,47 @@ Decisions taken here (where the issues leave a choice):
   opens the same batch id, and unique per customer.
 - One batch at a time leaves the customer: while a batch waits for its history (`flushing_batch`),
   a newer open batch is not flushed (`due_action` returns None for it) — answers stay in order.
-- Gap check (WATI only; ManyChat has no history API): runs when `gap = earliest provider time of
-  the batch - prior last_inbound_at` EXCEEDS the customer's threshold, and on first contact (no
-  prior inbound: look back `missed_lookback_seconds`), and when held messages wait (`after_hold`:
-  the held batch's fetch kept nothing). Real-time agent messages since the last reply are
-  injected whatever the gap.
+- Gap check (WATI only; ManyChat has no history API): with `Limits.history_every_batch` (the
+  default, MISSED_HISTORY=every_batch) the history is read for EVERY batch (`every_batch`): an
+  account without real-time agent webhooks, and a customer message WATI never delivered, leave no
+  blind spot. Otherwise (MISSED_HISTORY=gap) it runs when `gap = earliest provider time of the
+  batch - prior last_inbound_at` EXCEEDS the customer's threshold, on first contact (no prior
+  inbound: look back `missed_lookback_seconds`), and when held messages wait or the batch carries
+  them (gap < 0) (`after_hold`: the held batch's fetch kept nothing). Real-time agent messages
+  since the last reply are injected whatever the gap.
 - A history fetch that failed but returned some pages is used (the newest pages are the ones that
   matter), with its `history_error` recorded; a failed fetch without items answers without history.
 - Hold: a batch is held when the operator paused the customer, or when a human agent wrote within
   the customer's `hold_seconds` before `now` (0 = off). Human activity comes from real-time agent
   events and from human-agent messages a history fetch finds (the only source on accounts
-  without `sessionMessageSent_v2`). Held messages wait for the next customer message; `resume`
-  only clears the pause (the human who paused usually answered them).
+  without `sessionMessageSent_v2`). Nobody is left waiting: when the hold ends (`hold_seconds`
+  after the last human message, or `resume` for a pause) `due_action` makes the held messages due
+  (`hold_ends_at` is that time, for the timer) and their flush answers, as a batch of their own,
+  those no human wrote after; those a human wrote after (the human handled them) and those older
+  than WhatsApp's 24 h session become context: customer items among the agents' messages, given
+  to the model in time order and never answered. A batch flushed after the hold's end does the
+  same with the held messages it carries. Beyond HELD_MESSAGES the oldest held messages are
+  dead-lettered (`held_overflow`), counted and listed in the audit as excluded.
 - Request messages: held and recovered messages first, ordered by provider time (they precede the
   burst), then the batch's own messages in arrival order.
 - Routing: vision when a message is an image/sticker with a media reference, or when an earlier
   batch of the customer routed to vision is still unanswered (vision forwards in order; a text batch
   overtaking it would be answered first).
-- Agent activity: our own sends (id, `own_send`, `API Token`/own text) and WATI's bot are ignored;
+- Agent activity: our own sends and WATI's bot are ignored, by the one own-message rule of
+  services/common/own_messages.py (id, `API Token`, `Bot`, own text — never over a human name);
   templates are kept as context (role agent, name "template") but are not human activity; `unknown`
   counts as human only with an operator name or e-mail that is not ours (our own echo arrives
   without one). A reply that reveals an earlier "human" item was our own send removes it again.
 - Pruning real-time agent messages on a reply never drops what a pending batch still needs (its
-  cutoff may be older than the new reply: docs/old-system.md, bug 6).
+  cutoff may be older than the new reply: docs/old-system.md, bug 6), nor what came after the last
+  request's window end (`window_end:` entries in `recent_event_ids`): a human message written
+  while the bot composed its answer was in no request, and the next window reaches back to it.
 - Customer messages of earlier batches the bot ANSWERED are remembered (`answered:<id>` in
   `recent_event_ids`) and excluded from later missed context as `in_earlier_batch`, like those of
   batches still unanswered; a batch answered with nothing sent leaves its messages as context.
+  Context items given to the model are remembered too (`given:<id>`): a whole-second real-time
+  item in the second of the cutoff may be before or after it, and its ids — not its time — tell
+  whether the model already has it.
 - Metrics are `(attribute name in services.common.metrics, labels, value)`; for a Histogram the
   value is observed, for a Counter added. Duplicates (`Effects.duplicate`) carry no metric: the
   shell counts `dedupe_hits_total` itself. History-fetch failures reported by the fetcher are
@@ -61,7 +76,9 @@ import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
+from services.common import codec, own_messages
 from services.common.config import GapPolicy
 from services.common.keys import split_key
 from services.common.records import (
@@ -72,6 +89,7 @@ from services.common.records import (
     Channel,
     ContextCommand,
     CustomerState,
+    ExcludedItem,
     HistoryItem,
     InboundMessage,
     MissedItem,
@@ -80,6 +98,7 @@ from services.common.records import (
     Unanswered,
     VisionRequest,
 )
+from services.common.timeparse import is_whole_second, possibly_after, surely_after
 from services.context import missed
 
 RECENT_EVENT_IDS = 1000
@@ -88,7 +107,10 @@ AGENT_MESSAGES = 100
 FLUSHED_BATCH_IDS = 100
 WHATSAPP_SESSION_SECONDS = 24 * 3600
 HELD_MESSAGES = 200
-"""Customer messages kept across held batches; beyond it the OLDEST are dropped (and logged)."""
+"""Customer messages kept across held batches; beyond it the OLDEST are dead-lettered (reason
+`held_overflow`), counted in `dead_letters_total` and listed as excluded in the held batch's audit."""
+HELD_OVERFLOW = "held_overflow"
+SERVICE = "context"
 UNANSWERED_TTL_SECONDS = 3600.0
 """An emitted batch without a reply after this long is forgotten (the responder dead-lettered it):
 it no longer pins the customer's batches to vision nor excludes its messages."""
@@ -100,6 +122,12 @@ IMAGE_TYPES = frozenset({"image", "sticker"})
 """Message types vision classifies (when the message carries a media reference)."""
 REPLY_KEY = "reply:"
 ANSWERED_KEY = "answered:"
+GIVEN_KEY = "given:"
+WINDOW_KEY = "window_end:"
+"""`recent_event_ids` entries `window_end:<ISO time>`: where each emitted request's missed window
+ended (its batch start). What happened between it and the bot's reply was in no request."""
+GIVEN_ITEMS = 20
+"""Context items remembered as given per batch (see `_given_keys`)."""
 """Prefixes in `recent_event_ids`: replies handled (dedupe), customer messages the bot answered."""
 
 
@@ -113,6 +141,7 @@ class Limits:
     missed_max_items: int
     history_timeout_seconds: float
     policy: GapPolicy  # per-customer gap and hold thresholds
+    history_every_batch: bool = True  # MISSED_HISTORY=every_batch: no blind spot (False: gap rule)
 
 
 @dataclass(frozen=True)
@@ -135,6 +164,7 @@ class Effects:
     fetch: HistoryFetchOrder | None = None
     log: list[tuple[str, dict[str, object]]] = field(default_factory=list)  # (event name, fields)
     metrics: list[tuple[str, dict[str, str], float]] = field(default_factory=list)  # (name, labels, inc)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)  # DeadLetter records to produce
     duplicate: bool = False  # the event was a redelivery: nothing changed
 
 
@@ -145,7 +175,7 @@ class GapDecision:
     gap_seconds: float | None
     threshold_seconds: float
     check: bool
-    outcome: str  # gap_exceeded | first_contact | after_hold | short_gap | not_wati
+    outcome: str  # gap_exceeded | first_contact | after_hold | every_batch | short_gap | not_wati
 
 
 # -- public API -----------------------------------------------------------------------------------
@@ -321,7 +351,25 @@ def due_action(state: CustomerState, now: datetime, limits: Limits) -> str | Non
     batch = state["open_batch"]
     if batch is not None and _is_due(batch, now, limits):
         return batch["batch_id"]
+    if batch is None and state["held_messages"] and _hold_reason(state, now, limits) is None:
+        return _next_batch_id(state)  # the hold ended: the held messages' batch (see `_end_hold`)
     return None
+
+
+def hold_ends_at(state: CustomerState, limits: Limits) -> datetime | None:
+    """When held messages stop waiting (for the timer): None when none wait or while paused.
+
+    A pause ends with the `resume` command (a state change, after which the timer asks again); a
+    human hold ends `hold_seconds` after the last human-agent message.
+    """
+    held = state["held_messages"]
+    if not held or state["paused"]:
+        return None
+    hold = limits.policy.hold_seconds(state["customer_key"])
+    last_human = state["last_human_at"]
+    if hold > 0 and last_human is not None:
+        return last_human + timedelta(seconds=hold)
+    return max(m["provider_time"] for m in held)  # no hold applies (any more): due now
 
 
 # -- helpers others may call --------------------------------------------------------------------
@@ -352,8 +400,10 @@ def gap_decision(batch: Batch, customer_key: str, limits: Limits, held: bool = F
         return GapDecision(gap, threshold, True, "first_contact")
     if gap > threshold:
         return GapDecision(gap, threshold, True, "gap_exceeded")
-    if held:
+    if held or gap < 0:  # gap < 0: the batch carries messages that were held (they predate it)
         return GapDecision(gap, threshold, True, "after_hold")
+    if limits.history_every_batch:
+        return GapDecision(gap, threshold, True, "every_batch")
     return GapDecision(gap, threshold, False, "short_gap")
 
 
@@ -384,6 +434,8 @@ def _on_flush(
                 "batch_id": batch_id, "attempt": flushing["fetch_attempts"]}))
             return state, effects
         return _finalize(state, "flushing_batch", None, "timeout", now, limits, effects)
+    if batch is None and flushing is None and state["held_messages"] and batch_id == _next_batch_id(state):
+        return _end_hold(state, batch_id, now, limits)
     if batch is None or batch["batch_id"] != batch_id:
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "unknown_batch"})])
     if flushing is not None:
@@ -400,19 +452,79 @@ def _on_flush(
     batch = state["open_batch"]
     assert batch is not None
     later = _take_unseen(batch, seen)
-    state, effects = _flush_open_batch(state, batch, now, limits)
+    state, effects = _start_flush(state, batch, now, limits, Effects())
     if later:
         _reopen(state, batch, later)
     return state, effects
 
 
-def _flush_open_batch(
-    state: CustomerState, batch: Batch, now: datetime, limits: Limits
+def _end_hold(
+    state: CustomerState, batch_id: str, now: datetime, limits: Limits
 ) -> tuple[CustomerState, Effects]:
-    """Flushes the open batch (state already copied): finalize it, or order its history check."""
+    """The hold ended (timer flush with the next batch id): nobody is left waiting.
+
+    Held messages a human wrote after, or older than WhatsApp's 24 h session, become context (the
+    next request gives them in the human-agent block, in time order); the others are answered now,
+    as a batch of their own (`batch_id` is the id `_open_batch` gives it).
+    """
+    if _hold_reason(state, now, limits) is not None:
+        return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "still_held"})])
+    state = copy.deepcopy(state)
+    effects = Effects()
+    to_answer, as_context = _settle_held(state, state["held_messages"], now)
+    state["held_messages"] = []
+    effects.log.append(("hold_ended", {"batch_id": batch_id, "answered": len(to_answer),
+                                       "as_context": len(as_context)}))
+    if not to_answer:
+        return state, effects
+    batch = _open_batch(state, now)
+    batch["messages"] = to_answer
+    effects.log.append(("batch_opened", _batch_fields(batch)))
+    return _start_flush(state, batch, now, limits, effects)
+
+
+def _settle_held(
+    state: CustomerState, held: list[InboundMessage], now: datetime
+) -> tuple[list[InboundMessage], list[MissedItem]]:
+    """Splits held messages once their hold is over into (to answer, context).
+
+    Context: a human agent wrote after it (the human handled it), or it is older than WhatsApp's
+    24 h session (no question to answer any more). Context items join `agent_messages` (role
+    customer), so the selection gives them to the model in time order with the agents' messages.
+    "After" is judged at the resolution the times have (`surely_after`): a human message in the
+    same whole second as the customer's may have come first, and then the bot answers — nobody is
+    left waiting on a guess.
+    """
+    session_start = now - timedelta(seconds=WHATSAPP_SESSION_SECONDS)
+    last_human = state["last_human_at"]
+    to_answer: list[InboundMessage] = []
+    as_context: list[MissedItem] = []
+    for message in held:
+        at = message["provider_time"]
+        if at <= session_start or (last_human is not None and surely_after(last_human, at)):
+            as_context.append(_context_item(message))
+        else:
+            to_answer.append(message)
+    if as_context:
+        merged = sorted([*state["agent_messages"], *as_context], key=lambda m: m["at"])
+        state["agent_messages"] = merged[-AGENT_MESSAGES:]
+    return to_answer, as_context
+
+
+def _context_item(message: InboundMessage) -> MissedItem:
+    text = (message["text"] or message["caption"] or "").strip() or f"[{message['message_type']}]"
+    return {"at": message["provider_time"], "role": "customer", "agent_name": None, "text": text,
+            "message_type": message["message_type"], "source": "realtime",
+            "item_ids": message_ids(message)}
+
+
+def _start_flush(
+    state: CustomerState, batch: Batch, now: datetime, limits: Limits, effects: Effects
+) -> tuple[CustomerState, Effects]:
+    """The open batch (state already copied) is due: order its history fetch, or finalize it."""
     batch_id = batch["batch_id"]
     gap = gap_decision(batch, state["customer_key"], limits, bool(state["held_messages"]))
-    effects = Effects(metrics=[("gap_checks_total", {"outcome": gap.outcome}, 1)])
+    effects.metrics.append(("gap_checks_total", {"outcome": gap.outcome}, 1))
     if not gap.check:
         return _finalize(state, "open_batch", None, None, now, limits, effects)
     batch["fetch_started_at"] = now
@@ -515,17 +627,15 @@ def _human_answered_until(
     A customer message before it was handled by that human: like `missed.select_missed`, the sweep
     leaves it as context instead of recovering it for the bot to answer over the agent.
     """
-    own_ids = missed.own_reply_ids(state["own_replies"])
     latest: datetime | None = None
     for item in history:
         at = item["at"]
         if at is None or at <= lower or not item["owner"] or not item["text"].strip():
             continue
-        if item["event_type"] == "message" and (
-            own_ids.intersection([*item["item_ids"], item["local_message_id"] or ""])
-            or missed.is_own_operator(item["operator_name"])
-            or missed.matches_own_text(item["text"], at, state["own_replies"])
-        ):
+        if item["event_type"] == "message" and own_messages.own_reason(
+            ids=[*item["item_ids"], item["local_message_id"] or ""], operator_name=item["operator_name"],
+            texts=[item["text"]], at=at, own_replies=state["own_replies"],
+        ) is not None:
             continue
         if item["event_type"] in ("message", "broadcastMessage"):
             latest = _later(latest, at)
@@ -551,29 +661,43 @@ def _finalize(
     lookback_start = now - timedelta(seconds=limits.missed_lookback_seconds)
     cutoff = batch["prior_last_reply_at"]
     held_before = state["held_messages"]
-    request_ids = {i for m in [*held_before, *batch["messages"]] for i in message_ids(m)}
     earlier_ids = {i for u in state["unanswered"] for i in u["event_ids"]}
     earlier_ids |= {e[len(ANSWERED_KEY):] for e in state["recent_event_ids"] if e.startswith(ANSWERED_KEY)}
-    selection = missed.select_missed(
-        history=history,
-        realtime=state["agent_messages"],
-        cutoff=cutoff,
-        lookback_start=lookback_start,
-        batch_start=batch_start(batch),
-        batch_event_ids=request_ids,
-        earlier_batch_event_ids=earlier_ids,
-        seen_event_ids=set(state["recent_event_ids"]),
-        own_replies=state["own_replies"],
-        now=now,
-        max_items=limits.missed_max_items,
-    )
+    given_ids = {e[len(GIVEN_KEY):] for e in state["recent_event_ids"] if e.startswith(GIVEN_KEY)}
+    resume_from = _resume_from(state, cutoff)
+
+    def select(held: list[InboundMessage]) -> missed.Selection:
+        return missed.select_missed(
+            history=history,
+            realtime=state["agent_messages"],
+            cutoff=cutoff,
+            lookback_start=lookback_start,
+            batch_start=batch_start(batch),
+            batch_event_ids={i for m in [*held, *batch["messages"]] for i in message_ids(m)},
+            earlier_batch_event_ids=earlier_ids,
+            given_event_ids=given_ids,
+            resume_from=resume_from,
+            seen_event_ids=set(state["recent_event_ids"]),
+            own_replies=state["own_replies"],
+            now=now,
+            max_items=limits.missed_max_items,
+        )
+
+    selection = select(held_before)
+    for item in selection.items:
+        if item["role"] == "agent" and item["agent_name"] != missed.TEMPLATE_AGENT_NAME:
+            state["last_human_at"] = _later(state["last_human_at"], item["at"])
+    hold_reason = _hold_reason(state, now, limits)
+    if hold_reason is None and held_before:
+        # The hold is over: what a human answered meanwhile (or what outlived the 24 h session) is
+        # context in the agents' block, in time order; only the rest is answered with the batch.
+        held_before, as_context = _settle_held(state, held_before, now)
+        if as_context:
+            selection = select(held_before)
     recovered = [_recovered_message(state, item, now) for item in selection.recovered]
     for message in recovered:
         _remember(state["recent_event_ids"], message_ids(message), RECENT_EVENT_IDS)
         state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
-    for item in selection.items:
-        if item["role"] == "agent" and item["agent_name"] != missed.TEMPLATE_AGENT_NAME:
-            state["last_human_at"] = _later(state["last_human_at"], item["at"])
     recovered_ids = [m["event_id"] for m in [*recovered, *batch["messages"]] if m.get("recovered")]
     messages = sorted([*held_before, *recovered], key=lambda m: m["provider_time"]) + batch["messages"]
 
@@ -583,7 +707,6 @@ def _finalize(
         state["flushing_batch"] = None
     _remember(state["flushed_batch_ids"], [batch["batch_id"]], FLUSHED_BATCH_IDS)
     expired = _expire_unanswered(state, now)
-    hold_reason = _hold_reason(state, now, limits)
     channel: Channel = batch["messages"][-1]["channel"]
     provider_id = batch["messages"][-1]["provider_id"]
 
@@ -595,8 +718,17 @@ def _finalize(
         injected: list[MissedItem] = []
         effects.metrics.append(("batches_held_total", {"reason": hold_reason}, 1))
         if dropped_held:
-            effects.log.append(("held_messages_dropped", {
-                "batch_id": batch["batch_id"], "count": dropped_held}))
+            overflow = messages[:dropped_held]
+            effects.dead_letters += [_held_overflow(key, batch["batch_id"], m, now) for m in overflow]
+            effects.metrics.append(("dead_letters_total", {"service": SERVICE, "reason": HELD_OVERFLOW},
+                                    dropped_held))
+            overflow_excluded: list[ExcludedItem] = [
+                {"item_ids": message_ids(m), "reason": HELD_OVERFLOW, "at": m["provider_time"]}
+                for m in overflow]
+            selection.excluded = [*selection.excluded, *overflow_excluded]
+            effects.log.append(("held_messages_dead_lettered", {
+                "batch_id": batch["batch_id"], "count": dropped_held,
+                "event_ids": [m["event_id"] for m in overflow]}))
     else:
         routed_to = "vision" if _needs_vision(messages, state["unanswered"]) else "responder"
         state["held_messages"] = []
@@ -625,6 +757,8 @@ def _finalize(
             "batch_id": batch["batch_id"], "routed_to": routed_to, "emitted_at": now,
             "event_ids": _unique(i for m in messages for i in message_ids(m)),
         }
+        _remember(state["recent_event_ids"],
+                  [*_given_keys(injected), WINDOW_KEY + batch_start(batch).isoformat()], RECENT_EVENT_IDS)
         state["unanswered"] = [*state["unanswered"], entry]
         effects.metrics.append(("missed_per_batch", {}, float(len(injected))))
         by_source: dict[str, int] = {}
@@ -699,6 +833,41 @@ def _hold_reason(state: CustomerState, now: datetime, limits: Limits) -> str | N
     return None
 
 
+def _window_ends(state: CustomerState) -> list[datetime]:
+    return [datetime.fromisoformat(e[len(WINDOW_KEY):]) for e in state["recent_event_ids"]
+            if e.startswith(WINDOW_KEY)]
+
+
+def _resume_from(state: CustomerState, cutoff: datetime | None) -> datetime | None:
+    """Where the request answered by the reply at `cutoff` stopped looking (its batch start): items
+    between it and the cutoff — written while the bot composed that answer — were in no request."""
+    if cutoff is None:
+        return None
+    ends = [end for end in _window_ends(state) if end <= cutoff]
+    return max(ends) if ends else None
+
+
+def _given_keys(injected: list[MissedItem]) -> list[str]:
+    """`given:<id>` of the context items whose time alone could not tell later whether the model
+    has them: real-time-only items with a whole-second time (history's times have milliseconds),
+    the newest GIVEN_ITEMS — so the dedupe memory is not flooded by a long missed block."""
+    coarse = [i for i in injected if i["source"] == "realtime" and is_whole_second(i["at"])]
+    return [GIVEN_KEY + pid for item in coarse[-GIVEN_ITEMS:] for pid in item["item_ids"]]
+
+
+def _held_overflow(
+    customer_key: str, batch_id: str, message: InboundMessage, now: datetime
+) -> dict[str, Any]:
+    """The DeadLetter record of a held message beyond HELD_MESSAGES (the message is its payload)."""
+    return {
+        "service": SERVICE, "reason": HELD_OVERFLOW,
+        "error": f"more than {HELD_MESSAGES} customer messages held; the oldest cannot be kept",
+        "source_topic": None, "partition": -1, "offset": -1, "key": customer_key.encode("utf-8"),
+        "payload": codec.encode("InboundMessage", dict(message)), "customer_key": customer_key,
+        "batch_id": batch_id, "failed_at": now,
+    }
+
+
 def _needs_vision(messages: list[InboundMessage], unanswered: list[Unanswered]) -> bool:
     has_image = any(m["message_type"] in IMAGE_TYPES and m["media_ref"] for m in messages)
     return has_image or any(u["routed_to"] == "vision" for u in unanswered)
@@ -714,11 +883,16 @@ def _expire_unanswered(state: CustomerState, now: datetime) -> int:
 
 # -- small helpers --------------------------------------------------------------------------------
 
+def _next_batch_id(state: CustomerState) -> str:
+    """The id the next `_open_batch` gives (a held batch's end is flushed under it)."""
+    return f"{state['customer_key']}:{state['batch_seq'] + 1}"
+
+
 def _open_batch(state: CustomerState, now: datetime) -> Batch:
     """Opens a batch, capturing the prior values BEFORE anything of the new message is applied."""
     state["batch_seq"] += 1
     batch: Batch = {
-        "batch_id": f"{state['customer_key']}:{state['batch_seq']}",
+        "batch_id": f"{state['customer_key']}:{state['batch_seq']}",  # = _next_batch_id before
         "opened_at": now,
         "last_message_at": now,
         "messages": [],
@@ -839,19 +1013,17 @@ def _ignored_activity_reason(
 ) -> str | None:
     """Why a business-side send is not a human agent's (None: it is, or it is a template)."""
     kind = activity["sender_kind"]
-    if match_ids & missed.own_reply_ids(state["own_replies"]):
-        return "own_id"
-    if kind == "own_send":
-        return "own_operator"
-    if kind == "template":
-        return None
     name = activity["operator_name"]
-    if kind == "wati_bot" or missed.is_wati_bot(name):
+    if kind == "template":  # a template is context, never a human's nor ours — unless sent by us
+        ours = match_ids & own_messages.own_reply_ids(state["own_replies"])
+        return "own_id" if ours else None
+    reason = own_messages.own_reason(
+        ids=match_ids, operator_name=name, texts=[activity["text"]], at=activity["provider_time"],
+        own_replies=state["own_replies"], own_send=kind == "own_send")
+    if reason is not None:
+        return reason
+    if kind == "wati_bot":
         return "wati_bot"
-    if missed.is_own_operator(name):
-        return "own_operator"
-    if missed.matches_own_text(activity["text"], activity["provider_time"], state["own_replies"]):
-        return "own_text"
     if kind == "unknown" and not (_clean(name) or _clean(activity["operator_email"])):
         return "unknown_sender"
     return None
@@ -863,15 +1035,18 @@ def _forget_own_echoes(state: CustomerState, reply: OwnReply) -> list[MissedItem
     kept: list[MissedItem] = []
     removed: list[MissedItem] = []
     for item in state["agent_messages"]:
-        ours = bool(ids.intersection(item["item_ids"])) or (
+        ours = item["role"] == "agent" and (bool(ids.intersection(item["item_ids"])) or (
             item["agent_name"] != missed.TEMPLATE_AGENT_NAME
-            and missed.matches_own_text(item["text"], item["at"], [reply])
-        )
+            and own_messages.own_reason(ids=item["item_ids"], operator_name=item["agent_name"],
+                                        texts=[item["text"]], at=item["at"], own_replies=[reply])
+            is not None
+        ))
         (removed if ours else kept).append(item)
     if removed:
         state["agent_messages"] = kept
         if state["last_human_at"] is not None and any(r["at"] == state["last_human_at"] for r in removed):
-            humans = [m["at"] for m in kept if m["agent_name"] != missed.TEMPLATE_AGENT_NAME]
+            humans = [m["at"] for m in kept
+                      if m["role"] == "agent" and m["agent_name"] != missed.TEMPLATE_AGENT_NAME]
             state["last_human_at"] = max(humans) if humans else None
     return removed
 
@@ -882,6 +1057,9 @@ def _prune_agent_messages(state: CustomerState, now: datetime, limits: Limits) -
     horizon = state["last_reply_at"]
     if horizon is None:
         return 0
+    ends = _window_ends(state)
+    if ends:  # what came after the last request's window is in no request yet: keep it
+        horizon = min(horizon, max(ends))
     for batch in (state["open_batch"], state["flushing_batch"]):
         if batch is None:
             continue
@@ -889,7 +1067,7 @@ def _prune_agent_messages(state: CustomerState, now: datetime, limits: Limits) -
         if needed is None:
             needed = now - timedelta(seconds=limits.missed_lookback_seconds)
         horizon = min(horizon, needed)
-    kept = [m for m in state["agent_messages"] if m["at"] > horizon]
+    kept = [m for m in state["agent_messages"] if possibly_after(m["at"], horizon)]  # coarse: keep
     pruned = len(state["agent_messages"]) - len(kept)
     state["agent_messages"] = kept
     return pruned

@@ -20,6 +20,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+from services.common import own_messages
 from services.common.keys import wati_key
 from services.common.records import AgentActivity, InboundMessage, SenderKind
 from services.common.timeparse import parse_time
@@ -223,14 +224,14 @@ def sender_kind(
     """Who sent a business-side message, judged by WATI's operator fields (first rule that fits).
 
     `API Token ...` is a send through the API, i.e. ours; `Bot` (also seen as `"Bot "`) is WATI's own
-    chatbot; a template event is a template; any other name or an email is a human agent. Context
-    re-checks `own_send`/`unknown` against the ids of the sends it recorded.
+    chatbot — both by the one own-message rule (services/common/own_messages.py); a template event
+    is a template; any other name or an email is a human agent. Context re-checks every kind with
+    the same rule against the ids of the sends it recorded.
     """
     name = (operator_name or "").strip()
-    if name.lower().startswith("api token"):
-        return "own_send"
-    if name.replace(" ", "").lower() == "bot":
-        return "wati_bot"
+    ours_or_bot = own_messages.operator_kind(name)  # the one rule, shared with the context service
+    if ours_or_bot is not None:
+        return ours_or_bot
     if base_event == "templateMessageSent" or message_type == "template":
         return "template"
     if name or (operator_email or "").strip():

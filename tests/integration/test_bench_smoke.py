@@ -58,6 +58,8 @@ async def test_pipeline_benchmark_runs(bench_env: BenchEnv) -> None:
         assert step["overhead_ms"]["p50"] is not None and step["overhead_ms"]["p50"] >= -50, step
     relay = result["details"]["baseline_relay"]["steps"][0]
     assert relay["missing_messages"] == 0
+    gap_mode = result["details"]["gap_mode"]["steps"][0]  # MISSED_HISTORY=gap, the rule before
+    assert gap_mode["missing_messages"] == 0 and gap_mode["drained"], gap_mode
 
 
 async def test_responder_benchmark_runs(bench_env: BenchEnv) -> None:
@@ -189,3 +191,12 @@ async def test_idle_benchmark_runs(bench_env: BenchEnv) -> None:
     result = await _one(bench_env, "idle")
     details = result["details"]
     assert details["worker_percent"] >= 0 and details["baseline_percent"] >= 0
+
+
+async def test_history_benchmark_runs(bench_env: BenchEnv) -> None:
+    result = await _one(bench_env, "history")
+    gap_mode, every_batch = result["details"]["gap_mode"], result["details"]["every_batch"]
+    for run in (gap_mode, every_batch):
+        assert run["answered"] == run["bursts"] > 0, run
+    assert every_batch["getmessages"] == every_batch["bursts"]  # one history read per batch
+    assert gap_mode["getmessages"] <= every_batch["getmessages"]

@@ -684,7 +684,8 @@ async def test_an_agent_message_right_after_the_reply_reaches_the_next_request_b
     await until_doc(http, worker, customer, lambda d: len(d["state"]["agent_messages"]) == 1)
     await bus.inbound(inbound(customer, "ok, espero", now - timedelta(seconds=5)))
     request = (await bus.wait_for(bus.topics.responder_requests, customer, count=2))[1]
-    assert request["missed_check_ran"] is False and request["gap_seconds"] == 95.0
+    # a short gap, but the history is read for every batch by default (MISSED_HISTORY=every_batch)
+    assert request["missed_check_ran"] is True and request["gap_seconds"] == 95.0
     assert [(m["text"], m["role"], m["agent_name"], m["source"]) for m in request["missed_messages"]] == [
         ("Te llamo en 5 minutos", "agent", "Ana Agent", "realtime")]
 
@@ -712,6 +713,57 @@ async def test_the_bot_holds_while_a_human_writes_then_answers_everything_in_ord
     assert texts(request) == ["gracias", "¿sigues ahí?"]
     assert [m["text"] for m in request["missed_messages"]] == ["Te atiendo yo"]
     assert len(bus.of(bus.topics.responder_requests, customer)) == 2
+
+
+async def test_when_the_hold_ends_the_bot_answers_held_messages_nobody_answered_by_itself(
+    bus: Bus, worker: ContextWorker, http: httpx.AsyncClient, worker_settings: Settings
+) -> None:
+    customer, _ = new_customer()
+    now = clock()
+    await answered(bus, http, worker, customer, "hola", now - timedelta(seconds=100),
+                   now - timedelta(seconds=95))
+    agent_at = utcnow()
+    await bus.activity(activity(customer, "Te atiendo yo", agent_at))
+    await until_doc(http, worker, customer, lambda d: d["state"]["last_human_at"] is not None)
+    await bus.inbound(inbound(customer, "¿me ayudan con la factura?", agent_at + timedelta(seconds=0.5)))
+    held = (await bus.wait_for(bus.topics.audit, customer, count=2))[1]
+    assert held["held"] is True and held["hold_reason"] == "human_active"
+    # the agent left without answering; the customer writes nothing more: the timer ends the hold
+    request = (await bus.wait_for(bus.topics.responder_requests, customer, count=2,
+                                  timeout=EVENT_TIMEOUT + worker_settings.human_hold_seconds))[1]
+    assert utcnow() >= agent_at + timedelta(seconds=worker_settings.human_hold_seconds)
+    assert texts(request) == ["¿me ayudan con la factura?"]
+    assert [m["text"] for m in request["missed_messages"]] == ["Te atiendo yo"]
+
+
+async def test_held_messages_a_human_answered_are_context_of_the_next_request_not_answered(
+    bus: Bus, worker: ContextWorker, http: httpx.AsyncClient, worker_settings: Settings
+) -> None:
+    customer, _ = new_customer()
+    now = clock()
+    await answered(bus, http, worker, customer, "hola", now - timedelta(seconds=100),
+                   now - timedelta(seconds=95))
+    agent_at = utcnow()
+    await bus.activity(activity(customer, "Te atiendo yo", agent_at))
+    await until_doc(http, worker, customer, lambda d: d["state"]["last_human_at"] is not None)
+    await bus.inbound(inbound(customer, "¿me ayudan con la factura?", agent_at + timedelta(seconds=0.5)))
+    await bus.wait_for(bus.topics.audit, customer, count=2)  # held
+    answered_at = utcnow()
+    await bus.activity(activity(customer, "Ya se la envié por correo", answered_at))
+    await until_doc(  # at the hold's end the held message became context (a customer item)
+        http, worker, customer,
+        lambda d: any(m["role"] == "customer" for m in d["state"]["agent_messages"]),
+        timeout=EVENT_TIMEOUT + worker_settings.human_hold_seconds)
+    doc = await customer_doc(http, worker, customer)
+    assert doc is not None and doc["state"]["held_messages"] == []
+    assert utcnow() >= answered_at + timedelta(seconds=worker_settings.human_hold_seconds)
+    assert len(bus.of(bus.topics.responder_requests, customer)) == 1  # the human handled it
+    await bus.inbound(inbound(customer, "gracias, ya la tengo", utcnow()))
+    request = (await bus.wait_for(bus.topics.responder_requests, customer, count=2))[1]
+    assert texts(request) == ["gracias, ya la tengo"]
+    assert [(m["role"], m["text"]) for m in request["missed_messages"]] == [
+        ("agent", "Te atiendo yo"), ("customer", "¿me ayudan con la factura?"),
+        ("agent", "Ya se la envié por correo")]
 
 
 async def test_a_message_only_in_history_is_recovered_once_and_its_late_webhook_changes_nothing(
@@ -781,13 +833,13 @@ async def test_state_and_pause_survive_a_worker_restart(
     request = (await bus.wait_for(bus.topics.responder_requests, customer, count=2))[1]
     assert request["prior_last_inbound_at"] == first_at and request["prior_last_reply_at"] == reply_at
     assert len(bus.of(bus.topics.responder_requests, customer)) == 2
-    # the operator's pause survived too; resume, and the held message is answered with the next one
+    # the operator's pause survived too; resume ends the hold: the flush timer answers the held
+    # message by itself (no human wrote after it), nobody has to write again
     paused = PAUSED["customer"]
     doc = await customer_doc(http, worker, paused)
     assert doc is not None and doc["state"]["paused"] is True and doc["status"] == "paused"
     response = await http.post(worker.url + f"/customers/{paused}/resume/", headers=auth(worker.settings))
     assert response.status_code == 202
-    await until_doc(http, worker, paused, lambda d: d["state"]["paused"] is False)
-    await bus.inbound(inbound(paused, "¿hola?", clock()))
     answer = (await bus.wait_for(bus.topics.responder_requests, paused))[0]
-    assert texts(answer) == ["¿me ayudan?", "¿hola?"]
+    assert texts(answer) == ["¿me ayudan?"]
+    await until_doc(http, worker, paused, lambda d: d["state"]["held_messages"] == [])

@@ -55,7 +55,10 @@ def limits(
     gap: float = 300,
     hold: float = 900,
     customers: dict[str, dict[str, float]] | None = None,
+    every_batch: bool = False,
 ) -> Limits:
+    """Test thresholds. `every_batch` False: the gap rule (MISSED_HISTORY=gap), which most
+    timelines here exercise; the production default (every batch) is tested with `build_limits`."""
     return Limits(
         quiet_window_seconds=quiet,
         max_batch_wait_seconds=max_wait,
@@ -63,6 +66,7 @@ def limits(
         missed_max_items=max_items,
         history_timeout_seconds=history_timeout,
         policy=GapPolicy(gap, hold, {}, customers or {}),
+        history_every_batch=every_batch,
     )
 
 
@@ -224,6 +228,8 @@ def check_effects(effects: Effects) -> None:
         codec.encode("VisionRequest", {"request": dict(vision["request"])})
     for decision in effects.decisions:
         codec.encode("BatchDecision", dict(decision))
+    for dead_letter in effects.dead_letters:
+        codec.encode("DeadLetter", dict(dead_letter))
 
 
 class Customer:

@@ -34,7 +34,8 @@ class HeldProducer:
 
 async def test_a_chunk_writes_its_states_only_after_every_effect_is_acked(tmp_path: Any) -> None:
     settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ch.", web_token="t",
-                        context_store="memory", data_dir=str(tmp_path))
+                        context_store="memory", data_dir=str(tmp_path),
+                        missed_history="gap", reconcile_interval_seconds=60.0)  # short gap: no fetch
     runtime = create_app(settings).runtime
     lim = build_limits(settings)
     now = utcnow()

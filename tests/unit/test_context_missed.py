@@ -362,7 +362,9 @@ def test_history_copy_with_api_operator_excludes_the_realtime_copy_too() -> None
 
 
 def test_realtime_items_obey_the_window() -> None:
-    rt = [realtime("r0", CUTOFF, "at cutoff"), realtime("r1", t("17:00:00"), "inside"),
+    """A real-time item's whole-second time stands for its second: one in the cutoff's second may
+    follow the cutoff (issue 14 point 2), one in the second before cannot."""
+    rt = [realtime("r0", CUTOFF - secs(1), "second before cutoff"), realtime("r1", t("17:00:00"), "inside"),
           realtime("r2", BATCH, "at batch start")]
     selection = select(None, rt)
     assert texts(selection) == ["inside"]

@@ -143,7 +143,7 @@ def test_index_forgets_customers_without_pending_batches() -> None:
     state = with_open_batch(T0, ("a", 0))
     index.update(KEY, 2, state, LIMITS)
     assert [k for k, _ in index.pending()] == [KEY] and index.open_count() == 1
-    gap_ok = dataclasses.replace(LIMITS, policy=GapPolicy(10**9, 900))
+    gap_ok = dataclasses.replace(LIMITS, policy=GapPolicy(10**9, 900), history_every_batch=False)
     state = with_open_batch(T0, ("a", 0))
     state["last_inbound_at"] = T0  # not a first contact any more: no history check, answered now
     state["open_batch"]["prior_last_inbound_at"] = T0 - secs(60)  # type: ignore[index]
