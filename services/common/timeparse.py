@@ -108,8 +108,12 @@ def is_whole_second(at: datetime) -> bool:
     return at.microsecond == 0
 
 
-def _latest(at: datetime) -> datetime:
+def latest_possible(at: datetime) -> datetime:
+    """The latest moment `at` may stand for: the end of its second when it is a whole second."""
     return at + _ONE_SECOND if is_whole_second(at) else at
+
+
+_latest = latest_possible
 
 
 def possibly_after(at: datetime, other: datetime) -> bool:

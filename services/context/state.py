@@ -98,7 +98,7 @@ from services.common.records import (
     Unanswered,
     VisionRequest,
 )
-from services.common.timeparse import is_whole_second, possibly_after, surely_after
+from services.common.timeparse import is_whole_second, latest_possible, possibly_after, surely_after
 from services.context import missed
 
 RECENT_EVENT_IDS = 1000
@@ -367,8 +367,8 @@ def hold_ends_at(state: CustomerState, limits: Limits) -> datetime | None:
         return None
     hold = limits.policy.hold_seconds(state["customer_key"])
     last_human = state["last_human_at"]
-    if hold > 0 and last_human is not None:
-        return last_human + timedelta(seconds=hold)
+    if hold > 0 and last_human is not None:  # from the end of a whole-second time's second
+        return latest_possible(last_human) + timedelta(seconds=hold)
     return max(m["provider_time"] for m in held)  # no hold applies (any more): due now
 
 
@@ -828,8 +828,8 @@ def _hold_reason(state: CustomerState, now: datetime, limits: Limits) -> str | N
         return "paused"
     hold = limits.policy.hold_seconds(state["customer_key"])
     last_human = state["last_human_at"]
-    if hold > 0 and last_human is not None and (now - last_human).total_seconds() < hold:
-        return "human_active"
+    if hold > 0 and last_human is not None and (now - latest_possible(last_human)).total_seconds() < hold:
+        return "human_active"  # a whole-second time may stand for any moment of its second
     return None
 
 

@@ -86,11 +86,11 @@ async def test_bsuid_contact_answered_with_agent_context_once_after_the_hold(
         await scenario.wait_for(lambda: len(sent_to()) == 1, 60, "the first answer")
 
         # 2. A human agent answers in the inbox: seen in real time AND in the history.
+        agent_seen = time.monotonic()  # when the agent wrote (the webhook's time is this second)
         agent = bsuid_webhook("sessionMessageSent_v2_bsuid", AGENT_TEXT, datetime.now(UTC),
                               operatorName="Marta Soporte", operatorEmail="marta@example.com",
                               localMessageId="4f1c2d3e-0000-4000-8000-000000000001")
         await post(agent)
-        agent_seen = time.monotonic()
 
         # 3. Within the hold the bot stays silent (no OpenAI call, nothing sent).
         await post(bsuid_webhook("message_bsuid", "Gracias Marta", datetime.now(UTC)))

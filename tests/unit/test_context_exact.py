@@ -68,11 +68,13 @@ def held_after_agent(c: Customer) -> None:
 def test_hold_end_is_due_and_the_bot_answers_held_messages_nobody_answered() -> None:
     c = Customer(lim=limits(hold=900))
     held_after_agent(c)
-    assert c.due(T0 + secs(999)) is None  # the hold runs until last human + 900 s
-    assert next_due(c.state, c.limits) == T0 + secs(1000)  # the timer's index knows when it ends
-    batch_id = c.due(T0 + secs(1000))
+    # The agent's time is a whole second (WATI's webhook): it may stand for any moment of that
+    # second, so the hold runs until the END of that second + 900 s, never a fraction less.
+    assert c.due(T0 + secs(1000.999)) is None
+    assert next_due(c.state, c.limits) == T0 + secs(1001)  # the timer's index knows when it ends
+    batch_id = c.due(T0 + secs(1001))
     assert batch_id == f"{KEY}:3"
-    effects = c.flush(T0 + secs(1000))
+    effects = c.flush(T0 + secs(1001))
     if effects.fetch is not None:
         c.history(T0 + secs(1001), [customer_item("m1", T0 + secs(160), "texto m1")])
     assert len(c.requests) == 2
@@ -87,8 +89,8 @@ def test_hold_end_after_a_human_answered_gives_them_as_context_in_time_order() -
     c = Customer(lim=limits(hold=900))
     held_after_agent(c)
     c.agent(activity("a2", T0 + secs(200), "Su factura ya va en camino por correo."))
-    assert c.due(T0 + secs(1100)) is not None
-    effects = c.flush(T0 + secs(1100))
+    assert c.due(T0 + secs(1101)) is not None  # the end of a2's whole second + 900 s
+    effects = c.flush(T0 + secs(1101))
     assert effects.responder_requests == [] and effects.fetch is None  # the human handled m1
     assert c.state["held_messages"] == []
     assert c.due(T0 + secs(3000)) is None
@@ -180,9 +182,9 @@ def test_history_found_agent_message_after_held_ones_counts_as_answering_them() 
     c.history(T0 + secs(631), [agent_item("h-a1", T0 + secs(100), "Hola, soy Ana del hotel."),
                                agent_item("h-a2", T0 + secs(300), "Ya le respondo su consulta m1.")])
     assert c.state["last_human_at"] == T0 + secs(300)
-    effects = c.flush(T0 + secs(1200))  # hold end: 300 + 900
+    effects = c.flush(T0 + secs(1201))  # hold end: the end of second 300, + 900
     if effects.fetch is not None:
-        c.history(T0 + secs(1201), [agent_item("h-a2", T0 + secs(300), "Ya le respondo su consulta m1.")])
+        c.history(T0 + secs(1202), [agent_item("h-a2", T0 + secs(300), "Ya le respondo su consulta m1.")])
     request = c.requests[-1]
     assert [m["event_id"] for m in request["messages"]] == ["m2"]
     assert ("customer", T0 + secs(160)) in [(i["role"], i["at"]) for i in request["missed_messages"]]
@@ -392,8 +394,8 @@ def test_the_same_from_history_and_after_the_hold_it_caused() -> None:
         customer_item("m1", T0 + secs(100), "texto m1"),
     ])
     assert held.decisions[0]["hold_reason"] == "human_active"  # Ana wrote 98 s before
-    effects = c.flush(T0 + secs(932))  # the hold's end: m1 is answered by itself
-    c.history(T0 + secs(933), [
+    effects = c.flush(T0 + secs(933))  # the hold's end (second 32 ends at 33): m1 answered by itself
+    c.history(T0 + secs(934), [
         agent_item("h-ana", T0 + secs(32), "Le llamo en 5 minutos", wamid="wamid.ANA"),
         agent_item("h-ours", T0 + secs(35.2), "Con gusto le ayudo con su reserva.", wamid="wamid.OURS"),
         customer_item("m1", T0 + secs(100), "texto m1"),
