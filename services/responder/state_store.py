@@ -13,6 +13,15 @@ the state it holds and the reader never applies an older one over a newer one.
 Memory: every process holds every customer's record. Records are bounded (`MAX_BATCHES` batch
 entries; reply texts are kept only for the `KEEP_TEXTS` newest sent batches, and always for a
 batch that is generated but not yet sent, which is the one text a restart needs).
+
+Claims (the fence of issue 13, point 4; the worker's docstring says how they are used): each
+handling of a batch writes a claim `{batch_id, owner}` with the customer's state before it calls
+OpenAI; `owner` is unique per handling. All records of a customer go to one partition, so the
+broker orders every claim. The store remembers, per customer, where each (batch, owner) claim FIRST
+appeared, whether it read the record or got the ack of its own write; `claimant(key, batch)` is the
+owner whose claim appeared LAST: the newest handler wins, so the worker that holds the partition now
+can always take a batch over from one that lost it. A stale worker's later writes repeat its own
+older claim, so they never make it the claimant again.
 """
 
 from __future__ import annotations
@@ -30,13 +39,15 @@ from ..common import codec
 from ..common.config import Settings
 from ..common.kafka import Topics
 from ..common.logs import event
-from ..common.records import BatchProgress, ResponderState
+from ..common.records import BatchClaim, BatchProgress, ResponderState
 from ..common.timeparse import utcnow
 
 log = logging.getLogger(__name__)
 
 MAX_BATCHES = 20
 KEEP_TEXTS = 5
+#: claims remembered per customer (the oldest go first); a handler whose claim is forgotten is fenced
+MAX_CLAIMS = 8
 
 
 def empty_state(customer_key: str) -> ResponderState:
@@ -73,6 +84,30 @@ def with_progress(
     return {**state, "batches": pruned, "updated_at": now or utcnow()}
 
 
+def with_claim(state: ResponderState, claim: BatchClaim, now: datetime | None = None) -> ResponderState:
+    """A new state carrying `claim` (pure): written before a batch's OpenAI call and send."""
+    return {**state, "claim": claim, "updated_at": now or utcnow()}
+
+
+def note_claim(claims: dict[tuple[str, str], int], offset: int, claim: BatchClaim | None) -> None:
+    """Records where a (batch, owner) claim first appeared (pure bookkeeping on `claims`, bounded)."""
+    if claim is None:
+        return
+    ident = (claim["batch_id"], claim["owner"])
+    seen = claims.get(ident)
+    if seen is not None and seen <= offset:
+        return
+    claims[ident] = offset
+    while len(claims) > MAX_CLAIMS:
+        del claims[min(claims, key=claims.__getitem__)]
+
+
+def claimant_of(claims: dict[tuple[str, str], int], batch_id: str) -> str | None:
+    """The owner whose claim on `batch_id` appeared last (the newest handler), None if unknown."""
+    owners = [(offset, owner) for (batch, owner), offset in claims.items() if batch == batch_id]
+    return max(owners)[1] if owners else None
+
+
 def with_conversation(
     state: ResponderState, conversation_id: str, now: datetime | None = None
 ) -> ResponderState:
@@ -88,6 +123,7 @@ class StateStore:
         self.topics = topics or Topics.from_settings(settings)
         self.topic = self.topics.responder_state
         self._states: dict[str, tuple[int, ResponderState]] = {}
+        self._claims: dict[str, dict[tuple[str, str], int]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: list[TopicPartition] = []
         self._positions: dict[TopicPartition, int] = {}
@@ -152,6 +188,10 @@ class StateStore:
         held = self._states.get(customer_key)
         return held[1] if held else None
 
+    def claimant(self, customer_key: str, batch_id: str) -> str | None:
+        """The owner of the newest claim on this batch seen so far (see module docstring)."""
+        return claimant_of(self._claims.get(customer_key, {}), batch_id)
+
     def __len__(self) -> int:
         return len(self._states)
 
@@ -164,11 +204,14 @@ class StateStore:
         self._apply(key, int(metadata.offset), state)
 
     def _apply(self, key: str, offset: int, state: ResponderState | None) -> None:
+        if state is not None and state.get("claim") is not None:
+            note_claim(self._claims.setdefault(key, {}), offset, state.get("claim"))
         held = self._states.get(key)
         if held is not None and held[0] >= offset:
             return
         if state is None:
             self._states.pop(key, None)
+            self._claims.pop(key, None)
         else:
             self._states[key] = (offset, state)
 

@@ -17,6 +17,37 @@ answer) or nothing — never an error text. Every batch ends with exactly one As
 
 Outcome of a stored `sent` entry, for republishing: no text → nothing_sent; a text without a
 response id → fallback; a text with one → answered.
+
+One batch, one send — across rebalances (issue 13, point 4). Two workers can hold the same batch:
+the one whose partition was revoked, and the new owner, which gets the uncommitted record again.
+Two fences, because neither is enough alone:
+- the keyed consumer CANCELS a revoked partition's in-flight batches (after its short revoke grace)
+  before it gives the partition up; with Kafka's eager rebalance that happens before the new owner
+  is assigned. This covers a worker that knows it was revoked — but one whose session expired
+  (stalled process, lost coordinator) is told only when it reaches the coordinator again, and its
+  task may be finishing an OpenAI call meanwhile;
+- so every handling CLAIMS its batch in the state topic (a claim with an owner unique to this
+  handling, written after reading the topic to its end, before the OpenAI call), and before each
+  effect (writing `generated`, the send, an empty outcome's reply) reads the topic to its end
+  again and goes on only if its claim is still the newest one on that batch and the batch is not
+  `sent`; a refused worker writes and publishes nothing ("fenced"). Both workers write to the same
+  partition, so the broker orders the new owner's claim C and the old worker's `generated` write G
+  (which it makes before its last check): if C is before G, the old worker's check after G sees C
+  and refuses; if G is before C, the new owner read past G before claiming (its claim is based on
+  it) and resumes the stored text with the WATI lookup by localMessageId instead of a new answer.
+
+What remains: (1) G lands between the new owner's read-to-end and its claim (milliseconds): the
+new owner does not see the stored text and answers again, and both may send; (2) the old worker
+passed its last check just before C and is still sending when the new owner resumes: the WATI lookup
+only skips the parts WATI already has (ManyChat has no lookup); (3) an OpenAI call cancelled on
+revoke still completes at OpenAI, so a moved batch may cost two calls, yet it is sent once. Kafka
+transactions would not close (1)-(2): the send is an HTTP effect outside Kafka.
+
+Times (issue 13, point 5): `generated` is written with `sent_at` = now, just before the send
+begins, so a send resumed after a crash reports the time the first part may have gone out, not the
+restart time; a human message written between the crash and the restart stays after the cutoff.
+It errs early (the write precedes the first part), the safe side: our own parts after it are
+recognised by their ids.
 """
 
 from __future__ import annotations
@@ -24,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, cast
@@ -36,13 +68,20 @@ from ..common.config import Settings
 from ..common.kafka import Topics, dead_letter, send_record
 from ..common.keys import KeyError_, record_key_problem, split_key
 from ..common.logs import event
-from ..common.records import AssistantReply, BatchProgress, ReplyOutcome, ResponderRequest, ResponderState
+from ..common.records import (
+    AssistantReply,
+    BatchClaim,
+    BatchProgress,
+    ReplyOutcome,
+    ResponderRequest,
+    ResponderState,
+)
 from ..common.timeparse import utcnow
 from .ai import AIFailure, ConversationGone, Generated, Replier
 from .channels import ChannelSender, SendFailed
 from .prompt import build_input
 from .splitting import limit_for, split_message
-from .state_store import StateStore, empty_state, find_batch, with_conversation, with_progress
+from .state_store import StateStore, empty_state, find_batch, with_claim, with_conversation, with_progress
 
 log = logging.getLogger(__name__)
 
@@ -133,44 +172,79 @@ class ResponderWorker:
 
     async def _answer(self, request: ResponderRequest, record: ConsumerRecord) -> str:
         key, batch_id = request["customer_key"], request["batch_id"]
+        await self._kafka(self.store.catch_up)  # the latest state, whoever wrote it
         state = self.store.get(key) or empty_state(key)
         progress = find_batch(state, batch_id)
         if progress is not None and progress["status"] == "sent":
-            metrics.dedupe_hits_total.labels("responder_batch").inc()
-            # the original send time: re-publishing "now" would move the context's cutoff past
-            # whatever humans wrote since (post-mortem bug 6). Records from before `sent_at` was
-            # stored fall back to the state's time when this batch was its last change.
-            sent_at = progress.get("sent_at") or (
-                state["updated_at"] if state["batches"][-1]["batch_id"] == batch_id else None)
-            await self._publish(request, progress, state["conversation_id"], redelivered=True,
-                                sent_at=sent_at)
-            return "duplicate"
+            return await self._republish(request, state, progress)
+        claim: BatchClaim = {"batch_id": batch_id, "owner": uuid.uuid4().hex}
+        state = with_claim(state, claim)
+        await self._persist(state)
         resumed = progress is not None  # generated before a crash: it may have reached WATI already
         if progress is None:
-            state, progress = await self._produce_text(request, record, state)
+            try:
+                state, progress = await self._produce_text(request, record, state, claim)
+            except _Fenced:
+                return "fenced"
             if progress is None:  # no answer and no fallback: nothing to send
                 done: BatchProgress = _progress(batch_id, "sent", "", None)
                 await self._persist(with_progress(state, done))
                 await self._publish(request, done, state["conversation_id"])
                 return "nothing_sent"
-        return await self._send_and_finish(request, record, state, progress, resume=resumed)
+        return await self._send_and_finish(request, record, state, progress, claim, resume=resumed)
+
+    async def _republish(
+        self, request: ResponderRequest, state: ResponderState, progress: BatchProgress
+    ) -> str:
+        """A redelivered batch that is `sent` already: no OpenAI call, nothing sent."""
+        batch_id = request["batch_id"]
+        metrics.dedupe_hits_total.labels("responder_batch").inc()
+        # the original send time: re-publishing "now" would move the context's cutoff past
+        # whatever humans wrote since (post-mortem bug 6). Records from before `sent_at` was
+        # stored fall back to the state's time when this batch was its last change.
+        sent_at = progress.get("sent_at") or (
+            state["updated_at"] if state["batches"][-1]["batch_id"] == batch_id else None)
+        await self._publish(request, progress, state["conversation_id"], redelivered=True, sent_at=sent_at)
+        return "duplicate"
+
+    async def _still_ours(self, claim: BatchClaim, key: str) -> bool:
+        """The fence (module docstring): reads the state topic to its end; True when our claim is
+        the newest on the batch and the batch is not `sent` — else logs and counts a fenced batch."""
+        await self._kafka(self.store.catch_up)
+        claimant = self.store.claimant(key, claim["batch_id"])
+        latest = self.store.get(key)
+        progress = find_batch(latest, claim["batch_id"]) if latest is not None else None
+        if claimant == claim["owner"] and (progress is None or progress["status"] != "sent"):
+            return True
+        metrics.dedupe_hits_total.labels("responder_fenced").inc()
+        event(log, "batch_fenced", logging.WARNING, customer=key, batch_id=claim["batch_id"],
+              reason="sent by another worker" if claimant == claim["owner"] else "claimed by another worker")
+        return False
 
     async def _produce_text(
-        self, request: ResponderRequest, record: ConsumerRecord, state: ResponderState
+        self, request: ResponderRequest, record: ConsumerRecord, state: ResponderState, claim: BatchClaim
     ) -> tuple[ResponderState, BatchProgress | None]:
-        """Generates the answer (or takes the fallback) and persists it as `generated`."""
-        batch_id = request["batch_id"]
+        """Generates the answer (or takes the fallback) and persists it as `generated`, with
+        `sent_at` = now: the send begins right after. Raises _Fenced (nothing written) when another
+        worker claimed the batch meanwhile."""
+        key, batch_id = request["customer_key"], request["batch_id"]
+        failure: AIFailure | None = None
         try:
             state, generated = await self._generate(request, state)
-            progress = _progress(batch_id, "generated", generated.text, generated.response_id,
-                                 generated.input_tokens, generated.output_tokens)
-        except AIFailure as failure:
+        except AIFailure as exc:
+            failure = exc
             # what was persisted before the failure (e.g. a conversation just created) is kept
-            state = self.store.get(request["customer_key"]) or state
-            await self._dead_letter(record, failure.reason, failure.detail, request["customer_key"], batch_id)
+            state = with_claim(self.store.get(key) or state, claim)
+        if not await self._still_ours(claim, key):
+            raise _Fenced()
+        if failure is not None:
+            await self._dead_letter(record, failure.reason, failure.detail, key, batch_id)
             if not self.fallback_text:
                 return state, None
-            progress = _progress(batch_id, "generated", self.fallback_text, None)
+            progress = _progress(batch_id, "generated", self.fallback_text, None, sent_at=utcnow())
+        else:
+            progress = _progress(batch_id, "generated", generated.text, generated.response_id,
+                                 generated.input_tokens, generated.output_tokens, sent_at=utcnow())
         state = with_progress(state, progress)
         await self._persist(state)
         return state, progress
@@ -205,12 +279,16 @@ class ResponderWorker:
 
     async def _send_and_finish(
         self, request: ResponderRequest, record: ConsumerRecord, state: ResponderState,
-        progress: BatchProgress, *, resume: bool = False,
+        progress: BatchProgress, claim: BatchClaim, *, resume: bool = False,
     ) -> str:
         key, batch_id = request["customer_key"], request["batch_id"]
-        # The reply's time is when the send BEGAN: a later time would put human messages written
-        # meanwhile before the next cutoff; our own parts after it are excluded by their ids.
-        send_started = utcnow()
+        if not await self._still_ours(claim, key):
+            return "fenced"
+        # The reply's time is when the send BEGAN, as written ahead with `generated` (before a
+        # crash, when resumed): a later time would put human messages written meanwhile before the
+        # next cutoff; our own parts after it are excluded by their ids. Entries written before
+        # `generated` carried it fall back to now.
+        send_started = progress.get("sent_at") or utcnow()
         try:
             sent = await self.sender.send(
                 request["channel"], request["provider_id"], progress["text"], batch_id, resume=resume
@@ -297,6 +375,10 @@ class ResponderWorker:
                 event(log, "kafka_write_retry", logging.WARNING, error=type(exc).__name__, attempt=attempt)
                 await self.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+class _Fenced(Exception):
+    """Another worker claimed the batch: this handling must not write, send or publish anything."""
 
 
 def _progress(

@@ -24,8 +24,12 @@ from services.responder.main import DEFAULT_INSTRUCTIONS, check_settings, load_i
 from services.responder.state_store import (
     KEEP_TEXTS,
     MAX_BATCHES,
+    MAX_CLAIMS,
+    claimant_of,
     empty_state,
     find_batch,
+    note_claim,
+    with_claim,
     with_conversation,
     with_progress,
 )
@@ -155,6 +159,46 @@ def test_with_conversation_and_pure_updates() -> None:
     changed = with_conversation(base, "conv_1", now)
     assert changed["conversation_id"] == "conv_1" and changed["updated_at"] == now
     assert base["conversation_id"] is None  # the input is not modified
+
+
+def test_the_newest_claim_on_a_batch_wins_whatever_order_it_is_seen_in() -> None:
+    """The fence's bookkeeping: a claim counts from where it FIRST appeared in the partition."""
+    claims: dict[tuple[str, str], int] = {}
+    assert claimant_of(claims, "b1") is None
+    note_claim(claims, 10, {"batch_id": "b1", "owner": "old"})
+    assert claimant_of(claims, "b1") == "old"
+    note_claim(claims, 14, {"batch_id": "b1", "owner": "new"})  # the new owner's claim
+    assert claimant_of(claims, "b1") == "new"
+    note_claim(claims, 15, {"batch_id": "b1", "owner": "old"})  # a stale worker's later write
+    assert claimant_of(claims, "b1") == "new"
+    note_claim(claims, 16, None)  # a record of a version without claims
+    assert claimant_of(claims, "b1") == "new"
+    # the reader may see a write after the writer's ack, or before: the first offset is kept
+    late: dict[tuple[str, str], int] = {}
+    note_claim(late, 15, {"batch_id": "b1", "owner": "old"})
+    note_claim(late, 14, {"batch_id": "b1", "owner": "new"})
+    note_claim(late, 10, {"batch_id": "b1", "owner": "old"})
+    assert claimant_of(late, "b1") == "new"
+    # claims on other batches of the customer do not touch this one
+    note_claim(claims, 20, {"batch_id": "b2", "owner": "third"})
+    assert claimant_of(claims, "b1") == "new" and claimant_of(claims, "b2") == "third"
+
+
+def test_claims_are_bounded_oldest_first() -> None:
+    claims: dict[tuple[str, str], int] = {}
+    for n in range(MAX_CLAIMS + 3):
+        note_claim(claims, n, {"batch_id": f"b{n}", "owner": f"o{n}"})
+    assert len(claims) == MAX_CLAIMS
+    last = MAX_CLAIMS + 2
+    assert claimant_of(claims, "b0") is None and claimant_of(claims, f"b{last}") == f"o{last}"
+
+
+def test_with_claim_is_pure() -> None:
+    base = empty_state("wati:1")
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    claimed = with_claim(base, {"batch_id": "b1", "owner": "o1"}, now)
+    assert claimed["claim"] == {"batch_id": "b1", "owner": "o1"} and claimed["updated_at"] == now
+    assert "claim" not in base
 
 
 # ------------------------------------------------------------------------------------------ worker
