@@ -195,13 +195,26 @@ class StateStore:
     def __len__(self) -> int:
         return len(self._states)
 
-    async def put(self, state: ResponderState) -> None:
-        """Writes the customer's new state and waits for the broker's ack (then it is the local copy)."""
+    async def read_past(self, written: TopicPartition, offset: int) -> None:
+        """Waits until the reader has read `written` beyond `offset` (typically one's own write): it
+        has then seen every record the broker ordered before that write, without asking the broker
+        for end offsets (the fence's check after a write, see the worker)."""
+        while self._positions.get(written, -1) <= offset:
+            if self._failed:
+                raise RuntimeError(f"state reader stopped: {self._failed}")
+            progress = self._progress
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(progress.wait(), 1.0)
+
+    async def put(self, state: ResponderState) -> tuple[TopicPartition, int]:
+        """Writes the customer's new state and waits for the broker's ack (then it is the local copy);
+        returns where it was written."""
         key = state["customer_key"]
         metadata = await self.producer.send_and_wait(
             self.topic, codec.encode("ResponderState", cast(dict[str, Any], state)), key=key.encode()
         )
         self._apply(key, int(metadata.offset), state)
+        return TopicPartition(self.topic, int(metadata.partition)), int(metadata.offset)
 
     def _apply(self, key: str, offset: int, state: ResponderState | None) -> None:
         if state is not None and state.get("claim") is not None:

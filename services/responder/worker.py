@@ -21,27 +21,34 @@ response id → fallback; a text with one → answered.
 One batch, one send — across rebalances (issue 13, point 4). Two workers can hold the same batch:
 the one whose partition was revoked, and the new owner, which gets the uncommitted record again.
 Two fences, because neither is enough alone:
-- the keyed consumer CANCELS a revoked partition's in-flight batches (after its short revoke grace)
-  before it gives the partition up; with Kafka's eager rebalance that happens before the new owner
-  is assigned. This covers a worker that knows it was revoked — but one whose session expired
-  (stalled process, lost coordinator) is told only when it reaches the coordinator again, and its
-  task may be finishing an OpenAI call meanwhile;
+- the keyed consumer CANCELS a revoked partition's batches still running once the new assignment
+  shows the partition went to another worker (batches of partitions that come back run on). That
+  stops the old OpenAI call and every later write of a worker that knows of its revoke, but only
+  milliseconds after the new owner may have started, and a worker whose session expired (stalled
+  process, lost coordinator) is told only when it reaches the coordinator again: its task may be
+  finishing an OpenAI call meanwhile;
 - so every handling CLAIMS its batch in the state topic (a claim with an owner unique to this
-  handling, written after reading the topic to its end, before the OpenAI call), and before each
-  effect (writing `generated`, the send, an empty outcome's reply) reads the topic to its end
-  again and goes on only if its claim is still the newest one on that batch and the batch is not
-  `sent`; a refused worker writes and publishes nothing ("fenced"). Both workers write to the same
-  partition, so the broker orders the new owner's claim C and the old worker's `generated` write G
-  (which it makes before its last check): if C is before G, the old worker's check after G sees C
-  and refuses; if G is before C, the new owner read past G before claiming (its claim is based on
-  it) and resumes the stored text with the WATI lookup by localMessageId instead of a new answer.
+  handling, written after reading the topic to its end, before the OpenAI call). After the OpenAI
+  call it writes `generated` (G), reads the topic up to G — everything the broker ordered before
+  G — and sends only if its claim is still the newest one on that batch and the batch is not
+  `sent`; a resumed send and an empty outcome's reply read the topic to its end for the same
+  check. A refused worker sends, publishes and writes nothing more ("fenced"). Both workers write
+  to the same partition, so the broker orders the new owner's claim C and the old worker's G: if
+  C is before G, the old worker's check after G sees C and refuses; if G is before C, the new owner
+  read past G before claiming (its claim is based on it) and resumes the stored text with the WATI
+  lookup by localMessageId instead of a new answer. The check after G costs no broker request
+  (the reader follows the topic anyway): the fence adds one write (C) and one end-offsets read per
+  batch.
 
 What remains: (1) G lands between the new owner's read-to-end and its claim (milliseconds): the
 new owner does not see the stored text and answers again, and both may send; (2) the old worker
 passed its last check just before C and is still sending when the new owner resumes: the WATI lookup
 only skips the parts WATI already has (ManyChat has no lookup); (3) an OpenAI call cancelled on
-revoke still completes at OpenAI, so a moved batch may cost two calls, yet it is sent once. Kafka
-transactions would not close (1)-(2): the send is an HTTP effect outside Kafka.
+revoke still completes at OpenAI, so a moved batch may cost two calls, yet it is sent once; (4) a
+refused worker's `generated` write G after C is the customer's latest record until the new owner
+writes again (it does so from its own copy, which wins); (5) a claim forgotten after MAX_CLAIMS
+newer ones on the same customer fences its handler (the safe side). Kafka transactions would not
+close (1)-(2): the send is an HTTP effect outside Kafka.
 
 Times (issue 13, point 5): `generated` is written with `sent_at` = now, just before the send
 begins, so a send resumed after a crash reports the time the first part may have gone out, not the
@@ -58,10 +65,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from aiokafka.structs import TopicPartition
 
 from ..common import codec, metrics
 from ..common.config import Settings
@@ -84,6 +92,8 @@ from .splitting import limit_for, split_message
 from .state_store import StateStore, empty_state, find_batch, with_claim, with_conversation, with_progress
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICE = "responder"
 CHANNEL_PROVIDER = {"wati": "wati", "facebook": "manychat", "instagram": "manychat"}
@@ -207,10 +217,16 @@ class ResponderWorker:
         await self._publish(request, progress, state["conversation_id"], redelivered=True, sent_at=sent_at)
         return "duplicate"
 
-    async def _still_ours(self, claim: BatchClaim, key: str) -> bool:
-        """The fence (module docstring): reads the state topic to its end; True when our claim is
-        the newest on the batch and the batch is not `sent` — else logs and counts a fenced batch."""
-        await self._kafka(self.store.catch_up)
+    async def _still_ours(
+        self, claim: BatchClaim, key: str, written: tuple[TopicPartition, int] | None = None
+    ) -> bool:
+        """The fence (module docstring): reads the state topic up to our own write `written` (all
+        that was ordered before it), or else to its end; True when our claim is the newest on the
+        batch and the batch is not `sent` — else logs and counts a fenced batch."""
+        if written is not None:
+            await self.store.read_past(*written)
+        else:
+            await self._kafka(self.store.catch_up)
         claimant = self.store.claimant(key, claim["batch_id"])
         latest = self.store.get(key)
         progress = find_batch(latest, claim["batch_id"]) if latest is not None else None
@@ -225,8 +241,8 @@ class ResponderWorker:
         self, request: ResponderRequest, record: ConsumerRecord, state: ResponderState, claim: BatchClaim
     ) -> tuple[ResponderState, BatchProgress | None]:
         """Generates the answer (or takes the fallback) and persists it as `generated`, with
-        `sent_at` = now: the send begins right after. Raises _Fenced (nothing written) when another
-        worker claimed the batch meanwhile."""
+        `sent_at` = now: the send begins right after. Raises _Fenced when another worker claimed
+        the batch meanwhile (checked after that write: see the module docstring)."""
         key, batch_id = request["customer_key"], request["batch_id"]
         failure: AIFailure | None = None
         try:
@@ -235,18 +251,22 @@ class ResponderWorker:
             failure = exc
             # what was persisted before the failure (e.g. a conversation just created) is kept
             state = with_claim(self.store.get(key) or state, claim)
-        if not await self._still_ours(claim, key):
-            raise _Fenced()
-        if failure is not None:
+        if failure is not None and not self.fallback_text:
+            if not await self._still_ours(claim, key):
+                raise _Fenced()
             await self._dead_letter(record, failure.reason, failure.detail, key, batch_id)
-            if not self.fallback_text:
-                return state, None
+            return state, None
+        if failure is not None:
             progress = _progress(batch_id, "generated", self.fallback_text, None, sent_at=utcnow())
         else:
             progress = _progress(batch_id, "generated", generated.text, generated.response_id,
                                  generated.input_tokens, generated.output_tokens, sent_at=utcnow())
         state = with_progress(state, progress)
-        await self._persist(state)
+        written = await self._persist(state)
+        if not await self._still_ours(claim, key, written):
+            raise _Fenced()
+        if failure is not None:
+            await self._dead_letter(record, failure.reason, failure.detail, key, batch_id)
         return state, progress
 
     async def _generate(
@@ -282,7 +302,7 @@ class ResponderWorker:
         progress: BatchProgress, claim: BatchClaim, *, resume: bool = False,
     ) -> str:
         key, batch_id = request["customer_key"], request["batch_id"]
-        if not await self._still_ours(claim, key):
+        if resume and not await self._still_ours(claim, key):  # (a new answer was checked already)
             return "fenced"
         # The reply's time is when the send BEGAN, as written ahead with `generated` (before a
         # crash, when resumed): a later time would put human messages written meanwhile before the
@@ -344,8 +364,9 @@ class ResponderWorker:
         if not redelivered:
             metrics.replies_total.labels(outcome).inc()
 
-    async def _persist(self, state: ResponderState) -> None:
-        await self._kafka(lambda: self.store.put(state))
+    async def _persist(self, state: ResponderState) -> tuple[TopicPartition, int]:
+        """Writes the state ahead (acked) and returns where it was written."""
+        return await self._kafka(lambda: self.store.put(state))
 
     async def _dead_letter(
         self, record: ConsumerRecord, reason: str, error: str, customer_key: str | None, batch_id: str | None
@@ -356,7 +377,7 @@ class ResponderWorker:
             payload=record.value, customer_key=customer_key, batch_id=batch_id,
         ))
 
-    async def _kafka(self, write: Callable[[], Awaitable[Any]]) -> None:
+    async def _kafka(self, write: Callable[[], Awaitable[T]]) -> T:
         """A write the next step depends on, retried with backoff: for as long as the broker is
         unreachable (the customer's batch waits, nothing is lost; a stop cancels and the batch is
         redelivered), `kafka_attempts` times for other Kafka errors, which then propagate."""
@@ -365,8 +386,7 @@ class ResponderWorker:
         while True:
             attempt += 1
             try:
-                await write()
-                return
+                return await write()
             except (KafkaError, OSError) as exc:
                 outage = isinstance(exc, KafkaTimeoutError | KafkaConnectionError | OSError) or bool(
                     getattr(exc, "retriable", False))
