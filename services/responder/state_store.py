@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
 
 from ..common import codec
@@ -48,6 +49,8 @@ MAX_BATCHES = 20
 KEEP_TEXTS = 5
 #: claims remembered per customer (the oldest go first); a handler whose claim is forgotten is fenced
 MAX_CLAIMS = 8
+#: the producers' partitioner (`make_producer` keeps aiokafka's default): a key's partition
+_PARTITIONER = DefaultPartitioner()
 
 
 def empty_state(customer_key: str) -> ResponderState:
@@ -171,10 +174,12 @@ class StateStore:
         await self.catch_up()
         self._initial_done = True
 
-    async def catch_up(self) -> None:
-        """Waits until the reader reached the end offsets of this moment (used on partition assignment)."""
+    async def catch_up(self, customer_key: str | None = None) -> None:
+        """Waits until the reader reached the end offsets of this moment (used on partition
+        assignment), of the customer's partition only when one is given."""
         assert self._consumer is not None
-        targets = await self._consumer.end_offsets(self._partitions)
+        partitions = self._partitions if customer_key is None else [self.partition_of(customer_key)]
+        targets = await self._consumer.end_offsets(partitions)
         while True:
             if self._failed:
                 raise RuntimeError(f"state reader stopped: {self._failed}")
@@ -183,6 +188,11 @@ class StateStore:
             progress = self._progress
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(progress.wait(), 1.0)
+
+    def partition_of(self, customer_key: str) -> TopicPartition:
+        """The partition the producer writes this customer's records to (its default partitioner)."""
+        ids = [tp.partition for tp in self._partitions]
+        return TopicPartition(self.topic, _PARTITIONER(customer_key.encode(), ids, ids))
 
     def get(self, customer_key: str) -> ResponderState | None:
         held = self._states.get(customer_key)

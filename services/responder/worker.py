@@ -182,7 +182,7 @@ class ResponderWorker:
 
     async def _answer(self, request: ResponderRequest, record: ConsumerRecord) -> str:
         key, batch_id = request["customer_key"], request["batch_id"]
-        await self._kafka(self.store.catch_up)  # the latest state, whoever wrote it
+        await self._kafka(lambda: self.store.catch_up(key))  # the latest state, whoever wrote it
         state = self.store.get(key) or empty_state(key)
         progress = find_batch(state, batch_id)
         if progress is not None and progress["status"] == "sent":
@@ -226,7 +226,7 @@ class ResponderWorker:
         if written is not None:
             await self.store.read_past(*written)
         else:
-            await self._kafka(self.store.catch_up)
+            await self._kafka(lambda: self.store.catch_up(key))
         claimant = self.store.claimant(key, claim["batch_id"])
         latest = self.store.get(key)
         progress = find_batch(latest, claim["batch_id"]) if latest is not None else None

@@ -26,7 +26,7 @@ from services.common.records import ResponderRequest
 from services.common.timeparse import utcnow
 from services.responder.ai import customer_hash
 from services.responder.main import Responder
-from services.responder.state_store import StateStore, find_batch
+from services.responder.state_store import StateStore, empty_state, find_batch
 from services.standins import StandIns
 from tests.conftest import unique_prefix
 from tests.integration.test_responder_service import (
@@ -244,3 +244,15 @@ async def test_resumed_send_reports_when_the_first_part_went_out(rig: Rig) -> No
             await second.stop()
         if not first_stopped:
             await first.stop()
+
+
+async def test_the_store_knows_which_partition_a_customer_is_written_to(rig: Rig) -> None:
+    """The fence's read-to-end asks for the customer's partition only: it must be the one written."""
+    store = await read_state(rig.settings, rig.producer)
+    try:
+        for _ in range(20):
+            key, _ = new_customer()
+            written, _offset = await store.put(empty_state(key))
+            assert store.partition_of(key) == written
+    finally:
+        await store.stop()
