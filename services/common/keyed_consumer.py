@@ -518,6 +518,12 @@ class KeyedConsumer:
         new = {tp for tp in assigned if tp not in self._partitions}
         for tp in new:
             self._partitions[tp] = _Partition(gated=self.on_assign is not None)
+        for tp, part in lingering.items():  # came back: a later move of the partition cancels them
+            if tp in assigned and tp in self._partitions:
+                now_part = self._partitions[tp]
+                for task in part.tasks:
+                    now_part.tasks.add(task)
+                    task.add_done_callback(now_part.tasks.discard)
         self._assigned_once = True
         event(log, "partitions_assigned", service=self.service, agent=self.agent, count=len(assigned))
         if new and self.on_assign is not None:
