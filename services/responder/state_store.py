@@ -127,6 +127,8 @@ class StateStore:
         self.topic = self.topics.responder_state
         self._states: dict[str, tuple[int, ResponderState]] = {}
         self._claims: dict[str, dict[tuple[str, str], int]] = {}
+        #: customers whose claim is being written: (base offset, records read above it)
+        self._watches: dict[str, tuple[int, list[tuple[int, ResponderState]]]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: list[TopicPartition] = []
         self._positions: dict[TopicPartition, int] = {}
@@ -202,6 +204,21 @@ class StateStore:
         """The owner of the newest claim on this batch seen so far (see module docstring)."""
         return claimant_of(self._claims.get(customer_key, {}), batch_id)
 
+    def watch(self, customer_key: str) -> ResponderState | None:
+        """The customer's state to base a claim on; from now on the reader keeps every record of
+        the customer above it, for `written_between` (a writer that read the topic to its end may
+        still miss a record landing before its own write)."""
+        held = self._states.get(customer_key)
+        self._watches[customer_key] = (held[0] if held else -1, [])
+        return held[1] if held else None
+
+    def written_between(self, customer_key: str, own_offset: int) -> ResponderState | None:
+        """Ends the watch: the newest state written by another between the base and our own write at
+        `own_offset` (call after `read_past` of that write), or None when there was none."""
+        base, seen = self._watches.pop(customer_key, (-1, []))
+        between = [(offset, state) for offset, state in seen if base < offset < own_offset]
+        return max(between, key=lambda item: item[0])[1] if between else None
+
     def __len__(self) -> int:
         return len(self._states)
 
@@ -262,6 +279,9 @@ class StateStore:
         except codec.CodecError as exc:
             event(log, "state_record_unreadable", logging.ERROR, customer=key, offset=offset, error=str(exc))
             return
+        watch = self._watches.get(key)
+        if watch is not None and offset > watch[0]:
+            watch[1].append((offset, state))
         self._apply(key, offset, state)
 
     def _reader_ended(self, task: asyncio.Task[None]) -> None:

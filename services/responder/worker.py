@@ -28,27 +28,29 @@ Two fences, because neither is enough alone:
   process, lost coordinator) is told only when it reaches the coordinator again: its task may be
   finishing an OpenAI call meanwhile;
 - so every handling CLAIMS its batch in the state topic (a claim with an owner unique to this
-  handling, written after reading the topic to its end, before the OpenAI call). After the OpenAI
-  call it writes `generated` (G), reads the topic up to G — everything the broker ordered before
-  G — and sends only if its claim is still the newest one on that batch and the batch is not
-  `sent`; a resumed send and an empty outcome's reply read the topic to its end for the same
-  check. A refused worker sends, publishes and writes nothing more ("fenced"). Both workers write
-  to the same partition, so the broker orders the new owner's claim C and the old worker's G: if
-  C is before G, the old worker's check after G sees C and refuses; if G is before C, the new owner
-  read past G before claiming (its claim is based on it) and resumes the stored text with the WATI
-  lookup by localMessageId instead of a new answer. The check after G costs no broker request
-  (the reader follows the topic anyway): the fence adds one write (C) and one end-offsets read per
-  batch.
+  handling, written after reading the customer's partition to its end, before the OpenAI call).
+  After the OpenAI call it writes `generated` (G), reads the topic up to G — everything the
+  broker ordered before G — and sends only if its claim is still the newest one on that batch and
+  the batch is not `sent`; a resumed send and an empty outcome's reply read the partition to its
+  end for the same check. A refused worker sends, publishes and writes nothing more ("fenced").
+  Both workers write to the same partition, so the broker orders the new owner's claim C and the
+  old worker's G: if C is before G, the old worker's check after G sees C and refuses; if G is
+  before C, the new owner sees G — it read the topic to its end before claiming, and after
+  claiming it reads up to C and takes in any record another worker wrote between its base and C
+  (then writes C again on it) — and resumes the stored text with the WATI lookup by
+  localMessageId instead of a new answer. The check after G costs no broker request (the reader
+  follows the topic anyway): the fence adds one end-offsets read and one write (two when a record
+  was taken in) per batch.
 
-What remains: (1) G lands between the new owner's read-to-end and its claim (milliseconds): the
-new owner does not see the stored text and answers again, and both may send; (2) the old worker
-passed its last check just before C and is still sending when the new owner resumes: the WATI lookup
-only skips the parts WATI already has (ManyChat has no lookup); (3) an OpenAI call cancelled on
-revoke still completes at OpenAI, so a moved batch may cost two calls, yet it is sent once; (4) a
-refused worker's `generated` write G after C is the customer's latest record until the new owner
-writes again (it does so from its own copy, which wins); (5) a claim forgotten after MAX_CLAIMS
-newer ones on the same customer fences its handler (the safe side). Kafka transactions would not
-close (1)-(2): the send is an HTTP effect outside Kafka.
+What remains: (1) the old worker passed its check just before C and is still sending when the new
+owner resumes: the WATI lookup only skips the parts WATI already has (ManyChat has no lookup), so a
+part may go out twice — the window is the old worker's send, started before C; (2) an OpenAI call
+cancelled on revoke still completes at OpenAI, so a moved batch may cost two calls, yet it is sent
+once; (3) a refused worker's G written after C is the customer's latest record until the new owner
+writes again (it does so from its own copy, which wins); (4) a claim forgotten after MAX_CLAIMS
+newer ones on the same customer fences its handler (the safe side); (5) a worker that cannot read
+the state topic waits, and one whose state reader died fails the batch (dead letter): it never
+sends unchecked. Kafka transactions would not close (1): the send is an HTTP effect outside Kafka.
 
 Times (issue 13, point 5): `generated` is written with `sent_at` = now, just before the send
 begins, so a send resumed after a crash reports the time the first part may have gone out, not the
@@ -188,8 +190,9 @@ class ResponderWorker:
         if progress is not None and progress["status"] == "sent":
             return await self._republish(request, state, progress)
         claim: BatchClaim = {"batch_id": batch_id, "owner": uuid.uuid4().hex}
-        state = with_claim(state, claim)
-        await self._persist(state)
+        state, progress = await self._claim(key, claim)
+        if progress is not None and progress["status"] == "sent":
+            return await self._republish(request, state, progress)
         resumed = progress is not None  # generated before a crash: it may have reached WATI already
         if progress is None:
             try:
@@ -202,6 +205,24 @@ class ResponderWorker:
                 await self._publish(request, done, state["conversation_id"])
                 return "nothing_sent"
         return await self._send_and_finish(request, record, state, progress, claim, resume=resumed)
+
+    async def _claim(self, key: str, claim: BatchClaim) -> tuple[ResponderState, BatchProgress | None]:
+        """Writes the claim on the customer's latest state. A record another worker wrote between
+        that state and the claim (after our read to the end) is taken in and the claim written
+        again on it, so nothing of it is lost and its progress on the batch is seen."""
+        state = with_claim(self.store.watch(key) or empty_state(key), claim)
+        try:
+            written = await self._persist(state)
+            await self.store.read_past(*written)
+        except BaseException:
+            self.store.written_between(key, -1)  # ends the watch
+            raise
+        missed = self.store.written_between(key, written[1])
+        if missed is not None:
+            event(log, "claim_rebased", logging.WARNING, customer=key, batch_id=claim["batch_id"])
+            state = with_claim(missed, claim)
+            await self._persist(state)
+        return state, find_batch(state, claim["batch_id"])
 
     async def _republish(
         self, request: ResponderRequest, state: ResponderState, progress: BatchProgress

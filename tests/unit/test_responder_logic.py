@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from services.common import codec
 from services.common.config import ConfigError, Settings
 from services.common.records import BatchProgress, ResponderState
 from services.responder.ai import (
@@ -25,6 +26,7 @@ from services.responder.state_store import (
     KEEP_TEXTS,
     MAX_BATCHES,
     MAX_CLAIMS,
+    StateStore,
     claimant_of,
     empty_state,
     find_batch,
@@ -191,6 +193,35 @@ def test_claims_are_bounded_oldest_first() -> None:
     assert len(claims) == MAX_CLAIMS
     last = MAX_CLAIMS + 2
     assert claimant_of(claims, "b0") is None and claimant_of(claims, f"b{last}") == f"o{last}"
+
+
+def test_a_record_written_between_a_claims_base_and_the_claim_is_found() -> None:
+    """The claim's re-base (worker `_claim`): what the reader saw strictly between the state the
+    claim was based on and the claim itself was written by another worker, and is handed back."""
+    store = StateStore(Settings(), cast(Any, None))
+    key = "wati:1"
+
+    def read(offset: int, state: ResponderState) -> None:  # what the state reader does per record
+        store._read(key.encode(), offset, codec.encode("ResponderState", cast(dict[str, Any], state)))
+
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    read(5, empty_state(key))
+    base = store.watch(key)
+    assert base is not None and base["batches"] == []
+    theirs = with_progress(with_claim(empty_state(key), {"batch_id": "b1", "owner": "old"}, now),
+                           progress(1, "generated"), now)
+    read(6, theirs)  # the old owner's `generated`, landed before our claim
+    ours = with_claim(base, {"batch_id": "b1", "owner": "new"}, now)
+    read(7, ours)  # our claim
+    read(8, theirs)  # a later write of the old owner does not count (ordered after our claim)
+    missed = store.written_between(key, 7)
+    assert missed is not None and find_batch(missed, "b1") is not None
+    assert store.claimant(key, "b1") == "new"
+    # no record in between: nothing to take in; the watch is over either way
+    store.watch(key)
+    read(9, ours)
+    assert store.written_between(key, 9) is None
+    assert store.written_between(key, 9) is None
 
 
 def test_with_claim_is_pure() -> None:
