@@ -12,7 +12,13 @@ Design:
 - per partition, `PartitionOffsets` tracks fetched offsets and which are finished; the commit point is
   the lowest unfinished offset (or highest fetched + 1), committed about every second and on revoke;
 - on revoke: queued records of those partitions are dropped (they were not committed, the next owner
-  gets them), in-flight ones are awaited for a bounded time, then the finished prefix is committed;
+  gets them), in-flight ones are awaited for a bounded time (`revoke_timeout`), then the finished
+  prefix is committed. Records still running are CANCELLED as soon as the new assignment shows their
+  partition went to another worker (the rebalance is eager: every partition is revoked, most come
+  back; a record of a partition that came back runs on, and its key stays busy, so its redelivered
+  copy waits for it). The new owner may start the record milliseconds before that cancellation, and
+  a worker that does not learn of its revoke in time (session expired) is not cancelled at all: a
+  handler with external effects needs a fence of its own (the responder's is in its worker);
 - `on_assign` is awaited (in a task, not in the rebalance callback) before records of newly assigned
   partitions are dispatched: they are held meanwhile;
 - a partition with too many unfinished records is paused, and resumed below a low mark;
@@ -109,6 +115,7 @@ class _Partition:
     held: list[ConsumerRecord] = field(default_factory=list)
     inflight: int = 0
     paused: bool = False
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # its records being handled
 
 
 class _Abandon(Exception):
@@ -135,6 +142,7 @@ class KeyedConsumer:
         drain_timeout: float = 10.0,
         pause_above: int = 1000,
         resume_below: int = 500,
+        cancel_revoked: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -152,9 +160,14 @@ class KeyedConsumer:
         self.drain_timeout = drain_timeout
         self.pause_above = pause_above
         self.resume_below = resume_below
+        #: False keeps the old behaviour (a revoked record runs on): only the drills that play a
+        #: worker unaware of its revoke use it
+        self.cancel_revoked = cancel_revoked
         self._topics = Topics.from_settings(settings)
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: dict[TopicPartition, _Partition] = {}
+        #: revoked partitions whose records were still running, until the next assignment
+        self._lingering: dict[TopicPartition, _Partition] = {}
         self._queues: dict[bytes, deque[ConsumerRecord]] = {}
         self._waiting: deque[bytes] = deque()
         self._waiting_set: set[bytes] = set()
@@ -220,6 +233,7 @@ class KeyedConsumer:
             await self._consumer.stop()
         self._consumer = None
         self._partitions.clear()
+        self._lingering.clear()
         if self._state == "running":
             self._state = "stopped"
         metrics.agent_up.labels(self.service, self.agent).set(0)
@@ -321,6 +335,9 @@ class KeyedConsumer:
             task = asyncio.create_task(self._run(key, record, part), name=f"{self.agent}-record")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            if part is not None:
+                part.tasks.add(task)
+                task.add_done_callback(part.tasks.discard)
 
     async def _run(self, key: bytes, record: ConsumerRecord, part: _Partition | None) -> None:
         """Handles one record of `key`; `part` is the partition state it was fetched under (a
@@ -455,7 +472,8 @@ class KeyedConsumer:
         return True
 
     async def revoked(self, revoked: set[TopicPartition]) -> None:
-        """Rebalance: stop dispatching `revoked`, await their in-flight records (bounded), commit."""
+        """Rebalance: stop dispatching `revoked`, await their in-flight records (bounded), commit
+        the finished prefix; what still runs is kept for `assigned` to cancel or let run on."""
         mine = [tp for tp in revoked if tp in self._partitions]
         for tp in mine:
             self._partitions[tp].held.clear()
@@ -472,18 +490,40 @@ class KeyedConsumer:
             self.revoke_timeout,
         )
         if not idle:
-            event(log, "revoke_timeout", logging.WARNING, service=self.service,
-                  partitions=len(mine), note="unfinished records will be redelivered")
+            event(log, "revoke_timeout", logging.WARNING, service=self.service, partitions=len(mine),
+                  note="unfinished records will be redelivered")
+        for tp in mine:
+            part = self._partitions.get(tp)
+            if part is not None and part.tasks:
+                self._lingering[tp] = part
         await self._commit(mine)
         for tp in mine:
             self._partitions.pop(tp, None)
         event(log, "partitions_revoked", service=self.service, agent=self.agent, count=len(mine))
 
     def assigned(self, assigned: set[TopicPartition]) -> None:
-        """Rebalance: track the new partitions; hold their records until `on_assign` finished."""
+        """Rebalance: cancel what still runs of partitions now owned by another worker; track the
+        new partitions; hold their records until `on_assign` finished."""
+        lingering, self._lingering = self._lingering, {}
+        cancelled = 0
+        for tp, part in lingering.items():
+            if tp in assigned or not self.cancel_revoked:
+                continue  # came back: its records run on (their keys stay busy meanwhile)
+            for task in list(part.tasks):
+                task.cancel()
+                cancelled += 1
+        if cancelled:
+            event(log, "revoked_records_cancelled", logging.WARNING, service=self.service,
+                  agent=self.agent, records=cancelled, note="their new owner handles them")
         new = {tp for tp in assigned if tp not in self._partitions}
         for tp in new:
             self._partitions[tp] = _Partition(gated=self.on_assign is not None)
+        for tp, part in lingering.items():  # came back: a later move of the partition cancels them
+            if tp in assigned and tp in self._partitions:
+                now_part = self._partitions[tp]
+                for task in part.tasks:
+                    now_part.tasks.add(task)
+                    task.add_done_callback(now_part.tasks.discard)
         self._assigned_once = True
         event(log, "partitions_assigned", service=self.service, agent=self.agent, count=len(assigned))
         if new and self.on_assign is not None:

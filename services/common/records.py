@@ -197,11 +197,17 @@ class BatchProgress(TypedDict):
     sent_at: NotRequired[datetime | None]
 
 
+class BatchClaim(TypedDict):
+    batch_id: str
+    owner: str
+
+
 class ResponderState(TypedDict):
     customer_key: str
     conversation_id: str | None
     batches: list[BatchProgress]
     updated_at: datetime
+    claim: NotRequired[BatchClaim | None]
 
 
 class OwnReply(TypedDict):

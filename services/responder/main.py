@@ -98,12 +98,16 @@ class Responder:
         web_port: int | None = None,
         serve_http: bool = True,
         drain_timeout: float = 10.0,
+        revoke_timeout: float = 10.0,
+        cancel_revoked: bool = True,
     ) -> None:
         self.settings = settings
         self.instructions = instructions if instructions is not None else load_instructions(settings)
         self.web_port = settings.responder_web_port if web_port is None else web_port
         self.serve_http = serve_http
         self.drain_timeout = drain_timeout
+        self.revoke_timeout = revoke_timeout
+        self.cancel_revoked = cancel_revoked  # False only in the drill of a worker unaware of its revoke
         self.topics = Topics.from_settings(settings)
         self.producer: AIOKafkaProducer | None = None
         self.store: StateStore | None = None
@@ -151,6 +155,7 @@ class Responder:
             group_id=f"{s.topic_prefix}responder",
             handler=self.worker.handle, concurrency=s.responder_concurrency, producer=self.producer,
             on_assign=self._on_assign, agent="requests", drain_timeout=self.drain_timeout,
+            revoke_timeout=self.revoke_timeout, cancel_revoked=self.cancel_revoked,
         )
         await self.consumer.start()
         event(log, "responder_started", concurrency=s.responder_concurrency, port=self.port)

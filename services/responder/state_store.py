@@ -13,6 +13,15 @@ the state it holds and the reader never applies an older one over a newer one.
 Memory: every process holds every customer's record. Records are bounded (`MAX_BATCHES` batch
 entries; reply texts are kept only for the `KEEP_TEXTS` newest sent batches, and always for a
 batch that is generated but not yet sent, which is the one text a restart needs).
+
+Claims (the fence of issue 13, point 4; the worker's docstring says how they are used): each
+handling of a batch writes a claim `{batch_id, owner}` with the customer's state before it calls
+OpenAI; `owner` is unique per handling. All records of a customer go to one partition, so the
+broker orders every claim. The store remembers, per customer, where each (batch, owner) claim FIRST
+appeared, whether it read the record or got the ack of its own write; `claimant(key, batch)` is the
+owner whose claim appeared LAST: the newest handler wins, so the worker that holds the partition now
+can always take a batch over from one that lost it. A stale worker's later writes repeat its own
+older claim, so they never make it the claimant again.
 """
 
 from __future__ import annotations
@@ -24,19 +33,24 @@ from datetime import datetime
 from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
 
 from ..common import codec
 from ..common.config import Settings
 from ..common.kafka import Topics, make_consumer
 from ..common.logs import event
-from ..common.records import BatchProgress, ResponderState
+from ..common.records import BatchClaim, BatchProgress, ResponderState
 from ..common.timeparse import utcnow
 
 log = logging.getLogger(__name__)
 
 MAX_BATCHES = 20
 KEEP_TEXTS = 5
+#: claims remembered per customer (the oldest go first); a handler whose claim is forgotten is fenced
+MAX_CLAIMS = 8
+#: the producers' partitioner (`make_producer` keeps aiokafka's default): a key's partition
+_PARTITIONER = DefaultPartitioner()
 
 
 def empty_state(customer_key: str) -> ResponderState:
@@ -73,6 +87,30 @@ def with_progress(
     return {**state, "batches": pruned, "updated_at": now or utcnow()}
 
 
+def with_claim(state: ResponderState, claim: BatchClaim, now: datetime | None = None) -> ResponderState:
+    """A new state carrying `claim` (pure): written before a batch's OpenAI call and send."""
+    return {**state, "claim": claim, "updated_at": now or utcnow()}
+
+
+def note_claim(claims: dict[tuple[str, str], int], offset: int, claim: BatchClaim | None) -> None:
+    """Records where a (batch, owner) claim first appeared (pure bookkeeping on `claims`, bounded)."""
+    if claim is None:
+        return
+    ident = (claim["batch_id"], claim["owner"])
+    seen = claims.get(ident)
+    if seen is not None and seen <= offset:
+        return
+    claims[ident] = offset
+    while len(claims) > MAX_CLAIMS:
+        del claims[min(claims, key=claims.__getitem__)]
+
+
+def claimant_of(claims: dict[tuple[str, str], int], batch_id: str) -> str | None:
+    """The owner whose claim on `batch_id` appeared last (the newest handler), None if unknown."""
+    owners = [(offset, owner) for (batch, owner), offset in claims.items() if batch == batch_id]
+    return max(owners)[1] if owners else None
+
+
 def with_conversation(
     state: ResponderState, conversation_id: str, now: datetime | None = None
 ) -> ResponderState:
@@ -88,6 +126,9 @@ class StateStore:
         self.topics = topics or Topics.from_settings(settings)
         self.topic = self.topics.responder_state
         self._states: dict[str, tuple[int, ResponderState]] = {}
+        self._claims: dict[str, dict[tuple[str, str], int]] = {}
+        #: customers whose claim is being written: (base offset, records read above it)
+        self._watches: dict[str, tuple[int, list[tuple[int, ResponderState]]]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._partitions: list[TopicPartition] = []
         self._positions: dict[TopicPartition, int] = {}
@@ -135,10 +176,12 @@ class StateStore:
         await self.catch_up()
         self._initial_done = True
 
-    async def catch_up(self) -> None:
-        """Waits until the reader reached the end offsets of this moment (used on partition assignment)."""
+    async def catch_up(self, customer_key: str | None = None) -> None:
+        """Waits until the reader reached the end offsets of this moment (used on partition
+        assignment), of the customer's partition only when one is given."""
         assert self._consumer is not None
-        targets = await self._consumer.end_offsets(self._partitions)
+        partitions = self._partitions if customer_key is None else [self.partition_of(customer_key)]
+        targets = await self._consumer.end_offsets(partitions)
         while True:
             if self._failed:
                 raise RuntimeError(f"state reader stopped: {self._failed}")
@@ -148,27 +191,67 @@ class StateStore:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(progress.wait(), 1.0)
 
+    def partition_of(self, customer_key: str) -> TopicPartition:
+        """The partition the producer writes this customer's records to (its default partitioner)."""
+        ids = [tp.partition for tp in self._partitions]
+        return TopicPartition(self.topic, _PARTITIONER(customer_key.encode(), ids, ids))
+
     def get(self, customer_key: str) -> ResponderState | None:
         held = self._states.get(customer_key)
         return held[1] if held else None
 
+    def claimant(self, customer_key: str, batch_id: str) -> str | None:
+        """The owner of the newest claim on this batch seen so far (see module docstring)."""
+        return claimant_of(self._claims.get(customer_key, {}), batch_id)
+
+    def watch(self, customer_key: str) -> ResponderState | None:
+        """The customer's state to base a claim on; from now on the reader keeps every record of
+        the customer above it, for `written_between` (a writer that read the topic to its end may
+        still miss a record landing before its own write)."""
+        held = self._states.get(customer_key)
+        self._watches[customer_key] = (held[0] if held else -1, [])
+        return held[1] if held else None
+
+    def written_between(self, customer_key: str, own_offset: int) -> ResponderState | None:
+        """Ends the watch: the newest state written by another between the base and our own write at
+        `own_offset` (call after `read_past` of that write), or None when there was none."""
+        base, seen = self._watches.pop(customer_key, (-1, []))
+        between = [(offset, state) for offset, state in seen if base < offset < own_offset]
+        return max(between, key=lambda item: item[0])[1] if between else None
+
     def __len__(self) -> int:
         return len(self._states)
 
-    async def put(self, state: ResponderState) -> None:
-        """Writes the customer's new state and waits for the broker's ack (then it is the local copy)."""
+    async def read_past(self, written: TopicPartition, offset: int) -> None:
+        """Waits until the reader has read `written` beyond `offset` (typically one's own write): it
+        has then seen every record the broker ordered before that write, without asking the broker
+        for end offsets (the fence's check after a write, see the worker)."""
+        while self._positions.get(written, -1) <= offset:
+            if self._failed:
+                raise RuntimeError(f"state reader stopped: {self._failed}")
+            progress = self._progress
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(progress.wait(), 1.0)
+
+    async def put(self, state: ResponderState) -> tuple[TopicPartition, int]:
+        """Writes the customer's new state and waits for the broker's ack (then it is the local copy);
+        returns where it was written."""
         key = state["customer_key"]
         metadata = await self.producer.send_and_wait(
             self.topic, codec.encode("ResponderState", cast(dict[str, Any], state)), key=key.encode()
         )
         self._apply(key, int(metadata.offset), state)
+        return TopicPartition(self.topic, int(metadata.partition)), int(metadata.offset)
 
     def _apply(self, key: str, offset: int, state: ResponderState | None) -> None:
+        if state is not None and state.get("claim") is not None:
+            note_claim(self._claims.setdefault(key, {}), offset, state.get("claim"))
         held = self._states.get(key)
         if held is not None and held[0] >= offset:
             return
         if state is None:
             self._states.pop(key, None)
+            self._claims.pop(key, None)
         else:
             self._states[key] = (offset, state)
 
@@ -196,6 +279,9 @@ class StateStore:
         except codec.CodecError as exc:
             event(log, "state_record_unreadable", logging.ERROR, customer=key, offset=offset, error=str(exc))
             return
+        watch = self._watches.get(key)
+        if watch is not None and offset > watch[0]:
+            watch[1].append((offset, state))
         self._apply(key, offset, state)
 
     def _reader_ended(self, task: asyncio.Task[None]) -> None:

@@ -17,6 +17,46 @@ answer) or nothing — never an error text. Every batch ends with exactly one As
 
 Outcome of a stored `sent` entry, for republishing: no text → nothing_sent; a text without a
 response id → fallback; a text with one → answered.
+
+One batch, one send — across rebalances (issue 13, point 4). Two workers can hold the same batch:
+the one whose partition was revoked, and the new owner, which gets the uncommitted record again.
+Two fences, because neither is enough alone:
+- the keyed consumer CANCELS a revoked partition's batches still running once the new assignment
+  shows the partition went to another worker (batches of partitions that come back run on). That
+  stops the old OpenAI call and every later write of a worker that knows of its revoke, but only
+  milliseconds after the new owner may have started, and a worker whose session expired (stalled
+  process, lost coordinator) is told only when it reaches the coordinator again: its task may be
+  finishing an OpenAI call meanwhile;
+- so every handling CLAIMS its batch in the state topic (a claim with an owner unique to this
+  handling, written after reading the customer's partition to its end, before the OpenAI call).
+  After the OpenAI call it writes `generated` (G), reads the topic up to G — everything the
+  broker ordered before G — and sends only if its claim is still the newest one on that batch and
+  the batch is not `sent`; a resumed send and an empty outcome's reply read the partition to its
+  end for the same check. A refused worker sends, publishes and writes nothing more ("fenced").
+  Both workers write to the same partition, so the broker orders the new owner's claim C and the
+  old worker's G: if C is before G, the old worker's check after G sees C and refuses; if G is
+  before C, the new owner sees G — it read the topic to its end before claiming, and after
+  claiming it reads up to C and takes in any record another worker wrote between its base and C
+  (then writes C again on it) — and resumes the stored text with the WATI lookup by
+  localMessageId instead of a new answer. The check after G costs no broker request (the reader
+  follows the topic anyway): the fence adds one end-offsets read and one write (two when a record
+  was taken in) per batch.
+
+What remains: (1) the old worker passed its check just before C and is still sending when the new
+owner resumes: the WATI lookup only skips the parts WATI already has (ManyChat has no lookup), so a
+part may go out twice — the window is the old worker's send, started before C; (2) an OpenAI call
+cancelled on revoke still completes at OpenAI, so a moved batch may cost two calls, yet it is sent
+once; (3) a refused worker's G written after C is the customer's latest record until the new owner
+writes again (it does so from its own copy, which wins); (4) a claim forgotten after MAX_CLAIMS
+newer ones on the same customer fences its handler (the safe side); (5) a worker that cannot read
+the state topic waits, and one whose state reader died fails the batch (dead letter): it never
+sends unchecked. Kafka transactions would not close (1): the send is an HTTP effect outside Kafka.
+
+Times (issue 13, point 5): `generated` is written with `sent_at` = now, just before the send
+begins, so a send resumed after a crash reports the time the first part may have gone out, not the
+restart time; a human message written between the crash and the restart stays after the cutoff.
+It errs early (the write precedes the first part), the safe side: our own parts after it are
+recognised by their ids.
 """
 
 from __future__ import annotations
@@ -24,27 +64,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from aiokafka.structs import TopicPartition
 
 from ..common import codec, metrics
 from ..common.config import Settings
 from ..common.kafka import Topics, dead_letter, send_record
 from ..common.keys import KeyError_, record_key_problem, split_key
 from ..common.logs import event
-from ..common.records import AssistantReply, BatchProgress, ReplyOutcome, ResponderRequest, ResponderState
+from ..common.records import (
+    AssistantReply,
+    BatchClaim,
+    BatchProgress,
+    ReplyOutcome,
+    ResponderRequest,
+    ResponderState,
+)
 from ..common.timeparse import utcnow
 from .ai import AIFailure, ConversationGone, Generated, Replier
 from .channels import ChannelSender, SendFailed
 from .prompt import build_input
 from .splitting import limit_for, split_message
-from .state_store import StateStore, empty_state, find_batch, with_conversation, with_progress
+from .state_store import StateStore, empty_state, find_batch, with_claim, with_conversation, with_progress
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICE = "responder"
 CHANNEL_PROVIDER = {"wati": "wati", "facebook": "manychat", "instagram": "manychat"}
@@ -133,46 +184,110 @@ class ResponderWorker:
 
     async def _answer(self, request: ResponderRequest, record: ConsumerRecord) -> str:
         key, batch_id = request["customer_key"], request["batch_id"]
+        await self._kafka(lambda: self.store.catch_up(key))  # the latest state, whoever wrote it
         state = self.store.get(key) or empty_state(key)
         progress = find_batch(state, batch_id)
         if progress is not None and progress["status"] == "sent":
-            metrics.dedupe_hits_total.labels("responder_batch").inc()
-            # the original send time: re-publishing "now" would move the context's cutoff past
-            # whatever humans wrote since (docs/old-system.md, bug 6). Records from before `sent_at` was
-            # stored fall back to the state's time when this batch was its last change.
-            sent_at = progress.get("sent_at") or (
-                state["updated_at"] if state["batches"][-1]["batch_id"] == batch_id else None)
-            await self._publish(request, progress, state["conversation_id"], redelivered=True,
-                                sent_at=sent_at)
-            return "duplicate"
+            return await self._republish(request, state, progress)
+        claim: BatchClaim = {"batch_id": batch_id, "owner": uuid.uuid4().hex}
+        state, progress = await self._claim(key, claim)
+        if progress is not None and progress["status"] == "sent":
+            return await self._republish(request, state, progress)
         resumed = progress is not None  # generated before a crash: it may have reached WATI already
         if progress is None:
-            state, progress = await self._produce_text(request, record, state)
+            try:
+                state, progress = await self._produce_text(request, record, state, claim)
+            except _Fenced:
+                return "fenced"
             if progress is None:  # no answer and no fallback: nothing to send
                 done: BatchProgress = _progress(batch_id, "sent", "", None)
                 await self._persist(with_progress(state, done))
                 await self._publish(request, done, state["conversation_id"])
                 return "nothing_sent"
-        return await self._send_and_finish(request, record, state, progress, resume=resumed)
+        return await self._send_and_finish(request, record, state, progress, claim, resume=resumed)
+
+    async def _claim(self, key: str, claim: BatchClaim) -> tuple[ResponderState, BatchProgress | None]:
+        """Writes the claim on the customer's latest state. A record another worker wrote between
+        that state and the claim (after our read to the end) is taken in and the claim written
+        again on it, so nothing of it is lost and its progress on the batch is seen."""
+        state = with_claim(self.store.watch(key) or empty_state(key), claim)
+        try:
+            written = await self._persist(state)
+            await self.store.read_past(*written)
+        except BaseException:
+            self.store.written_between(key, -1)  # ends the watch
+            raise
+        missed = self.store.written_between(key, written[1])
+        if missed is not None:
+            event(log, "claim_rebased", logging.WARNING, customer=key, batch_id=claim["batch_id"])
+            state = with_claim(missed, claim)
+            await self._persist(state)
+        return state, find_batch(state, claim["batch_id"])
+
+    async def _republish(
+        self, request: ResponderRequest, state: ResponderState, progress: BatchProgress
+    ) -> str:
+        """A redelivered batch that is `sent` already: no OpenAI call, nothing sent."""
+        batch_id = request["batch_id"]
+        metrics.dedupe_hits_total.labels("responder_batch").inc()
+        # the original send time: re-publishing "now" would move the context's cutoff past
+        # whatever humans wrote since (docs/old-system.md, bug 6). Records from before `sent_at` was
+        # stored fall back to the state's time when this batch was its last change.
+        sent_at = progress.get("sent_at") or (
+            state["updated_at"] if state["batches"][-1]["batch_id"] == batch_id else None)
+        await self._publish(request, progress, state["conversation_id"], redelivered=True, sent_at=sent_at)
+        return "duplicate"
+
+    async def _still_ours(
+        self, claim: BatchClaim, key: str, written: tuple[TopicPartition, int] | None = None
+    ) -> bool:
+        """The fence (module docstring): reads the state topic up to our own write `written` (all
+        that was ordered before it), or else to its end; True when our claim is the newest on the
+        batch and the batch is not `sent` — else logs and counts a fenced batch."""
+        if written is not None:
+            await self.store.read_past(*written)
+        else:
+            await self._kafka(lambda: self.store.catch_up(key))
+        claimant = self.store.claimant(key, claim["batch_id"])
+        latest = self.store.get(key)
+        progress = find_batch(latest, claim["batch_id"]) if latest is not None else None
+        if claimant == claim["owner"] and (progress is None or progress["status"] != "sent"):
+            return True
+        metrics.dedupe_hits_total.labels("responder_fenced").inc()
+        event(log, "batch_fenced", logging.WARNING, customer=key, batch_id=claim["batch_id"],
+              reason="sent by another worker" if claimant == claim["owner"] else "claimed by another worker")
+        return False
 
     async def _produce_text(
-        self, request: ResponderRequest, record: ConsumerRecord, state: ResponderState
+        self, request: ResponderRequest, record: ConsumerRecord, state: ResponderState, claim: BatchClaim
     ) -> tuple[ResponderState, BatchProgress | None]:
-        """Generates the answer (or takes the fallback) and persists it as `generated`."""
-        batch_id = request["batch_id"]
+        """Generates the answer (or takes the fallback) and persists it as `generated`, with
+        `sent_at` = now: the send begins right after. Raises _Fenced when another worker claimed
+        the batch meanwhile (checked after that write: see the module docstring)."""
+        key, batch_id = request["customer_key"], request["batch_id"]
+        failure: AIFailure | None = None
         try:
             state, generated = await self._generate(request, state)
-            progress = _progress(batch_id, "generated", generated.text, generated.response_id,
-                                 generated.input_tokens, generated.output_tokens)
-        except AIFailure as failure:
+        except AIFailure as exc:
+            failure = exc
             # what was persisted before the failure (e.g. a conversation just created) is kept
-            state = self.store.get(request["customer_key"]) or state
-            await self._dead_letter(record, failure.reason, failure.detail, request["customer_key"], batch_id)
-            if not self.fallback_text:
-                return state, None
-            progress = _progress(batch_id, "generated", self.fallback_text, None)
+            state = with_claim(self.store.get(key) or state, claim)
+        if failure is not None and not self.fallback_text:
+            if not await self._still_ours(claim, key):
+                raise _Fenced()
+            await self._dead_letter(record, failure.reason, failure.detail, key, batch_id)
+            return state, None
+        if failure is not None:
+            progress = _progress(batch_id, "generated", self.fallback_text, None, sent_at=utcnow())
+        else:
+            progress = _progress(batch_id, "generated", generated.text, generated.response_id,
+                                 generated.input_tokens, generated.output_tokens, sent_at=utcnow())
         state = with_progress(state, progress)
-        await self._persist(state)
+        written = await self._persist(state)
+        if not await self._still_ours(claim, key, written):
+            raise _Fenced()
+        if failure is not None:
+            await self._dead_letter(record, failure.reason, failure.detail, key, batch_id)
         return state, progress
 
     async def _generate(
@@ -205,12 +320,16 @@ class ResponderWorker:
 
     async def _send_and_finish(
         self, request: ResponderRequest, record: ConsumerRecord, state: ResponderState,
-        progress: BatchProgress, *, resume: bool = False,
+        progress: BatchProgress, claim: BatchClaim, *, resume: bool = False,
     ) -> str:
         key, batch_id = request["customer_key"], request["batch_id"]
-        # The reply's time is when the send BEGAN: a later time would put human messages written
-        # meanwhile before the next cutoff; our own parts after it are excluded by their ids.
-        send_started = utcnow()
+        if resume and not await self._still_ours(claim, key):  # (a new answer was checked already)
+            return "fenced"
+        # The reply's time is when the send BEGAN, as written ahead with `generated` (before a
+        # crash, when resumed): a later time would put human messages written meanwhile before the
+        # next cutoff; our own parts after it are excluded by their ids. Entries written before
+        # `generated` carried it fall back to now.
+        send_started = progress.get("sent_at") or utcnow()
         try:
             sent = await self.sender.send(
                 request["channel"], request["provider_id"], progress["text"], batch_id, resume=resume
@@ -266,8 +385,9 @@ class ResponderWorker:
         if not redelivered:
             metrics.replies_total.labels(outcome).inc()
 
-    async def _persist(self, state: ResponderState) -> None:
-        await self._kafka(lambda: self.store.put(state))
+    async def _persist(self, state: ResponderState) -> tuple[TopicPartition, int]:
+        """Writes the state ahead (acked) and returns where it was written."""
+        return await self._kafka(lambda: self.store.put(state))
 
     async def _dead_letter(
         self, record: ConsumerRecord, reason: str, error: str, customer_key: str | None, batch_id: str | None
@@ -278,7 +398,7 @@ class ResponderWorker:
             payload=record.value, customer_key=customer_key, batch_id=batch_id,
         ))
 
-    async def _kafka(self, write: Callable[[], Awaitable[Any]]) -> None:
+    async def _kafka(self, write: Callable[[], Awaitable[T]]) -> T:
         """A write the next step depends on, retried with backoff: for as long as the broker is
         unreachable (the customer's batch waits, nothing is lost; a stop cancels and the batch is
         redelivered), `kafka_attempts` times for other Kafka errors, which then propagate."""
@@ -287,8 +407,7 @@ class ResponderWorker:
         while True:
             attempt += 1
             try:
-                await write()
-                return
+                return await write()
             except (KafkaError, OSError) as exc:
                 outage = isinstance(exc, KafkaTimeoutError | KafkaConnectionError | OSError) or bool(
                     getattr(exc, "retriable", False))
@@ -297,6 +416,10 @@ class ResponderWorker:
                 event(log, "kafka_write_retry", logging.WARNING, error=type(exc).__name__, attempt=attempt)
                 await self.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+class _Fenced(Exception):
+    """Another worker claimed the batch: this handling must not write, send or publish anything."""
 
 
 def _progress(

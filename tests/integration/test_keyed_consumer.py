@@ -343,6 +343,56 @@ async def test_rebalance_to_a_second_consumer_keeps_keys_serial_and_loses_nothin
         assert first_seen == labels[k]  # per-key order of first handling
 
 
+async def test_a_revoked_record_is_cancelled_when_its_partition_went_elsewhere(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    """Issue 13 point 4: one long record per partition in A; B joins. A's records of the partitions
+    B took over are cancelled (B handles them); those of partitions A got back run on, untouched."""
+    run = uuid.uuid4().hex[:6]
+    release = asyncio.Event()
+    started: dict[str, list[str]] = {"A": [], "B": []}
+    cancelled: dict[str, list[str]] = {"A": [], "B": []}
+    finished: dict[str, list[str]] = {"A": [], "B": []}
+
+    def handler_for(name: str) -> Any:
+        async def handle(_: str, value: dict[str, Any], record: ConsumerRecord) -> None:
+            label = str(value["batch_id"])
+            if run not in label:
+                return
+            started[name].append(label)
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                cancelled[name].append(label)
+                raise
+            finished[name].append(label)
+        return handle
+
+    group = f"g-revoke-cancel-{run}"
+    a = make_consumer(settings, topics, producer, handler_for("A"), group, revoke_timeout=0.3)
+    b = make_consumer(settings, topics, producer, handler_for("B"), group, revoke_timeout=0.3)
+    labels = {p: f"p{p}-{run}" for p in range(settings.topic_partitions)}
+    await a.start()
+    try:
+        for p, label in labels.items():
+            await send(producer, topics, f"wati:{label}", label, partition=p)
+        await eventually(lambda: len(started["A"]) == len(labels), what="A running every record")
+        await b.start()
+        await eventually(lambda: bool(b.assignment()) and bool(a.assignment()), what="split assignment")
+        moved = {labels[tp.partition] for tp in b.assignment()}
+        kept = {labels[tp.partition] for tp in a.assignment()}
+        await eventually(lambda: set(started["B"]) == moved, what="B handling the moved records")
+        assert sorted(cancelled["A"]) == sorted(moved)
+        release.set()
+        await eventually(lambda: set(finished["A"]) >= kept and set(finished["B"]) == moved,
+                         what="every record finished once by its owner")
+    finally:
+        release.set()
+        await a.stop()
+        await b.stop()
+    assert not set(finished["A"]) & moved and cancelled["B"] == []
+
+
 async def test_partition_is_paused_while_too_many_records_are_unfinished(
     settings: Settings, topics: Topics, producer: AIOKafkaProducer
 ) -> None:

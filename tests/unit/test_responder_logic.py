@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from services.common import codec
 from services.common.config import ConfigError, Settings
 from services.common.openai_errors import ErrorBody
 from services.common.records import BatchProgress, ResponderState
@@ -25,8 +26,13 @@ from services.responder.main import DEFAULT_INSTRUCTIONS, check_settings, load_i
 from services.responder.state_store import (
     KEEP_TEXTS,
     MAX_BATCHES,
+    MAX_CLAIMS,
+    StateStore,
+    claimant_of,
     empty_state,
     find_batch,
+    note_claim,
+    with_claim,
     with_conversation,
     with_progress,
 )
@@ -156,6 +162,75 @@ def test_with_conversation_and_pure_updates() -> None:
     changed = with_conversation(base, "conv_1", now)
     assert changed["conversation_id"] == "conv_1" and changed["updated_at"] == now
     assert base["conversation_id"] is None  # the input is not modified
+
+
+def test_the_newest_claim_on_a_batch_wins_whatever_order_it_is_seen_in() -> None:
+    """The fence's bookkeeping: a claim counts from where it FIRST appeared in the partition."""
+    claims: dict[tuple[str, str], int] = {}
+    assert claimant_of(claims, "b1") is None
+    note_claim(claims, 10, {"batch_id": "b1", "owner": "old"})
+    assert claimant_of(claims, "b1") == "old"
+    note_claim(claims, 14, {"batch_id": "b1", "owner": "new"})  # the new owner's claim
+    assert claimant_of(claims, "b1") == "new"
+    note_claim(claims, 15, {"batch_id": "b1", "owner": "old"})  # a stale worker's later write
+    assert claimant_of(claims, "b1") == "new"
+    note_claim(claims, 16, None)  # a record of a version without claims
+    assert claimant_of(claims, "b1") == "new"
+    # the reader may see a write after the writer's ack, or before: the first offset is kept
+    late: dict[tuple[str, str], int] = {}
+    note_claim(late, 15, {"batch_id": "b1", "owner": "old"})
+    note_claim(late, 14, {"batch_id": "b1", "owner": "new"})
+    note_claim(late, 10, {"batch_id": "b1", "owner": "old"})
+    assert claimant_of(late, "b1") == "new"
+    # claims on other batches of the customer do not touch this one
+    note_claim(claims, 20, {"batch_id": "b2", "owner": "third"})
+    assert claimant_of(claims, "b1") == "new" and claimant_of(claims, "b2") == "third"
+
+
+def test_claims_are_bounded_oldest_first() -> None:
+    claims: dict[tuple[str, str], int] = {}
+    for n in range(MAX_CLAIMS + 3):
+        note_claim(claims, n, {"batch_id": f"b{n}", "owner": f"o{n}"})
+    assert len(claims) == MAX_CLAIMS
+    last = MAX_CLAIMS + 2
+    assert claimant_of(claims, "b0") is None and claimant_of(claims, f"b{last}") == f"o{last}"
+
+
+def test_a_record_written_between_a_claims_base_and_the_claim_is_found() -> None:
+    """The claim's re-base (worker `_claim`): what the reader saw strictly between the state the
+    claim was based on and the claim itself was written by another worker, and is handed back."""
+    store = StateStore(Settings(), cast(Any, None))
+    key = "wati:1"
+
+    def read(offset: int, state: ResponderState) -> None:  # what the state reader does per record
+        store._read(key.encode(), offset, codec.encode("ResponderState", cast(dict[str, Any], state)))
+
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    read(5, empty_state(key))
+    base = store.watch(key)
+    assert base is not None and base["batches"] == []
+    theirs = with_progress(with_claim(empty_state(key), {"batch_id": "b1", "owner": "old"}, now),
+                           progress(1, "generated"), now)
+    read(6, theirs)  # the old owner's `generated`, landed before our claim
+    ours = with_claim(base, {"batch_id": "b1", "owner": "new"}, now)
+    read(7, ours)  # our claim
+    read(8, theirs)  # a later write of the old owner does not count (ordered after our claim)
+    missed = store.written_between(key, 7)
+    assert missed is not None and find_batch(missed, "b1") is not None
+    assert store.claimant(key, "b1") == "new"
+    # no record in between: nothing to take in; the watch is over either way
+    store.watch(key)
+    read(9, ours)
+    assert store.written_between(key, 9) is None
+    assert store.written_between(key, 9) is None
+
+
+def test_with_claim_is_pure() -> None:
+    base = empty_state("wati:1")
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    claimed = with_claim(base, {"batch_id": "b1", "owner": "o1"}, now)
+    assert claimed["claim"] == {"batch_id": "b1", "owner": "o1"} and claimed["updated_at"] == now
+    assert "claim" not in base
 
 
 # ------------------------------------------------------------------------------------------ worker
