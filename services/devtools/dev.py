@@ -25,7 +25,7 @@ from services.common.kafka import ensure_topics
 from .supervisor import Child, Supervisor
 
 SERVICES = ("ingest", "context", "responder", "vision")
-REQUIRED = ("OPENAI_API_KEY", "WATI_API_URL", "WATI_API_TOKEN", "WEBHOOK_TOKEN", "WEB_TOKEN")
+REQUIRED = ("OPENAI_API_KEY", "WEBHOOK_TOKEN", "WEB_TOKEN")  # + the enabled channels' settings
 
 
 class StackError(RuntimeError):
@@ -40,6 +40,7 @@ class DevStack:
         ready_timeout: float = 120.0,
     ) -> None:
         settings.require(*REQUIRED)
+        settings.require_channels()
         self.settings = settings
         self.base_env = dict(os.environ if env is None else env)
         self.out = out or sys.stdout

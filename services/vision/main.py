@@ -60,7 +60,7 @@ class Vision:
             max_retries=max(0, s.openai_max_attempts - 1),
             http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [count_sdk_retry]}),
         )
-        if s.wati_api_url:
+        if s.channel_enabled("wati") and s.wati_api_url:
             self.wati = WatiClient(s.wati_api_url, s.wati_api_token, timeout=20.0)
         self.http = attachment_http_client(allow_private_urls=self.allow_private_urls)
         fetcher = MediaFetcher(s, wati=self.wati, http=self.http, allow_private_urls=self.allow_private_urls)
