@@ -41,6 +41,9 @@ from urllib.parse import urlsplit
 from dotenv.parser import parse_stream
 from dotenv.variables import parse_variables
 
+#: `=1` does what `--skip-checks` does, for process managers that start the services (`watistream dev`).
+SKIP_CHECKS_ENV = "WATISTREAM_SKIP_CHECKS"
+
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable."""

@@ -1,6 +1,7 @@
 """Topics, the producer every service uses, and the dead-letter helper.
 
-Every topic is created here, with its configured partition count, before any service subscribes:
+Every topic is created here (unless KAFKA_CREATE_TOPICS=false: then it must exist), with its
+configured partition count, before any service subscribes:
 a faust worker silently ignores a source topic that did not exist when it started.
 """
 
@@ -17,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from . import codec, metrics
-from .config import Settings
+from .config import ConfigError, Settings
 from .logs import event
 from .timeparse import utcnow
 
@@ -69,6 +70,11 @@ async def ensure_topics(settings: Settings, attempts: int = 30) -> Topics:
             await admin.start()
             existing = set(await admin.list_topics())
             missing = [t for t in wanted if t.name not in existing]
+            if missing and not settings.kafka_create_topics:
+                raise ConfigError(
+                    "missing topics (KAFKA_CREATE_TOPICS=false): " + ", ".join(t.name for t in missing)
+                    + f"; create them with {settings.topic_partitions} partitions"
+                )
             if missing:
                 # another process may create them meanwhile
                 with contextlib.suppress(TopicAlreadyExistsError):
