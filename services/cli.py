@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", default="24h", help="window, e.g. 30m, 24h, 7d")
     p.add_argument("--format", choices=("markdown", "json"), default="markdown")
     p.set_defaults(run=_service("context.report"))
+    from .devtools.dead_letters import add_arguments
+
+    p = sub.add_parser("dead-letters", help="list, show and replay (once) dead letters")
+    add_arguments(p)
+    p.set_defaults(run=_service("devtools.dead_letters"))
     return parser
 
 

@@ -39,6 +39,7 @@ class Topics:
     audit: str
     dead_letter: str
     responder_state: str
+    dead_letter_replays: str  # which dead letters were replayed (services/common/deadletters.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
@@ -49,7 +50,7 @@ class Topics:
         return [getattr(self, f.name) for f in fields(self)]
 
 
-COMPACTED = {"responder_state"}
+COMPACTED = {"responder_state", "dead_letter_replays"}
 
 
 async def ensure_topics(settings: Settings, attempts: int = 30) -> Topics:
