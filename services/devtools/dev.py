@@ -19,7 +19,7 @@ from typing import TextIO
 import httpx
 
 from services.common.broker import EmbeddedKafka
-from services.common.config import SKIP_CHECKS_ENV, Settings
+from services.common.config import SKIP_CHECKS_ENV, ConfigError, Settings
 from services.common.kafka import ensure_topics
 
 from .check import exit_code, format_report, run_checks
@@ -40,8 +40,14 @@ class DevStack:
         self, settings: Settings, *, env: Mapping[str, str] | None = None, out: TextIO | None = None,
         ready_timeout: float = 120.0, checks: bool = True,
     ) -> None:
-        settings.require(*REQUIRED)
-        settings.require_channels()
+        problems = []
+        for requirement in (lambda: settings.require(*REQUIRED), settings.require_channels):
+            try:
+                requirement()
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("; ".join(problems))
         self.settings = settings
         self.base_env = dict(os.environ if env is None else env)
         self.out = out or sys.stdout
