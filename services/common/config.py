@@ -265,12 +265,21 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        """Types and ranges of every field, the WATI token's `Bearer ` dropped (module doc)."""
+        """Types and ranges of every field, the WATI token's `Bearer ` dropped (module doc).
+
+        Every bad value is named in the one ConfigError, not only the first."""
+        problems: list[str] = []
         for f in fields(self):
             value = getattr(self, f.name)
-            checked = _check(f.metadata, value if not isinstance(value, str) else value.strip())
+            try:
+                checked = _check(f.metadata, value if not isinstance(value, str) else value.strip())
+            except ConfigError as exc:
+                problems.append(str(exc))
+                continue
             if checked != value:
                 object.__setattr__(self, f.name, checked)
+        if problems:
+            raise ConfigError("; ".join(problems))
         token = self.wati_api_token
         if token[:7].lower() == "bearer ":
             object.__setattr__(self, "wati_api_token", token[7:].strip())
@@ -318,15 +327,24 @@ class Settings:
         env: dict[str, str] = read_dotenv(dotenv if dotenv is not None else Path(".env"), real)
         env.update(real)
         values: dict[str, Any] = {}
+        problems: list[str] = []
         for f in fields(cls):
             name = f.metadata["env"]
             if f.name in overrides:
                 continue
-            raw = _raw_value(name, env)
-            if raw is not None:
-                values[f.name] = _coerce(name, raw, type(f.default))
+            try:
+                raw = _raw_value(name, env)
+                if raw is not None:
+                    values[f.name] = _coerce(name, raw, type(f.default))
+            except ConfigError as exc:
+                problems.append(str(exc))
         values.update(overrides)
-        settings = cls(**values)
+        try:
+            settings = cls(**values)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ConfigError("; ".join(problems))
         settings.gap_policy  # noqa: B018 - validate CUSTOMER_OVERRIDES early
         return settings
 

@@ -310,6 +310,9 @@ async def kafka_checks(settings: Settings, timeout: float = DEFAULT_TIMEOUT_SECO
                         break
                     await asyncio.sleep(0.1)
     except Exception as exc:  # every failure becomes a line, with its type
+        if created and isinstance(exc, TimeoutError):
+            return [failed("topics", f"created {len(created)} topics, but the cluster did not list them "
+                           f"within {timeout:g} s", "run the check again; if it persists, check the brokers")]
         reason = "no answer in time" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
         return [failed("kafka", f"cannot reach {bootstrap}: {reason}",
                        "check KAFKA_BOOTSTRAP_SERVERS, that the brokers run and this host can reach "

@@ -99,6 +99,14 @@ def test_out_of_range_or_malformed_values_are_refused_naming_the_variable(
         Settings.from_env(environ={name: raw}, dotenv=tmp_path / "none")
 
 
+def test_every_bad_value_is_named_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(environ={"INGEST_PORT": "99999", "TOPIC_PARTITIONS": "0", "CONTEXT_WEB_PORT": "x"},
+                          dotenv=tmp_path / "none")
+    message = str(caught.value)
+    assert "INGEST_PORT" in message and "TOPIC_PARTITIONS" in message and "CONTEXT_WEB_PORT" in message
+
+
 def test_direct_construction_and_replace_are_checked_too() -> None:
     with pytest.raises(ConfigError, match="TOPIC_PARTITIONS"):
         Settings(topic_partitions=0)
