@@ -109,11 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         skip = getattr(args, "skip_checks", False) or os.environ.get(SKIP_CHECKS_ENV) == "1"
         if args.command in ("ingest", "context", "responder", "vision") and not skip:
-            failed = _start_checks(args.command, settings)
-            if failed:
-                return failed
+            refused = _start_checks(args.command, settings)
+            if refused:
+                return refused
         return int(args.run(args, settings))
     except ConfigError as exc:
+        if args.command == "check":  # the same one-line-per-check form as every other failure
+            from .devtools.check import failed, format_report
+
+            print(format_report([failed("settings", str(exc), "correct the named variable(s)")]))
+            return 1
         print(f"watistream {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -143,11 +143,12 @@ async def test_unreadable_prompt_and_a_disabled_channel_is_not_checked(
     assert not checks["system prompt"].ok and "cannot be read" in checks["system prompt"].detail
 
 
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(settings: Settings, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in {n for n, _, _ in Settings.documented()}}
     env.update({f.metadata["env"]: str(getattr(settings, f.name)).lower()
                 if isinstance(getattr(settings, f.name), bool) else str(getattr(settings, f.name))
                 for f in dataclasses.fields(settings)})
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "services.cli", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
@@ -168,6 +169,10 @@ async def test_the_command_prints_one_line_per_check_and_exits_non_zero_on_failu
     assert done.returncode == 1
     assert any(line.startswith("FAIL openai") and "OPENAI_API_KEY" in line
                for line in done.stdout.splitlines())
+    # a malformed setting is a FAIL line too, naming the variable
+    done = await asyncio.to_thread(cli, good, "check", INGEST_PORT="99999")
+    assert done.returncode == 1
+    assert done.stdout.startswith("FAIL settings       INGEST_PORT must be <= 65535, got 99999")
     # a service refuses to start on the same failure
     done = await asyncio.to_thread(cli, dataclasses.replace(bad, responder_web_port=free_port()), "responder")
     assert done.returncode == 1 and "FAIL openai" in done.stderr and "--skip-checks" in done.stderr
