@@ -14,7 +14,7 @@ What is reached, and why that call:
 - Kafka: the bootstrap servers (reachable, and accepting the configured security), the cluster's
   brokers, then every topic: present with TOPIC_PARTITIONS partitions (the topics are
   co-partitioned by customer key, so a different count breaks the per-customer order), or created
-  when KAFKA_CREATE_TOPICS allows it.
+  when KAFKA_CREATE_TOPICS allows it; the compacted ones (state, replay records) compacted.
 - WATI: `GET {WATI_API_URL}/api/v1/getContacts?pageSize=1` — authenticated, reads one contact,
   changes nothing; 401 means the token, 404 the tenant part of the URL.
 - ManyChat: `GET {MANYCHAT_API_URL}/fb/page/getInfo` — authenticated, changes nothing, names the page.
@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 
 from services.common.config import CHANNEL_SETTINGS, ConfigError, Settings
-from services.common.kafka import Topics, ensure_topics
+from services.common.kafka import COMPACTED, Topics, ensure_topics
 
 #: what each service reaches at start (its checks); `watistream check` runs every one of them.
 SERVICE_NEEDS: dict[str, tuple[str, ...]] = {
@@ -171,6 +171,17 @@ def topic_checks(
     return checks
 
 
+def compaction_checks(compacted: Sequence[str], policies: Mapping[str, str]) -> list[Check]:
+    """The topics that must be compacted (a state store's, the replay records) and are not."""
+    return [
+        failed("topic", f"{topic} has cleanup.policy={policies[topic]}, not compact (its records are "
+                        "the latest state per key: retention would delete state that is still needed)",
+               f"kafka-configs.sh --alter --entity-type topics --entity-name {topic} "
+               "--add-config cleanup.policy=compact")
+        for topic in compacted if topic in policies and "compact" not in policies[topic]
+    ]
+
+
 def _body_text(body: Any) -> str:
     """A provider's error message, short, for the reason (never the whole body)."""
     if isinstance(body, dict):
@@ -284,6 +295,22 @@ async def _describe(admin: Any, topics: Sequence[str]) -> dict[str, int]:
     return {d["topic"]: len(d["partitions"]) for d in described if not d.get("error_code")}
 
 
+async def _cleanup_policies(admin: Any, topics: Sequence[str]) -> dict[str, str]:
+    """`cleanup.policy` of each topic."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    if not topics:
+        return {}
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+    policies: dict[str, str] = {}
+    for response in responses:
+        for resource in response.to_object()["resources"]:
+            for entry in resource["config_entries"]:
+                if entry["config_names"] == "cleanup.policy":
+                    policies[str(resource["resource_name"])] = str(entry["config_value"])
+    return policies
+
+
 async def kafka_checks(settings: Settings, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> list[Check]:
     """The cluster reachable, then every topic present with the configured partitions."""
     bootstrap = settings.kafka_bootstrap_servers
@@ -291,9 +318,12 @@ async def kafka_checks(settings: Settings, timeout: float = DEFAULT_TIMEOUT_SECO
         return [failed("kafka", "KAFKA_BOOTSTRAP_SERVERS is empty",
                        "set it to your cluster's bootstrap servers (the embedded broker of "
                        "`watistream dev` is not for production)")]
-    wanted = Topics.from_settings(settings).all()
+    topics = Topics.from_settings(settings)
+    wanted = topics.all()
+    compacted = [getattr(topics, name) for name in sorted(COMPACTED)]
     admin = _admin(settings, timeout)
     created: list[str] = []
+    policies: dict[str, str] = {}
     try:
         async with asyncio.timeout(timeout):
             await admin.start()
@@ -309,6 +339,7 @@ async def kafka_checks(settings: Settings, timeout: float = DEFAULT_TIMEOUT_SECO
                     if len(existing) == len(wanted):
                         break
                     await asyncio.sleep(0.1)
+            policies = await _cleanup_policies(admin, [t for t in compacted if t in existing])
     except Exception as exc:  # every failure becomes a line, with its type
         if created and isinstance(exc, TimeoutError):
             return [failed("topics", f"created {len(created)} topics, but the cluster did not list them "
@@ -319,8 +350,8 @@ async def kafka_checks(settings: Settings, timeout: float = DEFAULT_TIMEOUT_SECO
                        "them, and (secured clusters) the security settings")]
     finally:
         await _close(admin)
-    return [passed("kafka", f"{bootstrap} reachable"),
-            *topic_checks(wanted, settings.topic_partitions, existing, created, settings.kafka_create_topics)]
+    checks = topic_checks(wanted, settings.topic_partitions, existing, created, settings.kafka_create_topics)
+    return [passed("kafka", f"{bootstrap} reachable"), *checks, *compaction_checks(compacted, policies)]
 
 
 async def _close(admin: Any) -> None:

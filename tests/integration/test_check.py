@@ -59,7 +59,7 @@ async def test_a_healthy_setup_passes_and_creates_the_missing_topics(
     found = by_name(checks)
     assert set(found) >= {"channels", "kafka", "topics", "wati", "manychat", "openai", "conversations",
                           "system prompt"}
-    assert "10 created now" in found["topics"].detail
+    assert f"{len(Topics.from_settings(cfg).all())} created now" in found["topics"].detail
     assert "Tienda Demo" in found["manychat"].detail
     # the test conversation is not left behind
     assert all(stand_ins.openai.is_deleted(cid) for cid in stand_ins.openai.conversations)
@@ -122,6 +122,21 @@ async def test_wrong_partitions(settings: Settings, stand_ins: StandIns) -> None
     assert len(failures) == 1
     assert failures[0].detail.startswith(f"{topics.replies} has 2 partitions, TOPIC_PARTITIONS=4")
     assert "TOPIC_PARTITIONS=2" in failures[0].fix
+
+
+async def test_a_state_topic_that_is_not_compacted(settings: Settings, stand_ins: StandIns) -> None:
+    cfg = healthy(settings, stand_ins, "compaction")
+    topics = Topics.from_settings(cfg)
+    admin = AIOKafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topics.responder_state, num_partitions=4, replication_factor=1)])
+    finally:
+        await admin.close()
+    failures = only_failures(await run_checks(cfg, ("kafka",)))
+    assert [c.detail.split(" (")[0] for c in failures] == [
+        f"{topics.responder_state} has cleanup.policy=delete, not compact"]
+    assert "cleanup.policy=compact" in failures[0].fix
 
 
 async def test_unreachable_broker(settings: Settings, stand_ins: StandIns) -> None:

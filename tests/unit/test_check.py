@@ -7,6 +7,7 @@ from pathlib import Path
 from services.common.config import Settings
 from services.devtools.check import (
     Check,
+    compaction_checks,
     exit_code,
     failed,
     format_check,
@@ -46,6 +47,14 @@ def test_topics_missing_and_wrong_partitions_each_get_a_line() -> None:
     assert checks[0].detail.startswith("p.b has 4 partitions, TOPIC_PARTITIONS=8")
     assert "TOPIC_PARTITIONS=4" in checks[0].fix
     assert checks[1].detail == "p.c is missing" and "KAFKA_CREATE_TOPICS=true" in checks[1].fix
+
+
+def test_compaction() -> None:
+    assert compaction_checks(["p.state"], {"p.state": "compact"}) == []
+    assert compaction_checks(["p.state"], {"p.state": "compact,delete"}) == []
+    assert compaction_checks(["p.state"], {}) == []  # missing: the topic lines say so
+    [check] = compaction_checks(["p.state"], {"p.state": "delete"})
+    assert not check.ok and check.detail.startswith("p.state has cleanup.policy=delete, not compact")
 
 
 def test_provider_answers() -> None:
