@@ -6,11 +6,16 @@ refusals and the replay live here, front ends only parse arguments and print.
 - A dead letter's id is where it sits: `<partition>:<offset>` on the dead-letter topic. Stable,
   unique, and what `show` and `replay` take.
 - A replay produces the dead letter's original key and payload to its `source_topic` (acks=all),
-  then records a `DeadLetterReplay` on the compacted `dead-letter-replays` topic keyed by the
-  dead letter's id. A dead letter with a replay record is refused; so is one without a source topic
-  (a webhook the normaliser failed on: fixed code must receive it again from the provider) or
-  without a payload. Two operators replaying the same id at the same instant could both pass the
-  check; the record of the second then shows it.
+  with the header `watistream-replay-of: <id>`, then records a `DeadLetterReplay` on the compacted
+  `dead-letter-replays` topic keyed by the dead letter's id. A dead letter with a replay record
+  is refused; so is one without a source topic (a webhook the normaliser failed on: fixed code
+  must receive it again from the provider) or without a payload. Two operators replaying the same
+  id at the same instant could both pass the check; the record of the second then shows it.
+- What the service then does is what it does with any redelivery: a record it never recorded as
+  handled (an invalid or undecodable one, once the code is fixed; a context event that failed) is
+  handled now. A responder batch it closed after an OpenAI or send failure stays closed: the
+  responder republishes the batch's outcome and does not answer again (its batch dedupe cannot
+  tell a replay from a redelivery yet; the header is there for it to do so).
 
 Pure (unit-tested): `DeadLetterEntry`, `Filters`, `refusal`, `format_list`, `format_entry`, ids.
 I/O: `read_entries`, `read_replays` (each reads its topic from the start to the end offsets taken
@@ -39,6 +44,8 @@ from .records import DeadLetter, DeadLetterReplay
 from .timeparse import utcnow
 
 READ_TIMEOUT_SECONDS = 20.0
+#: set on every replayed record: the dead letter's id (a consumer may treat a replay differently)
+REPLAY_HEADER = "watistream-replay-of"
 
 
 class DeadLetterError(RuntimeError):
@@ -297,7 +304,8 @@ async def replay(
                 continue
             record = entry.record
             assert record["source_topic"] is not None and record["payload"] is not None
-            sent = await producer.send_and_wait(record["source_topic"], record["payload"], key=record["key"])
+            sent = await producer.send_and_wait(record["source_topic"], record["payload"], key=record["key"],
+                                                headers=[(REPLAY_HEADER, entry.id.encode())])
             done: DeadLetterReplay = {
                 "dead_letter_id": entry.id, "source_topic": record["source_topic"],
                 "replayed_partition": sent.partition, "replayed_offset": sent.offset,

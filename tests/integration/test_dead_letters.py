@@ -18,7 +18,7 @@ from aiokafka.structs import TopicPartition
 
 from services.common import codec
 from services.common.config import Settings
-from services.common.deadletters import Filters, read_entries, read_replays, replay, select
+from services.common.deadletters import REPLAY_HEADER, Filters, read_entries, read_replays, replay, select
 from services.common.kafka import Topics, dead_letter, ensure_topics, make_producer
 from services.common.timeparse import utcnow
 
@@ -51,7 +51,10 @@ async def put(producer: AIOKafkaProducer, cfg: Settings, *, reason: str, custome
                       key=(customer or "k").encode(), payload=payload, customer_key=customer)
 
 
-async def records_on(cfg: Settings, topic: str) -> list[tuple[bytes | None, bytes | None]]:
+async def records_on(
+    cfg: Settings, topic: str, headers: list[object] | None = None
+) -> list[tuple[bytes | None, bytes | None]]:
+    """(key, value) of every record of `topic`; each record's headers appended to `headers`."""
     consumer = AIOKafkaConsumer(bootstrap_servers=cfg.kafka_bootstrap_servers, enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
@@ -66,6 +69,8 @@ async def records_on(cfg: Settings, topic: str) -> list[tuple[bytes | None, byte
         while pending:
             for tp, records in (await consumer.getmany(*pending, timeout_ms=500)).items():
                 out += [(r.key, r.value) for r in records]
+                if headers is not None:
+                    headers += [r.headers for r in records]
                 if records and records[-1].offset >= ends[tp] - 1:
                     pending.discard(tp)
         return out
@@ -97,7 +102,10 @@ async def test_replay_once_to_the_source_topic_recorded(cfg: Settings, producer:
     [entry] = await read_entries(cfg)
     [outcome] = await replay(cfg, [entry], by="ana")
     assert outcome.replayed is not None and outcome.refused is None
-    assert (b"wati:50370000009", b"original-bytes") in await records_on(cfg, topics.responder_requests)
+    headers: list[object] = []
+    replayed = await records_on(cfg, topics.responder_requests, headers)
+    assert replayed == [(b"wati:50370000009", b"original-bytes")]
+    assert headers == [((REPLAY_HEADER, entry.id.encode()),)]
     replays = await read_replays(cfg)
     assert replays[entry.id]["replayed_by"] == "ana"
     assert replays[entry.id]["source_topic"] == topics.responder_requests
