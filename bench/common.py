@@ -153,6 +153,10 @@ class ServiceProcess:
         cwd = bench.workdir / "cwd"
         cwd.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "services.cli", service]
+        if service in ("ingest", "context", "responder", "vision"):
+            # measured: the services; their start-up checks (a conversation made at the OpenAI
+            # stand-in, calls that could take an injected fault) would blur restart timings
+            argv.append("--skip-checks")
         return cls(service + tag, argv, settings_env(settings), bench.log_path(service + tag), cwd)
 
     def start(self) -> ServiceProcess:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable without the package installed
     sys.path.insert(0, str(ROOT))
 
-from services.common.config import Settings  # noqa: E402
+from services.common.config import Settings, is_secret_name  # noqa: E402
 
 TARGET = ROOT / ".env.example"
 README = ROOT / "README.md"
@@ -43,12 +43,15 @@ HEADER = """\
 # Values with spaces, `#`, `$` or quotes (e.g. CUSTOMER_OVERRIDES' JSON) go in single quotes.
 # Secrets (marked SECRET) have no default and must be filled in for a real deployment:
 # {secrets}.
+# Each secret can instead be read from a file: NAME_FILE=/run/secrets/name (Docker / Kubernetes
+# secrets); setting both NAME and NAME_FILE is an error.
+# `watistream check` validates all of this and reaches every service the enabled channels need.
 """
 
 
 def is_secret(name: str) -> bool:
-    """Tokens and API keys: no default, never logged, never committed."""
-    return name.endswith(("_TOKEN", "_KEY"))
+    """Tokens, API keys and passwords: no default, never logged, never committed."""
+    return is_secret_name(name)
 
 
 def quote(value: str) -> str:

@@ -6,13 +6,14 @@ Each sub-command imports only what it runs, so `watistream broker` starts withou
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .common.config import ConfigError, Settings
+from .common.config import SKIP_CHECKS_ENV, ConfigError, Settings
 
 
 def _broker(args: argparse.Namespace, settings: Settings) -> int:
@@ -53,16 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="storage directory (default: $DATA_DIR/broker)")
     p.add_argument("--port", type=int, default=0, help="listener port (default: a free one)")
     p.set_defaults(run=_broker)
-    sub.add_parser("ingest", help="the webhook HTTP service").set_defaults(run=_service("ingest.main"))
-    sub.add_parser("context", help="the context faust worker").set_defaults(
-        run=_service("context.main"))
-    sub.add_parser("responder", help="the responder worker").set_defaults(
-        run=_service("responder.main"))
-    sub.add_parser("vision", help="the vision worker").set_defaults(run=_service("vision.main"))
+    for name, module, text in (("ingest", "ingest.main", "the webhook HTTP service"),
+                               ("context", "context.main", "the context faust worker"),
+                               ("responder", "responder.main", "the responder worker"),
+                               ("vision", "vision.main", "the vision worker")):
+        p = sub.add_parser(name, help=f"{text} (runs the checks of what it uses first)")
+        p.add_argument("--skip-checks", action="store_true",
+                       help="start without reaching Kafka and the providers first")
+        p.set_defaults(run=_service(module))
+    p = sub.add_parser("check", help="validate the configuration and reach every dependency; "
+                                     "exit 1 on any failure")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per dependency (default 10)")
+    p.set_defaults(run=_service("devtools.check"))
     p = sub.add_parser("standins", help="local stand-ins for WATI, ManyChat and OpenAI")
     p.add_argument("--port", type=int, default=0)
     p.set_defaults(run=_service("standins.main"))
     p = sub.add_parser("dev", help="broker + every service in one supervised process tree")
+    p.add_argument("--skip-checks", action="store_true", help="start without `watistream check`")
     p.set_defaults(run=_service("devtools.dev"))
     p = sub.add_parser("demo", help="dev + stand-ins + a scripted conversation")
     p.add_argument("--once", action="store_true", help="exit after the scripted conversation")
@@ -71,15 +79,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", default="24h", help="window, e.g. 30m, 24h, 7d")
     p.add_argument("--format", choices=("markdown", "json"), default="markdown")
     p.set_defaults(run=_service("context.report"))
+    from .devtools.dead_letters import add_arguments
+
+    p = sub.add_parser("dead-letters", help="list, show and replay (once) dead letters")
+    add_arguments(p)
+    p.set_defaults(run=_service("devtools.dead_letters"))
     return parser
+
+
+def _start_checks(service: str, settings: Settings) -> int:
+    """The checks of what `service` uses (services/devtools/check.py); 0 when all pass.
+
+    Lines go to stderr (stdout of a service is its JSON log); a failure names what to change."""
+    import asyncio
+
+    from .devtools.check import SERVICE_NEEDS, exit_code, format_report, run_checks
+
+    checks = asyncio.run(run_checks(settings, SERVICE_NEEDS[service]))
+    if exit_code(checks):
+        print(format_report(checks), file=sys.stderr, flush=True)
+        print(f"watistream {service}: not starting (fix the above, or --skip-checks)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        skip = getattr(args, "skip_checks", False) or os.environ.get(SKIP_CHECKS_ENV) == "1"
+        if args.command in ("ingest", "context", "responder", "vision") and not skip:
+            refused = _start_checks(args.command, settings)
+            if refused:
+                return refused
         return int(args.run(args, settings))
     except ConfigError as exc:
+        if args.command == "check":  # the same one-line-per-check form as every other failure
+            from .devtools.check import failed, format_report
+
+            print(format_report([failed("settings", str(exc), "correct the named variable(s)")]))
+            return 1
         print(f"watistream {args.command}: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,39 +1,90 @@
 """All configuration, from environment variables (a `.env` file is read if present).
 
-Every setting has a documented default here and in the README's configuration table; the names of
-docs/design.md's "Outer contract" are fixed because operators' scripts rely on them.
+Every setting has a documented default here and in the README's configuration table (both generated
+from `Settings.documented()`); the env names are fixed because operators' scripts rely on them.
+
+What "cannot surprise" means here, and how:
+- `.env` is parsed like docker compose parses it, by python-dotenv's parser (a kept library):
+  quotes, inline ` #` comments, `export ` prefixes, escapes in double quotes; `${VAR}` is expanded
+  in unquoted and double-quoted values and NOT in single-quoted ones, exactly as compose does
+  (python-dotenv alone would expand inside single quotes too, so the expansion is applied here).
+  A line neither can parse is an error naming its line number, not a silently dropped setting.
+- Every value is typed and range-checked when a `Settings` is built (also by tests and
+  `dataclasses.replace`): ports 1-65535 (`*_PORT`), durations >= 0 (`*_SECONDS`), URLs parsed
+  (`*_URL`: http(s) with a host), and per field `ge`/`gt`/`choices`. Errors name the env variable.
+- Every secret (`*_TOKEN`, `*_KEY`, `*_PASSWORD`) can instead come from a file, `NAME_FILE=/path`
+  (Docker / Kubernetes secrets); setting both is an error. A `Bearer ` pasted in front of the WATI
+  token (WATI's API page shows it that way) is dropped.
+
+Why not pydantic-settings' BaseSettings: `Settings` is a frozen dataclass that dozens of call sites
+(services, tests, bench) build directly and copy with `dataclasses.replace`, and that other modules
+enumerate with `dataclasses.fields` (env names in field metadata). A BaseSettings model would change
+all of them; its secret files are a directory of files named after fields rather than the
+`NAME_FILE` convention of Docker images; and its errors name Python fields where an operator set env
+variables. The parts a library does better (the `.env` grammar) come from python-dotenv, which
+pydantic-settings itself uses for the same job; the checks are a few lines over plain metadata.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from dotenv.parser import parse_stream
+from dotenv.variables import parse_variables
+
+#: `=1` does what `--skip-checks` does, for process managers that start the services (`watistream dev`).
+SKIP_CHECKS_ENV = "WATISTREAM_SKIP_CHECKS"
 
 
 class ConfigError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
 
 
-def read_dotenv(path: Path) -> dict[str, str]:
-    """Parses a `.env` file: `KEY=VALUE` lines, `#` comments, optional quotes, no interpolation."""
+_SINGLE_QUOTED = re.compile(r"^\s*(?:export\s+)?[^=]*=\s*'")
+
+
+def parse_dotenv(text: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The `KEY=VALUE` pairs of a `.env` text, as docker compose reads them (see the module doc).
+
+    `${VAR}` / `${VAR:-default}` resolve against earlier lines, then `environ` (the process's).
+    A bare `KEY` line (compose: "take it from the shell") is skipped here: the process's own
+    environment is read anyway.
+    """
+    env = os.environ if environ is None else environ
     values: dict[str, str] = {}
-    if not path.is_file():
-        return values
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            line = binding.original.string.strip()
+            raise ConfigError(f".env line {binding.original.line} cannot be parsed: {line[:60]!r}")
+        if binding.key is None or binding.value is None:
             continue
-        key, _, value = line.partition("=")
-        key = key.strip().removeprefix("export ").strip()
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        values[key] = value
+        value = binding.value
+        if not _SINGLE_QUOTED.match(binding.original.string):
+            scope = {**env, **values}
+            value = "".join(atom.resolve(dict(scope)) or "" for atom in parse_variables(value))
+        values[binding.key] = value
     return values
+
+
+def read_dotenv(path: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`parse_dotenv` of a file; an absent file is empty."""
+    if not path.is_file():
+        return {}
+    return parse_dotenv(path.read_text(encoding="utf-8"), environ)
+
+
+def is_secret_name(name: str) -> bool:
+    """Tokens, API keys and passwords: no default, never logged, also readable from `NAME_FILE`."""
+    return name.endswith(("_TOKEN", "_KEY", "_PASSWORD"))
 
 
 @dataclass(frozen=True)
@@ -87,8 +138,12 @@ class GapPolicy:
         return cls(default_gap, default_hold, groups, customers)
 
 
-def _env_field(default: Any, env: str, doc: str) -> Any:
-    return field(default=default, metadata={"env": env, "doc": doc})
+def _env_field(
+    default: Any, env: str, doc: str, *, ge: float | None = None, gt: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """One setting: its default, env name, one-line meaning, and the checks beyond its name's rule."""
+    return field(default=default, metadata={"env": env, "doc": doc, "ge": ge, "gt": gt, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -100,18 +155,20 @@ class Settings:
     )
     topic_prefix: str = _env_field("watistream.", "TOPIC_PREFIX", "prefix of every topic name")
     topic_partitions: int = _env_field(
-        8, "TOPIC_PARTITIONS", "partitions of every co-partitioned topic"
+        8, "TOPIC_PARTITIONS", "partitions of every co-partitioned topic", ge=1
     )
-    topic_replication: int = _env_field(1, "TOPIC_REPLICATION", "replication factor of topics")
+    topic_replication: int = _env_field(1, "TOPIC_REPLICATION", "replication factor of topics", ge=1)
     ingest_host: str = _env_field("127.0.0.1", "INGEST_HOST", "bind address of the webhook service")
     ingest_port: int = _env_field(8080, "INGEST_PORT", "port of the webhook service")
     webhook_token: str = _env_field("", "WEBHOOK_TOKEN", "shared secret the webhooks must present")
-    max_body_bytes: int = _env_field(256 * 1024, "MAX_BODY_BYTES", "largest webhook body accepted")
+    max_body_bytes: int = _env_field(256 * 1024, "MAX_BODY_BYTES", "largest webhook body accepted", ge=1)
     produce_timeout_seconds: float = _env_field(
-        5.0, "PRODUCE_TIMEOUT_SECONDS", "ingest answers 503 when the broker has not acked by then"
+        5.0, "PRODUCE_TIMEOUT_SECONDS", "ingest answers 503 when the broker has not acked by then", gt=0
     )
     wati_api_url: str = _env_field("", "WATI_API_URL", "WATI API base incl. tenant id")
-    wati_api_token: str = _env_field("", "WATI_API_TOKEN", "WATI Bearer token")
+    wati_api_token: str = _env_field(
+        "", "WATI_API_TOKEN", "WATI Bearer token (a leading `Bearer ` is dropped)"
+    )
     manychat_api_url: str = _env_field(
         "https://api.manychat.com", "MANYCHAT_API_URL", "ManyChat API base"
     )
@@ -122,10 +179,11 @@ class Settings:
     )
     openai_model: str = _env_field("gpt-4.1-mini", "OPENAI_MODEL", "model for replies")
     vision_model: str = _env_field("", "VISION_MODEL", "model for image classification (= OPENAI_MODEL)")
-    openai_timeout_seconds: float = _env_field(60.0, "OPENAI_TIMEOUT_SECONDS", "per OpenAI call")
-    openai_max_attempts: int = _env_field(5, "OPENAI_MAX_ATTEMPTS", "tries per OpenAI call")
+    openai_timeout_seconds: float = _env_field(60.0, "OPENAI_TIMEOUT_SECONDS", "per OpenAI call", gt=0)
+    openai_max_attempts: int = _env_field(5, "OPENAI_MAX_ATTEMPTS", "tries per OpenAI call", ge=1)
     openai_max_output_tokens: int = _env_field(
-        1000, "OPENAI_MAX_OUTPUT_TOKENS", "cap on a reply's tokens (counts against rate limits); 0 = none"
+        1000, "OPENAI_MAX_OUTPUT_TOKENS", "cap on a reply's tokens (counts against rate limits); 0 = none",
+        ge=0,
     )
     quiet_window_seconds: float = _env_field(
         30.0, "QUIET_WINDOW_SECONDS", "a burst ends after this much customer silence"
@@ -136,7 +194,7 @@ class Settings:
     flush_scan_interval_seconds: float = _env_field(
         0.2, "FLUSH_SCAN_INTERVAL_SECONDS",
         "longest sleep of the context worker's flush loop (a batch is flushed at its due time; "
-        "this bounds the look-again while recovering)"
+        "this bounds the look-again while recovering)", gt=0,
     )
     missed_gap_seconds: float = _env_field(
         300.0, "MISSED_GAP_SECONDS", "customer silence that triggers the history check"
@@ -145,11 +203,11 @@ class Settings:
         86400.0, "MISSED_LOOKBACK_SECONDS", "history window when the bot never replied"
     )
     missed_max_items: int = _env_field(
-        200, "MISSED_MAX_ITEMS", "cap on injected items; the OLDEST are dropped and the block says so"
+        200, "MISSED_MAX_ITEMS", "cap on injected items; the OLDEST are dropped and the block says so", ge=1,
     )
-    history_max_pages: int = _env_field(10, "HISTORY_MAX_PAGES", "getMessages pages per fetch")
+    history_max_pages: int = _env_field(10, "HISTORY_MAX_PAGES", "getMessages pages per fetch", ge=1)
     history_timeout_seconds: float = _env_field(
-        20.0, "HISTORY_TIMEOUT_SECONDS", "a history fetch gives up after this (answer without it)"
+        20.0, "HISTORY_TIMEOUT_SECONDS", "a history fetch gives up after this (answer without it)", gt=0
     )
     human_hold_seconds: float = _env_field(
         900.0, "HUMAN_HOLD_SECONDS", "bot stays silent this long after a human agent wrote; 0 = off"
@@ -164,18 +222,19 @@ class Settings:
         3600.0, "RECONCILE_WINDOW_SECONDS", "sweep customers active within this window"
     )
     reconcile_rate_per_second: float = _env_field(
-        2.0, "RECONCILE_RATE_PER_SECOND", "getMessages calls per second the sweep may spend"
+        2.0, "RECONCILE_RATE_PER_SECOND", "getMessages calls per second the sweep may spend", ge=0
     )
     context_web_host: str = _env_field("127.0.0.1", "CONTEXT_WEB_HOST", "bind address of views")
     context_web_port: int = _env_field(6066, "CONTEXT_WEB_PORT", "port of the context web views")
     web_token: str = _env_field("", "WEB_TOKEN", "token the web views require (Bearer)")
-    context_store: str = _env_field("rocksdb", "CONTEXT_STORE", "table store: rocksdb or memory")
+    context_store: str = _env_field("rocksdb", "CONTEXT_STORE", "table store: rocksdb or memory",
+                                    choices=("rocksdb", "memory"))
     data_dir: str = _env_field("var", "DATA_DIR", "local state: table stores, embedded broker data")
     broker_session_timeout_seconds: float = _env_field(
-        30.0, "BROKER_SESSION_TIMEOUT_SECONDS", "consumer group session timeout"
+        30.0, "BROKER_SESSION_TIMEOUT_SECONDS", "consumer group session timeout", gt=0
     )
     responder_concurrency: int = _env_field(
-        32, "RESPONDER_CONCURRENCY", "customers answered at once per responder process"
+        32, "RESPONDER_CONCURRENCY", "customers answered at once per responder process", ge=1
     )
     responder_web_port: int = _env_field(8081, "RESPONDER_WEB_PORT", "responder health/metrics port")
     vision_web_port: int = _env_field(8082, "VISION_WEB_PORT", "vision health/metrics port")
@@ -187,17 +246,20 @@ class Settings:
     fallback_text: str = _env_field(
         "", "FALLBACK_TEXT", "sent when no answer could be produced; empty = send nothing"
     )
-    image_max_bytes: int = _env_field(10 * 1024 * 1024, "IMAGE_MAX_BYTES", "largest image")
+    image_max_bytes: int = _env_field(10 * 1024 * 1024, "IMAGE_MAX_BYTES", "largest image", ge=1)
     image_categories: str = _env_field(
         "payment_proof,general_inquiry,other", "IMAGE_CATEGORIES", "image classes"
     )
-    log_level: str = _env_field("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING")
+    log_level: str = _env_field(
+        "INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
     # -- exact context (issue 14): when the context service reads WATI's history ---------------
     missed_history: str = _env_field(
         "every_batch", "MISSED_HISTORY",
         "every_batch: read WATI history for every batch (no blind spot); gap: only after "
         "MISSED_GAP_SECONDS of silence — for accounts whose real-time agent webhooks flow, and "
-        "only with RECONCILE_INTERVAL_SECONDS > 0 (the sweep then recovers undelivered messages)"
+        "only with RECONCILE_INTERVAL_SECONDS > 0 (the sweep then recovers undelivered messages)",
+        choices=("every_batch", "gap"),
     )
 
     # --- Secured Kafka (SASL / TLS). Every client (aiokafka producers, consumers, admin, faust)
@@ -220,6 +282,61 @@ class Settings:
         "", "KAFKA_SSL_KEY_FILE", "PEM private key of KAFKA_SSL_CERT_FILE"
     )
 
+
+    # --- channels and start-up checks (issue 16) ---
+    channels: str = _env_field(
+        "", "CHANNELS", "enabled channels, comma-separated: wati, manychat; empty = each channel "
+        "whose API token is set"
+    )
+    kafka_create_topics: bool = _env_field(
+        True, "KAFKA_CREATE_TOPICS", "create missing topics at start (false: they must exist, e.g. "
+        "a managed Kafka whose ACLs forbid creating topics)"
+    )
+
+    def __post_init__(self) -> None:
+        """Types and ranges of every field, the WATI token's `Bearer ` dropped (module doc).
+
+        Every bad value is named in the one ConfigError, not only the first."""
+        problems: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            try:
+                checked = _check(f.metadata, value if not isinstance(value, str) else value.strip())
+            except ConfigError as exc:
+                problems.append(str(exc))
+                continue
+            if checked != value:
+                object.__setattr__(self, f.name, checked)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        token = self.wati_api_token
+        if token[:7].lower() == "bearer ":
+            object.__setattr__(self, "wati_api_token", token[7:].strip())
+        self.enabled_channels  # noqa: B018 - validate CHANNELS early
+
+    @property
+    def enabled_channels(self) -> tuple[str, ...]:
+        """The channels this deployment serves (see CHANNELS); their settings are required."""
+        if self.channels.strip():
+            named = tuple(dict.fromkeys(c.strip().lower() for c in self.channels.split(",") if c.strip()))
+            unknown = [c for c in named if c not in CHANNEL_NAMES]
+            if unknown:
+                raise ConfigError(f"CHANNELS: unknown channel(s) {', '.join(unknown)}; known: "
+                                  + ", ".join(CHANNEL_NAMES))
+            return named
+        return tuple(c for c in CHANNEL_NAMES if getattr(self, f"{c}_api_token"))
+
+    def channel_enabled(self, channel: str) -> bool:
+        return channel in self.enabled_channels
+
+    def require_channels(self) -> None:
+        """Raises ConfigError unless at least one channel is enabled and each has its settings."""
+        enabled = self.enabled_channels
+        if not enabled:
+            raise ConfigError("no channel enabled: set WATI_API_URL + WATI_API_TOKEN (WhatsApp) and/or "
+                              "MANYCHAT_API_TOKEN (Facebook/Instagram), or name them in CHANNELS")
+        self.require(*(name for c in enabled for name in CHANNEL_SETTINGS[c]))
+
     @property
     def gap_policy(self) -> GapPolicy:
         return GapPolicy.parse(
@@ -235,16 +352,28 @@ class Settings:
         cls, environ: Mapping[str, str] | None = None, dotenv: Path | None = None, **overrides: Any
     ) -> Settings:
         """Reads the environment (the process's by default) over a `.env` file in the cwd."""
-        env: dict[str, str] = read_dotenv(dotenv if dotenv is not None else Path(".env"))
-        env.update(os.environ if environ is None else environ)
+        real = os.environ if environ is None else environ
+        env: dict[str, str] = read_dotenv(dotenv if dotenv is not None else Path(".env"), real)
+        env.update(real)
         values: dict[str, Any] = {}
+        problems: list[str] = []
         for f in fields(cls):
             name = f.metadata["env"]
-            if f.name in overrides or name not in env:
+            if f.name in overrides:
                 continue
-            values[f.name] = _coerce(name, env[name], type(f.default))
+            try:
+                raw = _raw_value(name, env)
+                if raw is not None:
+                    values[f.name] = _coerce(name, raw, type(f.default))
+            except ConfigError as exc:
+                problems.append(str(exc))
         values.update(overrides)
-        settings = cls(**values)
+        try:
+            settings = cls(**values)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ConfigError("; ".join(problems))
         settings.gap_policy  # noqa: B018 - validate CUSTOMER_OVERRIDES early
         return settings
 
@@ -258,15 +387,86 @@ class Settings:
     @classmethod
     def documented(cls) -> list[tuple[str, str, str]]:
         """(env name, default, meaning) of every setting, for the README and `.env.example`."""
-        return [(f.metadata["env"], str(f.default), f.metadata["doc"]) for f in fields(cls)]
+        return [(f.metadata["env"], _render(f.default), f.metadata["doc"]) for f in fields(cls)]
+
+
+CHANNEL_NAMES = ("wati", "manychat")
+#: the settings each channel needs when it is enabled
+CHANNEL_SETTINGS: dict[str, tuple[str, ...]] = {
+    "wati": ("WATI_API_URL", "WATI_API_TOKEN"),
+    "manychat": ("MANYCHAT_API_URL", "MANYCHAT_API_TOKEN"),
+}
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _render(default: Any) -> str:
+    """A default as written in `.env` (booleans as compose and YAML users write them)."""
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def _raw_value(name: str, env: Mapping[str, str]) -> str | None:
+    """NAME's value, or for a secret the content of the file NAME_FILE names; None when unset."""
+    path = env.get(f"{name}_FILE", "").strip() if is_secret_name(name) else ""
+    if not path:
+        return env.get(name)
+    if env.get(name, "").strip():
+        raise ConfigError(f"{name} and {name}_FILE are both set: keep one")
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from exc
 
 
 def _coerce(name: str, raw: str, kind: type) -> Any:
+    """The env text as the field's type; ConfigError names the variable."""
+    text = raw.strip()
+    if kind is bool:
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ConfigError(f"{name} must be true or false, got {raw!r}")
     try:
         if kind is int:
-            return int(raw)
+            return int(text)
         if kind is float:
-            return float(raw)
+            return float(text)
     except ValueError as exc:
-        raise ConfigError(f"{name} must be a {kind.__name__}, got {raw!r}") from exc
+        kind_name = "whole number" if kind is int else "number"
+        raise ConfigError(f"{name} must be a {kind_name}, got {raw!r}") from exc
     return raw
+
+
+def _check(meta: Mapping[str, Any], value: Any) -> Any:
+    """`value` if it is valid for the setting `meta` describes (see the module doc), else ConfigError."""
+    name: str = meta["env"]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
+        low, high = meta.get("ge"), None
+        if name.endswith("_PORT"):
+            low, high = 1, 65535
+        elif name.endswith("_SECONDS") and low is None:
+            low = 0
+        if low is not None and value < low:
+            raise ConfigError(f"{name} must be >= {low:g}, got {value:g}")
+        if high is not None and value > high:
+            raise ConfigError(f"{name} must be <= {high}, got {value:g}")
+        gt = meta.get("gt")
+        if gt is not None and value <= gt:
+            raise ConfigError(f"{name} must be > {gt:g}, got {value:g}")
+        return value
+    if isinstance(value, str):
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if name.endswith("_URL") and value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"{name} must be an http(s) URL with a host, got {value!r}")
+            try:
+                parts.port  # noqa: B018 - raises on a malformed port
+            except ValueError as exc:
+                raise ConfigError(f"{name} has a malformed port: {value!r}") from exc
+    return value

@@ -1,6 +1,7 @@
 """Topics, the producer every service uses, and the dead-letter helper.
 
-Every topic is created here, with its configured partition count, before any service subscribes:
+Every topic is created here (unless KAFKA_CREATE_TOPICS=false: then it must exist), with its
+configured partition count, before any service subscribes:
 a faust worker silently ignores a source topic that did not exist when it started.
 """
 
@@ -46,6 +47,7 @@ class Topics:
     audit: str
     dead_letter: str
     responder_state: str
+    dead_letter_replays: str  # which dead letters were replayed (services/common/deadletters.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topics:
@@ -56,7 +58,7 @@ class Topics:
         return [getattr(self, f.name) for f in fields(self)]
 
 
-COMPACTED = {"responder_state"}
+COMPACTED = {"responder_state", "dead_letter_replays"}
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -212,6 +214,11 @@ async def ensure_topics(settings: Settings, attempts: int = 30) -> Topics:
             await admin.start()
             existing = set(await admin.list_topics())
             missing = [t for t in wanted if t.name not in existing]
+            if missing and not settings.kafka_create_topics:
+                raise ConfigError(
+                    "missing topics (KAFKA_CREATE_TOPICS=false): " + ", ".join(t.name for t in missing)
+                    + f"; create them with {settings.topic_partitions} partitions"
+                )
             if missing:
                 # another process may create them meanwhile
                 with contextlib.suppress(TopicAlreadyExistsError):

@@ -132,6 +132,15 @@ class DeadLetter(TypedDict):
     failed_at: datetime
 
 
+class DeadLetterReplay(TypedDict):
+    dead_letter_id: str
+    source_topic: str
+    replayed_partition: int
+    replayed_offset: int
+    replayed_by: str
+    replayed_at: datetime
+
+
 class HistoryItem(TypedDict):
     item_ids: list[str]
     at: datetime | None

@@ -19,13 +19,14 @@ from typing import TextIO
 import httpx
 
 from services.common.broker import EmbeddedKafka
-from services.common.config import Settings
+from services.common.config import SKIP_CHECKS_ENV, ConfigError, Settings
 from services.common.kafka import ensure_topics
 
+from .check import exit_code, format_report, run_checks
 from .supervisor import Child, Supervisor
 
 SERVICES = ("ingest", "context", "responder", "vision")
-REQUIRED = ("OPENAI_API_KEY", "WATI_API_URL", "WATI_API_TOKEN", "WEBHOOK_TOKEN", "WEB_TOKEN")
+REQUIRED = ("OPENAI_API_KEY", "WEBHOOK_TOKEN", "WEB_TOKEN")  # + the enabled channels' settings
 
 
 class StackError(RuntimeError):
@@ -37,13 +38,21 @@ class DevStack:
 
     def __init__(
         self, settings: Settings, *, env: Mapping[str, str] | None = None, out: TextIO | None = None,
-        ready_timeout: float = 120.0,
+        ready_timeout: float = 120.0, checks: bool = True,
     ) -> None:
-        settings.require(*REQUIRED)
+        problems = []
+        for requirement in (lambda: settings.require(*REQUIRED), settings.require_channels):
+            try:
+                requirement()
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("; ".join(problems))
         self.settings = settings
         self.base_env = dict(os.environ if env is None else env)
         self.out = out or sys.stdout
         self.ready_timeout = ready_timeout
+        self.checks = checks
         self.broker: EmbeddedKafka | None = None
         self.supervisor: Supervisor | None = None
 
@@ -80,6 +89,7 @@ class DevStack:
     async def start(self) -> None:
         env = dict(self.base_env)
         env.update(_settings_env(self.settings))
+        env[SKIP_CHECKS_ENV] = "1"  # the stack checks once below; children (and restarts) skip theirs
         supervisor = self.supervisor = Supervisor(env, out=self.out)
         if not self.settings.kafka_bootstrap_servers:
             self.broker = EmbeddedKafka(
@@ -92,6 +102,12 @@ class DevStack:
             supervisor.say(f"embedded Kafka ready at {bootstrap}")
         # Topics must exist before any worker subscribes (a faust worker ignores missing ones).
         await ensure_topics(self.settings)
+        if self.checks:  # once for the whole stack; the children then skip theirs
+            checks = await run_checks(self.settings)
+            for line in format_report(checks).splitlines():
+                supervisor.say(line)
+            if exit_code(checks):
+                raise StackError("`watistream check` failed (see above; --skip-checks to start anyway)")
         for name in SERVICES:
             await supervisor.start(name, name)
         await self._wait_ready()
@@ -136,12 +152,12 @@ def _settings_env(settings: Settings) -> dict[str, str]:
     }
 
 
-async def run(settings: Settings) -> int:
+async def run(settings: Settings, checks: bool = True) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with DevStack(settings) as stack:
+    async with DevStack(settings, checks=checks) as stack:
         assert stack.supervisor is not None
         stack.supervisor.say(
             f"webhooks: {stack.ingest_url}/webhooks/wati and /webhooks/manychat; "
@@ -162,4 +178,4 @@ async def run(settings: Settings) -> int:
 
 
 def main(args: object, settings: Settings) -> int:
-    return asyncio.run(run(settings))
+    return asyncio.run(run(settings, checks=not getattr(args, "skip_checks", False)))

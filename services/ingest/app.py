@@ -2,10 +2,12 @@
 
 Per webhook, checks run in this order and stop at the first failure, each answered with JSON
 `{"error": <code>, "reason": <text>}` and counted in `watistream_webhook_rejects_total{reason=code}`:
-401 secret (header or `?token=`), 413 body over `MAX_BODY_BYTES` (Content-Length, else counted while
-reading), 415 content type not `application/json`, 400 not UTF-8 JSON / not an object / rejected by
-the normaliser. Then the record is produced keyed by customer and the answer is 200 only after the
-broker's ack, or 503 + Retry-After once `PRODUCE_TIMEOUT_SECONDS` pass. Bad input never gets a 500.
+401 secret (header or `?token=`), 404 `channel_disabled` for a channel not enabled (CHANNELS, or
+its API token unset while another channel's is set), 413 body over `MAX_BODY_BYTES` (Content-Length,
+else counted while reading), 415 content type not `application/json`, 400 not UTF-8 JSON / not an
+object / rejected by the normaliser. Then the record is produced keyed by customer and the answer
+is 200 only after the broker's ack, or 503 + Retry-After once `PRODUCE_TIMEOUT_SECONDS` pass.
+Bad input never gets a 500.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ class Ingest:
         )
         if problem is not None:
             return _reject(401, "unauthorized", problem, fields, {"WWW-Authenticate": "Bearer"})
+        enabled = self.settings.enabled_channels
+        if enabled and provider not in enabled:  # none enabled: an ingest without provider credentials
+            reason = f"the {provider} channel is not enabled here (CHANNELS={','.join(enabled)})"
+            return _reject(404, "channel_disabled", reason, fields)
         limit = self.settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return _reject(413, "payload_too_large",

@@ -69,14 +69,8 @@ def check_settings(settings: Settings) -> list[str]:
         labels_for(settings.prompt_locale)
     except UnknownLocale as exc:
         raise ConfigError(f"PROMPT_LOCALE: {exc}") from exc
-    if settings.responder_concurrency < 1:
-        raise ConfigError("RESPONDER_CONCURRENCY must be >= 1")
-    wati = bool(settings.wati_api_url and settings.wati_api_token)
-    manychat = bool(settings.manychat_api_url and settings.manychat_api_token)
-    if not wati and not manychat:
-        raise ConfigError(
-            "no channel configured: set WATI_API_URL + WATI_API_TOKEN and/or MANYCHAT_API_TOKEN"
-        )
+    settings.require_channels()
+    wati, manychat = settings.channel_enabled("wati"), settings.channel_enabled("manychat")
     warnings = []
     if not wati:
         warnings.append("WATI is not configured: WhatsApp batches will be dead-lettered")
@@ -144,9 +138,9 @@ class Responder:
         replier = Replier(client, model=s.openai_model, instructions=self.instructions,
                           max_attempts=s.openai_max_attempts,
                           max_output_tokens=s.openai_max_output_tokens or None)
-        wati = WatiClient(s.wati_api_url, s.wati_api_token) if s.wati_api_url and s.wati_api_token else None
+        wati = WatiClient(s.wati_api_url, s.wati_api_token) if s.channel_enabled("wati") else None
         manychat = (ManyChatClient(s.manychat_api_url, s.manychat_api_token)
-                    if s.manychat_api_url and s.manychat_api_token else None)
+                    if s.channel_enabled("manychat") else None)
         self.sender = ChannelSender(wati, manychat)
         self.worker = ResponderWorker(s, replier=replier, sender=self.sender, store=self.store,
                                       producer=self.producer, topics=self.topics)

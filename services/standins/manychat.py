@@ -5,6 +5,8 @@ Answers (shapes chosen where the reference is silent):
 - invalid body: HTTP 400 `{"status": "error", "message": "Validation error",
   "details": {"messages": [{"message": "..."}]}}` — e.g. "Provided text is longer than 2000 symbols";
 - wrong/missing Bearer token: HTTP 401 `{"status": "error", "message": "Unauthorized", "details": []}`.
+- `GET /fb/page/getInfo` (the cheap authenticated call of `watistream check`): HTTP 200
+  `{"status": "success", "data": {"id": <page id>, "name": <page name>, ...}}`.
 """
 
 from __future__ import annotations
@@ -113,9 +115,12 @@ def _error(status: int, message: str, details: Any) -> web.Response:
 class ManyChatStandIn(StandInServer):
     """ManyChat's sending API with recorded sends and fault injection."""
 
-    def __init__(self, token: str = DEFAULT_MANYCHAT_TOKEN) -> None:
+    def __init__(self, token: str = DEFAULT_MANYCHAT_TOKEN, *, page_id: str = "987",
+                 page_name: str = "Tienda Demo") -> None:
         super().__init__()
         self.token = token
+        self.page_id = page_id
+        self.page_name = page_name
         self.sent: list[ManyChatSent] = []
         self.faults = FaultQueue()
 
@@ -154,7 +159,19 @@ class ManyChatStandIn(StandInServer):
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_post("/fb/sending/sendContent", self._send_content)
+        app.router.add_get("/fb/page/getInfo", self._page_info)
         return app
+
+    async def _page_info(self, request: web.Request) -> web.Response:
+        await self.record(request, None)
+        await self.delay()
+        if bearer_token(request) != self.token:
+            return _error(401, "Unauthorized", [])
+        return web.json_response({"status": "success", "data": {
+            "id": int(self.page_id) if self.page_id.isdigit() else self.page_id, "name": self.page_name,
+            "category": "Shopping & retail", "avatar_link": None, "username": None, "about": None,
+            "description": None, "is_pro": True, "timezone": "UTC",
+        }})
 
     async def _send_content(self, request: web.Request) -> web.Response:
         raw = await request.read()

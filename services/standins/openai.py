@@ -13,6 +13,8 @@ Works with the official `openai` SDK (`AsyncOpenAI(base_url=<url>, api_key=...)`
   base64 data URL of png/jpeg/webp/gif or a URL OpenAI could reach — loopback/private hosts are
   refused like an undownloadable image — or the `file_id` of an uploaded file) / `input_file`;
 - files: upload (multipart, `purpose`), retrieve, content, delete;
+- models: list and retrieve (`client.models.retrieve`, what `watistream check` asks) over `models`;
+  an unknown model is 404 `model_not_found`, OpenAI's wording (responses accept any model name);
 - faults (`fail_next`), latency (global, per conversation, per predicate), `hold(conversation)`
   (a response waits, lock held, until the test releases it), records for assertions.
 
@@ -72,6 +74,7 @@ BILLING_MESSAGES = {
     "project_spend_limit_exceeded": "This project has reached its spend limit.",
     "organization_usage_limit_exceeded": "Your organization has reached its usage limit.",
 }
+DEFAULT_MODELS = ("gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-4o", "gpt-4o-mini", "gpt-5", "gpt-5-mini")
 LOCKED_MESSAGE = "Another process is currently operating on this conversation. Please retry in a few seconds."
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+);base64,(.*)$", re.DOTALL)
 _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -361,6 +364,8 @@ class OpenAIStandIn(StandInServer):
         self._busy: set[str] = set()
         self._in_flight = 0
         self._gates: dict[str, asyncio.Event] = {}
+        #: the models this key "has access to" (GET /v1/models).
+        self.models: set[str] = set(DEFAULT_MODELS)
 
     @property
     def url(self) -> str:
@@ -465,6 +470,7 @@ class OpenAIStandIn(StandInServer):
         self.missing_file_status = 400
         self.reply_fn = default_reply
         self.json_fn = default_json
+        self.models = set(DEFAULT_MODELS)
 
     # -- HTTP plumbing -----------------------------------------------------------------------
     def build_app(self) -> web.Application:
@@ -485,6 +491,8 @@ class OpenAIStandIn(StandInServer):
         r.add_get("/v1/files/{fid}", self._file_get)
         r.add_get("/v1/files/{fid}/content", self._file_content)
         r.add_delete("/v1/files/{fid}", self._file_delete)
+        r.add_get("/v1/models", self._models_list)
+        r.add_get("/v1/models/{model}", self._model_get)
         r.add_route("*", "/{tail:.*}", self._unknown)
         return app
 
@@ -549,6 +557,24 @@ class OpenAIStandIn(StandInServer):
 
     async def _unknown(self, request: web.Request) -> web.Response:
         raise ApiError(404, f"Invalid URL ({request.method} {request.path})")
+
+    # -- models ------------------------------------------------------------------------------
+    @staticmethod
+    def _model_object(model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": 1_700_000_000, "owned_by": "system"}
+
+    async def _models_list(self, request: web.Request) -> web.Response:
+        await self.delay()
+        data = [self._model_object(m) for m in sorted(self.models)]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _model_get(self, request: web.Request) -> web.Response:
+        await self.delay()
+        model = request.match_info["model"]
+        if model not in self.models:
+            raise ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                           code="model_not_found")
+        return web.json_response(self._model_object(model))
 
     # -- conversations -----------------------------------------------------------------------
     async def _conversation_create(self, request: web.Request) -> web.Response:

@@ -14,6 +14,9 @@ Behaviour chosen where the reference says "unconfirmed" (tests rely on these cho
 - getMedia of an unknown file is HTTP 404 `{"result": false, "info": "File not found"}`.
 - A contact may be known by a phone number and a BSUID at once: `link_contact` makes them share one
   history, so either id works in paths.
+- getContacts (`pageSize`, `pageNumber`), the cheap authenticated call of `watistream check`:
+  `{"result": "success", "contact_list": [{"wAid": ..., "phone": ...}], "link": {...}}` over the
+  contacts that have history here; same 401/404 as every call.
 """
 
 from __future__ import annotations
@@ -261,6 +264,7 @@ class WatiStandIn(StandInServer):
         app.router.add_post("/{tenant}/api/v1/sendSessionMessage/{contact}", self._send_message)
         app.router.add_post("/{tenant}/api/v1/sendSessionFile/{contact}", self._send_file)
         app.router.add_get("/{tenant}/api/v1/getMedia", self._get_media)
+        app.router.add_get("/{tenant}/api/v1/getContacts", self._get_contacts)
         return app
 
     async def _guard(self, request: web.Request, kind: str, body: Any) -> web.Response | None:
@@ -306,6 +310,26 @@ class WatiStandIn(StandInServer):
                 "nextPage": link(page_number + 1) if has_next else None,
                 "pageNumber": page_number, "pageSize": page_size, "total": total,
             },
+        })
+
+    async def _get_contacts(self, request: web.Request) -> web.Response:
+        blocked = await self._guard(request, "getContacts", None)
+        if blocked is not None:
+            return blocked
+        try:
+            page_size = int(request.query.get("pageSize", "20"))
+            page_number = int(request.query.get("pageNumber", "1"))
+        except ValueError:
+            return web.json_response({"result": False, "info": "Invalid paging parameters"}, status=400)
+        if page_size < 1 or page_number < 1:
+            return web.json_response({"result": False, "info": "Invalid paging parameters"}, status=400)
+        ids = sorted(self._contacts)
+        start = (page_number - 1) * page_size
+        page = [{"id": contact_id, "wAid": contact_id, "phone": contact_id} for contact_id in
+                ids[start:start + page_size]]
+        return web.json_response({
+            "result": "success", "contact_list": page,
+            "link": {"pageNumber": page_number, "pageSize": page_size, "total": len(ids)},
         })
 
     def _ordered(self, contact_id: str) -> list[dict[str, Any]]:

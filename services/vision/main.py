@@ -68,7 +68,7 @@ class Vision:
             http_client=openai.DefaultAsyncHttpxClient(event_hooks={
                 "request": [count_sdk_retry], "response": [refuse_retry_of_billing_errors]}),
         )
-        if s.wati_api_url:
+        if s.channel_enabled("wati") and s.wati_api_url:
             self.wati = WatiClient(s.wati_api_url, s.wati_api_token, timeout=20.0)
         self.http = attachment_http_client(allow_private_urls=self.allow_private_urls)
         fetcher = MediaFetcher(s, wati=self.wati, http=self.http, allow_private_urls=self.allow_private_urls)

@@ -561,6 +561,22 @@ def test_dockerfile_installs_the_package_with_its_schemas(dockerfile: list[Instr
     assert '"schemas" = "services/_schemas"' in pyproject, "the wheel carries the Avro schemas"
 
 
+def test_the_image_carries_no_development_tools(dockerfile: list[Instruction]) -> None:
+    """Runtime and development dependencies are separate: the image installs the package without
+    its `dev` extra, and no test or type-checking tool is a runtime dependency."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    dev_tools = {"pytest", "mypy", "ruff", "hypothesis", "jsonschema"}
+    runtime = {re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0].lower() for dep in project["dependencies"]}
+    assert not runtime & dev_tools and not [d for d in runtime if d.startswith(("pytest", "types-"))]
+    assert {"pytest", "mypy"} <= {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0]
+                                  for d in project["optional-dependencies"]["dev"]}
+    for instruction in dockerfile:
+        if instruction.keyword == "RUN" and "pip" in instruction.args:
+            assert "[dev]" not in instruction.args and not dev_tools & set(instruction.args.split())
+
+
 def test_dockerfile_sets_data_dir_and_bakes_in_no_secret(dockerfile: list[Instruction]) -> None:
     env_text = " ".join(i.args for i in dockerfile if i.keyword in ("ENV", "ARG"))
     assert re.search(r"\bDATA_DIR=/data\b", env_text)

@@ -284,7 +284,7 @@ def test_check_settings() -> None:
         check_settings(good_settings(openai_api_key=""))
     with pytest.raises(ConfigError, match="PROMPT_LOCALE"):
         check_settings(good_settings(prompt_locale="fr"))
-    with pytest.raises(ConfigError, match="no channel"):
+    with pytest.raises(ConfigError, match="no channel enabled"):
         check_settings(good_settings(wati_api_token="", manychat_api_token=""))
     warnings = check_settings(good_settings(manychat_api_token="", system_prompt_file="/x"))
     assert warnings == ["ManyChat is not configured: Facebook/Instagram batches will be dead-lettered"]

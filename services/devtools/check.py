@@ -1,0 +1,452 @@
+"""`watistream check`: the configuration, and every dependency the enabled channels need, reached.
+
+A wrong token must show up here, before the first customer writes, not as dead letters afterwards.
+Every service runs the checks of what it uses before it starts (`--skip-checks` bypasses them);
+`watistream check` runs all of them. One line per check: `ok` or `FAIL`, what was found, and for
+a failure what to change.
+
+Layout: `Check` results and their formatting, and the judgements of what a dependency answered
+(`judge_*`, `topic_checks`, `settings_checks`), are pure functions over plain data, unit-tested;
+the `*_checks` coroutines only do the I/O (Kafka admin, one HTTP call per provider) and hand the
+answers to those judgements. A check never raises: an unexpected failure is a `FAIL` line.
+
+What is reached, and why that call:
+- Kafka: the bootstrap servers (reachable, and accepting the configured security), the cluster's
+  brokers, then every topic: present with TOPIC_PARTITIONS partitions (the topics are
+  co-partitioned by customer key, so a different count breaks the per-customer order), or created
+  when KAFKA_CREATE_TOPICS allows it; the compacted ones (state, replay records) compacted.
+- WATI: `GET {WATI_API_URL}/api/v1/getContacts?pageSize=1` — authenticated, reads one contact,
+  changes nothing; 401 means the token, 404 the tenant part of the URL.
+- ManyChat: `GET {MANYCHAT_API_URL}/fb/page/getInfo` — authenticated, changes nothing, names the page.
+- OpenAI: `GET /models/{OPENAI_MODEL}` (and VISION_MODEL) proves the key and the model; a
+  conversation is created and deleted again to prove the Conversations API answers (a base URL of
+  a provider without it fails here rather than on every customer).
+- SYSTEM_PROMPT_FILE: readable and not empty (unset = the built-in instructions, a note).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.common.config import CHANNEL_SETTINGS, ConfigError, Settings
+from services.common.kafka import COMPACTED, Topics, check_kafka_auth, ensure_topics, make_admin
+
+#: what each service reaches at start (its checks); `watistream check` runs every one of them.
+SERVICE_NEEDS: dict[str, tuple[str, ...]] = {
+    "ingest": ("kafka",),
+    "context": ("kafka", "wati"),
+    "responder": ("kafka", "openai", "wati", "manychat", "prompt"),
+    "vision": ("kafka", "openai", "wati"),
+}
+ALL_NEEDS = ("settings", "kafka", "wati", "manychat", "openai", "prompt")
+DEFAULT_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check's outcome: `detail` says what was found (or why it failed), `fix` what to change."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def passed(name: str, detail: str) -> Check:
+    return Check(name, True, detail)
+
+
+def failed(name: str, detail: str, fix: str) -> Check:
+    return Check(name, False, detail, fix)
+
+
+# ------------------------------------------------------------------ formatting (pure)
+
+
+def format_check(check: Check) -> str:
+    """`ok   kafka          ...` / `FAIL wati           ... -> what to change`."""
+    line = f"{'ok  ' if check.ok else 'FAIL'} {check.name:<14} {check.detail}"
+    if not check.ok and check.fix:
+        line += f" -> {check.fix}"
+    return line
+
+
+def format_report(checks: Sequence[Check]) -> str:
+    """Every check's line, then a summary line."""
+    failures = sum(1 for c in checks if not c.ok)
+    summary = (f"all {len(checks)} checks passed" if not failures
+               else f"{failures} of {len(checks)} checks FAILED")
+    return "\n".join([*map(format_check, checks), summary])
+
+
+def exit_code(checks: Sequence[Check]) -> int:
+    return 0 if all(c.ok for c in checks) else 1
+
+
+# ------------------------------------------------------------------ judgements (pure)
+
+
+def settings_checks(settings: Settings, needs: Collection[str] = ALL_NEEDS) -> list[Check]:
+    """What the settings alone can tell (types and ranges were checked when they were read)."""
+    checks: list[Check] = []
+    try:
+        settings.require_channels()
+        checks.append(passed("channels", ", ".join(settings.enabled_channels)))
+    except ConfigError as exc:
+        checks.append(failed("channels", str(exc), "set the enabled channels' settings (CHANNELS to choose)"))
+    required = {"KAFKA_BOOTSTRAP_SERVERS": "the cluster's bootstrap servers (host:port, comma-separated)",
+                "WEBHOOK_TOKEN": "a long random secret the webhooks must present",
+                "WEB_TOKEN": "a long random secret for the context web views",
+                "OPENAI_API_KEY": "your OpenAI API key"}
+    missing = [name for name in required if not _value_of(settings, name)]
+    if missing:
+        checks.append(failed("required", "empty: " + ", ".join(missing),
+                             "; ".join(f"{name}: {required[name]}" for name in missing)))
+    else:
+        checks.append(passed("required", ", ".join(required) + " set"))
+    problems: list[str] = []
+    for validate in (_check_overrides, _check_locale, _check_categories):
+        try:
+            validate(settings)
+        except (ConfigError, ValueError) as exc:
+            problems.append(str(exc))
+    checks.append(failed("settings", "; ".join(problems), "correct the named settings") if problems
+                  else passed("settings", "CUSTOMER_OVERRIDES, PROMPT_LOCALE, IMAGE_CATEGORIES valid"))
+    return checks
+
+
+def _value_of(settings: Settings, env_name: str) -> str:
+    return str(getattr(settings, env_name.lower()))
+
+
+def _check_overrides(settings: Settings) -> None:
+    settings.gap_policy  # noqa: B018 - parsing is the check
+
+
+def _check_locale(settings: Settings) -> None:
+    from services.responder.prompt import UnknownLocale, labels_for
+
+    try:
+        labels_for(settings.prompt_locale)
+    except UnknownLocale as exc:
+        raise ConfigError(f"PROMPT_LOCALE: {exc}") from exc
+
+
+def _check_categories(settings: Settings) -> None:
+    from services.vision.classify import parse_categories
+
+    parse_categories(settings.image_categories)  # ConfigError names IMAGE_CATEGORIES
+
+
+def topic_checks(
+    wanted: Sequence[str], partitions: int, existing: Mapping[str, int], created: Collection[str],
+    create_allowed: bool,
+) -> list[Check]:
+    """One line when every topic is right, else one line per topic that is not."""
+    checks: list[Check] = []
+    for topic in wanted:
+        have = existing.get(topic)
+        if have is None:
+            fix = (f"create it with {partitions} partitions, or set KAFKA_CREATE_TOPICS=true"
+                   if not create_allowed else "check the Kafka user may create topics (ACLs)")
+            checks.append(failed("topic", f"{topic} is missing", fix))
+        elif have != partitions:
+            checks.append(failed(
+                "topic", f"{topic} has {have} partitions, TOPIC_PARTITIONS={partitions} "
+                "(the topics are co-partitioned by customer: every one needs the same count)",
+                f"set TOPIC_PARTITIONS={have} if every topic has {have}, or recreate the topic "
+                f"with {partitions} partitions",
+            ))
+    if not checks:
+        note = f" ({len(created)} created now)" if created else ""
+        checks.append(passed("topics", f"{len(wanted)} topics with {partitions} partitions{note}"))
+    return checks
+
+
+def compaction_checks(compacted: Sequence[str], policies: Mapping[str, str]) -> list[Check]:
+    """The topics that must be compacted (a state store's, the replay records) and are not."""
+    return [
+        failed("topic", f"{topic} has cleanup.policy={policies[topic]}, not compact (its records are "
+                        "the latest state per key: retention would delete state that is still needed)",
+               f"kafka-configs.sh --alter --entity-type topics --entity-name {topic} "
+               "--add-config cleanup.policy=compact")
+        for topic in compacted if topic in policies and "compact" not in policies[topic]
+    ]
+
+
+def _body_text(body: Any) -> str:
+    """A provider's error message, short, for the reason (never the whole body)."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:200]
+        for key in ("message", "info"):
+            if isinstance(body.get(key), str):
+                return str(body[key])[:200]
+    return ""
+
+
+def _unexpected(name: str, status: int, body: Any, what: str) -> Check:
+    reason = _body_text(body)
+    return failed(name, f"unexpected HTTP {status}" + (f": {reason}" if reason else ""),
+                  f"check {what}; if it persists, the provider may be down")
+
+
+def judge_wati(status: int, body: Any) -> Check:
+    """getContacts' answer: 200 proves URL, tenant and token."""
+    if status == 200 and isinstance(body, dict) and body.get("result") not in (False, "error"):
+        return passed("wati", "WATI_API_URL and WATI_API_TOKEN accepted (getContacts)")
+    if status in (401, 403):
+        return failed("wati", f"WATI refused WATI_API_TOKEN (HTTP {status})",
+                      "copy the token from WATI's API page into WATI_API_TOKEN (with or without `Bearer `)")
+    if status == 404:
+        return failed("wati", "WATI_API_URL not found (HTTP 404)",
+                      "WATI_API_URL is the API endpoint of WATI's API page, including the tenant id, "
+                      "e.g. https://live-mt-server.wati.io/123456")
+    return _unexpected("wati", status, body, "WATI_API_URL")
+
+
+def judge_manychat(status: int, body: Any) -> Check:
+    """page/getInfo's answer: 200 proves the token and names the page."""
+    if status == 200 and isinstance(body, dict) and body.get("status") == "success":
+        data = body.get("data") if isinstance(body.get("data"), dict) else {}
+        page = f"page {data.get('name')!r} ({data.get('id')})" if data else "its page"
+        return passed("manychat", f"MANYCHAT_API_TOKEN accepted for {page}")
+    if status in (401, 403):
+        return failed("manychat", f"ManyChat refused MANYCHAT_API_TOKEN (HTTP {status})",
+                      "create an API key in ManyChat (Settings > API) and put it in MANYCHAT_API_TOKEN")
+    if status == 404:
+        return failed("manychat", "MANYCHAT_API_URL has no ManyChat API (HTTP 404)",
+                      "set MANYCHAT_API_URL=https://api.manychat.com (the default)")
+    return _unexpected("manychat", status, body, "MANYCHAT_API_URL")
+
+
+def judge_openai_model(status: int, body: Any, model: str, setting: str) -> Check:
+    """models/{model}'s answer: 200 proves the key and the model; 401 the key; 404 the model."""
+    name = "openai" if setting == "OPENAI_MODEL" else "openai vision"
+    if status == 200:
+        return passed(name, f"OPENAI_API_KEY accepted; {setting}={model} available")
+    if status == 401:
+        return failed(name, f"OpenAI refused OPENAI_API_KEY (HTTP 401): {_body_text(body)}",
+                      "create a key at OpenAI (API keys page) and put it in OPENAI_API_KEY")
+    if status == 404:
+        return failed(name, f"model {model!r} does not exist or this key has no access to it",
+                      f"set {setting} to a model your OpenAI project can use, e.g. gpt-4.1-mini")
+    if status == 429:
+        return failed(name, f"OpenAI answered 429: {_body_text(body)}",
+                      "check the project's billing and rate limits at OpenAI")
+    return _unexpected(name, status, body, "OPENAI_BASE_URL")
+
+
+def judge_conversations(status: int, body: Any) -> Check:
+    """The answer to creating a conversation: the Conversations API is what the responder needs."""
+    if status == 200 and isinstance(body, dict) and str(body.get("id", "")).startswith("conv_"):
+        return passed("conversations", "the Conversations API answers (a test conversation made and deleted)")
+    if status == 404:
+        return failed("conversations", "OPENAI_BASE_URL has no Conversations API (HTTP 404)",
+                      "use https://api.openai.com/v1 or a gateway that supports /v1/conversations")
+    return _unexpected("conversations", status, body, "OPENAI_BASE_URL and the key's permissions")
+
+
+def prompt_check(settings: Settings) -> Check:
+    """SYSTEM_PROMPT_FILE readable and not empty (reads the file)."""
+    if not settings.system_prompt_file:
+        return passed("system prompt", "SYSTEM_PROMPT_FILE not set: the built-in instructions are used")
+    path = Path(settings.system_prompt_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        return failed("system prompt", f"SYSTEM_PROMPT_FILE={path} cannot be read: {reason}",
+                      "point SYSTEM_PROMPT_FILE at a readable UTF-8 file (in compose: mounted into the "
+                      "container)")
+    if not text.strip():
+        return failed("system prompt", f"SYSTEM_PROMPT_FILE={path} is empty", "write the instructions in it")
+    return passed("system prompt", f"SYSTEM_PROMPT_FILE={path} ({len(text.strip())} characters)")
+
+
+# ------------------------------------------------------------------ I/O
+
+
+def _admin(settings: Settings, timeout: float) -> Any:
+    """The admin client (with the cluster's security settings, when they exist)."""
+    return make_admin(settings, request_timeout_ms=int(timeout * 1000))
+
+
+async def _describe(admin: Any, topics: Sequence[str]) -> dict[str, int]:
+    """Partition count of each of `topics` that exists (never asks for a missing one: a metadata
+    request for it could auto-create it on a broker that allows that)."""
+    names = set(await admin.list_topics())
+    present = [t for t in topics if t in names]
+    if not present:
+        return {}
+    described = await admin.describe_topics(present)
+    return {d["topic"]: len(d["partitions"]) for d in described if not d.get("error_code")}
+
+
+async def _cleanup_policies(admin: Any, topics: Sequence[str]) -> dict[str, str]:
+    """`cleanup.policy` of each topic."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    if not topics:
+        return {}
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+    policies: dict[str, str] = {}
+    for response in responses:
+        for resource in response.to_object()["resources"]:
+            for entry in resource["config_entries"]:
+                if entry["config_names"] == "cleanup.policy":
+                    policies[str(resource["resource_name"])] = str(entry["config_value"])
+    return policies
+
+
+async def kafka_checks(settings: Settings, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> list[Check]:
+    """The cluster reachable, then every topic present with the configured partitions."""
+    bootstrap = settings.kafka_bootstrap_servers
+    if not bootstrap:
+        return [failed("kafka", "KAFKA_BOOTSTRAP_SERVERS is empty",
+                       "set it to your cluster's bootstrap servers (the embedded broker of "
+                       "`watistream dev` is not for production)")]
+    try:
+        refused = await check_kafka_auth(settings, timeout)  # a clear reason, where aiokafka says
+    except ConfigError as exc:                               # only "Unable to bootstrap"
+        refused = str(exc)
+    if refused is not None:
+        return [failed("kafka", refused, "check KAFKA_BOOTSTRAP_SERVERS and the KAFKA_SECURITY_PROTOCOL, "
+                       "KAFKA_SASL_* and KAFKA_SSL_* settings against your cluster's")]
+    topics = Topics.from_settings(settings)
+    wanted = topics.all()
+    compacted = [getattr(topics, name) for name in sorted(COMPACTED)]
+    admin = _admin(settings, timeout)
+    created: list[str] = []
+    policies: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(timeout):
+            await admin.start()
+            existing = await _describe(admin, wanted)
+            missing = [t for t in wanted if t not in existing]
+            if missing and settings.kafka_create_topics:
+                await ensure_topics(settings, attempts=1)
+                created = missing
+                # the brokers' metadata learns of new topics a moment after the creation is acked
+                # (bounded by the timeout around all of this)
+                for _ in range(int(timeout * 10) + 1):
+                    existing = await _describe(admin, wanted)
+                    if len(existing) == len(wanted):
+                        break
+                    await asyncio.sleep(0.1)
+            policies = await _cleanup_policies(admin, [t for t in compacted if t in existing])
+    except Exception as exc:  # every failure becomes a line, with its type
+        if created and isinstance(exc, TimeoutError):
+            return [failed("topics", f"created {len(created)} topics, but the cluster did not list them "
+                           f"within {timeout:g} s", "run the check again; if it persists, check the brokers")]
+        reason = "no answer in time" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        return [failed("kafka", f"cannot reach {bootstrap}: {reason}",
+                       "check KAFKA_BOOTSTRAP_SERVERS, that the brokers run and this host can reach "
+                       "them, and (secured clusters) the security settings")]
+    finally:
+        await _close(admin)
+    checks = topic_checks(wanted, settings.topic_partitions, existing, created, settings.kafka_create_topics)
+    return [passed("kafka", f"{bootstrap} reachable"), *checks, *compaction_checks(compacted, policies)]
+
+
+async def _close(admin: Any) -> None:
+    with contextlib.suppress(Exception):  # closing a client that never connected may fail
+        await admin.close()
+
+
+async def _get(http: httpx.AsyncClient, url: str, token: str) -> tuple[int, Any]:
+    response = await http.get(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
+    return response.status_code, _json(response)
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _unreachable(name: str, setting: str, url: str, exc: Exception) -> Check:
+    return failed(name, f"cannot reach {url}: {type(exc).__name__}: {exc}".rstrip(": "),
+                  f"check {setting} and this host's network access to it")
+
+
+async def wati_check(settings: Settings, http: httpx.AsyncClient) -> Check:
+    url = settings.wati_api_url.rstrip("/") + "/api/v1/getContacts?pageSize=1&pageNumber=1"
+    try:
+        return judge_wati(*await _get(http, url, settings.wati_api_token))
+    except httpx.HTTPError as exc:
+        return _unreachable("wati", "WATI_API_URL", settings.wati_api_url, exc)
+
+
+async def manychat_check(settings: Settings, http: httpx.AsyncClient) -> Check:
+    url = settings.manychat_api_url.rstrip("/") + "/fb/page/getInfo"
+    try:
+        return judge_manychat(*await _get(http, url, settings.manychat_api_token))
+    except httpx.HTTPError as exc:
+        return _unreachable("manychat", "MANYCHAT_API_URL", settings.manychat_api_url, exc)
+
+
+async def openai_checks(settings: Settings, http: httpx.AsyncClient) -> list[Check]:
+    """The key and the model(s) (VISION_MODEL too when it differs), then the Conversations API."""
+    base = settings.openai_base_url.rstrip("/")
+    key = settings.openai_api_key
+    models = [("OPENAI_MODEL", settings.openai_model)]
+    if settings.vision_model_name != settings.openai_model:
+        models.append(("VISION_MODEL", settings.vision_model_name))
+    checks: list[Check] = []
+    try:
+        for setting, model in models:
+            answer = await _get(http, f"{base}/models/{model}", key)
+            checks.append(judge_openai_model(*answer, model, setting))
+        if not all(c.ok for c in checks):
+            return checks
+        headers = {"Authorization": f"Bearer {key}"}
+        response = await http.post(f"{base}/conversations", headers=headers,
+                                   json={"metadata": {"purpose": "watistream check"}})
+        verdict = judge_conversations(response.status_code, _json(response))
+        if verdict.ok:
+            await http.delete(f"{base}/conversations/{response.json()['id']}", headers=headers)
+        checks.append(verdict)
+    except httpx.HTTPError as exc:
+        checks.append(_unreachable("openai", "OPENAI_BASE_URL", base, exc))
+    return checks
+
+
+async def run_checks(
+    settings: Settings, needs: Collection[str] = ALL_NEEDS, *, timeout: float = DEFAULT_TIMEOUT_SECONDS,
+) -> list[Check]:
+    """The checks named by `needs` (see SERVICE_NEEDS), provider checks only for enabled channels."""
+    checks: list[Check] = settings_checks(settings) if "settings" in needs else []
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
+        calls: list[Any] = []
+        if "kafka" in needs:
+            calls.append(kafka_checks(settings, timeout))
+        for channel, check in (("wati", wati_check), ("manychat", manychat_check)):
+            configured = all(_value_of(settings, name) for name in CHANNEL_SETTINGS[channel])
+            if channel in needs and settings.channel_enabled(channel) and configured:
+                calls.append(check(settings, http))
+        if "openai" in needs and settings.openai_api_key:
+            calls.append(openai_checks(settings, http))
+        for result in await asyncio.gather(*calls):
+            checks.extend(result if isinstance(result, list) else [result])
+    if "prompt" in needs:
+        checks.append(prompt_check(settings))
+    return checks
+
+
+def main(args: Any, settings: Settings) -> int:
+    """`watistream check`: every check, printed; exit 1 when any failed."""
+    timeout = float(getattr(args, "timeout", DEFAULT_TIMEOUT_SECONDS))
+    checks = asyncio.run(run_checks(settings, timeout=timeout))
+    print(format_report(checks), flush=True)
+    return exit_code(checks)
