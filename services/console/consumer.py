@@ -1,0 +1,185 @@
+"""The console's consumer: the topics it shows, in its own group, into its store.
+
+`apply_records` (synchronous, no Kafka) decodes a polled batch and writes it and the next offsets
+in one store transaction. `ConsoleConsumer` is the thin shell: group `<prefix>console`, positions
+taken from the store on assignment (the store's offsets win over the group's: they were written
+with the rows), and the store's emptiness means "from the beginning" — the rebuild. The group's
+offsets are committed too, so its lag shows in the usual tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from services.common import codec, logs, metrics
+from services.common.config import Settings
+from services.common.kafka import Topics
+from services.common.records import (
+    AgentActivity,
+    AssistantReply,
+    BatchDecision,
+    ContextCommand,
+    DeadLetter,
+    InboundMessage,
+    ResponderRequest,
+)
+from services.responder.prompt import Labels
+
+from . import rows
+from .store import Store
+
+log = logging.getLogger(__name__)
+SERVICE = "console"
+
+
+@dataclass(frozen=True)
+class Polled:
+    """One record as the shell hands it over: where it was and its raw value."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+
+
+def console_topics(topics: Topics) -> list[str]:
+    return [topics.audit, topics.inbound, topics.agent_activity, topics.replies,
+            topics.responder_requests, topics.dead_letter, topics.context_commands]
+
+
+def apply_records(store: Store, polled: Iterable[Polled], topics: Topics, labels: Labels) -> Counter[str]:
+    """Writes a batch of records and the next positions atomically; counts by outcome."""
+    counts: Counter[str] = Counter()
+    positions: dict[tuple[str, int], int] = {}
+    with store.transaction():
+        for rec in polled:
+            positions[(rec.topic, rec.partition)] = rec.offset + 1
+            try:
+                name, value = codec.decode_any(rec.value)
+            except codec.CodecError:
+                counts["undecodable"] += 1
+                continue
+            counts[name] += 1
+            if name == "BatchDecision":
+                store.apply_decision(rows.decision_row(cast(BatchDecision, value)))
+            elif name == "ResponderRequest":
+                store.apply_request(rows.request_row(cast(ResponderRequest, value), labels))
+            elif name == "AssistantReply":
+                store.apply_reply(rows.reply_row(cast(AssistantReply, value)))
+            elif name == "InboundMessage":
+                store.apply_inbound(rows.inbound_row(cast(InboundMessage, value), labels))
+            elif name == "AgentActivity":
+                store.apply_agent(rows.agent_row(cast(AgentActivity, value)))
+            elif name == "DeadLetter" and rec.topic == topics.dead_letter:
+                letter = cast(DeadLetter, value)
+                store.apply_dead_letter(rows.dead_letter_row(letter, rec.partition, rec.offset))
+            elif name == "ContextCommand":
+                row = rows.command_row(cast(ContextCommand, value))
+                if row is not None:
+                    store.apply_command(row)
+            else:
+                counts["ignored"] += 1
+        store.set_offsets(positions)
+    return counts
+
+
+class _Seeker(ConsumerRebalanceListener):
+    def __init__(self, shell: ConsoleConsumer) -> None:
+        self.shell = shell
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.shell.seek_assigned(list(assigned))
+
+
+class ConsoleConsumer:
+    """Polls the console's topics into the store until stopped."""
+
+    def __init__(self, settings: Settings, store: Store, labels: Labels, *, max_records: int = 2000) -> None:
+        self.settings = settings
+        self.store = store
+        self.labels = labels
+        self.topics = Topics.from_settings(settings)
+        self.max_records = max_records
+        self.consumer: AIOKafkaConsumer | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.assigned = False
+        self.applied = 0
+        self._consumed = metrics.Children(metrics.console_records_total)
+
+    def seek_assigned(self, partitions: list[TopicPartition]) -> None:
+        assert self.consumer is not None
+        stored = self.store.offsets()
+        for tp in partitions:
+            position = stored.get((tp.topic, tp.partition))
+            if position is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, position)
+        self.assigned = True
+        logs.event(log, "console_assigned", partitions=len(partitions), rebuild=not stored)
+
+    async def start(self) -> None:
+        session_ms = int(self.settings.broker_session_timeout_seconds * 1000)
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=f"{self.settings.topic_prefix}console",
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=session_ms, heartbeat_interval_ms=max(100, session_ms // 3),
+            max_poll_records=self.max_records,
+            fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        self.consumer.subscribe(console_topics(self.topics), listener=_Seeker(self))
+        await self.consumer.start()
+        metrics.agent_up.labels(SERVICE, "console").set(1)
+        self.task = asyncio.create_task(self._loop(), name="console-consumer")
+
+    async def _loop(self) -> None:
+        assert self.consumer is not None
+        while True:
+            batches = await self.consumer.getmany(timeout_ms=500, max_records=self.max_records)
+            polled = [Polled(tp.topic, tp.partition, r.offset, r.value)
+                      for tp, records in batches.items() for r in records]
+            if not polled:
+                continue
+            counts = apply_records(self.store, polled, self.topics, self.labels)
+            self.applied += len(polled)
+            for name, n in counts.items():
+                self._consumed(name).inc(n)
+            with contextlib.suppress(Exception):  # informative only: the store holds the positions
+                await self.consumer.commit({
+                    tp: OffsetAndMetadata(records[-1].offset + 1, "")
+                    for tp, records in batches.items() if records
+                })
+
+    def ready(self) -> tuple[bool, str]:
+        if self.task is None:
+            return False, "not started"
+        if self.task.done():
+            return False, "consumer stopped"
+        if not self.assigned:
+            return False, "waiting for a partition assignment"
+        return True, "ok"
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+            self.task = None
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+            self.consumer = None
+        metrics.agent_up.labels(SERVICE, "console").set(0)
