@@ -103,7 +103,9 @@ def page(name: str) -> Callable[[Handler], Callable[[web.Request], Awaitable[web
                                                     "reload the page and try again.", _viewer(session)), 403)
             start = time.perf_counter()
             response = await handler(request, session)
-            metrics.console_page_seconds.labels(name).observe(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            metrics.console_page_seconds.labels(name).observe(took)
+            response.headers["Server-Timing"] = f"page;dur={took * 1000:.2f}"
             return response
 
         return run

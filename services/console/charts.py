@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from html import escape
 
 PALETTE = ("#2f6fb0", "#e0a030", "#c0392b", "#7a56a8", "#3a9b6a")
-W, H, LEFT, BOTTOM, TOP = 720, 220, 44, 28, 12
+W, H, LEFT, BOTTOM, TOP = 480, 200, 40, 24, 10
 
 
 def _axis(max_value: float, unit: str = "") -> list[str]:
@@ -24,7 +24,7 @@ def _axis(max_value: float, unit: str = "") -> list[str]:
 
 
 def _x_labels(labels: Sequence[str], step_px: float) -> list[str]:
-    every = max(1, len(labels) // 8)
+    every = max(1, -(-len(labels) // 6))
     return [
         f'<text x="{LEFT + step_px * (i + 0.5):.1f}" y="{H - 8}" text-anchor="middle" class="tick">'
         f"{escape(label)}</text>"
@@ -34,7 +34,8 @@ def _x_labels(labels: Sequence[str], step_px: float) -> list[str]:
 
 def _legend(names: Sequence[str]) -> str:
     items = "".join(
-        f'<span class="key"><i style="background:{PALETTE[i % len(PALETTE)]}"></i>{escape(n)}</span>'
+        f'<span class="key"><svg viewBox="0 0 10 10" class="swatch"><rect width="10" height="10" '
+        f'fill="{PALETTE[i % len(PALETTE)]}"/></svg>{escape(n)}</span>'
         for i, n in enumerate(names)
     )
     return f'<div class="legend">{items}</div>'

@@ -80,7 +80,7 @@ def layout(title: str, body: str, viewer: Viewer | None, active: str = "") -> st
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)} · watistream console</title>"
-        '<link rel="stylesheet" href="/static/console.css"></head><body>'
+        '<link rel="icon" href="data:,"><link rel="stylesheet" href="/static/console.css"></head><body>'
         f'<header><span class="brand">watistream console</span>{nav}</header>'
         f"<main><h1>{escape(title)}</h1>{body}</main></body></html>"
     )
@@ -284,6 +284,22 @@ def _lines(items: Iterable[Mapping[str, Any]]) -> str:
     )
 
 
+def _by_reason(excluded: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for e in excluded:
+        groups.setdefault(str(e.get("reason") or ""), []).append(e)
+    return groups
+
+
+def _span(items: Sequence[Mapping[str, Any]]) -> str:
+    """`at 10:00:01` or `10:00:01 to 10:05:00` (times of day; the card's date is in its title)."""
+    times = sorted(int(e["at"]) for e in items if e.get("at"))
+    if not times:
+        return ""
+    first, last = when(times[0])[11:], when(times[-1])[11:]
+    return f"at {first}" if first == last else f"{first} to {last}"
+
+
 def batch_card(b: Mapping[str, Any], pending_inbound: Sequence[Mapping[str, Any]]) -> str:
     """One batch: what the customer wrote, the block given to the model, exclusions, decision, reply."""
     messages = json.loads(b["messages_json"]) if b.get("messages_json") else list(pending_inbound)
@@ -314,9 +330,9 @@ def batch_card(b: Mapping[str, Any], pending_inbound: Sequence[Mapping[str, Any]
         block_html = "<p class=muted>none: no human-agent messages were missed</p>"
     excluded = json.loads(b.get("excluded_json") or "[]")
     excluded_html = "".join(
-        f'<li><time>{when(e.get("at"))}</time> {escape(EXCLUSION_REASONS.get(e["reason"], e["reason"]))}'
-        f' <span class="muted">({len(e.get("item_ids") or [])} id(s))</span></li>'
-        for e in excluded
+        f"<li>{escape(EXCLUSION_REASONS.get(reason, reason))}: <b>{len(group)}</b> item(s)"
+        f' <span class="muted">{_span(group)}</span></li>'
+        for reason, group in _by_reason(excluded).items()
     )
     if b.get("outcome"):
         reply = (f'<p><span class="badge ok">{escape(b["outcome"])}</span> at {when(b.get("sent_at"))}</p>'

@@ -246,7 +246,7 @@ def test_overview_figures_and_charts(store: Store) -> None:
     html = pages.overview_page(pages.Viewer("ana", "tok"), now, store.totals(now - 86_400_000),
                                store.totals(now - 7 * 86_400_000), store.hourly(now - 7 * 86_400_000),
                                store.waiting_now(), [])
-    assert html.count("<svg") == 3
+    assert html.count('class="chart"') == 3
     assert re.search(r"OpenAI calls per customer message</th><td>1.00</td>", html)
     assert pages.detection_rate({"inj_realtime": 1, "inj_history": 2, "inj_both": 1}) == 50.0
     assert pages.detection_rate({"inj_realtime": 0, "inj_history": 0, "inj_both": 0}) is None
@@ -315,3 +315,15 @@ async def test_pages_render_for_a_logged_in_operator_and_log_no_phone_or_text(
     assert text in page and "held: paused" in page
     assert KEY.split(":")[1] not in caplog.text and text not in caplog.text
     assert (await client.get("/customers/wati:1")).status == 404
+
+
+async def test_a_replay_needs_the_confirmation(client: TestClient[Any, Any], store: Store) -> None:
+    apply(store, dead(dead_letter(t("10:00:00"), source_topic=TOPICS.inbound)))
+    letter_id = store.dead_letters().rows[0]["id"]
+    await client.post("/login", data={"user": "ana", "password": "pw"}, allow_redirects=False)
+    page = await (await client.get(f"/dead-letters/{letter_id}")).text()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf is not None
+    answer = await client.post(f"/dead-letters/{letter_id}/replay", data={"csrf": csrf.group(1)})
+    assert answer.status == 400 and "Tick the box" in await answer.text()
+    assert store.dead_letter(letter_id)["replayed_at"] is None  # type: ignore[index]
