@@ -207,7 +207,8 @@ async def timeline(request: web.Request, session: Session) -> web.StreamResponse
 @page("waiting")
 async def waiting(request: web.Request, session: Session) -> web.StreamResponse:
     console = request.app[CONSOLE_KEY]
-    return _html(pages.waiting_page(_viewer(session), console.now_ms(), console.store.waiting()))
+    waiting_now = console.store.waiting(_offset(request), PAGE_SIZE)
+    return _html(pages.waiting_page(_viewer(session), console.now_ms(), waiting_now))
 
 
 @page("dead_letters")

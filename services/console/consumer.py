@@ -60,6 +60,7 @@ def apply_records(store: Store, polled: Iterable[Polled], topics: Topics, labels
     """Writes a batch of records and the next positions atomically; counts by outcome."""
     counts: Counter[str] = Counter()
     positions: dict[tuple[str, int], int] = {}
+    decisions: list[rows.Row] = []
     with store.transaction():
         for rec in polled:
             positions[(rec.topic, rec.partition)] = rec.offset + 1
@@ -70,7 +71,7 @@ def apply_records(store: Store, polled: Iterable[Polled], topics: Topics, labels
                 continue
             counts[name] += 1
             if name == "BatchDecision":
-                store.apply_decision(rows.decision_row(cast(BatchDecision, value)))
+                decisions.append(rows.decision_row(cast(BatchDecision, value)))
             elif name == "ResponderRequest":
                 store.apply_request(rows.request_row(cast(ResponderRequest, value), labels))
             elif name == "AssistantReply":
@@ -88,6 +89,7 @@ def apply_records(store: Store, polled: Iterable[Polled], topics: Topics, labels
                     store.apply_command(row)
             else:
                 counts["ignored"] += 1
+        store.apply_decisions(decisions)  # the bulk of the topics, in few statements
         store.set_offsets(positions)
     return counts
 
@@ -100,7 +102,7 @@ class _Seeker(ConsumerRebalanceListener):
         return None
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        self.shell.seek_assigned(list(assigned))
+        await self.shell.seek_assigned(list(assigned))
 
 
 class ConsoleConsumer:
@@ -118,13 +120,13 @@ class ConsoleConsumer:
         self.applied = 0
         self._consumed = metrics.Children(metrics.console_records_total)
 
-    def seek_assigned(self, partitions: list[TopicPartition]) -> None:
+    async def seek_assigned(self, partitions: list[TopicPartition]) -> None:
         assert self.consumer is not None
         stored = self.store.offsets()
         for tp in partitions:
             position = stored.get((tp.topic, tp.partition))
             if position is None:
-                self.consumer.seek_to_beginning(tp)
+                await self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, position)
         self.assigned = True

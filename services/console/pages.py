@@ -253,12 +253,15 @@ def customers_page(viewer: Viewer, now_ms: int, page: Page, query: str, filters:
             f'value="{escape(query)}" placeholder="key, name or phone" aria-label="search">'
             f'{boxes}<button type="submit">Search</button></form>')
     rows = "".join(
-        f'<tr><td><a href="{customer_url(c["key"])}">{escape(c["key"])}</a></td>'
-        f'<td>{escape(c.get("name") or "")}</td><td>{ago(c["last_at"], now_ms)} ago</td>'
-        f'<td class=num>{c["batches"]}</td><td>{_badges(c)}</td></tr>'
+        f'<tr><td data-label="Customer"><a href="{customer_url(c["key"])}">{escape(c["key"])}</a></td>'
+        f'<td data-label="Name">{escape(c.get("name") or "")}</td>'
+        f'<td data-label="Last activity">{ago(c["last_at"], now_ms)} ago</td>'
+        f'<td data-label="Batches" class=num>{c["batches"]}</td>'
+        f'<td data-label="Status">{_badges(c)}</td></tr>'
         for c in page.rows
     )
-    table = ("<div class=table-wrap><table><thead><tr><th>Customer</th><th>Name</th><th>Last activity</th>"
+    table = ("<div class=table-wrap><table class=cards>"
+             f"<thead><tr><th>Customer</th><th>Name</th><th>Last activity</th>"
              "<th>Batches</th><th>Status</th></tr></thead>"
              f"<tbody>{rows or '<tr><td colspan=5>none</td></tr>'}"
              "</tbody></table></div>")
@@ -398,22 +401,24 @@ def timeline_page(viewer: Viewer, now_ms: int, customer: Mapping[str, Any],
 # ---------------------------------------------------------------- held and paused
 
 
-def waiting_page(viewer: Viewer, now_ms: int, customers: Sequence[Mapping[str, Any]]) -> str:
+def waiting_page(viewer: Viewer, now_ms: int, page: Page) -> str:
+    customers = page.rows
     rows = "".join(
-        f'<tr><td><a href="{customer_url(c["key"])}">{escape(c["key"])}</a></td>'
-        f'<td>{escape(c.get("name") or "")}</td><td>{_badges(c)}</td>'
-        f'<td>{escape(c.get("hold_reason") or "") if c.get("held") else ""}'
+        f'<tr><td data-label="Customer"><a href="{customer_url(c["key"])}">{escape(c["key"])}</a></td>'
+        f'<td data-label="Name">{escape(c.get("name") or "")}</td><td data-label="Status">{_badges(c)}</td>'
+        f'<td data-label="Why">{escape(c.get("hold_reason") or "") if c.get("held") else ""}'
         f'{" by " + escape(c.get("paused_by") or "") if c.get("paused") else ""}</td>'
-        f'<td>{ago(c.get("paused_at") or c.get("held_since"), now_ms)}</td>'
+        f'<td data-label="Waiting">{ago(c.get("paused_at") or c.get("held_since"), now_ms)}</td>'
         f'<td>{_command_form(viewer, c["key"], "resume", "/waiting") if c.get("paused") else ""}</td></tr>'
         for c in customers
     )
-    table = (f"<div class=table-wrap><table><thead><tr><th>Customer</th><th>Name</th><th>Status</th>"
+    table = ("<div class=table-wrap><table class=cards>"
+             f"<thead><tr><th>Customer</th><th>Name</th><th>Status</th>"
              f"<th>Why</th><th>Waiting</th><th></th></tr></thead><tbody>"
              f"{rows or '<tr><td colspan=6>nobody is waiting on a human</td></tr>'}</tbody></table></div>")
     note = ("<p class=muted>Held: a human agent wrote recently, the bot stays silent until the hold ends. "
             "Paused: an operator stopped the bot for this customer until resumed.</p>")
-    return layout("Held and paused", note + table, viewer, "waiting")
+    return layout("Held and paused", note + table + _pager("/waiting", {}, page), viewer, "waiting")
 
 
 # ---------------------------------------------------------------- dead letters
@@ -421,14 +426,18 @@ def waiting_page(viewer: Viewer, now_ms: int, customers: Sequence[Mapping[str, A
 
 def dead_letters_page(viewer: Viewer, page: Page) -> str:
     rows = "".join(
-        f'<tr><td><a href="/dead-letters/{quote(d["id"])}">{when(d["failed_at"])}</a></td>'
-        f'<td>{escape(d.get("service") or "")}</td><td>{escape(d.get("reason") or "")}</td>'
-        f'<td>{escape(d.get("source_topic") or "-")}</td>'
-        f'<td>{escape(d.get("customer_key") or "")}</td>'
-        f'<td>{"replayed by " + escape(d["replayed_by"] or "") if d.get("replayed_at") else ""}</td></tr>'
+        f'<tr><td data-label="Failed at">'
+        f'<a href="/dead-letters/{quote(d["id"])}">{when(d["failed_at"])}</a></td>'
+        f'<td data-label="Service">{escape(d.get("service") or "")}</td>'
+        f'<td data-label="Reason">{escape(d.get("reason") or "")}</td>'
+        f'<td data-label="Source topic">{escape(d.get("source_topic") or "-")}</td>'
+        f'<td data-label="Customer">{escape(d.get("customer_key") or "")}</td>'
+        f'<td data-label="Replay">'
+        f'{"replayed by " + escape(d["replayed_by"] or "") if d.get("replayed_at") else ""}</td></tr>'
         for d in page.rows
     )
-    table = (f"<div class=table-wrap><table><thead><tr><th>Failed at</th><th>Service</th><th>Reason</th>"
+    table = ("<div class=table-wrap><table class=cards>"
+             f"<thead><tr><th>Failed at</th><th>Service</th><th>Reason</th>"
              f"<th>Source topic</th><th>Customer</th><th>Replay</th></tr></thead><tbody>"
              f"{rows or '<tr><td colspan=6>none</td></tr>'}</tbody></table></div>")
     return layout("Dead letters", table + _pager("/dead-letters", {}, page), viewer, "dead")
@@ -445,6 +454,8 @@ def dead_letter_page(viewer: Viewer, letter: Mapping[str, Any], decoded: str, re
                        f'partition {letter.get("source_partition")} offset {letter.get("source_offset")}'),
             ("Customer", f'<a href="{customer_url(letter["customer_key"])}">'
                          f'{escape(letter["customer_key"])}</a>' if letter.get("customer_key") else "-"),
+            ("Record key", escape(bytes(letter["record_key"]).decode("utf-8", "replace"))
+             if letter.get("record_key") else "-"),
             ("Batch", escape(letter.get("batch_id") or "-")),
             ("Replayed", f'{when(letter["replayed_at"])} by <b>{escape(letter.get("replayed_by") or "")}</b>'
              if letter.get("replayed_at") else "no"),

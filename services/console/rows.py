@@ -7,10 +7,11 @@ the console shows is the text the responder gave the model, byte for byte (same 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from services.common.records import (
     AgentActivity,
@@ -38,7 +39,7 @@ def ms(at: datetime | None) -> int | None:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return orjson.dumps(value, default=str).decode()
 
 
 def _items(items: Iterable[MissedItem]) -> list[dict[str, Any]]:
