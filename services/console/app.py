@@ -27,7 +27,7 @@ from services.common.keys import KeyError_, split_key
 from services.common.records import ContextCommand
 from services.common.timeparse import utcnow
 
-from . import pages
+from . import pages, rows
 from .auth import COOKIE, Session, Sessions, check_login
 from .replay import NotReplayable, plan_replay, replay
 from .store import Store
@@ -276,10 +276,9 @@ def _command(kind: str) -> Handler:
                        operator=session.user, error=type(exc).__name__)
             return _html(pages.message_page("Not sent", "The broker did not take the command; try again.",
                                             _viewer(session), pages.customer_url(key)), 503)
-        at = console.now_ms()
-        with console.store.transaction():
-            console.store.record_action(at, session.user, kind, key)
-            console.store.apply_command({"customer_key": key, "kind": kind, "actor": session.user, "at": at})
+        with console.store.transaction():  # shown at once; the consumer finds the same command later
+            console.store.apply_command({"customer_key": key, "kind": kind, "actor": session.user,
+                                         "at": rows.ms(command["issued_at"])})
         metrics.console_actions_total.labels(kind).inc()
         logs.event(log, "operator_command", customer=key, kind=kind, operator=session.user)
         form = await request.post()

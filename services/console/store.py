@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS actions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, operator TEXT NOT NULL,
     kind TEXT NOT NULL, customer_key TEXT, target TEXT);
 CREATE INDEX IF NOT EXISTS actions_customer ON actions (customer_key, at);
+CREATE UNIQUE INDEX IF NOT EXISTS actions_once ON actions (customer_key, at, kind, operator);
 CREATE INDEX IF NOT EXISTS actions_at ON actions (at);
 CREATE TABLE IF NOT EXISTS hourly (
     hour INTEGER PRIMARY KEY, batches INTEGER DEFAULT 0, held INTEGER DEFAULT 0, gaps INTEGER DEFAULT 0,
@@ -255,16 +256,24 @@ class Store:
                             (row["at"], row["customer_key"]))
 
     def apply_command(self, row: Row) -> None:
-        """Pause/resume: the latest command wins (a replayed old one does not undo a newer one)."""
+        """Pause/resume: the latest command wins (a replayed old one does not undo a newer one).
+
+        The command is also the record of who did it (an action on the timeline); the topic keeps
+        it, so a rebuilt store still knows."""
         self._customer(row["customer_key"])
+        new = self.db.execute(
+            "INSERT OR IGNORE INTO actions (at, operator, kind, customer_key) VALUES (?, ?, ?, ?)",
+            (row["at"], row["actor"] or "(no name)", row["kind"], row["customer_key"])).rowcount > 0
+        if not new:  # seen before (the console's own command coming back from the topic)
+            return
         pause = row["kind"] == "pause"
-        changed = self.db.execute(
+        self.db.execute(
             """UPDATE customers SET paused = :paused, paused_by = :actor, paused_at = :at
                WHERE key = :key AND (paused_at IS NULL OR paused_at <= :at)""",
             {"paused": int(pause), "actor": row["actor"] if pause else None, "at": row["at"],
              "key": row["customer_key"]},
-        ).rowcount
-        if changed and pause:
+        )
+        if pause:
             self._hourly(row["at"], {"pauses": 1})
 
     def apply_dead_letter(self, row: Row) -> None:
@@ -278,7 +287,7 @@ class Store:
     def record_action(self, at: int, operator: str, kind: str, customer_key: str | None,
                       target: str | None = None) -> None:
         self.db.execute(
-            "INSERT INTO actions (at, operator, kind, customer_key, target) VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO actions (at, operator, kind, customer_key, target) VALUES (?, ?, ?, ?, ?)",
             (at, operator, kind, customer_key, target),
         )
 

@@ -133,7 +133,18 @@ def test_the_latest_pause_or_resume_wins(store: Store) -> None:
           commanded(command("pause", t("10:01:00"), actor="old")))
     c = store.customer(KEY)
     assert c is not None and (c["paused"], c["paused_by"]) == (0, None)
-    assert store.totals(ms(t("00:00:00")))["pauses"] == 1
+    assert store.totals(ms(t("00:00:00")))["pauses"] == 2
+    actions = store.events_between("actions", KEY, 0, 2**62)
+    assert [(a["operator"], a["kind"]) for a in actions] == [
+        ("ana", "pause"), ("old", "pause"), ("bo", "resume")]
+
+
+def test_the_consoles_own_command_coming_back_from_the_topic_counts_once(store: Store) -> None:
+    mine = command("pause", t("10:00:00"), actor="ana")
+    with store.transaction():
+        store.apply_command(rows.command_row(mine) or {})
+    apply(store, commanded(mine))
+    assert store.totals(0)["pauses"] == 1 and len(store.events_between("actions", KEY, 0, 2**62)) == 1
 
 
 def test_search_filters_and_paging(store: Store) -> None:
