@@ -155,7 +155,8 @@ class ConsoleConsumer:
                       for tp, records in batches.items() for r in records]
             if not polled:
                 continue
-            counts = apply_records(self.store, polled, self.topics, self.labels)
+            # in a worker thread: the loop keeps serving pages and heartbeats while SQLite writes
+            counts = await asyncio.to_thread(apply_records, self.store, polled, self.topics, self.labels)
             self.applied += len(polled)
             for name, n in counts.items():
                 self._consumed(name).inc(n)

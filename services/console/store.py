@@ -12,6 +12,7 @@ the retention, not the number of customers ever seen.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -115,34 +116,42 @@ class Store:
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), isolation_level=None)
+        # writes: one connection, one transaction at a time (`transaction` holds the lock), from the
+        # consumer's worker thread or the event loop; reads (the pages): a second connection, which
+        # WAL lets read the last committed state while a write is under way
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA temp_store=MEMORY")
         self.db.executescript(SCHEMA)
+        self.lock = threading.Lock()
+        self.reader = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.reader.row_factory = sqlite3.Row
 
     def close(self) -> None:
+        self.reader.close()
         self.db.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     # ------------------------------------------------------------ writes (call inside transaction)
 
     def is_empty(self) -> bool:
-        return self.db.execute("SELECT 1 FROM offsets LIMIT 1").fetchone() is None
+        return self.reader.execute("SELECT 1 FROM offsets LIMIT 1").fetchone() is None
 
     def offsets(self) -> dict[tuple[str, int], int]:
         return {(r["topic"], r["partition"]): r["next_offset"]
-                for r in self.db.execute("SELECT * FROM offsets")}
+                for r in self.reader.execute("SELECT * FROM offsets")}
 
     def set_offsets(self, positions: Mapping[tuple[str, int], int]) -> None:
         self.db.executemany(
@@ -319,24 +328,24 @@ class Store:
     # ------------------------------------------------------------ reads (the pages)
 
     def hourly(self, since_ms: int) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.execute(
+        return [dict(r) for r in self.reader.execute(
             "SELECT * FROM hourly WHERE hour >= ? ORDER BY hour", (hour_of(since_ms),))]
 
     def totals(self, since_ms: int) -> dict[str, int]:
         """The overview's figures since a time (hour granularity) plus customers served/active."""
         sums = ", ".join(f"COALESCE(SUM({f}), 0) AS {f}" for f in HOURLY_FIELDS)
-        row = self.db.execute(
+        row = self.reader.execute(
             f"SELECT {sums} FROM hourly WHERE hour >= ?", (hour_of(since_ms),)  # noqa: S608
         ).fetchone()
         out = {k: int(row[k]) for k in HOURLY_FIELDS}
-        out["customers_served"] = self.db.execute(
+        out["customers_served"] = self.reader.execute(
             "SELECT COUNT(*) FROM customers WHERE last_reply_at >= ?", (since_ms,)).fetchone()[0]
-        out["customers_active"] = self.db.execute(
+        out["customers_active"] = self.reader.execute(
             "SELECT COUNT(*) FROM customers WHERE last_at >= ?", (since_ms,)).fetchone()[0]
         return out
 
     def waiting_now(self) -> dict[str, int]:
-        row = self.db.execute(
+        row = self.reader.execute(
             "SELECT COALESCE(SUM(held), 0) AS held, COALESCE(SUM(paused), 0) AS paused FROM customers"
             " WHERE held = 1 OR paused = 1").fetchone()
         return {"held": int(row["held"]), "paused": int(row["paused"])}
@@ -351,8 +360,8 @@ class Store:
             args += [like, like, like]
         where += [FILTERS[f] for f in filters if f in FILTERS]
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        total = self.db.execute(f"SELECT COUNT(*) FROM customers {clause}", args).fetchone()[0]  # noqa: S608
-        rows = self.db.execute(
+        total = self.reader.execute(f"SELECT COUNT(*) FROM customers {clause}", args).fetchone()[0]  # noqa: S608
+        rows = self.reader.execute(
             f"SELECT * FROM customers {clause} ORDER BY last_at DESC LIMIT ? OFFSET ?",  # noqa: S608
             [*args, limit, offset],
         ).fetchall()
@@ -360,19 +369,20 @@ class Store:
 
     def waiting(self, offset: int = 0, limit: int = 100) -> Page:
         """Held or paused customers, longest waiting first (the partial index `customers_waiting`)."""
-        total = self.db.execute("SELECT COUNT(*) FROM customers WHERE held = 1 OR paused = 1").fetchone()[0]
-        rows = self.db.execute(
+        total = self.reader.execute(
+            "SELECT COUNT(*) FROM customers WHERE held = 1 OR paused = 1").fetchone()[0]
+        rows = self.reader.execute(
             "SELECT * FROM customers WHERE held = 1 OR paused = 1"
             " ORDER BY COALESCE(paused_at, held_since) LIMIT ? OFFSET ?", (limit, offset)).fetchall()
         return Page([dict(r) for r in rows], int(total), offset, limit)
 
     def customer(self, key: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT * FROM customers WHERE key = ?", (key,)).fetchone()
+        row = self.reader.execute("SELECT * FROM customers WHERE key = ?", (key,)).fetchone()
         return dict(row) if row else None
 
     def batches(self, key: str, before_ms: int | None = None, limit: int = 30) -> list[dict[str, Any]]:
         """The customer's latest batches (newest first) with their request and reply, if any."""
-        rows = self.db.execute(
+        rows = self.reader.execute(
             """SELECT d.*, q.messages_json, q.user_text, q.block, q.images, q.created_at AS requested_at,
                       r.outcome, r.text AS reply_text, r.sent_at, r.parts
                FROM decisions d LEFT JOIN requests q ON q.batch_id = d.batch_id
@@ -384,13 +394,13 @@ class Store:
 
     def events_between(self, table: str, key: str, since_ms: int, until_ms: int) -> list[dict[str, Any]]:
         assert table in ("inbound", "agent_activity", "actions")
-        return [dict(r) for r in self.db.execute(
+        return [dict(r) for r in self.reader.execute(
             f"SELECT * FROM {table} WHERE customer_key = ? AND at >= ? AND at < ? ORDER BY at",  # noqa: S608
             (key, since_ms, until_ms))]
 
     def dead_letters(self, offset: int = 0, limit: int = 50) -> Page:
-        total = self.db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
-        rows = self.db.execute(
+        total = self.reader.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+        rows = self.reader.execute(
             "SELECT id, failed_at, service, reason, source_topic, customer_key, batch_id,"
             " replayed_at, replayed_by, length(payload) AS size FROM dead_letters"
             " ORDER BY failed_at DESC LIMIT ? OFFSET ?",
@@ -398,9 +408,9 @@ class Store:
         return Page([dict(r) for r in rows], int(total), offset, limit)
 
     def dead_letter(self, letter_id: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT * FROM dead_letters WHERE id = ?", (letter_id,)).fetchone()
+        row = self.reader.execute("SELECT * FROM dead_letters WHERE id = ?", (letter_id,)).fetchone()
         return dict(row) if row else None
 
     def recent_actions(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.execute(
+        return [dict(r) for r in self.reader.execute(
             "SELECT * FROM actions ORDER BY at DESC LIMIT ?", (limit,))]

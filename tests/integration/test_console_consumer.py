@@ -36,13 +36,15 @@ async def produce(settings: Settings, records: list[tuple[str, str, dict[str, An
 async def consume_all(settings: Settings, store: Store, expected: int) -> int:
     """Runs the console's consumer until the store's positions account for `expected` records."""
     consumer = ConsoleConsumer(settings, store, labels_for("es"))
+    new = expected - sum(store.offsets().values())
     await consumer.start()
     try:
         async with asyncio.timeout(60):
-            while sum(store.offsets().values()) < expected:
+            while consumer.applied < new:
                 await asyncio.sleep(0.05)
     finally:
         await consumer.stop()
+    assert sum(store.offsets().values()) == expected
     return consumer.applied
 
 
