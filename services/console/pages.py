@@ -14,17 +14,25 @@ from html import escape
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from services.context import missed
+
 from . import charts
 from .store import FILTERS, Page
 
 HOUR_MS = 3_600_000
-EXCLUSION_REASONS = {
-    "own_id": "the bot's own message (own id)",
-    "own_text": "the bot's own message (same text)",
-    "operator": "sent by the bot's operator account",
-    "before_cutoff": "before the cutoff (already known to the bot)",
-    "in_batch": "already in this batch",
-    "duplicate": "duplicate (seen by webhook and history)",
+EXCLUSION_REASONS = {  # the context service's reason codes, said for a person
+    missed.IN_BATCH: "already in this batch",
+    missed.OWN_ID: "the bot's own message (own id)",
+    missed.IN_EARLIER_BATCH: "in an earlier batch",
+    missed.NO_TIME: "no time given",
+    missed.BEFORE_CUTOFF: "before the cutoff (already known to the bot)",
+    missed.NOT_BEFORE_BATCH: "not before this batch",
+    missed.OWN_OPERATOR: "sent by the bot's operator account",
+    missed.OWN_TEXT: "the bot's own message (same text)",
+    missed.DUPLICATE: "duplicate (seen by webhook and history)",
+    missed.EMPTY: "empty",
+    missed.UNSUPPORTED: "unsupported message type",
+    missed.DROPPED_OLDEST: "dropped: over the limit of injected items (oldest first)",
 }
 
 
