@@ -34,6 +34,12 @@ CREATE TABLE IF NOT EXISTS customers (
     open_since INTEGER, recovered INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS customers_last ON customers (last_at);
 CREATE INDEX IF NOT EXISTS customers_reply ON customers (last_reply_at);
+CREATE INDEX IF NOT EXISTS customers_name ON customers (lower(name));
+CREATE INDEX IF NOT EXISTS customers_held ON customers (last_at) WHERE held = 1;
+CREATE INDEX IF NOT EXISTS customers_paused ON customers (last_at) WHERE paused = 1;
+CREATE INDEX IF NOT EXISTS customers_open ON customers (last_at) WHERE open_since IS NOT NULL;
+CREATE INDEX IF NOT EXISTS customers_recovered ON customers (last_at) WHERE recovered > 0;
+CREATE INDEX IF NOT EXISTS customers_errors ON customers (last_at) WHERE errors > 0;
 CREATE INDEX IF NOT EXISTS customers_waiting ON customers (COALESCE(paused_at, held_since))
     WHERE held = 1 OR paused = 1;
 CREATE TABLE IF NOT EXISTS decisions (
@@ -93,6 +99,36 @@ FILTERS = {
     "recovered": "recovered > 0",
     "errors": "errors > 0",
 }
+
+
+def _prefix_range(column: str, prefix: str) -> tuple[str, list[str]]:
+    """`column` starts with `prefix`, as a range an index can serve (a LIKE 'x%' often cannot)."""
+    return f"({column} >= ? AND {column} < ?)", [prefix, prefix + "\U0010ffff"]
+
+
+def search_clause(query: str) -> tuple[str, list[str]]:
+    """Customers whose key, phone / provider id or name starts with the query (case-insensitive
+    for names); each alternative is a range over an index, so a search costs the same with 100,000
+    customers as with 100."""
+    q = " ".join(query.split())
+    if not q:
+        return "", []
+    parts: list[str] = []
+    args: list[str] = []
+    digits = q.replace("+", "").replace(" ", "").replace("-", "")
+    candidates = [q] if ":" in q else []
+    if digits.isdigit():
+        candidates += [f"wati:{digits}", f"manychat:{digits}"]
+    else:
+        candidates += [f"wati:{q}", f"manychat:{q}"]
+    for prefix in dict.fromkeys(candidates):
+        clause, values = _prefix_range("key", prefix)
+        parts.append(clause)
+        args += values
+    clause, values = _prefix_range("lower(name)", q.lower())
+    parts.append(clause)
+    args += values
+    return "(" + " OR ".join(parts) + ")", args
 
 
 @dataclass(frozen=True)
@@ -354,10 +390,10 @@ class Store:
                   limit: int = 50) -> Page:
         where: list[str] = []
         args: list[Any] = []
-        if query.strip():
-            like = f"%{query.strip().replace('%', '').replace('_', '')}%"
-            where.append("(key LIKE ? OR name LIKE ? OR provider_id LIKE ?)")
-            args += [like, like, like]
+        where_query, query_args = search_clause(query)
+        if where_query:
+            where.append(where_query)
+            args += query_args
         where += [FILTERS[f] for f in filters if f in FILTERS]
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         total = self.reader.execute(f"SELECT COUNT(*) FROM customers {clause}", args).fetchone()[0]  # noqa: S608

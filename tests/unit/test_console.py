@@ -20,7 +20,7 @@ from services.console.app import Console, build_app
 from services.console.auth import Sessions, check_login, hash_password, parse_users, verify_password
 from services.console.consumer import Polled, apply_records
 from services.console.replay import NotReplayable, plan_replay
-from services.console.store import Store
+from services.console.store import Store, search_clause
 from services.responder.prompt import build_input, labels_for
 
 from .console_builders import dead_letter, decision, missed, request
@@ -158,7 +158,14 @@ def test_search_filters_and_paging(store: Store) -> None:
     assert held.total == 4 and [r["key"] for r in held.rows] == ["wati:50370000006", "wati:50370000004"]
     assert [r["key"] for r in store.customers(filters=["held"], offset=2, limit=2).rows] == [
         "wati:50370000002", "wati:50370000000"]
-    assert store.customers("%").total == 7, "a LIKE wildcard in the query is taken literally (dropped)"
+    assert store.customers("+503 7000 0003").total == 1, "a phone written with + and spaces"
+    assert store.customers("wati:5037000000").total == 7, "a key prefix"
+    assert store.customers("clien").total == 7, "a name prefix, any case"
+    assert store.customers("%").total == 0, "no wildcard"
+    clause, args = search_clause("5037")
+    plan = " ".join(str(tuple(r)) for r in store.reader.execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM customers WHERE " + clause, args))
+    assert "SCAN customers" not in plan, plan
 
 
 def test_the_consumer_position_is_written_with_the_rows(store: Store) -> None:
