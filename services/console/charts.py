@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from html import escape
 
 PALETTE = ("#2f6fb0", "#e0a030", "#c0392b", "#7a56a8", "#3a9b6a")
-W, H, LEFT, BOTTOM, TOP = 480, 200, 40, 24, 10
+W, H, LEFT, BOTTOM, TOP = 480, 200, 48, 24, 10
 
 
 def _axis(max_value: float, unit: str = "") -> list[str]:
