@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -52,7 +52,6 @@ class Console:
     producer: Any  # AIOKafkaProducer (or None before start)
     ready: Ready
     clock: Clock = time.time
-    pages_timed: dict[str, float] = field(default_factory=dict)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)

@@ -265,7 +265,7 @@ def customers_page(viewer: Viewer, now_ms: int, page: Page, query: str, filters:
         f'<td data-label="Name">{escape(c.get("name") or "")}</td>'
         f'<td data-label="Last activity">{ago(c["last_at"], now_ms)} ago</td>'
         f'<td data-label="Batches" class=num>{c["batches"]}</td>'
-        f'<td data-label="Status">{_badges(c)}</td></tr>'
+        f'<td data-label="Status">{_badges(c) or "<span class=muted>bot active</span>"}</td></tr>'
         for c in page.rows
     )
     table = ("<div class=table-wrap><table class=cards>"
