@@ -312,6 +312,8 @@ class Store:
         if not new:  # seen before (the console's own command coming back from the topic)
             return
         pause = row["kind"] == "pause"
+        self.db.execute("UPDATE customers SET last_at = MAX(last_at, ?) WHERE key = ?",
+                        (row["at"], row["customer_key"]))
         self.db.execute(
             """UPDATE customers SET paused = :paused, paused_by = :actor, paused_at = :at
                WHERE key = :key AND (paused_at IS NULL OR paused_at <= :at)""",
@@ -327,7 +329,9 @@ class Store:
         self._hourly(row["failed_at"], {"dead_letters": 1})
         if row["customer_key"]:
             self._customer(row["customer_key"])
-            self.db.execute("UPDATE customers SET errors = errors + 1 WHERE key = ?", (row["customer_key"],))
+            self.db.execute(
+                "UPDATE customers SET errors = errors + 1, last_at = MAX(last_at, ?) WHERE key = ?",
+                (row["failed_at"], row["customer_key"]))
 
     def record_action(self, at: int, operator: str, kind: str, customer_key: str | None,
                       target: str | None = None) -> None:

@@ -175,6 +175,12 @@ def test_the_consumer_position_is_written_with_the_rows(store: Store) -> None:
     assert store.offsets() == {(TOPICS.audit, 0): 1, (TOPICS.inbound, 2): 42}
 
 
+def test_a_customer_known_only_by_a_recent_pause_survives_the_prune(store: Store) -> None:
+    apply(store, commanded(command("pause", t("12:00:00"), actor="ana")))
+    store.prune(ms(t("10:00:00")))
+    assert (store.customer(KEY) or {}).get("paused") == 1
+
+
 def test_prune_deletes_what_is_older_than_the_retention(store: Store) -> None:
     apply(store, received(inbound("e1", t("08:00:00"))),
           audited(decision("b1", t("08:01:00"))),
