@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,7 +28,7 @@ from services.common.records import ContextCommand
 from services.common.timeparse import utcnow
 
 from . import pages, rows
-from .auth import COOKIE, Session, Sessions, check_login
+from .auth import COOKIE, LoginThrottle, Session, Sessions, check_login
 from .replay import NotReplayable, plan_replay, replay
 from .store import Store
 
@@ -52,6 +52,7 @@ class Console:
     producer: Any  # AIOKafkaProducer (or None before start)
     ready: Ready
     clock: Clock = time.time
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -123,11 +124,20 @@ async def login(request: web.Request) -> web.StreamResponse:
     console = request.app[CONSOLE_KEY]
     form = await request.post()
     user, password = str(form.get("user") or "").strip(), str(form.get("password") or "")
+    keys = (f"user:{user}",)  # not by address: behind a proxy every operator shares one
+    now = console.clock()
+    if console.throttle.blocked(keys, now):
+        metrics.console_logins_total.labels("throttled").inc()
+        logs.event(log, "console_login_throttled", logging.WARNING, known_user=user in console.users)
+        return _html(pages.login_page("Too many failed logins: wait 15 minutes.",
+                                      _local_path(str(form.get("next")))), 429)
     if not check_login(console.users, user, password):
+        console.throttle.failed(keys, now)
         metrics.console_logins_total.labels("refused").inc()
         logs.event(log, "console_login_refused", logging.WARNING, known_user=user in console.users)
         refused = pages.login_page("Wrong operator name or password.", _local_path(str(form.get("next"))))
         return _html(refused, 401)
+    console.throttle.succeeded(keys)
     metrics.console_logins_total.labels("ok").inc()
     logs.event(log, "console_login", operator=user)
     response = web.HTTPSeeOther(_local_path(str(form.get("next") or "/")))

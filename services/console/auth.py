@@ -115,3 +115,35 @@ class Sessions:
 
     def csrf_ok(self, session: Session, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(session.csrf, str(token))
+
+
+class LoginThrottle:
+    """At most `limit` failed logins per key (an operator name) in `window` seconds; then that key
+    is refused until the window has passed. Memory: bounded by `max_keys`."""
+
+    def __init__(self, limit: int = 5, window: float = 900.0, max_keys: int = 10_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_keys = max_keys
+        self.failures: dict[str, list[float]] = {}
+
+    def _recent(self, key: str, now: float) -> list[float]:
+        kept = [at for at in self.failures.get(key, []) if now - at < self.window]
+        if kept:
+            self.failures[key] = kept
+        else:
+            self.failures.pop(key, None)
+        return kept
+
+    def blocked(self, keys: tuple[str, ...], now: float) -> bool:
+        return any(len(self._recent(k, now)) >= self.limit for k in keys)
+
+    def failed(self, keys: tuple[str, ...], now: float) -> None:
+        if len(self.failures) >= self.max_keys:
+            self.failures.clear()  # a flood of names: forget rather than grow
+        for key in keys:
+            self.failures.setdefault(key, []).append(now)
+
+    def succeeded(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            self.failures.pop(key, None)

@@ -17,7 +17,14 @@ from services.common.config import ConfigError, Settings
 from services.common.kafka import Topics
 from services.console import pages, rows
 from services.console.app import Console, build_app
-from services.console.auth import Sessions, check_login, hash_password, parse_users, verify_password
+from services.console.auth import (
+    LoginThrottle,
+    Sessions,
+    check_login,
+    hash_password,
+    parse_users,
+    verify_password,
+)
 from services.console.consumer import Polled, apply_records
 from services.console.replay import NotReplayable, plan_replay
 from services.console.store import Store, search_clause
@@ -311,6 +318,21 @@ async def test_login_sets_a_strict_httponly_cookie_and_wrong_passwords_are_refus
                             headers={"X-Forwarded-Proto": "https"})
     assert "Secure" in tls.headers["Set-Cookie"]
     assert "pw" not in caplog.text.replace("pwd", "")
+
+
+async def test_repeated_wrong_passwords_are_throttled(client: TestClient[Any, Any]) -> None:
+    for _ in range(5):
+        assert (await client.post("/login", data={"user": "ana", "password": "x"})).status == 401
+    throttled = await client.post("/login", data={"user": "ana", "password": "pw"}, allow_redirects=False)
+    assert throttled.status == 429, "even the right password, until the window passes"
+
+
+def test_the_throttle_forgets_after_its_window() -> None:
+    throttle = LoginThrottle(limit=2, window=60)
+    throttle.failed(("user:ana",), 0)
+    throttle.failed(("user:ana",), 1)
+    assert throttle.blocked(("user:ana",), 30) and not throttle.blocked(("user:bo",), 30)
+    assert not throttle.blocked(("user:ana",), 62)
 
 
 async def test_a_post_without_the_session_csrf_token_is_forbidden(client: TestClient[Any, Any]) -> None:
