@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from services.common import codec, logs, metrics
@@ -150,7 +151,12 @@ class ConsoleConsumer:
     async def _loop(self) -> None:
         assert self.consumer is not None
         while True:
-            batches = await self.consumer.getmany(timeout_ms=500, max_records=self.max_records)
+            try:
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=self.max_records)
+            except KafkaError as exc:  # a broker outage: aiokafka reconnects; keep asking
+                logs.event(log, "console_fetch_failed", logging.WARNING, error=type(exc).__name__)
+                await asyncio.sleep(1.0)
+                continue
             polled = [Polled(tp.topic, tp.partition, r.offset, r.value)
                       for tp, records in batches.items() for r in records]
             if not polled:
