@@ -432,6 +432,11 @@ def waiting_page(viewer: Viewer, now_ms: int, page: Page) -> str:
 # ---------------------------------------------------------------- dead letters
 
 
+def _key_text(key: bytes | None) -> str:
+    """A record's Kafka key (the customer key on every topic) when the record itself is unreadable."""
+    return bytes(key).decode("utf-8", "replace") if key else ""
+
+
 def dead_letters_page(viewer: Viewer, page: Page) -> str:
     rows = "".join(
         f'<tr><td data-label="Failed at">'
@@ -439,7 +444,7 @@ def dead_letters_page(viewer: Viewer, page: Page) -> str:
         f'<td data-label="Service">{escape(d.get("service") or "")}</td>'
         f'<td data-label="Reason">{escape(d.get("reason") or "")}</td>'
         f'<td data-label="Source topic">{escape(d.get("source_topic") or "-")}</td>'
-        f'<td data-label="Customer">{escape(d.get("customer_key") or "")}</td>'
+        f'<td data-label="Customer">{escape(d.get("customer_key") or _key_text(d.get("record_key")))}</td>'
         f'<td data-label="Replay">'
         f'{"replayed by " + escape(d["replayed_by"] or "") if d.get("replayed_at") else ""}</td></tr>'
         for d in page.rows

@@ -441,7 +441,7 @@ class Store:
     def dead_letters(self, offset: int = 0, limit: int = 50) -> Page:
         total = self.reader.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
         rows = self.reader.execute(
-            "SELECT id, failed_at, service, reason, source_topic, customer_key, batch_id,"
+            "SELECT id, failed_at, service, reason, source_topic, customer_key, record_key, batch_id,"
             " replayed_at, replayed_by, length(payload) AS size FROM dead_letters"
             " ORDER BY failed_at DESC LIMIT ? OFFSET ?",
             (limit, offset)).fetchall()
