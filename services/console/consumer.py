@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
@@ -57,42 +57,65 @@ def console_topics(topics: Topics) -> list[str]:
             topics.responder_requests, topics.dead_letter, topics.context_commands]
 
 
-def apply_records(store: Store, polled: Iterable[Polled], topics: Topics, labels: Labels) -> Counter[str]:
-    """Writes a batch of records and the next positions atomically; counts by outcome."""
-    counts: Counter[str] = Counter()
-    positions: dict[tuple[str, int], int] = {}
-    decisions: list[rows.Row] = []
+@dataclass
+class Prepared:
+    """A polled batch decoded and mapped to rows, ready to write: `ops` in record order (kind,
+    row), the decisions apart (they are written in bulk), the next positions, counts by outcome."""
+
+    ops: list[tuple[str, rows.Row]] = field(default_factory=list)
+    decisions: list[rows.Row] = field(default_factory=list)
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def prepare_records(polled: Iterable[Polled], topics: Topics, labels: Labels) -> Prepared:
+    """Decodes and maps a batch (pure: no store); an undecodable record is counted and skipped."""
+    out = Prepared()
+    for rec in polled:
+        out.positions[(rec.topic, rec.partition)] = rec.offset + 1
+        try:
+            name, value = codec.decode_any(rec.value)
+        except codec.CodecError:
+            out.counts["undecodable"] += 1
+            continue
+        out.counts[name] += 1
+        if name == "BatchDecision":
+            out.decisions.append(rows.decision_row(cast(BatchDecision, value)))
+        elif name == "ResponderRequest":
+            out.ops.append(("request", rows.request_row(cast(ResponderRequest, value), labels)))
+        elif name == "AssistantReply":
+            out.ops.append(("reply", rows.reply_row(cast(AssistantReply, value))))
+        elif name == "InboundMessage":
+            out.ops.append(("inbound", rows.inbound_row(cast(InboundMessage, value), labels)))
+        elif name == "AgentActivity":
+            out.ops.append(("agent", rows.agent_row(cast(AgentActivity, value))))
+        elif name == "DeadLetter" and rec.topic == topics.dead_letter:
+            letter = cast(DeadLetter, value)
+            out.ops.append(("dead_letter", rows.dead_letter_row(letter, rec.partition, rec.offset)))
+        elif name == "ContextCommand" and (row := rows.command_row(cast(ContextCommand, value))):
+            out.ops.append(("command", row))
+        else:
+            out.counts["ignored"] += 1
+    return out
+
+
+def write_prepared(store: Store, prepared: Prepared) -> None:
+    """Writes the rows and the next positions in one transaction."""
+    apply = {"request": store.apply_request, "reply": store.apply_reply, "inbound": store.apply_inbound,
+             "agent": store.apply_agent, "dead_letter": store.apply_dead_letter,
+             "command": store.apply_command}
     with store.transaction():
-        for rec in polled:
-            positions[(rec.topic, rec.partition)] = rec.offset + 1
-            try:
-                name, value = codec.decode_any(rec.value)
-            except codec.CodecError:
-                counts["undecodable"] += 1
-                continue
-            counts[name] += 1
-            if name == "BatchDecision":
-                decisions.append(rows.decision_row(cast(BatchDecision, value)))
-            elif name == "ResponderRequest":
-                store.apply_request(rows.request_row(cast(ResponderRequest, value), labels))
-            elif name == "AssistantReply":
-                store.apply_reply(rows.reply_row(cast(AssistantReply, value)))
-            elif name == "InboundMessage":
-                store.apply_inbound(rows.inbound_row(cast(InboundMessage, value), labels))
-            elif name == "AgentActivity":
-                store.apply_agent(rows.agent_row(cast(AgentActivity, value)))
-            elif name == "DeadLetter" and rec.topic == topics.dead_letter:
-                letter = cast(DeadLetter, value)
-                store.apply_dead_letter(rows.dead_letter_row(letter, rec.partition, rec.offset))
-            elif name == "ContextCommand":
-                row = rows.command_row(cast(ContextCommand, value))
-                if row is not None:
-                    store.apply_command(row)
-            else:
-                counts["ignored"] += 1
-        store.apply_decisions(decisions)  # the bulk of the topics, in few statements
-        store.set_offsets(positions)
-    return counts
+        for kind, row in prepared.ops:
+            apply[kind](row)
+        store.apply_decisions(prepared.decisions)  # the bulk of the topics, in few statements
+        store.set_offsets(prepared.positions)
+
+
+def apply_records(store: Store, polled: Iterable[Polled], topics: Topics, labels: Labels) -> Counter[str]:
+    """Decodes, maps and writes a batch with its next positions atomically; counts by outcome."""
+    prepared = prepare_records(polled, topics, labels)
+    write_prepared(store, prepared)
+    return prepared.counts
 
 
 class _Seeker(ConsumerRebalanceListener):
@@ -119,6 +142,7 @@ class ConsoleConsumer:
         self.task: asyncio.Task[None] | None = None
         self.assigned = False
         self.applied = 0
+        self.writing: asyncio.Task[None] | None = None
         self._consumed = metrics.Children(metrics.console_records_total)
 
     async def seek_assigned(self, partitions: list[TopicPartition]) -> None:
@@ -149,6 +173,8 @@ class ConsoleConsumer:
         self.task = asyncio.create_task(self._loop(), name="console-consumer")
 
     async def _loop(self) -> None:
+        """Fetch, then decode in a worker thread while the previous batch is written in another:
+        SQLite releases the GIL while it works, so decoding and writing overlap."""
         assert self.consumer is not None
         while True:
             try:
@@ -161,16 +187,21 @@ class ConsoleConsumer:
                       for tp, records in batches.items() for r in records]
             if not polled:
                 continue
-            # in a worker thread: the loop keeps serving pages and heartbeats while SQLite writes
-            counts = await asyncio.to_thread(apply_records, self.store, polled, self.topics, self.labels)
-            self.applied += len(polled)
-            for name, n in counts.items():
-                self._consumed(name).inc(n)
+            prepared = await asyncio.to_thread(prepare_records, polled, self.topics, self.labels)
+            if self.writing is not None:
+                await self.writing  # one write at a time, in order
+            commit = {tp: OffsetAndMetadata(records[-1].offset + 1, "")
+                      for tp, records in batches.items() if records}
+            self.writing = asyncio.create_task(self._write(prepared, len(polled), commit))
+
+    async def _write(self, prepared: Prepared, count: int, commit: dict[TopicPartition, Any]) -> None:
+        await asyncio.to_thread(write_prepared, self.store, prepared)
+        self.applied += count
+        for name, n in prepared.counts.items():
+            self._consumed(name).inc(n)
+        if self.consumer is not None:
             with contextlib.suppress(Exception):  # informative only: the store holds the positions
-                await self.consumer.commit({
-                    tp: OffsetAndMetadata(records[-1].offset + 1, "")
-                    for tp, records in batches.items() if records
-                })
+                await self.consumer.commit(commit)
 
     def ready(self) -> tuple[bool, str]:
         if self.task is None:
@@ -187,6 +218,10 @@ class ConsoleConsumer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
             self.task = None
+        if self.writing is not None:  # a write under way finishes (its thread cannot be cancelled)
+            with contextlib.suppress(Exception):
+                await self.writing
+            self.writing = None
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
