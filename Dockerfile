@@ -34,7 +34,7 @@ WORKDIR /data
 USER watistream:watistream
 # Webhooks (INGEST_PORT), context web views (CONTEXT_WEB_PORT), responder and vision health/metrics
 # (RESPONDER_WEB_PORT, VISION_WEB_PORT): the defaults of services/common/config.py.
-EXPOSE 8080 6066 8081 8082
+EXPOSE 8080 6066 8081 8082 8083
 # No HEALTHCHECK here: one image serves four ports. docker-compose.yml gives each service its own
 # check, a python one-liner (slim has no curl) that reads the port from Settings like the service does.
 ENTRYPOINT ["watistream"]

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "exit 1 on any failure")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per dependency (default 10)")
     p.set_defaults(run=_service("devtools.check"))
+    p = sub.add_parser("console", help="the operator console (web pages over the topics)")
+    p.add_argument("--hash-password", action="store_true",
+                   help="read a password on stdin, print its hash for CONSOLE_USERS and exit")
+    p.set_defaults(run=_service("console.main"))
     p = sub.add_parser("standins", help="local stand-ins for WATI, ManyChat and OpenAI")
     p.add_argument("--port", type=int, default=0)
     p.set_defaults(run=_service("standins.main"))

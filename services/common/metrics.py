@@ -117,3 +117,15 @@ def render() -> bytes:
 
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# console
+console_records_total = Counter(
+    "watistream_console_records_total", "Records the console consumed, by record type", ["record"],
+    registry=REGISTRY)
+console_page_seconds = Histogram(
+    "watistream_console_page_seconds", "Console page server time", ["page"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5), registry=REGISTRY)
+console_logins_total = Counter(
+    "watistream_console_logins_total", "Console login attempts by outcome", ["outcome"], registry=REGISTRY)
+console_actions_total = Counter(
+    "watistream_console_actions_total", "Operator actions from the console", ["action"], registry=REGISTRY)

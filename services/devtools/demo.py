@@ -1,7 +1,7 @@
 """`watistream demo`: the whole system against local stand-ins, no account and no network.
 
 Runs the stand-ins for WATI, ManyChat and OpenAI in this process, `DevStack` (embedded broker +
-the four services as child processes) pointed at them, plays `scenario.play` on a compressed
+the five services as child processes) pointed at them, plays `scenario.play` on a compressed
 clock, prints the transcript and where to look, then keeps running until Ctrl-C (or exits with
 `--once`).
 """
@@ -38,7 +38,7 @@ def demo_settings(base: Settings, standins: StandIns, data_dir: Path) -> Setting
         webhook_token=base.webhook_token or secrets.token_urlsafe(16),
         web_token=base.web_token or secrets.token_urlsafe(16),
         ingest_port=free_port(), context_web_port=free_port(),
-        responder_web_port=free_port(), vision_web_port=free_port(),
+        responder_web_port=free_port(), vision_web_port=free_port(), console_port=free_port(),
         topic_prefix=f"demo{secrets.token_hex(3)}.",
         data_dir=str(data_dir),
         **compressed,
@@ -59,7 +59,7 @@ async def run(base: Settings, once: bool, out: Any = None) -> int:
         async with StandIns.running() as standins:
             settings = demo_settings(base, standins, data_dir)
             say("watistream demo: stand-ins for WATI, ManyChat and OpenAI run in this process;")
-            say(f"starting the embedded Kafka and the four services (their logs: {log_path}) ...")
+            say(f"starting the embedded Kafka and the five services (their logs: {log_path}) ...")
             async with DevStack(settings, out=service_log) as stack:
                 say("\n=== the scripted conversation (compressed clock) ===")
                 transcript = await scenario.play(
@@ -78,6 +78,9 @@ async def run(base: Settings, once: bool, out: Any = None) -> int:
                 say(f"metrics: {stack.ingest_url}/metrics  {stack.context_url}/metrics  "
                     f"http://127.0.0.1:{settings.responder_web_port}/metrics")
                 say(f"service logs: {log_path}")
+                say(f"operator console: {stack.console_url}/ " + (
+                    f"(log in as {stack.console_login[0]} / {stack.console_login[1]})"
+                    if stack.console_login else "(log in with an account of CONSOLE_USERS)"))
                 say(f"audit report: KAFKA_BOOTSTRAP_SERVERS={stack.settings.kafka_bootstrap_servers} "
                     f"TOPIC_PREFIX={settings.topic_prefix} watistream report --since 1h")
                 if once:

@@ -1,4 +1,4 @@
-"""`watistream dev`: the embedded broker (unless KAFKA_BOOTSTRAP_SERVERS is set) and the four
+"""`watistream dev`: the embedded broker (unless KAFKA_BOOTSTRAP_SERVERS is set) and the five
 services as one supervised process tree. `DevStack` is also what the demo and the end-to-end
 test run, so all three exercise the same start-up path.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import secrets
 import signal
 import sys
 import time
@@ -25,7 +26,7 @@ from services.common.kafka import ensure_topics
 from .check import exit_code, format_report, run_checks
 from .supervisor import Child, Supervisor
 
-SERVICES = ("ingest", "context", "responder", "vision")
+SERVICES = ("ingest", "context", "responder", "vision", "console")
 REQUIRED = ("OPENAI_API_KEY", "WEBHOOK_TOKEN", "WEB_TOKEN")  # + the enabled channels' settings
 
 
@@ -48,6 +49,9 @@ class DevStack:
                 problems.append(str(exc))
         if problems:
             raise ConfigError("; ".join(problems))
+        self.console_login: tuple[str, str] | None = None
+        if not settings.console_users and not settings.console_users_file:
+            settings, self.console_login = with_console_operator(settings)
         self.settings = settings
         self.base_env = dict(os.environ if env is None else env)
         self.out = out or sys.stdout
@@ -64,9 +68,14 @@ class DevStack:
     def context_url(self) -> str:
         return f"http://{self.settings.context_web_host}:{self.settings.context_web_port}"
 
+    @property
+    def console_url(self) -> str:
+        return f"http://{self.settings.console_host}:{self.settings.console_port}"
+
     def health_urls(self) -> dict[str, str]:
         s = self.settings
         return {
+            "console": f"{self.console_url}/readyz",
             "ingest": f"{self.ingest_url}/readyz",
             "context": f"{self.context_url}/readyz",
             "responder": f"http://127.0.0.1:{s.responder_web_port}/readyz",
@@ -144,6 +153,14 @@ class DevStack:
             self.broker = None
 
 
+def with_console_operator(settings: Settings) -> tuple[Settings, tuple[str, str]]:
+    """The settings with a one-off console operator (name, password) when none is configured."""
+    from services.console.auth import hash_password
+
+    name, password = "operator", secrets.token_urlsafe(12)
+    return dataclasses.replace(settings, console_users=f"{name}:{hash_password(password)}"), (name, password)
+
+
 def _settings_env(settings: Settings) -> dict[str, str]:
     """Every setting as the env var the children read (so overrides reach them)."""
     return {
@@ -163,6 +180,9 @@ async def run(settings: Settings, checks: bool = True) -> int:
             f"webhooks: {stack.ingest_url}/webhooks/wati and /webhooks/manychat; "
             f"views: {stack.context_url}/customers/ (Bearer WEB_TOKEN); Ctrl-C stops everything"
         )
+        stack.supervisor.say(f"operator console: {stack.console_url}/ " + (
+            f"(log in as {stack.console_login[0]} / {stack.console_login[1]}, valid for this run)"
+            if stack.console_login else "(log in with an account of CONSOLE_USERS / CONSOLE_USERS_FILE)"))
         stop_task = asyncio.create_task(stop.wait())
         crash_task = asyncio.create_task(stack.wait_crash())
         done, _ = await asyncio.wait({stop_task, crash_task}, return_when=asyncio.FIRST_COMPLETED)

@@ -74,7 +74,7 @@ def chaos_settings(base: Settings, standins: StandIns, tmp: Path, **overrides: A
         manychat_api_url=env["MANYCHAT_API_URL"], manychat_api_token=env["MANYCHAT_API_TOKEN"],
         openai_base_url=env["OPENAI_BASE_URL"], openai_api_key=env["OPENAI_API_KEY"],
         ingest_port=free_port(), context_web_port=free_port(), responder_web_port=free_port(),
-        vision_web_port=free_port(), data_dir=str(tmp), context_store="rocksdb",
+        vision_web_port=free_port(), console_port=free_port(), data_dir=str(tmp), context_store="rocksdb",
         quiet_window_seconds=0.8, max_batch_wait_seconds=4, flush_scan_interval_seconds=0.2,
         # first contact fetches the (empty) history once per customer; later bursts need none
         missed_gap_seconds=3600, human_hold_seconds=0, history_timeout_seconds=5,

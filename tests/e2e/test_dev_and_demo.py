@@ -37,7 +37,7 @@ def stack_settings(settings: Settings, standins: StandIns, tmp: Path) -> Setting
         manychat_api_url=env["MANYCHAT_API_URL"], manychat_api_token=env["MANYCHAT_API_TOKEN"],
         openai_base_url=env["OPENAI_BASE_URL"], openai_api_key=env["OPENAI_API_KEY"],
         ingest_port=free_port(), context_web_port=free_port(), responder_web_port=free_port(),
-        vision_web_port=free_port(), data_dir=str(tmp), context_store="rocksdb",
+        vision_web_port=free_port(), console_port=free_port(), data_dir=str(tmp), context_store="rocksdb",
         quiet_window_seconds=2, max_batch_wait_seconds=10, flush_scan_interval_seconds=0.25,
         missed_gap_seconds=8, human_hold_seconds=4, broker_session_timeout_seconds=10,
     )
@@ -159,7 +159,7 @@ async def test_sigterm_stops_every_child_and_the_embedded_broker(
     try:
         await _wait_ready(DevStack(cfg), proc, log, settle_on_log="all services ready")
         tree = descendants(proc.pid)
-        assert len(tree) >= 5, "broker + four services"
+        assert len(tree) >= 5, "broker + five services"
         assert any("kafka.Kafka" in _cmdline(p) for p in tree)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -58,7 +58,8 @@ async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[tuple[DevSt
             manychat_api_url=env["MANYCHAT_API_URL"], manychat_api_token=env["MANYCHAT_API_TOKEN"],
             openai_base_url=env["OPENAI_BASE_URL"], openai_api_key=env["OPENAI_API_KEY"],
             ingest_port=free_port(), context_web_port=free_port(), responder_web_port=free_port(),
-            vision_web_port=free_port(), data_dir=str(tmp_path), quiet_window_seconds=1,
+            vision_web_port=free_port(), console_port=free_port(), data_dir=str(tmp_path),
+            quiet_window_seconds=1,
             flush_scan_interval_seconds=0.2, missed_gap_seconds=GAP, human_hold_seconds=HOLD,
             broker_session_timeout_seconds=10,
         )

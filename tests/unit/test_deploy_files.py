@@ -43,7 +43,7 @@ ENV_EXAMPLE = ROOT / ".env.example"
 SCHEMA_FILE = ROOT / "tests" / "fixtures" / "compose-spec.json"
 
 DOCUMENTED = {name: default for name, default, _ in Settings.documented()}
-APP_SERVICES = ("ingest", "context", "responder", "vision")
+APP_SERVICES = ("ingest", "context", "responder", "vision", "console")
 # Variables in docker-compose.yml that are not settings of the code, and why they may be there.
 COMPOSE_ONLY = {
     "INIT_TOPICS": "kafka-init: topic names after the prefix",
@@ -63,6 +63,7 @@ SERVICE_PORT = {
     "context": "context_web_port",
     "responder": "responder_web_port",
     "vision": "vision_web_port",
+    "console": "console_port",
 }
 PORT_ENV = {f.name: f.metadata["env"] for f in fields(Settings) if f.name in SERVICE_PORT.values()}
 KAFKA_TOPICS_SH = "/opt/kafka/bin/kafka-topics.sh"
@@ -324,6 +325,8 @@ def test_state_lives_in_named_volumes(compose: dict[str, Any], services: dict[st
     assert mounts["kafka"][env_of(services["kafka"])["KAFKA_LOG_DIRS"]].source in declared
     context_store = Path(env_of(services["context"])["DATA_DIR"])
     assert mounts["context"][str(context_store)].source in declared
+    console_store = env_of(services["console"])["DATA_DIR"]
+    assert mounts["console"][console_store].source in declared, "the console's store"
     assert Settings().context_store == "rocksdb"
 
 

@@ -106,7 +106,7 @@ def test_context_is_a_statefulset_with_a_volume_at_data_dir_and_a_standby(
 ) -> None:
     kinds = {name: w["kind"] for name, w in workloads(resources).items()}
     assert kinds == {"context": "StatefulSet", "ingest": "Deployment", "responder": "Deployment",
-                     "vision": "Deployment"}
+                     "vision": "Deployment", "console": "StatefulSet"}
     context = workloads(resources)["context"]
     assert context["spec"]["replicas"] >= 2, "a second worker holds the standby table partitions"
     (claim,) = context["spec"]["volumeClaimTemplates"]
@@ -166,7 +166,9 @@ def real_probe_paths() -> dict[str, set[str]]:
     context = {p for p in ("/healthz", "/readyz") if f'@app.page("{p}")' in views}
     source = Path(ingest_app.__file__).read_text(encoding="utf-8")  # routes registered by make_app
     ingest = {p for p in ("/healthz", "/readyz") if f'add_get("{p}"' in source}
-    return {"ingest": ingest, "context": context, "responder": ops, "vision": ops}
+    console_source = (ROOT / "services" / "console" / "app.py").read_text(encoding="utf-8")
+    console = {p for p in ("/healthz", "/readyz") if f'add_get("{p}"' in console_source}
+    return {"ingest": ingest, "context": context, "responder": ops, "vision": ops, "console": console}
 
 
 def test_probes_hit_the_real_endpoints_on_the_port_the_service_listens_on(

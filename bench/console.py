@@ -1,0 +1,291 @@
+"""Benchmark — the operator console with real volume: page times and the consumer's catch-up rate.
+
+1. Fill: an SQLite store with N customers (100,000 at full scale) and M batch decisions
+   (1,000,000), through the store's own `apply_*` functions and the row mapping (`rows.py`): each
+   customer has a name, M/N decisions (every 10th held, every 7th with injected human-agent
+   messages), and its last two batches a request (with the block) and a reply; 1 % of customers
+   are paused and 500 dead letters are spread over the week. Times spread over the last 7 days.
+2. Pages: the console's aiohttp app serves that store in-process; a logged-in client asks each page
+   R times (random customers, searches and filters) and reads the page's own server time from its
+   `Server-Timing` header: p50 / p95 / max per page. Target p95 <= 200 ms.
+3. Catch-up: D decisions are produced as Avro to an audit topic on the embedded broker. A bare
+   consumer (its own group, getmany, no decoding) reads them all: the baseline rate. Then the
+   console's consumer (`ConsoleConsumer`, own group) reads the same topic into the FILLED store:
+   decisions/s from its first record to its last. Target >= 0.5x the bare consumer.
+
+    python -m bench.console                         # full scale
+    python -m bench.console --customers 10000 --decisions 100000 --catchup 50000   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import quote
+
+import httpx
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from bench.common import ROOT, figure, machine_info, percentile
+from services.common import codec
+from services.common.broker import EmbeddedKafka, free_port
+from services.common.config import Settings
+from services.common.kafka import Topics, ensure_topics
+from services.common.records import BatchDecision, MissedItem
+from services.console import rows
+from services.console.app import Console, build_app
+from services.console.auth import Sessions, hash_password
+from services.console.consumer import ConsoleConsumer
+from services.console.store import Store
+from services.responder.prompt import labels_for
+
+LABELS = labels_for("es")
+RESULTS = ROOT / "bench" / "results"
+PAGE_TARGET_MS = 200.0
+CATCHUP_TARGET = 0.5
+
+
+def decision(key: str, batch_id: str, at: datetime, n: int) -> BatchDecision:
+    injected: list[MissedItem] = []
+    if n % 7 == 0:
+        injected = [cast(MissedItem, {
+            "at": at - timedelta(minutes=3 - i), "role": "agent" if i % 2 == 0 else "customer",
+            "agent_name": "Ana Reservas" if i % 2 == 0 else None, "text": f"mensaje {i} del inbox",
+            "message_type": "text", "source": ("history", "realtime", "both")[i % 3],
+            "item_ids": [f"i{n}.{i}"]})
+            for i in range(3)]
+    held = n % 10 == 3
+    return cast(BatchDecision, {
+        "batch_id": batch_id, "customer_key": key, "channel": "wati", "decided_at": at, "message_count": 2,
+        "prior_last_inbound_at": None, "prior_last_reply_at": None,
+        "gap_seconds": 400.0 if injected else 12.0,
+        "gap_threshold_seconds": 300.0, "missed_check_ran": bool(injected), "cutoff": None,
+        "sources": ["history"] if injected else [], "injected": injected,
+        "excluded": [{"item_ids": [f"x{n}"], "reason": "before_cutoff", "at": at - timedelta(minutes=9)}],
+        "held": held, "hold_reason": "human_active" if held else None, "recovered_event_ids": [],
+        "webhooks_missing": 1 if n % 13 == 0 else 0, "history_error": None,
+        "routed_to": "" if held else "responder",
+    })
+
+
+def fill(store: Store, customers: int, decisions: int, now: datetime) -> dict[str, float]:
+    """Writes the store through its own functions; returns the time it took."""
+    per = max(1, decisions // customers)
+    week = 7 * 24 * 3600
+    rng = random.Random(7)
+    start = time.perf_counter()
+    written = 0
+    pending: list[dict[str, Any]] = []
+    for c in range(customers):
+        if c % 2000 == 0:
+            store.db.execute("BEGIN")
+        key = f"wati:5037{c:07d}"
+        first = now - timedelta(seconds=rng.uniform(3600, week))
+        store.apply_inbound(rows.inbound_row(cast(Any, {
+            "event_id": f"e{c}", "customer_key": key, "channel": "wati", "provider_id": key[5:],
+            "message_type": "text", "text": "hola", "caption": None, "media_ref": None, "media_mime": None,
+            "sender_name": f"Cliente {c}", "provider_message_ids": [f"e{c}"], "provider_time": first,
+            "received_at": first, "recovered": False, "username": None}), LABELS))
+        span = (now - first).total_seconds()
+        for n in range(per if c < customers - 1 else decisions - written):
+            at = first + timedelta(seconds=span * (n + 1) / (per + 1))
+            batch_id = f"{key}:{n + 1}"
+            d = decision(key, batch_id, at, n + c)
+            pending.append(rows.decision_row(d))
+            if n >= per - 2 and not d["held"]:
+                store.apply_request(rows.request_row(cast(Any, {
+                    "batch_id": batch_id, "customer_key": key, "channel": "wati", "provider_id": key[5:],
+                    "messages": [], "prior_last_inbound_at": None, "prior_last_reply_at": None,
+                    "gap_seconds": None, "missed_check_ran": bool(d["injected"]),
+                    "missed_messages": d["injected"], "missed_dropped_oldest": 0, "images": [],
+                    "created_at": at}), LABELS))
+                store.apply_reply({"batch_id": batch_id, "customer_key": key, "outcome": "answered",
+                                   "text": "Con gusto le ayudo.", "parts": 1,
+                                   "sent_at": rows.ms(at + timedelta(seconds=2))})
+            written += 1
+        if c % 100 == 0:
+            store.apply_command({"customer_key": key, "kind": "pause", "actor": "ana",
+                                 "at": rows.ms(now - timedelta(minutes=5))})
+        if c % (customers // 500 or 1) == 0:
+            store.apply_dead_letter({
+                "id": f"0:{c}", "failed_at": rows.ms(first), "service": "context", "reason": "undecodable",
+                "error": "bad header", "source_topic": "bench.inbound", "source_partition": 0,
+                "source_offset": c, "record_key": key.encode(), "payload": b"garbage", "customer_key": key,
+                "batch_id": None})
+        if c % 2000 == 1999 or c == customers - 1:
+            store.apply_decisions(pending)
+            pending = []
+            store.db.execute("COMMIT")
+    return {"seconds": time.perf_counter() - start, "decisions": written}
+
+
+async def page_times(store: Store, customers: int, repeats: int, now: datetime) -> dict[str, list[float]]:
+    console = Console(store=store, sessions=Sessions("bench", 3600), users={"ana": hash_password("pw")},
+                      topics=Topics.from_settings(Settings(topic_prefix="bench.")), producer=None,
+                      ready=lambda: (True, "ok"), clock=now.timestamp)
+    runner = web.AppRunner(build_app(console), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    rng = random.Random(11)
+    times: dict[str, list[float]] = {}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            await http.post("/login", data={"user": "ana", "password": "pw"})
+            letter = store.dead_letters().rows[0]["id"]
+            for _ in range(repeats):
+                c = rng.randrange(customers)
+                paths = {
+                    "overview": "/",
+                    "customers": f"/customers?offset={rng.randrange(0, 2000) * 50}",
+                    "customers search": f"/customers?q=5037{c:07d}"[:-2],
+                    "customers filtered (held)": "/customers?f=held",
+                    "customers filtered (paused, errors)": "/customers?f=paused&f=errors",
+                    "timeline": f"/customers/{quote(f'wati:5037{c:07d}', safe='')}",
+                    "held and paused": "/waiting",
+                    "dead letters": "/dead-letters",
+                    "dead letter": f"/dead-letters/{letter}",
+                }
+                for name, path in paths.items():
+                    answer = await http.get(path)
+                    assert answer.status_code == 200, (path, answer.status_code)
+                    took = float(answer.headers["Server-Timing"].split("dur=")[1])
+                    times.setdefault(name, []).append(took)
+    finally:
+        await runner.cleanup()
+    return times
+
+
+async def catch_up(store: Store, count: int, data_dir: Path, now: datetime) -> dict[str, float]:
+    broker = EmbeddedKafka(data_dir / "broker", partitions=4)
+    bootstrap = await asyncio.to_thread(broker.start)
+    try:
+        settings = Settings(kafka_bootstrap_servers=bootstrap, topic_prefix="benchc.", topic_partitions=4,
+                            broker_session_timeout_seconds=10)
+        topics = await ensure_topics(settings)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
+        await producer.start()
+        try:
+            futures = []
+            for n in range(count):
+                key = f"wati:5039{n % 50000:07d}"
+                value = codec.encode("BatchDecision", dict(decision(key, f"{key}:c{n}", now, n)))
+                futures.append(await producer.send(topics.audit, value, key=key.encode()))
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+        async def plain(group: str, decode: bool) -> float:
+            """A consumer of its own group reading every record (decoding each one, or not): rate."""
+            bare = AIOKafkaConsumer(topics.audit, bootstrap_servers=bootstrap, group_id=group,
+                                    auto_offset_reset="earliest", enable_auto_commit=False,
+                                    max_poll_records=2000, fetch_max_bytes=64 * 1024 * 1024,
+                                    max_partition_fetch_bytes=8 * 1024 * 1024)
+            await bare.start()
+            seen, first = 0, None
+            try:
+                while seen < count:
+                    for records in (await bare.getmany(timeout_ms=500, max_records=2000)).values():
+                        if records and first is None:
+                            first = time.perf_counter()
+                        if decode:
+                            for record in records:
+                                codec.decode_any(record.value)
+                        seen += len(records)
+                return count / max(time.perf_counter() - (first or time.perf_counter()), 1e-9)
+            finally:
+                await bare.stop()
+
+        bare_rate = await plain("benchc.bare", decode=False)
+        decoding_rate = await plain("benchc.decoding", decode=True)
+
+        consumer = ConsoleConsumer(settings, store, LABELS)
+        before = sum(store.offsets().values())
+        start_applied = None
+        await consumer.start()
+        try:
+            while sum(store.offsets().values()) - before < count:
+                if consumer.applied and start_applied is None:
+                    start_applied = (time.perf_counter(), consumer.applied)
+                await asyncio.sleep(0.01)
+            done = time.perf_counter()
+        finally:
+            await consumer.stop()
+        t0, first_batch = start_applied or (done, 0)
+        console_rate = (count - first_batch) / max(done - t0, 1e-9)
+        return {"bare_per_s": bare_rate, "decoding_per_s": decoding_rate, "console_per_s": console_rate}
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    with tempfile.TemporaryDirectory(prefix="bench-console-") as tmp:
+        store = Store(Path(tmp) / "console.sqlite3")
+        filled = fill(store, args.customers, args.decisions, now)
+        size_mb = (Path(tmp) / "console.sqlite3").stat().st_size / 1e6
+        print(f"filled {filled['decisions']:,} decisions / {args.customers:,} customers in "
+              f"{filled['seconds']:.0f} s ({size_mb:.0f} MB)", flush=True)
+        times = await page_times(store, args.customers, args.repeats, now)
+        for page_name, values in times.items():
+            print(f"{page_name}: p95 {percentile(values, 0.95):.1f} ms", flush=True)
+        rates = await catch_up(store, args.catchup, Path(tmp), now)
+        store.close()
+    results = []
+    for name, values in times.items():
+        p95 = percentile(values, 0.95)
+        results.append(figure(f"page p95: {name}", p95, "ms", target=f"<= {PAGE_TARGET_MS:.0f} ms",
+                              met=p95 is not None and p95 <= PAGE_TARGET_MS,
+                              note=f"p50 {percentile(values, 0.5):.1f} ms, max {max(values):.1f} ms, "
+                                   f"n={len(values)}"))
+    ratio = rates["console_per_s"] / rates["bare_per_s"]
+    results.append(figure("console consumer catch-up", rates["console_per_s"], "decisions/s",
+                          baseline=rates["bare_per_s"], ratio=ratio, target=f">= {CATCHUP_TARGET}x bare",
+                          met=ratio >= CATCHUP_TARGET,
+                          note=f"{args.catchup:,} decisions into the filled store; baseline = bare "
+                               "consumer of the same topic, same run"))
+    results.append(figure("consumer that only decodes (Avro), for reference", rates["decoding_per_s"],
+                          "decisions/s", baseline=rates["bare_per_s"],
+                          note="the same topic read by a consumer that decodes each record and stores "
+                               "nothing: the share of the gap that decoding alone costs"))
+    doc = {"scale": {"customers": args.customers, "decisions": filled["decisions"],
+                     "repeats": args.repeats, "catchup": args.catchup},
+           "fill_seconds": filled["seconds"], "store_mb": size_mb, "machine": machine_info(),
+           "results": results}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    full = args.customers >= 100_000 and args.decisions >= 1_000_000
+    name = "latest-console" if full else "latest-console-quick"
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    lines = [f"# console benchmark ({args.customers:,} customers, {filled['decisions']:,} decisions)", "",
+             f"store {size_mb:.0f} MB, filled in {filled['seconds']:.0f} s", "",
+             "| metric | value | baseline | ratio | target | met | note |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        baseline = "" if r["baseline"] is None else f"{r['baseline']:.0f}"
+        ratio_text = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append(f"| {r['metric']} | {r['value']:.1f} {r['unit']} | {baseline} | {ratio_text} | "
+                     f"{r['target']} | {'yes' if r['met'] else 'NO'} | {r['note']} |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.console", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--customers", type=int, default=100_000)
+    parser.add_argument("--decisions", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=60, help="requests per page")
+    parser.add_argument("--catchup", type=int, default=200_000, help="decisions for the catch-up run")
+    return asyncio.run(main_async(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

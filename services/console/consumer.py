@@ -1,0 +1,229 @@
+"""The console's consumer: the topics it shows, in its own group, into its store.
+
+`apply_records` (synchronous, no Kafka) decodes a polled batch and writes it and the next offsets
+in one store transaction. `ConsoleConsumer` is the thin shell: group `<prefix>console`, positions
+taken from the store on assignment (the store's offsets win over the group's: they were written
+with the rows), and the store's emptiness means "from the beginning" — the rebuild. The group's
+offsets are committed too, so its lag shows in the usual tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from services.common import codec, logs, metrics
+from services.common.config import Settings
+from services.common.kafka import Topics
+from services.common.records import (
+    AgentActivity,
+    AssistantReply,
+    BatchDecision,
+    ContextCommand,
+    DeadLetter,
+    InboundMessage,
+    ResponderRequest,
+)
+from services.responder.prompt import Labels
+
+from . import rows
+from .store import Store
+
+log = logging.getLogger(__name__)
+SERVICE = "console"
+
+
+@dataclass(frozen=True)
+class Polled:
+    """One record as the shell hands it over: where it was and its raw value."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+
+
+def console_topics(topics: Topics) -> list[str]:
+    return [topics.audit, topics.inbound, topics.agent_activity, topics.replies,
+            topics.responder_requests, topics.dead_letter, topics.context_commands]
+
+
+@dataclass
+class Prepared:
+    """A polled batch decoded and mapped to rows, ready to write: `ops` in record order (kind,
+    row), the decisions apart (they are written in bulk), the next positions, counts by outcome."""
+
+    ops: list[tuple[str, rows.Row]] = field(default_factory=list)
+    decisions: list[rows.Row] = field(default_factory=list)
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def prepare_records(polled: Iterable[Polled], topics: Topics, labels: Labels) -> Prepared:
+    """Decodes and maps a batch (pure: no store); an undecodable record is counted and skipped."""
+    out = Prepared()
+    for rec in polled:
+        out.positions[(rec.topic, rec.partition)] = rec.offset + 1
+        try:
+            name, value = codec.decode_any(rec.value)
+        except codec.CodecError:
+            out.counts["undecodable"] += 1
+            continue
+        out.counts[name] += 1
+        if name == "BatchDecision":
+            out.decisions.append(rows.decision_row(cast(BatchDecision, value)))
+        elif name == "ResponderRequest":
+            out.ops.append(("request", rows.request_row(cast(ResponderRequest, value), labels)))
+        elif name == "AssistantReply":
+            out.ops.append(("reply", rows.reply_row(cast(AssistantReply, value))))
+        elif name == "InboundMessage":
+            out.ops.append(("inbound", rows.inbound_row(cast(InboundMessage, value), labels)))
+        elif name == "AgentActivity":
+            out.ops.append(("agent", rows.agent_row(cast(AgentActivity, value))))
+        elif name == "DeadLetter" and rec.topic == topics.dead_letter:
+            letter = cast(DeadLetter, value)
+            out.ops.append(("dead_letter", rows.dead_letter_row(letter, rec.partition, rec.offset)))
+        elif name == "ContextCommand" and (row := rows.command_row(cast(ContextCommand, value))):
+            out.ops.append(("command", row))
+        else:
+            out.counts["ignored"] += 1
+    return out
+
+
+def write_prepared(store: Store, prepared: Prepared) -> None:
+    """Writes the rows and the next positions in one transaction."""
+    apply = {"request": store.apply_request, "reply": store.apply_reply, "inbound": store.apply_inbound,
+             "agent": store.apply_agent, "dead_letter": store.apply_dead_letter,
+             "command": store.apply_command}
+    with store.transaction():
+        for kind, row in prepared.ops:
+            apply[kind](row)
+        store.apply_decisions(prepared.decisions)  # the bulk of the topics, in few statements
+        store.set_offsets(prepared.positions)
+
+
+def apply_records(store: Store, polled: Iterable[Polled], topics: Topics, labels: Labels) -> Counter[str]:
+    """Decodes, maps and writes a batch with its next positions atomically; counts by outcome."""
+    prepared = prepare_records(polled, topics, labels)
+    write_prepared(store, prepared)
+    return prepared.counts
+
+
+class _Seeker(ConsumerRebalanceListener):
+    def __init__(self, shell: ConsoleConsumer) -> None:
+        self.shell = shell
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.shell.seek_assigned(list(assigned))
+
+
+class ConsoleConsumer:
+    """Polls the console's topics into the store until stopped."""
+
+    def __init__(self, settings: Settings, store: Store, labels: Labels, *, max_records: int = 2000) -> None:
+        self.settings = settings
+        self.store = store
+        self.labels = labels
+        self.topics = Topics.from_settings(settings)
+        self.max_records = max_records
+        self.consumer: AIOKafkaConsumer | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.assigned = False
+        self.applied = 0
+        self.writing: asyncio.Task[None] | None = None
+        self._consumed = metrics.Children(metrics.console_records_total)
+
+    async def seek_assigned(self, partitions: list[TopicPartition]) -> None:
+        assert self.consumer is not None
+        stored = self.store.offsets()
+        for tp in partitions:
+            position = stored.get((tp.topic, tp.partition))
+            if position is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, position)
+        self.assigned = True
+        logs.event(log, "console_assigned", partitions=len(partitions), rebuild=not stored)
+
+    async def start(self) -> None:
+        session_ms = int(self.settings.broker_session_timeout_seconds * 1000)
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=f"{self.settings.topic_prefix}console",
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=session_ms, heartbeat_interval_ms=max(100, session_ms // 3),
+            max_poll_records=self.max_records,
+            fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        self.consumer.subscribe(console_topics(self.topics), listener=_Seeker(self))
+        await self.consumer.start()
+        metrics.agent_up.labels(SERVICE, "console").set(1)
+        self.task = asyncio.create_task(self._loop(), name="console-consumer")
+
+    async def _loop(self) -> None:
+        """Fetch, then decode in a worker thread while the previous batch is written in another:
+        SQLite releases the GIL while it works, so decoding and writing overlap."""
+        assert self.consumer is not None
+        while True:
+            try:
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=self.max_records)
+            except KafkaError as exc:  # a broker outage: aiokafka reconnects; keep asking
+                logs.event(log, "console_fetch_failed", logging.WARNING, error=type(exc).__name__)
+                await asyncio.sleep(1.0)
+                continue
+            polled = [Polled(tp.topic, tp.partition, r.offset, r.value)
+                      for tp, records in batches.items() for r in records]
+            if not polled:
+                continue
+            prepared = await asyncio.to_thread(prepare_records, polled, self.topics, self.labels)
+            if self.writing is not None:
+                await self.writing  # one write at a time, in order
+            commit = {tp: OffsetAndMetadata(records[-1].offset + 1, "")
+                      for tp, records in batches.items() if records}
+            self.writing = asyncio.create_task(self._write(prepared, len(polled), commit))
+
+    async def _write(self, prepared: Prepared, count: int, commit: dict[TopicPartition, Any]) -> None:
+        await asyncio.to_thread(write_prepared, self.store, prepared)
+        self.applied += count
+        for name, n in prepared.counts.items():
+            self._consumed(name).inc(n)
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):  # informative only: the store holds the positions
+                await self.consumer.commit(commit)
+
+    def ready(self) -> tuple[bool, str]:
+        if self.task is None:
+            return False, "not started"
+        if self.task.done():
+            return False, "consumer stopped"
+        if not self.assigned:
+            return False, "waiting for a partition assignment"
+        return True, "ok"
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+            self.task = None
+        if self.writing is not None:  # a write under way finishes (its thread cannot be cancelled)
+            with contextlib.suppress(Exception):
+                await self.writing
+            self.writing = None
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+            self.consumer = None
+        metrics.agent_up.labels(SERVICE, "console").set(0)

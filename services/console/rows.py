@@ -1,0 +1,192 @@
+"""Pure mapping of topic records to the console store's rows: plain data in, plain dicts out.
+
+Times become integer epoch milliseconds (what the store indexes and compares). The human-agent
+block is rebuilt with the responder's own `missed_block` from the `ResponderRequest`, so the text
+the console shows is the text the responder gave the model, byte for byte (same PROMPT_LOCALE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from services.common.records import (
+    AgentActivity,
+    AssistantReply,
+    BatchDecision,
+    ContextCommand,
+    DeadLetter,
+    InboundMessage,
+    MissedItem,
+    ResponderRequest,
+)
+from services.responder.prompt import Labels, batch_text, message_text, missed_block
+
+Row = dict[str, Any]
+
+SOURCES = ("realtime", "history", "both")
+
+
+def ms(at: datetime | None) -> int | None:
+    """Epoch milliseconds of an aware datetime (a naive one is taken as UTC)."""
+    if at is None:
+        return None
+    aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return int(aware.timestamp() * 1000)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def _items(items: Iterable[MissedItem]) -> list[dict[str, Any]]:
+    return [
+        {"at": ms(i["at"]), "role": i["role"], "agent_name": i.get("agent_name"),
+         "text": i.get("text") or "", "message_type": i.get("message_type") or "text",
+         "source": i.get("source")}
+        for i in items
+    ]
+
+
+def decision_row(d: BatchDecision) -> Row:
+    """One batch's decision (audit topic): held or routed, what was injected and excluded, why."""
+    injected = d.get("injected") or []
+    by_source = {s: sum(1 for i in injected if i.get("source") == s) for s in SOURCES}
+    return {
+        "batch_id": d["batch_id"],
+        "customer_key": d["customer_key"],
+        "decided_at": ms(d["decided_at"]),
+        "message_count": int(d.get("message_count") or 0),
+        "gap_seconds": d.get("gap_seconds"),
+        "gap_threshold_seconds": d.get("gap_threshold_seconds"),
+        "missed_check_ran": int(bool(d.get("missed_check_ran"))),
+        "cutoff": ms(d.get("cutoff")),
+        "held": int(bool(d.get("held"))),
+        "hold_reason": d.get("hold_reason"),
+        "routed_to": d.get("routed_to") or "",
+        "injected_json": _dumps(_items(injected)),
+        "excluded_json": _dumps([
+            {"item_ids": list(e.get("item_ids") or []), "reason": e.get("reason") or "",
+             "at": ms(e.get("at"))}
+            for e in d.get("excluded") or []
+        ]),
+        "inj_realtime": by_source["realtime"],
+        "inj_history": by_source["history"],
+        "inj_both": by_source["both"],
+        "webhooks_missing": int(d.get("webhooks_missing") or 0),
+        "recovered": len(d.get("recovered_event_ids") or []),
+        "history_error": d.get("history_error"),
+    }
+
+
+def request_row(r: ResponderRequest, labels: Labels) -> Row:
+    """What the responder was asked (responder-requests topic), with the block exactly as it builds it."""
+    missed = r.get("missed_messages") or []
+    block = missed_block(missed, r.get("missed_dropped_oldest", 0), labels) if missed else None
+    return {
+        "batch_id": r["batch_id"],
+        "customer_key": r["customer_key"],
+        "created_at": ms(r["created_at"]),
+        "messages_json": _dumps([
+            {"event_id": m["event_id"], "at": ms(m["provider_time"]), "text": message_text(m, labels),
+             "recovered": bool(m.get("recovered"))}
+            for m in r.get("messages") or []
+        ]),
+        "user_text": batch_text(r.get("messages") or [], labels),
+        "block": block,
+        "images": len(r.get("images") or []),
+        "message_count": len(r.get("messages") or []),
+    }
+
+
+def reply_row(r: AssistantReply) -> Row:
+    """The bot's answer (replies topic): what was sent and when, or why nothing was."""
+    return {
+        "batch_id": r["batch_id"],
+        "customer_key": r["customer_key"],
+        "outcome": r["outcome"],
+        "text": r.get("text") or "",
+        "sent_at": ms(r["sent_at"]),
+        "parts": len(r.get("parts") or []),
+    }
+
+
+def inbound_row(m: InboundMessage, labels: Labels) -> Row:
+    """A customer message as received (inbound topic)."""
+    return {
+        "event_id": m["event_id"],
+        "customer_key": m["customer_key"],
+        "channel": m["channel"],
+        "provider_id": m["provider_id"],
+        "sender_name": (m.get("sender_name") or m.get("username") or "").strip() or None,
+        "at": ms(m["received_at"]),
+        "provider_time": ms(m["provider_time"]),
+        "text": message_text(m, labels),
+        "recovered": int(bool(m.get("recovered"))),
+    }
+
+
+def agent_row(a: AgentActivity) -> Row:
+    """Something the business side did in the inbox, seen in real time (agent-activity topic)."""
+    return {
+        "event_id": a["event_id"],
+        "customer_key": a["customer_key"],
+        "at": ms(a["received_at"]),
+        "sender_kind": a.get("sender_kind") or "unknown",
+        "operator_name": a.get("operator_name"),
+        "event_type": a.get("event_type") or "",
+        "text": a.get("text") or "",
+    }
+
+
+def command_row(c: ContextCommand) -> Row | None:
+    """A pause or resume (context-commands topic); other commands are the context service's own."""
+    if c["kind"] not in ("pause", "resume"):
+        return None
+    return {
+        "customer_key": c["customer_key"],
+        "kind": c["kind"],
+        "actor": c.get("actor"),
+        "at": ms(c["issued_at"]),
+    }
+
+
+def dead_letter_row(letter: DeadLetter, partition: int, offset: int) -> Row:
+    """A dead letter, identified by its place on the dead-letter topic (that is what a replay marks)."""
+    return {
+        "id": f"{partition}:{offset}",
+        "failed_at": ms(letter["failed_at"]),
+        "service": letter.get("service") or "",
+        "reason": letter.get("reason") or "",
+        "error": letter.get("error") or "",
+        "source_topic": letter.get("source_topic"),
+        "source_partition": int(letter.get("partition", -1)),
+        "source_offset": int(letter.get("offset", -1)),
+        "record_key": letter.get("key"),
+        "payload": letter.get("payload"),
+        "customer_key": letter.get("customer_key"),
+        "batch_id": letter.get("batch_id"),
+    }
+
+
+def hour_of(at_ms: int) -> int:
+    """The hour bucket (epoch ms of the hour's start) of a time."""
+    return at_ms - at_ms % 3_600_000
+
+
+def decision_counts(row: Mapping[str, Any]) -> dict[str, int]:
+    """What one new decision adds to its hour's figures on the overview."""
+    return {
+        "batches": 1,
+        "held": row["held"],
+        "gaps": row["missed_check_ran"],
+        "inj_realtime": row["inj_realtime"],
+        "inj_history": row["inj_history"],
+        "inj_both": row["inj_both"],
+        "webhooks_missing": row["webhooks_missing"],
+        "recovered": row["recovered"],
+        "history_failures": int(bool(row["history_error"])),
+    }

@@ -1,0 +1,456 @@
+"""The console's embedded store: SQLite under DATA_DIR, shaped for the pages' queries.
+
+Written only by the console's consumer (`apply_*`, one transaction per polled batch), read by the
+pages. Rows come from `rows.py`. Every record type is idempotent by its id (batch id, event id,
+dead-letter offset), so a redelivered record changes nothing, and the overview's hourly figures
+grow only when a row is new. Consumed offsets are kept here, in the same transaction as the rows,
+so the store and its position can never disagree; an empty store starts from the topics' beginning
+(the rebuild). `prune` deletes what is older than the topics' retention: the store's size follows
+the retention, not the number of customers ever seen.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .rows import Row, decision_counts, hour_of
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS offsets (topic TEXT, partition INTEGER, next_offset INTEGER,
+    PRIMARY KEY (topic, partition));
+CREATE TABLE IF NOT EXISTS customers (
+    key TEXT PRIMARY KEY, channel TEXT, provider_id TEXT, name TEXT,
+    last_at INTEGER NOT NULL DEFAULT 0, last_inbound_at INTEGER, last_reply_at INTEGER,
+    last_decision_at INTEGER, batches INTEGER NOT NULL DEFAULT 0,
+    held INTEGER NOT NULL DEFAULT 0, held_since INTEGER, hold_reason TEXT,
+    paused INTEGER NOT NULL DEFAULT 0, paused_by TEXT, paused_at INTEGER,
+    open_since INTEGER, recovered INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS customers_last ON customers (last_at);
+CREATE INDEX IF NOT EXISTS customers_reply ON customers (last_reply_at);
+CREATE INDEX IF NOT EXISTS customers_name ON customers (lower(name));
+CREATE INDEX IF NOT EXISTS customers_held ON customers (last_at) WHERE held = 1;
+CREATE INDEX IF NOT EXISTS customers_paused ON customers (last_at) WHERE paused = 1;
+CREATE INDEX IF NOT EXISTS customers_open ON customers (last_at) WHERE open_since IS NOT NULL;
+CREATE INDEX IF NOT EXISTS customers_recovered ON customers (last_at) WHERE recovered > 0;
+CREATE INDEX IF NOT EXISTS customers_errors ON customers (last_at) WHERE errors > 0;
+CREATE INDEX IF NOT EXISTS customers_waiting ON customers (COALESCE(paused_at, held_since))
+    WHERE held = 1 OR paused = 1;
+CREATE TABLE IF NOT EXISTS decisions (
+    batch_id TEXT PRIMARY KEY, customer_key TEXT NOT NULL, decided_at INTEGER NOT NULL,
+    message_count INTEGER, gap_seconds REAL, gap_threshold_seconds REAL, missed_check_ran INTEGER,
+    cutoff INTEGER, held INTEGER, hold_reason TEXT, routed_to TEXT, injected_json TEXT,
+    excluded_json TEXT, inj_realtime INTEGER, inj_history INTEGER, inj_both INTEGER,
+    webhooks_missing INTEGER, recovered INTEGER, history_error TEXT);
+CREATE INDEX IF NOT EXISTS decisions_customer ON decisions (customer_key, decided_at);
+CREATE INDEX IF NOT EXISTS decisions_at ON decisions (decided_at);
+CREATE TABLE IF NOT EXISTS requests (
+    batch_id TEXT PRIMARY KEY, customer_key TEXT NOT NULL, created_at INTEGER NOT NULL,
+    messages_json TEXT, user_text TEXT, block TEXT, images INTEGER, message_count INTEGER);
+CREATE INDEX IF NOT EXISTS requests_at ON requests (created_at);
+CREATE TABLE IF NOT EXISTS replies (
+    batch_id TEXT PRIMARY KEY, customer_key TEXT NOT NULL, outcome TEXT, text TEXT,
+    sent_at INTEGER NOT NULL, parts INTEGER);
+CREATE INDEX IF NOT EXISTS replies_at ON replies (sent_at);
+CREATE TABLE IF NOT EXISTS inbound (
+    event_id TEXT PRIMARY KEY, customer_key TEXT NOT NULL, at INTEGER NOT NULL,
+    provider_time INTEGER, text TEXT, recovered INTEGER);
+CREATE INDEX IF NOT EXISTS inbound_customer ON inbound (customer_key, at);
+CREATE INDEX IF NOT EXISTS inbound_at ON inbound (at);
+CREATE TABLE IF NOT EXISTS agent_activity (
+    event_id TEXT PRIMARY KEY, customer_key TEXT NOT NULL, at INTEGER NOT NULL,
+    sender_kind TEXT, operator_name TEXT, event_type TEXT, text TEXT);
+CREATE INDEX IF NOT EXISTS agent_customer ON agent_activity (customer_key, at);
+CREATE INDEX IF NOT EXISTS agent_at ON agent_activity (at);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id TEXT PRIMARY KEY, failed_at INTEGER NOT NULL, service TEXT, reason TEXT, error TEXT,
+    source_topic TEXT, source_partition INTEGER, source_offset INTEGER, record_key BLOB,
+    payload BLOB, customer_key TEXT, batch_id TEXT, replayed_at INTEGER, replayed_by TEXT);
+CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (failed_at);
+CREATE TABLE IF NOT EXISTS actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, operator TEXT NOT NULL,
+    kind TEXT NOT NULL, customer_key TEXT, target TEXT);
+CREATE INDEX IF NOT EXISTS actions_customer ON actions (customer_key, at);
+CREATE UNIQUE INDEX IF NOT EXISTS actions_once ON actions (customer_key, at, kind, operator);
+CREATE INDEX IF NOT EXISTS actions_at ON actions (at);
+CREATE TABLE IF NOT EXISTS hourly (
+    hour INTEGER PRIMARY KEY, batches INTEGER DEFAULT 0, held INTEGER DEFAULT 0, gaps INTEGER DEFAULT 0,
+    inj_realtime INTEGER DEFAULT 0, inj_history INTEGER DEFAULT 0, inj_both INTEGER DEFAULT 0,
+    webhooks_missing INTEGER DEFAULT 0, recovered INTEGER DEFAULT 0, history_failures INTEGER DEFAULT 0,
+    requests INTEGER DEFAULT 0, messages INTEGER DEFAULT 0, replies INTEGER DEFAULT 0,
+    dead_letters INTEGER DEFAULT 0, pauses INTEGER DEFAULT 0);
+"""
+
+HOURLY_FIELDS = (
+    "batches", "held", "gaps", "inj_realtime", "inj_history", "inj_both", "webhooks_missing",
+    "recovered", "history_failures", "requests", "messages", "replies", "dead_letters", "pauses",
+)
+
+FILTERS = {
+    "held": "held = 1",
+    "paused": "paused = 1",
+    "open": "open_since IS NOT NULL",
+    "recovered": "recovered > 0",
+    "errors": "errors > 0",
+}
+
+
+def _prefix_range(column: str, prefix: str) -> tuple[str, list[str]]:
+    """`column` starts with `prefix`, as a range an index can serve (a LIKE 'x%' often cannot)."""
+    return f"({column} >= ? AND {column} < ?)", [prefix, prefix + "\U0010ffff"]
+
+
+def search_clause(query: str) -> tuple[str, list[str]]:
+    """Customers whose key, phone / provider id or name starts with the query (case-insensitive
+    for names); each alternative is a range over an index, so a search costs the same with 100,000
+    customers as with 100."""
+    q = " ".join(query.split())
+    if not q:
+        return "", []
+    parts: list[str] = []
+    args: list[str] = []
+    digits = q.replace("+", "").replace(" ", "").replace("-", "")
+    candidates = [q] if ":" in q else []
+    if digits.isdigit():
+        candidates += [f"wati:{digits}", f"manychat:{digits}"]
+    else:
+        candidates += [f"wati:{q}", f"manychat:{q}"]
+    for prefix in dict.fromkeys(candidates):
+        clause, values = _prefix_range("key", prefix)
+        parts.append(clause)
+        args += values
+    clause, values = _prefix_range("lower(name)", q.lower())
+    parts.append(clause)
+    args += values
+    return "(" + " OR ".join(parts) + ")", args
+
+
+@dataclass(frozen=True)
+class Page:
+    rows: list[dict[str, Any]]
+    total: int
+    offset: int
+    limit: int
+
+
+def _insert(db: sqlite3.Connection, table: str, row: Row, verb: str = "INSERT OR IGNORE") -> bool:
+    cols = ", ".join(row)
+    marks = ", ".join(f":{c}" for c in row)
+    return db.execute(f"{verb} INTO {table} ({cols}) VALUES ({marks})", row).rowcount > 0
+
+
+class Store:
+    """One SQLite database file; use from one thread (the console's event loop)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # writes: one connection, one transaction at a time (`transaction` holds the lock), from the
+        # consumer's worker thread or the event loop; reads (the pages): a second connection, which
+        # WAL lets read the last committed state while a write is under way
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA temp_store=MEMORY")
+        self.db.executescript(SCHEMA)
+        self.lock = threading.Lock()
+        self.reader = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.reader.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.reader.close()
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------ writes (call inside transaction)
+
+    def is_empty(self) -> bool:
+        return self.reader.execute("SELECT 1 FROM offsets LIMIT 1").fetchone() is None
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        return {(r["topic"], r["partition"]): r["next_offset"]
+                for r in self.reader.execute("SELECT * FROM offsets")}
+
+    def set_offsets(self, positions: Mapping[tuple[str, int], int]) -> None:
+        self.db.executemany(
+            "INSERT INTO offsets VALUES (?, ?, ?) ON CONFLICT (topic, partition) DO UPDATE"
+            " SET next_offset = excluded.next_offset",
+            [(t, p, o) for (t, p), o in positions.items()],
+        )
+
+    def _hourly(self, at_ms: int, counts: Mapping[str, int]) -> None:
+        counts = {k: v for k, v in counts.items() if v}
+        if not counts:
+            return
+        cols = ", ".join(counts)
+        sets = ", ".join(f"{k} = {k} + excluded.{k}" for k in counts)
+        self.db.execute(
+            f"INSERT INTO hourly (hour, {cols}) VALUES (?, {', '.join('?' for _ in counts)})"  # noqa: S608
+            f" ON CONFLICT (hour) DO UPDATE SET {sets}",
+            (hour_of(at_ms), *counts.values()),
+        )
+
+    def _customer(self, key: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO customers (key) VALUES (?)", (key,))
+
+    def apply_decision(self, row: Row) -> None:
+        self.apply_decisions([row])
+
+    def apply_decisions(self, batch: list[Row]) -> None:
+        """New decisions (a batch id already stored, or twice in `batch`, counts once), in few
+        statements: one lookup per 500 ids, one insert and one customer update per row."""
+        unique: dict[str, Row] = {}
+        for row in batch:
+            unique.setdefault(row["batch_id"], row)
+        ids = list(unique)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for (known,) in self.db.execute(
+                f"SELECT batch_id FROM decisions WHERE batch_id IN ({marks})", chunk  # noqa: S608
+            ):
+                unique.pop(known, None)
+        new = sorted(unique.values(), key=lambda r: r["decided_at"])
+        if not new:
+            return
+        cols = list(new[0])
+        self.db.executemany(
+            f"INSERT INTO decisions ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})",  # noqa: S608
+            new,
+        )
+        by_hour: dict[int, Counter[str]] = {}
+        for row in new:
+            by_hour.setdefault(hour_of(row["decided_at"]), Counter()).update(decision_counts(row))
+        for hour, counts in by_hour.items():
+            self._hourly(hour, counts)
+        self.db.executemany("INSERT OR IGNORE INTO customers (key) VALUES (?)",
+                            [(k,) for k in dict.fromkeys(r["customer_key"] for r in new)])
+        self.db.executemany(
+            """UPDATE customers SET batches = batches + 1, recovered = recovered + :recovered,
+                 errors = errors + :error, last_at = MAX(last_at, :at),
+                 held = CASE WHEN last_decision_at IS NULL OR :at >= last_decision_at
+                     THEN :held ELSE held END,
+                 held_since = CASE WHEN last_decision_at IS NULL OR :at >= last_decision_at
+                     THEN (CASE WHEN :held THEN COALESCE(held_since, :at) ELSE NULL END) ELSE held_since END,
+                 hold_reason = CASE WHEN last_decision_at IS NULL OR :at >= last_decision_at
+                     THEN :reason ELSE hold_reason END,
+                 open_since = CASE WHEN open_since IS NOT NULL AND open_since <= :at THEN NULL
+                     ELSE open_since END,
+                 last_decision_at = MAX(COALESCE(last_decision_at, 0), :at)
+               WHERE key = :key""",
+            [{"recovered": r["recovered"], "error": int(bool(r["history_error"])), "at": r["decided_at"],
+              "held": r["held"], "reason": r["hold_reason"] if r["held"] else None, "key": r["customer_key"]}
+             for r in new],
+        )
+
+    def apply_request(self, row: Row) -> None:
+        if _insert(self.db, "requests", row):
+            self._hourly(row["created_at"], {"requests": 1})
+
+    def apply_reply(self, row: Row) -> None:
+        if not _insert(self.db, "replies", row):
+            return
+        self._hourly(row["sent_at"], {"replies": int(row["outcome"] in ("answered", "fallback"))})
+        if row["outcome"] in ("answered", "fallback"):
+            self._customer(row["customer_key"])
+            self.db.execute(
+                "UPDATE customers SET last_reply_at = MAX(COALESCE(last_reply_at, 0), :at),"
+                " last_at = MAX(last_at, :at) WHERE key = :key",
+                {"at": row["sent_at"], "key": row["customer_key"]},
+            )
+
+    def apply_inbound(self, row: Row) -> None:
+        customer = {k: row.pop(k) for k in ("channel", "provider_id", "sender_name")}
+        if not _insert(self.db, "inbound", row):
+            return
+        at = row["at"]
+        self._hourly(at, {"messages": 1})
+        self._customer(row["customer_key"])
+        self.db.execute(
+            """UPDATE customers SET channel = :channel, provider_id = :provider_id,
+                 name = COALESCE(:name, name), last_at = MAX(last_at, :at),
+                 last_inbound_at = MAX(COALESCE(last_inbound_at, 0), :at),
+                 open_since = CASE WHEN last_decision_at IS NULL OR :at > last_decision_at
+                     THEN MIN(COALESCE(open_since, :at), :at) ELSE open_since END
+               WHERE key = :key""",
+            {**customer, "name": customer["sender_name"], "at": at, "key": row["customer_key"]},
+        )
+
+    def apply_agent(self, row: Row) -> None:
+        if _insert(self.db, "agent_activity", row):
+            self._customer(row["customer_key"])
+            self.db.execute("UPDATE customers SET last_at = MAX(last_at, ?) WHERE key = ?",
+                            (row["at"], row["customer_key"]))
+
+    def apply_command(self, row: Row) -> None:
+        """Pause/resume: the latest command wins (a replayed old one does not undo a newer one).
+
+        The command is also the record of who did it (an action on the timeline); the topic keeps
+        it, so a rebuilt store still knows."""
+        self._customer(row["customer_key"])
+        new = self.db.execute(
+            "INSERT OR IGNORE INTO actions (at, operator, kind, customer_key) VALUES (?, ?, ?, ?)",
+            (row["at"], row["actor"] or "(no name)", row["kind"], row["customer_key"])).rowcount > 0
+        if not new:  # seen before (the console's own command coming back from the topic)
+            return
+        pause = row["kind"] == "pause"
+        self.db.execute("UPDATE customers SET last_at = MAX(last_at, ?) WHERE key = ?",
+                        (row["at"], row["customer_key"]))
+        self.db.execute(
+            """UPDATE customers SET paused = :paused, paused_by = :actor, paused_at = :at
+               WHERE key = :key AND (paused_at IS NULL OR paused_at <= :at)""",
+            {"paused": int(pause), "actor": row["actor"] if pause else None, "at": row["at"],
+             "key": row["customer_key"]},
+        )
+        if pause:
+            self._hourly(row["at"], {"pauses": 1})
+
+    def apply_dead_letter(self, row: Row) -> None:
+        if not _insert(self.db, "dead_letters", row):
+            return
+        self._hourly(row["failed_at"], {"dead_letters": 1})
+        if row["customer_key"]:
+            self._customer(row["customer_key"])
+            self.db.execute(
+                "UPDATE customers SET errors = errors + 1, last_at = MAX(last_at, ?) WHERE key = ?",
+                (row["failed_at"], row["customer_key"]))
+
+    def record_action(self, at: int, operator: str, kind: str, customer_key: str | None,
+                      target: str | None = None) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO actions (at, operator, kind, customer_key, target) VALUES (?, ?, ?, ?, ?)",
+            (at, operator, kind, customer_key, target),
+        )
+
+    def mark_replayed(self, letter_id: str, at: int, operator: str) -> bool:
+        """True when this call marked it (it was not replayed before): the once-only guard."""
+        return self.db.execute(
+            "UPDATE dead_letters SET replayed_at = ?, replayed_by = ? WHERE id = ? AND replayed_at IS NULL",
+            (at, operator, letter_id),
+        ).rowcount > 0
+
+    def unmark_replayed(self, letter_id: str) -> None:
+        self.db.execute("UPDATE dead_letters SET replayed_at = NULL, replayed_by = NULL WHERE id = ?",
+                        (letter_id,))
+
+    def prune(self, before_ms: int) -> int:
+        """Deletes every row dated before `before_ms`; returns how many."""
+        deleted = 0
+        with self.transaction() as db:
+            for table, column in (
+                ("decisions", "decided_at"), ("requests", "created_at"), ("replies", "sent_at"),
+                ("inbound", "at"), ("agent_activity", "at"), ("dead_letters", "failed_at"),
+                ("actions", "at"), ("hourly", "hour"), ("customers", "last_at"),
+            ):
+                deleted += db.execute(
+                    f"DELETE FROM {table} WHERE {column} < ?", (before_ms,)  # noqa: S608
+                ).rowcount
+        return deleted
+
+    # ------------------------------------------------------------ reads (the pages)
+
+    def hourly(self, since_ms: int) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.reader.execute(
+            "SELECT * FROM hourly WHERE hour >= ? ORDER BY hour", (hour_of(since_ms),))]
+
+    def totals(self, since_ms: int) -> dict[str, int]:
+        """The overview's figures since a time (hour granularity) plus customers served/active."""
+        sums = ", ".join(f"COALESCE(SUM({f}), 0) AS {f}" for f in HOURLY_FIELDS)
+        row = self.reader.execute(
+            f"SELECT {sums} FROM hourly WHERE hour >= ?", (hour_of(since_ms),)  # noqa: S608
+        ).fetchone()
+        out = {k: int(row[k]) for k in HOURLY_FIELDS}
+        out["customers_served"] = self.reader.execute(
+            "SELECT COUNT(*) FROM customers WHERE last_reply_at >= ?", (since_ms,)).fetchone()[0]
+        out["customers_active"] = self.reader.execute(
+            "SELECT COUNT(*) FROM customers WHERE last_at >= ?", (since_ms,)).fetchone()[0]
+        return out
+
+    def waiting_now(self) -> dict[str, int]:
+        row = self.reader.execute(
+            "SELECT COALESCE(SUM(held), 0) AS held, COALESCE(SUM(paused), 0) AS paused FROM customers"
+            " WHERE held = 1 OR paused = 1").fetchone()
+        return {"held": int(row["held"]), "paused": int(row["paused"])}
+
+    def customers(self, query: str = "", filters: Iterable[str] = (), offset: int = 0,
+                  limit: int = 50) -> Page:
+        where: list[str] = []
+        args: list[Any] = []
+        where_query, query_args = search_clause(query)
+        if where_query:
+            where.append(where_query)
+            args += query_args
+        where += [FILTERS[f] for f in filters if f in FILTERS]
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        total = self.reader.execute(f"SELECT COUNT(*) FROM customers {clause}", args).fetchone()[0]  # noqa: S608
+        rows = self.reader.execute(
+            f"SELECT * FROM customers {clause} ORDER BY last_at DESC LIMIT ? OFFSET ?",  # noqa: S608
+            [*args, limit, offset],
+        ).fetchall()
+        return Page([dict(r) for r in rows], int(total), offset, limit)
+
+    def waiting(self, offset: int = 0, limit: int = 100) -> Page:
+        """Held or paused customers, longest waiting first (the partial index `customers_waiting`)."""
+        total = self.reader.execute(
+            "SELECT COUNT(*) FROM customers WHERE held = 1 OR paused = 1").fetchone()[0]
+        rows = self.reader.execute(
+            "SELECT * FROM customers WHERE held = 1 OR paused = 1"
+            " ORDER BY COALESCE(paused_at, held_since) LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+        return Page([dict(r) for r in rows], int(total), offset, limit)
+
+    def customer(self, key: str) -> dict[str, Any] | None:
+        row = self.reader.execute("SELECT * FROM customers WHERE key = ?", (key,)).fetchone()
+        return dict(row) if row else None
+
+    def batches(self, key: str, before_ms: int | None = None, limit: int = 30) -> list[dict[str, Any]]:
+        """The customer's latest batches (newest first) with their request and reply, if any."""
+        rows = self.reader.execute(
+            """SELECT d.*, q.messages_json, q.user_text, q.block, q.images, q.created_at AS requested_at,
+                      r.outcome, r.text AS reply_text, r.sent_at, r.parts
+               FROM decisions d LEFT JOIN requests q ON q.batch_id = d.batch_id
+               LEFT JOIN replies r ON r.batch_id = d.batch_id
+               WHERE d.customer_key = ? AND d.decided_at < ? ORDER BY d.decided_at DESC LIMIT ?""",
+            (key, before_ms if before_ms is not None else 2**62, limit),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def events_between(self, table: str, key: str, since_ms: int, until_ms: int) -> list[dict[str, Any]]:
+        assert table in ("inbound", "agent_activity", "actions")
+        return [dict(r) for r in self.reader.execute(
+            f"SELECT * FROM {table} WHERE customer_key = ? AND at >= ? AND at < ? ORDER BY at",  # noqa: S608
+            (key, since_ms, until_ms))]
+
+    def dead_letters(self, offset: int = 0, limit: int = 50) -> Page:
+        total = self.reader.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+        rows = self.reader.execute(
+            "SELECT id, failed_at, service, reason, source_topic, customer_key, record_key, batch_id,"
+            " replayed_at, replayed_by, length(payload) AS size FROM dead_letters"
+            " ORDER BY failed_at DESC LIMIT ? OFFSET ?",
+            (limit, offset)).fetchall()
+        return Page([dict(r) for r in rows], int(total), offset, limit)
+
+    def dead_letter(self, letter_id: str) -> dict[str, Any] | None:
+        row = self.reader.execute("SELECT * FROM dead_letters WHERE id = ?", (letter_id,)).fetchone()
+        return dict(row) if row else None
+
+    def recent_actions(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.reader.execute(
+            "SELECT * FROM actions ORDER BY at DESC LIMIT ?", (limit,))]
