@@ -31,6 +31,7 @@ from typing import Any, cast
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
+from .. import providers
 from ..common import codec, metrics
 from ..common.config import Settings
 from ..common.kafka import Topics, dead_letter, send_record
@@ -47,7 +48,6 @@ from .state_store import StateStore, empty_state, find_batch, with_conversation,
 log = logging.getLogger(__name__)
 
 SERVICE = "responder"
-CHANNEL_PROVIDER = {"wati": "wati", "facebook": "manychat", "instagram": "manychat"}
 
 
 def request_problem(request: dict[str, Any]) -> str | None:
@@ -60,7 +60,11 @@ def request_problem(request: dict[str, Any]) -> str | None:
     except KeyError_:
         return "malformed customer_key"
     channel = request.get("channel")
-    if CHANNEL_PROVIDER.get(str(channel)) != provider:
+    try:
+        channel_provider = providers.for_channel(str(channel)).name
+    except providers.UnknownProvider:
+        channel_provider = None
+    if channel_provider != provider:
         return f"channel {channel} does not match the customer key's provider {provider}"
     if not str(request.get("provider_id") or "").strip():
         return "empty provider_id"
