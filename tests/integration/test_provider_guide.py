@@ -128,7 +128,7 @@ async def test_a_webhook_to_the_new_provider_is_answered_through_it(settings: Se
         # responder: the batch of that message, answered through the echo provider
         request: ResponderRequest = {
             "batch_id": f"b-{uuid.uuid4().hex[:12]}", "customer_key": inbound["customer_key"],
-            "channel": inbound["channel"], "provider_id": inbound["provider_id"], "messages": [inbound],  # type: ignore[typeddict-item]
+            "channel": inbound["channel"], "provider_id": inbound["provider_id"], "messages": [inbound],  # type: ignore[list-item]
             "prior_last_inbound_at": None, "prior_last_reply_at": None, "gap_seconds": None,
             "missed_check_ran": False, "missed_messages": [], "missed_dropped_oldest": 0, "images": [],
             "created_at": utcnow(),
