@@ -57,7 +57,26 @@ def test_no_service_switches_on_a_channel_name() -> None:
     assert offenders == []
 
 
+PROVIDER_IMPORT = re.compile(
+    r"^\s*from\s+(services\.(common|ingest)|\.\.?(common)?)\.?(wati|manychat)\s+import", re.MULTILINE)
+
+
+def test_only_provider_modules_import_a_providers_client_or_parser() -> None:
+    offenders = []
+    for path in sorted((ROOT / "services").rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        if relative in PROVIDER_FILES or relative.startswith(("services/standins/", "services/providers/")):
+            continue
+        offenders += [f"{relative}: {m.group(0).strip()}"
+                      for m in PROVIDER_IMPORT.finditer(path.read_text(encoding="utf-8"))]
+    assert offenders == []
+
+
 def test_the_guard_catches_a_switch() -> None:
+    assert PROVIDER_IMPORT.search("from services.common.wati import WatiClient")
+    assert PROVIDER_IMPORT.search("from ..common.manychat import ManyChatClient")
+    assert PROVIDER_IMPORT.search("from .wati import classify_wati")
+    assert not PROVIDER_IMPORT.search("from services.providers.wati import WatiProvider")
     assert CHANNEL_LITERAL.search('    if channel == "wati":')
     assert CHANNEL_LITERAL.search("limit = {'facebook': 2000}")
     assert not CHANNEL_LITERAL.search("provider = providers.for_channel(channel)")
