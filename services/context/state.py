@@ -396,6 +396,7 @@ def gap_decision(batch: Batch, customer_key: str, limits: Limits, held: bool = F
     prior = batch["prior_last_inbound_at"]
     gap = None if prior is None else (batch_start(batch) - prior).total_seconds()
     if not providers.has_history(batch["messages"][0]["channel"]):
+        # "not_wati" (a reason already in audits and reports): the channel's provider has no history
         return GapDecision(gap, threshold, False, "not_wati")
     if gap is None:
         return GapDecision(gap, threshold, True, "first_contact")
