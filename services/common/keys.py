@@ -10,6 +10,8 @@ from __future__ import annotations
 
 WATI = "wati"
 MANYCHAT = "manychat"
+#: key prefixes of the registered providers (services.providers adds each one it registers)
+PROVIDER_PREFIXES: set[str] = {WATI, MANYCHAT}
 
 
 class KeyError_(ValueError):
@@ -33,7 +35,7 @@ def manychat_key(subscriber_id: str) -> str:
 def split_key(customer_key: str) -> tuple[str, str]:
     """('wati', '5037...') from 'wati:5037...'."""
     provider, sep, ident = customer_key.partition(":")
-    if not sep or provider not in (WATI, MANYCHAT) or not ident:
+    if not sep or provider not in PROVIDER_PREFIXES or not ident:
         raise KeyError_(f"not a customer key: {mask(customer_key)}")
     return provider, ident
 

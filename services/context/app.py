@@ -52,6 +52,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLarge
 from aiokafka.partitioner import murmur2
 from prometheus_client import Counter, Gauge, Histogram
 
+from services import providers
 from services.common import codec, kafka, logs, metrics
 from services.common.config import ConfigError, Settings
 from services.common.kafka import Topics
@@ -295,7 +296,7 @@ class CustomerIndex:
         session_start = now - timedelta(seconds=domain.WHATSAPP_SESSION_SECONDS)
         found: list[SweepTarget] = []
         for key, e in self.entries.items():
-            if e.channel == "wati" and e.provider_id and e.last_activity_at is not None \
+            if providers.has_history(e.channel) and e.provider_id and e.last_activity_at is not None \
                     and e.last_activity_at >= since:
                 stop_before = max(e.last_reply_at or session_start, session_start)
                 found.append(SweepTarget(key, e.provider_id, e.last_activity_at, stop_before))

@@ -1,4 +1,5 @@
-"""WATI history fetches of the context service, run beside the agent, never inside it.
+"""History fetches of the context service (through the customer's provider: `Provider.fetch_history`,
+WATI's getMessages today), run beside the agent, never inside it.
 
 A slow WATI must never stall other customers, so the agent only ORDERS a fetch (state.py's
 `HistoryFetchOrder`); this module runs it as an asyncio task (bounded concurrency, overall
@@ -23,13 +24,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from services import providers
 from services.common import logs, metrics
 from services.common.config import Settings
+from services.common.keys import split_key
 from services.common.records import ContextCommand, HistoryItem
 from services.common.timeparse import utcnow
-from services.common.wati import WatiClient, WatiError
-from services.context.history import parse_history
 from services.context.state import HistoryFetchOrder
+from services.providers.base import Client, Provider, ProviderFailure
 
 log = logging.getLogger(__name__)
 
@@ -135,26 +137,24 @@ class HistoryFetcher:
         settings: Settings,
         send_command: SendCommand,
         *,
-        client_factory: Callable[[], WatiClient] | None = None,
+        client_factory: Callable[[Provider], Client | None] | None = None,
         max_concurrent: int = MAX_CONCURRENT_FETCHES,
     ) -> None:
         self.settings = settings
         self.send_command = send_command
         self._client_factory = client_factory or self._default_client
-        self._client: WatiClient | None = None
+        self._clients: dict[str, Client | None] = {}
         self._limit = asyncio.Semaphore(max_concurrent)
         self._tasks: dict[tuple[str, str | None], asyncio.Task[None]] = {}
 
-    def _default_client(self) -> WatiClient:
-        return WatiClient(
-            self.settings.wati_api_url, self.settings.wati_api_token,
-            timeout=max(1.0, self.settings.history_timeout_seconds),
-        )
+    def _default_client(self, provider: Provider) -> Client | None:
+        return provider.open_client(self.settings, "history")
 
-    def client(self) -> WatiClient:
-        if self._client is None:
-            self._client = self._client_factory()
-        return self._client
+    def client(self, provider: Provider) -> Client | None:
+        """The provider's history client, opened on first use."""
+        if provider.name not in self._clients:
+            self._clients[provider.name] = self._client_factory(provider)
+        return self._clients[provider.name]
 
     @property
     def running(self) -> int:
@@ -213,15 +213,16 @@ class HistoryFetcher:
         started = time.monotonic()
         async with self._limit:
             try:
-                raw, pages = await asyncio.wait_for(
-                    self.client().fetch_history(
-                        provider_id, stop_before=stop_before, max_pages=self.settings.history_max_pages,
-                        notice=count_history_notice,
+                provider = providers.by_name(split_key(customer_key)[0])
+                history, pages = await asyncio.wait_for(
+                    provider.fetch_history(
+                        self.client(provider), provider_id, stop_before=stop_before,
+                        max_pages=self.settings.history_max_pages, notice=count_history_notice,
                     ),
                     timeout=self.settings.history_timeout_seconds,
                 )
-                result = FetchResult(history=parse_history(raw), pages=pages)
-            except WatiError as exc:
+                result = FetchResult(history=history, pages=pages)
+            except ProviderFailure as exc:
                 result = FetchResult(error=exc.reason, status=exc.status)
             except TimeoutError:
                 result = FetchResult(error="timeout")
@@ -247,9 +248,10 @@ class HistoryFetcher:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            if client is not None:
+                await client.aclose()
 
 
 class ReconcileSweep:

@@ -76,8 +76,9 @@ import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
+from services import providers
 from services.common import codec, own_messages
 from services.common.config import GapPolicy
 from services.common.keys import split_key
@@ -394,7 +395,8 @@ def gap_decision(batch: Batch, customer_key: str, limits: Limits, held: bool = F
     threshold = limits.policy.gap_seconds(customer_key)
     prior = batch["prior_last_inbound_at"]
     gap = None if prior is None else (batch_start(batch) - prior).total_seconds()
-    if batch["messages"][0]["channel"] != "wati":
+    if not providers.has_history(batch["messages"][0]["channel"]):
+        # "not_wati" (a reason already in audits and reports): the channel's provider has no history
         return GapDecision(gap, threshold, False, "not_wati")
     if gap is None:
         return GapDecision(gap, threshold, True, "first_contact")
@@ -556,7 +558,7 @@ def _on_history(
 
 def _on_reconcile(state: CustomerState, now: datetime) -> tuple[CustomerState, Effects]:
     """A sweep asks for this customer's history (the shell may also fetch directly)."""
-    if state["channel"] != "wati" or not state["provider_id"]:
+    if not providers.has_history(state["channel"]) or not state["provider_id"]:
         return state, Effects(log=[("reconcile_skipped", {"reason": "not_wati"})])
     order = HistoryFetchOrder(state["customer_key"], state["provider_id"], RECONCILE_FETCH_ID,
                               _sweep_lower_bound(state, now))
@@ -961,6 +963,11 @@ def _fetch_order(state: CustomerState, batch: Batch, now: datetime, limits: Limi
     return HistoryFetchOrder(state["customer_key"], provider_id, batch["batch_id"], stop_before)
 
 
+def _first_channel(customer_key: str) -> Channel:
+    """The channel of a customer whose state never recorded one: its key's provider's first."""
+    return cast(Channel, providers.by_name(split_key(customer_key)[0]).channels[0])
+
+
 def _recovered_message(state: CustomerState, item: HistoryItem, now: datetime) -> InboundMessage:
     """A customer message found only in history, as if its webhook had come (flagged `recovered`).
 
@@ -974,7 +981,7 @@ def _recovered_message(state: CustomerState, item: HistoryItem, now: datetime) -
     return {
         "event_id": ids[-1],
         "customer_key": state["customer_key"],
-        "channel": state["channel"] or "wati",
+        "channel": state["channel"] or _first_channel(state["customer_key"]),
         "provider_id": provider_id,
         "message_type": item["message_type"],
         "text": item["text"],

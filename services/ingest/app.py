@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from services import providers
 from services.common import metrics
 from services.common.codec import CodecError
 from services.common.config import ConfigError, Settings
@@ -34,13 +35,14 @@ from services.common.logs import event
 from services.common.timeparse import utcnow
 
 from .auth import check_token, presented_token
-from .manychat import normalise_manychat
 from .outcomes import BusinessSend, CustomerMessage, Ignored, Rejected
 from .producer import BrokerUnavailable, ProducerSupervisor
-from .wati import classify_wati
 
 log = logging.getLogger(__name__)
 
+#: `/webhooks/<provider name>`, one route per registered provider (services.providers)
+WEBHOOK_ROUTE = "/webhooks/{provider}"
+# the built-in providers' routes, named for callers that address them directly
 WATI_ROUTE = "/webhooks/wati"
 MANYCHAT_ROUTE = "/webhooks/manychat"
 # A client that sends its body slower than this is cut off (408), so it cannot hold a handler.
@@ -49,13 +51,14 @@ BODY_READ_TIMEOUT_SECONDS = 10.0
 Outcome = CustomerMessage | BusinessSend | Ignored | Rejected
 Normaliser = Callable[[object, datetime], Outcome]
 
+#: provider name → its webhook parser, from the registry (`make_app` adds providers registered
+#: later); tests replace an entry to simulate a broken parser
+NORMALISERS: dict[str, Normaliser] = {p.name: p.parse_webhook for p in providers.providers()}
 
-def _manychat_outcome(payload: object, received_at: datetime) -> Outcome:
-    result = normalise_manychat(payload, received_at)
-    return result if isinstance(result, Rejected) else CustomerMessage(result)
 
-
-NORMALISERS: dict[str, Normaliser] = {"wati": classify_wati, "manychat": _manychat_outcome}
+def webhook_route(provider_name: str) -> str:
+    """The webhook path of a provider: `/webhooks/wati`, `/webhooks/manychat`, ..."""
+    return WEBHOOK_ROUTE.format(provider=provider_name)
 
 
 # the hot path's label children, kept (`metrics.Children`)
@@ -77,11 +80,11 @@ class Ingest:
 
     # --- webhooks ---
 
-    async def wati(self, request: web.Request) -> web.Response:
-        return await self._webhook(request, "wati")
-
-    async def manychat(self, request: web.Request) -> web.Response:
-        return await self._webhook(request, "manychat")
+    def webhook_handler(self, provider: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """The handler of one provider's route (its name is fixed: nothing is read from the path)."""
+        async def handle(request: web.Request) -> web.Response:
+            return await self._webhook(request, provider)
+        return handle
 
     async def _webhook(self, request: web.Request, provider: str) -> web.Response:
         started = asyncio.get_running_loop().time()
@@ -342,8 +345,9 @@ def make_app(settings: Settings, supervisor: ProducerSupervisor, clock: Callable
     ingest = Ingest(settings, Topics.from_settings(settings), supervisor, clock)
     app = web.Application(middlewares=[observe])
     app[SUPERVISOR_KEY] = supervisor
-    app.router.add_post(WATI_ROUTE, ingest.wati)
-    app.router.add_post(MANYCHAT_ROUTE, ingest.manychat)
+    for provider in providers.providers():
+        NORMALISERS.setdefault(provider.name, provider.parse_webhook)
+        app.router.add_post(webhook_route(provider.name), ingest.webhook_handler(provider.name))
     app.router.add_get("/healthz", ingest.healthz)
     app.router.add_get("/readyz", ingest.readyz)
     app.router.add_get("/metrics", ingest.metrics_text)

@@ -25,14 +25,13 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
+from .. import providers
 from ..common import logs
 from ..common.config import ConfigError, Settings
 from ..common.kafka import Topics, ensure_topics, make_producer
 from ..common.keyed_consumer import KeyedConsumer
 from ..common.logs import event
-from ..common.manychat import ManyChatClient
 from ..common.ops_http import bound_port, serve_ops
-from ..common.wati import WatiClient
 from .ai import Replier, make_client
 from .channels import ChannelSender
 from .prompt import UnknownLocale, labels_for
@@ -70,12 +69,13 @@ def check_settings(settings: Settings) -> list[str]:
     except UnknownLocale as exc:
         raise ConfigError(f"PROMPT_LOCALE: {exc}") from exc
     settings.require_channels()
-    wati, manychat = settings.channel_enabled("wati"), settings.channel_enabled("manychat")
-    warnings = []
-    if not wati:
-        warnings.append("WATI is not configured: WhatsApp batches will be dead-lettered")
-    if not manychat:
-        warnings.append("ManyChat is not configured: Facebook/Instagram batches will be dead-lettered")
+    registered = providers.providers()
+    unconfigured = [p for p in registered if not p.configured(settings)]
+    if len(unconfigured) == len(registered):
+        raise ConfigError(
+            "no channel configured: set " + " and/or ".join(p.config_hint() for p in registered)
+        )
+    warnings = [p.unconfigured_warning() for p in unconfigured]
     if not settings.system_prompt_file:
         warnings.append("SYSTEM_PROMPT_FILE is not set: using the built-in instructions")
     return warnings
@@ -138,10 +138,7 @@ class Responder:
         replier = Replier(client, model=s.openai_model, instructions=self.instructions,
                           max_attempts=s.openai_max_attempts,
                           max_output_tokens=s.openai_max_output_tokens or None)
-        wati = WatiClient(s.wati_api_url, s.wati_api_token) if s.channel_enabled("wati") else None
-        manychat = (ManyChatClient(s.manychat_api_url, s.manychat_api_token)
-                    if s.channel_enabled("manychat") else None)
-        self.sender = ChannelSender(wati, manychat)
+        self.sender = ChannelSender(*(p.open_client(s, "send") for p in providers.providers()))
         self.worker = ResponderWorker(s, replier=replier, sender=self.sender, store=self.store,
                                       producer=self.producer, topics=self.topics)
         self.consumer = KeyedConsumer(

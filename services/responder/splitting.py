@@ -1,4 +1,4 @@
-"""Splitting a long answer into messages a channel accepts (WATI ≤ 4096, ManyChat ≤ 2000 characters).
+"""Splitting a long answer into messages a channel accepts (its provider's `message_limit`).
 
 Pure. A cut goes at the last paragraph break that fits, else the last line break, else the last
 sentence end, else the last space; only a single word longer than the limit is cut inside. Parts
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import re
 
-WATI_LIMIT = 4096
-MANYCHAT_LIMIT = 2000
+from ..providers import for_channel
+from ..providers.manychat import MANYCHAT_LIMIT
+from ..providers.wati import WATI_LIMIT
+
+__all__ = ["MANYCHAT_LIMIT", "WATI_LIMIT", "limit_for", "split_message"]
 
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 _LINE = re.compile(r"\n\s*")
@@ -54,5 +57,5 @@ def split_message(text: str, limit: int) -> list[str]:
 
 
 def limit_for(channel: str) -> int:
-    """The message length limit of a channel (`wati`, `facebook`, `instagram`)."""
-    return WATI_LIMIT if channel == "wati" else MANYCHAT_LIMIT
+    """The message length limit of a channel (`wati`, `facebook`, `instagram`): its provider's."""
+    return for_channel(channel).message_limit(channel)

@@ -73,6 +73,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from aiokafka.structs import TopicPartition
 
+from .. import providers
 from ..common import codec, metrics
 from ..common.config import Settings
 from ..common.kafka import Topics, dead_letter, send_record
@@ -98,7 +99,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SERVICE = "responder"
-CHANNEL_PROVIDER = {"wati": "wati", "facebook": "manychat", "instagram": "manychat"}
 
 
 def request_problem(request: dict[str, Any]) -> str | None:
@@ -111,7 +111,11 @@ def request_problem(request: dict[str, Any]) -> str | None:
     except KeyError_:
         return "malformed customer_key"
     channel = request.get("channel")
-    if CHANNEL_PROVIDER.get(str(channel)) != provider:
+    try:
+        channel_provider = providers.for_channel(str(channel)).name
+    except providers.UnknownProvider:
+        channel_provider = None
+    if channel_provider != provider:
         return f"channel {channel} does not match the customer key's provider {provider}"
     if not str(request.get("provider_id") or "").strip():
         return "empty provider_id"

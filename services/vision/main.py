@@ -17,12 +17,13 @@ import httpx
 import openai
 from aiokafka import AIOKafkaProducer
 
+from services import providers
 from services.common import logs
 from services.common.config import Settings
 from services.common.kafka import ensure_topics, make_producer
 from services.common.keyed_consumer import KeyedConsumer
 from services.common.ops_http import serve_ops
-from services.common.wati import WatiClient
+from services.providers.base import Client
 
 from .classify import parse_categories
 from .images import is_private_host
@@ -52,7 +53,7 @@ class Vision:
         )
         self.producer: AIOKafkaProducer | None = None
         self.client: openai.AsyncOpenAI | None = None
-        self.wati: WatiClient | None = None
+        self.media_clients: list[Client] = []
         self.http: httpx.AsyncClient | None = None
         self.worker: VisionWorker | None = None
         self.consumer: KeyedConsumer | None = None
@@ -68,10 +69,10 @@ class Vision:
             http_client=openai.DefaultAsyncHttpxClient(event_hooks={
                 "request": [count_sdk_retry], "response": [refuse_retry_of_billing_errors]}),
         )
-        if s.channel_enabled("wati") and s.wati_api_url:
-            self.wati = WatiClient(s.wati_api_url, s.wati_api_token, timeout=20.0)
+        self.media_clients = [c for c in (p.open_client(s, "media") for p in providers.providers()) if c]
         self.http = attachment_http_client(allow_private_urls=self.allow_private_urls)
-        fetcher = MediaFetcher(s, wati=self.wati, http=self.http, allow_private_urls=self.allow_private_urls)
+        fetcher = MediaFetcher(s, clients=self.media_clients, http=self.http,
+                               allow_private_urls=self.allow_private_urls)
         self.worker = VisionWorker(s, producer=self.producer, client=self.client, fetcher=fetcher)
         self.consumer = KeyedConsumer(
             s, service=SERVICE, topics=[topics.vision_requests], group_id=f"{s.topic_prefix}vision",
@@ -94,13 +95,14 @@ class Vision:
             self.consumer = None
         for closer in (
             self.http.aclose() if self.http else None,
-            self.wati.aclose() if self.wati else None,
+            *(client.aclose() for client in self.media_clients),
             self.client.close() if self.client else None,
         ):
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer
-        self.http = self.wati = self.client = None
+        self.http = self.client = None
+        self.media_clients = []
         if self.producer is not None:
             await self.producer.stop()
             self.producer = None

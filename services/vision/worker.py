@@ -1,10 +1,11 @@
 """The vision worker: VisionRequest in, ImageClassified events and one ResponderRequest out.
 
 For each image of a batch (see `images.images_of`):
-1. download it with the provider's credentials — WATI: `getMedia` with the Bearer token (through
-   `WatiClient`, which only ever talks to our configured WATI URL); ManyChat: the attachment URL,
-   plain GET, size- and time-bounded, private addresses refused (`images.check_attachment_url`;
-   allowed only when MANYCHAT_API_URL is itself local, i.e. stand-ins in tests/dev/demo);
+1. download it through the channel's provider (`Provider.fetch_media`) — WATI: `getMedia` with
+   the Bearer token (through `WatiClient`, which only ever talks to our configured WATI URL);
+   ManyChat: the attachment URL, plain GET, size- and time-bounded, private addresses refused
+   (`images.check_attachment_url`; allowed only when MANYCHAT_API_URL is itself
+   local, i.e. stand-ins in tests/dev/demo);
 2. validate the bytes (`images.validate_image`: magic bytes, ≤ IMAGE_MAX_BYTES, no animated GIF);
 3. upload them to the OpenAI Files API (purpose "vision"). DECISION: images reach OpenAI as a
    Files API `file_id`. No image bytes ever travel through Kafka, the responder does not download
@@ -43,7 +44,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -52,6 +53,7 @@ import openai
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
+from services import providers
 from services.common import codec, metrics, openai_errors
 from services.common.config import Settings
 from services.common.kafka import Topics, dead_letter
@@ -64,7 +66,7 @@ from services.common.records import (
     ResponderRequest,
 )
 from services.common.timeparse import utcnow
-from services.common.wati import WatiClient, WatiError
+from services.providers.base import Client, MediaPolicy, ProviderFailure
 
 from . import classify, images
 from .images import ImageRef, ImageRejected
@@ -144,19 +146,24 @@ def openai_detail(exc: BaseException) -> str:
 
 
 class MediaFetcher:
-    """Downloads a customer's media with the credentials of the channel it came from."""
+    """Downloads a customer's media through the provider of the channel it came from, with that
+    provider's client (`Provider.open_client(settings, "media")`); attachment URLs go through
+    `_from_url`'s checks (private hosts, size, retries)."""
 
     def __init__(
         self,
         settings: Settings,
         *,
-        wati: WatiClient | None,
+        clients: Iterable[Client | None] = (),
         http: httpx.AsyncClient,
         allow_private_urls: bool,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.max_bytes = settings.image_max_bytes
-        self.wati = wati
+        self.clients: dict[str, Client] = {}
+        for client in clients:
+            if client is not None:
+                self.clients[providers.for_client(client).name] = client
         self.http = http
         self.allow_private_urls = allow_private_urls
         self._sleep = sleep
@@ -165,25 +172,19 @@ class MediaFetcher:
         """The media's bytes; raises ImageRejected (image_download_failed / image_too_large)."""
         if not media_ref:
             raise ImageRejected("image_download_failed", "the message has no media reference")
-        if channel == "wati":
-            return await self._from_wati(media_ref)
-        return await self._from_url(media_ref)
-
-    async def _from_wati(self, media_ref: str) -> bytes:
-        if self.wati is None:
-            raise ImageRejected("image_download_failed", "WATI_API_URL is not configured")
-        for attempt in range(MEDIA_ATTEMPTS):
-            try:
-                data, _declared = await self.wati.get_media(media_ref, max_bytes=self.max_bytes)
-                return data
-            except WatiError as exc:
-                if exc.reason == "too_large":
-                    raise ImageRejected("image_too_large", f"more than {self.max_bytes} bytes") from None
-                if not exc.retryable or attempt == MEDIA_ATTEMPTS - 1:
-                    raise ImageRejected("image_download_failed", str(exc)) from None
-                await self._sleep(min(exc.retry_after if exc.retry_after is not None
-                                      else 0.25 * 2 ** attempt, MEDIA_RETRY_CAP_SECONDS))
-        raise AssertionError("unreachable")
+        try:
+            provider = providers.for_channel(channel)
+        except providers.UnknownProvider as exc:
+            raise ImageRejected("image_download_failed", str(exc)) from None
+        policy = MediaPolicy(max_bytes=self.max_bytes, attempts=MEDIA_ATTEMPTS,
+                             retry_cap_seconds=MEDIA_RETRY_CAP_SECONDS, sleep=self._sleep)
+        try:
+            return await provider.fetch_media(self.clients.get(provider.name), channel, media_ref,
+                                              policy=policy, download_url=self._from_url)
+        except ProviderFailure as exc:
+            if exc.reason == "too_large":
+                raise ImageRejected("image_too_large", f"more than {self.max_bytes} bytes") from None
+            raise ImageRejected("image_download_failed", str(exc)) from None
 
     async def _from_url(self, media_ref: str) -> bytes:
         url = images.check_attachment_url(media_ref, allow_private=self.allow_private_urls)

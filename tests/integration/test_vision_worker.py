@@ -285,7 +285,7 @@ async def test_wati_media_download_requires_the_bearer_token(env: Env) -> None:
     env.stand_ins.wati.add_media("data/images/token.png", png_bytes(), "image/png")
     for token, ok in (("wrong-token", False), (env.settings.wati_api_token, True)):
         async with WatiClient(env.stand_ins.wati_url, token) as wati, httpx.AsyncClient() as http:
-            fetcher = MediaFetcher(env.settings, wati=wati, http=http, allow_private_urls=False)
+            fetcher = MediaFetcher(env.settings, clients=[wati], http=http, allow_private_urls=False)
             if ok:
                 assert await fetcher.fetch("wati", "data/images/token.png") == png_bytes()
             else:

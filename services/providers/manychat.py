@@ -1,0 +1,103 @@
+"""ManyChat (Facebook Messenger, Instagram): channels `facebook` and `instagram`, keys
+`manychat:<subscriber id>`, webhooks (External Requests) at /webhooks/manychat.
+
+Sends are sendContent calls (≤ 10 messages each) split to 2000 characters; a partly failed call
+resumes after the messages ManyChat took. ManyChat has no history to read, so resumed sends stay
+at-least-once and the context service never fetches history for its customers. Media are the
+attachment URLs of the webhook, downloaded with the vision service's URL checks.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from services.common import metrics
+from services.common.config import Settings
+from services.common.manychat import MAX_TEXT_CHARS, ManyChatClient, ManyChatError
+from services.common.records import HistoryItem
+from services.ingest.manychat import normalise_manychat
+from services.ingest.outcomes import CustomerMessage, Rejected
+
+from .base import (
+    Client,
+    DownloadUrl,
+    MediaPolicy,
+    Notice,
+    Outcome,
+    ProviderFailure,
+    Purpose,
+    SendFailed,
+    SendPolicy,
+    Sent,
+)
+
+#: the longest message ManyChat's sendContent accepts
+MANYCHAT_LIMIT = MAX_TEXT_CHARS
+
+
+class ManyChatProvider:
+    name: str = "manychat"
+    channels: tuple[str, ...] = ("facebook", "instagram")
+    has_history: bool = False
+    client_type: type = ManyChatClient
+
+    def parse_webhook(self, payload: object, received_at: datetime) -> Outcome:
+        result = normalise_manychat(payload, received_at)
+        return result if isinstance(result, Rejected) else CustomerMessage(result)
+
+    def message_limit(self, channel: str) -> int:
+        return MANYCHAT_LIMIT
+
+    def configured(self, settings: Settings) -> bool:
+        """Enabled (CHANNELS) and its settings present."""
+        return settings.channel_enabled(self.name) and bool(
+            settings.manychat_api_url and settings.manychat_api_token)
+
+    def unconfigured_warning(self) -> str:
+        return "ManyChat is not configured: Facebook/Instagram batches will be dead-lettered"
+
+    def config_hint(self) -> str:
+        return "MANYCHAT_API_TOKEN"
+
+    def open_client(self, settings: Settings, purpose: Purpose) -> ManyChatClient | None:
+        if purpose != "send" or not self.configured(settings):
+            return None  # media are attachment URLs; there is no history API
+        return ManyChatClient(settings.manychat_api_url, settings.manychat_api_token)
+
+    async def send(self, client: Client | None, channel: str, provider_id: str, parts: list[str],
+                   batch_id: str, *, resume: bool, policy: SendPolicy) -> Sent:
+        if not isinstance(client, ManyChatClient):
+            metrics.send_failures_total.labels(channel, "not_configured").inc()
+            raise SendFailed("channel_not_configured", [], [])
+        instagram = channel == "instagram"
+        remaining = list(parts)
+        delivered: list[str] = []
+        attempt = 0
+        while remaining:
+            attempt += 1
+            try:
+                await client.send_content(provider_id, remaining, instagram=instagram)
+            except ManyChatError as exc:
+                metrics.send_failures_total.labels(channel, exc.reason).inc()
+                done = max(0, min(exc.sent_messages, len(remaining)))
+                delivered.extend(remaining[:done])
+                remaining = remaining[done:]
+                if not exc.retryable or attempt >= policy.attempts:
+                    raise SendFailed(exc.reason, delivered, []) from None
+                await policy.sleep(policy.delay(attempt, None))
+                continue
+            except ValueError:
+                metrics.send_failures_total.labels(channel, "invalid_text").inc()
+                raise SendFailed("invalid_text", delivered, []) from None
+            delivered.extend(remaining)
+            remaining = []
+        return Sent(delivered, [])
+
+    async def fetch_history(self, client: Client | None, provider_id: str, *,
+                            stop_before: datetime | None, max_pages: int,
+                            notice: Notice | None) -> tuple[list[HistoryItem], int]:
+        raise ProviderFailure("no_history", "ManyChat has no conversation history API")
+
+    async def fetch_media(self, client: Client | None, channel: str, media_ref: str, *,
+                          policy: MediaPolicy, download_url: DownloadUrl) -> bytes:
+        return await download_url(media_ref)

@@ -1,0 +1,151 @@
+"""WATI (WhatsApp): the `wati` channel, keys `wati:<waId or BSUID>`, webhooks at /webhooks/wati.
+
+Sends are session messages split to 4096 characters, each part carrying a `localMessageId` derived
+from the batch id. A send resumed after a crash (`resume=True`: the batch was generated, maybe
+partly or wholly sent, but `sent` was never recorded) first looks for the batch's parts in the
+contact's newest history page by that `localMessageId`, and sends only the parts WATI does not
+have: a responder SIGKILLed while WATI was accepting its reply must not send the reply twice
+(chaos drill, issue 7). A failed lookup sends anyway: a possible duplicate beats no answer.
+History: getMessages pages (the only provider with history). Media: getMedia by path or URL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from services.common import metrics
+from services.common.config import Settings
+from services.common.records import HistoryItem
+from services.common.wati import MAX_TEXT_CHARS, WatiClient, WatiError, sent_message_ids
+from services.context.history import parse_history
+from services.ingest.wati import classify_wati
+
+from .base import (
+    Client,
+    DownloadUrl,
+    MediaPolicy,
+    Notice,
+    Outcome,
+    ProviderFailure,
+    Purpose,
+    SendFailed,
+    SendPolicy,
+    Sent,
+    local_message_id,
+)
+
+#: history items searched for the parts of a resumed send (WATI lists the newest first).
+RESUME_LOOKUP_ITEMS = 100
+#: the longest session message WATI accepts
+WATI_LIMIT = MAX_TEXT_CHARS
+
+
+class WatiProvider:
+    name: str = "wati"
+    channels: tuple[str, ...] = ("wati",)
+    has_history: bool = True
+    client_type: type = WatiClient
+
+    def parse_webhook(self, payload: object, received_at: datetime) -> Outcome:
+        return classify_wati(payload, received_at)
+
+    def message_limit(self, channel: str) -> int:
+        return WATI_LIMIT
+
+    def configured(self, settings: Settings) -> bool:
+        """Enabled (CHANNELS) and its settings present."""
+        return settings.channel_enabled(self.name) and bool(settings.wati_api_url and settings.wati_api_token)
+
+    def unconfigured_warning(self) -> str:
+        return "WATI is not configured: WhatsApp batches will be dead-lettered"
+
+    def config_hint(self) -> str:
+        return "WATI_API_URL + WATI_API_TOKEN"
+
+    def open_client(self, settings: Settings, purpose: Purpose) -> WatiClient | None:
+        if purpose == "history":
+            return WatiClient(settings.wati_api_url, settings.wati_api_token,
+                              timeout=max(1.0, settings.history_timeout_seconds))
+        if purpose == "media":
+            return WatiClient(settings.wati_api_url, settings.wati_api_token, timeout=20.0) \
+                if self.configured(settings) else None
+        if not self.configured(settings):
+            return None
+        return WatiClient(settings.wati_api_url, settings.wati_api_token)
+
+    async def send(self, client: Client | None, channel: str, provider_id: str, parts: list[str],
+                   batch_id: str, *, resume: bool, policy: SendPolicy) -> Sent:
+        if not isinstance(client, WatiClient):
+            metrics.send_failures_total.labels("wati", "not_configured").inc()
+            raise SendFailed("channel_not_configured", [], [])
+        delivered = await _delivered(client, provider_id, batch_id, len(parts)) if resume else {}
+        sent = Sent([])
+        for index, part in enumerate(parts):
+            if index in delivered:  # WATI has it already (sent before a crash): never twice
+                sent.parts.append(part)
+                sent.ids.extend(delivered[index])
+                continue
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    ids = await client.send_session_message(
+                        provider_id, part, local_message_id=local_message_id(batch_id, index)
+                    )
+                except WatiError as exc:
+                    metrics.send_failures_total.labels("wati", exc.reason).inc()
+                    if not exc.retryable or attempt >= policy.attempts:
+                        raise SendFailed(exc.reason, sent.parts, sent.ids) from None
+                    await policy.sleep(policy.delay(attempt, exc.retry_after))
+                    continue
+                except ValueError:
+                    metrics.send_failures_total.labels("wati", "invalid_text").inc()
+                    raise SendFailed("invalid_text", sent.parts, sent.ids) from None
+                sent.parts.append(part)
+                sent.ids.extend(ids)
+                break
+        return sent
+
+    async def fetch_history(self, client: Client | None, provider_id: str, *,
+                            stop_before: datetime | None, max_pages: int,
+                            notice: Notice | None) -> tuple[list[HistoryItem], int]:
+        if not isinstance(client, WatiClient):
+            raise ProviderFailure("not_configured", "WATI_API_URL is not configured")
+        try:
+            raw, pages = await client.fetch_history(provider_id, stop_before=stop_before,
+                                                    max_pages=max_pages, notice=notice)
+        except WatiError as exc:
+            raise ProviderFailure(exc.reason, str(exc), status=exc.status, retry_after=exc.retry_after,
+                                  retryable=exc.retryable) from None
+        return parse_history(raw), pages
+
+    async def fetch_media(self, client: Client | None, channel: str, media_ref: str, *,
+                          policy: MediaPolicy, download_url: DownloadUrl) -> bytes:
+        if not isinstance(client, WatiClient):
+            raise ProviderFailure("not_configured", "WATI_API_URL is not configured")
+        for attempt in range(policy.attempts):
+            try:
+                data, _declared = await client.get_media(media_ref, max_bytes=policy.max_bytes)
+                return data
+            except WatiError as exc:
+                if exc.reason == "too_large" or not exc.retryable or attempt == policy.attempts - 1:
+                    raise ProviderFailure(exc.reason, str(exc), status=exc.status) from None
+                await policy.sleep(min(exc.retry_after if exc.retry_after is not None
+                                       else 0.25 * 2 ** attempt, policy.retry_cap_seconds))
+        raise AssertionError("unreachable")
+
+
+async def _delivered(client: WatiClient, contact_id: str, batch_id: str, count: int) -> dict[int, list[str]]:
+    """Part index → ids of the parts of this batch already in WATI's history (by localMessageId)."""
+    wanted = {local_message_id(batch_id, index): index for index in range(count)}
+    try:
+        page = await client.get_messages_page(contact_id, 1, RESUME_LOOKUP_ITEMS)
+    except WatiError as exc:
+        metrics.send_failures_total.labels("wati", f"resume_lookup_{exc.reason}").inc()
+        return {}
+    found: dict[int, list[str]] = {}
+    for item in page.items:
+        local_id = item.get("localMessageId")
+        if isinstance(local_id, str) and local_id in wanted:
+            found[wanted[local_id]] = sent_message_ids({"message": item}, local_id)
+    return found
