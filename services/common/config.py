@@ -220,6 +220,12 @@ class Settings:
         "", "KAFKA_SSL_KEY_FILE", "PEM private key of KAFKA_SSL_CERT_FILE"
     )
 
+    # --- Tenants (issue 17): several businesses in one deployment (services/common/tenants.py,
+    # --- docs/tenants.md). Empty = one tenant, `default`, from the variables above (unchanged).
+    tenants_file: str = _env_field(
+        "", "TENANTS_FILE", "JSON file of tenants (docs/tenants.md); empty = one tenant from these settings"
+    )
+
     @property
     def gap_policy(self) -> GapPolicy:
         return GapPolicy.parse(
