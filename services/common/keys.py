@@ -2,15 +2,16 @@
 
 Format (docs/tenants.md "Customer keys"):
 
-    <channel>:<ident>                       the default tenant's default account (single-tenant keys)
-    <tenant>/<account>/<channel>:<ident>    any other tenant or account
+    <provider>:<ident>                       the default tenant's default account (single-tenant keys)
+    <tenant>/<account>/<provider>:<ident>    any other tenant or account
 
-`channel` is `wati` or `manychat`; `ident` is, for WATI, the waId (phone number) when WATI sends one,
-else the BSUID, and for ManyChat the subscriber id. `tenant` and `account` are slugs
-(`SLUG_PATTERN`): they hold no `/` or `:`, so the first `:` ends the head and the ident may contain
-anything. The short form is the ONLY form of (`default`, `default`): `default/default/wati:…` is
-rejected, so one customer never has two keys, and every key written before tenants existed keeps its
-meaning — the same customer of the same account — with no rewrite (tests/unit/test_keys.py).
+`provider` is the provider's key prefix (`wati`, `manychat`); `ident` is, for WATI, the waId (phone
+number) when WATI sends one, else the BSUID, and for ManyChat the subscriber id. `tenant` and
+`account` are slugs (`SLUG_PATTERN`): they hold no `/` or `:`, so the first `:` ends the head and the
+ident may contain anything. The short form is the ONLY form of (`default`, `default`):
+`default/default/wati:…` is rejected, so one customer never has two keys, and every key written
+before tenants existed keeps its meaning — the same customer of the same account — with no rewrite
+(tests/unit/test_keys.py).
 
 One customer must never get two keys: a WATI contact that has a phone number is keyed by it even in
 BSUID-first payloads (which may also carry `waId`), and a contact without one is keyed by its BSUID
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 
 WATI = "wati"
 MANYCHAT = "manychat"
-CHANNELS = (WATI, MANYCHAT)
+#: key prefixes of the registered providers (services.providers adds each one it registers)
+PROVIDER_PREFIXES: set[str] = {WATI, MANYCHAT}
 DEFAULT_TENANT = "default"
 DEFAULT_ACCOUNT = "default"
 SLUG_PATTERN = r"[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?"
@@ -43,11 +45,11 @@ class CustomerKey:
 
     tenant: str
     account: str
-    channel: str
+    provider: str  # the key prefix (`wati`, `manychat`); the records' `channel` is finer
     ident: str
 
     def __str__(self) -> str:
-        return format_key(self.tenant, self.account, self.channel, self.ident)
+        return format_key(self.tenant, self.account, self.provider, self.ident)
 
     @property
     def is_default(self) -> bool:
@@ -55,19 +57,19 @@ class CustomerKey:
         return self.tenant == DEFAULT_TENANT and self.account == DEFAULT_ACCOUNT
 
 
-def format_key(tenant: str, account: str, channel: str, ident: str) -> str:
-    """The customer key of `ident` on `channel` of the tenant's account (short form for the default)."""
+def format_key(tenant: str, account: str, provider: str, ident: str) -> str:
+    """The customer key of `ident` at `provider` on the tenant's account (short form for the default)."""
     ident = str(ident).strip()
-    if channel not in CHANNELS:
-        raise KeyError_(f"unknown channel {channel!r}")
+    if provider not in PROVIDER_PREFIXES:
+        raise KeyError_(f"unknown provider {provider!r}")
     if not ident:
-        raise KeyError_(f"{channel} customer key needs an id")
+        raise KeyError_(f"{provider} customer key needs an id")
     for what, slug in (("tenant", tenant), ("account", account)):
         if not _SLUG.fullmatch(slug):
             raise KeyError_(f"{what} id {slug!r} is not a slug ({SLUG_PATTERN})")
     if tenant == DEFAULT_TENANT and account == DEFAULT_ACCOUNT:
-        return f"{channel}:{ident}"
-    return f"{tenant}/{account}/{channel}:{ident}"
+        return f"{provider}:{ident}"
+    return f"{tenant}/{account}/{provider}:{ident}"
 
 
 def parse_key(customer_key: str) -> CustomerKey:
@@ -75,18 +77,18 @@ def parse_key(customer_key: str) -> CustomerKey:
     head, sep, ident = customer_key.partition(":")
     parts = head.split("/")
     if len(parts) == 1:
-        tenant, account, channel = DEFAULT_TENANT, DEFAULT_ACCOUNT, parts[0]
+        tenant, account, provider = DEFAULT_TENANT, DEFAULT_ACCOUNT, parts[0]
     elif len(parts) == 3:
-        tenant, account, channel = parts
+        tenant, account, provider = parts
     else:
         raise KeyError_(f"not a customer key: {mask(customer_key)}")
-    if (not sep or channel not in CHANNELS or not ident or ident != ident.strip()
+    if (not sep or provider not in PROVIDER_PREFIXES or not ident or ident != ident.strip()
             or not _SLUG.fullmatch(tenant) or not _SLUG.fullmatch(account)):
         raise KeyError_(f"not a customer key: {mask(customer_key)}")
     if len(parts) == 3 and tenant == DEFAULT_TENANT and account == DEFAULT_ACCOUNT:
         raise KeyError_(f"not a canonical customer key (the default account is written "
-                        f"{channel}:…): {mask(customer_key)}")
-    return CustomerKey(tenant, account, channel, ident)
+                        f"{provider}:…): {mask(customer_key)}")
+    return CustomerKey(tenant, account, provider, ident)
 
 
 def wati_key(
@@ -109,9 +111,9 @@ def manychat_key(
 
 
 def split_key(customer_key: str) -> tuple[str, str]:
-    """('wati', '5037...') from 'wati:5037...' or 'acme/main/wati:5037...' (channel and ident)."""
+    """('wati', '5037...') from 'wati:5037...' or 'acme/main/wati:5037...' (provider and ident)."""
     key = parse_key(customer_key)
-    return key.channel, key.ident
+    return key.provider, key.ident
 
 
 def mask(value: str | None) -> str:

@@ -69,11 +69,11 @@ def test_other_tenants_and_accounts_carry_both_in_the_key() -> None:
     assert split_key(f"hotel-a/centro/wati:{PHONE}") == ("wati", PHONE)
 
 
-@given(tenant=slugs, account=slugs, channel=st.sampled_from(["wati", "manychat"]), ident=idents)
-def test_format_and_parse_round_trip(tenant: str, account: str, channel: str, ident: str) -> None:
+@given(tenant=slugs, account=slugs, provider=st.sampled_from(["wati", "manychat"]), ident=idents)
+def test_format_and_parse_round_trip(tenant: str, account: str, provider: str, ident: str) -> None:
     ident = ident.strip() or "x"
-    key = format_key(tenant, account, channel, ident)
-    assert parse_key(key) == CustomerKey(tenant, account, channel, ident)
+    key = format_key(tenant, account, provider, ident)
+    assert parse_key(key) == CustomerKey(tenant, account, provider, ident)
     assert str(parse_key(key)) == key
 
 
@@ -108,7 +108,7 @@ def test_malformed_keys_are_rejected_masked(key: str) -> None:
 @pytest.mark.parametrize(("args", "reason"), [
     (("Hotel", "main", "wati", "1"), "tenant id 'Hotel' is not a slug"),
     (("hotel", "a/b", "wati", "1"), "account id 'a/b' is not a slug"),
-    (("hotel", "main", "sms", "1"), "unknown channel 'sms'"),
+    (("hotel", "main", "sms", "1"), "unknown provider 'sms'"),
     (("hotel", "main", "wati", "  "), "wati customer key needs an id"),
     (("x" * 41, "main", "wati", "1"), "is not a slug"),
 ])
