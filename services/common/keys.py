@@ -110,6 +110,17 @@ def manychat_key(
     return format_key(tenant, account, MANYCHAT, ident)
 
 
+def in_account(customer_key: str, tenant: str, account: str) -> str:
+    """The key a normaliser's single-tenant key (`wati:<id>`) has on the tenant's account.
+
+    The normalisers know nothing of tenants; ingest's route does, and scopes their key with this.
+    """
+    key = parse_key(customer_key)
+    if not key.is_default:
+        raise KeyError_(f"already scoped to a tenant: {mask(customer_key)}")
+    return format_key(tenant, account, key.provider, key.ident)
+
+
 def split_key(customer_key: str) -> tuple[str, str]:
     """('wati', '5037...') from 'wati:5037...' or 'acme/main/wati:5037...' (provider and ident)."""
     key = parse_key(customer_key)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -184,17 +184,20 @@ class Tenants:
         return self.by_id.get(parse_key(customer_key).tenant)
 
     def secret_problems(
-        self, environ: Mapping[str, str], read_file: Callable[[str], str] | None = None
+        self, environ: Mapping[str, str], read_file: Callable[[str], str] | None = None,
+        only: Collection[str] | None = None,
     ) -> list[str]:
         """Every reference that does not resolve, and webhook secrets two tenants share, as messages.
 
         Two tenants with one webhook secret could post into each other's routes: isolation needs
-        each tenant's own.
+        each tenant's own. `only`: the field paths to check (e.g. ingest needs `webhook_secret`).
         """
         problems: list[str] = []
         secrets_seen: dict[str, str] = {}
         for tenant in self.by_id.values():
             for path, ref in tenant.secret_refs():
+                if only is not None and path not in only:
+                    continue
                 try:
                     value = ref.resolve(environ, read_file)
                 except ValueError as exc:

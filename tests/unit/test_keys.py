@@ -21,6 +21,7 @@ from services.common.keys import (
     CustomerKey,
     KeyError_,
     format_key,
+    in_account,
     manychat_key,
     mask,
     parse_key,
@@ -67,6 +68,13 @@ def test_other_tenants_and_accounts_carry_both_in_the_key() -> None:
     assert format_key("default", "second", "wati", PHONE) == f"default/second/wati:{PHONE}"
     assert parse_key(f"hotel-a/centro/wati:{PHONE}") == CustomerKey("hotel-a", "centro", "wati", PHONE)
     assert split_key(f"hotel-a/centro/wati:{PHONE}") == ("wati", PHONE)
+
+
+def test_in_account_scopes_a_normalisers_key() -> None:
+    assert in_account(f"wati:{PHONE}", "hotel-a", "centro") == f"hotel-a/centro/wati:{PHONE}"
+    assert in_account("manychat:991", "default", "default") == "manychat:991"
+    with pytest.raises(KeyError_, match="already scoped"):
+        in_account(f"hotel-a/centro/wati:{PHONE}", "shop-b", "default")
 
 
 @given(tenant=slugs, account=slugs, provider=st.sampled_from(["wati", "manychat"]), ident=idents)
