@@ -41,6 +41,8 @@ THRESHOLD_FIELDS = (
     "missed_lookback_seconds",
 )
 """Threshold fields a tenant may set; each omitted one takes the deployment's setting of that name."""
+OVERRIDE_FIELDS = ("missed_gap_seconds", "human_hold_seconds")
+"""What a customer-group or customer override may set (GapPolicy)."""
 ZERO_ALLOWED = frozenset({"missed_gap_seconds", "human_hold_seconds"})  # 0 = check always / hold off
 
 
@@ -264,6 +266,35 @@ def load_tenants(settings: Settings) -> Tenants:
     return parse_tenants_json(text, settings, source=f"TENANTS_FILE {path}")
 
 
+def tenant_problems(
+    settings: Settings, environ: Mapping[str, str] | None = None,
+    read_file: Callable[[str], str] | None = None,
+) -> list[str]:
+    """Everything wrong with the deployment's tenants, one line each (empty: all good), for
+    `watistream check` and the services' start: the file (shape and values), every secret reference,
+    and each tenant's system-prompt file (readable, not empty)."""
+    try:
+        tenants = load_tenants(settings)
+    except ConfigError as exc:
+        return [line.strip() for line in str(exc).splitlines()[1:]] or [str(exc)]
+    problems = tenants.secret_problems(settings_environ(settings, environ), read_file)
+    reader = read_file or _read_text
+    for tenant in tenants.by_id.values():
+        if not tenant.system_prompt_file:
+            continue
+        try:
+            empty = not reader(tenant.system_prompt_file).strip()
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            problems.append(f"{tenants.source}: tenant {tenant.id!r}: system_prompt_file: "
+                            f"{tenant.system_prompt_file} cannot be read: {reason}")
+            continue
+        if empty:
+            problems.append(f"{tenants.source}: tenant {tenant.id!r}: system_prompt_file: "
+                            f"{tenant.system_prompt_file} is empty")
+    return problems
+
+
 # -- the file ---------------------------------------------------------------------------------------
 
 TOP_FIELDS = frozenset({"tenants"})
@@ -484,6 +515,18 @@ def _parse_thresholds(
     except (ConfigError, TypeError, ValueError) as exc:
         problems.add(f"{where}: customer_overrides", str(exc).removeprefix("CUSTOMER_OVERRIDES: "))
         return None
+    for where_in, entries in (("groups", policy.groups), ("customers", policy.customers)):
+        for name, entry in entries.items():
+            for field_name, value in entry.items():
+                if where_in == "customers" and field_name == "group":
+                    continue
+                if field_name not in OVERRIDE_FIELDS:
+                    problems.add(f"{where}: customer_overrides.{where_in}",
+                                 f"unknown field {field_name!r} (allowed: {', '.join(OVERRIDE_FIELDS)})")
+                elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                    shown = name if where_in == "groups" else name.split(":", 1)[0] + ":…"
+                    problems.add(f"{where}: customer_overrides.{where_in}",
+                                 f"{shown}: {field_name} must be a number >= 0 (seconds), got {value!r}")
     for key in policy.customers:
         try:
             owner = parse_key(key).tenant
@@ -500,5 +543,5 @@ def _parse_thresholds(
 __all__ = [
     "ChannelAccount", "OpenAIChoice", "SecretRef", "Tenant", "Tenants", "Thresholds",
     "default_tenant", "load_tenants", "parse_tenants", "parse_tenants_json", "settings_environ",
-    "thresholds_from_settings",
+    "tenant_problems", "thresholds_from_settings",
 ]

@@ -3,15 +3,18 @@ field, secrets only by reference and resolved at start."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.common.config import ConfigError, Settings
-from services.common.keys import wati_key
+from services.common.keys import SLUG_PATTERN, wati_key
 from services.common.tenants import (
     SecretRef,
     Tenants,
@@ -20,6 +23,7 @@ from services.common.tenants import (
     parse_tenants,
     parse_tenants_json,
     settings_environ,
+    tenant_problems,
 )
 
 SETTINGS = Settings(
@@ -271,6 +275,13 @@ def test_the_file_needs_tenants() -> None:
      "tenant 'shop-b': customer_overrides.customers: wati:… belongs to tenant 'default', not this one"),
     (with_(SHOP_B, customer_overrides={"customers": {"503700": {"missed_gap_seconds": 1}}}),
      "tenant 'shop-b': customer_overrides.customers: not a customer key"),
+    (with_(SHOP_B, customer_overrides={"groups": {"vip": {"human_hold_seconds": "5"}}}),
+     "tenant 'shop-b': customer_overrides.groups: vip: human_hold_seconds must be a number >= 0"),
+    (with_(SHOP_B, customer_overrides={"groups": {"vip": {"hold": 5}}}),
+     "tenant 'shop-b': customer_overrides.groups: unknown field 'hold'"),
+    (with_(SHOP_B, customer_overrides={"customers": {"shop-b/default/wati:50370000000": {
+        "missed_gap_seconds": -1}}}),
+     "tenant 'shop-b': customer_overrides.customers: shop-b/default/wati:…: missed_gap_seconds must be"),
 ])
 def test_every_problem_names_the_tenant_and_field(tenant: Any, expected: str) -> None:
     message = problems_of(tenant)
@@ -352,3 +363,91 @@ def test_two_tenants_with_one_webhook_secret_are_reported() -> None:
 def test_a_reference_prints_as_itself_never_as_its_value() -> None:
     ref = SecretRef.parse("env:HOTEL_A_WEBHOOK")
     assert str(ref) == "env:HOTEL_A_WEBHOOK" and "s-a" not in repr(ref)
+
+
+# --- the check: one line per problem ---
+
+
+def test_tenant_problems_is_empty_for_a_good_deployment(tmp_path: Path) -> None:
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("You answer for Hotel A.", encoding="utf-8")
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps({"tenants": [with_(HOTEL_A, system_prompt_file=str(prompt)), SHOP_B]}),
+                    encoding="utf-8")
+    assert tenant_problems(Settings(tenants_file=str(path)), ENVIRON, read_fake_or_disk) == []
+
+
+def read_fake_or_disk(path: str) -> str:
+    return FILES[path] if path in FILES else Path(path).read_text(encoding="utf-8")
+
+
+def test_tenant_problems_lists_the_file_the_secrets_and_the_prompts(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps({"tenants": [
+        with_(HOTEL_A, system_prompt_file=str(tmp_path / "missing.txt")),
+        with_(SHOP_B, system_prompt_file=str(empty)),
+    ]}), encoding="utf-8")
+    env = {k: v for k, v in ENVIRON.items() if k != "SHOP_B_WATI"}
+    source = f"TENANTS_FILE {path}"
+    assert tenant_problems(Settings(tenants_file=str(path)), env, read_fake_or_disk) == [
+        f"{source}: tenant 'shop-b': wati[default].token: env:SHOP_B_WATI is not set or empty",
+        f"{source}: tenant 'hotel-a': system_prompt_file: {tmp_path / 'missing.txt'} cannot be read: "
+        "No such file or directory",
+        f"{source}: tenant 'shop-b': system_prompt_file: {empty} is empty",
+    ]
+    path.write_text(json.dumps({"tenants": [with_(SHOP_B, webhook_secret="inline"),
+                                            with_(HOTEL_A, id="Bad")]}), encoding="utf-8")
+    assert tenant_problems(Settings(tenants_file=str(path)), env) == [
+        f"{source}: tenant 'shop-b': webhook_secret: inline secrets are not allowed: write a reference: "
+        "env:NAME or file:/absolute/path",
+        f"{source}: tenants[1].id: must be a slug matching {SLUG_PATTERN} (got 'Bad')",
+    ]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["tenants", "id", "wati", "manychat", "token", "api_url", "webhook_secret",
+                         "openai", "model", "thresholds", "customer_overrides", "groups", "customers",
+                         "quiet_window_seconds", "x"]), inner, max_size=5),
+    max_leaves=20,
+)
+
+
+@given(doc=json_values)
+def test_any_json_document_is_either_tenants_or_a_config_error(doc: object) -> None:
+    """Whatever an operator writes, the start fails with a ConfigError (never a traceback)."""
+    with contextlib.suppress(ConfigError):
+        parse_tenants(doc, SETTINGS)
+
+
+FIELD_PATHS = [
+    ("wati",), ("manychat",), ("openai",), ("thresholds",), ("customer_overrides",), ("webhook_secret",),
+    ("system_prompt_file",), ("wati", 0), ("wati", 0, "id"), ("wati", 0, "api_url"), ("wati", 0, "token"),
+    ("openai", "model"), ("openai", "api_key"), ("openai", "project"),
+    ("thresholds", "quiet_window_seconds"), ("customer_overrides", "groups"),
+    ("customer_overrides", "customers"), ("customer_overrides", "groups", "vip"),
+    ("customer_overrides", "groups", "vip", "human_hold_seconds"),
+]
+
+
+@given(path=st.sampled_from(FIELD_PATHS), value=json_values)
+def test_any_value_in_any_field_of_a_valid_tenant_is_accepted_or_a_config_error(
+    path: tuple[Any, ...], value: object
+) -> None:
+    tenant = copy.deepcopy(HOTEL_A)
+    target: Any = tenant
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    try:
+        tenants = parse_tenants({"tenants": [tenant]}, SETTINGS)
+    except ConfigError as exc:
+        assert "tenant 'hotel-a'" in str(exc)  # the problem names the tenant
+        return
+    # what was accepted works when the context service asks it, for every customer it names
+    policy = tenants.by_id["hotel-a"].thresholds.policy
+    for key in [*policy.customers, "hotel-a/centro/wati:1"]:
+        assert policy.gap_seconds(key) >= 0 and policy.hold_seconds(key) >= 0
