@@ -120,16 +120,18 @@ class Ingest:
     # --- webhooks ---
 
     async def wati(self, request: web.Request) -> web.Response:
-        return await self._webhook(request, "wati", self._default_scope())
+        return await self._webhook(request, "wati")
 
     async def manychat(self, request: web.Request) -> web.Response:
-        return await self._webhook(request, "manychat", self._default_scope())
+        return await self._webhook(request, "manychat")
 
     def _default_scope(self) -> Scope:
         """The old routes: the `default` tenant's default account (make_app adds them only then)."""
         return Scope(DEFAULT_TENANT, DEFAULT_ACCOUNT, self.secrets.get(DEFAULT_TENANT, ""))
 
-    async def _webhook(self, request: web.Request, provider: str, scope: Scope) -> web.Response:
+    async def _webhook(self, request: web.Request, provider: str, scope: Scope | None = None) -> web.Response:
+        """One webhook of `scope` (None: the old routes, the `default` tenant's default account)."""
+        scope = scope or self._default_scope()
         started = asyncio.get_running_loop().time()
         fields: dict[str, Any] = {"provider": provider}
         if scope.tenant != DEFAULT_TENANT or scope.account != DEFAULT_ACCOUNT:
