@@ -293,6 +293,30 @@ class Settings:
         "a managed Kafka whose ACLs forbid creating topics)"
     )
 
+    # --- operator console (services/console): its own web service and store
+    console_host: str = _env_field("127.0.0.1", "CONSOLE_HOST", "bind address of the operator console")
+    console_port: int = _env_field(8083, "CONSOLE_PORT", "port of the operator console")
+    console_users: str = _env_field(
+        "", "CONSOLE_USERS",
+        "operator accounts: comma-separated name:hash (hash from `watistream console --hash-password`)"
+    )
+    console_users_file: str = _env_field(
+        "", "CONSOLE_USERS_FILE", "file of operator accounts, one name:hash per line (adds to CONSOLE_USERS)"
+    )
+    console_session_secret: str = _env_field(
+        "", "CONSOLE_SESSION_SECRET", "key signing console sessions; empty = random (logins end on restart)"
+    )
+    console_session_hours: float = _env_field(12.0, "CONSOLE_SESSION_HOURS", "console login lifetime")
+    console_retention_hours: float = _env_field(
+        168.0, "CONSOLE_RETENTION_HOURS", "console store keeps this much (= the topics' retention)"
+    )
+
+    # --- Tenants (issue 17): several businesses in one deployment (services/common/tenants.py,
+    # --- docs/tenants.md). Empty = one tenant, `default`, from the variables above (unchanged).
+    tenants_file: str = _env_field(
+        "", "TENANTS_FILE", "JSON file of tenants (docs/tenants.md); empty = one tenant from these settings"
+    )
+
     def __post_init__(self) -> None:
         """Types and ranges of every field, the WATI token's `Bearer ` dropped (module doc).
 
@@ -336,24 +360,6 @@ class Settings:
             raise ConfigError("no channel enabled: set WATI_API_URL + WATI_API_TOKEN (WhatsApp) and/or "
                               "MANYCHAT_API_TOKEN (Facebook/Instagram), or name them in CHANNELS")
         self.require(*(name for c in enabled for name in CHANNEL_SETTINGS[c]))
-
-    # --- operator console (services/console): its own web service and store
-    console_host: str = _env_field("127.0.0.1", "CONSOLE_HOST", "bind address of the operator console")
-    console_port: int = _env_field(8083, "CONSOLE_PORT", "port of the operator console")
-    console_users: str = _env_field(
-        "", "CONSOLE_USERS",
-        "operator accounts: comma-separated name:hash (hash from `watistream console --hash-password`)"
-    )
-    console_users_file: str = _env_field(
-        "", "CONSOLE_USERS_FILE", "file of operator accounts, one name:hash per line (adds to CONSOLE_USERS)"
-    )
-    console_session_secret: str = _env_field(
-        "", "CONSOLE_SESSION_SECRET", "key signing console sessions; empty = random (logins end on restart)"
-    )
-    console_session_hours: float = _env_field(12.0, "CONSOLE_SESSION_HOURS", "console login lifetime")
-    console_retention_hours: float = _env_field(
-        168.0, "CONSOLE_RETENTION_HOURS", "console store keeps this much (= the topics' retention)"
-    )
 
     @property
     def gap_policy(self) -> GapPolicy:

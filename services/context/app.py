@@ -40,7 +40,7 @@ import socket
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -56,6 +56,7 @@ from services import providers
 from services.common import codec, kafka, logs, metrics
 from services.common.config import ConfigError, Settings
 from services.common.kafka import Topics
+from services.common.keys import KeyError_, parse_key
 from services.common.records import (
     AgentActivity,
     AssistantReply,
@@ -63,6 +64,7 @@ from services.common.records import (
     CustomerState,
     InboundMessage,
 )
+from services.common.tenants import Tenants, load_tenants
 from services.common.timeparse import utcnow
 from services.context import state as domain
 from services.context.fetcher import HistoryFetcher, ReconcileSweep, SweepTarget
@@ -114,6 +116,40 @@ def build_limits(settings: Settings) -> Limits:
         policy=settings.gap_policy,
         history_every_batch=mode == "every_batch",
     )
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """Each tenant's thresholds (quiet window, max wait, lookback, gap, hold and overrides) over the
+    deployment's `base` limits; a customer's are its key's tenant's (docs/tenants.md).
+
+    A key of no configured tenant (a tenant removed from TENANTS_FILE whose customers still have
+    events in flight) gets the deployment's limits: its state is kept, and it is answered as before.
+    """
+
+    base: Limits
+    by_tenant: dict[str, Limits] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings, tenants: Tenants) -> TenantLimits:
+        base = build_limits(settings)
+        return cls(base, {
+            tenant.id: replace(
+                base,
+                quiet_window_seconds=tenant.thresholds.quiet_window_seconds,
+                max_batch_wait_seconds=tenant.thresholds.max_batch_wait_seconds,
+                missed_lookback_seconds=tenant.thresholds.missed_lookback_seconds,
+                policy=tenant.thresholds.policy,
+            )
+            for tenant in tenants.by_id.values()
+        })
+
+    def __call__(self, customer_key: str) -> Limits:
+        try:
+            tenant = parse_key(customer_key).tenant
+        except KeyError_:
+            return self.base
+        return self.by_tenant.get(tenant, self.base)
 
 
 def next_due(state: CustomerState, limits: Limits) -> datetime | None:
@@ -463,7 +499,8 @@ class ContextRuntime:
         self.app = app
         self.settings = settings
         self.topics = Topics.from_settings(settings)
-        self.limits = build_limits(settings)
+        self.limits_for = TenantLimits.build(settings, load_tenants(settings))  # per customer's tenant
+        self.limits = self.limits_for.base
         self.partitions = table_partitions
         self._flush_wakeup = asyncio.Event()
         self.index = CustomerIndex(on_earlier_due=self._flush_wakeup.set)
@@ -652,7 +689,7 @@ class ContextRuntime:
         customer = outcome.customer
         with _in_the_name_of(outcome.item.event):
             self.customers[customer.encode("utf-8")] = outcome.encoded
-        self.index.update(customer, outcome.item.partition, outcome.new_state, self.limits)
+        self.index.update(customer, outcome.item.partition, outcome.new_state, self.limits_for(customer))
         metrics.open_batches.set(self.index.open_count())
         return take_changelog_sends(self.customers)
 
@@ -694,7 +731,7 @@ class ContextRuntime:
     ) -> tuple[CustomerState, Effects]:
         """Calls the state function with the time the event carries, never this worker's clock: a
         replay (after a crash, later, in another interleaving of the four topics) must decide the same."""
-        limits = self.limits
+        limits = self.limits_for(state["customer_key"])
         if name == "InboundMessage":
             message = cast(InboundMessage, record)
             return domain.on_inbound(state, message, message["received_at"], limits)
@@ -832,7 +869,7 @@ class ContextRuntime:
                 except codec.CodecError:
                     broken += 1
                     continue
-                self.index.update(key, partition, state, self.limits)
+                self.index.update(key, partition, state, self.limits_for(key))
                 if number % 500 == 499:
                     await asyncio.sleep(0)
             metrics.open_batches.set(self.index.open_count())
@@ -885,14 +922,14 @@ class ContextRuntime:
                 continue
             try:
                 state = cast(CustomerState, codec.decode("CustomerState", stored))
-                batch_id = domain.due_action(state, now, self.limits)
+                batch_id = domain.due_action(state, now, self.limits_for(key))
             except Exception as exc:
                 logs.event(log, "due_check_failed", logging.ERROR, customer=key,
                            error=f"{type(exc).__name__}: {exc}")
                 self.index.defer(key, now + timedelta(seconds=RECHECK_SECONDS * 10))
                 continue
             if batch_id is None:
-                estimate = next_due(state, self.limits)
+                estimate = next_due(state, self.limits_for(key))
                 later = now + timedelta(seconds=RECHECK_SECONDS)
                 if estimate is not None:
                     self.index.defer(key, max(estimate, later))

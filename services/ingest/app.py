@@ -8,6 +8,11 @@ else counted while reading), 415 content type not `application/json`, 400 not UT
 object / rejected by the normaliser. Then the record is produced keyed by customer and the answer
 is 200 only after the broker's ack, or 503 + Retry-After once `PRODUCE_TIMEOUT_SECONDS` pass.
 Bad input never gets a 500.
+
+Tenants (docs/tenants.md): `/webhooks/{tenant}/wati` and `/webhooks/{tenant}/manychat` (the tenant's
+only or `default` account; `/webhooks/{tenant}/{provider}/{account}` names one) check the tenant's
+own secret and key the record on the tenant's account (`keys.in_account`); an unknown tenant or
+account is a 404 before the secret is looked at. The old routes are the `default` tenant's.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +36,9 @@ from services.common import metrics
 from services.common.codec import CodecError
 from services.common.config import ConfigError, Settings
 from services.common.kafka import Topics, dead_letter
-from services.common.logs import event
+from services.common.keys import DEFAULT_ACCOUNT, DEFAULT_TENANT, KeyError_, in_account
+from services.common.logs import event, register_secret
+from services.common.tenants import Tenants, load_tenants, settings_environ
 from services.common.timeparse import utcnow
 
 from .auth import check_token, presented_token
@@ -45,6 +52,8 @@ WEBHOOK_ROUTE = "/webhooks/{provider}"
 # the built-in providers' routes, named for callers that address them directly
 WATI_ROUTE = "/webhooks/wati"
 MANYCHAT_ROUTE = "/webhooks/manychat"
+TENANT_ROUTE = "/webhooks/{tenant}/{provider}"
+TENANT_ACCOUNT_ROUTE = "/webhooks/{tenant}/{provider}/{account}"
 # A client that sends its body slower than this is cut off (408), so it cannot hold a handler.
 BODY_READ_TIMEOUT_SECONDS = 10.0
 
@@ -69,14 +78,49 @@ webhook_events = metrics.Children(metrics.webhook_events_total)
 SUPERVISOR_KEY = web.AppKey("supervisor", ProducerSupervisor)
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Whose webhook this is: the tenant, its account on the provider, and the secret to present."""
+
+    tenant: str
+    account: str
+    secret: str
+
+
 @dataclass
 class Ingest:
-    """The handlers' shared state: settings, topics, producer, clock (injectable for tests)."""
+    """The handlers' shared state: settings, topics, producer, clock (injectable for tests);
+    `tenants` and their resolved webhook secrets (`secrets`, by tenant id)."""
 
     settings: Settings
     topics: Topics
     supervisor: ProducerSupervisor
     clock: Callable[[], datetime] = utcnow
+    tenants: Tenants | None = None
+    secrets: Mapping[str, str] = field(default_factory=dict)
+
+    def scope(self, tenant_id: str, provider: str, account_id: str | None) -> Scope | str:
+        """The route's scope, or why there is none (unknown tenant, or no such account)."""
+        tenant = self.tenants.get(tenant_id) if self.tenants is not None else None
+        if tenant is None or tenant_id not in self.secrets:
+            return f"no tenant {tenant_id!r}"
+        account = tenant.account(provider, account_id)
+        if account is None:
+            which = f"account {account_id!r}" if account_id is not None else "single or 'default' account"
+            return f"tenant {tenant_id!r} has no {provider} {which}"
+        return Scope(tenant.id, account.id, self.secrets[tenant.id])
+
+    async def tenant_webhook(self, request: web.Request) -> web.Response:
+        """`/webhooks/{tenant}/{provider}[/{account}]`: a tenant's webhook (docs/tenants.md)."""
+        info = request.match_info
+        provider = info["provider"]
+        fields: dict[str, Any] = {"provider": provider, "tenant": info["tenant"]}
+        if provider not in NORMALISERS:
+            return _reject(404, "unknown_provider", f"no provider {provider!r}", fields)
+        scope = self.scope(info["tenant"], provider, info.get("account"))
+        if isinstance(scope, str):
+            return _reject(404, "unknown_tenant", scope, fields)
+        return await self._webhook(request, provider, scope)
 
     # --- webhooks ---
 
@@ -86,20 +130,29 @@ class Ingest:
             return await self._webhook(request, provider)
         return handle
 
-    async def _webhook(self, request: web.Request, provider: str) -> web.Response:
+    def _default_scope(self) -> Scope:
+        """The old routes: the `default` tenant's default account (make_app adds them only then)."""
+        return Scope(DEFAULT_TENANT, DEFAULT_ACCOUNT, self.secrets.get(DEFAULT_TENANT, ""))
+
+    async def _webhook(self, request: web.Request, provider: str, scope: Scope | None = None) -> web.Response:
+        """One webhook of `scope` (None: the old routes, the `default` tenant's default account)."""
+        scope = scope or self._default_scope()
         started = asyncio.get_running_loop().time()
         fields: dict[str, Any] = {"provider": provider}
-        response = await self._handle(request, provider, fields)
+        if scope.tenant != DEFAULT_TENANT or scope.account != DEFAULT_ACCOUNT:
+            fields.update(tenant=scope.tenant, account=scope.account)
+        response = await self._handle(request, provider, fields, scope)
         fields["status"] = response.status
         fields["ms"] = round((asyncio.get_running_loop().time() - started) * 1000, 1)
         level = logging.WARNING if response.status >= 500 else logging.INFO
         event(log, "webhook", level, **fields)
         return response
 
-    async def _handle(self, request: web.Request, provider: str, fields: dict[str, Any]) -> web.Response:
+    async def _handle(
+        self, request: web.Request, provider: str, fields: dict[str, Any], scope: Scope
+    ) -> web.Response:
         problem = check_token(
-            presented_token(request.headers.get("Authorization"), request.query),
-            self.settings.webhook_token,
+            presented_token(request.headers.get("Authorization"), request.query), scope.secret
         )
         if problem is not None:
             return _reject(401, "unauthorized", problem, fields, {"WWW-Authenticate": "Bearer"})
@@ -140,6 +193,11 @@ class Ingest:
             fields.update(outcome="ignored", reason=outcome.reason)
             webhook_events(provider, "ignored").inc()
             return web.json_response({"status": "ignored", "reason": outcome.reason})
+        try:
+            key = in_account(outcome.record["customer_key"], scope.tenant, scope.account)
+        except KeyError_ as exc:
+            return await self._unprocessable(provider, body, exc, fields)
+        outcome.record["customer_key"] = key
         return await self._produce(provider, outcome, body, fields)
 
     async def _produce(
@@ -337,17 +395,33 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         http_requests(route, str(status)).inc()
 
 
-def make_app(settings: Settings, supervisor: ProducerSupervisor, clock: Callable[[], datetime] = utcnow
+def make_app(settings: Settings, supervisor: ProducerSupervisor, clock: Callable[[], datetime] = utcnow,
+             *, tenants: Tenants | None = None, environ: Mapping[str, str] | None = None
              ) -> web.Application:
-    """The aiohttp application. Refuses an empty WEBHOOK_TOKEN: webhooks always need a secret."""
-    if not settings.webhook_token:
+    """The aiohttp application. Refuses to start unless every tenant's webhook secret resolves (and
+    no two tenants share one): webhooks always need a secret, each tenant its own.
+
+    `tenants` default: `load_tenants(settings)` (TENANTS_FILE, else the `default` tenant, whose
+    secret is WEBHOOK_TOKEN); `environ` default: the process's environment with the settings' values.
+    """
+    if not settings.webhook_token and not settings.tenants_file:
         raise ConfigError("WEBHOOK_TOKEN is empty: the webhook endpoints refuse to run without a secret")
-    ingest = Ingest(settings, Topics.from_settings(settings), supervisor, clock)
+    tenants = load_tenants(settings) if tenants is None else tenants
+    env = settings_environ(settings, environ)
+    problems = tenants.secret_problems(env, only=("webhook_secret",))
+    if problems:
+        raise ConfigError("webhook secrets: " + "; ".join(problems))
+    secrets = {t.id: t.webhook_secret.resolve(env) for t in tenants.by_id.values()}
+    register_secret(*secrets.values())  # no tenant's secret ever reaches a log line
+    ingest = Ingest(settings, Topics.from_settings(settings), supervisor, clock, tenants, secrets)
     app = web.Application(middlewares=[observe])
     app[SUPERVISOR_KEY] = supervisor
     for provider in providers.providers():
         NORMALISERS.setdefault(provider.name, provider.parse_webhook)
-        app.router.add_post(webhook_route(provider.name), ingest.webhook_handler(provider.name))
+        if tenants.default is not None:  # the old routes are the default tenant's
+            app.router.add_post(webhook_route(provider.name), ingest.webhook_handler(provider.name))
+    app.router.add_post(TENANT_ROUTE, ingest.tenant_webhook)
+    app.router.add_post(TENANT_ACCOUNT_ROUTE, ingest.tenant_webhook)
     app.router.add_get("/healthz", ingest.healthz)
     app.router.add_get("/readyz", ingest.readyz)
     app.router.add_get("/metrics", ingest.metrics_text)
@@ -358,6 +432,7 @@ def make_app(settings: Settings, supervisor: ProducerSupervisor, clock: Callable
 async def serve(
     settings: Settings, *, host: str | None = None, port: int | None = None,
     clock: Callable[[], datetime] = utcnow,
+    tenants: Tenants | None = None, environ: Mapping[str, str] | None = None,
 ) -> AsyncIterator[str]:
     """Runs the service in this event loop; yields its base URL (`port=0`: a free port).
 
@@ -365,7 +440,7 @@ async def serve(
     On exit it stops accepting, lets running requests finish, then flushes the producer.
     """
     supervisor = ProducerSupervisor(settings)
-    app = make_app(settings, supervisor, clock)  # validates settings before anything starts
+    app = make_app(settings, supervisor, clock, tenants=tenants, environ=environ)  # validates first
     await supervisor.start()
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=settings.produce_timeout_seconds + 1)

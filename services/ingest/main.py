@@ -45,7 +45,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     """Entry point of the CLI; a ConfigError propagates (the CLI prints it and exits 2).
 
     Settings are checked before logging is set up, so a refused start changes nothing in-process."""
-    if not settings.webhook_token:
+    if not settings.webhook_token and not settings.tenants_file:  # a file's tenants have their own
         raise ConfigError("WEBHOOK_TOKEN is empty: the webhook endpoints refuse to run without a secret")
     if not settings.kafka_bootstrap_servers:
         raise ConfigError("KAFKA_BOOTSTRAP_SERVERS is empty: `watistream ingest` needs a broker "

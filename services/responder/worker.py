@@ -77,7 +77,7 @@ from .. import providers
 from ..common import codec, metrics
 from ..common.config import Settings
 from ..common.kafka import Topics, dead_letter, send_record
-from ..common.keys import KeyError_, record_key_problem, split_key
+from ..common.keys import KeyError_, parse_key, record_key_problem, split_key
 from ..common.logs import event
 from ..common.records import (
     AssistantReply,
@@ -107,9 +107,14 @@ def request_problem(request: dict[str, Any]) -> str | None:
         return "empty batch_id"
     key = str(request.get("customer_key") or "")
     try:
-        provider, _ = split_key(key)
+        scope = parse_key(key)
     except KeyError_:
         return "malformed customer_key"
+    if not scope.is_default:
+        # per-tenant senders are not wired yet (docs/tenants.md "Not done yet"): never answer another
+        # tenant's customer from the deployment's account
+        return f"tenant {scope.tenant} account {scope.account}: per-tenant sending is not wired yet"
+    provider = scope.provider
     channel = request.get("channel")
     try:
         channel_provider = providers.for_channel(str(channel)).name

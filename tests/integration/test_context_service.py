@@ -640,6 +640,31 @@ async def test_a_failing_history_still_answers_and_the_audit_says_why(
     assert await counts.deltas() == {"failed": 1, "retried": retried, "fetch_error": 1, "fetch_ok": 0}
 
 
+async def test_two_tenants_sharing_a_phone_number_are_two_customers_and_the_default_account_is_not_asked(
+    bus: Bus, worker: ContextWorker, stand_ins: StandIns
+) -> None:
+    """docs/tenants.md: another tenant's customer with the same number has its own state and batch,
+    and is answered without history rather than from the deployment's WATI account (per-tenant
+    clients are not wired yet), which knows that number as its own customer."""
+    ours, wa_id = new_customer()
+    theirs = f"hotel-a/centro/{ours}"
+    stand_ins.wati.add_message(wa_id, text="the default account's own conversation", owner=True,
+                               operator_name="Ana", at=clock() - timedelta(hours=1))
+    asked_before = len([r for r in stand_ins.wati.requests if wa_id in r.path])
+    await bus.inbound(inbound(theirs, "table for two?", clock()))
+    (request,) = await bus.wait_for(bus.topics.responder_requests, theirs)
+    assert texts(request) == ["table for two?"] and request["missed_messages"] == []
+    assert request["batch_id"] == f"{theirs}:1"
+    audit = (await bus.wait_for(bus.topics.audit, theirs))[0]
+    assert audit["history_error"] == "tenant_not_wired"
+    assert len([r for r in stand_ins.wati.requests if wa_id in r.path]) == asked_before
+    await bus.inbound(inbound(ours, "room for tonight?", clock()))
+    (own,) = await bus.wait_for(bus.topics.responder_requests, ours)
+    assert texts(own) == ["room for tonight?"] and own["batch_id"] == f"{ours}:1"
+    assert [m["text"] for m in own["missed_messages"]] == ["the default account's own conversation"]
+    assert len(bus.of(bus.topics.responder_requests, theirs)) == 1  # nothing of ours reached theirs
+
+
 async def test_a_huge_history_is_cut_at_the_page_cap_and_the_cut_is_counted(
     bus: Bus, worker: ContextWorker, stand_ins: StandIns, http: httpx.AsyncClient
 ) -> None:

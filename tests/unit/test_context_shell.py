@@ -410,6 +410,23 @@ async def test_fetch_failures_become_reason_codes(wati: WatiStandIn, status: int
     assert sample("watistream_history_fetch_failures_total", {"reason": reason}) == before + 1
 
 
+async def test_another_tenants_customer_is_never_fetched_from_the_deployments_account(
+    wati: WatiStandIn,
+) -> None:
+    """Per-tenant WATI clients are not wired yet: such a customer is answered without history, and
+    the default account is not asked about its number (which it may know as its own customer)."""
+    wati.add_message("50370001111", text="the default tenant's conversation", owner=False, at=T0)
+    fetcher = fetcher_for(wati, Commands())
+    before = sample("watistream_history_fetch_failures_total", {"reason": "tenant_not_wired"})
+    try:
+        result = await fetcher.fetch("hotel-a/centro/wati:50370001111", "50370001111", None, purpose="batch")
+    finally:
+        await fetcher.close()
+    assert result == FetchResult(error="tenant_not_wired")
+    assert wati.requests == []
+    assert sample("watistream_history_fetch_failures_total", {"reason": "tenant_not_wired"}) == before + 1
+
+
 async def test_fetch_retries_429_and_times_out_a_slow_wati(wati: WatiStandIn) -> None:
     wati.add_message("50370001111", text="hello", owner=False, at=T0)
     wati.fail_next("getMessages", 429)

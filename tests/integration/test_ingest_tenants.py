@@ -1,0 +1,164 @@
+"""Webhooks routed per tenant against the session's real Kafka: each tenant's own secret, records keyed
+by tenant and account, and one phone number writing to three tenants giving three customers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiokafka.partitioner import murmur2
+
+from services.common import codec
+from services.common.config import ConfigError, Settings
+from services.common.kafka import Topics
+from services.common.tenants import Tenants, parse_tenants
+from services.ingest.app import make_app, serve
+from services.ingest.producer import ProducerSupervisor
+from tests.integration.test_ingest_webhooks import Reader, wait_until_ready
+
+pytestmark = pytest.mark.broker
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+WA_ID = "50370000001"  # the text fixture's customer
+ENVIRON = {"HOTEL_A_HOOK": "hook-a-0000000000", "SHOP_B_HOOK": "hook-b-0000000000"}
+
+
+def tenants_doc(include_default: bool = True) -> dict[str, Any]:
+    wati = {"token": "env:UNUSED_BY_INGEST"}
+    tenants: list[dict[str, Any]] = [
+        {"id": "hotel-a", "webhook_secret": "env:HOTEL_A_HOOK", "wati": [
+            {"id": "centro", "api_url": "https://live.wati.example/1001", **wati},
+            {"id": "playa", "api_url": "https://live.wati.example/1002", **wati}]},
+        {"id": "shop-b", "webhook_secret": "env:SHOP_B_HOOK",
+         "wati": {"api_url": "https://live.wati.example/2001", **wati}, "manychat": {**wati}},
+    ]
+    if include_default:
+        tenants.insert(0, {"id": "default", "webhook_secret": "env:WEBHOOK_TOKEN",
+                           "wati": {"api_url": "https://live.wati.example/1", **wati}, "manychat": {**wati}})
+    return {"tenants": tenants}
+
+
+def tenants_for(settings: Settings, include_default: bool = True) -> Tenants:
+    return parse_tenants(tenants_doc(include_default), settings, "tenants.json")
+
+
+def load(provider: str, name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((FIXTURES / provider / f"{name}.json").read_text(encoding="utf-8"))
+    return doc
+
+
+@pytest.fixture(scope="module")
+async def base_url(settings: Settings) -> AsyncIterator[str]:
+    async with serve(settings, port=0, tenants=tenants_for(settings), environ=ENVIRON) as url:
+        await wait_until_ready(url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+async def reader(settings: Settings) -> AsyncIterator[Reader]:
+    r = Reader(settings)
+    await r.consumer.start()
+    yield r
+    await r.consumer.stop()
+
+
+async def post(url: str, body: object, secret: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.post(
+        url, json=body, headers={"Authorization": f"Bearer {secret}"}
+    ) as resp:
+        return resp.status, await resp.json()
+
+
+def wati_text(event_id: str) -> dict[str, Any]:
+    payload = load("wati", "text")
+    payload["whatsappMessageId"] = event_id
+    payload["id"] = f"id-{event_id}"
+    return payload
+
+
+async def test_one_phone_number_writing_to_three_tenants_is_four_customers(
+    base_url: str, reader: Reader, settings: Settings
+) -> None:
+    routes = [  # (path, secret, expected key)
+        ("/webhooks/wati", settings.webhook_token, f"wati:{WA_ID}"),
+        ("/webhooks/default/wati", settings.webhook_token, f"wati:{WA_ID}"),  # the same customer
+        ("/webhooks/hotel-a/wati/centro", ENVIRON["HOTEL_A_HOOK"], f"hotel-a/centro/wati:{WA_ID}"),
+        ("/webhooks/hotel-a/wati/playa", ENVIRON["HOTEL_A_HOOK"], f"hotel-a/playa/wati:{WA_ID}"),
+        ("/webhooks/shop-b/wati", ENVIRON["SHOP_B_HOOK"], f"shop-b/default/wati:{WA_ID}"),
+    ]
+    expected: dict[str, str] = {}
+    for number, (path, secret, key) in enumerate(routes):
+        event_id = f"wamid.tenants.{number}"
+        status, body = await post(f"{base_url}{path}", wati_text(event_id), secret)
+        assert status == 200 and body["status"] == "accepted", (path, body)
+        expected[event_id] = key
+    records = {}
+    for record in await reader.read(Topics.from_settings(settings).inbound):
+        value = codec.decode("InboundMessage", record.value)
+        records[value["event_id"]] = (record, value)
+    for event_id, key in expected.items():
+        record, value = records[event_id]
+        assert value["customer_key"] == key and value["provider_id"] == WA_ID
+        assert record.key == key.encode()  # keyed by the tenant-aware customer key
+        assert record.partition == (murmur2(key.encode()) & 0x7FFFFFFF) % settings.topic_partitions
+    assert len(set(expected.values())) == 4
+
+
+async def test_a_tenants_manychat_page_keys_its_subscribers(
+    base_url: str, reader: Reader, settings: Settings
+) -> None:
+    status, body = await post(f"{base_url}/webhooks/shop-b/manychat", load("manychat", "flat"),
+                              ENVIRON["SHOP_B_HOOK"])
+    assert status == 200, body
+    values = [codec.decode("InboundMessage", r.value)
+              for r in await reader.read(Topics.from_settings(settings).inbound)]
+    found = [v for v in values if v["event_id"] == body["event_id"]]
+    assert found and found[0]["customer_key"].startswith("shop-b/default/manychat:")
+
+
+@pytest.mark.parametrize(("path", "secret"), [
+    ("/webhooks/shop-b/wati", "hook-a-0000000000"),  # another tenant's secret
+    ("/webhooks/hotel-a/wati/centro", "test-webhook-token"),  # the default tenant's secret
+    ("/webhooks/wati", "hook-b-0000000000"),  # a tenant's secret on the default routes
+    ("/webhooks/shop-b/wati", ""),
+])
+async def test_each_tenant_accepts_only_its_own_secret(base_url: str, path: str, secret: str) -> None:
+    status, body = await post(f"{base_url}{path}", wati_text("wamid.denied"), secret)
+    assert status == 401 and body["error"] == "unauthorized"
+
+
+@pytest.mark.parametrize(("path", "error", "reason"), [
+    ("/webhooks/nobody/wati", "unknown_tenant", "no tenant 'nobody'"),
+    ("/webhooks/hotel-a/wati", "unknown_tenant",
+     "tenant 'hotel-a' has no wati single or 'default' account"),  # two accounts: the URL names one
+    ("/webhooks/hotel-a/wati/nope", "unknown_tenant", "tenant 'hotel-a' has no wati account 'nope'"),
+    ("/webhooks/hotel-a/manychat", "unknown_tenant",
+     "tenant 'hotel-a' has no manychat single or 'default' account"),
+    ("/webhooks/shop-b/telegram", "unknown_provider", "no provider 'telegram'"),
+])
+async def test_an_unknown_tenant_account_or_provider_is_a_404(
+    base_url: str, path: str, error: str, reason: str
+) -> None:
+    status, body = await post(f"{base_url}{path}", wati_text("wamid.nowhere"), ENVIRON["HOTEL_A_HOOK"])
+    assert status == 404 and body == {"error": error, "reason": reason}
+
+
+def test_without_a_default_tenant_the_old_routes_do_not_exist(settings: Settings) -> None:
+    tenants = tenants_for(settings, include_default=False)
+    app = make_app(settings, ProducerSupervisor(settings), tenants=tenants, environ=ENVIRON)
+    paths = {resource.canonical for resource in app.router.resources()}
+    assert "/webhooks/wati" not in paths and "/webhooks/manychat" not in paths
+    assert "/webhooks/{tenant}/{provider}" in paths
+
+
+def test_ingest_refuses_to_start_with_a_missing_or_shared_tenant_secret(settings: Settings) -> None:
+    tenants = tenants_for(settings)
+    with pytest.raises(ConfigError, match=r"tenant 'shop-b': webhook_secret: env:SHOP_B_HOOK is not set"):
+        make_app(settings, ProducerSupervisor(settings), tenants=tenants, environ={"HOTEL_A_HOOK": "a" * 16})
+    shared = {"HOTEL_A_HOOK": "same-secret-0000", "SHOP_B_HOOK": "same-secret-0000"}
+    with pytest.raises(ConfigError, match=r"'shop-b': webhook_secret: same secret as tenant 'hotel-a'"):
+        make_app(settings, ProducerSupervisor(settings), tenants=tenants, environ=shared)
