@@ -37,8 +37,9 @@ class DevStack:
 
     def __init__(
         self, settings: Settings, *, env: Mapping[str, str] | None = None, out: TextIO | None = None,
-        ready_timeout: float = 120.0,
+        ready_timeout: float = 120.0, service_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
+        """`service_env`: variables for one service only (a drill points one at a fault proxy)."""
         settings.require(*REQUIRED)
         self.settings = settings
         self.base_env = dict(os.environ if env is None else env)
@@ -46,6 +47,7 @@ class DevStack:
         self.ready_timeout = ready_timeout
         self.broker: EmbeddedKafka | None = None
         self.supervisor: Supervisor | None = None
+        self.service_env = {name: dict(env) for name, env in (service_env or {}).items()}
 
     @property
     def ingest_url(self) -> str:
@@ -93,7 +95,7 @@ class DevStack:
         # Topics must exist before any worker subscribes (a faust worker ignores missing ones).
         await ensure_topics(self.settings)
         for name in SERVICES:
-            await supervisor.start(name, name)
+            await supervisor.start(name, name, env=self.service_env.get(name))
         await self._wait_ready()
         supervisor.say("all services ready")
 

@@ -31,7 +31,7 @@ import dataclasses
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -431,16 +431,6 @@ def table(title: str, rows: list[tuple[str, object]]) -> str:
 
 
 # -------------------------------------------------------------------------------- the stack
-
-@pytest.fixture
-async def standins() -> AsyncIterator[StandIns]:
-    async with StandIns.running() as running:
-        running.openai.latency = 0.15  # a generation takes a moment: kills land mid-call too
-        running.wati.latency = 0.05  # so does a send: kills land between WATI's accept and `sent`
-        running.openai.json_fn = lambda request, schema: {
-            "category": "payment_proof", "confidence": 0.9, "description": "bank transfer receipt"}
-        yield running
-
 
 def register_media(standins: StandIns, hooks: list[Webhook]) -> None:
     for hook in hooks:
