@@ -93,11 +93,11 @@ class DrillPlan:
     kills: int = 30
     rate: float = 5.0  # webhooks per second
     customers: int = 30
-    run_seconds: tuple[float, float] = (0.2, 1.5)  # from "ready" to the kill (or its trigger)
+    run_seconds: tuple[float, float] = (0.2, 1.0)  # from "ready" to the kill (or its trigger)
     delay_ms: tuple[float, float] = (80.0, 300.0)  # latency the proxy adds, each way, per cycle
     after_commit_p: float = 0.5  # share of kills right after an observed commit
     stall_p: float = 0.3  # share of kills during a stall of the proxy
-    stall_seconds: tuple[float, float] = (0.3, 1.5)
+    stall_seconds: tuple[float, float] = (0.3, 1.0)
     commit_interval: float = 1.0  # faust's broker_commit_interval (default 2.8 s), via its env var
     session_timeout: float = 3.0  # the broker's group.min.session.timeout.ms is lowered to 1 s
     settle_timeout: float = 45.0
@@ -111,7 +111,8 @@ class ContextKill:
     at: float  # seconds since the load started
     how: str  # "after commit" | "in stall" | "random"
     delay_ms: float
-    recovered_after: float = float("nan")
+    recovered_after: float = float("nan")  # kill → the successor's /readyz 200
+    snapshot_after: float = float("nan")  # kill → connections drained and the broker's view read
     proxy_drained: bool = True
     committed: dict[TopicPartition, int] = field(default_factory=dict)
     changelog_end: dict[int, int] = field(default_factory=dict)
@@ -392,6 +393,7 @@ async def _drill(
                     kill.proxy_drained = await proxy.wait_idle(30)
                     kill.committed = await committed_offsets(admin, group, inputs)
                     kill.changelog_end = await state_log.end_offsets(changelog)
+                    kill.snapshot_after = time.monotonic() - killed_at
                     stack.supervisor.say(f"drill: context kill {n + 1}/{plan.kills} ({how}, "
                                          f"{delay:.0f} ms) at {kill.at:.1f} s")
                     replacement = await stack.supervisor.start(CONTEXT, CONTEXT, env=context_env)
@@ -426,6 +428,7 @@ async def _drill(
         await admin.close()
     hows = collections.Counter(k.how for k in kills)
     recoveries = sorted(k.recovered_after for k in kills)
+    snapshots = sorted(k.snapshot_after for k in kills)
     rows: list[tuple[str, object]] = [
         *figures.rows(),
         ("webhooks sent / accepted", f"{verdict.sent} / {verdict.accepted}"),
@@ -438,6 +441,8 @@ async def _drill(
         ("proxy", f"{proxy.stats.connections} connections, {proxy.stats.stalls} stalls, "
                   f"{proxy.stats.bytes_up // 1024} KiB up, {proxy.stats.bytes_down // 1024} KiB down"),
         ("faust commit interval (s)", plan.commit_interval),
+        ("kill → drained and read (s)",
+         f"median {snapshots[len(snapshots) // 2]:.2f}, max {snapshots[-1]:.2f}" if snapshots else "-"),
         ("recovery, kill → /readyz 200 (s)",
          f"median {recoveries[len(recoveries) // 2]:.1f}, max {recoveries[-1]:.1f}" if recoveries else "-"),
         ("all accounted after the load (s)",
