@@ -38,6 +38,7 @@ async def run(args: argparse.Namespace) -> int:
         DrillPlan(), kills=args.kills, rate=args.rate, customers=args.customers,
         delay_ms=_span(args.delay_ms), commit_interval=args.commit_interval,
         after_commit_p=args.after_commit, stall_p=args.stall, settle_timeout=args.settle,
+        producer_max_batch_size=args.max_batch,
     )
     print(f"context drill: seed {seed} (replay with --seed {seed}), {plan}")
     tmp = Path(tempfile.mkdtemp(prefix="watistream-context-chaos-"))
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", default="80-300", help="proxy latency per cycle, each way (80-300)")
     parser.add_argument("--commit-interval", type=float, default=1.0,
                         help="faust's commit interval in s (1.0; faust's default is 2.8)")
+    parser.add_argument("--max-batch", type=int, default=DrillPlan.producer_max_batch_size,
+                        help="faust's producer max batch size in bytes (0: faust's default)")
     parser.add_argument("--after-commit", type=float, default=0.5, help="share of kills right after a commit")
     parser.add_argument("--stall", type=float, default=0.3, help="share of kills during a proxy stall")
     parser.add_argument("--settle", type=float, default=60.0, help="accounting deadline after the load (s)")

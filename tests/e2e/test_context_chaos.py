@@ -99,6 +99,8 @@ class DrillPlan:
     stall_p: float = 0.3  # share of kills during a stall of the proxy
     stall_seconds: tuple[float, float] = (0.3, 1.0)
     commit_interval: float = 1.0  # faust's broker_commit_interval (default 2.8 s), via its env var
+    #: faust's producer_max_batch_size (default 16 KiB), via its env var; 0 keeps faust's default
+    producer_max_batch_size: int = 0
     session_timeout: float = 3.0  # the broker's group.min.session.timeout.ms is lowered to 1 s
     settle_timeout: float = 45.0
 
@@ -314,6 +316,22 @@ async def next_commit(
     return False
 
 
+async def quiet_commits(
+    admin: AIOKafkaAdminClient, group: str, inputs: set[str], quiet: float, timeout: float
+) -> dict[TopicPartition, int]:
+    """The group's committed offsets once they stopped moving for `quiet` seconds: a commit the dead
+    worker had sent may still be applied by the broker after its connections closed."""
+    last = await committed_offsets(admin, group, inputs)
+    since = deadline = time.monotonic()
+    deadline += timeout
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # polling the broker's view of the group: the event itself
+        now = await committed_offsets(admin, group, inputs)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 async def context_drill(
     plan: DrillPlan, standins: StandIns, tmp: Path, rng: random.Random, *, broker_dir: Path | None = None,
 ) -> ContextDrillResult:
@@ -344,6 +362,8 @@ async def _drill(
     inputs = {topics.inbound, topics.agent_activity, topics.replies, topics.context_commands}
     context_env = {"KAFKA_BOOTSTRAP_SERVERS": broker.proxied_bootstrap,
                    "BROKER_COMMIT_INTERVAL": str(plan.commit_interval)}
+    if plan.producer_max_batch_size:
+        context_env["PRODUCER_MAX_BATCH_SIZE"] = str(plan.producer_max_batch_size)
     hooks = plan_load(rng, count=int(plan.rate * (60 + plan.kills * 12)), rate=plan.rate,
                       customers=plan.customers)
     register_media(standins, hooks)
@@ -391,7 +411,7 @@ async def _drill(
                     # on a clean path (a start-up through the slow path takes ~20 s: no drill)
                     proxy.pass_through()
                     kill.proxy_drained = await proxy.wait_idle(30)
-                    kill.committed = await committed_offsets(admin, group, inputs)
+                    kill.committed = await quiet_commits(admin, group, inputs, 0.3, 5.0)
                     kill.changelog_end = await state_log.end_offsets(changelog)
                     kill.snapshot_after = time.monotonic() - killed_at
                     stack.supervisor.say(f"drill: context kill {n + 1}/{plan.kills} ({how}, "
@@ -440,7 +460,8 @@ async def _drill(
         ("proxy delay per cycle (ms, each way)", f"{plan.delay_ms[0]:g}-{plan.delay_ms[1]:g}"),
         ("proxy", f"{proxy.stats.connections} connections, {proxy.stats.stalls} stalls, "
                   f"{proxy.stats.bytes_up // 1024} KiB up, {proxy.stats.bytes_down // 1024} KiB down"),
-        ("faust commit interval (s)", plan.commit_interval),
+        ("faust commit interval (s) / producer max batch (B)",
+         f"{plan.commit_interval:g} / {plan.producer_max_batch_size or 'default (16384)'}"),
         ("kill → drained and read (s)",
          f"median {snapshots[len(snapshots) // 2]:.2f}, max {snapshots[-1]:.2f}" if snapshots else "-"),
         ("recovery, kill → /readyz 200 (s)",
