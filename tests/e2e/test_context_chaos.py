@@ -117,7 +117,7 @@ class ContextKill:
     snapshot_after: float = float("nan")  # kill → connections drained and the broker's view read
     proxy_drained: bool = True
     committed: dict[TopicPartition, int] = field(default_factory=dict)
-    changelog_end: dict[int, int] = field(default_factory=dict)
+    ends: dict[TopicPartition, int] = field(default_factory=dict)  # changelog, commands, requests
 
 
 @dataclass
@@ -126,6 +126,7 @@ class Figures:
 
     committed_without_state: set[str] = field(default_factory=set)  # inbound event ids
     replies_without_state: set[str] = field(default_factory=set)  # batch ids
+    flushes_without_state: set[str] = field(default_factory=set)  # batch ids
     first_seen_at_kill: dict[str, int] = field(default_factory=dict)
     emitted_twice: dict[str, str] = field(default_factory=dict)  # event or batch id → why
     same_batch_reemitted: int = 0  # same batch id, same contents (deduped downstream: allowed)
@@ -136,6 +137,7 @@ class Figures:
         return [
             ("(a) inputs committed without their state", len(self.committed_without_state)),
             ("    (a') replies committed without their state", len(self.replies_without_state)),
+            ("    (a'') batches emitted, flush committed, state not", len(self.flushes_without_state)),
             ("(b) batches emitted twice (differing contents)", len(self.emitted_twice)),
             ("    same batch id re-emitted, same contents (deduped)", self.same_batch_reemitted),
             ("(c) customer messages never answered", len(self.never_answered)),
@@ -144,7 +146,8 @@ class Figures:
 
     @property
     def clean(self) -> bool:
-        return not (self.committed_without_state or self.replies_without_state or self.emitted_twice
+        return not (self.committed_without_state or self.replies_without_state
+                    or self.flushes_without_state or self.emitted_twice
                     or self.never_answered or self.duplicate_replies)
 
 
@@ -165,13 +168,17 @@ class StateLog:
         self.inbound: dict[int, list[tuple[int, str, str]]] = collections.defaultdict(list)
         self.replies: dict[int, list[tuple[int, str, str]]] = collections.defaultdict(list)
         self.states: dict[int, list[tuple[int, str, bytes | None]]] = collections.defaultdict(list)
+        # batch ids named by context commands (flush, history_fetched), and batches emitted
+        self.commands: dict[int, list[tuple[int, str, str]]] = collections.defaultdict(list)
+        self.emitted: dict[tuple[str, int], list[tuple[int, str, str]]] = collections.defaultdict(list)
         self.position: dict[TopicPartition, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
     def watched(self) -> list[TopicPartition]:
-        names = [self.topics.inbound, self.topics.replies, self.changelog]
+        names = [self.topics.inbound, self.topics.replies, self.topics.context_commands,
+                 self.topics.responder_requests, self.topics.vision_requests, self.changelog]
         return [TopicPartition(t, p) for t in names for p in range(self.partitions)]
 
     async def __aenter__(self) -> StateLog:
@@ -216,12 +223,18 @@ class StateLog:
             self.inbound[tp.partition].append((offset, record["customer_key"], record["event_id"]))
         elif name == "AssistantReply":
             self.replies[tp.partition].append((offset, record["customer_key"], record["batch_id"]))
+        elif name == "ContextCommand" and record.get("batch_id"):
+            self.commands[tp.partition].append((offset, record["customer_key"], record["batch_id"]))
+        elif name in ("ResponderRequest", "VisionRequest"):
+            request = record["request"] if name == "VisionRequest" else record
+            self.emitted[(tp.topic, tp.partition)].append(
+                (offset, request["customer_key"], request["batch_id"]))
 
-    async def end_offsets(self, topic: str) -> dict[int, int]:
+    async def end_offsets(self, *topics: str) -> dict[TopicPartition, int]:
         assert self._consumer is not None
-        tps = [TopicPartition(topic, p) for p in range(self.partitions)]
+        tps = [TopicPartition(topic, p) for topic in topics for p in range(self.partitions)]
         ends = await self._consumer.end_offsets(tps)
-        return {tp.partition: int(end) for tp, end in ends.items()}
+        return {tp: int(end) for tp, end in ends.items()}
 
     async def caught_up(self, timeout: float) -> None:
         """Waits until everything the broker holds now on the watched partitions has been read."""
@@ -233,11 +246,11 @@ class StateLog:
                 raise TimeoutError("the drill's reader did not catch up with the broker")
             await asyncio.sleep(0.1)
 
-    def states_at(self, changelog_end: dict[int, int]) -> dict[str, CustomerState | None]:
+    def states_at(self, ends: dict[TopicPartition, int]) -> dict[str, CustomerState | None]:
         """Each customer's last changelog state below the given end offsets (None: a tombstone)."""
         found: dict[str, CustomerState | None] = {}
         for partition, records in self.states.items():
-            end = changelog_end.get(partition, 0)
+            end = ends.get(TopicPartition(self.changelog, partition), 0)
             for offset, key, value in records:
                 if offset < end:
                     found[key] = (cast(CustomerState, codec.decode("CustomerState", value))
@@ -248,7 +261,7 @@ class StateLog:
 def committed_without_state(log: StateLog, kill: ContextKill, skip: set[str]) -> tuple[set[str], set[str]]:
     """(inbound event ids, reply batch ids) below the committed offsets whose id is missing from the
     dedupe memory of the customer's last changelog state at that kill. `skip`: dead-lettered ids."""
-    states = log.states_at(kill.changelog_end)
+    states = log.states_at(kill.ends)
     events: set[str] = set()
     replies: set[str] = set()
     for tp, committed in kill.committed.items():
@@ -265,6 +278,30 @@ def committed_without_state(log: StateLog, kill: ContextKill, skip: set[str]) ->
                 if offset < committed and not remembered:
                     replies.add(batch_id)
     return events, replies
+
+
+def flushes_without_state(log: StateLog, kill: ContextKill) -> set[str]:
+    """Batch ids emitted (on the broker at that kill) that the customer's last changelog state does
+    not record as flushed, although every command naming the batch is below the committed offset:
+    nothing will replay the state write, so the batch will be flushed again."""
+    states = log.states_at(kill.ends)
+    uncommitted = {
+        batch_id
+        for partition, records in log.commands.items()
+        for offset, _, batch_id in records
+        if kill.committed.get(TopicPartition(log.topics.context_commands, partition), 0) <= offset
+        < kill.ends.get(TopicPartition(log.topics.context_commands, partition), 0)
+    }
+    missing: set[str] = set()
+    for (topic, partition), records in log.emitted.items():
+        end = kill.ends.get(TopicPartition(topic, partition), 0)
+        for offset, customer, batch_id in records:
+            if offset >= end or batch_id in uncommitted:
+                continue
+            state = states.get(customer)
+            if state is None or batch_id not in state["flushed_batch_ids"]:
+                missing.add(batch_id)
+    return missing
 
 
 def emitted_twice(ledger: Ledger) -> tuple[dict[str, str], int]:
@@ -412,7 +449,8 @@ async def _drill(
                     proxy.pass_through()
                     kill.proxy_drained = await proxy.wait_idle(30)
                     kill.committed = await quiet_commits(admin, group, inputs, 0.3, 5.0)
-                    kill.changelog_end = await state_log.end_offsets(changelog)
+                    kill.ends = await state_log.end_offsets(
+                        changelog, topics.context_commands, topics.responder_requests, topics.vision_requests)
                     kill.snapshot_after = time.monotonic() - killed_at
                     stack.supervisor.say(f"drill: context kill {n + 1}/{plan.kills} ({how}, "
                                          f"{delay:.0f} ms) at {kill.at:.1f} s")
@@ -441,6 +479,10 @@ async def _drill(
                         figures.first_seen_at_kill[event_id] = kill.n
                     figures.committed_without_state |= events
                     figures.replies_without_state |= replies
+                    flushes = flushes_without_state(state_log, kill)
+                    for batch_id in sorted(flushes - figures.first_seen_at_kill.keys()):
+                        figures.first_seen_at_kill[batch_id] = kill.n
+                    figures.flushes_without_state |= flushes
                 figures.emitted_twice, figures.same_batch_reemitted = emitted_twice(ledger)
                 figures.never_answered = list(verdict.lost)
                 figures.duplicate_replies = sum(verdict.duplicate_sends.values())
@@ -479,6 +521,7 @@ def failure_report(result: ContextDrillResult) -> str:
     lines = [
         f"(a) committed without state: {sorted(f.committed_without_state)[:10]}",
         f"    replies committed without state: {sorted(f.replies_without_state)[:10]}",
+        f"    batches emitted, flush committed, state not: {sorted(f.flushes_without_state)[:10]}",
         f"    first seen at kills: {[(n, hows.get(n), c) for n, c in sorted(first.items())]}",
         f"(b) emitted twice: {list(f.emitted_twice.items())[:5]}",
         f"(c) never answered: {f.never_answered[:10]}",
