@@ -60,7 +60,7 @@ from services.common.broker import EmbeddedKafka, free_port
 from services.common.config import Settings
 from services.common.kafka import Topics
 from services.common.records import CustomerState
-from services.context.state import REPLY_KEY
+from services.context.state import REPLY_KEY, new_state
 from services.devtools.dev import DevStack
 from services.devtools.faultproxy import FaultProxy
 from services.standins import StandIns
@@ -549,3 +549,55 @@ async def test_context_worker_loses_no_state_under_sigkill_with_a_slow_broker_pa
     assert result.figures.clean, failure_report(result)
     assert result.accounted, f"not every accepted webhook was accounted for:\n{failure_report(result)}"
 
+
+
+# -------------------------------------------------------------------------------- the accounting itself
+
+def _state_log_with(customer: str, remembered: list[str], flushed: list[str]) -> StateLog:
+    """A StateLog filled by hand (no broker): one changelog state of `customer` at offset 0."""
+    topics = Topics.from_settings(Settings(topic_prefix="acct."))
+    log = StateLog("unused:0", topics, "acct.context-customers-changelog", 1)
+    state = new_state(customer)
+    state["recent_event_ids"] = list(remembered)
+    state["flushed_batch_ids"] = list(flushed)
+    log.states[0].append((0, customer, codec.encode("CustomerState", dict(state))))
+    return log
+
+
+def test_committed_inputs_missing_from_the_last_state_are_counted_and_nothing_else() -> None:
+    log = _state_log_with("wati:1", ["e0", "reply:b0"], [])
+    log.inbound[0] += [(0, "wati:1", "e0"), (1, "wati:1", "e1"), (2, "wati:1", "e2"), (3, "wati:1", "e3")]
+    log.replies[0] += [(0, "wati:1", "b0"), (1, "wati:1", "b1")]
+    kill = ContextKill(0, 0.0, "random", 0.0, committed={
+        TopicPartition(log.topics.inbound, 0): 3, TopicPartition(log.topics.replies, 0): 2},
+        ends={TopicPartition(log.changelog, 0): 1})
+    events, replies = committed_without_state(log, kill, skip={"e2"})
+    assert events == {"e1"}, "e0 is remembered, e2 was dead-lettered, e3 is not committed"
+    assert replies == {"b1"}
+    kill.ends = {TopicPartition(log.changelog, 0): 0}  # the state write had not reached the broker
+    assert committed_without_state(log, kill, skip=set())[0] == {"e0", "e1", "e2"}
+
+
+def test_an_emitted_batch_without_its_state_counts_only_once_its_commands_are_committed() -> None:
+    log = _state_log_with("wati:1", [], ["b0"])
+    requests = TopicPartition(log.topics.responder_requests, 0)
+    commands = TopicPartition(log.topics.context_commands, 0)
+    log.emitted[(requests.topic, 0)] += [(0, "wati:1", "b0"), (1, "wati:1", "b1"), (2, "wati:1", "b2")]
+    log.commands[0] += [(0, "wati:1", "b1"), (1, "wati:1", "b2")]
+    ends = {TopicPartition(log.changelog, 0): 1, requests: 2, commands: 2}
+    kill = ContextKill(0, 0.0, "random", 0.0, committed={commands: 1}, ends=ends)
+    assert flushes_without_state(log, kill) == {"b1"}, "b0 is recorded, b2's flush may still replay, " \
+        "and nothing at or beyond the requests' end offset counts"
+    kill.committed = {commands: 2}
+    assert flushes_without_state(log, kill) == {"b1"}, "b2 was emitted after the kill's end offset"
+
+
+def test_a_batch_counts_as_emitted_twice_only_with_other_contents_or_events_in_two_batches() -> None:
+    ledger = Ledger(Settings(topic_prefix="acct."))
+    ledger.batches.update({"b1": [frozenset({"e1"}), frozenset({"e1"})],  # vision, then responder
+                           "b2": [frozenset({"e2"}), frozenset({"e2", "e3"})],
+                           "b3": [frozenset({"e4"})] * 3})
+    ledger.event_batches.update({"e1": {"b1"}, "e2": {"b2"}, "e3": {"b2"}, "e4": {"b3", "b4"}})
+    twice, same = emitted_twice(ledger)
+    assert set(twice) == {"b2", "e4"}
+    assert same == 1
