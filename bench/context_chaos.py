@@ -6,7 +6,7 @@ the stand-ins, a steady WATI load, SIGKILLs of the context worker at random mome
 figures (a)-(d) and exits 1 when any of them is not zero.
 
     python -m bench.context_chaos --kills 100
-    python -m bench.context_chaos --kills 60 --seed 7 --delay-ms 150-400 --commit-interval 2.8
+    python -m bench.context_chaos --kills 60 --seed 7 --delay-ms 150-400 --commit-interval 1
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=5.0, help="webhooks per second (5)")
     parser.add_argument("--customers", type=int, default=30)
     parser.add_argument("--delay-ms", default="80-300", help="proxy latency per cycle, each way (80-300)")
-    parser.add_argument("--commit-interval", type=float, default=1.0,
-                        help="faust's commit interval in s (1.0; faust's default is 2.8)")
+    parser.add_argument("--commit-interval", type=float, default=None,
+                        help="faust's commit interval in s (default: faust's own, 2.8)")
     parser.add_argument("--max-batch", type=int, default=DrillPlan.producer_max_batch_size,
                         help="faust's producer max batch size in bytes (0: faust's default)")
     parser.add_argument("--after-commit", type=float, default=0.5, help="share of kills right after a commit")
