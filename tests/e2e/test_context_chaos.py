@@ -14,8 +14,9 @@ Each kill cycle (seeded RNG; the seed is printed, `CHAOS_SEED=<n>` replays the s
    faust commits input offsets while table changelog records may still sit in its producer
    buffer), or stall the proxy for a moment and kill during the stall, or kill at once;
 3. SIGKILL; the proxy lets through what the dead worker had already written (a network delivers
-   bytes in flight), and when its connections are wound down the drill reads, straight from the
-   broker, the group's committed offsets and the end of the table changelog;
+   bytes in flight), and when its connections are wound down and the group's committed offsets
+   stopped moving, the drill reads, straight from the broker, those offsets and the end offsets of
+   the table changelog, the commands and the request topics;
 4. a new worker starts through the proxy, on a clean path (pass mode: a start-up through 300 ms of
    latency takes ~20 s); the next cycle starts once its `/readyz` answers 200 and the backlog it
    then replays goes through the slowed path.
@@ -27,9 +28,11 @@ mask a changelog loss for that host only.
 Figures (asserted zero):
 (a) inputs committed without their state: inbound events (and replies) below the committed offset
     whose id is not in the dedupe memory (`recent_event_ids`) of the customer's last changelog state
-    at that kill;
+    at that kill; and batches on the broker that this state does not list as flushed although every
+    command naming them is committed;
 (b) batches emitted twice: an event in two different batch ids, or one batch id emitted with
-    different contents;
+    different contents (also caused by a replay that interleaves the input topics differently:
+    issue 13, point 2);
 (c) customer messages never answered (accepted by ingest, neither answered nor dead-lettered);
 (d) duplicate replies: a WATI `localMessageId` sent more than once.
 
