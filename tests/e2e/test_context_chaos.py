@@ -80,6 +80,7 @@ from tests.e2e.test_chaos import (
     run_load,
     seeded_rng,
     settle,
+    stop_quietly,
     table,
     wait_ready,
 )
@@ -207,8 +208,7 @@ class StateLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._consumer.stop(), 10)
+            await stop_quietly(self._consumer)
 
     async def _run(self) -> None:
         assert self._consumer is not None
