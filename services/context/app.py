@@ -1055,6 +1055,30 @@ class EventPipeline:
                 raise
 
 
+def refuse_stale_acks(app: faust.App) -> None:
+    """Keeps faust from committing past messages of an old consumer generation it did not deliver.
+
+    After a rebalance faust skips the messages still buffered from the previous generation (the
+    new assignment re-reads them from the committed offset) and acks them on the way, so the next
+    commit can move past them before they are read again: a SIGKILL then loses them for good (the
+    context drill saw exactly that, right after the worker's first commits). Such an ack is
+    recorded here as done for the message (so faust's wait for unacked messages ends) but not as a
+    committable offset; the messages of the current generation are acked as faust does.
+    """
+    consumer: Any = app.consumer  # private parts: pinned faust, tests/unit/test_context_chunks.py
+    record_ack = consumer.ack
+
+    def ack(message: Any) -> bool:
+        generation = getattr(message, "generation_id", None)
+        if generation is not None and generation != app.consumer_generation_id:
+            message.acked = True
+            consumer._unacked_messages.discard(message)
+            return False
+        return bool(record_ack(message))
+
+    consumer.ack = ack
+
+
 def _broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap.split(",") if server.strip()]
 
@@ -1114,6 +1138,7 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
     )
     runtime = ContextRuntime(app, settings, settings.topic_partitions)
     app.runtime = runtime
+    refuse_stale_acks(app)
     topics = runtime.topics
     source = app.topic(
         topics.inbound, topics.agent_activity, topics.replies, topics.context_commands,

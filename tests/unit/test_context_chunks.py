@@ -217,6 +217,35 @@ def test_the_private_faust_parts_the_shell_relies_on_still_exist(tmp_path: Any) 
     app = create_app(settings)
     assert isinstance(app.runtime.customers, ChangelogTrackingTable), "the app's Table setting"
     consumer = app.consumer
-    for name in ("_read_offset", "_committed_offset"):  # the lag gauge
+    for name in ("_read_offset", "_committed_offset", "_acked"):  # the lag gauge, stale acks
         assert isinstance(getattr(consumer, name, None), dict | collections.abc.Mapping), name
+    assert isinstance(getattr(consumer, "_unacked_messages", None), collections.abc.MutableSet)
     assert hasattr(app.runtime.agent, "_actors"), "the agent's liveness check"
+
+
+def test_an_ack_of_an_old_generations_message_is_never_committable(tmp_path: Any) -> None:
+    """faust skips (and acks) messages buffered before a rebalance; they are read again from the
+    committed offset, so their offsets must not become committable before that."""
+    from faust.types import TP
+    from faust.types.tuples import Message
+
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ga.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    app = create_app(settings)
+    consumer = app.consumer
+    topic = app.runtime.topics.inbound
+    tp = TP(topic, 0)
+    app.topics._acking_topics.add(topic)  # as once the agent subscribed (faust acks only these)
+    app.consumer_generation_id = 7
+
+    def message(offset: int, generation: int) -> Message:
+        m = Message(topic, 0, offset, 0.0, 0, None, b"k", b"v", None, tp=tp, generation_id=generation)
+        consumer._unacked_messages.add(m)
+        return m
+
+    stale, current = message(20, 6), message(21, 7)
+    assert consumer.ack(stale) is False
+    assert 20 not in consumer._acked.get(tp, []), "an old generation's offset became committable"
+    assert stale.acked and stale not in consumer._unacked_messages, "faust's wait for acks must end"
+    consumer.ack(current)
+    assert consumer._acked.get(tp) == [21], "the current generation is acked as faust does"
