@@ -223,9 +223,9 @@ def test_the_private_faust_parts_the_shell_relies_on_still_exist(tmp_path: Any) 
     assert hasattr(app.runtime.agent, "_actors"), "the agent's liveness check"
 
 
-def test_an_ack_of_an_old_generations_message_is_never_committable(tmp_path: Any) -> None:
-    """faust skips (and acks) messages buffered before a rebalance; they are read again from the
-    committed offset, so their offsets must not become committable before that."""
+def test_faust_s_acks_of_messages_it_skipped_never_let_a_commit_pass_them(tmp_path: Any) -> None:
+    """faust skips (and acks) messages buffered before a rebalance or read while its flow control is
+    suspended, to read them again from the committed offset: until then no commit may pass them."""
     from faust.types import TP
     from faust.types.tuples import Message
 
@@ -233,19 +233,29 @@ def test_an_ack_of_an_old_generations_message_is_never_committable(tmp_path: Any
                         context_store="memory", data_dir=str(tmp_path))
     app = create_app(settings)
     consumer = app.consumer
+    guard = app.runtime.ack_guard
+    assert guard is not None
     topic = app.runtime.topics.inbound
     tp = TP(topic, 0)
     app.topics._acking_topics.add(topic)  # as once the agent subscribed (faust acks only these)
     app.consumer_generation_id = 7
+    consumer._committed_offset[tp] = 20
 
-    def message(offset: int, generation: int) -> Message:
+    def message(offset: int, generation: int = 7) -> Message:
         m = Message(topic, 0, offset, 0.0, 0, None, b"k", b"v", None, tp=tp, generation_id=generation)
         consumer._unacked_messages.add(m)
         return m
 
-    stale, current = message(20, 6), message(21, 7)
-    assert consumer.ack(stale) is False
-    assert 20 not in consumer._acked.get(tp, []), "an old generation's offset became committable"
-    assert stale.acked and stale not in consumer._unacked_messages, "faust's wait for acks must end"
-    consumer.ack(current)
-    assert consumer._acked.get(tp) == [21], "the current generation is acked as faust does"
+    skipped_stale, skipped_suspended = message(20, generation=6), message(21)
+    assert consumer.ack(skipped_stale) is False and consumer.ack(skipped_suspended) is False
+    assert skipped_stale.acked and skipped_stale not in consumer._unacked_messages, "faust's wait ends"
+    handled = message(22)
+    guard.deliver(handled)
+    consumer.ack(handled)
+    assert consumer._acked[tp] == [22]
+    assert consumer._new_offset(tp) is None, "a commit would pass messages 20 and 21, never handled"
+    for offset in (20, 21):  # read again after faust's seek, delivered and acked by the pipeline
+        again = message(offset)
+        guard.deliver(again)
+        consumer.ack(again)
+    assert consumer._new_offset(tp) == 23
