@@ -157,6 +157,19 @@ class EmbeddedKafka:
     heap: str = "512m"
     secured: SecuredListener | None = None  # None: the PLAINTEXT listener of dev/demo
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # For fault drills: a second listener, PROXIED, that binds `proxied_bind_port` but advertises
+    # `proxied_port` (where a fault proxy listens and forwards to the bind port). A client that
+    # bootstraps through `proxied_bootstrap` is then given only proxy addresses in the metadata,
+    # so all its connections go through the proxy. Off (0) by default.
+    proxied_port: int = 0
+    proxied_bind_port: int = 0
+    #: Extra broker properties (e.g. a lower `group.min.session.timeout.ms` for drills).
+    extra_config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def proxied_bootstrap(self) -> str:
+        """The address a proxied client bootstraps from (the proxy's); "" without the listener."""
+        return f"127.0.0.1:{self.proxied_port}" if self.proxied_port else ""
 
     @property
     def bootstrap(self) -> str:
@@ -168,13 +181,20 @@ class EmbeddedKafka:
 
     def _write_config(self) -> Path:
         client = "SASL_SSL" if self.secured else "PLAINTEXT"
+        listeners = f"{client}://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+        advertised = f"{client}://127.0.0.1:{self.port}"
+        protocols = f"{client}:{client},CONTROLLER:PLAINTEXT"
+        if self.proxied_port:
+            listeners += f",PROXIED://127.0.0.1:{self.proxied_bind_port}"
+            advertised += f",PROXIED://127.0.0.1:{self.proxied_port}"
+            protocols += ",PROXIED:PLAINTEXT"
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
-            "listeners": f"{client}://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"{client}://127.0.0.1:{self.port}",
+            "listeners": listeners,
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": f"{client}:{client},CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
             "log.dirs": str(self.data_dir / "logs"),
             "num.partitions": str(self.partitions),
@@ -188,7 +208,10 @@ class EmbeddedKafka:
             "auto.create.topics.enable": "false",
             "log.retention.hours": "168",
             **(self.secured.properties() if self.secured else {}),
+            **self.extra_config,
         }
+        if self.proxied_port:  # brokers talk to each other on PLAINTEXT, never through the proxy
+            props["inter.broker.listener.name"] = "PLAINTEXT"
         path = self.data_dir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         return path
@@ -204,6 +227,8 @@ class EmbeddedKafka:
             self.port, self.controller_port = map(int, ports_file.read_text().split())
         self.port = self.port or free_port()
         self.controller_port = self.controller_port or free_port()
+        if self.proxied_port:
+            self.proxied_bind_port = self.proxied_bind_port or free_port()
         ports_file.write_text(f"{self.port} {self.controller_port}\n")
         config = self._write_config()
         classpath = f"{libs}/*"

@@ -23,7 +23,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from services.common import codec, logs, metrics
 from services.common.config import Settings
-from services.common.kafka import Topics
+from services.common.kafka import Topics, make_consumer
 from services.common.records import (
     AgentActivity,
     AssistantReply,
@@ -159,8 +159,8 @@ class ConsoleConsumer:
 
     async def start(self) -> None:
         session_ms = int(self.settings.broker_session_timeout_seconds * 1000)
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+        self.consumer = make_consumer(
+            self.settings,  # with the cluster's SASL/TLS settings
             group_id=f"{self.settings.topic_prefix}console",
             enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=session_ms, heartbeat_interval_ms=max(100, session_ms // 3),

@@ -517,6 +517,7 @@ class ContextRuntime:
         )
         #: faust's ack of an input event (the agent's no-ack stream's); None outside a stream
         self.acker: Callable[[Any], Awaitable[Any]] | None = None
+        self.ack_guard: AckGuard | None = None  # set by create_app
         self._producer: AIOKafkaProducer | None = None
         self._producer_lock = asyncio.Lock()
         self._stopping = False
@@ -1055,6 +1056,62 @@ class EventPipeline:
                 raise
 
 
+class AckGuard:
+    """Keeps faust from committing past input messages this worker never handled.
+
+    faust skips the messages it will not deliver (buffered from an old consumer generation after a
+    rebalance, or read while its flow control is suspended) and acks them on the way, expecting to
+    read them again after its seek to the committed offset. Its commit does not wait for that: the
+    offsets after them are committable at once (its contiguity check even lets a hole of one message
+    through at the head, and none at all while the committed offset is 0 or unknown), and a SIGKILL
+    before they are read again loses them for good — the context drill saw exactly that right after
+    commits. Here such an ack marks the message done (faust's wait for unacked messages ends) but is
+    never recorded as committable, and the hole it leaves holds the commit until the message is
+    delivered again and acked by the pipeline. Only the pipeline's acks of delivered messages of the
+    current generation count.
+    """
+
+    def __init__(self, app: faust.App) -> None:
+        self.app = app
+        self.delivered: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.skipped: dict[Any, set[int]] = {}  # tp -> offsets acked by faust, not handled
+        consumer: Any = app.consumer  # private parts: pinned faust, tests/unit/test_context_chunks.py
+        self._record_ack = consumer.ack
+        self._new_offset = consumer._new_offset
+        consumer.ack = self.ack
+        consumer._new_offset = self.new_offset
+        self.consumer = consumer
+
+    def deliver(self, message: Any) -> None:
+        """The agent got `message`: its ack, when the pipeline makes it, may be committed."""
+        self.delivered.add(message)
+
+    def ack(self, message: Any) -> bool:
+        generation = getattr(message, "generation_id", None)
+        stale = generation is not None and generation != self.app.consumer_generation_id
+        if stale or message not in self.delivered:
+            self.skipped.setdefault(message.tp, set()).add(message.offset)
+            message.acked = True
+            self.consumer._unacked_messages.discard(message)
+            return False
+        holes = self.skipped.get(message.tp)
+        if holes:
+            holes.discard(message.offset)
+        return bool(self._record_ack(message))
+
+    def new_offset(self, tp: Any) -> int | None:
+        """faust's next commit offset for `tp`, or None while a skipped message is unhandled before it."""
+        holes = self.skipped.get(tp)
+        acked = self.consumer._acked[tp]
+        if holes and acked:
+            committed = self.consumer._committed_offset[tp]
+            holes.difference_update({h for h in holes if committed is not None and h < committed})
+            if holes and min(holes) < min(acked):
+                return None
+        result = self._new_offset(tp)
+        return None if result is None else int(result)
+
+
 def _broker_urls(bootstrap: str) -> list[str]:
     return [f"kafka://{server.strip()}" for server in bootstrap.split(",") if server.strip()]
 
@@ -1114,6 +1171,7 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
     )
     runtime = ContextRuntime(app, settings, settings.topic_partitions)
     app.runtime = runtime
+    guard = runtime.ack_guard = AckGuard(app)
     topics = runtime.topics
     source = app.topic(
         topics.inbound, topics.agent_activity, topics.replies, topics.context_commands,
@@ -1129,6 +1187,7 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
         runtime.acker = manual.ack
         async with EventPipeline(runtime) as pipeline:
             async for event in manual.events():
+                guard.deliver(event.message)
                 await pipeline.accept(Incoming(
                     cast(bytes | None, event.key), cast(bytes | None, event.value), event.message.topic,
                     event.message.partition, event.message.offset, event))

@@ -41,12 +41,12 @@ from services.common.kafka import COMPACTED, Topics, check_kafka_auth, ensure_to
 
 #: what each service reaches at start (its checks); `watistream check` runs every one of them.
 SERVICE_NEEDS: dict[str, tuple[str, ...]] = {
-    "ingest": ("kafka",),
-    "context": ("kafka", "wati"),
+    "ingest": ("tenants", "kafka"),
+    "context": ("tenants", "kafka", "wati"),
     "responder": ("kafka", "openai", "wati", "manychat", "prompt"),
     "vision": ("kafka", "openai", "wati"),
 }
-ALL_NEEDS = ("settings", "kafka", "wati", "manychat", "openai", "prompt")
+ALL_NEEDS = ("settings", "tenants", "kafka", "wati", "manychat", "openai", "prompt")
 DEFAULT_TIMEOUT_SECONDS = 10.0
 
 
@@ -121,6 +121,17 @@ def settings_checks(settings: Settings, needs: Collection[str] = ALL_NEEDS) -> l
     checks.append(failed("settings", "; ".join(problems), "correct the named settings") if problems
                   else passed("settings", "CUSTOMER_OVERRIDES, PROMPT_LOCALE, IMAGE_CATEGORIES valid"))
     return checks
+
+
+def tenant_checks(settings: Settings) -> list[Check]:
+    """TENANTS_FILE (shape, values, every secret reference, prompts), when one is configured."""
+    if not settings.tenants_file:
+        return []
+    from services.common.tenants import tenant_problems
+
+    wrong = tenant_problems(settings)
+    return [failed("tenants", "; ".join(wrong), "correct TENANTS_FILE as named (docs/tenants.md)") if wrong
+            else passed("tenants", f"TENANTS_FILE={settings.tenants_file} valid")]
 
 
 def _value_of(settings: Settings, env_name: str) -> str:
@@ -427,6 +438,8 @@ async def run_checks(
 ) -> list[Check]:
     """The checks named by `needs` (see SERVICE_NEEDS), provider checks only for enabled channels."""
     checks: list[Check] = settings_checks(settings) if "settings" in needs else []
+    if "tenants" in needs:
+        checks += tenant_checks(settings)
     async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
         calls: list[Any] = []
         if "kafka" in needs:

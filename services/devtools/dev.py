@@ -40,7 +40,9 @@ class DevStack:
     def __init__(
         self, settings: Settings, *, env: Mapping[str, str] | None = None, out: TextIO | None = None,
         ready_timeout: float = 120.0, checks: bool = True,
+        service_env: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
+        """`service_env`: variables for one service only (a drill points one at a fault proxy)."""
         problems = []
         for requirement in (lambda: settings.require(*REQUIRED), settings.require_channels):
             try:
@@ -59,6 +61,7 @@ class DevStack:
         self.checks = checks
         self.broker: EmbeddedKafka | None = None
         self.supervisor: Supervisor | None = None
+        self.service_env = {name: dict(env) for name, env in (service_env or {}).items()}
 
     @property
     def ingest_url(self) -> str:
@@ -118,7 +121,7 @@ class DevStack:
             if exit_code(checks):
                 raise StackError("`watistream check` failed (see above; --skip-checks to start anyway)")
         for name in SERVICES:
-            await supervisor.start(name, name)
+            await supervisor.start(name, name, env=self.service_env.get(name))
         await self._wait_ready()
         supervisor.say("all services ready")
 

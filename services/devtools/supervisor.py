@@ -69,11 +69,12 @@ class Supervisor:
     def say(self, text: str) -> None:
         print(render_line("watistream", text, self.colour), file=self.out, flush=True)
 
-    async def start(self, name: str, *args: str) -> Child:
+    async def start(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> Child:
+        """Starts `watistream <args>`; `env` overrides some of the tree's variables for this child."""
         argv = [sys.executable, "-m", "services.cli", *args]
         child = Child(name, argv)
         child.process = await asyncio.create_subprocess_exec(
-            *argv, env=dict(self.env), stdout=asyncio.subprocess.PIPE,
+            *argv, env={**self.env, **(env or {})}, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent,
         )
         child.pump = asyncio.create_task(self._pump(child))

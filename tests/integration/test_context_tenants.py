@@ -41,10 +41,12 @@ def worker_settings(settings: Settings, stand_ins: StandIns, tmp_path_factory: p
     folder = tmp_path_factory.mktemp("tenants")
     path: Path = folder / "tenants.json"
     wati = {"api_url": stand_ins.wati_url, "token": "env:WATI_API_TOKEN"}
+    fast_secret = folder / "fast-webhook-secret"  # each tenant its own (`watistream check` insists)
+    fast_secret.write_text("fast-tenant-webhook-secret\n", encoding="utf-8")
     path.write_text(json.dumps({"tenants": [
         {"id": "default", "wati": wati, "webhook_secret": "env:WEBHOOK_TOKEN"},
         {"id": "fast", "wati": {**wati, "api_url": stand_ins.wati_url + "/other"},
-         "webhook_secret": "env:WEBHOOK_TOKEN",
+         "webhook_secret": f"file:{fast_secret}",
          "thresholds": {"quiet_window_seconds": 1, "max_batch_wait_seconds": 10}},
     ]}), encoding="utf-8")
     return dataclasses.replace(

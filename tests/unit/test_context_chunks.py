@@ -217,6 +217,45 @@ def test_the_private_faust_parts_the_shell_relies_on_still_exist(tmp_path: Any) 
     app = create_app(settings)
     assert isinstance(app.runtime.customers, ChangelogTrackingTable), "the app's Table setting"
     consumer = app.consumer
-    for name in ("_read_offset", "_committed_offset"):  # the lag gauge
+    for name in ("_read_offset", "_committed_offset", "_acked"):  # the lag gauge, stale acks
         assert isinstance(getattr(consumer, name, None), dict | collections.abc.Mapping), name
+    assert isinstance(getattr(consumer, "_unacked_messages", None), collections.abc.MutableSet)
     assert hasattr(app.runtime.agent, "_actors"), "the agent's liveness check"
+
+
+def test_faust_s_acks_of_messages_it_skipped_never_let_a_commit_pass_them(tmp_path: Any) -> None:
+    """faust skips (and acks) messages buffered before a rebalance or read while its flow control is
+    suspended, to read them again from the committed offset: until then no commit may pass them."""
+    from faust.types import TP
+    from faust.types.tuples import Message
+
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ga.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    app = create_app(settings)
+    consumer = app.consumer
+    guard = app.runtime.ack_guard
+    assert guard is not None
+    topic = app.runtime.topics.inbound
+    tp = TP(topic, 0)
+    app.topics._acking_topics.add(topic)  # as once the agent subscribed (faust acks only these)
+    app.consumer_generation_id = 7
+    consumer._committed_offset[tp] = 20
+
+    def message(offset: int, generation: int = 7) -> Message:
+        m = Message(topic, 0, offset, 0.0, 0, None, b"k", b"v", None, tp=tp, generation_id=generation)
+        consumer._unacked_messages.add(m)
+        return m
+
+    skipped_stale, skipped_suspended = message(20, generation=6), message(21)
+    assert consumer.ack(skipped_stale) is False and consumer.ack(skipped_suspended) is False
+    assert skipped_stale.acked and skipped_stale not in consumer._unacked_messages, "faust's wait ends"
+    handled = message(22)
+    guard.deliver(handled)
+    consumer.ack(handled)
+    assert consumer._acked[tp] == [22]
+    assert consumer._new_offset(tp) is None, "a commit would pass messages 20 and 21, never handled"
+    for offset in (20, 21):  # read again after faust's seek, delivered and acked by the pipeline
+        again = message(offset)
+        guard.deliver(again)
+        consumer.ack(again)
+    assert consumer._new_offset(tp) == 23
