@@ -312,7 +312,7 @@ async def test_rebalance_to_a_second_consumer_keeps_keys_serial_and_loses_nothin
             started.setdefault(key, []).append(label)
             by_consumer[name].add(label)
             try:
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.5)  # long enough that the work outlasts the second consumer's join
             finally:
                 running[key] -= 1
         return handle
