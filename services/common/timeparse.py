@@ -113,14 +113,11 @@ def latest_possible(at: datetime) -> datetime:
     return at + _ONE_SECOND if is_whole_second(at) else at
 
 
-_latest = latest_possible
-
-
 def possibly_after(at: datetime, other: datetime) -> bool:
     """`at` may be later than `other` at the resolution each really has."""
-    return _latest(at) > other
+    return latest_possible(at) > other
 
 
 def surely_after(at: datetime, other: datetime) -> bool:
     """`at` is later than `other` whatever the fraction a whole-second time lost."""
-    return at >= _latest(other) if is_whole_second(other) else at > other
+    return at >= latest_possible(other) if is_whole_second(other) else at > other
