@@ -39,7 +39,7 @@ import logging
 import socket
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -1059,27 +1059,43 @@ class EventPipeline:
 class AckGuard:
     """Keeps faust from committing past input messages this worker never handled.
 
-    faust skips the messages it will not deliver (buffered from an old consumer generation after a
-    rebalance, or read while its flow control is suspended) and acks them on the way, expecting to
-    read them again after its seek to the committed offset. Its commit does not wait for that: the
-    offsets after them are committable at once (its contiguity check even lets a hole of one message
-    through at the head, and none at all while the committed offset is 0 or unknown), and a SIGKILL
-    before they are read again loses them for good — the context drill saw exactly that right after
-    commits. Here such an ack marks the message done (faust's wait for unacked messages ends) but is
-    never recorded as committable, and the hole it leaves holds the commit until the message is
-    delivered again and acked by the pipeline. Only the pipeline's acks of delivered messages of the
-    current generation count.
+    faust's commit trusts that every offset below an acked one was handled, and three of its paths
+    break that for input topics (the context drill lost state through each):
+    - it skips messages it will not deliver (buffered from an old consumer generation after a
+      rebalance, or read while its flow control is suspended) and acks them on the way, expecting to
+      read them again after its seek to the committed offset;
+    - that seek does nothing for a partition with no committed offset yet (aiokafka seeks only to an
+      offset > 0), so records fetched and dropped at a rebalance are never read again, and faust's
+      commit, with no committed offset to compare with, passes them;
+    - its fetch loop records any jump of the read offset as a "gap" its commit treats as acked.
+    Here a skipped message's ack marks it done (faust's wait for unacked messages ends) but is never
+    committable; a partition of an input topic with no commit is sought to its first offset; gaps
+    of input topics are not taken (ours have none: not compacted, no transactions); and a commit is
+    let through only when the acked offsets start exactly at the committed one (or, before the first
+    commit, at the partition's first offset). A hole at the head holds the commit until the pipeline
+    acks the message; one that outlasts `hole_patience_seconds` is a message this worker will never
+    be given again, so the partitions are sought back to their committed offsets to read it.
     """
 
-    def __init__(self, app: faust.App) -> None:
+    def __init__(self, app: faust.App, input_topics: Iterable[str] = (),
+                 *, hole_patience_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
+        self.input_topics = frozenset(input_topics)
+        self.hole_patience_seconds = hole_patience_seconds
+        self.clock = clock
         self.delivered: weakref.WeakSet[Any] = weakref.WeakSet()
         self.skipped: dict[Any, set[int]] = {}  # tp -> offsets acked by faust, not handled
+        self.first_offsets: dict[Any, int] = {}  # tp without a commit -> where reading started
+        self.hole_since: dict[Any, tuple[int, float]] = {}  # tp -> (missing offset, first seen)
+        self.reseeks = 0
         consumer: Any = app.consumer  # private parts: pinned faust, tests/unit/test_context_chunks.py
         self._record_ack = consumer.ack
         self._new_offset = consumer._new_offset
+        self._seek_to_committed = consumer.seek_to_committed
         consumer.ack = self.ack
         consumer._new_offset = self.new_offset
+        consumer.seek_to_committed = self.seek_to_committed
+        consumer._add_gap = self._wrap_add_gap(consumer._add_gap)
         self.consumer = consumer
 
     def deliver(self, message: Any) -> None:
@@ -1099,17 +1115,74 @@ class AckGuard:
             holes.discard(message.offset)
         return bool(self._record_ack(message))
 
+    async def seek_to_committed(self) -> Mapping[Any, int]:
+        """faust's seek, plus a seek to the first offset for input partitions never committed."""
+        committed = await self._seek_to_committed()
+        fresh = [tp for tp, offset in committed.items() if tp.topic in self.input_topics and not offset]
+        self.first_offsets = {}
+        self.hole_since.clear()
+        if fresh:
+            earliest = await self.consumer.earliest_offsets(*fresh)
+            for tp in fresh:
+                first = int(earliest.get(tp) or 0)
+                await self.consumer.seek(tp, first)
+                self.first_offsets[tp] = first
+        return committed
+
+    def _wrap_add_gap(
+        self, add_gap: Callable[[Any, int, int], Awaitable[None]],
+    ) -> Callable[[Any, int, int], Awaitable[None]]:
+        async def add_gap_unless_input(tp: Any, offset_from: int, offset_to: int) -> None:
+            if tp.topic not in self.input_topics:
+                await add_gap(tp, offset_from, offset_to)
+                return
+            # not a gap in the log: records read past without being delivered; the hole they leave
+            # holds the commit until they are read again (see new_offset)
+            logs.event(log, "input_offset_jump", logging.WARNING, topic=tp.topic, partition=tp.partition,
+                       missing_from=offset_from, missing_to=offset_to)
+        return add_gap_unless_input
+
+    def expected_offset(self, tp: Any) -> int | None:
+        """The offset the next commit must start at: the committed one, or the first read."""
+        committed = self.consumer._committed_offset.get(tp)
+        return int(committed) if committed is not None else self.first_offsets.get(tp)
+
     def new_offset(self, tp: Any) -> int | None:
-        """faust's next commit offset for `tp`, or None while a skipped message is unhandled before it."""
-        holes = self.skipped.get(tp)
+        """faust's next commit offset for `tp`, or None while a message before it is unhandled."""
         acked = self.consumer._acked[tp]
-        if holes and acked:
-            committed = self.consumer._committed_offset[tp]
+        if not acked:
+            return None
+        committed = self.consumer._committed_offset[tp]
+        holes = self.skipped.get(tp)
+        if holes:
             holes.difference_update({h for h in holes if committed is not None and h < committed})
             if holes and min(holes) < min(acked):
                 return None
+        if tp.topic in self.input_topics:
+            expected = self.expected_offset(tp)
+            head = min(acked)
+            if expected is not None and head > expected:
+                self._note_hole(tp, expected)
+                return None
+            self.hole_since.pop(tp, None)
         result = self._new_offset(tp)
         return None if result is None else int(result)
+
+    def _note_hole(self, tp: Any, missing: int) -> None:
+        """A hole at the head: wait for the message; if it never comes, read from the commit again."""
+        now = self.clock()
+        seen = self.hole_since.get(tp)
+        if seen is None or seen[0] != missing:
+            self.hole_since[tp] = (missing, now)
+            return
+        in_flight = any(m.tp == tp and m.offset == missing for m in self.consumer._unacked_messages)
+        if in_flight or now - seen[1] < self.hole_patience_seconds:
+            return
+        self.hole_since.pop(tp, None)
+        self.reseeks += 1
+        logs.event(log, "input_reread", logging.WARNING, topic=tp.topic, partition=tp.partition,
+                   missing_offset=missing)
+        self.app.loop.create_task(self.consumer.perform_seek())  # re-reads from the committed offset
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
@@ -1171,8 +1244,9 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
     )
     runtime = ContextRuntime(app, settings, settings.topic_partitions)
     app.runtime = runtime
-    guard = runtime.ack_guard = AckGuard(app)
     topics = runtime.topics
+    guard = runtime.ack_guard = AckGuard(
+        app, (topics.inbound, topics.agent_activity, topics.replies, topics.context_commands))
     source = app.topic(
         topics.inbound, topics.agent_activity, topics.replies, topics.context_commands,
         key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",

@@ -259,3 +259,101 @@ def test_faust_s_acks_of_messages_it_skipped_never_let_a_commit_pass_them(tmp_pa
         guard.deliver(again)
         consumer.ack(again)
     assert consumer._new_offset(tp) == 23
+
+
+def _guarded_app(tmp_path: Any, prefix: str) -> tuple[Any, Any, Any]:
+    from faust.types import TP
+
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix=prefix, web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    app = create_app(settings)
+    guard = app.runtime.ack_guard
+    assert guard is not None
+    topic = app.runtime.topics.inbound
+    app.topics._acking_topics.add(topic)
+    app.consumer_generation_id = 3
+    return app, guard, TP(topic, 0)
+
+
+def _delivered(app: Any, guard: Any, tp: Any, offset: int) -> Any:
+    from faust.types.tuples import Message
+
+    m = Message(tp.topic, tp.partition, offset, 0.0, 0, None, b"k", b"v", None, tp=tp, generation_id=3)
+    app.consumer._unacked_messages.add(m)
+    guard.deliver(m)
+    return m
+
+
+def test_a_commit_never_passes_the_message_at_the_committed_offset(tmp_path: Any) -> None:
+    """faust lets a hole of one message through at the head (committed 20, acked 21 → commits 22)."""
+    app, guard, tp = _guarded_app(tmp_path, "hh.")
+    app.consumer._committed_offset[tp] = 20
+    app.consumer.ack(_delivered(app, guard, tp, 21))
+    assert app.consumer._new_offset(tp) is None, "offset 20 was never handled"
+    app.consumer.ack(_delivered(app, guard, tp, 20))
+    assert app.consumer._new_offset(tp) == 22
+
+
+async def test_a_partition_never_committed_is_read_from_its_first_offset(tmp_path: Any) -> None:
+    """aiokafka's seek to the committed offset does nothing without a commit, so records fetched and
+    dropped at a rebalance would never be read again, and faust would commit past them."""
+    app, guard, tp = _guarded_app(tmp_path, "fp.")
+    changelog = type(tp)("fp.context-customers-changelog", 0)
+    seeks: list[tuple[Any, int]] = []
+
+    async def seek_to_committed() -> dict[Any, int | None]:
+        return {tp: None, changelog: None}
+
+    async def earliest_offsets(*tps: Any) -> dict[Any, int]:
+        return dict.fromkeys(tps, 5)  # retention removed 0..4
+
+    async def seek(partition: Any, offset: int) -> None:
+        seeks.append((partition, offset))
+
+    guard._seek_to_committed = seek_to_committed
+    app.consumer.earliest_offsets = earliest_offsets
+    app.consumer.seek = seek
+    await app.consumer.seek_to_committed()
+    assert seeks == [(tp, 5)], "the input partition is sought to its first offset, the changelog left alone"
+    app.consumer.ack(_delivered(app, guard, tp, 9))  # 5..8 were fetched before a rebalance and dropped
+    assert app.consumer._new_offset(tp) is None, "faust would commit 10 with no committed offset"
+    for offset in (5, 6, 7, 8):
+        app.consumer.ack(_delivered(app, guard, tp, offset))
+    assert app.consumer._new_offset(tp) == 10
+
+
+async def test_a_jump_of_an_input_topic_s_read_offset_is_not_taken_as_acked(tmp_path: Any) -> None:
+    app, guard, tp = _guarded_app(tmp_path, "gp.")
+    app.consumer._committed_offset[tp] = 10
+    await app.consumer._add_gap(tp, 10, 14)  # faust's fetch loop, reading 15 after 9
+    app.consumer.ack(_delivered(app, guard, tp, 15))
+    assert app.consumer._new_offset(tp) is None, "10..14 were read past, never handled"
+    for offset in range(10, 15):
+        app.consumer.ack(_delivered(app, guard, tp, offset))
+    assert app.consumer._new_offset(tp) == 16
+
+
+async def test_a_hole_that_is_never_delivered_again_makes_the_worker_read_from_its_commit(
+    tmp_path: Any,
+) -> None:
+    app, guard, tp = _guarded_app(tmp_path, "rr.")
+    now = [100.0]
+    guard.clock = lambda: now[0]
+    reseeked = asyncio.Event()
+
+    async def perform_seek() -> None:
+        reseeked.set()
+
+    app.consumer.perform_seek = perform_seek
+    app.loop = asyncio.get_running_loop()
+    app.consumer._committed_offset[tp] = 20
+    pending = _delivered(app, guard, tp, 20)  # in the pipeline: a hole that is only slow
+    app.consumer.ack(_delivered(app, guard, tp, 21))
+    assert app.consumer._new_offset(tp) is None
+    now[0] += guard.hole_patience_seconds + 1
+    assert app.consumer._new_offset(tp) is None
+    assert guard.reseeks == 0, "the message is in flight: wait for it"
+    app.consumer._unacked_messages.discard(pending)  # dropped by faust without an ack: never coming
+    assert app.consumer._new_offset(tp) is None
+    await asyncio.wait_for(reseeked.wait(), 5)
+    assert guard.reseeks == 1
