@@ -35,12 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from services.common import codec
@@ -55,6 +53,7 @@ from services.responder.channels import ChannelSender, local_message_id
 from services.responder.splitting import limit_for, split_message
 from services.standins import StandIns
 from tests.conftest import unique_prefix
+from tests.e2e.topic_tail import TopicTail
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(360)]
 
@@ -215,25 +214,13 @@ async def run_load(
 
 # -------------------------------------------------------------------------------- the ledger
 
-async def stop_quietly(consumer: AIOKafkaConsumer) -> None:
-    """Stops a reader at the end of a drill: its errors are not the drill's (a fetch that timed out
-    on a loaded broker ends in a CancelledError out of `stop()`), unless we are being cancelled."""
-    try:
-        await asyncio.wait_for(consumer.stop(), 10)
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-    except Exception:  # the figures are already taken
-        pass
+class Ledger(TopicTail):
+    """What the pipeline wrote, read back from its topics from offset 0 (no consumer group)."""
 
-class Ledger:
-    """What the pipeline wrote, read back from its topics from offset 0 (no consumer group).
-
-    The reader keeps going through a broker outage (aiokafka reconnects; errors are retried).
-    """
+    task_name = "chaos-ledger"
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(settings.kafka_bootstrap_servers)
         self.settings = settings
         self.topics = Topics.from_settings(settings)
         self.inbound: collections.Counter[str] = collections.Counter()
@@ -244,49 +231,15 @@ class Ledger:
         self.dead_batches: dict[str, list[str]] = collections.defaultdict(list)
         self.dead_events: dict[str, list[str]] = collections.defaultdict(list)
         self.undecodable = 0
-        self.read_errors = 0
         self.last_record_at = time.monotonic()
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Ledger:
+    def watched(self) -> list[TopicPartition]:
         names = [self.topics.inbound, self.topics.responder_requests, self.topics.vision_requests,
                  self.topics.replies, self.topics.dead_letter]
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap_servers,
-                                    enable_auto_commit=False, auto_offset_reset="earliest",
-                                    fetch_max_wait_ms=100)
-        await consumer.start()
-        partitions = [TopicPartition(t, p) for t in names for p in range(self.settings.topic_partitions)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        self._consumer = consumer
-        self._task = asyncio.create_task(self._run(), name="chaos-ledger")
-        return self
+        return [TopicPartition(t, p) for t in names for p in range(self.settings.topic_partitions)]
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await stop_quietly(self._consumer)
-
-    async def _run(self) -> None:
-        assert self._consumer is not None
-        while True:
-            try:
-                batches = await self._consumer.getmany(timeout_ms=200, max_records=2000)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the broker is away (drill 2): keep reading once it is back
-                self.read_errors += 1
-                await asyncio.sleep(0.5)
-                continue
-            for records in batches.values():
-                for record in records:
-                    self._read(record.topic, record.value)
+    def on_record(self, tp: TopicPartition, record: Any) -> None:
+        self._read(record.topic, record.value)
 
     def _read(self, topic: str, value: bytes | None) -> None:
         self.last_record_at = time.monotonic()

@@ -43,18 +43,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import cast
+from typing import Any, cast
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
@@ -80,10 +77,10 @@ from tests.e2e.test_chaos import (
     run_load,
     seeded_rng,
     settle,
-    stop_quietly,
     table,
     wait_ready,
 )
+from tests.e2e.topic_tail import TopicTail
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -162,14 +159,16 @@ class Figures:
 
 # -------------------------------------------------------------------------------- the broker's view
 
-class StateLog:
+class StateLog(TopicTail):
     """The context worker's inputs and table changelog as the broker has them, by partition and offset.
 
     Read from offset 0 without a consumer group, straight from the broker (not through the proxy).
     """
 
+    task_name = "context-drill-statelog"
+
     def __init__(self, bootstrap: str, topics: Topics, changelog: str, partitions: int) -> None:
-        self.bootstrap = bootstrap
+        super().__init__(bootstrap)
         self.topics = topics
         self.changelog = changelog
         self.partitions = partitions
@@ -180,44 +179,14 @@ class StateLog:
         # batch ids named by context commands (flush, history_fetched), and batches emitted
         self.commands: dict[int, list[tuple[int, str, str]]] = collections.defaultdict(list)
         self.emitted: dict[tuple[str, int], list[tuple[int, str, str]]] = collections.defaultdict(list)
-        self.position: dict[TopicPartition, int] = {}
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
 
-    @property
     def watched(self) -> list[TopicPartition]:
         names = [self.topics.inbound, self.topics.replies, self.topics.context_commands,
                  self.topics.responder_requests, self.topics.vision_requests, self.changelog]
         return [TopicPartition(t, p) for t in names for p in range(self.partitions)]
 
-    async def __aenter__(self) -> StateLog:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", fetch_max_wait_ms=100)
-        await consumer.start()
-        consumer.assign(self.watched)
-        await consumer.seek_to_beginning(*self.watched)
-        self._consumer = consumer
-        self._task = asyncio.create_task(self._run(), name="context-drill-statelog")
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await stop_quietly(self._consumer)
-
-    async def _run(self) -> None:
-        assert self._consumer is not None
-        while True:
-            batches = await self._consumer.getmany(timeout_ms=200, max_records=2000)
-            for tp, records in batches.items():
-                for record in records:
-                    self._read(tp, record.offset, record.key, record.value)
-                    self.position[tp] = record.offset + 1
+    def on_record(self, tp: TopicPartition, record: Any) -> None:
+        self._read(tp, record.offset, record.key, record.value)
 
     def _read(self, tp: TopicPartition, offset: int, key: bytes | None, value: bytes | None) -> None:
         if tp.topic == self.changelog:
@@ -247,7 +216,7 @@ class StateLog:
     async def caught_up(self, timeout: float) -> None:
         """Waits until everything the broker holds now on the watched partitions has been read."""
         assert self._consumer is not None
-        ends = await self._consumer.end_offsets(self.watched)
+        ends = await self._consumer.end_offsets(self.watched())
         deadline = time.monotonic() + timeout
         while any(self.position.get(tp, 0) < end for tp, end in ends.items()):
             if time.monotonic() > deadline:
