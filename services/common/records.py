@@ -226,6 +226,11 @@ class OwnReply(TypedDict):
     provider_message_ids: list[str]
 
 
+class WaitingFlush(TypedDict):
+    batch_messages: int
+    issued_at: datetime
+
+
 class Batch(TypedDict):
     batch_id: str
     opened_at: datetime
@@ -235,6 +240,7 @@ class Batch(TypedDict):
     prior_last_reply_at: datetime | None
     fetch_started_at: datetime | None
     fetch_attempts: int
+    waiting_flushes: NotRequired[list[WaitingFlush]]
 
 
 class Unanswered(TypedDict):

@@ -130,6 +130,8 @@ ended (its batch start). What happened between it and the bot's reply was in no 
 GIVEN_ITEMS = 20
 """Context items remembered as given per batch (see `_given_keys`)."""
 """Prefixes in `recent_event_ids`: replies handled (dedupe), customer messages the bot answered."""
+MAX_WAITING_FLUSHES = 8
+"""Flushes one batch may keep waiting for their messages during a replay (the timer re-sends)."""
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,49 @@ def on_inbound(
     state["channel"] = message["channel"]
     state["provider_id"] = message["provider_id"]
     state["last_activity_at"] = now
+    return _decide_waiting_flushes(state, limits, effects)
+
+
+def _decide_waiting_flushes(
+    state: CustomerState, limits: Limits, effects: Effects
+) -> tuple[CustomerState, Effects]:
+    """Decides, in log order and each at its own time, the flushes whose messages are all in now.
+
+    Only a replay gets here: the flush was handled before messages it counted (another interleaving
+    of the input topics). Deciding it once they are in, exactly as it was decided the first time,
+    keeps the batch's id and contents those of the batch already emitted before the crash.
+    """
+    batch = state["open_batch"]
+    while batch is not None and batch.get("waiting_flushes"):
+        first = batch["waiting_flushes"][0]
+        if len(batch["messages"]) < first["batch_messages"]:
+            break
+        batch["waiting_flushes"] = batch["waiting_flushes"][1:]
+        command: ContextCommand = {
+            "kind": "flush", "customer_key": state["customer_key"], "batch_id": batch["batch_id"],
+            "issued_at": first["issued_at"], "history": [], "history_error": None, "history_pages": 0,
+            "actor": None, "batch_messages": first["batch_messages"]}
+        state, decided = _on_flush(state, command, first["issued_at"], limits)
+        _merge_effects(effects, decided)
+        next_batch = state["open_batch"]
+        if next_batch is None or next_batch["batch_id"] != batch["batch_id"]:
+            break  # flushed: later waiting flushes named this batch, now done
+        batch = next_batch
     return state, effects
+
+
+def _flush_ignored(batch_id: str, reason: str) -> Effects:
+    return Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": reason})])
+
+
+def _merge_effects(into: Effects, more: Effects) -> None:
+    into.responder_requests.extend(more.responder_requests)
+    into.vision_requests.extend(more.vision_requests)
+    into.decisions.extend(more.decisions)
+    into.fetch = more.fetch or into.fetch
+    into.log.extend(more.log)
+    into.metrics.extend(more.metrics)
+    into.dead_letters.extend(more.dead_letters)
 
 
 def on_agent_activity(
@@ -444,16 +488,29 @@ def _on_flush(
         return state, Effects(log=[("flush_ignored", {
             "batch_id": batch_id, "reason": "earlier_batch_flushing"})])
     seen = command.get("batch_messages")
+    waiting = batch.get("waiting_flushes") or []
+    if waiting and (seen is None or seen < waiting[-1]["batch_messages"]):
+        # issued after an earlier flush of this batch that waits for its messages (a timer reading
+        # a replayed, shorter batch): the earlier one, first in the log, is the one that decided
+        return state, _flush_ignored(batch_id, "earlier_flush_waiting")
     if seen is not None and len(batch["messages"]) < seen:
-        # A replay in another interleaving: messages the timer saw are not handled yet. The timer
-        # sends the flush again once they are (with the same count: the same batch).
-        return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "not_yet_seen"})])
+        # A replay in another interleaving: messages the timer saw are not handled yet. The flush
+        # waits for them and is decided, at its own time, when the last of them comes (on_inbound).
+        if len(waiting) >= MAX_WAITING_FLUSHES:
+            return state, _flush_ignored(batch_id, "too_many_waiting")
+        state = copy.deepcopy(state)
+        batch = state["open_batch"]
+        assert batch is not None
+        batch["waiting_flushes"] = [*waiting, {"batch_messages": seen, "issued_at": now}]
+        return state, Effects(log=[("flush_waiting", {"batch_id": batch_id, "batch_messages": seen,
+                                                      "handled": len(batch["messages"])})])
     if not _is_due(_seen_part(batch, seen), now, limits):  # judged on what the timer saw
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "not_due"})])
     state = copy.deepcopy(state)
     batch = state["open_batch"]
     assert batch is not None
     later = _take_unseen(batch, seen)
+    batch["waiting_flushes"] = []  # decided: any later one names a flushed batch
     state, effects = _start_flush(state, batch, now, limits, Effects())
     if later:
         _reopen(state, batch, later)
@@ -902,6 +959,7 @@ def _open_batch(state: CustomerState, now: datetime) -> Batch:
         "prior_last_reply_at": state["last_reply_at"],
         "fetch_started_at": None,
         "fetch_attempts": 0,
+        "waiting_flushes": [],
     }
     state["open_batch"] = batch
     return batch

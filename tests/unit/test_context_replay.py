@@ -85,11 +85,51 @@ def test_a_flush_replayed_before_messages_it_saw_waits_for_them() -> None:
     first_contact_done(replay)
     replay.message(m1)
     effects = replay.command(flush(t("10:01:41"), batch_id, 2))  # before w2 in this interleaving
-    assert effects.log == [("flush_ignored", {"batch_id": batch_id, "reason": "not_yet_seen"})]
+    assert effects.log == [("flush_waiting", {"batch_id": batch_id, "batch_messages": 2, "handled": 1})]
     assert not effects.responder_requests and replay.state["open_batch"] is not None
-    replay.message(m2)
-    replay.command(flush(t("10:01:45"), batch_id, 2))  # the timer's flush, sent again
+    effects = replay.message(m2)  # the last message it counted: decided now, at its own time
+    assert [r["batch_id"] for r in effects.responder_requests] == [batch_id]
     assert batches(original) == batches(replay)
+    assert batches(replay)[-1] == (batch_id, ["w1", "w2"])
+    assert effects.responder_requests == [original.requests[-1]]
+
+
+def test_a_timer_reading_the_replayed_shorter_batch_cannot_flush_it_differently() -> None:
+    """The drill's "emitted twice": after a restart the timer reads a batch the replay has only
+    partly rebuilt and sends its own, shorter flush — behind the original one in the commands topic,
+    which waits for its messages. The original decides; the batch is the one already emitted."""
+    m1 = inbound("w1", t("10:01:00"), "¿Tienen habitaciones?")
+    m2 = inbound("w2", t("10:01:10"), "¿Con desayuno?")
+    original = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(original)
+    original.message(m1)
+    original.message(m2)
+    batch_id = original.due(t("10:01:41"))
+    assert batch_id is not None
+    original.command(flush(t("10:01:41"), batch_id, 2))
+
+    replay = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(replay)
+    replay.message(m1)
+    replay.command(flush(t("10:01:41"), batch_id, 2))  # the original flush, read before w2
+    effects = replay.command(flush(t("10:02:30"), batch_id, 1))  # the new worker's timer saw w1 only
+    assert effects.log == [("flush_ignored", {"batch_id": batch_id, "reason": "earlier_flush_waiting"})]
+    replay.message(m2)
+    assert batches(replay) == batches(original)
+    assert batches(replay)[-1] == (batch_id, ["w1", "w2"])
+
+
+def test_waiting_flushes_are_decided_in_log_order_each_at_its_own_time() -> None:
+    """A waiting flush that turns out not due (judged at its own time) gives way to the next."""
+    replay = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(replay)
+    replay.message(inbound("w1", t("10:01:00")))
+    batch_id = f"{KEY}:2"
+    replay.command(flush(t("10:01:05"), batch_id, 2))  # not due at 10:01:05 once w2 (10:01:02) is in
+    replay.command(flush(t("10:01:40"), batch_id, 2))
+    effects = replay.message(inbound("w2", t("10:01:02")))
+    assert ("flush_ignored", {"batch_id": batch_id, "reason": "not_due"}) in effects.log
+    assert [r["batch_id"] for r in effects.responder_requests] == [batch_id]
     assert batches(replay)[-1] == (batch_id, ["w1", "w2"])
 
 
