@@ -1056,51 +1056,112 @@ class EventPipeline:
                 raise
 
 
-class AckGuard:
-    """Keeps faust from committing past input messages this worker never handled.
+class _InputReadOffsets(dict[Any, int | None]):
+    """faust's read offsets, except that input partitions read as unknown to its fetch loop.
 
-    faust's commit trusts that every offset below an acked one was handled, and three of its paths
-    break that for input topics (the context drill lost state through each):
-    - it skips messages it will not deliver (buffered from an old consumer generation after a
-      rebalance, or read while its flow control is suspended) and acks them on the way, expecting to
-      read them again after its seek to the committed offset;
-    - that seek does nothing for a partition with no committed offset yet (aiokafka seeks only to an
-      offset > 0), so records fetched and dropped at a rebalance are never read again, and faust's
-      commit, with no committed offset to compare with, passes them;
-    - its fetch loop records any jump of the read offset as a "gap" its commit treats as acked.
-    Here a skipped message's ack marks it done (faust's wait for unacked messages ends) but is never
-    committable; a partition of an input topic with no commit is sought to its first offset; gaps
-    of input topics are not taken (ours have none: not compacted, no transactions); and a commit is
-    let through only when the acked offsets start exactly at the committed one (or, before the first
-    commit, at the partition's first offset). A hole at the head holds the commit until the pipeline
-    acks the message; one that outlasts `hole_patience_seconds` is a message this worker will never
-    be given again, so the partitions are sought back to their committed offsets to read it.
+    faust's loop drops a record below a partition's read offset and records a jump above it as a
+    gap its commit counts as acked; around a rebalance its read offset is overwritten by records of
+    the old generation, so records re-read after a seek were dropped, later ones delivered out of
+    order, and the jump committed. For input topics the gate in `AckGuard` orders delivery instead.
+    """
+
+    def __init__(self, input_topics: frozenset[str]) -> None:
+        super().__init__()
+        self.input_topics = input_topics
+
+    def __missing__(self, tp: Any) -> None:
+        return None
+
+    def __getitem__(self, tp: Any) -> int | None:
+        if tp.topic in self.input_topics:
+            return None
+        return super().__getitem__(tp)
+
+
+class AckGuard:
+    """Keeps faust from committing past, or delivering out of order, input records never handled.
+
+    faust's commit trusts that every offset below an acked one was handled, and its fetch loop that
+    records come in order; the context drill broke both through several paths, all around
+    rebalances: skipped records acked on the way (old consumer generation, flow control suspended),
+    no seek at all for a partition without a committed offset (aiokafka seeks only to an offset > 0),
+    a read offset overwritten after a seek (records read again dropped, later ones delivered), jumps
+    of the read offset committed as gaps, and a hole of one message let through at the head.
+
+    So, for the input topics:
+    - a gate in front of faust's delivery passes each partition's records strictly in offset order
+      from where the last seek put it; a record after a hole is held back and the partition is
+      sought back to the hole (faust's own read offsets are kept out of it: `_InputReadOffsets`);
+    - a partition never committed is sought to its first offset;
+    - an ack faust makes of a record it did not deliver marks it done but is never committable;
+    - a commit goes through only when the acked offsets start exactly at the committed one (or,
+      before the first commit, at the first offset read); a hole at the head holds it until the
+      record is handled, and one the gate never passed again within `hole_patience_seconds` makes
+      the partition be read again from the committed offset (a replay is safe: event times, flush
+      counts, dedupe).
     """
 
     def __init__(self, app: faust.App, input_topics: Iterable[str] = (),
-                 *, hole_patience_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, hole_patience_seconds: float = 60.0, reread_retry_seconds: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
         self.input_topics = frozenset(input_topics)
         self.hole_patience_seconds = hole_patience_seconds
+        self.reread_retry_seconds = reread_retry_seconds
         self.clock = clock
         self.delivered: weakref.WeakSet[Any] = weakref.WeakSet()
         self.skipped: dict[Any, set[int]] = {}  # tp -> offsets acked by faust, not handled
         self.first_offsets: dict[Any, int] = {}  # tp without a commit -> where reading started
+        self.next_offset: dict[Any, int] = {}  # tp -> the offset the gate passes next
         self.hole_since: dict[Any, tuple[int, float]] = {}  # tp -> (missing offset, first seen)
-        self.reseeks = 0
+        self.reread_at: dict[Any, float] = {}  # tp -> when the gate last sought back to a hole
+        self.held_back = 0  # records the gate held back (after a hole, or seen before a seek)
+        self.rereads = 0
         consumer: Any = app.consumer  # private parts: pinned faust, tests/unit/test_context_chunks.py
         self._record_ack = consumer.ack
         self._new_offset = consumer._new_offset
         self._seek_to_committed = consumer.seek_to_committed
+        self._seek = consumer.seek
+        self._deliver = consumer.callback
         consumer.ack = self.ack
         consumer._new_offset = self.new_offset
         consumer.seek_to_committed = self.seek_to_committed
-        consumer._add_gap = self._wrap_add_gap(consumer._add_gap)
+        consumer.seek = self.seek
+        consumer.callback = self.gate
+        read_offsets = _InputReadOffsets(self.input_topics)
+        read_offsets.update(consumer._read_offset)
+        consumer._read_offset = read_offsets
         self.consumer = consumer
 
     def deliver(self, message: Any) -> None:
         """The agent got `message`: its ack, when the pipeline makes it, may be committed."""
         self.delivered.add(message)
+
+    async def gate(self, message: Any) -> None:
+        """faust's delivery of a fetched record: input records strictly in order, else held back."""
+        tp = message.tp
+        if tp.topic not in self.input_topics:
+            await self._deliver(message)
+            return
+        expected = self.next_offset.get(tp)
+        if expected is not None and message.offset != expected:
+            self.held_back += 1
+            if message.offset > expected:  # a hole: read again from it
+                await self._reread(tp, expected)
+            return  # below: passed already since the last seek
+        self.next_offset[tp] = message.offset + 1
+        await self._deliver(message)
+
+    async def _reread(self, tp: Any, offset: int) -> None:
+        now = self.clock()
+        last = self.reread_at.get(tp)
+        if last is not None and now - last < self.reread_retry_seconds:
+            return  # the seek is on its way: records fetched before it still pass by
+        self.reread_at[tp] = now
+        self.rereads += 1
+        logs.event(log, "input_reread", logging.WARNING, topic=tp.topic, partition=tp.partition,
+                   from_offset=offset)
+        await self.seek(tp, offset)
 
     def ack(self, message: Any) -> bool:
         generation = getattr(message, "generation_id", None)
@@ -1113,34 +1174,40 @@ class AckGuard:
         holes = self.skipped.get(message.tp)
         if holes:
             holes.discard(message.offset)
-        return bool(self._record_ack(message))
+        recorded = bool(self._record_ack(message))
+        self.consumer._unacked_messages.discard(message)  # also a record read again, acked before
+        return recorded
+
+    async def seek(self, tp: Any, offset: int) -> None:
+        """faust's seek; the gate passes `tp`'s records from `offset` on."""
+        await self._seek(tp, offset)
+        if tp.topic in self.input_topics:
+            self.next_offset[tp] = offset
 
     async def seek_to_committed(self) -> Mapping[Any, int]:
         """faust's seek, plus a seek to the first offset for input partitions never committed."""
         committed = await self._seek_to_committed()
-        fresh = [tp for tp, offset in committed.items() if tp.topic in self.input_topics and not offset]
+        inputs = {tp: offset for tp, offset in committed.items() if tp.topic in self.input_topics}
+        fresh = [tp for tp, offset in inputs.items() if not offset]
         self.first_offsets = {}
         self.hole_since.clear()
+        self.reread_at.clear()
+        self.next_offset = {tp: int(offset) for tp, offset in inputs.items() if offset}
         if fresh:
             earliest = await self.consumer.earliest_offsets(*fresh)
             for tp in fresh:
                 first = int(earliest.get(tp) or 0)
-                await self.consumer.seek(tp, first)
+                await self.seek(tp, first)
                 self.first_offsets[tp] = first
         return committed
 
-    def _wrap_add_gap(
-        self, add_gap: Callable[[Any, int, int], Awaitable[None]],
-    ) -> Callable[[Any, int, int], Awaitable[None]]:
-        async def add_gap_unless_input(tp: Any, offset_from: int, offset_to: int) -> None:
-            if tp.topic not in self.input_topics:
-                await add_gap(tp, offset_from, offset_to)
-                return
-            # not a gap in the log: records read past without being delivered; the hole they leave
-            # holds the commit until they are read again (see new_offset)
-            logs.event(log, "input_offset_jump", logging.WARNING, topic=tp.topic, partition=tp.partition,
-                       missing_from=offset_from, missing_to=offset_to)
-        return add_gap_unless_input
+    def forget(self, revoked: Iterable[Any]) -> None:
+        """Partitions taken away: the next assignment's seek says where reading starts again."""
+        for tp in revoked:
+            self.next_offset.pop(tp, None)
+            self.first_offsets.pop(tp, None)
+            self.hole_since.pop(tp, None)
+            self.reread_at.pop(tp, None)
 
     def expected_offset(self, tp: Any) -> int | None:
         """The offset the next commit must start at: the committed one, or the first read."""
@@ -1148,7 +1215,7 @@ class AckGuard:
         return int(committed) if committed is not None else self.first_offsets.get(tp)
 
     def new_offset(self, tp: Any) -> int | None:
-        """faust's next commit offset for `tp`, or None while a message before it is unhandled."""
+        """faust's next commit offset for `tp`, or None while a record before it is unhandled."""
         acked = self.consumer._acked[tp]
         if not acked:
             return None
@@ -1156,33 +1223,32 @@ class AckGuard:
         holes = self.skipped.get(tp)
         if holes:
             holes.difference_update({h for h in holes if committed is not None and h < committed})
-            if holes and min(holes) < min(acked):
-                return None
+        head = min(acked)
+        skipped_first = min(holes) if holes and min(holes) < head else None
         if tp.topic in self.input_topics:
             expected = self.expected_offset(tp)
-            head = min(acked)
-            if expected is not None and head > expected:
-                self._note_hole(tp, expected)
+            missing = expected if expected is not None and head > expected else skipped_first
+            if missing is not None:
+                self._note_hole(tp, missing)
                 return None
             self.hole_since.pop(tp, None)
+        elif skipped_first is not None:
+            return None
         result = self._new_offset(tp)
         return None if result is None else int(result)
 
     def _note_hole(self, tp: Any, missing: int) -> None:
-        """A hole at the head: wait for the message; if it never comes, read from the commit again."""
+        """A hole at the head: wait while the record is on its way; if it is not, read it again."""
         now = self.clock()
         seen = self.hole_since.get(tp)
         if seen is None or seen[0] != missing:
             self.hole_since[tp] = (missing, now)
             return
-        in_flight = any(m.tp == tp and m.offset == missing for m in self.consumer._unacked_messages)
-        if in_flight or now - seen[1] < self.hole_patience_seconds:
-            return
+        passed = self.next_offset.get(tp, missing) > missing and missing not in self.skipped.get(tp, ())
+        if passed or now - seen[1] < self.hole_patience_seconds:
+            return  # queued for the agent or in the pipeline
         self.hole_since.pop(tp, None)
-        self.reseeks += 1
-        logs.event(log, "input_reread", logging.WARNING, topic=tp.topic, partition=tp.partition,
-                   missing_offset=missing)
-        self.app.loop.create_task(self.consumer.perform_seek())  # re-reads from the committed offset
+        self.app.loop.create_task(self._reread(tp, missing))
 
 
 def _broker_urls(bootstrap: str) -> list[str]:
@@ -1271,7 +1337,9 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _revoked(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
-        runtime.on_partitions_revoked(args[0] if args else kwargs.get("revoked", ()))
+        revoked = args[0] if args else kwargs.get("revoked", ())
+        guard.forget(revoked)
+        runtime.on_partitions_revoked(revoked)
 
     def guarded(tick: Callable[[], Awaitable[None]], name: str) -> Callable[[], Awaitable[None]]:
         async def run_tick() -> None:  # an exception would end the timer for good: log and go on

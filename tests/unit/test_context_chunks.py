@@ -220,6 +220,11 @@ def test_the_private_faust_parts_the_shell_relies_on_still_exist(tmp_path: Any) 
     for name in ("_read_offset", "_committed_offset", "_acked"):  # the lag gauge, stale acks
         assert isinstance(getattr(consumer, name, None), dict | collections.abc.Mapping), name
     assert isinstance(getattr(consumer, "_unacked_messages", None), collections.abc.MutableSet)
+    for name in ("callback", "seek", "seek_to_committed", "earliest_offsets", "_new_offset", "ack"):
+        assert callable(getattr(consumer, name, None)), name  # AckGuard wraps or calls these
+    from services.context.app import _InputReadOffsets
+
+    assert isinstance(consumer._read_offset, _InputReadOffsets), "faust's loop reads the guard's offsets"
     assert hasattr(app.runtime.agent, "_actors"), "the agent's liveness check"
 
 
@@ -312,7 +317,7 @@ async def test_a_partition_never_committed_is_read_from_its_first_offset(tmp_pat
 
     guard._seek_to_committed = seek_to_committed
     app.consumer.earliest_offsets = earliest_offsets
-    app.consumer.seek = seek
+    guard._seek = seek
     await app.consumer.seek_to_committed()
     assert seeks == [(tp, 5)], "the input partition is sought to its first offset, the changelog left alone"
     app.consumer.ack(_delivered(app, guard, tp, 9))  # 5..8 were fetched before a rebalance and dropped
@@ -322,38 +327,65 @@ async def test_a_partition_never_committed_is_read_from_its_first_offset(tmp_pat
     assert app.consumer._new_offset(tp) == 10
 
 
-async def test_a_jump_of_an_input_topic_s_read_offset_is_not_taken_as_acked(tmp_path: Any) -> None:
-    app, guard, tp = _guarded_app(tmp_path, "gp.")
-    app.consumer._committed_offset[tp] = 10
-    await app.consumer._add_gap(tp, 10, 14)  # faust's fetch loop, reading 15 after 9
-    app.consumer.ack(_delivered(app, guard, tp, 15))
-    assert app.consumer._new_offset(tp) is None, "10..14 were read past, never handled"
-    for offset in range(10, 15):
-        app.consumer.ack(_delivered(app, guard, tp, offset))
-    assert app.consumer._new_offset(tp) == 16
+async def test_the_gate_passes_input_records_strictly_in_order_and_reads_a_hole_again(tmp_path: Any) -> None:
+    """faust's fetch loop delivered records after a hole (its read offset overwritten around a
+    rebalance) and committed read-offset jumps as gaps: here nothing after a hole reaches the agent,
+    and the partition is sought back to the hole."""
+    from faust.types.tuples import Message
+
+    app, guard, tp = _guarded_app(tmp_path, "gt.")
+    passed: list[int] = []
+    seeks: list[tuple[Any, int]] = []
+
+    async def deliver(message: Any) -> None:
+        passed.append(message.offset)
+
+    async def seek(partition: Any, offset: int) -> None:
+        seeks.append((partition, offset))
+
+    guard._deliver, guard._seek = deliver, seek
+    now = [0.0]
+    guard.clock = lambda: now[0]
+
+    def record(offset: int) -> Message:
+        return Message(tp.topic, 0, offset, 0.0, 0, None, b"k", b"v", None, tp=tp, generation_id=3)
+
+    assert app.consumer._read_offset[tp] is None, "faust's loop never drops or gaps an input record"
+    await app.consumer.seek(tp, 10)
+    for offset in (10, 11, 13, 14):  # 12 went missing
+        await app.consumer.callback(record(offset))
+    assert passed == [10, 11], "13 and 14 are held back"
+    assert seeks == [(tp, 10), (tp, 12)], "one seek back to the hole; 14 finds it on its way"
+    for offset in (12, 13, 11):  # read again from 12; 11 (fetched before the seek) was passed already
+        await app.consumer.callback(record(offset))
+    assert passed == [10, 11, 12, 13]
+    now[0] += guard.reread_retry_seconds + 1
+    await app.consumer.callback(record(15))  # 14 lost again: sought again after the retry delay
+    assert seeks[-1] == (tp, 14) and passed[-1] == 13
 
 
-async def test_a_hole_that_is_never_delivered_again_makes_the_worker_read_from_its_commit(
+async def test_a_hole_the_gate_never_passed_again_makes_the_worker_read_from_its_commit(
     tmp_path: Any,
 ) -> None:
     app, guard, tp = _guarded_app(tmp_path, "rr.")
     now = [100.0]
     guard.clock = lambda: now[0]
-    reseeked = asyncio.Event()
+    sought = asyncio.Event()
 
-    async def perform_seek() -> None:
-        reseeked.set()
+    async def seek(partition: Any, offset: int) -> None:
+        assert (partition, offset) == (tp, 20)
+        sought.set()
 
-    app.consumer.perform_seek = perform_seek
+    guard._seek = seek
     app.loop = asyncio.get_running_loop()
     app.consumer._committed_offset[tp] = 20
-    pending = _delivered(app, guard, tp, 20)  # in the pipeline: a hole that is only slow
+    guard.next_offset[tp] = 22  # the gate passed 20 and 21: 20 is queued or in the pipeline
     app.consumer.ack(_delivered(app, guard, tp, 21))
     assert app.consumer._new_offset(tp) is None
     now[0] += guard.hole_patience_seconds + 1
     assert app.consumer._new_offset(tp) is None
-    assert guard.reseeks == 0, "the message is in flight: wait for it"
-    app.consumer._unacked_messages.discard(pending)  # dropped by faust without an ack: never coming
+    assert guard.rereads == 0, "the record is on its way: wait for it"
+    guard.skipped[tp] = {20}  # skipped by the stream (old generation) and no seek came after
     assert app.consumer._new_offset(tp) is None
-    await asyncio.wait_for(reseeked.wait(), 5)
-    assert guard.reseeks == 1
+    await asyncio.wait_for(sought.wait(), 5)
+    assert guard.rereads == 1
