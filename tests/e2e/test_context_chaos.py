@@ -46,6 +46,7 @@ import collections
 import dataclasses
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,7 @@ class StateLog(TopicTail):
         # batch ids named by context commands (flush, history_fetched), and batches emitted
         self.commands: dict[int, list[tuple[int, str, str]]] = collections.defaultdict(list)
         self.emitted: dict[tuple[str, int], list[tuple[int, str, str]]] = collections.defaultdict(list)
+        self.raw: list[tuple[int, TopicPartition, int, bytes | None, bytes | None]] = []
 
     def watched(self) -> list[TopicPartition]:
         names = [self.topics.inbound, self.topics.replies, self.topics.context_commands,
@@ -186,7 +188,19 @@ class StateLog(TopicTail):
         return [TopicPartition(t, p) for t in names for p in range(self.partitions)]
 
     def on_record(self, tp: TopicPartition, record: Any) -> None:
+        self.raw.append((record.timestamp, tp, record.offset, record.key, record.value))
         self._read(tp, record.offset, record.key, record.value)
+
+    def timeline(self, customer: str) -> list[str]:
+        """One customer's records on every watched topic in broker time order: how a failure
+        came about (written next to the stack log when the drill fails)."""
+        lines = []
+        for at, tp, offset, key, value in sorted(self.raw, key=lambda r: (r[0], r[1].topic, r[2])):
+            if (key or b"").decode(errors="replace") != customer:
+                continue
+            where = f"{at % 10_000_000:>7} {tp.topic.rsplit('.', 1)[-1]:<18}{tp.partition}@{offset:<5}"
+            lines.append(f"{where} {describe(tp.topic == self.changelog, value)}")
+        return lines
 
     def _read(self, tp: TopicPartition, offset: int, key: bytes | None, value: bytes | None) -> None:
         if tp.topic == self.changelog:
@@ -279,6 +293,45 @@ def flushes_without_state(log: StateLog, kill: ContextKill) -> set[str]:
             if state is None or batch_id not in state["flushed_batch_ids"]:
                 missing.add(batch_id)
     return missing
+
+
+def describe(is_state: bool, value: bytes | None) -> str:
+    """A short line for a record of the drill's timeline."""
+    if value is None:
+        return "(tombstone)"
+    try:
+        if is_state:
+            state = cast(dict[str, Any], codec.decode("CustomerState", value))
+            batch = state["open_batch"]
+            open_part = (f"open {batch['batch_id'].rsplit(':', 1)[-1]} "
+                         f"{[m['event_id'][-4:] for m in batch['messages']]} "
+                         f"waiting {[w['batch_messages'] for w in batch.get('waiting_flushes') or []]}"
+                         if batch else "open -")
+            return (f"STATE seq {state['batch_seq']} {open_part} flushed "
+                    f"{[b.rsplit(':', 1)[-1] for b in state['flushed_batch_ids'][-3:]]} "
+                    f"ids {len(state['recent_event_ids'])}")
+        name, record = codec.decode_any(value)
+    except codec.CodecError:
+        return "(undecodable)"
+    if name == "InboundMessage":
+        return f"INBOUND {record['event_id'][-4:]} received {record['received_at']:%H:%M:%S.%f}"
+    if name == "ContextCommand":
+        return (f"CMD {record['kind']} {str(record.get('batch_id') or '').rsplit(':', 1)[-1]} "
+                f"count {record.get('batch_messages')} issued {record['issued_at']:%H:%M:%S.%f}")
+    if name in ("ResponderRequest", "VisionRequest"):
+        request = record["request"] if name == "VisionRequest" else record
+        return (f"EMIT {name[:6]} {request['batch_id'].rsplit(':', 1)[-1]} "
+                f"{[m['event_id'][-4:] for m in request['messages']]}")
+    if name == "AssistantReply":
+        return f"REPLY {record['batch_id'].rsplit(':', 1)[-1]} sent {record['sent_at']}"
+    return name
+
+
+def twice_customers(twice: dict[str, str]) -> list[str]:
+    """The customers of (b)'s findings (an event's batch ids, or a batch id itself)."""
+    ids = [*(b for why in twice.values() for b in re.findall(r"'([^']+)'", why)),
+           *(k for k, why in twice.items() if why.startswith("emitted"))]
+    return sorted({batch_id.rsplit(":", 1)[0] for batch_id in ids})
 
 
 def emitted_twice(ledger: Ledger) -> tuple[dict[str, str], int]:
@@ -469,6 +522,9 @@ async def _drill(
                         figures.first_seen_at_kill[batch_id] = kill.n
                     figures.flushes_without_state |= flushes
                 figures.emitted_twice, figures.same_batch_reemitted = emitted_twice(ledger)
+                for customer in twice_customers(figures.emitted_twice)[:3]:
+                    name = f"timeline-{customer.replace(':', '_').replace('/', '_')}.txt"
+                    (tmp / name).write_text("\n".join(state_log.timeline(customer)) + "\n")
                 figures.never_answered = list(verdict.lost)
                 figures.duplicate_replies = sum(verdict.duplicate_sends.values())
     finally:
