@@ -317,6 +317,15 @@ class Settings:
         "", "TENANTS_FILE", "JSON file of tenants (docs/tenants.md); empty = one tenant from these settings"
     )
 
+    # --- One OpenAI call per batch across rebalances (issue 13, point 4; services/responder/worker.py):
+    # --- a batch's OpenAI work is cut off after this long, and its claim holds other responders off
+    # --- (they wait instead of calling OpenAI again) for this long after the claim (and after `generated`).
+    openai_deadline_seconds: float = _env_field(
+        360.0, "OPENAI_DEADLINE_SECONDS",
+        "max time of a batch's OpenAI calls with retries; other responders wait this long on its claim",
+        gt=0,
+    )
+
     def __post_init__(self) -> None:
         """Types and ranges of every field, the WATI token's `Bearer ` dropped (module doc).
 

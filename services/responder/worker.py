@@ -66,7 +66,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -92,13 +92,23 @@ from .ai import AIFailure, ConversationGone, Generated, Replier
 from .channels import ChannelSender, SendFailed
 from .prompt import build_input
 from .splitting import limit_for, split_message
-from .state_store import StateStore, empty_state, find_batch, with_claim, with_conversation, with_progress
+from .state_store import (
+    StateStore,
+    empty_state,
+    find_batch,
+    wait_for_claim,
+    with_claim,
+    with_conversation,
+    with_progress,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 SERVICE = "responder"
+#: how long a handler that gives its batch up (stop, failure) may spend writing the release
+RELEASE_SECONDS = 2.0
 
 
 def request_problem(request: dict[str, Any]) -> str | None:
@@ -149,6 +159,7 @@ class ResponderWorker:
         topics: Topics,
         kafka_attempts: int = 8,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.settings = settings
         self.replier = replier
@@ -158,6 +169,8 @@ class ResponderWorker:
         self.topics = topics
         self.kafka_attempts = kafka_attempts
         self.sleep = sleep
+        self.clock = clock  # the claims' holds (`expires_at`) are times of this clock
+        self.deadline = settings.openai_deadline_seconds
         self.locale = settings.prompt_locale
         self.fallback_text = settings.fallback_text.strip()
 
@@ -198,8 +211,24 @@ class ResponderWorker:
         progress = find_batch(state, batch_id)
         if progress is not None and progress["status"] == "sent":
             return await self._republish(request, state, progress)
-        claim: BatchClaim = {"batch_id": batch_id, "owner": uuid.uuid4().hex}
+        if await self._wait_for_other_claim(key, batch_id):
+            state = self.store.get(key) or empty_state(key)
+            progress = find_batch(state, batch_id)
+            if progress is not None and progress["status"] == "sent":  # the other handling finished
+                return await self._republish(request, state, progress)
+        claim = self._new_claim(batch_id, uuid.uuid4().hex)
         state, progress = await self._claim(key, claim)
+        try:
+            return await self._answer_claimed(request, record, state, progress, claim)
+        except BaseException:  # stopped (cancelled) or failed: nobody should wait for this claim
+            await self._release(key, claim)
+            raise
+
+    async def _answer_claimed(
+        self, request: ResponderRequest, record: ConsumerRecord, state: ResponderState,
+        progress: BatchProgress | None, claim: BatchClaim,
+    ) -> str:
+        batch_id = request["batch_id"]
         if progress is not None and progress["status"] == "sent":
             return await self._republish(request, state, progress)
         resumed = progress is not None  # generated before a crash: it may have reached WATI already
@@ -214,6 +243,66 @@ class ResponderWorker:
                 await self._publish(request, done, state["conversation_id"])
                 return "nothing_sent"
         return await self._send_and_finish(request, record, state, progress, claim, resume=resumed)
+
+    def _new_claim(self, batch_id: str, owner: str) -> BatchClaim:
+        """A claim holding other workers off for OPENAI_DEADLINE_SECONDS from now (module docstring)."""
+        return {"batch_id": batch_id, "owner": owner,
+                "expires_at": self.clock() + timedelta(seconds=self.deadline)}
+
+    async def _wait_for_other_claim(self, key: str, batch_id: str) -> bool:
+        """Waits while another handling's claim on the batch holds (`wait_for_claim`): that one is
+        calling OpenAI or sending, and a second call would be wasted. Ends when the batch is `sent`,
+        the claim is released or expires; True when it waited (the caller re-reads the state).
+        A hold is at most two deadlines from now (claim, then the renewal at `generated`), so a
+        claimant's clock far ahead cannot keep the batch waiting for longer."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 2 * self.deadline
+        waited = False
+        while True:
+            claimant, expires_at = self.store.hold(key, batch_id)
+            latest = self.store.get(key)
+            progress = find_batch(latest, batch_id) if latest is not None else None
+            wait = min(wait_for_claim(progress, claimant, expires_at, self.clock()), give_up - loop.time())
+            if wait <= 0:
+                break
+            if not waited:
+                waited = True
+                metrics.dedupe_hits_total.labels("responder_claim_wait").inc()
+                event(log, "claim_wait", customer=key, batch_id=batch_id, seconds=round(wait, 1),
+                      status=progress["status"] if progress is not None else "claimed")
+            await self.store.wait_change(key, wait)
+        if waited:
+            await self._kafka(lambda: self.store.catch_up(key))
+            event(log, "claim_wait_over", customer=key, batch_id=batch_id)
+        return waited
+
+    async def _release(self, key: str, claim: BatchClaim) -> None:
+        """Best effort, bounded: ends our hold on a batch we give up unsent, so the next owner
+        answers it at once instead of at the hold's end. Written only while the hold still holds
+        by our clock — nobody else writes a claim on the batch meanwhile, they wait — and after
+        reading the customer's partition to its end, so it never replaces a newer state."""
+        batch_id = claim["batch_id"]
+        expires_at = claim.get("expires_at")
+
+        async def release() -> None:
+            await self.store.catch_up(key)
+            latest = self.store.get(key)
+            claimant, held_until = self.store.hold(key, batch_id)
+            progress = find_batch(latest, batch_id) if latest is not None else None
+            now = self.clock()
+            if (latest is None or claimant != claim["owner"] or held_until is None or held_until <= now
+                    or (progress is not None and progress["status"] == "sent")):
+                return
+            await self.store.put(with_claim(latest, {**claim, "expires_at": now}))
+            event(log, "claim_released", customer=key, batch_id=batch_id)
+
+        if expires_at is None:
+            return
+        try:
+            await asyncio.wait_for(release(), RELEASE_SECONDS)
+        except Exception as exc:  # the hold then ends at its time: the safe side
+            event(log, "claim_release_failed", logging.WARNING, customer=key, batch_id=batch_id,
+                  error=type(exc).__name__)
 
     async def _claim(self, key: str, claim: BatchClaim) -> tuple[ResponderState, BatchProgress | None]:
         """Writes the claim on the customer's latest state. A record another worker wrote between
@@ -276,7 +365,14 @@ class ResponderWorker:
         key, batch_id = request["customer_key"], request["batch_id"]
         failure: AIFailure | None = None
         try:
-            state, generated = await self._generate(request, state)
+            async with asyncio.timeout(self.deadline) as deadline:
+                state, generated = await self._generate(request, state)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            failure = AIFailure("openai_deadline", f"no answer within {self.deadline:g} s")
+            event(log, "openai_deadline", logging.WARNING, customer=key, batch_id=batch_id)
+            state = with_claim(self.store.get(key) or state, claim)
         except AIFailure as exc:
             failure = exc
             # what was persisted before the failure (e.g. a conversation just created) is kept
@@ -291,7 +387,9 @@ class ResponderWorker:
         else:
             progress = _progress(batch_id, "generated", generated.text, generated.response_id,
                                  generated.input_tokens, generated.output_tokens, sent_at=utcnow())
-        state = with_progress(state, progress)
+        # the hold renewed for the send: a waiting worker must not resume it while it runs
+        renewed = self._new_claim(batch_id, claim["owner"])
+        state = with_claim(with_progress(state, progress), renewed)
         written = await self._persist(state)
         if not await self._still_ours(claim, key, written):
             raise _Fenced()
