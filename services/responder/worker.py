@@ -18,16 +18,26 @@ answer) or nothing — never an error text. Every batch ends with exactly one As
 Outcome of a stored `sent` entry, for republishing: no text → nothing_sent; a text without a
 response id → fallback; a text with one → answered.
 
-One batch, one send — across rebalances (issue 13, point 4). Two workers can hold the same batch:
-the one whose partition was revoked, and the new owner, which gets the uncommitted record again.
-Two fences, because neither is enough alone:
-- the keyed consumer CANCELS a revoked partition's batches still running once the new assignment
-  shows the partition went to another worker (batches of partitions that come back run on). That
-  stops the old OpenAI call and every later write of a worker that knows of its revoke, but only
-  milliseconds after the new owner may have started, and a worker whose session expired (stalled
-  process, lost coordinator) is told only when it reaches the coordinator again: its task may be
-  finishing an OpenAI call meanwhile;
-- so every handling CLAIMS its batch in the state topic (a claim with an owner unique to this
+One batch, one OpenAI call, one send — across rebalances (issue 13, point 4). Two workers can hold
+the same batch: the one whose partition was revoked (it may not even know: a worker whose session
+expired learns it only when it reaches the coordinator again), and the new owner, which gets the
+uncommitted record again. An OpenAI call may last minutes with retries, so:
+- the old owner is NOT cancelled (the responder runs the keyed consumer with `cancel_revoked`
+  off): its call is paid for and its answer is the one the customer should get, so it finishes
+  its call and its send under its claim. (Cancelling would waste the call, and the new owner
+  would call again — it still can be turned on; a cancelled handling releases its claim.)
+- every claim HOLDS the batch: `expires_at` = the claim's time + OPENAI_DEADLINE_SECONDS, the
+  longest its OpenAI work may take (it is cut off there: `openai_deadline`, then the fallback or
+  nothing, as for any AI failure), renewed with `generated` for the send. A new owner that finds
+  another handling's claim holding on an unsent batch WAITS (no claim, no OpenAI call) until the
+  batch is `sent` — then it only republishes the stored reply —, the claim is released (its
+  handling stopped or failed: `_release`) or it expires (its worker died) — then it claims and
+  answers, resuming a `generated` text with the WATI lookup. Waiting is woken by the customer's
+  next state record (no polling). So a moved batch costs one call whenever the old worker lives.
+  Clocks: the hold is compared with the waiter's clock; skew shortens or lengthens the wait (the
+  worker's own cut-off is on its monotonic clock), which can cost a second call, never a second
+  send: that is the claim fence's job, below, and it does not depend on clocks;
+- every handling CLAIMS its batch in the state topic (a claim with an owner unique to this
   handling, written after reading the customer's partition to its end, before the OpenAI call).
   After the OpenAI call it writes `generated` (G), reads the topic up to G — everything the
   broker ordered before G — and sends only if its claim is still the newest one on that batch and
@@ -44,10 +54,14 @@ Two fences, because neither is enough alone:
 
 What remains: (1) the old worker passed its check just before C and is still sending when the new
 owner resumes: the WATI lookup only skips the parts WATI already has (ManyChat has no lookup), so a
-part may go out twice — the window is the old worker's send, started before C; (2) an OpenAI call
-cancelled on revoke still completes at OpenAI, so a moved batch may cost two calls, yet it is sent
-once; (3) a refused worker's G written after C is the customer's latest record until the new owner
-writes again (it does so from its own copy, which wins); (4) a claim forgotten after MAX_CLAIMS
+part may go out twice — as the hold is renewed at `generated`, C comes only after a send that
+outlasted OPENAI_DEADLINE_SECONDS (or with a clock far off); (2) a claim whose worker died holds the
+batch until it expires: a crash mid-call delays that customer's answer by up to
+OPENAI_DEADLINE_SECONDS (a stop releases at once; a shorter hold renewed by a heartbeat would bound
+it, at one state write per interval), and the dead worker's call is lost: that batch costs two
+calls (as does one cancelled on revoke, when `cancel_revoked` is turned on); (3) a refused
+worker's G written after C is the customer's latest record until the new owner writes again (it
+does so from its own copy, which wins); (4) a claim forgotten after MAX_CLAIMS
 newer ones on the same customer fences its handler (the safe side); (5) a worker that cannot read
 the state topic waits, and one whose state reader died fails the batch (dead letter): it never
 sends unchecked. Kafka transactions would not close (1): the send is an HTTP effect outside Kafka.
