@@ -28,15 +28,17 @@ uncommitted record again. An OpenAI call may last minutes with retries, so:
   would call again — it still can be turned on; a cancelled handling releases its claim.)
 - every claim HOLDS the batch: `expires_at` = the claim's time + OPENAI_DEADLINE_SECONDS, the
   longest its OpenAI work may take (it is cut off there: `openai_deadline`, then the fallback or
-  nothing, as for any AI failure), renewed with `generated` for the send. A new owner that finds
-  another handling's claim holding on an unsent batch WAITS (no claim, no OpenAI call) until the
-  batch is `sent` — then it only republishes the stored reply —, the claim is released (its
-  handling stopped or failed: `_release`) or it expires (its worker died) — then it claims and
-  answers, resuming a `generated` text with the WATI lookup. Waiting is woken by the customer's
-  next state record (no polling). So a moved batch costs one call whenever the old worker lives.
-  Clocks: the hold is compared with the waiter's clock; skew shortens or lengthens the wait (the
-  worker's own cut-off is on its monotonic clock), which can cost a second call, never a second
-  send: that is the claim fence's job, below, and it does not depend on clocks;
+  nothing, as for any AI failure); `generated` replaces it by RESPONDER_SEND_HOLD_SECONDS from
+  then, for the send (sends take seconds: a crash mid-send should not wait out the OpenAI
+  deadline). A new owner that finds another handling's claim holding on an unsent batch WAITS (no
+  claim, no OpenAI call) until the batch is `sent` — then it only republishes the stored reply —,
+  the claim is released (its handling stopped or failed: `_release`) or it expires (its worker
+  died) — then it claims and answers, resuming a `generated` text with the WATI lookup. Waiting is
+  woken by the customer's next state record (no polling). So a moved batch costs one call whenever
+  the old worker lives. Clocks: the hold is compared with the waiter's clock; skew shortens or
+  lengthens the wait (the worker's own cut-off is on its monotonic clock), which can cost a second
+  call, never a second send: that is the claim fence's job, below, and it does not depend on
+  clocks;
 - every handling CLAIMS its batch in the state topic (a claim with an owner unique to this
   handling, written after reading the customer's partition to its end, before the OpenAI call).
   After the OpenAI call it writes `generated` (G), reads the topic up to G — everything the
@@ -55,16 +57,17 @@ uncommitted record again. An OpenAI call may last minutes with retries, so:
 What remains: (1) the old worker passed its check just before C and is still sending when the new
 owner resumes: the WATI lookup only skips the parts WATI already has (ManyChat has no lookup), so a
 part may go out twice — as the hold is renewed at `generated`, C comes only after a send that
-outlasted OPENAI_DEADLINE_SECONDS (or with a clock far off); (2) a claim whose worker died holds the
-batch until it expires: a crash mid-call delays that customer's answer by up to
-OPENAI_DEADLINE_SECONDS (a stop releases at once; a shorter hold renewed by a heartbeat would bound
-it, at one state write per interval), and the dead worker's call is lost: that batch costs two
-calls (as does one cancelled on revoke, when `cancel_revoked` is turned on); (3) a refused
-worker's G written after C is the customer's latest record until the new owner writes again (it
-does so from its own copy, which wins); (4) a claim forgotten after MAX_CLAIMS
-newer ones on the same customer fences its handler (the safe side); (5) a worker that cannot read
-the state topic waits, and one whose state reader died fails the batch (dead letter): it never
-sends unchecked. Kafka transactions would not close (1): the send is an HTTP effect outside Kafka.
+outlasted RESPONDER_SEND_HOLD_SECONDS (or with a clock far off); (2) a claim whose worker died
+holds the batch until it expires: a crash mid-call delays that customer's answer by up to
+OPENAI_DEADLINE_SECONDS, mid-send by up to RESPONDER_SEND_HOLD_SECONDS (a stop releases at once; a
+shorter hold renewed by a heartbeat would bound it, at one state write per interval), and the dead
+worker's call is lost: that batch costs two calls (as does one cancelled on revoke, when
+`cancel_revoked` is turned on); (3) a refused worker's G written after C is the customer's latest
+record until the new owner writes again (it does so from its own copy, which wins); (4) a claim
+forgotten after MAX_CLAIMS newer ones on the same customer fences its handler (the safe side); (5)
+a worker that cannot read the state topic waits, and one whose state reader died fails the batch
+(dead letter): it never sends unchecked. Kafka transactions would not close (1): the send is an
+HTTP effect outside Kafka.
 
 Times (issue 13, point 5): `generated` is written with `sent_at` = now, just before the send
 begins, so a send resumed after a crash reports the time the first part may have gone out, not the
@@ -185,6 +188,7 @@ class ResponderWorker:
         self.sleep = sleep
         self.clock = clock  # the claims' holds (`expires_at`) are times of this clock
         self.deadline = settings.openai_deadline_seconds
+        self.send_hold = settings.responder_send_hold_seconds
         self.locale = settings.prompt_locale
         self.fallback_text = settings.fallback_text.strip()
 
@@ -230,7 +234,7 @@ class ResponderWorker:
             progress = find_batch(state, batch_id)
             if progress is not None and progress["status"] == "sent":  # the other handling finished
                 return await self._republish(request, state, progress)
-        claim = self._new_claim(batch_id, uuid.uuid4().hex)
+        claim = self._new_claim(batch_id, uuid.uuid4().hex, self.deadline)
         state, progress = await self._claim(key, claim)
         try:
             return await self._answer_claimed(request, record, state, progress, claim)
@@ -258,19 +262,18 @@ class ResponderWorker:
                 return "nothing_sent"
         return await self._send_and_finish(request, record, state, progress, claim, resume=resumed)
 
-    def _new_claim(self, batch_id: str, owner: str) -> BatchClaim:
-        """A claim holding other workers off for OPENAI_DEADLINE_SECONDS from now (module docstring)."""
-        return {"batch_id": batch_id, "owner": owner,
-                "expires_at": self.clock() + timedelta(seconds=self.deadline)}
+    def _new_claim(self, batch_id: str, owner: str, hold: float) -> BatchClaim:
+        """A claim holding other workers off for `hold` seconds from now (module docstring)."""
+        return {"batch_id": batch_id, "owner": owner, "expires_at": self.clock() + timedelta(seconds=hold)}
 
     async def _wait_for_other_claim(self, key: str, batch_id: str) -> bool:
         """Waits while another handling's claim on the batch holds (`wait_for_claim`): that one is
         calling OpenAI or sending, and a second call would be wasted. Ends when the batch is `sent`,
         the claim is released or expires; True when it waited (the caller re-reads the state).
-        A hold is at most two deadlines from now (claim, then the renewal at `generated`), so a
-        claimant's clock far ahead cannot keep the batch waiting for longer."""
+        A hold is at most the deadline and the send hold from now (claim, then `generated`), so
+        a claimant's clock far ahead cannot keep the batch waiting for longer."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + 2 * self.deadline
+        give_up = loop.time() + self.deadline + self.send_hold
         waited = False
         while True:
             claimant, expires_at = self.store.hold(key, batch_id)
@@ -401,8 +404,8 @@ class ResponderWorker:
         else:
             progress = _progress(batch_id, "generated", generated.text, generated.response_id,
                                  generated.input_tokens, generated.output_tokens, sent_at=utcnow())
-        # the hold renewed for the send: a waiting worker must not resume it while it runs
-        renewed = self._new_claim(batch_id, claim["owner"])
+        # the hold now covers the send only: a waiting worker must not resume it while it runs
+        renewed = self._new_claim(batch_id, claim["owner"], self.send_hold)
         state = with_claim(with_progress(state, progress), renewed)
         written = await self._persist(state)
         if not await self._still_ours(claim, key, written):
