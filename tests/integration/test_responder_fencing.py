@@ -19,7 +19,7 @@ import os
 import socket
 import sys
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -134,7 +134,8 @@ async def read_state(settings: Settings, producer: AIOKafkaProducer) -> StateSto
     return store
 
 
-@pytest.mark.parametrize("old_owner", ["runs_on_under_its_claim", "cancelled_on_revoke"])
+@pytest.mark.parametrize("old_owner",
+                         ["runs_on_under_its_claim", "cancelled_on_revoke", "hold_ran_out_mid_call"])
 async def test_second_responder_joining_mid_call_calls_openai_once_and_sends_once(
     rig: Rig, old_owner: str
 ) -> None:
@@ -147,6 +148,10 @@ async def test_second_responder_joining_mid_call_calls_openai_once_and_sends_onc
     finishes its call and send under its claim, and the new owner waits for that claim and only
     re-publishes the stored reply: ONE OpenAI call and one send per batch. "cancelled_on_revoke"
     cancels the old owner, which releases its claim: the new owner calls again, still sends once.
+    "hold_ran_out_mid_call": the old owner's clock is behind, so its claims stop holding 3 s after
+    they are written while its calls run on (as with a worker stalled past its deadline): the new
+    owner takes over and calls again, and the old owner, whose call ends after the new owner's
+    claim, is refused by the claim fence — a stale owner never sends after the new owner took over.
     """
     customers = [new_customer() for _ in range(rig.settings.topic_partitions)]
     hashes = {customer_hash(key) for key, _ in customers}
@@ -166,6 +171,10 @@ async def test_second_responder_joining_mid_call_calls_openai_once_and_sends_onc
     try:
         await first.start()
         await first.wait_ready(60)
+        if old_owner == "hold_ran_out_mid_call":
+            assert first.worker is not None
+            behind = timedelta(seconds=LONG_DEADLINE - 3)
+            first.worker.clock = lambda: utcnow() - behind
         batches = [batch(key, ident, f"Hola {n}") for n, (key, ident) in enumerate(customers)]
         for partition, b in enumerate(batches):
             await rig.send(b, partition=partition)
@@ -194,7 +203,10 @@ async def test_second_responder_joining_mid_call_calls_openai_once_and_sends_onc
         if old_owner == "runs_on_under_its_claim":
             assert list(calls.values()) == [1] * len(batches), f"OpenAI responses per batch: {calls}"
             assert claim_waits() - waits_before == len(moved), "the new owner waited on each moved batch"
-        assert fenced() - fenced_before == 0  # nobody even got as far as the fence
+        if old_owner == "hold_ran_out_mid_call":
+            assert fenced() - fenced_before == len(moved), "the stale owner refused on each moved batch"
+        else:
+            assert fenced() - fenced_before == 0  # nobody even got as far as the fence
 
         store = await read_state(rig.settings, rig.producer)
         try:
