@@ -317,6 +317,19 @@ class Settings:
         "", "TENANTS_FILE", "JSON file of tenants (docs/tenants.md); empty = one tenant from these settings"
     )
 
+    # --- One OpenAI call per batch across rebalances (issue 13, point 4; services/responder/worker.py):
+    # --- a batch's OpenAI work is cut off after OPENAI_DEADLINE_SECONDS, and its claim holds other
+    # --- responders off (they wait instead of calling OpenAI again) that long, then for its send.
+    openai_deadline_seconds: float = _env_field(
+        360.0, "OPENAI_DEADLINE_SECONDS",
+        "max time of a batch's OpenAI calls with retries; other responders wait this long on its claim",
+        gt=0,
+    )
+    responder_send_hold_seconds: float = _env_field(
+        60.0, "RESPONDER_SEND_HOLD_SECONDS",
+        "once a batch's answer is generated, other responders wait this long for its send", gt=0,
+    )
+
     def __post_init__(self) -> None:
         """Types and ranges of every field, the WATI token's `Bearer ` dropped (module doc).
 

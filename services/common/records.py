@@ -209,6 +209,8 @@ class BatchProgress(TypedDict):
 class BatchClaim(TypedDict):
     batch_id: str
     owner: str
+    #: until when it holds off another worker (null: written by a version without holds)
+    expires_at: NotRequired[datetime | None]
 
 
 class ResponderState(TypedDict):

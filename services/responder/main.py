@@ -93,7 +93,7 @@ class Responder:
         serve_http: bool = True,
         drain_timeout: float = 10.0,
         revoke_timeout: float = 10.0,
-        cancel_revoked: bool = True,
+        cancel_revoked: bool = False,
     ) -> None:
         self.settings = settings
         self.instructions = instructions if instructions is not None else load_instructions(settings)
@@ -101,7 +101,10 @@ class Responder:
         self.serve_http = serve_http
         self.drain_timeout = drain_timeout
         self.revoke_timeout = revoke_timeout
-        self.cancel_revoked = cancel_revoked  # False only in the drill of a worker unaware of its revoke
+        # False: a batch whose partition moved finishes its OpenAI call and send under its claim
+        # (the new owner waits for it; the claim fence refuses it if the new owner took over);
+        # True cancels it and releases its claim: the call is wasted, the new owner calls again
+        self.cancel_revoked = cancel_revoked
         self.topics = Topics.from_settings(settings)
         self.producer: AIOKafkaProducer | None = None
         self.store: StateStore | None = None

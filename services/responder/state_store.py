@@ -22,6 +22,12 @@ appeared, whether it read the record or got the ack of its own write; `claimant(
 owner whose claim appeared LAST: the newest handler wins, so the worker that holds the partition now
 can always take a batch over from one that lost it. A stale worker's later writes repeat its own
 older claim, so they never make it the claimant again.
+
+Holds (one OpenAI call per batch): a claim carries `expires_at`, until when it holds another worker
+off the batch (that worker waits for the batch to be `sent` instead of calling OpenAI again). The
+store keeps, per (batch, owner), the `expires_at` of the claim's LATEST record: the claimant renews
+it with `generated` (for the send) and ends it early when it gives the batch up (release).
+`wait_for_claim` is the pure rule; `wait_change` wakes a waiter on the customer's next record.
 """
 
 from __future__ import annotations
@@ -111,6 +117,37 @@ def claimant_of(claims: dict[tuple[str, str], int], batch_id: str) -> str | None
     return max(owners)[1] if owners else None
 
 
+def note_hold(holds: dict[tuple[str, str], tuple[int, datetime | None]], offset: int,
+              claim: BatchClaim | None) -> None:
+    """Records the `expires_at` of a (batch, owner) claim's LATEST record (pure bookkeeping, bounded
+    like `note_claim`): a renewal or a release replaces the claim's first hold."""
+    if claim is None:
+        return
+    ident = (claim["batch_id"], claim["owner"])
+    seen = holds.get(ident)
+    if seen is not None and seen[0] > offset:
+        return
+    holds[ident] = (offset, claim.get("expires_at"))
+    while len(holds) > MAX_CLAIMS:
+        del holds[min(holds, key=lambda i: holds[i][0])]
+
+
+def wait_for_claim(
+    progress: BatchProgress | None, claimant: str | None, expires_at: datetime | None, now: datetime
+) -> float:
+    """Pure: how long a worker about to answer a batch waits for another handling's claim (0: go on).
+
+    It waits while the newest claim on the batch is another's, the batch is not `sent` and the
+    claim holds (`expires_at` after `now`): that handling is calling OpenAI or sending, and one
+    call is enough. A `sent` batch, a released or expired claim, or one without a hold (an older
+    version's) does not hold anyone off. The caller's own claim is written only after this."""
+    if claimant is None or expires_at is None:
+        return 0.0
+    if progress is not None and progress["status"] == "sent":
+        return 0.0
+    return max(0.0, (expires_at - now).total_seconds())
+
+
 def with_conversation(
     state: ResponderState, conversation_id: str, now: datetime | None = None
 ) -> ResponderState:
@@ -127,6 +164,9 @@ class StateStore:
         self.topic = self.topics.responder_state
         self._states: dict[str, tuple[int, ResponderState]] = {}
         self._claims: dict[str, dict[tuple[str, str], int]] = {}
+        self._holds: dict[str, dict[tuple[str, str], tuple[int, datetime | None]]] = {}
+        #: customers someone waits on (`wait_change`): set when a record of theirs is applied
+        self._changes: dict[str, asyncio.Event] = {}
         #: customers whose claim is being written: (base offset, records read above it)
         self._watches: dict[str, tuple[int, list[tuple[int, ResponderState]]]] = {}
         self._consumer: AIOKafkaConsumer | None = None
@@ -204,6 +244,26 @@ class StateStore:
         """The owner of the newest claim on this batch seen so far (see module docstring)."""
         return claimant_of(self._claims.get(customer_key, {}), batch_id)
 
+    def hold(self, customer_key: str, batch_id: str) -> tuple[str | None, datetime | None]:
+        """The newest claimant of the batch and until when its claim holds (latest record's)."""
+        claimant = self.claimant(customer_key, batch_id)
+        if claimant is None:
+            return None, None
+        held = self._holds.get(customer_key, {}).get((batch_id, claimant))
+        return claimant, held[1] if held is not None else None
+
+    async def wait_change(self, customer_key: str, timeout: float) -> None:
+        """Returns when a record of the customer is applied (read or own write), or after `timeout`."""
+        change = self._changes.setdefault(customer_key, asyncio.Event())
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(change.wait(), timeout)
+        finally:
+            if self._changes.get(customer_key) is change:
+                del self._changes[customer_key]
+        if self._failed:
+            raise RuntimeError(f"state reader stopped: {self._failed}")
+
     def watch(self, customer_key: str) -> ResponderState | None:
         """The customer's state to base a claim on; from now on the reader keeps every record of
         the customer above it, for `written_between` (a writer that read the topic to its end may
@@ -246,12 +306,17 @@ class StateStore:
     def _apply(self, key: str, offset: int, state: ResponderState | None) -> None:
         if state is not None and state.get("claim") is not None:
             note_claim(self._claims.setdefault(key, {}), offset, state.get("claim"))
+            note_hold(self._holds.setdefault(key, {}), offset, state.get("claim"))
+        change = self._changes.pop(key, None)
+        if change is not None:
+            change.set()
         held = self._states.get(key)
         if held is not None and held[0] >= offset:
             return
         if state is None:
             self._states.pop(key, None)
             self._claims.pop(key, None)
+            self._holds.pop(key, None)
         else:
             self._states[key] = (offset, state)
 
@@ -290,4 +355,6 @@ class StateStore:
         exc = task.exception()
         self._failed = type(exc).__name__ if exc else "ended"
         self._progress.set()
+        for change in self._changes.values():  # waiters learn the reader stopped
+            change.set()
         event(log, "state_reader_failed", logging.ERROR, error=self._failed)

@@ -18,16 +18,28 @@ answer) or nothing — never an error text. Every batch ends with exactly one As
 Outcome of a stored `sent` entry, for republishing: no text → nothing_sent; a text without a
 response id → fallback; a text with one → answered.
 
-One batch, one send — across rebalances (issue 13, point 4). Two workers can hold the same batch:
-the one whose partition was revoked, and the new owner, which gets the uncommitted record again.
-Two fences, because neither is enough alone:
-- the keyed consumer CANCELS a revoked partition's batches still running once the new assignment
-  shows the partition went to another worker (batches of partitions that come back run on). That
-  stops the old OpenAI call and every later write of a worker that knows of its revoke, but only
-  milliseconds after the new owner may have started, and a worker whose session expired (stalled
-  process, lost coordinator) is told only when it reaches the coordinator again: its task may be
-  finishing an OpenAI call meanwhile;
-- so every handling CLAIMS its batch in the state topic (a claim with an owner unique to this
+One batch, one OpenAI call, one send — across rebalances (issue 13, point 4). Two workers can hold
+the same batch: the one whose partition was revoked (it may not even know: a worker whose session
+expired learns it only when it reaches the coordinator again), and the new owner, which gets the
+uncommitted record again. An OpenAI call may last minutes with retries, so:
+- the old owner is NOT cancelled (the responder runs the keyed consumer with `cancel_revoked`
+  off): its call is paid for and its answer is the one the customer should get, so it finishes
+  its call and its send under its claim. (Cancelling would waste the call, and the new owner
+  would call again — it still can be turned on; a cancelled handling releases its claim.)
+- every claim HOLDS the batch: `expires_at` = the claim's time + OPENAI_DEADLINE_SECONDS, the
+  longest its OpenAI work may take (it is cut off there: `openai_deadline`, then the fallback or
+  nothing, as for any AI failure); `generated` replaces it by RESPONDER_SEND_HOLD_SECONDS from
+  then, for the send (sends take seconds: a crash mid-send should not wait out the OpenAI
+  deadline). A new owner that finds another handling's claim holding on an unsent batch WAITS (no
+  claim, no OpenAI call) until the batch is `sent` — then it only republishes the stored reply —,
+  the claim is released (its handling stopped or failed: `_release`) or it expires (its worker
+  died) — then it claims and answers, resuming a `generated` text with the WATI lookup. Waiting is
+  woken by the customer's next state record (no polling). So a moved batch costs one call whenever
+  the old worker lives. Clocks: the hold is compared with the waiter's clock; skew shortens or
+  lengthens the wait (the worker's own cut-off is on its monotonic clock), which can cost a second
+  call, never a second send: that is the claim fence's job, below, and it does not depend on
+  clocks;
+- every handling CLAIMS its batch in the state topic (a claim with an owner unique to this
   handling, written after reading the customer's partition to its end, before the OpenAI call).
   After the OpenAI call it writes `generated` (G), reads the topic up to G — everything the
   broker ordered before G — and sends only if its claim is still the newest one on that batch and
@@ -44,13 +56,18 @@ Two fences, because neither is enough alone:
 
 What remains: (1) the old worker passed its check just before C and is still sending when the new
 owner resumes: the WATI lookup only skips the parts WATI already has (ManyChat has no lookup), so a
-part may go out twice — the window is the old worker's send, started before C; (2) an OpenAI call
-cancelled on revoke still completes at OpenAI, so a moved batch may cost two calls, yet it is sent
-once; (3) a refused worker's G written after C is the customer's latest record until the new owner
-writes again (it does so from its own copy, which wins); (4) a claim forgotten after MAX_CLAIMS
-newer ones on the same customer fences its handler (the safe side); (5) a worker that cannot read
-the state topic waits, and one whose state reader died fails the batch (dead letter): it never
-sends unchecked. Kafka transactions would not close (1): the send is an HTTP effect outside Kafka.
+part may go out twice — as the hold is renewed at `generated`, C comes only after a send that
+outlasted RESPONDER_SEND_HOLD_SECONDS (or with a clock far off); (2) a claim whose worker died
+holds the batch until it expires: a crash mid-call delays that customer's answer by up to
+OPENAI_DEADLINE_SECONDS, mid-send by up to RESPONDER_SEND_HOLD_SECONDS (a stop releases at once; a
+shorter hold renewed by a heartbeat would bound it, at one state write per interval), and the dead
+worker's call is lost: that batch costs two calls (as does one cancelled on revoke, when
+`cancel_revoked` is turned on); (3) a refused worker's G written after C is the customer's latest
+record until the new owner writes again (it does so from its own copy, which wins); (4) a claim
+forgotten after MAX_CLAIMS newer ones on the same customer fences its handler (the safe side); (5)
+a worker that cannot read the state topic waits, and one whose state reader died fails the batch
+(dead letter): it never sends unchecked. Kafka transactions would not close (1): the send is an
+HTTP effect outside Kafka.
 
 Times (issue 13, point 5): `generated` is written with `sent_at` = now, just before the send
 begins, so a send resumed after a crash reports the time the first part may have gone out, not the
@@ -66,7 +83,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -92,13 +109,23 @@ from .ai import AIFailure, ConversationGone, Generated, Replier
 from .channels import ChannelSender, SendFailed
 from .prompt import build_input
 from .splitting import limit_for, split_message
-from .state_store import StateStore, empty_state, find_batch, with_claim, with_conversation, with_progress
+from .state_store import (
+    StateStore,
+    empty_state,
+    find_batch,
+    wait_for_claim,
+    with_claim,
+    with_conversation,
+    with_progress,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 SERVICE = "responder"
+#: how long a handler that gives its batch up (stop, failure) may spend writing the release
+RELEASE_SECONDS = 2.0
 
 
 def request_problem(request: dict[str, Any]) -> str | None:
@@ -149,6 +176,7 @@ class ResponderWorker:
         topics: Topics,
         kafka_attempts: int = 8,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.settings = settings
         self.replier = replier
@@ -158,6 +186,9 @@ class ResponderWorker:
         self.topics = topics
         self.kafka_attempts = kafka_attempts
         self.sleep = sleep
+        self.clock = clock  # the claims' holds (`expires_at`) are times of this clock
+        self.deadline = settings.openai_deadline_seconds
+        self.send_hold = settings.responder_send_hold_seconds
         self.locale = settings.prompt_locale
         self.fallback_text = settings.fallback_text.strip()
 
@@ -198,8 +229,24 @@ class ResponderWorker:
         progress = find_batch(state, batch_id)
         if progress is not None and progress["status"] == "sent":
             return await self._republish(request, state, progress)
-        claim: BatchClaim = {"batch_id": batch_id, "owner": uuid.uuid4().hex}
+        if await self._wait_for_other_claim(key, batch_id):
+            state = self.store.get(key) or empty_state(key)
+            progress = find_batch(state, batch_id)
+            if progress is not None and progress["status"] == "sent":  # the other handling finished
+                return await self._republish(request, state, progress)
+        claim = self._new_claim(batch_id, uuid.uuid4().hex, self.deadline)
         state, progress = await self._claim(key, claim)
+        try:
+            return await self._answer_claimed(request, record, state, progress, claim)
+        except BaseException:  # stopped (cancelled) or failed: nobody should wait for this claim
+            await self._release(key, claim)
+            raise
+
+    async def _answer_claimed(
+        self, request: ResponderRequest, record: ConsumerRecord, state: ResponderState,
+        progress: BatchProgress | None, claim: BatchClaim,
+    ) -> str:
+        batch_id = request["batch_id"]
         if progress is not None and progress["status"] == "sent":
             return await self._republish(request, state, progress)
         resumed = progress is not None  # generated before a crash: it may have reached WATI already
@@ -214,6 +261,65 @@ class ResponderWorker:
                 await self._publish(request, done, state["conversation_id"])
                 return "nothing_sent"
         return await self._send_and_finish(request, record, state, progress, claim, resume=resumed)
+
+    def _new_claim(self, batch_id: str, owner: str, hold: float) -> BatchClaim:
+        """A claim holding other workers off for `hold` seconds from now (module docstring)."""
+        return {"batch_id": batch_id, "owner": owner, "expires_at": self.clock() + timedelta(seconds=hold)}
+
+    async def _wait_for_other_claim(self, key: str, batch_id: str) -> bool:
+        """Waits while another handling's claim on the batch holds (`wait_for_claim`): that one is
+        calling OpenAI or sending, and a second call would be wasted. Ends when the batch is `sent`,
+        the claim is released or expires; True when it waited (the caller re-reads the state).
+        A hold is at most the deadline and the send hold from now (claim, then `generated`), so
+        a claimant's clock far ahead cannot keep the batch waiting for longer."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.deadline + self.send_hold
+        waited = False
+        while True:
+            claimant, expires_at = self.store.hold(key, batch_id)
+            latest = self.store.get(key)
+            progress = find_batch(latest, batch_id) if latest is not None else None
+            wait = min(wait_for_claim(progress, claimant, expires_at, self.clock()), give_up - loop.time())
+            if wait <= 0:
+                break
+            if not waited:
+                waited = True
+                metrics.dedupe_hits_total.labels("responder_claim_wait").inc()
+                event(log, "claim_wait", customer=key, batch_id=batch_id, seconds=round(wait, 1),
+                      status=progress["status"] if progress is not None else "claimed")
+            await self.store.wait_change(key, wait)
+        if waited:
+            await self._kafka(lambda: self.store.catch_up(key))
+            event(log, "claim_wait_over", customer=key, batch_id=batch_id)
+        return waited
+
+    async def _release(self, key: str, claim: BatchClaim) -> None:
+        """Best effort, bounded: ends our hold on a batch we give up unsent, so the next owner
+        answers it at once instead of at the hold's end. Written only while the hold still holds
+        by our clock — nobody else writes a claim on the batch meanwhile, they wait — and after
+        reading the customer's partition to its end, so it never replaces a newer state."""
+        batch_id = claim["batch_id"]
+        expires_at = claim.get("expires_at")
+
+        async def release() -> None:
+            await self.store.catch_up(key)
+            latest = self.store.get(key)
+            claimant, held_until = self.store.hold(key, batch_id)
+            progress = find_batch(latest, batch_id) if latest is not None else None
+            now = self.clock()
+            if (latest is None or claimant != claim["owner"] or held_until is None or held_until <= now
+                    or (progress is not None and progress["status"] == "sent")):
+                return
+            await self.store.put(with_claim(latest, {**claim, "expires_at": now}))
+            event(log, "claim_released", customer=key, batch_id=batch_id)
+
+        if expires_at is None:
+            return
+        try:
+            await asyncio.wait_for(release(), RELEASE_SECONDS)
+        except Exception as exc:  # the hold then ends at its time: the safe side
+            event(log, "claim_release_failed", logging.WARNING, customer=key, batch_id=batch_id,
+                  error=type(exc).__name__)
 
     async def _claim(self, key: str, claim: BatchClaim) -> tuple[ResponderState, BatchProgress | None]:
         """Writes the claim on the customer's latest state. A record another worker wrote between
@@ -276,7 +382,14 @@ class ResponderWorker:
         key, batch_id = request["customer_key"], request["batch_id"]
         failure: AIFailure | None = None
         try:
-            state, generated = await self._generate(request, state)
+            async with asyncio.timeout(self.deadline) as deadline:
+                state, generated = await self._generate(request, state)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            failure = AIFailure("openai_deadline", f"no answer within {self.deadline:g} s")
+            event(log, "openai_deadline", logging.WARNING, customer=key, batch_id=batch_id)
+            state = with_claim(self.store.get(key) or state, claim)
         except AIFailure as exc:
             failure = exc
             # what was persisted before the failure (e.g. a conversation just created) is kept
@@ -291,7 +404,9 @@ class ResponderWorker:
         else:
             progress = _progress(batch_id, "generated", generated.text, generated.response_id,
                                  generated.input_tokens, generated.output_tokens, sent_at=utcnow())
-        state = with_progress(state, progress)
+        # the hold now covers the send only: a waiting worker must not resume it while it runs
+        renewed = self._new_claim(batch_id, claim["owner"], self.send_hold)
+        state = with_claim(with_progress(state, progress), renewed)
         written = await self._persist(state)
         if not await self._still_ours(claim, key, written):
             raise _Fenced()

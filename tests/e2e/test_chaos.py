@@ -79,6 +79,8 @@ def chaos_settings(base: Settings, standins: StandIns, tmp: Path, **overrides: A
         missed_gap_seconds=3600, human_hold_seconds=0, history_timeout_seconds=5,
         broker_session_timeout_seconds=6,  # the broker's group.min.session.timeout.ms
         produce_timeout_seconds=3,
+        # a killed responder's claims hold its batches off the restarted one until they expire
+        openai_deadline_seconds=20, responder_send_hold_seconds=5,
     )
     values.update(overrides)
     return dataclasses.replace(base, **values)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -32,6 +33,8 @@ from services.responder.state_store import (
     empty_state,
     find_batch,
     note_claim,
+    note_hold,
+    wait_for_claim,
     with_claim,
     with_conversation,
     with_progress,
@@ -223,6 +226,75 @@ def test_a_record_written_between_a_claims_base_and_the_claim_is_found() -> None
     read(9, ours)
     assert store.written_between(key, 9) is None
     assert store.written_between(key, 9) is None
+
+
+def test_a_worker_waits_only_for_another_claim_that_holds_on_an_unsent_batch() -> None:
+    """`wait_for_claim`: one OpenAI call per batch — wait while another handling's claim holds."""
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    later = now + timedelta(seconds=42)
+    assert wait_for_claim(None, "old", later, now) == 42.0  # claimed, calling OpenAI
+    assert wait_for_claim(progress(1, "generated"), "old", later, now) == 42.0  # sending
+    assert wait_for_claim(progress(1, "sent"), "old", later, now) == 0.0  # done: republish only
+    assert wait_for_claim(None, None, None, now) == 0.0  # nobody claimed it
+    assert wait_for_claim(None, "old", None, now) == 0.0  # an older version's claim: no hold
+    assert wait_for_claim(None, "old", now, now) == 0.0  # released (held until its write time)
+    assert wait_for_claim(None, "old", now - timedelta(seconds=1), now) == 0.0  # expired: its owner died
+
+
+def test_a_claims_hold_is_its_latest_records_whatever_order_it_is_seen_in() -> None:
+    """The claimant renews its hold with `generated` and ends it with a release: the LATEST record
+    of a (batch, owner) claim counts, also when our own write's ack is applied before a read."""
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    claimed, renewed = t0 + timedelta(seconds=60), t0 + timedelta(seconds=90)
+    released = t0 + timedelta(seconds=5)
+    holds: dict[tuple[str, str], tuple[int, datetime | None]] = {}
+    note_hold(holds, 10, {"batch_id": "b1", "owner": "old", "expires_at": claimed})
+    note_hold(holds, 12, {"batch_id": "b1", "owner": "old", "expires_at": renewed})
+    assert holds[("b1", "old")] == (12, renewed)
+    note_hold(holds, 10, {"batch_id": "b1", "owner": "old", "expires_at": claimed})  # read after the ack
+    assert holds[("b1", "old")] == (12, renewed)
+    note_hold(holds, 13, {"batch_id": "b1", "owner": "old", "expires_at": released})
+    assert holds[("b1", "old")] == (13, released)
+    note_hold(holds, 14, None)
+    note_hold(holds, 15, {"batch_id": "b1", "owner": "legacy"})  # no `expires_at`: no hold
+    assert holds[("b1", "legacy")] == (15, None)
+    for n in range(MAX_CLAIMS + 3):  # bounded like the claims, oldest first
+        note_hold(holds, 100 + n, {"batch_id": f"b{n}", "owner": "o", "expires_at": claimed})
+    assert len(holds) == MAX_CLAIMS and ("b1", "old") not in holds
+
+
+def test_the_store_tells_the_newest_claimants_hold_through_the_avro_records() -> None:
+    store = StateStore(Settings(), cast(Any, None))
+    key = "wati:1"
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+    def read(offset: int, state: ResponderState) -> None:
+        store._read(key.encode(), offset, codec.encode("ResponderState", cast(dict[str, Any], state)))
+
+    assert store.hold(key, "b1") == (None, None)
+    old_until = t0 + timedelta(seconds=60)
+    read(1, with_claim(empty_state(key), {"batch_id": "b1", "owner": "old", "expires_at": old_until}, t0))
+    assert store.hold(key, "b1") == ("old", old_until)
+    new_until = t0 + timedelta(seconds=120)
+    read(2, with_claim(empty_state(key), {"batch_id": "b1", "owner": "new", "expires_at": new_until}, t0))
+    read(3, with_claim(empty_state(key), {"batch_id": "b1", "owner": "old", "expires_at": t0}, t0))
+    assert store.hold(key, "b1") == ("new", new_until)  # a stale release does not end the new hold
+    read(4, with_claim(empty_state(key), {"batch_id": "b1", "owner": "v3"}, t0))  # older writer: no field
+    assert store.hold(key, "b1") == ("v3", None)
+
+
+async def test_a_waiter_wakes_on_the_customers_next_record_not_on_others() -> None:
+    store = StateStore(Settings(), cast(Any, None))
+    key, other = "wati:1", "wati:2"
+    state = codec.encode("ResponderState", cast(dict[str, Any], empty_state(key)))
+    waiter = asyncio.create_task(store.wait_change(key, 60))
+    await asyncio.sleep(0)
+    store._read(other.encode(), 1, codec.encode("ResponderState", cast(dict[str, Any], empty_state(other))))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    store._read(key.encode(), 2, state)
+    await asyncio.wait_for(waiter, 5)
+    await store.wait_change(key, 0.01)  # nothing comes: returns at its timeout
 
 
 def test_with_claim_is_pure() -> None:
