@@ -107,6 +107,15 @@ def _start_checks(service: str, settings: Settings) -> int:
     return 0
 
 
+def _bound_tenant_labels(settings: Settings) -> None:
+    """The process's metric `tenant` label values: the configured tenants (docs/tenants.md,
+    "Per-tenant visibility"); an invalid tenants file is the service's configuration error."""
+    from .common import metrics
+    from .common.tenants import load_tenants
+
+    metrics.bound_tenants(load_tenants(settings).by_id)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -116,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             refused = _start_checks(args.command, settings)
             if refused:
                 return refused
+        if args.command in ("ingest", "context", "responder", "vision", "console"):
+            _bound_tenant_labels(settings)
         return int(args.run(args, settings))
     except ConfigError as exc:
         if args.command == "check":  # the same one-line-per-check form as every other failure

@@ -147,6 +147,39 @@ async def test_an_unknown_tenant_account_or_provider_is_a_404(
     assert status == 404 and body == {"error": error, "reason": reason}
 
 
+async def metric_lines(base_url: str, name: str) -> list[str]:
+    async with aiohttp.ClientSession() as http, http.get(f"{base_url}/metrics") as resp:
+        text = await resp.text()
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+async def test_webhook_metrics_carry_the_routes_tenant_and_unknown_tenants_are_one_series(
+    base_url: str,
+) -> None:
+    """Accepted and rejected webhooks count per tenant; 30 invented tenants (an attacker's flood)
+    create no series of their own: they all count as `other`."""
+    status, _ = await post(f"{base_url}/webhooks/shop-b/wati", wati_text("wamid.metric.1"),
+                           ENVIRON["SHOP_B_HOOK"])
+    assert status == 200
+    status, _ = await post(f"{base_url}/webhooks/hotel-a/wati/playa", [1], ENVIRON["HOTEL_A_HOOK"])
+    assert status == 400
+    before = await metric_lines(base_url, "watistream_webhook_rejects_total")
+    for number in range(30):
+        status, _ = await post(f"{base_url}/webhooks/invented-{number}/wati", wati_text("wamid.x"), "x")
+        assert status == 404
+    events = await metric_lines(base_url, "watistream_webhook_events_total")
+    rejects = await metric_lines(base_url, "watistream_webhook_rejects_total")
+    assert any('kind="message",provider="wati",tenant="shop-b"}' in line for line in events)
+    assert any('reason="not_an_object",tenant="hotel-a"}' in line for line in rejects)
+    unknown = [line for line in rejects if 'reason="unknown_tenant"' in line and 'tenant="other"' in line]
+    (line,) = unknown
+    was = [float(b.split()[-1]) for b in before if b.startswith(line.rsplit(" ", 1)[0] + " ")]
+    assert float(line.split()[-1]) - (was[0] if was else 0.0) == 30
+    labels = {part.split('tenant="')[1].split('"')[0] for part in events + rejects}
+    assert labels <= {"default", "hotel-a", "shop-b", "other"}, labels
+    assert not any("invented" in line for line in events + rejects)
+
+
 def test_without_a_default_tenant_the_old_routes_do_not_exist(settings: Settings) -> None:
     tenants = tenants_for(settings, include_default=False)
     app = make_app(settings, ProducerSupervisor(settings), tenants=tenants, environ=ENVIRON)
