@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="what the bot missed, injected, held and recovered")
     p.add_argument("--since", default="24h", help="window, e.g. 30m, 24h, 7d")
     p.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    p.add_argument("--tenant", help="only this tenant's customers (docs/tenants.md)")
     p.set_defaults(run=_service("context.report"))
     from .devtools.dead_letters import add_arguments
 
