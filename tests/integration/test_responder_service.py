@@ -534,7 +534,8 @@ async def test_a_refused_send_is_dead_lettered_counted_once_and_not_retried(
         env.s.wati.fail_next("send", status)
     else:
         env.s.manychat.fail_next(status)
-    b = batch(key, ident, "Hola", channel=channel)
+    # a production batch id (`<customer key>:<seq>`): the send-failure count takes its tenant from it
+    b = batch(key, ident, "Hola", channel=channel, batch_id=f"{key}:1")
     await env.send(b)
     reply = await env.out.wait_reply(b["batch_id"])
     assert reply["outcome"] == "nothing_sent" and reply["parts"] == []
