@@ -2,6 +2,10 @@
 
 `deploy/prometheus/alerts.yml` uses these names, and a test proves each exists. Each process
 exports its own registry at `GET /metrics`.
+
+A metric about a customer, message or batch has a `tenant` label, bounded: its value comes from
+`tenant_label` / `key_tenant`, which give only the tenants this process was configured with
+(`bound_tenants`, at start) or `default`, and `other` for any other value (docs/tenants.md).
 """
 
 from __future__ import annotations

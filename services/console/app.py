@@ -68,6 +68,8 @@ class Console:
 
     def may_see(self, session: Session, tenant: str | None) -> bool:
         """Whether the operator may see (and act on) a row of this tenant (None: of no tenant)."""
+        if session.user not in self.users:
+            return False
         allowed = self.scopes.get(session.user)
         return allowed is None or (tenant is not None and tenant in allowed)
 
@@ -134,6 +136,8 @@ def page(name: str) -> Callable[[Handler], Callable[[web.Request], Awaitable[web
         async def run(request: web.Request) -> web.StreamResponse:
             console = request.app[CONSOLE_KEY]
             session = console.sessions.check(request.cookies.get(COOKIE), console.clock())
+            if session is not None and session.user not in console.users:
+                session = None  # an account removed since: its cookie (and its tenant limit) is gone
             if session is None:
                 if request.method != "GET":
                     return _html(pages.message_page("Not logged in", "Log in first.", None, "/login"), 401)

@@ -277,3 +277,17 @@ async def test_a_single_tenant_console_shows_no_tenant_filter(tmp_path: Path) ->
             html = await text(c, path)
             assert 'data-testid="tenant"' not in html and "?tenant=" not in html, path
 
+
+
+async def test_a_session_of_a_removed_operator_is_refused(store: Store) -> None:
+    """A limit must not fall away with the account: a cookie of an operator no longer configured
+    (still validly signed) is no session at all."""
+    hashed = hash_password("pw")
+    sessions = Sessions("s", 3600)
+    console = Console(store=store, sessions=sessions, users={"bo": hashed}, topics=TOPICS, producer=None,
+                      ready=lambda: (True, "ok"), scopes={"bo": frozenset({"hotel-a"})})
+    async with TestClient(TestServer(build_app(console))) as c:
+        await login(c, "bo")
+        del console.users["bo"], console.scopes["bo"]  # the account file changed (and the console restarted)
+        for path in ("/", "/customers", pages.customer_url(OURS)):
+            assert (await c.get(path)).status == 401, path
