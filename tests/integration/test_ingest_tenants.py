@@ -16,6 +16,7 @@ from services.common import codec
 from services.common.config import ConfigError, Settings
 from services.common.kafka import Topics
 from services.common.tenants import Tenants, parse_tenants
+from services.ingest import app as ingest_app
 from services.ingest.app import make_app, serve
 from services.ingest.producer import ProducerSupervisor
 from tests.integration.test_ingest_webhooks import Reader, wait_until_ready
@@ -178,6 +179,25 @@ async def test_webhook_metrics_carry_the_routes_tenant_and_unknown_tenants_are_o
     labels = {part.split('tenant="')[1].split('"')[0] for part in events + rejects}
     assert labels <= {"default", "hotel-a", "shop-b", "other"}, labels
     assert not any("invented" in line for line in events + rejects)
+
+
+async def test_a_dead_letter_on_a_tenants_route_counts_under_that_tenant(
+    base_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ingest dead-letters a payload it could not normalise keyed by provider (no customer key yet):
+    the count still goes to the route's tenant."""
+    def broken(payload: object, received_at: Any) -> Any:
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setitem(ingest_app.NORMALISERS, "wati", broken)
+    name = "watistream_dead_letters_total"
+    label = 'reason="normaliser_error",service="ingest",tenant="shop-b"} '
+    before = [float(x.split()[-1]) for x in await metric_lines(base_url, name) if label in x]
+    status, body = await post(f"{base_url}/webhooks/shop-b/wati", wati_text("wamid.dl"),
+                              ENVIRON["SHOP_B_HOOK"])
+    assert status == 400 and body["error"] == "unprocessable"
+    after = [float(x.split()[-1]) for x in await metric_lines(base_url, name) if label in x]
+    assert after == [(before[0] if before else 0.0) + 1]
 
 
 def test_without_a_default_tenant_the_old_routes_do_not_exist(settings: Settings) -> None:

@@ -436,12 +436,15 @@ async def test_another_tenants_customer_is_never_fetched_from_the_deployments_ac
     the default account is not asked about its number (which it may know as its own customer)."""
     wati.add_message("50370001111", text="the default tenant's conversation", owner=False, at=T0)
     fetcher = fetcher_for(wati, Commands())
-    not_wired = {"reason": "tenant_not_wired", "tenant": "other"}  # hotel-a is not configured here
+    not_wired = {"reason": "tenant_not_wired", "tenant": "hotel-a"}
     before = sample("watistream_history_fetch_failures_total", not_wired)
+    configured = metrics.bounded_tenants()
+    metrics.bound_tenants(["hotel-a"])  # this process's tenants (the bound is per process)
     try:
         result = await fetcher.fetch("hotel-a/centro/wati:50370001111", "50370001111", None, purpose="batch")
     finally:
         await fetcher.close()
+        metrics.bound_tenants(configured)
     assert result == FetchResult(error="tenant_not_wired")
     assert wati.requests == []
     assert sample("watistream_history_fetch_failures_total", not_wired) == before + 1
