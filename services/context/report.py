@@ -14,7 +14,8 @@ seeked by time and read up to the end offsets taken at start, then it stops.
 Per tenant (`--tenant hotel-a`, docs/tenants.md "Per-tenant visibility"): only the records whose
 customer key belongs to that tenant are read into the report, every count included (records read,
 duplicates, outside the window); a record that cannot be attributed to the tenant (a dead letter
-without a customer key, an undecodable record, a malformed key) is left out, so no line, count or
+with neither a customer key nor a customer's Kafka key, an undecodable record, a malformed key) is
+left out, so no line, count or
 customer of another tenant can appear.
 
 Privacy: customer keys are printed only masked (`keys.mask`); free-text fields of the records
@@ -224,7 +225,8 @@ class Summary:
 
     One audit event per batch is the contract, so a batch id seen again is a redelivery: counted
     once (the first seen wins), and reported as a duplicate. With `tenant`, every record not proven
-    to be that tenant's (by its customer key) is dropped before anything counts it.
+    to be that tenant's (by its customer key, or a dead letter's Kafka key) is dropped before
+    anything counts it.
     """
 
     def __init__(self, since: datetime, until: datetime, tenant: str | None = None) -> None:
@@ -278,7 +280,10 @@ class Summary:
         self._customer(decision.get("customer_key") or UNSPECIFIED).add_decision(decision)
 
     def add_dead_letter(self, letter: DeadLetter) -> None:
-        if not self.ours(letter.get("customer_key")):
+        # an undecodable record has no customer key, but its Kafka key is one on every customer topic
+        raw_key = letter.get("key")
+        kafka_key = bytes(raw_key).decode("utf-8", "replace") if raw_key else None
+        if not self.ours(letter.get("customer_key") or kafka_key):
             return
         self.dead_letters_read += 1
         if not self._inside(letter.get("failed_at")):

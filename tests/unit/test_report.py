@@ -463,3 +463,12 @@ def test_a_tenant_with_no_records_is_an_empty_report() -> None:
 def test_a_malformed_tenant_id_is_refused(tenant: str) -> None:
     with pytest.raises(ValueError, match="is not a tenant id"):
         summarise([], [], NOW - timedelta(hours=1), NOW, tenant=tenant)
+
+
+def test_a_dead_letter_known_only_by_its_kafka_key_counts_for_that_keys_tenant() -> None:
+    """An undecodable record has no customer key in its dead letter, only the record's Kafka key."""
+    letter = dead("context", "undecodable", NOW, HOTEL + A)
+    letter["customer_key"] = None
+    for tenant, count in (("hotel-a", 1), ("default", 0)):
+        report = summarise([], [letter], NOW - timedelta(hours=1), NOW, tenant=tenant)  # type: ignore[list-item]
+        assert report.overall.dead_letter_count == count and report.customers == [], tenant
