@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="what the bot missed, injected, held and recovered")
     p.add_argument("--since", default="24h", help="window, e.g. 30m, 24h, 7d")
     p.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    p.add_argument("--tenant", help="only this tenant's customers (docs/tenants.md)")
     p.set_defaults(run=_service("context.report"))
     from .devtools.dead_letters import add_arguments
 
@@ -107,6 +108,15 @@ def _start_checks(service: str, settings: Settings) -> int:
     return 0
 
 
+def _bound_tenant_labels(settings: Settings) -> None:
+    """The process's metric `tenant` label values: the configured tenants (docs/tenants.md,
+    "Per-tenant visibility"); an invalid tenants file is the service's configuration error."""
+    from .common import metrics
+    from .common.tenants import load_tenants
+
+    metrics.bound_tenants(load_tenants(settings).by_id)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             refused = _start_checks(args.command, settings)
             if refused:
                 return refused
+        if args.command in ("ingest", "context", "responder", "vision", "console"):
+            _bound_tenant_labels(settings)
         return int(args.run(args, settings))
     except ConfigError as exc:
         if args.command == "check":  # the same one-line-per-check form as every other failure

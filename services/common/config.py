@@ -298,10 +298,12 @@ class Settings:
     console_port: int = _env_field(8083, "CONSOLE_PORT", "port of the operator console")
     console_users: str = _env_field(
         "", "CONSOLE_USERS",
-        "operator accounts: comma-separated name:hash (hash from `watistream console --hash-password`)"
+        "operator accounts: comma-separated name:hash, or name:hash:tenant+tenant to limit the operator to "
+        "those tenants (hash from `watistream console --hash-password`)"
     )
     console_users_file: str = _env_field(
-        "", "CONSOLE_USERS_FILE", "file of operator accounts, one name:hash per line (adds to CONSOLE_USERS)"
+        "", "CONSOLE_USERS_FILE",
+        "file of operator accounts, one name:hash[:tenant+tenant] per line (adds to CONSOLE_USERS)"
     )
     console_session_secret: str = _env_field(
         "", "CONSOLE_SESSION_SECRET", "key signing console sessions; empty = random (logins end on restart)"

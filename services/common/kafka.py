@@ -275,8 +275,12 @@ async def dead_letter(
     payload: bytes | None = None,
     customer_key: str | None = None,
     batch_id: str | None = None,
+    tenant: str | None = None,
 ) -> None:
-    """Puts a message the service could not handle on the dead-letter topic, with the reason."""
+    """Puts a message the service could not handle on the dead-letter topic, with the reason.
+
+    `tenant`: the metric's tenant label when the key does not carry it (ingest's raw payloads are
+    keyed by provider); by default the customer key's (or the Kafka key's) tenant, bounded."""
     record = {
         "service": service, "reason": reason, "error": error[:2000], "source_topic": source_topic,
         "partition": partition, "offset": offset, "key": key, "payload": payload,
@@ -286,6 +290,7 @@ async def dead_letter(
         topics.dead_letter, codec.encode("DeadLetter", record),
         key=(customer_key or (key.decode(errors="replace") if key else "unknown")).encode(),
     )
-    metrics.dead_letters_total.labels(service, reason).inc()
+    label = metrics.tenant_label(tenant) if tenant is not None else metrics.key_tenant(customer_key or key)
+    metrics.dead_letters_total.labels(service, reason, label).inc()
     event(log, "dead_lettered", logging.WARNING, service=service, reason=reason,
           customer=customer_key or "-", batch_id=batch_id, source_topic=source_topic)

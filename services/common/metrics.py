@@ -2,15 +2,64 @@
 
 `deploy/prometheus/alerts.yml` uses these names, and a test proves each exists. Each process
 exports its own registry at `GET /metrics`.
+
+A metric about a customer, message or batch has a `tenant` label, bounded: its value comes from
+`tenant_label` / `key_tenant`, which give only the tenants this process was configured with
+(`bound_tenants`, at start) or `default`, and `other` for any other value (docs/tenants.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+# -- the bounded `tenant` label (docs/tenants.md "Per-tenant visibility") ---------------------------
+#: the label value of every tenant this process was not configured with (an unknown tenant's route, a
+#: key of a tenant removed from the file, a malformed key): reserved, no tenant may be named so
+OTHER_TENANT = "other"
+DEFAULT_TENANT_LABEL = "default"  # = keys.DEFAULT_TENANT (keys imports nothing of ours; kept a leaf)
+_tenant_labels: frozenset[str] = frozenset({DEFAULT_TENANT_LABEL})
+
+
+def bound_tenants(tenant_ids: Iterable[str]) -> None:
+    """Sets the tenant label values this process may emit: the configured tenants and `default`.
+
+    Called once at start with the loaded tenants. Anything else becomes `other`, so a flood of
+    webhooks to invented tenants (or keys) cannot create one series each."""
+    global _tenant_labels
+    _tenant_labels = frozenset({DEFAULT_TENANT_LABEL, *tenant_ids}) - {OTHER_TENANT}
+
+
+def bounded_tenants() -> frozenset[str]:
+    """The tenant label values allowed now (besides `other`)."""
+    return _tenant_labels
+
+
+def tenant_label(tenant_id: str | None) -> str:
+    """`tenant_id` when it is a configured tenant (or `default`), else `other`."""
+    return tenant_id if tenant_id in _tenant_labels else OTHER_TENANT
+
+
+def key_tenant(customer_key: str | bytes | None) -> str:
+    """The tenant label of a customer key, or of anything that starts with one (a batch id
+    `<customer key>:<seq>`): the short form `wati:...` is `default`, `<tenant>/<account>/...` its
+    tenant if configured; a missing or malformed key is `other`. Cheap (no full parse): it runs on
+    every webhook, and the bound, not the parse, is what keeps the label safe."""
+    if isinstance(customer_key, bytes):
+        customer_key = customer_key.decode("utf-8", errors="replace")
+    if not customer_key:
+        return OTHER_TENANT
+    head, sep, _ = customer_key.partition(":")
+    if not sep or not head:
+        return OTHER_TENANT
+    tenant, slash, _ = head.partition("/")
+    if not slash:
+        return DEFAULT_TENANT_LABEL
+    return tenant_label(tenant)
 
 M = TypeVar("M", Counter, Gauge, Histogram)
 
@@ -35,9 +84,11 @@ http_requests_total = Counter(
     "watistream_http_requests_total", "HTTP requests by route and status", ["route", "status"],
     registry=REGISTRY)
 webhook_rejects_total = Counter(
-    "watistream_webhook_rejects_total", "Rejected webhooks by reason", ["reason"], registry=REGISTRY)
+    "watistream_webhook_rejects_total", "Rejected webhooks by reason", ["reason", "tenant"],
+    registry=REGISTRY)
 webhook_events_total = Counter(
-    "watistream_webhook_events_total", "Accepted webhooks by provider and kind", ["provider", "kind"],
+    "watistream_webhook_events_total", "Accepted webhooks by provider and kind",
+    ["provider", "kind", "tenant"],
     registry=REGISTRY)
 produce_latency_seconds = Histogram(
     "watistream_produce_latency_seconds", "Time from produce to broker ack", ["topic"],
@@ -46,7 +97,8 @@ produce_latency_seconds = Histogram(
 
 # every consumer
 dead_letters_total = Counter(
-    "watistream_dead_letters_total", "Messages sent to the dead-letter topic", ["service", "reason"],
+    "watistream_dead_letters_total", "Messages sent to the dead-letter topic",
+    ["service", "reason", "tenant"],
     registry=REGISTRY)
 agent_up = Gauge(
     "watistream_agent_up", "1 while a consumer/agent is running, 0 once it stopped", ["service", "agent"],
@@ -54,19 +106,20 @@ agent_up = Gauge(
 
 # context
 batches_flushed_total = Counter(
-    "watistream_batches_flushed_total", "Batches flushed by route", ["route"], registry=REGISTRY)
+    "watistream_batches_flushed_total", "Batches flushed by route", ["route", "tenant"], registry=REGISTRY)
 gap_checks_total = Counter(
-    "watistream_gap_checks_total", "Gap decisions by outcome", ["outcome"], registry=REGISTRY)
+    "watistream_gap_checks_total", "Gap decisions by outcome", ["outcome", "tenant"], registry=REGISTRY)
 missed_injected_total = Counter(
-    "watistream_missed_messages_injected_total", "Missed messages injected by source", ["source"],
+    "watistream_missed_messages_injected_total", "Missed messages injected by source", ["source", "tenant"],
     registry=REGISTRY)
 missed_per_batch = Histogram(
     "watistream_missed_messages_per_batch", "Missed messages injected per checked batch",
     buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200), registry=REGISTRY)
 history_fetch_total = Counter(
-    "watistream_history_fetch_total", "getMessages fetches by outcome", ["outcome"], registry=REGISTRY)
+    "watistream_history_fetch_total", "getMessages fetches by outcome", ["outcome", "tenant"],
+    registry=REGISTRY)
 history_fetch_failures_total = Counter(
-    "watistream_history_fetch_failures_total", "getMessages fetches that failed", ["reason"],
+    "watistream_history_fetch_failures_total", "getMessages fetches that failed", ["reason", "tenant"],
     registry=REGISTRY)
 history_fetch_retries_total = Counter(
     "watistream_history_fetch_retries_total", "getMessages answers retried within a fetch (WATI 429)",
@@ -78,21 +131,22 @@ dedupe_hits_total = Counter(
     "watistream_dedupe_hits_total", "Redelivered events ignored", ["kind"], registry=REGISTRY)
 batches_held_total = Counter(
     "watistream_batches_held_total", "Batches not answered because a human is active or paused",
-    ["reason"], registry=REGISTRY)
+    ["reason", "tenant"], registry=REGISTRY)
 webhooks_missing_total = Counter(
     "watistream_webhooks_missing_total", "Customer messages found in history but never by webhook",
-    registry=REGISTRY)
+    ["tenant"], registry=REGISTRY)
 messages_recovered_total = Counter(
     "watistream_messages_recovered_total", "Missing customer messages recovered into a batch",
-    registry=REGISTRY)
+    ["tenant"], registry=REGISTRY)
 open_batches = Gauge(
     "watistream_open_batches", "Open batches on this worker", registry=REGISTRY)
 
 # responder / vision
 replies_total = Counter(
-    "watistream_replies_total", "Batches handled by outcome", ["outcome"], registry=REGISTRY)
+    "watistream_replies_total", "Batches handled by outcome", ["outcome", "tenant"], registry=REGISTRY)
 openai_requests_total = Counter(
-    "watistream_openai_requests_total", "OpenAI calls by purpose and outcome", ["purpose", "outcome"],
+    "watistream_openai_requests_total", "OpenAI calls by purpose and outcome",
+    ["purpose", "outcome", "tenant"],
     registry=REGISTRY)
 openai_latency_seconds = Histogram(
     "watistream_openai_latency_seconds", "OpenAI call latency", ["purpose"], registry=REGISTRY)
@@ -100,7 +154,7 @@ openai_retries_total = Counter(
     "watistream_openai_retries_total", "OpenAI attempts the SDK made again after a failed one (vision)",
     ["purpose"], registry=REGISTRY)
 send_failures_total = Counter(
-    "watistream_send_failures_total", "Channel sends that failed", ["channel", "reason"],
+    "watistream_send_failures_total", "Channel sends that failed", ["channel", "reason", "tenant"],
     registry=REGISTRY)
 inflight_batches = Gauge(
     "watistream_inflight_batches", "Batches being answered now", registry=REGISTRY)
@@ -108,7 +162,7 @@ consumer_lag = Gauge(
     "watistream_consumer_lag", "Messages behind the end of the input topics", ["service"],
     registry=REGISTRY)
 images_classified_total = Counter(
-    "watistream_images_classified_total", "Images classified by category", ["category"],
+    "watistream_images_classified_total", "Images classified by category", ["category", "tenant"],
     registry=REGISTRY)
 
 

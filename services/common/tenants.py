@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from services.common.config import ConfigError, GapPolicy, Settings
 from services.common.keys import DEFAULT_ACCOUNT, DEFAULT_TENANT, MANYCHAT, SLUG_PATTERN, WATI, parse_key
+from services.common.metrics import OTHER_TENANT
 
 SLUG = re.compile(SLUG_PATTERN)
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -387,6 +388,10 @@ def _parse_tenant(raw: object, index: int, settings: Settings, problems: _Proble
     tenant_id = raw.get("id")
     if not isinstance(tenant_id, str) or not SLUG.fullmatch(tenant_id):
         problems.add(f"tenants[{index}].id", f"must be a slug matching {SLUG_PATTERN} (got {tenant_id!r})")
+        return None
+    if tenant_id == OTHER_TENANT:
+        problems.add(f"tenants[{index}].id", f"{OTHER_TENANT!r} is reserved: it is the metrics' label of "
+                                             "every unknown tenant")
         return None
     where = f"tenant {tenant_id!r}"
     before = len(problems.messages)

@@ -5,6 +5,11 @@ pages `/`, `/customers`, `/customers/{key}`, `/waiting`, `/dead-letters`, `/dead
 POSTs `/customers/{key}/pause|resume` and `/dead-letters/{id}/replay`. A page without a valid
 session answers 401 with the login form; a POST without the session's CSRF token answers 403.
 Log lines name operators, routes and masked keys only: never a phone number nor a message text.
+
+Tenants (docs/tenants.md, "Per-tenant visibility"): the list pages take `?tenant=<id>`; an operator
+limited to some tenants (`Console.scopes`) sees only theirs everywhere: another tenant's customer or
+dead letter is "unknown" (404) on its page and on a replay, a pause/resume of another tenant's
+customer key is refused (403), and choosing another tenant in the filter is refused (403).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,13 +29,14 @@ from aiohttp import web
 
 from services.common import codec, logs, metrics
 from services.common.kafka import Topics, send_record
-from services.common.keys import KeyError_, split_key
+from services.common.keys import SLUG_PATTERN, KeyError_, split_key
 from services.common.records import ContextCommand
 from services.common.timeparse import utcnow
 
 from . import pages, rows
 from .auth import COOKIE, LoginThrottle, Session, Sessions, check_login
 from .replay import NotReplayable, plan_replay, replay
+from .rows import tenant_of
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -53,9 +60,46 @@ class Console:
     ready: Ready
     clock: Clock = time.time
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    scopes: dict[str, frozenset[str]] = field(default_factory=dict)  # operator -> its tenants (absent: all)
+    tenant_ids: tuple[str, ...] = ()  # the configured tenants, offered by the tenant filter
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    def may_see(self, session: Session, tenant: str | None) -> bool:
+        """Whether the operator may see (and act on) a row of this tenant (None: of no tenant)."""
+        if session.user not in self.users:
+            return False
+        allowed = self.scopes.get(session.user)
+        return allowed is None or (tenant is not None and tenant in allowed)
+
+
+@dataclass(frozen=True)
+class TenantView:
+    """The tenant filter of a page: the one chosen ('' = all the operator may see), the set the
+    store must limit its rows to (None: no limit), and the choices offered."""
+
+    chosen: str
+    limit: frozenset[str] | None
+    choices: tuple[str, ...]
+
+
+def tenant_view(request: web.Request, console: Console, session: Session) -> TenantView | web.Response:
+    """The page's tenant filter from `?tenant=`, within what the operator may see (else 400/403)."""
+    allowed = console.scopes.get(session.user)
+    chosen = request.query.get("tenant", "").strip()
+    if allowed is None:
+        choices = tuple(sorted(set(console.tenant_ids) | set(console.store.tenants())))
+    else:
+        choices = tuple(sorted(allowed))
+    viewer = _viewer(session)
+    if chosen and not re.fullmatch(SLUG_PATTERN, chosen):
+        return _html(pages.message_page("Bad tenant", "Not a tenant id.", viewer), 400)
+    if chosen and not console.may_see(session, chosen):
+        logs.event(log, "console_tenant_refused", logging.WARNING, operator=session.user, tenant=chosen)
+        return _html(pages.message_page("Not your tenant", "This operator account may not see that "
+                                        "tenant.", viewer), 403)
+    return TenantView(chosen, frozenset({chosen}) if chosen else allowed, choices)
 
 
 CONSOLE_KEY: web.AppKey[Console] = web.AppKey("console", Console)
@@ -72,8 +116,10 @@ def _secure(request: web.Request) -> bool:
     return request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
 
 
-def _viewer(session: Session) -> pages.Viewer:
-    return pages.Viewer(session.user, session.csrf)
+def _viewer(session: Session, view: TenantView | None = None) -> pages.Viewer:
+    if view is None:
+        return pages.Viewer(session.user, session.csrf)
+    return pages.Viewer(session.user, session.csrf, view.choices, view.chosen)
 
 
 def _local_path(path: str | None) -> str:
@@ -90,6 +136,8 @@ def page(name: str) -> Callable[[Handler], Callable[[web.Request], Awaitable[web
         async def run(request: web.Request) -> web.StreamResponse:
             console = request.app[CONSOLE_KEY]
             session = console.sessions.check(request.cookies.get(COOKIE), console.clock())
+            if session is not None and session.user not in console.users:
+                session = None  # an account removed since: its cookie (and its tenant limit) is gone
             if session is None:
                 if request.method != "GET":
                     return _html(pages.message_page("Not logged in", "Log in first.", None, "/login"), 401)
@@ -161,12 +209,17 @@ async def logout(request: web.Request, session: Session) -> web.StreamResponse:
 @page("overview")
 async def overview(request: web.Request, session: Session) -> web.StreamResponse:
     console = request.app[CONSOLE_KEY]
+    view = tenant_view(request, console, session)
+    if isinstance(view, web.Response):
+        return view
     now = console.now_ms()
     store = console.store
     week_since = now - 7 * 24 * pages.HOUR_MS
+    limit = view.limit
     return _html(pages.overview_page(
-        _viewer(session), now, store.totals(now - 24 * pages.HOUR_MS), store.totals(week_since),
-        store.hourly(week_since + pages.HOUR_MS), store.waiting_now(), store.recent_actions(10),
+        _viewer(session, view), now, store.totals(now - 24 * pages.HOUR_MS, limit),
+        store.totals(week_since, limit), store.hourly(week_since + pages.HOUR_MS, limit),
+        store.waiting_now(limit), store.recent_actions(10, limit),
     ))
 
 
@@ -180,17 +233,21 @@ def _offset(request: web.Request) -> int:
 @page("customers")
 async def customers(request: web.Request, session: Session) -> web.StreamResponse:
     console = request.app[CONSOLE_KEY]
+    view = tenant_view(request, console, session)
+    if isinstance(view, web.Response):
+        return view
     query = request.query.get("q", "")[:100]
     filters = [f for f in request.query.getall("f", []) if f in pages.FILTERS]
-    result = console.store.customers(query, filters, _offset(request), PAGE_SIZE)
-    return _html(pages.customers_page(_viewer(session), console.now_ms(), result, query, filters))
+    result = console.store.customers(query, filters, _offset(request), PAGE_SIZE, view.limit)
+    return _html(pages.customers_page(_viewer(session, view), console.now_ms(), result, query, filters))
 
 
 @page("timeline")
 async def timeline(request: web.Request, session: Session) -> web.StreamResponse:
     console = request.app[CONSOLE_KEY]
     key = request.match_info["key"]
-    customer = console.store.customer(key)
+    # another tenant's customer is as unknown as one that never wrote (no existence oracle)
+    customer = console.store.customer(key) if console.may_see(session, tenant_of(key)) else None
     if customer is None:
         return _html(pages.message_page("Unknown customer", "No customer with this key in the console's "
                                         "retention window.", _viewer(session), "/customers"), 404)
@@ -216,15 +273,21 @@ async def timeline(request: web.Request, session: Session) -> web.StreamResponse
 @page("waiting")
 async def waiting(request: web.Request, session: Session) -> web.StreamResponse:
     console = request.app[CONSOLE_KEY]
-    waiting_now = console.store.waiting(_offset(request), PAGE_SIZE)
-    return _html(pages.waiting_page(_viewer(session), console.now_ms(), waiting_now))
+    view = tenant_view(request, console, session)
+    if isinstance(view, web.Response):
+        return view
+    waiting_now = console.store.waiting(_offset(request), PAGE_SIZE, view.limit)
+    return _html(pages.waiting_page(_viewer(session, view), console.now_ms(), waiting_now))
 
 
 @page("dead_letters")
 async def dead_letters(request: web.Request, session: Session) -> web.StreamResponse:
     console = request.app[CONSOLE_KEY]
-    letters = console.store.dead_letters(_offset(request), PAGE_SIZE)
-    return _html(pages.dead_letters_page(_viewer(session), letters))
+    view = tenant_view(request, console, session)
+    if isinstance(view, web.Response):
+        return view
+    letters = console.store.dead_letters(_offset(request), PAGE_SIZE, view.limit)
+    return _html(pages.dead_letters_page(_viewer(session, view), letters))
 
 
 def decoded_text(payload: bytes | None) -> str:
@@ -245,10 +308,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _visible_letter(console: Console, session: Session, letter_id: str) -> dict[str, Any] | None:
+    """The dead letter, or None when it is unknown or of a tenant the operator may not see."""
+    letter = console.store.dead_letter(letter_id)
+    return letter if letter is not None and console.may_see(session, letter.get("tenant")) else None
+
+
 @page("dead_letter")
 async def dead_letter(request: web.Request, session: Session) -> web.StreamResponse:
     console = request.app[CONSOLE_KEY]
-    letter = console.store.dead_letter(request.match_info["id"])
+    letter = _visible_letter(console, session, request.match_info["id"])
     if letter is None:
         return _html(pages.message_page("Unknown dead letter", "Not in the console's retention window.",
                                         _viewer(session), "/dead-letters"), 404)
@@ -272,6 +341,11 @@ def _command(kind: str) -> Handler:
             split_key(key)
         except KeyError_:
             return _html(pages.message_page("Bad customer key", "Not a customer key.", _viewer(session)), 400)
+        if not console.may_see(session, tenant_of(key)):
+            logs.event(log, "console_tenant_refused", logging.WARNING, operator=session.user, route=kind,
+                       customer=key)
+            return _html(pages.message_page("Not your tenant", "This operator account may not act on "
+                                            "that tenant's customers.", _viewer(session)), 403)
         command: ContextCommand = {
             "kind": "pause" if kind == "pause" else "resume", "customer_key": key, "batch_id": None,
             "issued_at": utcnow(), "history": [], "history_error": None, "history_pages": 0,
@@ -300,7 +374,7 @@ def _command(kind: str) -> Handler:
 async def replay_letter(request: web.Request, session: Session) -> web.StreamResponse:
     console = request.app[CONSOLE_KEY]
     letter_id = request.match_info["id"]
-    letter = console.store.dead_letter(letter_id)
+    letter = _visible_letter(console, session, letter_id)
     if letter is None:
         return _html(pages.message_page("Unknown dead letter", "Not in the console's retention window.",
                                         _viewer(session), "/dead-letters"), 404)

@@ -1,8 +1,10 @@
-"""Operator accounts, password hashes, signed session cookies and CSRF tokens. Pure, stdlib only.
+"""Operator accounts, password hashes, signed session cookies and CSRF tokens. Pure.
 
 Accounts: `name:hash` entries from CONSOLE_USERS (comma-separated) and CONSOLE_USERS_FILE (one a
-line, `#` comments). A hash is `scrypt$<n>$<r>$<p>$<salt hex>$<key hex>` (hashlib.scrypt), made by
-`hash_password` / `watistream console --hash-password`. A session is a cookie
+line, `#` comments); `name:hash:tenant+tenant` limits the operator to those tenants (the README's
+"Operator console"; without the third field, every tenant). A hash is
+`scrypt$<n>$<r>$<p>$<salt hex>$<key hex>` (hashlib.scrypt), made by `hash_password` /
+`watistream console --hash-password`. A session is a cookie
 `<name>|<expiry>|<nonce>|<hmac>` signed with CONSOLE_SESSION_SECRET; its CSRF token is an HMAC of
 the session, so a form posted from another site (which cannot read the cookie) cannot carry it.
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.config import ConfigError
+from services.common.keys import SLUG_PATTERN
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 COOKIE = "console_session"
@@ -44,31 +48,59 @@ def verify_password(password: str, stored: str) -> bool:
 _DUMMY = hash_password("not a password", salt=b"\0" * 16)
 
 
-def parse_users(inline: str, file_text: str = "") -> dict[str, str]:
-    """{name: hash} from CONSOLE_USERS and the file's lines; a malformed entry is a ConfigError."""
+@dataclass(frozen=True)
+class Accounts:
+    """The operators: `hashes` by name, and `tenants`: the tenants of each operator limited to some
+    (an operator not in it sees every tenant)."""
+
+    hashes: dict[str, str]
+    tenants: dict[str, frozenset[str]]
+
+
+def parse_accounts(inline: str, file_text: str = "") -> Accounts:
+    """The accounts of CONSOLE_USERS and the file's lines; a malformed entry is a ConfigError."""
     users: dict[str, str] = {}
+    limited: dict[str, frozenset[str]] = {}
     entries = [e.strip() for e in inline.split(",")] + [ln.strip() for ln in file_text.splitlines()]
     for entry in entries:
         if not entry or entry.startswith("#"):
             continue
-        name, sep, hashed = entry.partition(":")
+        name, sep, rest = entry.partition(":")
         if not sep or not name or not set(name) <= NAME_CHARS:
-            raise ConfigError("console users: each entry must be name:hash (name of letters, digits, ._@-)")
+            raise ConfigError("console users: each entry must be name:hash or name:hash:tenant+tenant "
+                              "(name of letters, digits, ._@-)")
+        hashed, limit, tenant_list = rest.partition(":")
         if not hashed.startswith("scrypt$") or hashed.count("$") != 5:
             raise ConfigError(f"console users: {name}'s hash is not an scrypt$... hash "
                               "(make one with `watistream console --hash-password`)")
         users[name] = hashed
-    return users
+        limited.pop(name, None)  # a later entry of the same name replaces the earlier one whole
+        if limit:
+            tenants = tenant_list.split("+")
+            if not all(re.fullmatch(SLUG_PATTERN, t) for t in tenants):
+                raise ConfigError(f"console users: {name}'s tenants must be tenant ids joined by + "
+                                  f"(e.g. hotel-a+shop-b), got {tenant_list!r}")
+            limited[name] = frozenset(tenants)
+    return Accounts(users, limited)
 
 
-def load_users(inline: str, file: str) -> dict[str, str]:
+def parse_users(inline: str, file_text: str = "") -> dict[str, str]:
+    """{name: hash} from CONSOLE_USERS and the file's lines; a malformed entry is a ConfigError."""
+    return parse_accounts(inline, file_text).hashes
+
+
+def load_accounts(inline: str, file: str) -> Accounts:
     text = ""
     if file:
         try:
             text = Path(file).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"CONSOLE_USERS_FILE {file}: {exc.strerror}") from exc
-    return parse_users(inline, text)
+    return parse_accounts(inline, text)
+
+
+def load_users(inline: str, file: str) -> dict[str, str]:
+    return load_accounts(inline, file).hashes
 
 
 def check_login(users: dict[str, str], name: str, password: str) -> bool:

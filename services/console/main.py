@@ -25,10 +25,11 @@ from services.common import logs
 from services.common.config import ConfigError, Settings
 from services.common.kafka import ensure_topics, make_producer
 from services.common.ops_http import bound_port
+from services.common.tenants import load_tenants
 from services.responder.prompt import labels_for
 
 from .app import Console, build_app
-from .auth import Sessions, hash_password, load_users
+from .auth import Sessions, hash_password, load_accounts
 from .consumer import ConsoleConsumer
 from .store import Store
 
@@ -45,10 +46,17 @@ class ConsoleService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.users = load_users(settings.console_users, settings.console_users_file)
+        accounts = load_accounts(settings.console_users, settings.console_users_file)
+        self.users, self.scopes = accounts.hashes, accounts.tenants
         if not self.users:
             raise ConfigError("the console needs at least one operator: set CONSOLE_USERS or "
                               "CONSOLE_USERS_FILE (hash with `watistream console --hash-password`)")
+        self.tenant_ids = tuple(sorted(t.id for t in load_tenants(settings)))
+        for user, tenants in sorted(self.scopes.items()):  # a typo would show the operator nothing
+            unknown = sorted(tenants - set(self.tenant_ids))
+            if unknown:
+                raise ConfigError(f"console users: {user} is limited to tenant(s) {', '.join(unknown)} "
+                                  "that the tenants configuration does not have")
         self.labels = labels_for(settings.prompt_locale)
         self.store: Store | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -75,6 +83,7 @@ class ConsoleService:
         console = Console(
             store=self.store, sessions=Sessions(s.console_session_secret, s.console_session_hours * 3600),
             users=self.users, topics=topics, producer=self.producer, ready=self.ready,
+            scopes=self.scopes, tenant_ids=self.tenant_ids,
         )
         self.runner = web.AppRunner(build_app(console), access_log=None)
         await self.runner.setup()

@@ -38,10 +38,18 @@ EXCLUSION_REASONS = {  # the context service's reason codes, said for a person
 
 @dataclass(frozen=True)
 class Viewer:
-    """Who is looking, and the CSRF token their forms carry."""
+    """Who is looking, the CSRF token their forms carry, the tenants the filter offers and the one
+    chosen ('' = every tenant the operator may see)."""
 
     user: str
     csrf: str
+    tenants: tuple[str, ...] = ()
+    tenant: str = ""
+
+    def url(self, path: str, **params: Any) -> str:
+        """`path` with the chosen tenant (and `params`) kept in its query."""
+        query = {**({"tenant": self.tenant} if self.tenant else {}), **params}
+        return f"{path}?{urlencode(query, doseq=True)}" if query else path
 
 
 def when(at_ms: int | None) -> str:
@@ -71,16 +79,32 @@ def _csrf(viewer: Viewer) -> str:
     return f'<input type="hidden" name="csrf" value="{escape(viewer.csrf)}">'
 
 
+PAGES = (("overview", "/", "Overview"), ("customers", "/customers", "Customers"),
+         ("waiting", "/waiting", "Held &amp; paused"), ("dead", "/dead-letters", "Dead letters"))
+
+
+def tenant_filter(viewer: Viewer, action: str) -> str:
+    """The tenant filter: a GET form to `action`; shown only when there is more than one tenant to
+    choose from (a single-tenant deployment looks as before)."""
+    if len(viewer.tenants) < 2 and not viewer.tenant:
+        return ""
+    options = "".join(
+        f'<option value="{escape(t)}"{" selected" if t == viewer.tenant else ""}>{escape(label)}</option>'
+        for t, label in (("", "all tenants"), *((t, t) for t in viewer.tenants))
+    )
+    return (f'<form method="get" action="{action}" class="tenant"><label>Tenant '
+            f'<select name="tenant" data-testid="tenant">{options}</select></label>'
+            '<button type="submit">Show</button></form>')
+
+
 def layout(title: str, body: str, viewer: Viewer | None, active: str = "") -> str:
     nav = ""
     if viewer is not None:
         links = "".join(
-            f'<a href="{href}"{" class=on" if name == active else ""}>{label}</a>'
-            for name, href, label in (
-                ("overview", "/", "Overview"), ("customers", "/customers", "Customers"),
-                ("waiting", "/waiting", "Held &amp; paused"), ("dead", "/dead-letters", "Dead letters"),
-            )
+            f'<a href="{escape(viewer.url(href))}"{" class=on" if name == active else ""}>{label}</a>'
+            for name, href, label in PAGES
         )
+        links += tenant_filter(viewer, next((href for name, href, _ in PAGES if name == active), "/"))
         nav = (f'<nav>{links}<form method="post" action="/logout" class="who">{_csrf(viewer)}'
                f'<span>{escape(viewer.user)}</span><button type="submit" class="link">Log out</button>'
                "</form></nav>")
@@ -178,8 +202,9 @@ def overview_page(viewer: Viewer, now_ms: int, day: Mapping[str, int], week: Map
         f"<tr><th scope=row>{label}</th><td>{_figure(day, key)}</td><td>{_figure(week, key)}</td></tr>"
         for key, label in FIGURES
     )
-    now = (f'<p class="now"><a href="/waiting"><b>{waiting["held"]:,}</b> held</a> and '
-           f'<a href="/waiting"><b>{waiting["paused"]:,}</b> paused</a> customers right now.</p>')
+    to_waiting = escape(viewer.url("/waiting"))
+    now = (f'<p class="now"><a href="{to_waiting}"><b>{waiting["held"]:,}</b> held</a> and '
+           f'<a href="{to_waiting}"><b>{waiting["paused"]:,}</b> paused</a> customers right now.</p>')
     week_rows = hourly_series(hourly_week, now_ms - 7 * 24 * HOUR_MS + HOUR_MS, 7 * 24)
     day_rows = week_rows[-24:]
     day_labels = [datetime.fromtimestamp(r["hour"] / 1000, UTC).strftime("%H:00") for r in day_rows]
@@ -234,6 +259,10 @@ def _badges(c: Mapping[str, Any]) -> str:
     return " ".join(out)
 
 
+def _tenant_param(viewer: Viewer) -> dict[str, str]:
+    return {"tenant": viewer.tenant} if viewer.tenant else {}
+
+
 def _pager(base: str, params: Mapping[str, Any], page: Page) -> str:
     def link(offset: int, label: str) -> str:
         query = urlencode({**params, "offset": offset}, doseq=True)
@@ -257,9 +286,10 @@ def customers_page(viewer: Viewer, now_ms: int, page: Page, query: str, filters:
                             ("recovered", "recovered"), ("errors", "errors"))
         if name in FILTERS
     )
+    keep = f'<input type="hidden" name="tenant" value="{escape(viewer.tenant)}">' if viewer.tenant else ""
     form = (f'<form method="get" action="/customers" class="search"><input type="search" name="q" '
             f'value="{escape(query)}" placeholder="key, name or phone" aria-label="search">'
-            f'{boxes}<button type="submit">Search</button></form>')
+            f'{keep}{boxes}<button type="submit">Search</button></form>')
     rows = "".join(
         f'<tr><td data-label="Customer"><a href="{customer_url(c["key"])}">{escape(c["key"])}</a></td>'
         f'<td data-label="Name">{escape(c.get("name") or "")}</td>'
@@ -273,7 +303,7 @@ def customers_page(viewer: Viewer, now_ms: int, page: Page, query: str, filters:
              "<th>Batches</th><th>Status</th></tr></thead>"
              f"<tbody>{rows or '<tr><td colspan=5>none</td></tr>'}"
              "</tbody></table></div>")
-    pager = _pager("/customers", {"q": query, "f": list(filters)}, page)
+    pager = _pager("/customers", {"q": query, "f": list(filters), **_tenant_param(viewer)}, page)
     return layout("Customers", form + table + pager, viewer, "customers")
 
 
@@ -417,7 +447,8 @@ def waiting_page(viewer: Viewer, now_ms: int, page: Page) -> str:
         f'<td data-label="Why">{escape(c.get("hold_reason") or "") if c.get("held") else ""}'
         f'{" by " + escape(c.get("paused_by") or "") if c.get("paused") else ""}</td>'
         f'<td data-label="Waiting">{ago(c.get("paused_at") or c.get("held_since"), now_ms)}</td>'
-        f'<td>{_command_form(viewer, c["key"], "resume", "/waiting") if c.get("paused") else ""}</td></tr>'
+        f'<td>{_command_form(viewer, c["key"], "resume", viewer.url("/waiting")) if c.get("paused") else ""}'
+        "</td></tr>"
         for c in customers
     )
     table = ("<div class=table-wrap><table class=cards>"
@@ -426,7 +457,8 @@ def waiting_page(viewer: Viewer, now_ms: int, page: Page) -> str:
              f"{rows or '<tr><td colspan=6>nobody is waiting on a human</td></tr>'}</tbody></table></div>")
     note = ("<p class=muted>Held: a human agent wrote recently, the bot stays silent until the hold ends. "
             "Paused: an operator stopped the bot for this customer until resumed.</p>")
-    return layout("Held and paused", note + table + _pager("/waiting", {}, page), viewer, "waiting")
+    return layout("Held and paused", note + table + _pager("/waiting", _tenant_param(viewer), page), viewer,
+                  "waiting")
 
 
 # ---------------------------------------------------------------- dead letters
@@ -453,7 +485,8 @@ def dead_letters_page(viewer: Viewer, page: Page) -> str:
              f"<thead><tr><th>Failed at</th><th>Service</th><th>Reason</th>"
              f"<th>Source topic</th><th>Customer</th><th>Replay</th></tr></thead><tbody>"
              f"{rows or '<tr><td colspan=6>none</td></tr>'}</tbody></table></div>")
-    return layout("Dead letters", table + _pager("/dead-letters", {}, page), viewer, "dead")
+    pager = _pager("/dead-letters", _tenant_param(viewer), page)
+    return layout("Dead letters", table + pager, viewer, "dead")
 
 
 def dead_letter_page(viewer: Viewer, letter: Mapping[str, Any], decoded: str, replay_problem: str | None,

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from services.common.keys import KeyError_, parse_key
 from services.common.records import (
     AgentActivity,
     AssistantReply,
@@ -170,6 +171,19 @@ def dead_letter_row(letter: DeadLetter, partition: int, offset: int) -> Row:
         "customer_key": letter.get("customer_key"),
         "batch_id": letter.get("batch_id"),
     }
+
+
+def tenant_of(key: str | bytes | None) -> str | None:
+    """The tenant of a customer key (or a Kafka key that is one), None when it is not one: such a
+    row belongs to no tenant and only operators of every tenant see it (docs/tenants.md)."""
+    if isinstance(key, bytes):
+        key = key.decode("utf-8", "replace")
+    if not key:
+        return None
+    try:
+        return parse_key(key).tenant
+    except KeyError_:
+        return None
 
 
 def hour_of(at_ms: int) -> int:

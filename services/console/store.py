@@ -7,6 +7,13 @@ grow only when a row is new. Consumed offsets are kept here, in the same transac
 so the store and its position can never disagree; an empty store starts from the topics' beginning
 (the rebuild). `prune` deletes what is older than the topics' retention: the store's size follows
 the retention, not the number of customers ever seen.
+
+Tenants (docs/tenants.md, "Per-tenant visibility"): customers, dead letters and operator actions
+carry their tenant (from the customer key, `rows.tenant_of`; NULL when there is none), and the
+overview's hourly figures are also kept per tenant (`tenant_hourly`, '' for none), so every read
+can be limited to a set of tenants. A store written before tenants is migrated in place at open
+(`SCHEMA_VERSION`): the columns are added and filled from the keys, `tenant_hourly` is rebuilt from
+the rows; replay marks and everything else are kept.
 """
 
 from __future__ import annotations
@@ -14,13 +21,13 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .rows import Row, decision_counts, hour_of
+from .rows import Row, decision_counts, hour_of, tenant_of
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS offsets (topic TEXT, partition INTEGER, next_offset INTEGER,
@@ -31,7 +38,8 @@ CREATE TABLE IF NOT EXISTS customers (
     last_decision_at INTEGER, batches INTEGER NOT NULL DEFAULT 0,
     held INTEGER NOT NULL DEFAULT 0, held_since INTEGER, hold_reason TEXT,
     paused INTEGER NOT NULL DEFAULT 0, paused_by TEXT, paused_at INTEGER,
-    open_since INTEGER, recovered INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0);
+    open_since INTEGER, recovered INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,
+    tenant TEXT);
 CREATE INDEX IF NOT EXISTS customers_last ON customers (last_at);
 CREATE INDEX IF NOT EXISTS customers_reply ON customers (last_reply_at);
 CREATE INDEX IF NOT EXISTS customers_name ON customers (lower(name));
@@ -71,11 +79,11 @@ CREATE INDEX IF NOT EXISTS agent_at ON agent_activity (at);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY, failed_at INTEGER NOT NULL, service TEXT, reason TEXT, error TEXT,
     source_topic TEXT, source_partition INTEGER, source_offset INTEGER, record_key BLOB,
-    payload BLOB, customer_key TEXT, batch_id TEXT, replayed_at INTEGER, replayed_by TEXT);
+    payload BLOB, customer_key TEXT, batch_id TEXT, replayed_at INTEGER, replayed_by TEXT, tenant TEXT);
 CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (failed_at);
 CREATE TABLE IF NOT EXISTS actions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, operator TEXT NOT NULL,
-    kind TEXT NOT NULL, customer_key TEXT, target TEXT);
+    kind TEXT NOT NULL, customer_key TEXT, target TEXT, tenant TEXT);
 CREATE INDEX IF NOT EXISTS actions_customer ON actions (customer_key, at);
 CREATE UNIQUE INDEX IF NOT EXISTS actions_once ON actions (customer_key, at, kind, operator);
 CREATE INDEX IF NOT EXISTS actions_at ON actions (at);
@@ -85,7 +93,56 @@ CREATE TABLE IF NOT EXISTS hourly (
     webhooks_missing INTEGER DEFAULT 0, recovered INTEGER DEFAULT 0, history_failures INTEGER DEFAULT 0,
     requests INTEGER DEFAULT 0, messages INTEGER DEFAULT 0, replies INTEGER DEFAULT 0,
     dead_letters INTEGER DEFAULT 0, pauses INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS tenant_hourly (
+    hour INTEGER NOT NULL, tenant TEXT NOT NULL,
+    batches INTEGER DEFAULT 0, held INTEGER DEFAULT 0, gaps INTEGER DEFAULT 0,
+    inj_realtime INTEGER DEFAULT 0, inj_history INTEGER DEFAULT 0, inj_both INTEGER DEFAULT 0,
+    webhooks_missing INTEGER DEFAULT 0, recovered INTEGER DEFAULT 0, history_failures INTEGER DEFAULT 0,
+    requests INTEGER DEFAULT 0, messages INTEGER DEFAULT 0, replies INTEGER DEFAULT 0,
+    dead_letters INTEGER DEFAULT 0, pauses INTEGER DEFAULT 0, PRIMARY KEY (hour, tenant));
 """
+
+# after the migration (an old store gets its tenant columns first)
+TENANT_INDEXES = """
+CREATE INDEX IF NOT EXISTS customers_tenant ON customers (tenant, last_at);
+CREATE INDEX IF NOT EXISTS customers_provider_id ON customers (provider_id);
+CREATE INDEX IF NOT EXISTS dead_letters_tenant ON dead_letters (tenant, failed_at);
+CREATE INDEX IF NOT EXISTS actions_tenant ON actions (tenant, at);
+"""
+SCHEMA_VERSION = 2
+"""1 (implicit, user_version 0): before tenants; 2: tenant columns and `tenant_hourly`."""
+HOUR = "(%s - %s %% 3600000)"
+
+# `tenant_hourly` from the rows (the migration): what the apply_* methods add up row by row
+_REBUILD_TENANT_HOURLY = (
+    f"""INSERT INTO tenant_hourly (hour, tenant, batches, held, gaps, inj_realtime, inj_history, inj_both,
+          webhooks_missing, recovered, history_failures)
+        SELECT {HOUR % ("decided_at", "decided_at")}, COALESCE(tenant_of(customer_key), ''), COUNT(*),
+          SUM(held), SUM(missed_check_ran), SUM(inj_realtime), SUM(inj_history), SUM(inj_both),
+          SUM(webhooks_missing), SUM(recovered), SUM(COALESCE(history_error, '') != '')
+        FROM decisions WHERE true GROUP BY 1, 2""",  # noqa: S608
+    *(f"""INSERT INTO tenant_hourly (hour, tenant, {field})
+          SELECT {HOUR % (at, at)}, {tenant}, COUNT(*) FROM {table} WHERE {where} GROUP BY 1, 2
+          ON CONFLICT (hour, tenant) DO UPDATE SET {field} = {field} + excluded.{field}"""  # noqa: S608
+      for field, table, at, tenant, where in (
+          ("requests", "requests", "created_at", "COALESCE(tenant_of(customer_key), '')", "true"),
+          ("messages", "inbound", "at", "COALESCE(tenant_of(customer_key), '')", "true"),
+          ("replies", "replies", "sent_at", "COALESCE(tenant_of(customer_key), '')",
+           "outcome IN ('answered', 'fallback')"),
+          ("dead_letters", "dead_letters", "failed_at", "COALESCE(tenant, '')", "true"),
+          ("pauses", "actions", "at", "COALESCE(tenant, '')", "kind = 'pause'"),
+      )),
+)
+
+
+def tenant_clause(tenants: Collection[str] | None, column: str = "tenant") -> tuple[str, list[str]]:
+    """`column IN (...)` for a set of tenants (None: every tenant, no clause; empty: nothing)."""
+    if tenants is None:
+        return "", []
+    chosen = sorted(set(tenants))
+    if not chosen:
+        return "0", []
+    return f"{column} IN ({', '.join('?' for _ in chosen)})", chosen
 
 HOURLY_FIELDS = (
     "batches", "held", "gaps", "inj_realtime", "inj_history", "inj_both", "webhooks_missing",
@@ -125,6 +182,10 @@ def search_clause(query: str) -> tuple[str, list[str]]:
         clause, values = _prefix_range("key", prefix)
         parts.append(clause)
         args += values
+    if digits.isdigit():  # a phone number of any tenant (their keys start with the tenant)
+        clause, values = _prefix_range("provider_id", digits)
+        parts.append(clause)
+        args += values
     clause, values = _prefix_range("lower(name)", q.lower())
     parts.append(clause)
     args += values
@@ -162,8 +223,28 @@ class Store:
         self.db.execute("PRAGMA temp_store=MEMORY")
         self.db.executescript(SCHEMA)
         self.lock = threading.Lock()
+        self._migrate()
+        self.db.executescript(TENANT_INDEXES)
         self.reader = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.reader.row_factory = sqlite3.Row
+
+    def _migrate(self) -> None:
+        """Brings a store of an older schema to `SCHEMA_VERSION` in place (see the module doc)."""
+        if self.db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        self.db.create_function("tenant_of", 1, tenant_of, deterministic=True)
+        with self.transaction() as db:
+            for table in ("customers", "dead_letters", "actions"):
+                if "tenant" not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN tenant TEXT")
+            db.execute("UPDATE customers SET tenant = tenant_of(key)")
+            db.execute("UPDATE dead_letters SET tenant ="
+                       " COALESCE(tenant_of(customer_key), tenant_of(record_key))")
+            db.execute("UPDATE actions SET tenant = tenant_of(customer_key)")
+            db.execute("DELETE FROM tenant_hourly")
+            for statement in _REBUILD_TENANT_HOURLY:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.reader.close()
@@ -196,20 +277,27 @@ class Store:
             [(t, p, o) for (t, p), o in positions.items()],
         )
 
-    def _hourly(self, at_ms: int, counts: Mapping[str, int]) -> None:
+    def _hourly(self, at_ms: int, counts: Mapping[str, int], tenant: str | None) -> None:
+        """Adds to the hour's figures, overall and the tenant's (`''`: no tenant)."""
         counts = {k: v for k, v in counts.items() if v}
         if not counts:
             return
         cols = ", ".join(counts)
         sets = ", ".join(f"{k} = {k} + excluded.{k}" for k in counts)
+        marks = ", ".join("?" for _ in counts)
         self.db.execute(
-            f"INSERT INTO hourly (hour, {cols}) VALUES (?, {', '.join('?' for _ in counts)})"  # noqa: S608
+            f"INSERT INTO hourly (hour, {cols}) VALUES (?, {marks})"  # noqa: S608
             f" ON CONFLICT (hour) DO UPDATE SET {sets}",
             (hour_of(at_ms), *counts.values()),
         )
+        self.db.execute(
+            f"INSERT INTO tenant_hourly (hour, tenant, {cols}) VALUES (?, ?, {marks})"  # noqa: S608
+            f" ON CONFLICT (hour, tenant) DO UPDATE SET {sets}",
+            (hour_of(at_ms), tenant or "", *counts.values()),
+        )
 
     def _customer(self, key: str) -> None:
-        self.db.execute("INSERT OR IGNORE INTO customers (key) VALUES (?)", (key,))
+        self.db.execute("INSERT OR IGNORE INTO customers (key, tenant) VALUES (?, ?)", (key, tenant_of(key)))
 
     def apply_decision(self, row: Row) -> None:
         self.apply_decisions([row])
@@ -236,13 +324,14 @@ class Store:
             f"INSERT INTO decisions ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})",  # noqa: S608
             new,
         )
-        by_hour: dict[int, Counter[str]] = {}
+        tenants = {k: tenant_of(k) for k in dict.fromkeys(r["customer_key"] for r in new)}
+        by_hour: dict[tuple[int, str | None], Counter[str]] = {}
         for row in new:
-            by_hour.setdefault(hour_of(row["decided_at"]), Counter()).update(decision_counts(row))
-        for hour, counts in by_hour.items():
-            self._hourly(hour, counts)
-        self.db.executemany("INSERT OR IGNORE INTO customers (key) VALUES (?)",
-                            [(k,) for k in dict.fromkeys(r["customer_key"] for r in new)])
+            hour_tenant = (hour_of(row["decided_at"]), tenants[row["customer_key"]])
+            by_hour.setdefault(hour_tenant, Counter()).update(decision_counts(row))
+        for (hour, tenant), counts in by_hour.items():
+            self._hourly(hour, counts, tenant)
+        self.db.executemany("INSERT OR IGNORE INTO customers (key, tenant) VALUES (?, ?)", tenants.items())
         self.db.executemany(
             """UPDATE customers SET batches = batches + 1, recovered = recovered + :recovered,
                  errors = errors + :error, last_at = MAX(last_at, :at),
@@ -263,12 +352,13 @@ class Store:
 
     def apply_request(self, row: Row) -> None:
         if _insert(self.db, "requests", row):
-            self._hourly(row["created_at"], {"requests": 1})
+            self._hourly(row["created_at"], {"requests": 1}, tenant_of(row["customer_key"]))
 
     def apply_reply(self, row: Row) -> None:
         if not _insert(self.db, "replies", row):
             return
-        self._hourly(row["sent_at"], {"replies": int(row["outcome"] in ("answered", "fallback"))})
+        self._hourly(row["sent_at"], {"replies": int(row["outcome"] in ("answered", "fallback"))},
+                     tenant_of(row["customer_key"]))
         if row["outcome"] in ("answered", "fallback"):
             self._customer(row["customer_key"])
             self.db.execute(
@@ -282,7 +372,7 @@ class Store:
         if not _insert(self.db, "inbound", row):
             return
         at = row["at"]
-        self._hourly(at, {"messages": 1})
+        self._hourly(at, {"messages": 1}, tenant_of(row["customer_key"]))
         self._customer(row["customer_key"])
         self.db.execute(
             """UPDATE customers SET channel = :channel, provider_id = :provider_id,
@@ -306,9 +396,10 @@ class Store:
         The command is also the record of who did it (an action on the timeline); the topic keeps
         it, so a rebuilt store still knows."""
         self._customer(row["customer_key"])
+        tenant = tenant_of(row["customer_key"])
         new = self.db.execute(
-            "INSERT OR IGNORE INTO actions (at, operator, kind, customer_key) VALUES (?, ?, ?, ?)",
-            (row["at"], row["actor"] or "(no name)", row["kind"], row["customer_key"])).rowcount > 0
+            "INSERT OR IGNORE INTO actions (at, operator, kind, customer_key, tenant) VALUES (?, ?, ?, ?, ?)",
+            (row["at"], row["actor"] or "(no name)", row["kind"], row["customer_key"], tenant)).rowcount > 0
         if not new:  # seen before (the console's own command coming back from the topic)
             return
         pause = row["kind"] == "pause"
@@ -321,12 +412,13 @@ class Store:
              "key": row["customer_key"]},
         )
         if pause:
-            self._hourly(row["at"], {"pauses": 1})
+            self._hourly(row["at"], {"pauses": 1}, tenant)
 
     def apply_dead_letter(self, row: Row) -> None:
-        if not _insert(self.db, "dead_letters", row):
+        tenant = tenant_of(row.get("customer_key")) or tenant_of(row.get("record_key"))
+        if not _insert(self.db, "dead_letters", {**row, "tenant": tenant}):
             return
-        self._hourly(row["failed_at"], {"dead_letters": 1})
+        self._hourly(row["failed_at"], {"dead_letters": 1}, tenant)
         if row["customer_key"]:
             self._customer(row["customer_key"])
             self.db.execute(
@@ -336,8 +428,9 @@ class Store:
     def record_action(self, at: int, operator: str, kind: str, customer_key: str | None,
                       target: str | None = None) -> None:
         self.db.execute(
-            "INSERT OR IGNORE INTO actions (at, operator, kind, customer_key, target) VALUES (?, ?, ?, ?, ?)",
-            (at, operator, kind, customer_key, target),
+            "INSERT OR IGNORE INTO actions (at, operator, kind, customer_key, target, tenant)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (at, operator, kind, customer_key, target, tenant_of(customer_key)),
         )
 
     def mark_replayed(self, letter_id: str, at: int, operator: str) -> bool:
@@ -358,7 +451,7 @@ class Store:
             for table, column in (
                 ("decisions", "decided_at"), ("requests", "created_at"), ("replies", "sent_at"),
                 ("inbound", "at"), ("agent_activity", "at"), ("dead_letters", "failed_at"),
-                ("actions", "at"), ("hourly", "hour"), ("customers", "last_at"),
+                ("actions", "at"), ("hourly", "hour"), ("tenant_hourly", "hour"), ("customers", "last_at"),
             ):
                 deleted += db.execute(
                     f"DELETE FROM {table} WHERE {column} < ?", (before_ms,)  # noqa: S608
@@ -366,32 +459,44 @@ class Store:
         return deleted
 
     # ------------------------------------------------------------ reads (the pages)
+    # `tenants`: only these tenants' rows (None: every row, also those of no tenant)
 
-    def hourly(self, since_ms: int) -> list[dict[str, Any]]:
+    def hourly(self, since_ms: int, tenants: Collection[str] | None = None) -> list[dict[str, Any]]:
+        if tenants is None:
+            return [dict(r) for r in self.reader.execute(
+                "SELECT * FROM hourly WHERE hour >= ? ORDER BY hour", (hour_of(since_ms),))]
+        clause, args = tenant_clause(tenants)
+        sums = ", ".join(f"SUM({f}) AS {f}" for f in HOURLY_FIELDS)
         return [dict(r) for r in self.reader.execute(
-            "SELECT * FROM hourly WHERE hour >= ? ORDER BY hour", (hour_of(since_ms),))]
+            f"SELECT hour, {sums} FROM tenant_hourly WHERE hour >= ? AND {clause}"  # noqa: S608
+            " GROUP BY hour ORDER BY hour", (hour_of(since_ms), *args))]
 
-    def totals(self, since_ms: int) -> dict[str, int]:
+    def totals(self, since_ms: int, tenants: Collection[str] | None = None) -> dict[str, int]:
         """The overview's figures since a time (hour granularity) plus customers served/active."""
         sums = ", ".join(f"COALESCE(SUM({f}), 0) AS {f}" for f in HOURLY_FIELDS)
+        clause, args = tenant_clause(tenants)
+        table, where = ("hourly", "") if tenants is None else ("tenant_hourly", f" AND {clause}")
         row = self.reader.execute(
-            f"SELECT {sums} FROM hourly WHERE hour >= ?", (hour_of(since_ms),)  # noqa: S608
+            f"SELECT {sums} FROM {table} WHERE hour >= ?{where}", (hour_of(since_ms), *args)  # noqa: S608
         ).fetchone()
         out = {k: int(row[k]) for k in HOURLY_FIELDS}
         out["customers_served"] = self.reader.execute(
-            "SELECT COUNT(*) FROM customers WHERE last_reply_at >= ?", (since_ms,)).fetchone()[0]
+            f"SELECT COUNT(*) FROM customers WHERE last_reply_at >= ?{where}", (since_ms, *args)  # noqa: S608
+        ).fetchone()[0]
         out["customers_active"] = self.reader.execute(
-            "SELECT COUNT(*) FROM customers WHERE last_at >= ?", (since_ms,)).fetchone()[0]
+            f"SELECT COUNT(*) FROM customers WHERE last_at >= ?{where}", (since_ms, *args)  # noqa: S608
+        ).fetchone()[0]
         return out
 
-    def waiting_now(self) -> dict[str, int]:
+    def waiting_now(self, tenants: Collection[str] | None = None) -> dict[str, int]:
+        clause, args = tenant_clause(tenants)
         row = self.reader.execute(
-            "SELECT COALESCE(SUM(held), 0) AS held, COALESCE(SUM(paused), 0) AS paused FROM customers"
-            " WHERE held = 1 OR paused = 1").fetchone()
+            "SELECT COALESCE(SUM(held), 0) AS held, COALESCE(SUM(paused), 0) AS paused FROM customers"  # noqa: S608
+            f" WHERE (held = 1 OR paused = 1){' AND ' + clause if clause else ''}", args).fetchone()
         return {"held": int(row["held"]), "paused": int(row["paused"])}
 
     def customers(self, query: str = "", filters: Iterable[str] = (), offset: int = 0,
-                  limit: int = 50) -> Page:
+                  limit: int = 50, tenants: Collection[str] | None = None) -> Page:
         where: list[str] = []
         args: list[Any] = []
         where_query, query_args = search_clause(query)
@@ -399,6 +504,10 @@ class Store:
             where.append(where_query)
             args += query_args
         where += [FILTERS[f] for f in filters if f in FILTERS]
+        tenant_where, tenant_args = tenant_clause(tenants)
+        if tenant_where:
+            where.append(tenant_where)
+            args += tenant_args
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         total = self.reader.execute(f"SELECT COUNT(*) FROM customers {clause}", args).fetchone()[0]  # noqa: S608
         rows = self.reader.execute(
@@ -407,19 +516,26 @@ class Store:
         ).fetchall()
         return Page([dict(r) for r in rows], int(total), offset, limit)
 
-    def waiting(self, offset: int = 0, limit: int = 100) -> Page:
+    def waiting(self, offset: int = 0, limit: int = 100, tenants: Collection[str] | None = None) -> Page:
         """Held or paused customers, longest waiting first (the partial index `customers_waiting`)."""
+        clause, args = tenant_clause(tenants)
+        where = f"(held = 1 OR paused = 1){' AND ' + clause if clause else ''}"
         total = self.reader.execute(
-            "SELECT COUNT(*) FROM customers WHERE held = 1 OR paused = 1").fetchone()[0]
+            f"SELECT COUNT(*) FROM customers WHERE {where}", args).fetchone()[0]  # noqa: S608
         rows = self.reader.execute(
-            "SELECT * FROM customers WHERE held = 1 OR paused = 1"
-            " ORDER BY COALESCE(paused_at, held_since) LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+            f"SELECT * FROM customers WHERE {where}"  # noqa: S608
+            " ORDER BY COALESCE(paused_at, held_since) LIMIT ? OFFSET ?", (*args, limit, offset)).fetchall()
         return Page([dict(r) for r in rows], int(total), offset, limit)
 
     def customer(self, key: str) -> dict[str, Any] | None:
         row = self.reader.execute("SELECT * FROM customers WHERE key = ?", (key,)).fetchone()
         return dict(row) if row else None
 
+    def tenants(self) -> list[str]:
+        """The tenants with figures in the store (for the tenant filter): from `tenant_hourly`, whose
+        size is hours x tenants, so every page can ask without scanning the customers."""
+        return [r[0] for r in self.reader.execute(
+            "SELECT DISTINCT tenant FROM tenant_hourly WHERE tenant != '' ORDER BY tenant")]
     def batches(self, key: str, before_ms: int | None = None, limit: int = 30) -> list[dict[str, Any]]:
         """The customer's latest batches (newest first) with their request and reply, if any."""
         rows = self.reader.execute(
@@ -438,19 +554,23 @@ class Store:
             f"SELECT * FROM {table} WHERE customer_key = ? AND at >= ? AND at < ? ORDER BY at",  # noqa: S608
             (key, since_ms, until_ms))]
 
-    def dead_letters(self, offset: int = 0, limit: int = 50) -> Page:
-        total = self.reader.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+    def dead_letters(self, offset: int = 0, limit: int = 50, tenants: Collection[str] | None = None) -> Page:
+        clause, args = tenant_clause(tenants)
+        where = f" WHERE {clause}" if clause else ""
+        total = self.reader.execute(f"SELECT COUNT(*) FROM dead_letters{where}", args).fetchone()[0]  # noqa: S608
         rows = self.reader.execute(
-            "SELECT id, failed_at, service, reason, source_topic, customer_key, record_key, batch_id,"
-            " replayed_at, replayed_by, length(payload) AS size FROM dead_letters"
+            "SELECT id, failed_at, service, reason, source_topic, customer_key, record_key, batch_id,"  # noqa: S608
+            f" replayed_at, replayed_by, tenant, length(payload) AS size FROM dead_letters{where}"
             " ORDER BY failed_at DESC LIMIT ? OFFSET ?",
-            (limit, offset)).fetchall()
+            (*args, limit, offset)).fetchall()
         return Page([dict(r) for r in rows], int(total), offset, limit)
 
     def dead_letter(self, letter_id: str) -> dict[str, Any] | None:
         row = self.reader.execute("SELECT * FROM dead_letters WHERE id = ?", (letter_id,)).fetchone()
         return dict(row) if row else None
 
-    def recent_actions(self, limit: int = 20) -> list[dict[str, Any]]:
+    def recent_actions(self, limit: int = 20, tenants: Collection[str] | None = None) -> list[dict[str, Any]]:
+        clause, args = tenant_clause(tenants)
+        where = f" WHERE {clause}" if clause else ""
         return [dict(r) for r in self.reader.execute(
-            "SELECT * FROM actions ORDER BY at DESC LIMIT ?", (limit,))]
+            f"SELECT * FROM actions{where} ORDER BY at DESC LIMIT ?", (*args, limit))]  # noqa: S608

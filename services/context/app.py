@@ -380,12 +380,18 @@ def decode_event(
     return key_text, name, record
 
 
-def apply_metric(name: str, labels: dict[str, str], value: float) -> None:
-    """Applies one `Effects.metrics` entry; names are attributes of services.common.metrics."""
+def apply_metric(name: str, labels: dict[str, str], value: float, customer: str | None = None) -> None:
+    """Applies one `Effects.metrics` entry; names are attributes of services.common.metrics.
+
+    A metric with a `tenant` label gets the customer's tenant (bounded, `metrics.key_tenant`): the
+    domain's effects name what happened, the shell knows whose it was."""
     metric = getattr(metrics, name, None)
     if not isinstance(metric, Counter | Gauge | Histogram):
         logs.event(log, "unknown_metric", logging.WARNING, metric=name)
         return
+    # prometheus_client keeps label names on a private attribute; there is no public accessor
+    if "tenant" in metric._labelnames and "tenant" not in labels:
+        labels = {**labels, "tenant": metrics.key_tenant(customer)}
     target: Any = metric.labels(**labels) if labels else metric
     if isinstance(metric, Histogram):
         target.observe(value)
@@ -499,7 +505,9 @@ class ContextRuntime:
         self.app = app
         self.settings = settings
         self.topics = Topics.from_settings(settings)
-        self.limits_for = TenantLimits.build(settings, load_tenants(settings))  # per customer's tenant
+        tenants = load_tenants(settings)
+        self.limits_for = TenantLimits.build(settings, tenants)  # per customer's tenant
+        metrics.bound_tenants(tenants.by_id)  # the metrics' tenant label values
         self.limits = self.limits_for.base
         self.partitions = table_partitions
         self._flush_wakeup = asyncio.Event()
@@ -775,7 +783,7 @@ class ContextRuntime:
             if metric_name == "open_batches":
                 continue  # set from the index: per-worker truth across rebalances
             try:
-                apply_metric(metric_name, labels, value)
+                apply_metric(metric_name, labels, value, customer)
             except (ValueError, KeyError) as exc:
                 logs.event(log, "metric_error", logging.WARNING, metric=metric_name, error=str(exc))
         for event_name, fields in effects.log:

@@ -223,7 +223,8 @@ class HistoryFetcher:
         if not on_default_account(customer_key):
             # per-tenant WATI clients are not wired yet (docs/tenants.md "Not done yet"): the
             # deployment's account is never asked about another tenant's or account's customer
-            metrics.history_fetch_failures_total.labels(TENANT_NOT_WIRED).inc()
+            metrics.history_fetch_failures_total.labels(
+                TENANT_NOT_WIRED, metrics.key_tenant(customer_key)).inc()
             return FetchResult(error=TENANT_NOT_WIRED)
         started = time.monotonic()
         async with self._limit:
@@ -246,9 +247,10 @@ class HistoryFetcher:
             except Exception as exc:
                 result = FetchResult(error=f"unexpected_{type(exc).__name__}")
         outcome = "ok" if result.error is None else "error"
-        metrics.history_fetch_total.labels(outcome).inc()
+        tenant = metrics.key_tenant(customer_key)
+        metrics.history_fetch_total.labels(outcome, tenant).inc()
         if result.error is not None:
-            metrics.history_fetch_failures_total.labels(result.error).inc()
+            metrics.history_fetch_failures_total.labels(result.error, tenant).inc()
         logs.event(
             log, "history_fetched", logging.INFO if result.error is None else logging.WARNING,
             customer=customer_key, batch_id=batch_id, purpose=purpose, items=len(result.history),

@@ -11,6 +11,13 @@ text out, unit-tested. Thin I/O part (`collect`, `main`): one plain consumer WIT
 commits, so it can never move a service's offsets), assigned every partition of the two topics,
 seeked by time and read up to the end offsets taken at start, then it stops.
 
+Per tenant (`--tenant hotel-a`, docs/tenants.md "Per-tenant visibility"): only the records whose
+customer key belongs to that tenant are read into the report, every count included (records read,
+duplicates, outside the window); a record that cannot be attributed to the tenant (a dead letter
+with neither a customer key nor a customer's Kafka key, an undecodable record, a malformed key) is
+left out, so no line, count or
+customer of another tenant can appear.
+
 Privacy: customer keys are printed only masked (`keys.mask`); free-text fields of the records
 (texts, errors, history errors) are never printed, and the short reason codes that are printed go
 through the log redactor, so neither format can carry a phone number.
@@ -34,7 +41,7 @@ from typing import Any, cast
 from services.common import codec, logs
 from services.common.config import Settings
 from services.common.kafka import Topics, make_admin, make_consumer
-from services.common.keys import mask
+from services.common.keys import SLUG_PATTERN, KeyError_, mask, parse_key
 from services.common.logs import redact
 from services.common.records import BatchDecision, DeadLetter
 from services.common.timeparse import utcnow
@@ -192,9 +199,11 @@ class Report:
     undecodable: dict[str, int] = field(default_factory=dict)  # topic role -> records
     complete: bool = True  # False when reading stopped before the end offsets (broker stalled)
     notes: list[str] = field(default_factory=list)
+    tenant: str | None = None  # the one tenant reported on (`--tenant`), None for every tenant
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "tenant": self.tenant,
             "since": _iso(self.since),
             "until": _iso(self.until),
             "complete": self.complete,
@@ -215,14 +224,19 @@ class Summary:
     """Accumulates decisions and dead letters one at a time (the reader streams, memory stays small).
 
     One audit event per batch is the contract, so a batch id seen again is a redelivery: counted
-    once (the first seen wins), and reported as a duplicate.
+    once (the first seen wins), and reported as a duplicate. With `tenant`, every record not proven
+    to be that tenant's (by its customer key, or a dead letter's Kafka key) is dropped before
+    anything counts it.
     """
 
-    def __init__(self, since: datetime, until: datetime) -> None:
+    def __init__(self, since: datetime, until: datetime, tenant: str | None = None) -> None:
         if since.tzinfo is None or until.tzinfo is None:
             raise ValueError("since and until must be timezone-aware")
+        if tenant is not None and not re.fullmatch(SLUG_PATTERN, tenant):
+            raise ValueError(f"--tenant {tenant!r} is not a tenant id ({SLUG_PATTERN})")
         self.since = since
         self.until = until
+        self.tenant = tenant
         self.overall = Tally()
         self._by_key: dict[str, Tally] = {}
         self._batch_ids: set[str] = set()
@@ -240,7 +254,20 @@ class Summary:
     def _customer(self, key: str) -> Tally:
         return self._by_key.setdefault(key, Tally())
 
+    def ours(self, customer_key: object) -> bool:
+        """Whether a record of this customer key belongs in the report (always, without a tenant)."""
+        if self.tenant is None:
+            return True
+        if not isinstance(customer_key, str):
+            return False
+        try:
+            return parse_key(customer_key).tenant == self.tenant
+        except KeyError_:
+            return False
+
     def add_decision(self, decision: BatchDecision) -> None:
+        if not self.ours(decision.get("customer_key")):
+            return
         self.decisions_read += 1
         if not self._inside(decision.get("decided_at")):
             return
@@ -253,6 +280,11 @@ class Summary:
         self._customer(decision.get("customer_key") or UNSPECIFIED).add_decision(decision)
 
     def add_dead_letter(self, letter: DeadLetter) -> None:
+        # an undecodable record has no customer key, but its Kafka key is one on every customer topic
+        raw_key = letter.get("key")
+        kafka_key = bytes(raw_key).decode("utf-8", "replace") if raw_key else None
+        if not self.ours(letter.get("customer_key") or kafka_key):
+            return
         self.dead_letters_read += 1
         if not self._inside(letter.get("failed_at")):
             return
@@ -265,7 +297,7 @@ class Summary:
             since=self.since, until=self.until, overall=self.overall,
             customers=[CustomerTally(label, self._by_key[key]) for label, key in _labels(self._by_key)],
             decisions_read=self.decisions_read, dead_letters_read=self.dead_letters_read,
-            duplicate_decisions=self.duplicates, outside_window=self.outside_window,
+            duplicate_decisions=self.duplicates, outside_window=self.outside_window, tenant=self.tenant,
         )
 
 
@@ -292,15 +324,17 @@ def summarise(
     *,
     undecodable: Mapping[str, int] | None = None,
     complete: bool = True,
+    tenant: str | None = None,
 ) -> Report:
-    """The report of the records dated within [since, until] (decided_at / failed_at)."""
-    summary = Summary(since, until)
+    """The report of the records dated within [since, until] (decided_at / failed_at), of one
+    tenant's customers only when `tenant` is given."""
+    summary = Summary(since, until, tenant)
     for decision in decisions:
         summary.add_decision(decision)
     for letter in dead_letters:
         summary.add_dead_letter(letter)
     report = summary.report()
-    report.undecodable = dict(undecodable or {})
+    report.undecodable = dict(undecodable or {}) if tenant is None else {}  # nobody's: not the tenant's
     report.complete = complete
     return report
 
@@ -337,6 +371,7 @@ def render_markdown(report: Report) -> str:
     lines = [
         "# watistream report",
         "",
+        *([f"Tenant: {report.tenant} (only its customers' records)"] if report.tenant is not None else []),
         f"Window: {_iso(report.since)} to {_iso(report.until)}",
         f"Read: {report.decisions_read} batch decisions, {report.dead_letters_read} dead letters "
         f"({undecodable} undecodable, {report.duplicate_decisions} duplicate decisions ignored, "
@@ -452,6 +487,7 @@ async def collect(
     *,
     connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
     stall_timeout: float = STALL_TIMEOUT_SECONDS,
+    tenant: str | None = None,
 ) -> Collected:
     """Reads the audit and dead-letter records of the last `window` into a `Summary`.
 
@@ -475,7 +511,7 @@ async def collect(
                         notes.append(f"topic {name} does not exist (no service has created it yet)")
                     tps += [TopicPartition(name, p) for p in partitions.get(name, [])]
                 until = utcnow()
-                summary = Summary(until - min(window, until - EPOCH), until)  # `--since 9999w`
+                summary = Summary(until - min(window, until - EPOCH), until, tenant)  # `--since 9999w`
                 if not tps:
                     return Collected(summary, {}, True, notes)
                 consumer = make_consumer(
@@ -524,8 +560,8 @@ async def collect(
                     if record.offset >= ends[tp]:
                         continue
                     last_progress = loop.time()
-                    if not _feed(summary, role, record.value):
-                        undecodable[role] += 1
+                    if not _feed(summary, role, record.value) and tenant is None:
+                        undecodable[role] += 1  # a tenant's report: an undecodable record is nobody's
             for tp, position in positions.items():
                 if position != seen_positions.get(tp):  # also moves over control records
                     seen_positions[tp] = position
@@ -543,23 +579,41 @@ async def collect(
                 await consumer.stop()
 
 
+def _tenant_notes(settings: Settings, tenant: str | None) -> list[str]:
+    """A warning when `--tenant` names no configured tenant (a typo reads as an empty report)."""
+    if tenant is None:
+        return []
+    from services.common.config import ConfigError
+    from services.common.tenants import load_tenants
+
+    try:
+        configured = load_tenants(settings).get(tenant) is not None
+    except ConfigError:
+        return ["the tenants configuration could not be read (`watistream check` says why)"]
+    return [] if configured else [f"tenant {tenant!r} is not in the tenants configuration"]
+
+
 def main(args: argparse.Namespace, settings: Settings) -> int:
-    """`watistream report [--since 24h] [--format markdown|json]`: prints the report to stdout."""
+    """`watistream report [--since 24h] [--format markdown|json] [--tenant ID]`: prints the report."""
     settings.require("KAFKA_BOOTSTRAP_SERVERS")
     if not logging.getLogger().handlers:  # the console script; an embedding process keeps its own
         logs.setup("report", settings.log_level)
+    tenant: str | None = getattr(args, "tenant", None)
     try:
         window = parse_since(str(getattr(args, "since", "24h")))
+        if tenant is not None:
+            Summary(EPOCH, EPOCH, tenant)  # the id's check, before Kafka is contacted
     except ValueError as exc:
         print(f"watistream report: {exc}", file=sys.stderr)
         return 2
+    notes = _tenant_notes(settings, tenant)
     aiokafka_log = logging.getLogger("aiokafka")
     previous_level = aiokafka_log.level
     if settings.log_level.upper() != "DEBUG":
         # a connection failure is reported once, clearly, by this command; not also by aiokafka
         aiokafka_log.setLevel(logging.CRITICAL)
     try:
-        collected = asyncio.run(collect(settings, window))
+        collected = asyncio.run(collect(settings, window, tenant=tenant))
     except BrokerUnreachable as exc:
         print(f"watistream report: {exc}", file=sys.stderr)
         return 2
@@ -568,7 +622,7 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
     report = collected.summary.report()
     report.undecodable = collected.undecodable
     report.complete = collected.complete
-    report.notes = collected.notes
+    report.notes = notes + collected.notes
     fmt = getattr(args, "format", "markdown")
     sys.stdout.write(render_json(report) if fmt == "json" else render_markdown(report))
     sys.stdout.flush()

@@ -193,7 +193,7 @@ class Ingest:
             return _reject(400, outcome.code, outcome.reason, fields)
         if isinstance(outcome, Ignored):
             fields.update(outcome="ignored", reason=outcome.reason)
-            webhook_events(provider, "ignored").inc()
+            webhook_events(provider, "ignored", metrics.tenant_label(scope.tenant)).inc()
             return web.json_response({"status": "ignored", "reason": outcome.reason})
         try:
             key = in_account(outcome.record["customer_key"], scope.tenant, scope.account)
@@ -224,7 +224,7 @@ class Ingest:
         except CodecError as exc:
             return await self._unprocessable(provider, body, exc, fields)
         fields["outcome"] = "accepted"
-        webhook_events(provider, kind).inc()
+        webhook_events(provider, kind, metrics.key_tenant(record["customer_key"])).inc()
         return web.json_response({"status": "accepted", "event_id": event_id, "kind": kind})
 
     async def _unprocessable(
@@ -239,7 +239,8 @@ class Ingest:
                 await asyncio.wait_for(
                     dead_letter(producer, self.topics, service="ingest", reason="normaliser_error",
                                 error=f"{type(exc).__name__}: {exc}", source_topic=None,
-                                payload=body, key=provider.encode()),
+                                payload=body, key=provider.encode(),
+                                tenant=fields.get("tenant", DEFAULT_TENANT)),
                     self.settings.produce_timeout_seconds)
                 recorded = True
             except Exception as dl_exc:  # the 400 stands whatever happens to the record
@@ -266,7 +267,8 @@ class Ingest:
 def _reject(
     status: int, code: str, reason: str, fields: dict[str, Any], headers: dict[str, str] | None = None
 ) -> web.Response:
-    webhook_rejects(code).inc()
+    # the route's tenant (`default` on the old routes), bounded: an unknown tenant's 404 is `other`
+    webhook_rejects(code, metrics.tenant_label(fields.get("tenant", DEFAULT_TENANT))).inc()
     # reasons name fields and kinds, never message content: safe to log
     fields.update(outcome="rejected", error=code, reason=reason)
     return web.json_response({"error": code, "reason": reason}, status=status, headers=headers)
@@ -415,6 +417,7 @@ def make_app(settings: Settings, supervisor: ProducerSupervisor, clock: Callable
         raise ConfigError("webhook secrets: " + "; ".join(problems))
     secrets = {t.id: t.webhook_secret.resolve(env) for t in tenants.by_id.values()}
     register_secret(*secrets.values())  # no tenant's secret ever reaches a log line
+    metrics.bound_tenants(tenants.by_id)  # the only tenant label values; any other route is `other`
     ingest = Ingest(settings, Topics.from_settings(settings), supervisor, clock, tenants, secrets)
     app = web.Application(middlewares=[observe])
     app[SUPERVISOR_KEY] = supervisor

@@ -66,8 +66,9 @@ class ManyChatProvider:
 
     async def send(self, client: Client | None, channel: str, provider_id: str, parts: list[str],
                    batch_id: str, *, resume: bool, policy: SendPolicy) -> Sent:
+        tenant = metrics.key_tenant(batch_id)  # the metrics' tenant label (a batch id starts with the key)
         if not isinstance(client, ManyChatClient):
-            metrics.send_failures_total.labels(channel, "not_configured").inc()
+            metrics.send_failures_total.labels(channel, "not_configured", tenant).inc()
             raise SendFailed("channel_not_configured", [], [])
         instagram = channel == "instagram"
         remaining = list(parts)
@@ -78,7 +79,7 @@ class ManyChatProvider:
             try:
                 await client.send_content(provider_id, remaining, instagram=instagram)
             except ManyChatError as exc:
-                metrics.send_failures_total.labels(channel, exc.reason).inc()
+                metrics.send_failures_total.labels(channel, exc.reason, tenant).inc()
                 done = max(0, min(exc.sent_messages, len(remaining)))
                 delivered.extend(remaining[:done])
                 remaining = remaining[done:]
@@ -87,7 +88,7 @@ class ManyChatProvider:
                 await policy.sleep(policy.delay(attempt, None))
                 continue
             except ValueError:
-                metrics.send_failures_total.labels(channel, "invalid_text").inc()
+                metrics.send_failures_total.labels(channel, "invalid_text", tenant).inc()
                 raise SendFailed("invalid_text", delivered, []) from None
             delivered.extend(remaining)
             remaining = []

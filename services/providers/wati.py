@@ -75,8 +75,9 @@ class WatiProvider:
 
     async def send(self, client: Client | None, channel: str, provider_id: str, parts: list[str],
                    batch_id: str, *, resume: bool, policy: SendPolicy) -> Sent:
+        tenant = metrics.key_tenant(batch_id)  # the metrics' tenant label (a batch id starts with the key)
         if not isinstance(client, WatiClient):
-            metrics.send_failures_total.labels("wati", "not_configured").inc()
+            metrics.send_failures_total.labels("wati", "not_configured", tenant).inc()
             raise SendFailed("channel_not_configured", [], [])
         delivered = await _delivered(client, provider_id, batch_id, len(parts)) if resume else {}
         sent = Sent([])
@@ -93,13 +94,13 @@ class WatiProvider:
                         provider_id, part, local_message_id=local_message_id(batch_id, index)
                     )
                 except WatiError as exc:
-                    metrics.send_failures_total.labels("wati", exc.reason).inc()
+                    metrics.send_failures_total.labels("wati", exc.reason, tenant).inc()
                     if not exc.retryable or attempt >= policy.attempts:
                         raise SendFailed(exc.reason, sent.parts, sent.ids) from None
                     await policy.sleep(policy.delay(attempt, exc.retry_after))
                     continue
                 except ValueError:
-                    metrics.send_failures_total.labels("wati", "invalid_text").inc()
+                    metrics.send_failures_total.labels("wati", "invalid_text", tenant).inc()
                     raise SendFailed("invalid_text", sent.parts, sent.ids) from None
                 sent.parts.append(part)
                 sent.ids.extend(ids)
@@ -141,7 +142,8 @@ async def _delivered(client: WatiClient, contact_id: str, batch_id: str, count: 
     try:
         page = await client.get_messages_page(contact_id, 1, RESUME_LOOKUP_ITEMS)
     except WatiError as exc:
-        metrics.send_failures_total.labels("wati", f"resume_lookup_{exc.reason}").inc()
+        metrics.send_failures_total.labels("wati", f"resume_lookup_{exc.reason}",
+                                          metrics.key_tenant(batch_id)).inc()
         return {}
     found: dict[int, list[str]] = {}
     for item in page.items:

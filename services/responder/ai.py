@@ -142,7 +142,8 @@ class Replier:
         """A new conversation for the customer (metadata: a hash of the key and the channel only)."""
         metadata = {"service": "watistream", "channel": channel, "customer": customer_hash(customer_key)}
         conversation = await self._call(
-            "conversation", lambda: self.client.conversations.create(metadata=metadata), ids=""
+            "conversation", lambda: self.client.conversations.create(metadata=metadata), ids="",
+            tenant=metrics.key_tenant(customer_key),
         )
         return str(conversation.id)
 
@@ -164,14 +165,16 @@ class Replier:
             response = await self._call(
                 "reply", lambda: self.client.responses.create(**kwargs),
                 ids=f"conversation {conversation_id}", conversation_id=conversation_id,
+                tenant=metrics.key_tenant(customer_key),
             )
         except AIFailure as failure:
-            if failure.reason == "not_found" and await self._conversation_is_gone(conversation_id):
+            if failure.reason == "not_found" and await self._conversation_is_gone(
+                    conversation_id, metrics.key_tenant(customer_key)):
                 raise ConversationGone(failure.detail) from None
             raise
         return answer_of(response)
 
-    async def _conversation_is_gone(self, conversation_id: str) -> bool:
+    async def _conversation_is_gone(self, conversation_id: str, tenant: str) -> bool:
         """After a 404 that did not name the conversation: does the conversation still exist?
         Only a 404 on retrieving it says it is gone; anything else keeps it (and its history)."""
         started = time.monotonic()
@@ -184,12 +187,14 @@ class Replier:
             outcome = classify(exc.status_code if isinstance(exc, openai.APIStatusError) else None,
                                ErrorBody.of(getattr(exc, "body", None))).reason
         metrics.openai_latency_seconds.labels("conversation_check").observe(time.monotonic() - started)
-        metrics.openai_requests_total.labels("conversation_check", outcome).inc()
+        metrics.openai_requests_total.labels("conversation_check", outcome, tenant).inc()
         return outcome == "conversation_not_found"
 
     async def _call(
-        self, purpose: str, call: Callable[[], Awaitable[T]], ids: str, conversation_id: str | None = None
+        self, purpose: str, call: Callable[[], Awaitable[T]], ids: str, conversation_id: str | None = None,
+        *, tenant: str,
     ) -> T:
+        """`call` with the retry policy; `tenant`: the customer's tenant label of the call's metrics."""
         attempt = 0
         locked_waits = 0
         while True:
@@ -204,7 +209,7 @@ class Replier:
                 kind = classify(status, error, conversation_id)
                 if isinstance(exc, openai.APITimeoutError):
                     kind = ErrorClass("timeout", True)
-                metrics.openai_requests_total.labels(purpose, kind.reason).inc()
+                metrics.openai_requests_total.labels(purpose, kind.reason, tenant).inc()
                 detail = f"{purpose}: HTTP {status if status is not None else '-'} code {code or '-'} {ids}"
                 if kind.gone:
                     raise ConversationGone(detail) from None
@@ -229,8 +234,8 @@ class Replier:
                 await self.sleep(delay)
                 continue
             except openai.OpenAIError as exc:  # bad response body and the like
-                metrics.openai_requests_total.labels(purpose, "bad_response").inc()
+                metrics.openai_requests_total.labels(purpose, "bad_response", tenant).inc()
                 raise AIFailure("bad_response", f"{purpose}: {type(exc).__name__} {ids}") from None
             metrics.openai_latency_seconds.labels(purpose).observe(time.monotonic() - started)
-            metrics.openai_requests_total.labels(purpose, "ok").inc()
+            metrics.openai_requests_total.labels(purpose, "ok", tenant).inc()
             return result

@@ -507,7 +507,7 @@ class ResponderWorker:
         await self._kafka(lambda: send_record(self.producer, self.topics.replies, request["customer_key"],
                                               "AssistantReply", cast(dict[str, Any], reply)))
         if not redelivered:
-            metrics.replies_total.labels(outcome).inc()
+            metrics.replies_total.labels(outcome, metrics.key_tenant(request["customer_key"])).inc()
 
     async def _persist(self, state: ResponderState) -> tuple[TopicPartition, int]:
         """Writes the state ahead (acked) and returns where it was written."""

@@ -350,12 +350,13 @@ class VisionWorker:
             return ImageResult(classify.failed_context(ref.media_ref, exc.reason),
                                Failure(exc.reason, exc.detail), False)
         try:
-            file_id = await self._upload(data, mime)
+            file_id = await self._upload(data, mime, tenant=metrics.key_tenant(request["customer_key"]))
         except openai.OpenAIError as exc:
             return ImageResult(classify.failed_context(ref.media_ref, "image_upload_failed", mime=mime),
                                Failure("image_upload_failed", openai_detail(exc)), False)
         try:
-            result = await self._classify(file_id, ref.message.get("caption"))
+            result = await self._classify(file_id, ref.message.get("caption"),
+                                          tenant=metrics.key_tenant(request["customer_key"]))
         except openai.OpenAIError as exc:
             return ImageResult(
                 classify.failed_context(ref.media_ref, "classification_failed", file_id=file_id, mime=mime),
@@ -366,7 +367,7 @@ class VisionWorker:
             return ImageResult(classify.invalid_output_context(ref.media_ref, file_id, mime), None, True)
         return ImageResult(classify.classified_context(ref.media_ref, file_id, mime, result), None, True)
 
-    async def _upload(self, data: bytes, mime: str) -> str:
+    async def _upload(self, data: bytes, mime: str, *, tenant: str) -> str:
         started = time.monotonic()
         outcome = "ok"
         try:
@@ -377,11 +378,12 @@ class VisionWorker:
             outcome = openai_outcome(exc)
             raise
         finally:
-            metrics.openai_requests_total.labels("vision_upload", outcome).inc()
+            metrics.openai_requests_total.labels("vision_upload", outcome, tenant).inc()
             metrics.openai_latency_seconds.labels("vision_upload").observe(time.monotonic() - started)
 
-    async def _classify(self, file_id: str, caption: str | None) -> classify.Classification:
-        """The validated classification; raises OpenAIError or InvalidClassification."""
+    async def _classify(self, file_id: str, caption: str | None, *, tenant: str) -> classify.Classification:
+        """The validated classification; raises OpenAIError or InvalidClassification. `tenant`: the
+        customer's tenant label of the call's metrics."""
         started = time.monotonic()
         outcome = "ok"
         try:
@@ -399,7 +401,7 @@ class VisionWorker:
             outcome = "invalid_output"
             raise
         finally:
-            metrics.openai_requests_total.labels("vision", outcome).inc()
+            metrics.openai_requests_total.labels("vision", outcome, tenant).inc()
             metrics.openai_latency_seconds.labels("vision").observe(time.monotonic() - started)
 
     # ------------------------------------------------------------------ outputs
@@ -413,7 +415,8 @@ class VisionWorker:
         }
         await self._send(self.topics.image_classified, request["customer_key"], "ImageClassified",
                          dict(value))
-        metrics.images_classified_total.labels(context["category"]).inc()
+        metrics.images_classified_total.labels(context["category"],
+                                               metrics.key_tenant(request["customer_key"])).inc()
         event(log, "image_classified", customer=request["customer_key"], batch_id=request["batch_id"],
               category=context["category"], confidence=round(context["confidence"], 3),
               mime=context["mime"], failure=result.failure.reason if result.failure else None)

@@ -374,7 +374,7 @@ Sample = tuple[str, dict[str, str]]
 
 
 def history_failures(reason: str) -> Sample:
-    return "watistream_history_fetch_failures_total", {"reason": reason}
+    return "watistream_history_fetch_failures_total", {"reason": reason, "tenant": "default"}
 
 
 def history_retries(reason: str) -> Sample:
@@ -386,7 +386,7 @@ def history_truncated(reason: str) -> Sample:
 
 
 def history_fetches(outcome: str) -> Sample:
-    return "watistream_history_fetch_total", {"outcome": outcome}
+    return "watistream_history_fetch_total", {"outcome": outcome, "tenant": "default"}
 
 
 async def worker_sample(http: httpx.AsyncClient, worker: ContextWorker, sample: Sample) -> float:

@@ -16,6 +16,7 @@ from services.common import codec
 from services.common.config import ConfigError, Settings
 from services.common.kafka import Topics
 from services.common.tenants import Tenants, parse_tenants
+from services.ingest import app as ingest_app
 from services.ingest.app import make_app, serve
 from services.ingest.producer import ProducerSupervisor
 from tests.integration.test_ingest_webhooks import Reader, wait_until_ready
@@ -145,6 +146,58 @@ async def test_an_unknown_tenant_account_or_provider_is_a_404(
 ) -> None:
     status, body = await post(f"{base_url}{path}", wati_text("wamid.nowhere"), ENVIRON["HOTEL_A_HOOK"])
     assert status == 404 and body == {"error": error, "reason": reason}
+
+
+async def metric_lines(base_url: str, name: str) -> list[str]:
+    async with aiohttp.ClientSession() as http, http.get(f"{base_url}/metrics") as resp:
+        text = await resp.text()
+    return [line for line in text.splitlines() if line.startswith(name + "{")]
+
+
+async def test_webhook_metrics_carry_the_routes_tenant_and_unknown_tenants_are_one_series(
+    base_url: str,
+) -> None:
+    """Accepted and rejected webhooks count per tenant; 30 invented tenants (an attacker's flood)
+    create no series of their own: they all count as `other`."""
+    status, _ = await post(f"{base_url}/webhooks/shop-b/wati", wati_text("wamid.metric.1"),
+                           ENVIRON["SHOP_B_HOOK"])
+    assert status == 200
+    status, _ = await post(f"{base_url}/webhooks/hotel-a/wati/playa", [1], ENVIRON["HOTEL_A_HOOK"])
+    assert status == 400
+    before = await metric_lines(base_url, "watistream_webhook_rejects_total")
+    for number in range(30):
+        status, _ = await post(f"{base_url}/webhooks/invented-{number}/wati", wati_text("wamid.x"), "x")
+        assert status == 404
+    events = await metric_lines(base_url, "watistream_webhook_events_total")
+    rejects = await metric_lines(base_url, "watistream_webhook_rejects_total")
+    assert any('kind="message",provider="wati",tenant="shop-b"}' in line for line in events)
+    assert any('reason="not_an_object",tenant="hotel-a"}' in line for line in rejects)
+    unknown = [line for line in rejects if 'reason="unknown_tenant"' in line and 'tenant="other"' in line]
+    (line,) = unknown
+    was = [float(b.split()[-1]) for b in before if b.startswith(line.rsplit(" ", 1)[0] + " ")]
+    assert float(line.split()[-1]) - (was[0] if was else 0.0) == 30
+    labels = {part.split('tenant="')[1].split('"')[0] for part in events + rejects}
+    assert labels <= {"default", "hotel-a", "shop-b", "other"}, labels
+    assert not any("invented" in line for line in events + rejects)
+
+
+async def test_a_dead_letter_on_a_tenants_route_counts_under_that_tenant(
+    base_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ingest dead-letters a payload it could not normalise keyed by provider (no customer key yet):
+    the count still goes to the route's tenant."""
+    def broken(payload: object, received_at: Any) -> Any:
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setitem(ingest_app.NORMALISERS, "wati", broken)
+    name = "watistream_dead_letters_total"
+    label = 'reason="normaliser_error",service="ingest",tenant="shop-b"} '
+    before = [float(x.split()[-1]) for x in await metric_lines(base_url, name) if label in x]
+    status, body = await post(f"{base_url}/webhooks/shop-b/wati", wati_text("wamid.dl"),
+                              ENVIRON["SHOP_B_HOOK"])
+    assert status == 400 and body["error"] == "unprocessable"
+    after = [float(x.split()[-1]) for x in await metric_lines(base_url, name) if label in x]
+    assert after == [(before[0] if before else 0.0) + 1]
 
 
 def test_without_a_default_tenant_the_old_routes_do_not_exist(settings: Settings) -> None:

@@ -413,9 +413,9 @@ async def test_metrics_count_requests_rejects_and_produce_latency(
         text = await resp.text()
     assert 'watistream_http_requests_total{route="/webhooks/wati",status="200"}' in text
     assert 'watistream_http_requests_total{route="/webhooks/wati",status="400"}' in text
-    assert 'watistream_webhook_rejects_total{reason="not_an_object"}' in text
+    assert 'watistream_webhook_rejects_total{reason="not_an_object",tenant="default"}' in text
     assert f'watistream_produce_latency_seconds_count{{topic="{topics.inbound}"}}' in text
-    assert 'watistream_webhook_events_total{kind="message",provider="wati"}' in text
+    assert 'watistream_webhook_events_total{kind="message",provider="wati",tenant="default"}' in text
 
 
 async def test_one_log_line_per_webhook_masks_the_customer_and_omits_the_text(

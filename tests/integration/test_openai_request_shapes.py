@@ -124,8 +124,8 @@ async def test_every_request_the_services_send_is_valid_per_the_spec(s: StandIns
     replier = Replier(client, model="gpt-test", instructions="Sé breve.", max_attempts=1,
                       max_output_tokens=400)
 
-    file_id = await vision._upload(PNG, "image/png")  # POST /files
-    await vision._classify(file_id, "mi pago")  # POST /responses, no conversation
+    file_id = await vision._upload(PNG, "image/png", tenant="default")  # POST /files
+    await vision._classify(file_id, "mi pago", tenant="default")  # POST /responses, no conversation
     conversation = await replier.create_conversation("wati:5037", "wati")  # POST /conversations
     items = build_input(responder_request(file_id), "es")
     await replier.reply(conversation, items, "wati:5037", "b-1")  # POST /responses in the conversation

@@ -34,6 +34,7 @@ from tests.unit.test_report import (
     decision,
     expected_customer,
     scripted_day,
+    tenant_day,
 )
 
 pytestmark = pytest.mark.broker
@@ -191,3 +192,44 @@ async def test_bad_input_is_refused_before_kafka(capsys: pytest.CaptureFixture[s
     code, out, err = await run_main(never_contacted, "yesterday", "json", capsys)
     assert code == 2 and out == ""
     assert "--since 'yesterday' is not a duration" in err
+
+
+async def test_a_tenants_report_from_the_topics_shows_only_that_tenant(
+    settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two tenants' days with the same phone numbers on the real topics; `--tenant` through the CLI."""
+    own = dataclasses.replace(settings, topic_prefix=unique_prefix("report-tenants"))
+    topics = await ensure_topics(own)
+    now = utcnow()
+    days = [scripted_day(now), tenant_day(now, "hotel-a/centro/")]
+    producer = make_producer(own)
+    await producer.start()
+    try:
+        for decisions, dead_letters in days:
+            for d in decisions:
+                await producer.send_and_wait(topics.audit, codec.encode("BatchDecision", d),
+                                             key=d["customer_key"].encode())
+            for x in dead_letters:
+                await producer.send_and_wait(topics.dead_letter, codec.encode("DeadLetter", x),
+                                             key=(x["customer_key"] or "unknown").encode())
+    finally:
+        await producer.stop()
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", own.kafka_bootstrap_servers)
+    monkeypatch.setenv("TOPIC_PREFIX", own.topic_prefix)
+    for tenant, prefix in (("hotel-a", "hotel-a/centro/"), ("default", "")):
+        capsys.readouterr()
+        code = await asyncio.to_thread(cli.main, ["report", "--since", "24h", "--format", "json",
+                                                  "--tenant", tenant])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["tenant"] == tenant and doc["overall"]["batches"] == EXPECTED_OVERALL["batches"]
+        rows = {row.pop("customer"): row for row in doc["customers"]}
+        assert rows == {prefix + LABEL[key]: expected_customer(key) for key in (A, B, C, D, E, F)}
+        if tenant == "hotel-a":
+            assert doc["notes"] == ["tenant 'hotel-a' is not in the tenants configuration"]
+        else:
+            assert doc["notes"] == [] and "hotel-a" not in out
+        assert_no_phone_numbers(out)
+    code = await asyncio.to_thread(cli.main, ["report", "--tenant", "Hotel A"])
+    assert code == 2 and "is not a tenant id" in capsys.readouterr().err

@@ -113,7 +113,8 @@ async def test_deleted_conversation_is_reported_as_gone(s: StandIns) -> None:
 
 def _sample(purpose: str, outcome: str) -> float:
     return metrics.REGISTRY.get_sample_value(
-        "watistream_openai_requests_total", {"purpose": purpose, "outcome": outcome}) or 0.0
+        "watistream_openai_requests_total",
+        {"purpose": purpose, "outcome": outcome, "tenant": "default"}) or 0.0
 
 
 class Rises:

@@ -78,19 +78,19 @@ class Counts:
 
 
 def openai_calls(outcome: str, purpose: str = "reply") -> tuple[str, dict[str, str]]:
-    return "watistream_openai_requests_total", {"purpose": purpose, "outcome": outcome}
+    return "watistream_openai_requests_total", {"purpose": purpose, "outcome": outcome, "tenant": "default"}
 
 
 def dead_letters(reason: str) -> tuple[str, dict[str, str]]:
-    return "watistream_dead_letters_total", {"service": "responder", "reason": reason}
+    return "watistream_dead_letters_total", {"service": "responder", "reason": reason, "tenant": "default"}
 
 
 def replies(outcome: str) -> tuple[str, dict[str, str]]:
-    return "watistream_replies_total", {"outcome": outcome}
+    return "watistream_replies_total", {"outcome": outcome, "tenant": "default"}
 
 
 def send_failures(channel: str, reason: str) -> tuple[str, dict[str, str]]:
-    return "watistream_send_failures_total", {"channel": channel, "reason": reason}
+    return "watistream_send_failures_total", {"channel": channel, "reason": reason, "tenant": "default"}
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -378,7 +378,7 @@ async def test_a_429_storm_across_customers_is_absorbed_and_counted_exactly(env:
     """Drill (issue 7, point 3): every customer answered once, the metrics count every fault."""
     def sample(outcome: str) -> float:
         value = metrics.REGISTRY.get_sample_value(
-            "watistream_openai_requests_total", {"purpose": "reply", "outcome": outcome})
+            "watistream_openai_requests_total", {"purpose": "reply", "outcome": outcome, "tenant": "default"})
         return value or 0.0
 
     limited_before, ok_before = sample("rate_limited"), sample("ok")
@@ -534,7 +534,8 @@ async def test_a_refused_send_is_dead_lettered_counted_once_and_not_retried(
         env.s.wati.fail_next("send", status)
     else:
         env.s.manychat.fail_next(status)
-    b = batch(key, ident, "Hola", channel=channel)
+    # a production batch id (`<customer key>:<seq>`): the send-failure count takes its tenant from it
+    b = batch(key, ident, "Hola", channel=channel, batch_id=f"{key}:1")
     await env.send(b)
     reply = await env.out.wait_reply(b["batch_id"])
     assert reply["outcome"] == "nothing_sent" and reply["parts"] == []
@@ -745,9 +746,9 @@ async def test_ops_endpoints(env: Env) -> None:
         ready = await http.get("/readyz")
         assert ready.status_code == 200 and ready.json() == {"ready": True, "reason": "ok"}
         metrics = (await http.get("/metrics")).text
-    assert 'watistream_replies_total{outcome="answered"}' in metrics
+    assert 'watistream_replies_total{outcome="answered",tenant="default"}' in metrics
     assert 'watistream_agent_up{agent="requests",service="responder"} 1.0' in metrics
-    assert 'watistream_openai_requests_total{outcome="ok",purpose="reply"}' in metrics
+    assert 'watistream_openai_requests_total{outcome="ok",purpose="reply",tenant="default"}' in metrics
 
 
 async def test_invalid_request_is_dead_lettered_and_closed(env: Env) -> None:

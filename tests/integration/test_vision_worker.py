@@ -230,8 +230,10 @@ async def test_image_batch_is_classified_outside_any_conversation_and_forwarded(
     env.stand_ins.wati.add_media(f"data/images/{batch}.jpg", picture, "image/jpeg")  # bytes say PNG
     env.stand_ins.openai.json_fn = lambda body, schema: {
         "category": "payment_proof", "confidence": 0.93, "description": "Bank transfer receipt, $50."}
-    before = sample("watistream_images_classified_total", {"category": "payment_proof"})
-    vision_ok = sample("watistream_openai_requests_total", {"purpose": "vision", "outcome": "ok"})
+    classified = {"category": "payment_proof", "tenant": "default"}
+    vision_calls = {"purpose": "vision", "outcome": "ok", "tenant": "default"}
+    before = sample("watistream_images_classified_total", classified)
+    vision_ok = sample("watistream_openai_requests_total", vision_calls)
     original = request(cust, batch, [
         msg(cust, 1, text="hola, ya pagué"),
         image(cust, 2, f"data/images/{batch}.jpg", caption="mi comprobante"),
@@ -277,8 +279,8 @@ async def test_image_batch_is_classified_outside_any_conversation_and_forwarded(
     assert event["category"] == "payment_proof" and event["confidence"] == 0.93
     assert event["file_id"] == file_id and event["model"] == "vision-test-model"
     assert env.dead(batch) == []
-    assert sample("watistream_images_classified_total", {"category": "payment_proof"}) == before + 1
-    assert sample("watistream_openai_requests_total", {"purpose": "vision", "outcome": "ok"}) == vision_ok + 1
+    assert sample("watistream_images_classified_total", classified) == before + 1
+    assert sample("watistream_openai_requests_total", vision_calls) == vision_ok + 1
 
 
 async def test_wati_media_download_requires_the_bearer_token(env: Env) -> None:
@@ -331,7 +333,7 @@ async def test_openai_failures_after_retries_still_forward_the_batch(env: Env) -
 
     def counts() -> dict[str, float]:
         return {f"{purpose}:{outcome}": sample("watistream_openai_requests_total",
-                                               {"purpose": purpose, "outcome": outcome})
+                                               {"purpose": purpose, "outcome": outcome, "tenant": "default"})
                 for purpose in ("vision", "vision_upload")
                 for outcome in ("ok", "server_error", "rate_limited", "insufficient_quota")} | {
             f"{purpose}:retried": sample("watistream_openai_retries_total", {"purpose": purpose})

@@ -256,18 +256,36 @@ def sample(name: str, labels: dict[str, str] | None = None) -> float:
 
 
 def test_apply_metric_counts_observes_and_ignores_unknown_names() -> None:
-    before = sample("watistream_batches_flushed_total", {"route": "responder"})
-    apply_metric("batches_flushed_total", {"route": "responder"}, 1)
-    assert sample("watistream_batches_flushed_total", {"route": "responder"}) == before + 1
+    flushed = {"route": "responder", "tenant": "default"}
+    before = sample("watistream_batches_flushed_total", flushed)
+    apply_metric("batches_flushed_total", {"route": "responder"}, 1, KEY)
+    assert sample("watistream_batches_flushed_total", flushed) == before + 1
     count = sample("watistream_missed_messages_per_batch_count")
     apply_metric("missed_per_batch", {}, 3.0)
     assert sample("watistream_missed_messages_per_batch_count") == count + 1
-    missing = sample("watistream_webhooks_missing_total")
-    apply_metric("webhooks_missing_total", {}, 2)
-    assert sample("watistream_webhooks_missing_total") == missing + 2
+    missing = sample("watistream_webhooks_missing_total", {"tenant": "default"})
+    apply_metric("webhooks_missing_total", {}, 2, KEY)
+    assert sample("watistream_webhooks_missing_total", {"tenant": "default"}) == missing + 2
     apply_metric("no_such_metric", {}, 1)  # logged, never raised
-    apply_metric("webhooks_missing_total", {}, -1)  # a counter never goes down
-    assert sample("watistream_webhooks_missing_total") == missing + 2
+    apply_metric("webhooks_missing_total", {}, -1, KEY)  # a counter never goes down
+    assert sample("watistream_webhooks_missing_total", {"tenant": "default"}) == missing + 2
+
+
+def test_apply_metric_labels_by_the_customers_tenant_bounded() -> None:
+    """The shell adds the customer's tenant; a tenant this process was not configured with is `other`."""
+    configured = metrics.bounded_tenants()
+    metrics.bound_tenants(["hotel-a"])
+    try:
+        held = {"reason": "human_active"}
+        ours = sample("watistream_batches_held_total", held | {"tenant": "hotel-a"})
+        other = sample("watistream_batches_held_total", held | {"tenant": "other"})
+        apply_metric("batches_held_total", held, 1, "hotel-a/centro/wati:50370001111")
+        apply_metric("batches_held_total", held, 1, "hotel-zz/centro/wati:50370001111")
+        assert sample("watistream_batches_held_total", held | {"tenant": "hotel-a"}) == ours + 1
+        assert sample("watistream_batches_held_total", held | {"tenant": "other"}) == other + 1
+        assert sample("watistream_batches_held_total", held | {"tenant": "hotel-zz"}) == 0.0
+    finally:
+        metrics.bound_tenants(configured)
 
 
 # -- view helpers -------------------------------------------------------------------------------------
@@ -401,13 +419,14 @@ async def test_fetch_order_delivers_parsed_history_as_a_command(wati: WatiStandI
 async def test_fetch_failures_become_reason_codes(wati: WatiStandIn, status: int, reason: str) -> None:
     wati.fail_next("getMessages", status, body="<html>oops</html>" if status == 200 else None)
     fetcher = fetcher_for(wati, Commands())
-    before = sample("watistream_history_fetch_failures_total", {"reason": reason})
+    before = sample("watistream_history_fetch_failures_total", {"reason": reason, "tenant": "default"})
     try:
         result = await fetcher.fetch(KEY, "50370001111", None, purpose="batch")
     finally:
         await fetcher.close()
     assert result == FetchResult(error=reason, status=status)
-    assert sample("watistream_history_fetch_failures_total", {"reason": reason}) == before + 1
+    assert sample("watistream_history_fetch_failures_total",
+                  {"reason": reason, "tenant": "default"}) == before + 1
 
 
 async def test_another_tenants_customer_is_never_fetched_from_the_deployments_account(
@@ -417,14 +436,18 @@ async def test_another_tenants_customer_is_never_fetched_from_the_deployments_ac
     the default account is not asked about its number (which it may know as its own customer)."""
     wati.add_message("50370001111", text="the default tenant's conversation", owner=False, at=T0)
     fetcher = fetcher_for(wati, Commands())
-    before = sample("watistream_history_fetch_failures_total", {"reason": "tenant_not_wired"})
+    not_wired = {"reason": "tenant_not_wired", "tenant": "hotel-a"}
+    before = sample("watistream_history_fetch_failures_total", not_wired)
+    configured = metrics.bounded_tenants()
+    metrics.bound_tenants(["hotel-a"])  # this process's tenants (the bound is per process)
     try:
         result = await fetcher.fetch("hotel-a/centro/wati:50370001111", "50370001111", None, purpose="batch")
     finally:
         await fetcher.close()
+        metrics.bound_tenants(configured)
     assert result == FetchResult(error="tenant_not_wired")
     assert wati.requests == []
-    assert sample("watistream_history_fetch_failures_total", {"reason": "tenant_not_wired"}) == before + 1
+    assert sample("watistream_history_fetch_failures_total", not_wired) == before + 1
 
 
 async def test_fetch_retries_429_and_times_out_a_slow_wati(wati: WatiStandIn) -> None:

@@ -388,3 +388,87 @@ def test_parse_since(text: str, expected: timedelta) -> None:
 def test_parse_since_refuses_bad_input_clearly(text: str) -> None:
     with pytest.raises(ValueError, match="--since"):
         parse_since(text)
+
+
+# ---------------------------------------------------------------- per tenant (`--tenant`)
+
+HOTEL = "hotel-a/centro/"  # a second tenant's account; its customers have the SAME phone numbers
+
+
+def tenant_day(now: datetime, prefix: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The scripted day of another tenant's account: every customer key (and batch id, which starts
+    with it) carries the tenant and account; the phone numbers are the default tenant's."""
+    decisions, dead_letters = scripted_day(now)
+    for d in decisions:
+        d["customer_key"] = prefix + d["customer_key"]
+        d["batch_id"] = prefix + d["batch_id"]
+    for x in dead_letters:
+        if x["customer_key"]:
+            x["customer_key"] = prefix + x["customer_key"]
+            x["key"] = x["customer_key"].encode()
+    return decisions, dead_letters
+
+
+def two_tenants_report(tenant: str | None, now: datetime = NOW) -> Report:
+    decisions, dead_letters = scripted_day(now)
+    other_decisions, other_dead = tenant_day(now, HOTEL)
+    return summarise(decisions + other_decisions, dead_letters + other_dead,  # type: ignore[arg-type]
+                     now - timedelta(hours=24), now, tenant=tenant)
+
+
+# a tenant's report leaves out what names no customer (the context's key-less dead letter)
+TENANT_OVERALL = {**EXPECTED_OVERALL, "dead_letters": {
+    "total": 3, "by_service": {"responder": {"openai_failed": 2}, "vision": {"download_failed": 1}}}}
+TENANT_RECORDS = {**EXPECTED_RECORDS, "dead_letters": 4}
+
+
+@pytest.mark.parametrize(("tenant", "prefix"), [("hotel-a", HOTEL), ("default", "")])
+def test_a_tenants_report_counts_and_lists_only_its_customers(tenant: str, prefix: str) -> None:
+    """Two tenants share every phone number: each one's report is exactly its own day, no more."""
+    doc = json.loads(render_json(two_tenants_report(tenant)))
+    assert doc["tenant"] == tenant
+    assert doc["overall"] == TENANT_OVERALL
+    assert doc["records"] == TENANT_RECORDS
+    rows = {row.pop("customer"): row for row in doc["customers"]}
+    assert rows == {prefix + LABEL[key]: expected_customer(key) for key in (A, B, C, D, E, F)}
+
+
+def test_no_line_of_another_tenant_appears_in_either_format() -> None:
+    for tenant, foreign in (("hotel-a", re.compile(r"(?<![/\w-])(wati|manychat):")), ("default", "hotel-a")):
+        report = two_tenants_report(tenant)
+        for text in (render_markdown(report), render_json(report)):
+            assert not re.search(foreign, text), (tenant, text)
+            assert_no_phone_numbers(text)
+    text = render_markdown(two_tenants_report("hotel-a"))
+    assert "Tenant: hotel-a (only its customers' records)" in text.splitlines()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows and all(line.startswith(f"| `{HOTEL}") for line in rows)
+    assert "| context | undecodable | 1 |" not in text
+
+
+def test_without_a_tenant_the_report_has_both_tenants_customers() -> None:
+    """The filter, not the data, is what keeps the other tenant out (this fails if keys merged)."""
+    doc = two_tenants_report(None).as_dict()
+    assert doc["tenant"] is None
+    assert len(doc["customers"]) == 12 and doc["overall"]["batches"] == 18
+
+
+def test_a_tenant_with_no_records_is_an_empty_report() -> None:
+    doc = two_tenants_report("shop-b").as_dict()
+    assert doc["customers"] == [] and doc["overall"]["batches"] == 0
+    assert doc["records"]["decisions"] == 0 and doc["records"]["dead_letters"] == 0
+
+
+@pytest.mark.parametrize("tenant", ["Hotel A", "", "a/b", "-x", "x" * 41])
+def test_a_malformed_tenant_id_is_refused(tenant: str) -> None:
+    with pytest.raises(ValueError, match="is not a tenant id"):
+        summarise([], [], NOW - timedelta(hours=1), NOW, tenant=tenant)
+
+
+def test_a_dead_letter_known_only_by_its_kafka_key_counts_for_that_keys_tenant() -> None:
+    """An undecodable record has no customer key in its dead letter, only the record's Kafka key."""
+    letter = dead("context", "undecodable", NOW, HOTEL + A)
+    letter["customer_key"] = None
+    for tenant, count in (("hotel-a", 1), ("default", 0)):
+        report = summarise([], [letter], NOW - timedelta(hours=1), NOW, tenant=tenant)  # type: ignore[list-item]
+        assert report.overall.dead_letter_count == count and report.customers == [], tenant

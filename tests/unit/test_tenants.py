@@ -231,6 +231,7 @@ def test_the_file_needs_tenants() -> None:
     (with_(SHOP_B, id="Shop B"), "tenants[0].id: must be a slug"),
     (with_(SHOP_B, id=None), "tenants[0].id: must be a slug"),
     (with_(SHOP_B, id="-b"), "tenants[0].id: must be a slug"),
+    (with_(SHOP_B, id="other"), "tenants[0].id: 'other' is reserved"),
     ("shop-b", "tenants[0]: must be an object"),
     (with_(SHOP_B, colour="red"), "tenant 'shop-b': unknown field 'colour'"),
     (with_(SHOP_B, wati=None), "tenant 'shop-b': needs at least one channel account"),
