@@ -74,6 +74,17 @@ def customer_hash(customer_key: str) -> str:
     return hashlib.sha256(customer_key.encode()).hexdigest()[:32]
 
 
+def batch_reference(batch_id: str, customer_key: str) -> str:
+    """The batch as OpenAI sees it (response metadata): the customer's pseudonym and the batch's
+    number. A batch id starts with the customer key, which holds the phone number."""
+    prefix = f"{customer_key}:"
+    if batch_id.startswith(prefix):
+        number = batch_id[len(prefix):]
+    else:
+        number = hashlib.sha256(batch_id.encode()).hexdigest()[:16]
+    return f"{customer_hash(customer_key)}:{number}"[:512]
+
+
 def make_client(api_key: str, base_url: str, timeout: float) -> AsyncOpenAI:
     return AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
 
@@ -157,7 +168,7 @@ class Replier:
             "conversation": conversation_id,
             "input": input_items,
             "safety_identifier": customer_hash(customer_key),
-            "metadata": {"batch_id": batch_id[:512]},
+            "metadata": {"batch": batch_reference(batch_id, customer_key)},
         }
         if self.max_output_tokens:
             kwargs["max_output_tokens"] = self.max_output_tokens

@@ -354,7 +354,7 @@ def judge(hooks: list[Webhook], ledger: Ledger, standins: StandIns) -> Verdict:
     prompts: dict[str, list[str]] = collections.defaultdict(list)  # batch id → inputs of its generations
     for r in standins.openai.responses.values():
         if r.conversation_id:  # a reply (vision's classifications run outside any conversation)
-            batch_of_call = str((r.request.get("metadata") or {}).get("batch_id"))
+            batch_of_call = str((r.request.get("metadata") or {}).get("batch"))  # pseudonymous, one per batch
             prompts[batch_of_call].append(str(r.request.get("input")))
     v.regenerated = sum(1 for inputs in prompts.values() if len(inputs) > 1)
     v.republished = sum(1 for outcomes in ledger.replies.values() if len(outcomes) > 1)

@@ -26,7 +26,7 @@ from services.common.config import Settings
 from services.common.kafka import Topics, ensure_topics, make_producer
 from services.common.records import InboundMessage, MissedItem, ResponderRequest
 from services.common.timeparse import utcnow
-from services.responder.ai import customer_hash
+from services.responder.ai import batch_reference, customer_hash
 from services.responder.main import Responder
 from services.responder.prompt import LABELS
 from services.standins import StandIns
@@ -264,7 +264,7 @@ def message(key: str, ident: str, text: str, channel: str = "wati", kind: str = 
 def batch(key: str, ident: str, *texts: str, channel: str = "wati", missed: list[MissedItem] | None = None,
           batch_id: str | None = None) -> ResponderRequest:
     return {
-        "batch_id": batch_id or f"b-{uuid.uuid4().hex[:12]}", "customer_key": key, "channel": channel,  # type: ignore[typeddict-item]
+        "batch_id": batch_id or f"{key}:{uuid.uuid4().int % 10**6}", "customer_key": key, "channel": channel,  # type: ignore[typeddict-item]
         "provider_id": ident, "messages": [message(key, ident, t, channel) for t in texts],
         "prior_last_inbound_at": None, "prior_last_reply_at": None, "gap_seconds": None,
         "missed_check_ran": bool(missed), "missed_messages": missed or [], "missed_dropped_oldest": 0,
@@ -302,7 +302,7 @@ async def test_first_message_creates_exactly_one_conversation_for_queued_batches
     assert all("error" not in t.lower() for t in env.wati_texts(ident))
     body = env.responses_of(key)[0]
     assert body["instructions"] == INSTRUCTIONS
-    assert body["metadata"] == {"batch_id": batches[0]["batch_id"]}
+    assert body["metadata"] == {"batch": batch_reference(batches[0]["batch_id"], key)}
     assert ident not in json.dumps(body) and key not in json.dumps(body)
     reply = replies[0]
     assert reply["response_id"] == completed[0].id
