@@ -317,6 +317,13 @@ class Settings:
         "", "TENANTS_FILE", "JSON file of tenants (docs/tenants.md); empty = one tenant from these settings"
     )
 
+    # --- Per-tenant clients (issue 17, fair share): history fetches run at once PER channel account
+    # --- (services/context/fetcher.py), so one tenant's slow WATI never holds another's slots.
+    history_fetches_per_account: int = _env_field(
+        8, "HISTORY_FETCHES_PER_ACCOUNT", "history fetches running at once per WATI account, per worker",
+        ge=1,
+    )
+
     def __post_init__(self) -> None:
         """Types and ranges of every field, the WATI token's `Bearer ` dropped (module doc).
 

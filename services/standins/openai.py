@@ -344,6 +344,8 @@ class OpenAIStandIn(StandInServer):
     ) -> None:
         super().__init__()
         self.api_key = api_key
+        #: further keys this stand-in accepts (other accounts: a tenant's own key), see `add_key`
+        self.other_keys: set[str] = set()
         #: request JSON → reply text (plain-text responses).
         self.reply_fn: ReplyFn = reply_fn or default_reply
         #: (request JSON, schema) → object (json.dumps'ed) or str (sent as is, may be invalid JSON).
@@ -408,6 +410,11 @@ class OpenAIStandIn(StandInServer):
         }})
         all_headers = merged_headers({"retry-after-ms": "1"}, headers)
         self.faults.add(kind, Fault(status, body, all_headers, times, after=after))
+
+    def add_key(self, api_key: str) -> None:
+        """Accepts another API key too (another OpenAI account, e.g. a tenant's own); requests
+        record which key and `OpenAI-Project` they came with (`requests[i].headers`)."""
+        self.other_keys.add(api_key)
 
     def latency_for(self, predicate: Callable[[dict[str, Any]], bool], seconds: float) -> None:
         """Responses whose request JSON matches take `seconds` (first matching rule wins)."""
@@ -513,7 +520,7 @@ class OpenAIStandIn(StandInServer):
             body = "<multipart>"
         request[_JSON] = body
         request[_RECORD] = await self.record(request, body)
-        if bearer_token(request) != self.api_key:
+        if bearer_token(request) not in {self.api_key, *self.other_keys}:
             return error_response(
                 401, "Incorrect API key provided. You can find your API key at "
                 "https://platform.openai.com/account/api-keys.", "invalid_request_error", None,

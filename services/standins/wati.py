@@ -254,6 +254,7 @@ class WatiStandIn(StandInServer):
         self.requests.clear()
         self.faults.clear()
         self.latency = 0.0
+        self.release_requests()
         self.history_order = "newest_first"
         self.clock = lambda: datetime.now(UTC)
 
