@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Self
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 # The stand-ins' own test credentials (not secrets: they only open the local fakes).
 DEFAULT_WATI_TOKEN = "wati-test-token"  # noqa: S105
@@ -33,8 +34,8 @@ class RecordedRequest:
     body: Any
     at: datetime
     monotonic: float
-    #: the request's headers (tests check who called: `Authorization`, `OpenAI-Project`)
-    headers: dict[str, str] = field(default_factory=dict)
+    #: the request's headers, case-insensitive (tests check who called: `Authorization`, `OpenAI-Project`)
+    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
 
 
 @dataclass
@@ -184,7 +185,7 @@ class StandInServer:
             body=body,
             at=datetime.now(UTC),
             monotonic=time.monotonic(),
-            headers=dict(request.headers),
+            headers=CIMultiDict(request.headers),
         )
         self.requests.append(entry)
         return entry

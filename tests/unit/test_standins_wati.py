@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -234,3 +235,16 @@ async def test_latency_and_request_records(wati: WatiStandIn, http: httpx.AsyncC
     record = wati.requests[-1]
     assert (record.method, record.path, record.query) == (
         "GET", "/tenant123/api/v1/getMessages/5037", {"pageSize": "7"})
+
+
+async def test_held_requests_wait_unanswered_until_released() -> None:
+    """A hung WATI for tests that await what happens meanwhile (no sleeps)."""
+    async with WatiStandIn() as wati, httpx.AsyncClient() as http:
+        wati.hold_requests()
+        pending = asyncio.ensure_future(http.get(f"{wati.url}/api/v1/getMessages/5037",
+                                                 headers={"Authorization": f"Bearer {wati.token}"}))
+        while wati.held < 1:
+            await asyncio.sleep(0.01)
+        assert not pending.done() and len(wati.requests) == 1  # recorded, not answered
+        wati.release_requests()
+        assert (await pending).status_code == 200 and wati.held == 0
