@@ -222,7 +222,8 @@ class Settings:
         3600.0, "RECONCILE_WINDOW_SECONDS", "sweep customers active within this window"
     )
     reconcile_rate_per_second: float = _env_field(
-        2.0, "RECONCILE_RATE_PER_SECOND", "getMessages calls per second the sweep may spend", ge=0
+        2.0, "RECONCILE_RATE_PER_SECOND", "getMessages calls per second the sweep may spend per WATI account",
+        ge=0,
     )
     context_web_host: str = _env_field("127.0.0.1", "CONTEXT_WEB_HOST", "bind address of views")
     context_web_port: int = _env_field(6066, "CONTEXT_WEB_PORT", "port of the context web views")

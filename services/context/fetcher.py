@@ -17,9 +17,10 @@ tenant's slow or rate-limited (429) WATI occupies only its own slots and never d
 another tenant's customers on the same worker and partition (tests/integration/test_tenant_clients.py).
 
 The reconciliation sweep (issue 9 point 4) fetches, on a token-bucket budget of
-`RECONCILE_RATE_PER_SECOND` getMessages calls, the history of WATI customers active within
-`RECONCILE_WINDOW_SECONDS`, and delivers it the same way with no batch id; HTTP 429 that outlasts
-the client's own retries pauses the sweep (backing off) instead of hammering WATI.
+`RECONCILE_RATE_PER_SECOND` getMessages calls per WATI account, the history of WATI customers active
+within `RECONCILE_WINDOW_SECONDS`, and delivers it the same way with no batch id; HTTP 429 that
+outlasts the client's own retries pauses that account's sweep (backing off) instead of hammering
+WATI — never another account's.
 """
 
 from __future__ import annotations
@@ -282,46 +283,80 @@ class HistoryFetcher:
 
 
 class ReconcileSweep:
-    """Fetches the history of recently active WATI customers on a rate budget (one sweep at a time)."""
+    """Fetches the history of recently active WATI customers on a rate budget, one sweep at a time
+    PER ACCOUNT: each account (a tenant's WATI account, the unit WATI rate-limits) has its own token
+    bucket of `RECONCILE_RATE_PER_SECOND` and its own back-off on 429, so one tenant's slow or
+    rate-limited WATI never delays the sweep of another tenant's customers."""
 
     def __init__(
         self, settings: Settings, fetcher: HistoryFetcher, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.settings = settings
         self.fetcher = fetcher
-        self.bucket = TokenBucket(max(0.01, settings.reconcile_rate_per_second), burst=1.0, clock=clock)
-        self.backoff = 1.0
-        self._task: asyncio.Task[None] | None = None
+        self.clock = clock
+        #: per account (tenant, account, provider): its budget, back-off and running sweep; bounded by
+        #: the accounts whose customers were active (keys of unknown tenants are not swept)
+        self.buckets: dict[tuple[str, str, str], TokenBucket] = {}
+        self.backoffs: dict[tuple[str, str, str], float] = {}
+        self._tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
 
     def maybe_start(self, candidates: list[SweepTarget]) -> bool:
-        """Starts a sweep over the candidates unless the previous one is still running."""
-        if self._task is not None and not self._task.done():
-            return False
-        if not candidates:
-            return False
-        self._task = asyncio.ensure_future(self.run(candidates))
-        return True
+        """Starts a sweep of each account's candidates unless that account's previous one still runs;
+        True when any started."""
+        by_account: dict[tuple[str, str, str], list[SweepTarget]] = {}
+        for target in candidates:
+            try:
+                account_of(self.fetcher.tenants, target.customer_key)
+            except NoAccount:
+                continue  # a tenant or account not configured: nothing to sweep it with
+            by_account.setdefault(account_slot(target.customer_key), []).append(target)
+        started = False
+        for slot, targets in by_account.items():
+            running = self._tasks.get(slot)
+            if running is not None and not running.done():
+                continue
+            self._tasks[slot] = asyncio.ensure_future(self.run(targets, slot))
+            started = True
+        return started
 
-    async def run(self, candidates: list[SweepTarget]) -> None:
+    def bucket(self, slot: tuple[str, str, str]) -> TokenBucket:
+        bucket = self.buckets.get(slot)
+        if bucket is None:
+            bucket = self.buckets[slot] = TokenBucket(
+                max(0.01, self.settings.reconcile_rate_per_second), burst=1.0, clock=self.clock)
+        return bucket
+
+    async def run(self, candidates: list[SweepTarget], slot: tuple[str, str, str] = ("", "", "")) -> None:
+        """One account's sweep over its candidates."""
+        bucket = self.bucket(slot)
         checked = 0
         for target in candidates:
-            await self.bucket.acquire()
+            await bucket.acquire()
             result = await self.fetcher.fetch(target.customer_key, target.provider_id, target.stop_before,
                                               purpose="reconcile")
             checked += 1
             if result.error == "rate_limited" or result.status == 429:
-                self.bucket.pause(self.backoff)
-                logs.event(log, "reconcile_backoff", logging.WARNING, seconds=self.backoff)
-                self.backoff = min(self.backoff * 2, SWEEP_BACKOFF_MAX_SECONDS)
+                backoff = self.backoffs.get(slot, 1.0)
+                bucket.pause(backoff)
+                logs.event(log, "reconcile_backoff", logging.WARNING, seconds=backoff, tenant=slot[0],
+                           account=slot[1])
+                self.backoffs[slot] = min(backoff * 2, SWEEP_BACKOFF_MAX_SECONDS)
                 continue
-            self.backoff = 1.0
+            self.backoffs[slot] = 1.0
             if result.error is None:
                 await self.fetcher.deliver(target.customer_key, None, result)
-        logs.event(log, "reconcile_sweep_done", customers=len(candidates), checked=checked)
+        logs.event(log, "reconcile_sweep_done", customers=len(candidates), checked=checked, tenant=slot[0],
+                   account=slot[1])
+
+    @property
+    def running(self) -> int:
+        """Accounts being swept now."""
+        return sum(1 for task in self._tasks.values() if not task.done())
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
+        tasks, self._tasks = list(self._tasks.values()), {}
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

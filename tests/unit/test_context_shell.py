@@ -552,15 +552,47 @@ async def test_sweep_delivers_history_without_batch_id_and_backs_off_on_429(wati
     try:
         assert sweep.maybe_start(targets)
         assert not sweep.maybe_start(targets)  # one sweep at a time
-        await wait_until(lambda: sweep._task is not None and sweep._task.done())
+        await wait_until(lambda: sweep.running == 0)
     finally:
         await sweep.close()
         await fetcher.close()
     assert [c["customer_key"] for c in commands.sent] == ["wati:50370002222"]
     assert commands.sent[0]["batch_id"] is None
     assert [i["text"] for i in commands.sent[0]["history"]] == ["lost message"]
-    assert sweep.backoff == 1.0  # reset by the successful fetch after the back-off
-    assert sweep.bucket.paused_until > 0
+    default_account = ("default", "default", "wati")
+    assert sweep.backoffs[default_account] == 1.0  # reset by the successful fetch after the back-off
+    assert sweep.buckets[default_account].paused_until > 0
+
+
+async def test_a_hung_tenant_account_does_not_hold_up_the_sweep_of_another_tenant(
+    two_watis: tuple[WatiStandIn, WatiStandIn],
+) -> None:
+    """Each account is swept on its own budget: `shop`'s customer is checked (and its history
+    delivered) while `playa`'s WATI hangs on the customer listed before it."""
+    playa, shop = two_watis
+    shop.add_message("50370002222", text="shop's lost message", owner=False, at=T0)
+    settings, tenants = two_tenants(playa, shop, reconcile_rate_per_second=50.0)
+    commands = Commands()
+    environ = {"PLAYA_WATI": playa.token, "SHOP_WATI": shop.token}
+    fetcher = HistoryFetcher(settings, commands, tenants=tenants,
+                             clients=AccountClients(settings, tenants, "history", environ=environ))
+    sweep = ReconcileSweep(settings, fetcher)
+    targets = [SweepTarget("playa/reception/wati:50370001111", "50370001111", T0, T0 - secs(60)),
+               SweepTarget("shop/default/wati:50370002222", "50370002222", T0, T0 - secs(60)),
+               SweepTarget("gone/default/wati:50370003333", "50370003333", T0, T0 - secs(60))]
+    playa.hold_requests()
+    try:
+        assert sweep.maybe_start(targets)
+        await wait_until(lambda: bool(commands.sent))
+        assert [c["customer_key"] for c in commands.sent] == ["shop/default/wati:50370002222"]
+        assert playa.held == 1 and sweep.running == 1  # playa's sweep still waits for its WATI
+        assert not sweep.maybe_start(targets[:1])  # one sweep per account at a time
+    finally:
+        playa.release_requests()
+        await wait_until(lambda: sweep.running == 0)
+        await sweep.close()
+        await fetcher.close()
+    assert len(sweep.buckets) == 2  # the unknown tenant is not swept
 
 
 # -- the app factory and readiness (no broker: nothing is started) ------------------------------------
