@@ -5,6 +5,7 @@ tokens."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,10 @@ from services.providers.accounts import (
 )
 from services.responder.ai import NoTenant, Replier, TenantRepliers, make_client
 from services.responder.channels import ChannelSender, SendFailed
-from services.responder.main import DEFAULT_INSTRUCTIONS, instructions_by_tenant
+from services.responder.main import DEFAULT_INSTRUCTIONS, Responder, instructions_by_tenant
 from services.standins import WatiStandIn
 from services.vision.images import ImageRejected
+from services.vision.main import Vision
 from services.vision.worker import MediaFetcher
 
 ENVIRON = {"PLAYA_WATI": "token-of-playa", "SHOP_WATI": "token-of-shop", "SHOP_OPENAI": "sk-shop-0000",
@@ -134,7 +136,12 @@ def test_openai_account_is_the_tenants_own_else_the_deployments() -> None:
     assert "sk-shop" not in repr(openai_account(shop, settings, ENVIRON))
     assert (playa.openai.model, shop.openai.model) == ("gpt-deploy", "gpt-shop")
     made: list[OpenAIAccount] = []
-    clients = OpenAIClients(lambda account: made.append(account) or len(made))
+
+    def factory(account: OpenAIAccount) -> int:
+        made.append(account)
+        return len(made)
+
+    clients = OpenAIClients(factory)
     for tenant in (playa, shop, playa, shop):
         clients.get(openai_account(tenant, settings, ENVIRON))
     assert len(clients) == 2 and len(made) == 2  # one per account, tenants sharing a key share it
@@ -240,3 +247,31 @@ def test_a_bearer_pasted_in_front_of_a_tenants_wati_token_is_dropped() -> None:
     client = clients.client(providers.by_name("wati"), "playa/reception/wati:1")
     assert client is not None
     assert client._http.headers["Authorization"] == "Bearer abc"  # type: ignore[attr-defined]
+
+
+# -- the responder and vision refuse to start on a tenant problem -------------------------------------
+
+def test_the_responder_and_vision_refuse_to_start_when_a_tenant_cannot_be_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("SHOP_WATI", "MC_TOKEN"):
+        monkeypatch.setenv(name, ENVIRON[name])
+    monkeypatch.delenv("SHOP_OPENAI", raising=False)
+    doc = tenants_doc()
+    for account in doc["tenants"][0]["wati"]:
+        account["token"] = f"file:{tmp_path / 'missing-token'}"
+    (tmp_path / "tenants.json").write_text(json.dumps(doc), encoding="utf-8")
+    settings = Settings(tenants_file=str(tmp_path / "tenants.json"), openai_api_key="sk-deploy-0000")
+    for service in (Responder, Vision):
+        with pytest.raises(ConfigError) as refused:
+            service(settings)
+        message = str(refused.value)
+        assert "tenant 'playa': wati[reception].token: file:" in message and "cannot be read" in message
+        assert "tenant 'shop': openai.api_key: env:SHOP_OPENAI is not set or empty" in message
+    (tmp_path / "missing-token").write_text("a-token\n", encoding="utf-8")
+    doc["tenants"][1]["openai"].pop("api_key")
+    doc["tenants"][1]["system_prompt_file"] = str(tmp_path / "no-prompt.txt")
+    (tmp_path / "tenants.json").write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"'shop': system_prompt_file .*no-prompt\.txt cannot be read"):
+        Responder(settings)
+    Vision(settings)  # vision has no use for prompts
