@@ -71,6 +71,7 @@ class Vision:
         self.producer: AIOKafkaProducer | None = None
         self.client: openai.AsyncOpenAI | None = None
         self.openai_clients: OpenAIClients[openai.AsyncOpenAI] = OpenAIClients(self._openai_client)
+        self._openai_by_tenant: dict[str, openai.AsyncOpenAI] = {}
         self.media_accounts: AccountClients | None = None
         self.http: httpx.AsyncClient | None = None
         self.worker: VisionWorker | None = None
@@ -112,7 +113,11 @@ class Vision:
         tenant = self.tenants.for_key(customer_key)
         if tenant is None:
             raise NoAccount("tenant is not configured")
-        return self.openai_clients.get(openai_account(tenant, self.settings, self.environ))
+        client = self._openai_by_tenant.get(tenant.id)
+        if client is None:  # the tenant's key is resolved once, not per image
+            client = self.openai_clients.get(openai_account(tenant, self.settings, self.environ))
+            self._openai_by_tenant[tenant.id] = client
+        return client
 
     def ready(self) -> tuple[bool, str]:
         if self.consumer is None:
@@ -135,6 +140,7 @@ class Vision:
         self.http = self.client = None
         self.media_accounts = None
         self.openai_clients.clear()
+        self._openai_by_tenant.clear()
         if self.producer is not None:
             await self.producer.stop()
             self.producer = None
