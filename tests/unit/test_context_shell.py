@@ -509,6 +509,30 @@ async def test_a_hung_tenant_account_does_not_delay_another_tenants_fetches(
     assert all(r.error is None for r in results) and len(playa.requests) == 20
 
 
+async def test_a_rate_limited_tenant_account_does_not_delay_another_tenants_fetches(
+    two_watis: tuple[WatiStandIn, WatiStandIn],
+) -> None:
+    """Fair share under 429: `playa`'s WATI answers 429 with a long Retry-After; its fetches wait out
+    the back-off inside their own account's slots, and `shop`'s customer is fetched meanwhile."""
+    playa, shop = two_watis
+    shop.add_message("50370009999", text="shop's conversation", owner=False, at=T0)
+    playa.fail_next("getMessages", 429, times=100, headers={"Retry-After": "30"})
+    fetcher = two_tenant_fetcher(playa, shop, history_fetches_per_account=2)
+    slow = [asyncio.ensure_future(fetcher.fetch(f"playa/reception/wati:5037000{n:04d}", f"5037000{n:04d}",
+                                                None, purpose="batch")) for n in range(5)]
+    try:
+        await wait_until(lambda: len(playa.requests) == 2)  # both slots backing off on a 429
+        fast = await asyncio.wait_for(
+            fetcher.fetch("shop/default/wati:50370009999", "50370009999", None, purpose="batch"), 10.0)
+        assert [i["text"] for i in fast.history] == ["shop's conversation"]
+        assert not any(task.done() for task in slow) and len(playa.requests) == 2
+    finally:
+        for task in slow:
+            task.cancel()
+        await asyncio.gather(*slow, return_exceptions=True)
+        await fetcher.close()
+
+
 async def test_fetch_retries_429_and_times_out_a_slow_wati(wati: WatiStandIn) -> None:
     wati.add_message("50370001111", text="hello", owner=False, at=T0)
     wati.fail_next("getMessages", 429)
