@@ -198,6 +198,8 @@ async def test_two_tenants_sharing_a_phone_number_are_served_each_from_its_own_a
         (request,) = [r for r in bus.of(bus.topics.responder_requests, key) if r.get("images")]
         assert texts(request)[0] == f"hello {tenant}"
         assert [m["text"] for m in request["missed_messages"]] == [f"{tenant}'s agent: your order is ready"]
+        # classified in the same project as uploaded (the file is not found from another project)
+        assert request["images"][0]["category"] not in ("unreadable", "unclassified"), request["images"]
         stored = accounts.deployment.openai.files[request["images"][0]["file_id"]]
         assert stored.data == images[tenant]
         assert stored.project == (SHOP_PROJECT if tenant == "shop" else
