@@ -2,9 +2,9 @@
 
 The context service (`watistream context`, a subprocess), vision and the responder (in this process)
 run with one TENANTS_FILE. Two tenants, `playa` and `shop`, each with its own WATI account — its own
-stand-in server, WATI tenant id and token, read from `file:` references — its own prompt file and
-model; `shop` has its own OpenAI key and project. The deployment's own WATI account (WATI_API_URL)
-and OpenAI key exist too, and must never be used for these tenants' customers.
+WATI tenant id (on the same WATI host) and token, read from `file:` references — its own prompt file
+and model; `shop` has its own OpenAI key and project. The deployment's own WATI account
+(WATI_API_URL) and OpenAI key exist too, and must never be used for these tenants' customers.
 
 - Isolation: the same phone number writing to both tenants is answered twice, each reply going out
   through its own tenant's WATI account, each history read and image downloaded from it, each
@@ -64,8 +64,11 @@ class Accounts:
 
 @pytest.fixture(scope="module")
 async def accounts() -> AsyncIterator[Accounts]:
-    async with StandIns.running() as deployment, WatiStandIn(PLAYA_TOKEN, tenant="302222") as playa, \
-            WatiStandIn(SHOP_TOKEN, tenant="401111") as shop:
+    async with StandIns.running() as deployment:
+        # three WATI accounts on one WATI host, as on WATI's shared servers: the deployment's own and
+        # one per tenant, each its own tenant id in the URL, its own token and its own contacts
+        playa = deployment.wati.add_tenant("302222", PLAYA_TOKEN)
+        shop = deployment.wati.add_tenant("401111", SHOP_TOKEN)
         deployment.openai.add_key(SHOP_OPENAI_KEY)
         yield Accounts(deployment, playa, shop)
 
