@@ -29,6 +29,7 @@ from services.common.records import HistoryItem, InboundMessage
 from services.devtools.schemas import release
 from services.ingest.outcomes import CustomerMessage, Rejected
 from services.providers.base import (
+    AccountAccess,
     Client,
     DownloadUrl,
     MediaPolicy,
@@ -161,8 +162,12 @@ class EchoProvider:
     def config_hint(self) -> str:
         return "the echo stand-in's URL"
 
-    def open_client(self, settings: Settings, purpose: Purpose) -> Client | None:
-        return EchoClient(self.base_url, self.token) if purpose in ("send", "media") else None
+    def open_client(self, settings: Settings, purpose: Purpose,
+                    account: AccountAccess | None = None) -> Client | None:
+        if purpose not in ("send", "media"):
+            return None
+        return EchoClient(self.base_url, self.token) if account is None else EchoClient(
+            account.api_url, account.token)
 
     async def send(self, client: Client | None, channel: str, provider_id: str, parts: list[str],
                    batch_id: str, *, resume: bool, policy: SendPolicy) -> Sent:

@@ -222,7 +222,8 @@ class Settings:
         3600.0, "RECONCILE_WINDOW_SECONDS", "sweep customers active within this window"
     )
     reconcile_rate_per_second: float = _env_field(
-        2.0, "RECONCILE_RATE_PER_SECOND", "getMessages calls per second the sweep may spend", ge=0
+        2.0, "RECONCILE_RATE_PER_SECOND", "getMessages calls per second the sweep may spend per WATI account",
+        ge=0,
     )
     context_web_host: str = _env_field("127.0.0.1", "CONTEXT_WEB_HOST", "bind address of views")
     context_web_port: int = _env_field(6066, "CONTEXT_WEB_PORT", "port of the context web views")
@@ -330,6 +331,12 @@ class Settings:
     responder_send_hold_seconds: float = _env_field(
         60.0, "RESPONDER_SEND_HOLD_SECONDS",
         "once a batch's answer is generated, other responders wait this long for its send", gt=0,
+    )
+    # --- Per-tenant clients (issue 17, fair share): history fetches run at once PER channel account
+    # --- (services/context/fetcher.py), so one tenant's slow WATI never holds another's slots.
+    history_fetches_per_account: int = _env_field(
+        8, "HISTORY_FETCHES_PER_ACCOUNT", "history fetches running at once per WATI account, per worker",
+        ge=1,
     )
 
     def __post_init__(self) -> None:

@@ -2,17 +2,25 @@
 WATI's getMessages today), run beside the agent, never inside it.
 
 A slow WATI must never stall other customers, so the agent only ORDERS a fetch (state.py's
-`HistoryFetchOrder`); this module runs it as an asyncio task (bounded concurrency, overall
-timeout `HISTORY_TIMEOUT_SECONDS`), parses the raw items (services/context/history.py) and hands
+`HistoryFetchOrder`); this module runs it as an asyncio task (overall timeout
+`HISTORY_TIMEOUT_SECONDS`), parses the raw items (services/context/history.py) and hands
 the result back to the agent as a `history_fetched` ContextCommand keyed by the customer, so the
 state changes in-stream. Every failure still produces that command, with `history_error` set to a
 short reason code, and the state machine answers without context. A task lost with the process is
 covered by the state machine too: `due_action` re-flushes a batch whose fetch timed out.
 
+Each customer's history is read through ITS tenant's account (the key's tenant and account,
+services/providers/accounts.py): one client per account, never another tenant's. A key of a tenant
+or account that is not configured is answered without history (error `no_account`). Fair share:
+concurrency is bounded PER ACCOUNT (`HISTORY_FETCHES_PER_ACCOUNT`), not per worker, so one
+tenant's slow or rate-limited (429) WATI occupies only its own slots and never delays the fetches of
+another tenant's customers on the same worker and partition (tests/integration/test_tenant_clients.py).
+
 The reconciliation sweep (issue 9 point 4) fetches, on a token-bucket budget of
-`RECONCILE_RATE_PER_SECOND` getMessages calls, the history of WATI customers active within
-`RECONCILE_WINDOW_SECONDS`, and delivers it the same way with no batch id; HTTP 429 that outlasts
-the client's own retries pauses the sweep (backing off) instead of hammering WATI.
+`RECONCILE_RATE_PER_SECOND` getMessages calls per WATI account, the history of WATI customers active
+within `RECONCILE_WINDOW_SECONDS`, and delivers it the same way with no batch id; HTTP 429 that
+outlasts the client's own retries pauses that account's sweep (backing off) instead of hammering
+WATI — never another account's.
 """
 
 from __future__ import annotations
@@ -27,32 +35,30 @@ from datetime import datetime
 from services import providers
 from services.common import logs, metrics
 from services.common.config import Settings
-from services.common.keys import KeyError_, parse_key, split_key
+from services.common.keys import parse_key
 from services.common.records import ContextCommand, HistoryItem
+from services.common.tenants import Tenants, load_tenants
 from services.common.timeparse import utcnow
 from services.context.state import HistoryFetchOrder
+from services.providers.accounts import AccountClients, NoAccount, account_of
 from services.providers.base import Client, Provider, ProviderFailure
 
 log = logging.getLogger(__name__)
 
-#: getMessages fetches running at once per worker (others wait their turn).
-MAX_CONCURRENT_FETCHES = 16
 #: Tries to deliver a fetch result before giving up (the state machine's timeout covers the rest).
 COMMAND_SEND_ATTEMPTS = 5
 #: Longest pause of the sweep after WATI kept answering 429.
 SWEEP_BACKOFF_MAX_SECONDS = 60.0
 
 SendCommand = Callable[[ContextCommand], Awaitable[None]]
-TENANT_NOT_WIRED = "tenant_not_wired"
-"""Fetch error of a customer of another tenant or account than the default (answered without history)."""
+NO_ACCOUNT = "no_account"
+"""Fetch error of a customer whose tenant or account is not configured (answered without history)."""
 
 
-def on_default_account(customer_key: str) -> bool:
-    """Whether the key is the default tenant's default account (the one the settings' client reaches)."""
-    try:
-        return parse_key(customer_key).is_default
-    except KeyError_:
-        return False
+def account_slot(customer_key: str) -> tuple[str, str, str]:
+    """(tenant, account, provider) of a valid key: the unit of fetch concurrency (one API account)."""
+    key = parse_key(customer_key)
+    return key.tenant, key.account, key.provider
 
 
 @dataclass(frozen=True)
@@ -147,24 +153,29 @@ class HistoryFetcher:
         settings: Settings,
         send_command: SendCommand,
         *,
-        client_factory: Callable[[Provider], Client | None] | None = None,
-        max_concurrent: int = MAX_CONCURRENT_FETCHES,
+        tenants: Tenants | None = None,
+        clients: AccountClients | None = None,
+        per_account: int | None = None,
     ) -> None:
         self.settings = settings
         self.send_command = send_command
-        self._client_factory = client_factory or self._default_client
-        self._clients: dict[str, Client | None] = {}
-        self._limit = asyncio.Semaphore(max_concurrent)
+        self.tenants = load_tenants(settings) if tenants is None else tenants
+        self.clients = clients if clients is not None else AccountClients(settings, self.tenants, "history")
+        self.per_account = max(1, per_account or settings.history_fetches_per_account)
+        #: one semaphore per account that fetched: bounded by the accounts of the tenants file
+        self._limits: dict[tuple[str, str, str], asyncio.Semaphore] = {}
         self._tasks: dict[tuple[str, str | None], asyncio.Task[None]] = {}
 
-    def _default_client(self, provider: Provider) -> Client | None:
-        return provider.open_client(self.settings, "history")
+    def client(self, provider: Provider, customer_key: str) -> Client | None:
+        """The history client of the customer's account, opened on first use (NoAccount: none)."""
+        return self.clients.client(provider, customer_key)
 
-    def client(self, provider: Provider) -> Client | None:
-        """The provider's history client, opened on first use."""
-        if provider.name not in self._clients:
-            self._clients[provider.name] = self._client_factory(provider)
-        return self._clients[provider.name]
+    def _limit(self, customer_key: str) -> asyncio.Semaphore:
+        slot = account_slot(customer_key)
+        limit = self._limits.get(slot)
+        if limit is None:
+            limit = self._limits[slot] = asyncio.Semaphore(self.per_account)
+        return limit
 
     @property
     def running(self) -> int:
@@ -219,20 +230,25 @@ class HistoryFetcher:
         purpose: str,
         batch_id: str | None = None,
     ) -> FetchResult:
-        """One customer's history within HISTORY_TIMEOUT_SECONDS; failures become `error` codes."""
-        if not on_default_account(customer_key):
-            # per-tenant WATI clients are not wired yet (docs/tenants.md "Not done yet"): the
-            # deployment's account is never asked about another tenant's or account's customer
-            metrics.history_fetch_failures_total.labels(
-                TENANT_NOT_WIRED, metrics.key_tenant(customer_key)).inc()
-            return FetchResult(error=TENANT_NOT_WIRED)
+        """One customer's history within HISTORY_TIMEOUT_SECONDS, read through the customer's own
+        tenant account (waiting only for that account's other fetches); failures become `error`s."""
         started = time.monotonic()
-        async with self._limit:
+        try:
+            account_of(self.tenants, customer_key)
+            provider = providers.by_name(account_slot(customer_key)[2])
+            limit = self._limit(customer_key)
+        except (NoAccount, providers.UnknownProvider) as exc:
+            logs.event(log, "history_no_account", logging.WARNING, customer=customer_key, batch_id=batch_id,
+                       reason=getattr(exc, "reason", str(exc)))
+            tenant = metrics.key_tenant(customer_key)
+            metrics.history_fetch_total.labels("error", tenant).inc()
+            metrics.history_fetch_failures_total.labels(NO_ACCOUNT, tenant).inc()
+            return FetchResult(error=NO_ACCOUNT)
+        async with limit:
             try:
-                provider = providers.by_name(split_key(customer_key)[0])
                 history, pages = await asyncio.wait_for(
                     provider.fetch_history(
-                        self.client(provider), provider_id, stop_before=stop_before,
+                        self.client(provider, customer_key), provider_id, stop_before=stop_before,
                         max_pages=self.settings.history_max_pages, notice=count_history_notice,
                     ),
                     timeout=self.settings.history_timeout_seconds,
@@ -265,53 +281,84 @@ class HistoryFetcher:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        clients, self._clients = self._clients, {}
-        for client in clients.values():
-            if client is not None:
-                await client.aclose()
+        await self.clients.aclose()
 
 
 class ReconcileSweep:
-    """Fetches the history of recently active WATI customers on a rate budget (one sweep at a time)."""
+    """Fetches the history of recently active WATI customers on a rate budget, one sweep at a time
+    PER ACCOUNT: each account (a tenant's WATI account, the unit WATI rate-limits) has its own token
+    bucket of `RECONCILE_RATE_PER_SECOND` and its own back-off on 429, so one tenant's slow or
+    rate-limited WATI never delays the sweep of another tenant's customers."""
 
     def __init__(
         self, settings: Settings, fetcher: HistoryFetcher, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.settings = settings
         self.fetcher = fetcher
-        self.bucket = TokenBucket(max(0.01, settings.reconcile_rate_per_second), burst=1.0, clock=clock)
-        self.backoff = 1.0
-        self._task: asyncio.Task[None] | None = None
+        self.clock = clock
+        #: per account (tenant, account, provider): its budget, back-off and running sweep; bounded by
+        #: the accounts whose customers were active (keys of unknown tenants are not swept)
+        self.buckets: dict[tuple[str, str, str], TokenBucket] = {}
+        self.backoffs: dict[tuple[str, str, str], float] = {}
+        self._tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
 
     def maybe_start(self, candidates: list[SweepTarget]) -> bool:
-        """Starts a sweep over the candidates unless the previous one is still running."""
-        if self._task is not None and not self._task.done():
-            return False
-        if not candidates:
-            return False
-        self._task = asyncio.ensure_future(self.run(candidates))
-        return True
+        """Starts a sweep of each account's candidates unless that account's previous one still runs;
+        True when any started."""
+        by_account: dict[tuple[str, str, str], list[SweepTarget]] = {}
+        for target in candidates:
+            try:
+                account_of(self.fetcher.tenants, target.customer_key)
+            except NoAccount:
+                continue  # a tenant or account not configured: nothing to sweep it with
+            by_account.setdefault(account_slot(target.customer_key), []).append(target)
+        started = False
+        for slot, targets in by_account.items():
+            running = self._tasks.get(slot)
+            if running is not None and not running.done():
+                continue
+            self._tasks[slot] = asyncio.ensure_future(self.run(targets, slot))
+            started = True
+        return started
 
-    async def run(self, candidates: list[SweepTarget]) -> None:
+    def bucket(self, slot: tuple[str, str, str]) -> TokenBucket:
+        bucket = self.buckets.get(slot)
+        if bucket is None:
+            bucket = self.buckets[slot] = TokenBucket(
+                max(0.01, self.settings.reconcile_rate_per_second), burst=1.0, clock=self.clock)
+        return bucket
+
+    async def run(self, candidates: list[SweepTarget], slot: tuple[str, str, str] = ("", "", "")) -> None:
+        """One account's sweep over its candidates."""
+        bucket = self.bucket(slot)
         checked = 0
         for target in candidates:
-            await self.bucket.acquire()
+            await bucket.acquire()
             result = await self.fetcher.fetch(target.customer_key, target.provider_id, target.stop_before,
                                               purpose="reconcile")
             checked += 1
             if result.error == "rate_limited" or result.status == 429:
-                self.bucket.pause(self.backoff)
-                logs.event(log, "reconcile_backoff", logging.WARNING, seconds=self.backoff)
-                self.backoff = min(self.backoff * 2, SWEEP_BACKOFF_MAX_SECONDS)
+                backoff = self.backoffs.get(slot, 1.0)
+                bucket.pause(backoff)
+                logs.event(log, "reconcile_backoff", logging.WARNING, seconds=backoff, tenant=slot[0],
+                           account=slot[1])
+                self.backoffs[slot] = min(backoff * 2, SWEEP_BACKOFF_MAX_SECONDS)
                 continue
-            self.backoff = 1.0
+            self.backoffs[slot] = 1.0
             if result.error is None:
                 await self.fetcher.deliver(target.customer_key, None, result)
-        logs.event(log, "reconcile_sweep_done", customers=len(candidates), checked=checked)
+        logs.event(log, "reconcile_sweep_done", customers=len(candidates), checked=checked, tenant=slot[0],
+                   account=slot[1])
+
+    @property
+    def running(self) -> int:
+        """Accounts being swept now."""
+        return sum(1 for task in self._tasks.values() if not task.done())
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
+        tasks, self._tasks = list(self._tasks.values()), {}
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -31,6 +31,15 @@ Notice = Callable[[str], None]
 Purpose = str  # "send" (responder) | "media" (vision) | "history" (context)
 
 
+@dataclass(frozen=True)
+class AccountAccess:
+    """One tenant's account on a provider, resolved: its API base URL and its token (the secret,
+    read from the tenant's `env:`/`file:` reference; never shown by `repr`)."""
+
+    api_url: str
+    token: str = field(repr=False)
+
+
 class Client(Protocol):
     """A provider's API client, as the services hold it: opened by the provider, closed by them."""
 
@@ -131,8 +140,10 @@ class Provider(Protocol):
         """The settings that configure it, for the "no channel configured" error."""
         ...
 
-    def open_client(self, settings: Settings, purpose: Purpose) -> Client | None:
-        """A client for `purpose` (send / media / history), or None when not configured/needed."""
+    def open_client(self, settings: Settings, purpose: Purpose,
+                    account: AccountAccess | None = None) -> Client | None:
+        """A client for `purpose` (send / media / history) of `account` (a tenant's account; None:
+        the account the settings describe), or None when not configured/needed."""
         ...
 
     async def send(self, client: Client | None, channel: str, provider_id: str, parts: list[str],

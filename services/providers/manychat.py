@@ -19,6 +19,7 @@ from services.ingest.manychat import normalise_manychat
 from services.ingest.outcomes import CustomerMessage, Rejected
 
 from .base import (
+    AccountAccess,
     Client,
     DownloadUrl,
     MediaPolicy,
@@ -59,10 +60,13 @@ class ManyChatProvider:
     def config_hint(self) -> str:
         return "MANYCHAT_API_TOKEN"
 
-    def open_client(self, settings: Settings, purpose: Purpose) -> ManyChatClient | None:
-        if purpose != "send" or not self.configured(settings):
+    def open_client(self, settings: Settings, purpose: Purpose,
+                    account: AccountAccess | None = None) -> ManyChatClient | None:
+        if purpose != "send" or not settings.channel_enabled(self.name):
             return None  # media are attachment URLs; there is no history API
-        return ManyChatClient(settings.manychat_api_url, settings.manychat_api_token)
+        url, token = (settings.manychat_api_url, settings.manychat_api_token) if account is None else (
+            account.api_url, account.token)
+        return ManyChatClient(url, token) if url and token else None
 
     async def send(self, client: Client | None, channel: str, provider_id: str, parts: list[str],
                    batch_id: str, *, resume: bool, policy: SendPolicy) -> Sent:

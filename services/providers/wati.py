@@ -21,6 +21,7 @@ from services.context.history import parse_history
 from services.ingest.wati import classify_wati
 
 from .base import (
+    AccountAccess,
     Client,
     DownloadUrl,
     MediaPolicy,
@@ -62,16 +63,17 @@ class WatiProvider:
     def config_hint(self) -> str:
         return "WATI_API_URL + WATI_API_TOKEN"
 
-    def open_client(self, settings: Settings, purpose: Purpose) -> WatiClient | None:
+    def open_client(self, settings: Settings, purpose: Purpose,
+                    account: AccountAccess | None = None) -> WatiClient | None:
+        url, token = (settings.wati_api_url, settings.wati_api_token) if account is None else (
+            account.api_url, bearer_dropped(account.token))
         if purpose == "history":
-            return WatiClient(settings.wati_api_url, settings.wati_api_token,
-                              timeout=max(1.0, settings.history_timeout_seconds))
-        if purpose == "media":
-            return WatiClient(settings.wati_api_url, settings.wati_api_token, timeout=20.0) \
-                if self.configured(settings) else None
-        if not self.configured(settings):
+            return WatiClient(url, token, timeout=max(1.0, settings.history_timeout_seconds))
+        if not (settings.channel_enabled(self.name) and url and token):
             return None
-        return WatiClient(settings.wati_api_url, settings.wati_api_token)
+        if purpose == "media":
+            return WatiClient(url, token, timeout=20.0)
+        return WatiClient(url, token)
 
     async def send(self, client: Client | None, channel: str, provider_id: str, parts: list[str],
                    batch_id: str, *, resume: bool, policy: SendPolicy) -> Sent:
@@ -134,6 +136,13 @@ class WatiProvider:
                 await policy.sleep(min(exc.retry_after if exc.retry_after is not None
                                        else 0.25 * 2 ** attempt, policy.retry_cap_seconds))
         raise AssertionError("unreachable")
+
+
+def bearer_dropped(token: str) -> str:
+    """A WATI token as the API wants it: a `Bearer ` pasted in front (as WATI's dashboard shows
+    it) is dropped, as WATI_API_TOKEN's is."""
+    token = token.strip()
+    return token[7:].strip() if token[:7].lower() == "bearer " else token
 
 
 async def _delivered(client: WatiClient, contact_id: str, batch_id: str, count: int) -> dict[int, list[str]]:

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ import openai
 from openai import AsyncOpenAI
 
 from ..common import metrics
+from ..common.keys import DEFAULT_TENANT, parse_key
 from ..common.logs import event
 from ..common.openai_errors import ErrorBody, ErrorClass, classify, retry_after_seconds
 
@@ -85,8 +86,10 @@ def batch_reference(batch_id: str, customer_key: str) -> str:
     return f"{customer_hash(customer_key)}:{number}"[:512]
 
 
-def make_client(api_key: str, base_url: str, timeout: float) -> AsyncOpenAI:
-    return AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
+def make_client(api_key: str, base_url: str, timeout: float, project: str | None = None) -> AsyncOpenAI:
+    """The responder's OpenAI client (our retries, not the SDK's); `project`: the OpenAI-Project
+    its calls are made in (a tenant's own project)."""
+    return AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0, project=project)
 
 
 @dataclass(frozen=True)
@@ -250,3 +253,37 @@ class Replier:
             metrics.openai_latency_seconds.labels(purpose).observe(time.monotonic() - started)
             metrics.openai_requests_total.labels(purpose, "ok", tenant).inc()
             return result
+
+
+class TenantRepliers:
+    """Each tenant's Replier (its model, its instructions, its OpenAI account's client), by the
+    tenant of the customer key: a customer is answered only with its own tenant's prompt and model,
+    in its own tenant's OpenAI project. Built once at start; one Replier per tenant."""
+
+    def __init__(self, by_tenant: Mapping[str, Replier], *, every: Replier | None = None) -> None:
+        self.by_tenant = dict(by_tenant)
+        self.every = every
+
+    @classmethod
+    def single(cls, replier: Replier) -> TenantRepliers:
+        """One Replier for every customer (callers without tenants: tests, tools)."""
+        return cls({}, every=replier)
+
+    @property
+    def default(self) -> Replier:
+        """The `default` tenant's Replier (tests and tools reach its client through it)."""
+        return self.every if self.every is not None else self.by_tenant[DEFAULT_TENANT]
+
+    def for_key(self, customer_key: str) -> Replier:
+        """The Replier of the key's tenant; NoTenant when the tenant is not configured."""
+        if self.every is not None:
+            return self.every
+        tenant = parse_key(customer_key).tenant
+        try:
+            return self.by_tenant[tenant]
+        except KeyError:
+            raise NoTenant(f"tenant {tenant!r} is not configured") from None
+
+
+class NoTenant(LookupError):
+    """The customer key's tenant has no Replier (not configured)."""

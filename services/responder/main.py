@@ -10,6 +10,13 @@ Configuration decisions: OPENAI_API_KEY is required. A channel without credentia
 logged at start (WARNING): its batches are dead-lettered `send_failed` (`channel_not_configured`)
 and answered `nothing_sent`; at least one channel must be configured. SYSTEM_PROMPT_FILE, when set,
 must be readable; without it a short built-in instruction is used (and a warning logged).
+
+Tenants (docs/tenants.md): the tenants are loaded at start (TENANTS_FILE, else the `default` tenant
+from these settings). Each tenant gets its own Replier — its system prompt file (a tenant without
+one gets the built-in instructions, never another tenant's), its model, its OpenAI account (own key
+and project, else the deployment's key) — and each customer's answer is sent from its tenant's
+account (one client per account, opened on first use). With a file, the responder refuses to start
+when a tenant's prompt file, account token or OpenAI key reference does not resolve.
 """
 
 from __future__ import annotations
@@ -24,15 +31,20 @@ from pathlib import Path
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
+from openai import AsyncOpenAI
 
 from .. import providers
 from ..common import logs
 from ..common.config import ConfigError, Settings
 from ..common.kafka import Topics, ensure_topics, make_producer
 from ..common.keyed_consumer import KeyedConsumer
+from ..common.keys import DEFAULT_TENANT
 from ..common.logs import event
+from ..common.openai_accounts import OpenAIClients, openai_account
 from ..common.ops_http import bound_port, serve_ops
-from .ai import Replier, make_client
+from ..common.tenants import Tenant, Tenants, load_tenants, settings_environ
+from ..providers.accounts import AccountClients, account_token_problems, register_tenant_secrets
+from .ai import Replier, TenantRepliers, make_client
 from .channels import ChannelSender
 from .prompt import UnknownLocale, labels_for
 from .state_store import StateStore
@@ -59,6 +71,29 @@ def load_instructions(settings: Settings) -> str:
     if not text:
         raise ConfigError("SYSTEM_PROMPT_FILE is empty")
     return text
+
+
+def tenant_instructions(tenant: Tenant, fallback: str) -> str:
+    """The tenant's system prompt (its file), or `fallback` when it names none."""
+    if not tenant.system_prompt_file:
+        return fallback
+    where = f"tenant {tenant.id!r}: system_prompt_file {tenant.system_prompt_file}"
+    try:
+        text = Path(tenant.system_prompt_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read: {exc.strerror}") from exc
+    if not text:
+        raise ConfigError(f"{where} is empty")
+    return text
+
+
+def instructions_by_tenant(settings: Settings, tenants: Tenants, override: str | None) -> dict[str, str]:
+    """Each tenant's instructions. Without a file the `default` tenant's are SYSTEM_PROMPT_FILE's
+    (or `override`), as before; with one, each tenant's own file, else `override` or the built-in."""
+    if tenants.source == "environment":
+        return {t.id: override if override is not None else load_instructions(settings) for t in tenants}
+    fallback = override if override is not None else DEFAULT_INSTRUCTIONS
+    return {t.id: tenant_instructions(t, fallback) for t in tenants}
 
 
 def check_settings(settings: Settings) -> list[str]:
@@ -96,7 +131,15 @@ class Responder:
         cancel_revoked: bool = False,
     ) -> None:
         self.settings = settings
-        self.instructions = instructions if instructions is not None else load_instructions(settings)
+        self.tenants = load_tenants(settings)
+        self.environ = settings_environ(settings)
+        problems = account_token_problems(self.tenants, self.environ, openai_keys=True)
+        if problems:
+            raise ConfigError("tenants cannot be answered:\n  " + "\n  ".join(problems))
+        register_tenant_secrets(self.tenants, self.environ)
+        self.instructions_by_tenant = instructions_by_tenant(settings, self.tenants, instructions)
+        self.instructions = self.instructions_by_tenant.get(DEFAULT_TENANT) or (
+            instructions if instructions is not None else DEFAULT_INSTRUCTIONS)
         self.web_port = settings.responder_web_port if web_port is None else web_port
         self.serve_http = serve_http
         self.drain_timeout = drain_timeout
@@ -112,7 +155,9 @@ class Responder:
         self.sender: ChannelSender | None = None
         self.worker: ResponderWorker | None = None
         self.runner: web.AppRunner | None = None
-        self._openai_close: list[object] = []
+        self.openai_clients: OpenAIClients[AsyncOpenAI] = OpenAIClients(
+            lambda account: make_client(account.api_key, settings.openai_base_url,
+                                        settings.openai_timeout_seconds, project=account.project))
 
     @property
     def port(self) -> int | None:
@@ -136,14 +181,16 @@ class Responder:
         self.store = StateStore(s, self.producer, self.topics)
         await self.store.start()
         await self.store.wait_ready()
-        client = make_client(s.openai_api_key, s.openai_base_url, s.openai_timeout_seconds)
-        self._openai_close.append(client)
-        replier = Replier(client, model=s.openai_model, instructions=self.instructions,
-                          max_attempts=s.openai_max_attempts,
-                          max_output_tokens=s.openai_max_output_tokens or None)
-        self.sender = ChannelSender(*(p.open_client(s, "send") for p in providers.providers()))
-        self.worker = ResponderWorker(s, replier=replier, sender=self.sender, store=self.store,
-                                      producer=self.producer, topics=self.topics)
+        repliers = TenantRepliers({
+            tenant.id: Replier(
+                self.openai_clients.get(openai_account(tenant, s, self.environ)), model=tenant.openai.model,
+                instructions=self.instructions_by_tenant[tenant.id], max_attempts=s.openai_max_attempts,
+                max_output_tokens=s.openai_max_output_tokens or None)
+            for tenant in self.tenants
+        })
+        self.sender = ChannelSender(accounts=AccountClients(s, self.tenants, "send", environ=self.environ))
+        self.worker = ResponderWorker(s, replier=repliers, sender=self.sender, store=self.store,
+                                      producer=self.producer, topics=self.topics, tenants=self.tenants)
         self.consumer = KeyedConsumer(
             s, service=SERVICE, topics=[self.topics.responder_requests],
             group_id=f"{s.topic_prefix}responder",
@@ -169,10 +216,10 @@ class Responder:
                 await self.producer.stop()
         if self.sender is not None:
             await self.sender.aclose()
-        for client in self._openai_close:
+        for client in self.openai_clients.all():
             with contextlib.suppress(Exception):
-                await client.close()  # type: ignore[attr-defined]
-        self._openai_close.clear()
+                await client.close()
+        self.openai_clients.clear()
         if self.runner is not None:
             await self.runner.cleanup()
         self.runner = None

@@ -104,8 +104,10 @@ from ..common.records import (
     ResponderRequest,
     ResponderState,
 )
+from ..common.tenants import Tenants, load_tenants
 from ..common.timeparse import utcnow
-from .ai import AIFailure, ConversationGone, Generated, Replier
+from ..providers.accounts import request_account_problem
+from .ai import AIFailure, ConversationGone, Generated, Replier, TenantRepliers
 from .channels import ChannelSender, SendFailed
 from .prompt import build_input
 from .splitting import limit_for, split_message
@@ -134,14 +136,9 @@ def request_problem(request: dict[str, Any]) -> str | None:
         return "empty batch_id"
     key = str(request.get("customer_key") or "")
     try:
-        scope = parse_key(key)
+        provider = parse_key(key).provider
     except KeyError_:
         return "malformed customer_key"
-    if not scope.is_default:
-        # per-tenant senders are not wired yet (docs/tenants.md "Not done yet"): never answer another
-        # tenant's customer from the deployment's account
-        return f"tenant {scope.tenant} account {scope.account}: per-tenant sending is not wired yet"
-    provider = scope.provider
     channel = request.get("channel")
     try:
         channel_provider = providers.for_channel(str(channel)).name
@@ -169,7 +166,7 @@ class ResponderWorker:
         self,
         settings: Settings,
         *,
-        replier: Replier,
+        replier: Replier | TenantRepliers,
         sender: ChannelSender,
         store: StateStore,
         producer: AIOKafkaProducer,
@@ -177,9 +174,12 @@ class ResponderWorker:
         kafka_attempts: int = 8,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], datetime] = utcnow,
+        tenants: Tenants | None = None,
     ) -> None:
         self.settings = settings
-        self.replier = replier
+        # each customer is answered with its tenant's Replier and sent from its tenant's account
+        self.repliers = replier if isinstance(replier, TenantRepliers) else TenantRepliers.single(replier)
+        self.tenants = load_tenants(settings) if tenants is None else tenants
         self.sender = sender
         self.store = store
         self.producer = producer
@@ -191,6 +191,11 @@ class ResponderWorker:
         self.send_hold = settings.responder_send_hold_seconds
         self.locale = settings.prompt_locale
         self.fallback_text = settings.fallback_text.strip()
+
+    @property
+    def replier(self) -> Replier:
+        """The `default` tenant's Replier."""
+        return self.repliers.default
 
     # ---------------------------------------------------------------- entry point
 
@@ -207,6 +212,12 @@ class ResponderWorker:
         problem = request_problem(value)
         if problem is not None:
             await self._dead_letter(record, "invalid_request", problem,
+                                    _str(value.get("customer_key")), _str(value.get("batch_id")))
+            await self._close_invalid(value)
+            return
+        no_account = request_account_problem(self.tenants, str(value["customer_key"]))
+        if no_account is not None:  # a tenant or account removed from TENANTS_FILE: never answered
+            await self._dead_letter(record, "no_account", no_account,
                                     _str(value.get("customer_key")), _str(value.get("batch_id")))
             await self._close_invalid(value)
             return
@@ -426,7 +437,8 @@ class ResponderWorker:
             conversation_id = state["conversation_id"]
             assert conversation_id is not None
             try:
-                return state, await self.replier.reply(conversation_id, input_items, key, request["batch_id"])
+                return state, await self.repliers.for_key(key).reply(
+                    conversation_id, input_items, key, request["batch_id"])
             except ConversationGone as gone:
                 if recreated:
                     raise AIFailure("conversation_not_found", str(gone)) from None
@@ -436,7 +448,8 @@ class ResponderWorker:
 
     async def _new_conversation(self, state: ResponderState, channel: str) -> ResponderState:
         """Creates the customer's conversation and persists its id BEFORE it is used."""
-        conversation_id = await self.replier.create_conversation(state["customer_key"], channel)
+        conversation_id = await self.repliers.for_key(state["customer_key"]).create_conversation(
+            state["customer_key"], channel)
         state = with_conversation(state, conversation_id)
         await self._persist(state)
         event(log, "conversation_created", customer=state["customer_key"], conversation=conversation_id)
@@ -456,7 +469,8 @@ class ResponderWorker:
         send_started = progress.get("sent_at") or utcnow()
         try:
             sent = await self.sender.send(
-                request["channel"], request["provider_id"], progress["text"], batch_id, resume=resume
+                request["channel"], request["provider_id"], progress["text"], batch_id, resume=resume,
+                customer_key=key,
             )
             parts, ids, text = sent.parts, sent.ids, progress["text"]
         except SendFailed as failure:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Self
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 # The stand-ins' own test credentials (not secrets: they only open the local fakes).
 DEFAULT_WATI_TOKEN = "wati-test-token"  # noqa: S105
@@ -33,6 +34,8 @@ class RecordedRequest:
     body: Any
     at: datetime
     monotonic: float
+    #: the request's headers, case-insensitive (tests check who called: `Authorization`, `OpenAI-Project`)
+    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
 
 
 @dataclass
@@ -118,6 +121,9 @@ class StandInServer:
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
         self.latency: float = 0.0
+        #: requests waiting in `hold_requests` (recorded, not answered yet)
+        self.held = 0
+        self._gate: asyncio.Event | None = None
         self.host = "127.0.0.1"
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -179,14 +185,35 @@ class StandInServer:
             body=body,
             at=datetime.now(UTC),
             monotonic=time.monotonic(),
+            headers=CIMultiDict(request.headers),
         )
         self.requests.append(entry)
         return entry
 
     async def delay(self, seconds: float | None = None) -> None:
+        gate = self._gate
+        if gate is not None:
+            self.held += 1
+            try:
+                await gate.wait()
+            finally:
+                self.held -= 1
         wait = self.latency if seconds is None else seconds
         if wait > 0:
             await asyncio.sleep(wait)
+
+    # -- a hung server ---------------------------------------------------------------------
+    def hold_requests(self) -> None:
+        """From now on every request is recorded, then waits unanswered until `release_requests()`
+        (a server that hangs: tests await what others do meanwhile instead of sleeping)."""
+        if self._gate is None:
+            self._gate = asyncio.Event()
+
+    def release_requests(self) -> None:
+        """Answers every held request (and stops holding new ones)."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
 
 
 async def read_form_or_json(request: web.Request) -> dict[str, Any]:

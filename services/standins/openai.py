@@ -22,6 +22,11 @@ Errors as the real API sends them (`fail_next`): billing 429s keep `type: "insuf
 with `code` one of `BILLING_MESSAGES` (or, in older bodies, `null` — pass `type_` to write that);
 rate-limit 429s carry `retry-after-ms` or `Retry-After` (seconds), as the test chooses.
 
+Projects: conversations and files belong to the project they were created in — the request's
+`OpenAI-Project` header, else the key's default project — and are not found (404, or
+`file_not_found`) from another project, as on OpenAI; objects made by the test helpers
+(`add_conversation`) are visible to every project. Further keys are accepted with `add_key`.
+
 Choices where the reference is silent: 404 bodies use `code: null` (only the status says "not
 found"); an unknown `file_id` in an image part is 400 `file_not_found` (`missing_file_status = 404`
 answers 404 naming the part's `file_id` instead); only `message` input items are supported (other
@@ -33,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import ipaddress
 import json
 import re
@@ -81,6 +87,13 @@ _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _JSON = web.RequestKey("json", object)
 _JSON_ERROR = web.RequestKey("json_error", bool)
 _RECORD = web.RequestKey("record", RecordedRequest)
+#: the project the current request acts in (set per request by the middleware)
+_PROJECT: contextvars.ContextVar[str] = contextvars.ContextVar("openai_standin_project", default="")
+
+
+def project_of(api_key: str | None, project_header: str | None) -> str:
+    """The project a request acts in: its `OpenAI-Project`, else its key's default project."""
+    return project_header.strip() if project_header and project_header.strip() else f"key:{api_key}"
 
 
 class ApiError(Exception):
@@ -289,6 +302,8 @@ class StoredFile:
     data: bytes
     content_type: str
     created_at: int
+    #: the project it was uploaded in ("" = visible to every project: test setup)
+    project: str = ""
 
     def object(self) -> dict[str, Any]:
         return {
@@ -326,6 +341,8 @@ class _ConversationInfo:
     created_at: int
     metadata: dict[str, str] = field(default_factory=dict)
     deleted: bool = False
+    #: the project it was created in ("" = visible to every project: test setup)
+    project: str = ""
 
     def object(self) -> dict[str, Any]:
         return {"id": self.id, "object": "conversation", "created_at": self.created_at,
@@ -344,6 +361,8 @@ class OpenAIStandIn(StandInServer):
     ) -> None:
         super().__init__()
         self.api_key = api_key
+        #: further keys this stand-in accepts (other accounts: a tenant's own key), see `add_key`
+        self.other_keys: set[str] = set()
         #: request JSON → reply text (plain-text responses).
         self.reply_fn: ReplyFn = reply_fn or default_reply
         #: (request JSON, schema) → object (json.dumps'ed) or str (sent as is, may be invalid JSON).
@@ -408,6 +427,11 @@ class OpenAIStandIn(StandInServer):
         }})
         all_headers = merged_headers({"retry-after-ms": "1"}, headers)
         self.faults.add(kind, Fault(status, body, all_headers, times, after=after))
+
+    def add_key(self, api_key: str) -> None:
+        """Accepts another API key too (another OpenAI account, e.g. a tenant's own); requests
+        record which key and `OpenAI-Project` they came with (`requests[i].headers`)."""
+        self.other_keys.add(api_key)
 
     def latency_for(self, predicate: Callable[[dict[str, Any]], bool], seconds: float) -> None:
         """Responses whose request JSON matches take `seconds` (first matching rule wins)."""
@@ -513,7 +537,8 @@ class OpenAIStandIn(StandInServer):
             body = "<multipart>"
         request[_JSON] = body
         request[_RECORD] = await self.record(request, body)
-        if bearer_token(request) != self.api_key:
+        _PROJECT.set(project_of(bearer_token(request), request.headers.get("OpenAI-Project")))
+        if bearer_token(request) not in {self.api_key, *self.other_keys}:
             return error_response(
                 401, "Incorrect API key provided. You can find your API key at "
                 "https://platform.openai.com/account/api-keys.", "invalid_request_error", None,
@@ -545,7 +570,7 @@ class OpenAIStandIn(StandInServer):
 
     def _conversation(self, cid: str, param: str | None = None) -> _ConversationInfo:
         info = self._info.get(cid)
-        if info is None or info.deleted:
+        if info is None or info.deleted or not _visible(info.project):
             raise ApiError(404, f"Conversation with id '{cid}' not found.", param=param)
         return info
 
@@ -586,8 +611,8 @@ class OpenAIStandIn(StandInServer):
         if len(raw_items) > 20:
             raise _invalid("items", "array too long. Expected at most 20 items.", "array_above_max_length")
         metadata = validate_metadata(body.get("metadata"))
-        items = [_normalize_item(i, f"items[{n}]", self.files) for n, i in enumerate(raw_items)]
-        conv = _ConversationInfo(new_id("conv_"), int(time.time()), metadata)
+        items = [_normalize_item(i, f"items[{n}]", self._visible_files()) for n, i in enumerate(raw_items)]
+        conv = _ConversationInfo(new_id("conv_"), int(time.time()), metadata, project=_PROJECT.get())
         self._info[conv.id] = conv
         self.conversations[conv.id] = items
         return web.json_response(conv.object())
@@ -622,7 +647,7 @@ class OpenAIStandIn(StandInServer):
             raise _invalid("items", "expected a non-empty array.", "invalid_type")
         if len(raw_items) > 20:
             raise _invalid("items", "array too long. Expected at most 20 items.", "array_above_max_length")
-        items = [_normalize_item(i, f"items[{n}]", self.files) for n, i in enumerate(raw_items)]
+        items = [_normalize_item(i, f"items[{n}]", self._visible_files()) for n, i in enumerate(raw_items)]
         self._check_unlocked(conv.id)
         self.conversations[conv.id].extend(items)
         return web.json_response(_list_object(items, has_more=False))
@@ -720,10 +745,10 @@ class OpenAIStandIn(StandInServer):
             raise _missing("input")
         raw_input = body["input"]
         if isinstance(raw_input, str):
-            input_items = [_normalize_item({"role": "user", "content": raw_input}, "input", self.files,
-                                           self.missing_file_status)]
+            input_items = [_normalize_item({"role": "user", "content": raw_input}, "input",
+                                           self._visible_files(), self.missing_file_status)]
         elif isinstance(raw_input, list):
-            input_items = [_normalize_item(i, f"input[{n}]", self.files, self.missing_file_status)
+            input_items = [_normalize_item(i, f"input[{n}]", self._visible_files(), self.missing_file_status)
                            for n, i in enumerate(raw_input)]
         else:
             raise _invalid("input", "expected a string or an array.", "invalid_type")
@@ -850,7 +875,8 @@ class OpenAIStandIn(StandInServer):
         if not data:
             raise _invalid("file", "the file is empty.")
         stored = StoredFile(file_id(), upload.filename or "upload", purpose, data,
-                            upload.content_type or "application/octet-stream", int(time.time()))
+                            upload.content_type or "application/octet-stream", int(time.time()),
+                            project=_PROJECT.get())
         self.files[stored.id] = stored
         record = request.get(_RECORD)
         if record is not None:
@@ -858,9 +884,13 @@ class OpenAIStandIn(StandInServer):
                                       "bytes": len(data)}
         return web.json_response(stored.object())
 
+    def _visible_files(self) -> dict[str, StoredFile]:
+        """The files of the current request's project (and the test setup's)."""
+        return {fid: f for fid, f in self.files.items() if _visible(f.project)}
+
     def _file(self, fid: str) -> StoredFile:
         stored = self.files.get(fid)
-        if stored is None:
+        if stored is None or not _visible(stored.project):
             raise ApiError(404, f"No such File object: {fid}", param="id")
         return stored
 
@@ -881,6 +911,11 @@ class OpenAIStandIn(StandInServer):
 
 
 # -- module helpers ------------------------------------------------------------------------------
+
+def _visible(project: str) -> bool:
+    """Whether an object of `project` is visible to the current request (same project, or setup's)."""
+    return not project or project == _PROJECT.get()
+
 def _kind_of(path: str) -> str | None:
     if path.startswith("/v1/responses"):
         return "responses"

@@ -11,6 +11,9 @@ Behaviour chosen where the reference says "unconfirmed" (tests rely on these cho
   over 4096 characters) are HTTP 200 `{"result": false, "info": "..."}`, like WATI.
 - Our own sends appear in the contact's history as `owner: true`, `operatorName: "API Token <last4>"`.
 - A wrong or missing Bearer token is HTTP 401 with an empty body; an unknown tenant is HTTP 404.
+- Several WATI tenants (accounts) on one server, as on WATI's shared hosts: `add_tenant` gives each
+  its own tenant id in the path, its own token and its own contacts, sends, media, faults and
+  latency; a request is answered by the tenant its path names.
 - getMedia of an unknown file is HTTP 404 `{"result": false, "info": "File not found"}`.
 - A contact may be known by a phone number and a BSUID at once: `link_contact` makes them share one
   history, so either id works in paths.
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -123,6 +126,23 @@ class WatiStandIn(StandInServer):
         self._contacts: dict[str, _Contact] = {}
         self._aliases: dict[str, str] = {}
         self._media: dict[str, _Media] = {}
+        #: the other tenants this server hosts (`add_tenant`), and the server hosting this one
+        self._tenants: dict[str, WatiStandIn] = {}
+        self._host: WatiStandIn | None = None
+
+    def add_tenant(self, tenant: str, token: str) -> WatiStandIn:
+        """Another WATI tenant on this server (same origin, its own id and token and state); returns
+        its stand-in, steered and asserted on like this one."""
+        if tenant == self.tenant or tenant in self._tenants:
+            raise ValueError(f"tenant {tenant!r} is already served here")
+        other = WatiStandIn(token, tenant=tenant, clock=self.clock)
+        other._host = self
+        self._tenants[tenant] = other
+        return other
+
+    @property
+    def origin(self) -> str:
+        return self._host.origin if self._host is not None else super().origin
 
     @property
     def url(self) -> str:
@@ -254,18 +274,31 @@ class WatiStandIn(StandInServer):
         self.requests.clear()
         self.faults.clear()
         self.latency = 0.0
+        self.release_requests()
         self.history_order = "newest_first"
         self.clock = lambda: datetime.now(UTC)
+        for other in self._tenants.values():  # the hosted tenants stay, emptied
+            other.reset()
 
     # -- HTTP ------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes)
-        app.router.add_get("/{tenant}/api/v1/getMessages/{contact}", self._get_messages)
-        app.router.add_post("/{tenant}/api/v1/sendSessionMessage/{contact}", self._send_message)
-        app.router.add_post("/{tenant}/api/v1/sendSessionFile/{contact}", self._send_file)
-        app.router.add_get("/{tenant}/api/v1/getMedia", self._get_media)
-        app.router.add_get("/{tenant}/api/v1/getContacts", self._get_contacts)
+        app.router.add_get("/{tenant}/api/v1/getMessages/{contact}", self._by_tenant("_get_messages"))
+        app.router.add_post("/{tenant}/api/v1/sendSessionMessage/{contact}", self._by_tenant("_send_message"))
+        app.router.add_post("/{tenant}/api/v1/sendSessionFile/{contact}", self._by_tenant("_send_file"))
+        app.router.add_get("/{tenant}/api/v1/getMedia", self._by_tenant("_get_media"))
+        app.router.add_get("/{tenant}/api/v1/getContacts", self._by_tenant("_get_contacts"))
         return app
+
+    def _by_tenant(self, handler: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """The handler of the tenant the path names (this one for an unknown tenant: its 404)."""
+
+        async def handle(request: web.Request) -> web.Response:
+            target = self._tenants.get(request.match_info.get("tenant", ""), self)
+            response: web.Response = await getattr(target, handler)(request)
+            return response
+
+        return handle
 
     async def _guard(self, request: web.Request, kind: str, body: Any) -> web.Response | None:
         """Records, waits the latency, checks tenant and token, serves an injected fault."""

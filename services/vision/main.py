@@ -3,6 +3,11 @@
 Consumes `vision-requests` in group `<prefix>vision` through the keyed consumer (one customer's
 batches strictly in order, different customers concurrently up to RESPONDER_CONCURRENCY), and
 serves `/healthz`, `/readyz`, `/metrics` on VISION_WEB_PORT. See `worker.py` for what it does.
+
+Tenants are loaded at start (TENANTS_FILE, else the `default` tenant from the settings); with a file,
+vision refuses to start when a tenant's account token or OpenAI key reference does not resolve.
+Media are downloaded through each customer's tenant account, images uploaded and classified with
+its tenant's OpenAI account (one client per account, reused).
 """
 
 from __future__ import annotations
@@ -17,13 +22,19 @@ import httpx
 import openai
 from aiokafka import AIOKafkaProducer
 
-from services import providers
 from services.common import logs
-from services.common.config import Settings
+from services.common.config import ConfigError, Settings
 from services.common.kafka import ensure_topics, make_producer
 from services.common.keyed_consumer import KeyedConsumer
+from services.common.openai_accounts import OpenAIAccount, OpenAIClients, openai_account
 from services.common.ops_http import serve_ops
-from services.providers.base import Client
+from services.common.tenants import load_tenants, settings_environ
+from services.providers.accounts import (
+    AccountClients,
+    NoAccount,
+    account_token_problems,
+    register_tenant_secrets,
+)
 
 from .classify import parse_categories
 from .images import is_private_host
@@ -51,9 +62,17 @@ class Vision:
         self.allow_private_urls = (
             is_private_host(settings.manychat_api_url) if allow_private_urls is None else allow_private_urls
         )
+        self.tenants = load_tenants(settings)
+        self.environ = settings_environ(settings)
+        problems = account_token_problems(self.tenants, self.environ, openai_keys=True)
+        if problems:
+            raise ConfigError("tenants cannot be served:\n  " + "\n  ".join(problems))
+        register_tenant_secrets(self.tenants, self.environ)
         self.producer: AIOKafkaProducer | None = None
         self.client: openai.AsyncOpenAI | None = None
-        self.media_clients: list[Client] = []
+        self.openai_clients: OpenAIClients[openai.AsyncOpenAI] = OpenAIClients(self._openai_client)
+        self._openai_by_tenant: dict[str, openai.AsyncOpenAI] = {}
+        self.media_accounts: AccountClients | None = None
         self.http: httpx.AsyncClient | None = None
         self.worker: VisionWorker | None = None
         self.consumer: KeyedConsumer | None = None
@@ -63,17 +82,13 @@ class Vision:
         topics = await ensure_topics(s)
         self.producer = make_producer(s)
         await self.producer.start()
-        self.client = openai.AsyncOpenAI(
-            api_key=s.openai_api_key, base_url=s.openai_base_url, timeout=s.openai_timeout_seconds,
-            max_retries=max(0, s.openai_max_attempts - 1),
-            http_client=openai.DefaultAsyncHttpxClient(event_hooks={
-                "request": [count_sdk_retry], "response": [refuse_retry_of_billing_errors]}),
-        )
-        self.media_clients = [c for c in (p.open_client(s, "media") for p in providers.providers()) if c]
+        self.client = self.openai_clients.get(OpenAIAccount(s.openai_api_key))
+        self.media_accounts = AccountClients(s, self.tenants, "media", environ=self.environ)
         self.http = attachment_http_client(allow_private_urls=self.allow_private_urls)
-        fetcher = MediaFetcher(s, clients=self.media_clients, http=self.http,
+        fetcher = MediaFetcher(s, accounts=self.media_accounts, http=self.http,
                                allow_private_urls=self.allow_private_urls)
-        self.worker = VisionWorker(s, producer=self.producer, client=self.client, fetcher=fetcher)
+        self.worker = VisionWorker(s, producer=self.producer, client=self.client, fetcher=fetcher,
+                                   clients_for=self.openai_client_for, tenants=self.tenants)
         self.consumer = KeyedConsumer(
             s, service=SERVICE, topics=[topics.vision_requests], group_id=f"{s.topic_prefix}vision",
             handler=self.worker.handle, concurrency=max(1, s.responder_concurrency),
@@ -82,6 +97,27 @@ class Vision:
         await self.consumer.start()
         logs.event(log, "vision_started", model=s.vision_model_name,
                    categories=",".join(self.worker.categories))
+
+    def _openai_client(self, account: OpenAIAccount) -> openai.AsyncOpenAI:
+        """Vision's OpenAI client of one account: the SDK retries, billing 429s refused, counted."""
+        s = self.settings
+        return openai.AsyncOpenAI(
+            api_key=account.api_key, project=account.project, base_url=s.openai_base_url,
+            timeout=s.openai_timeout_seconds, max_retries=max(0, s.openai_max_attempts - 1),
+            http_client=openai.DefaultAsyncHttpxClient(event_hooks={
+                "request": [count_sdk_retry], "response": [refuse_retry_of_billing_errors]}),
+        )
+
+    def openai_client_for(self, customer_key: str) -> openai.AsyncOpenAI:
+        """The OpenAI client of the customer's tenant (checked configured before any call)."""
+        tenant = self.tenants.for_key(customer_key)
+        if tenant is None:
+            raise NoAccount("tenant is not configured")
+        client = self._openai_by_tenant.get(tenant.id)
+        if client is None:  # the tenant's key is resolved once, not per image
+            client = self.openai_clients.get(openai_account(tenant, self.settings, self.environ))
+            self._openai_by_tenant[tenant.id] = client
+        return client
 
     def ready(self) -> tuple[bool, str]:
         if self.consumer is None:
@@ -95,14 +131,16 @@ class Vision:
             self.consumer = None
         for closer in (
             self.http.aclose() if self.http else None,
-            *(client.aclose() for client in self.media_clients),
-            self.client.close() if self.client else None,
+            self.media_accounts.aclose() if self.media_accounts else None,
+            *(client.close() for client in self.openai_clients.all()),
         ):
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer
         self.http = self.client = None
-        self.media_clients = []
+        self.media_accounts = None
+        self.openai_clients.clear()
+        self._openai_by_tenant.clear()
         if self.producer is not None:
             await self.producer.stop()
             self.producer = None

@@ -33,6 +33,13 @@ description, a DeadLetter records the reason (`image_download_failed`, `not_an_i
 `unsupported_image`, `image_too_large`, `image_upload_failed`, `classification_failed`; and, for
 bugs, `image_failed` / `vision_failed`), and the batch is still forwarded.
 
+Tenants (docs/tenants.md): every call for a customer goes through ITS tenant's accounts — the media
+download through the tenant's channel account (`AccountClients`, one client per account), the upload
+and the classification through the tenant's OpenAI account (own key and project, else the
+deployment's), so the file id lives in the project the responder answers that customer in. The
+model is VISION_MODEL_NAME for every tenant. A key of a tenant or account that is not configured is
+forwarded untouched (no client of any tenant is used for it); the responder refuses it (`no_account`).
+
 Idempotency: a redelivered VisionRequest (same batch id) may be downloaded and classified again
 (one more file upload and ImageClassified event), but the forwarded ResponderRequest carries the
 same batch id, and the responder answers a batch id once.
@@ -65,7 +72,9 @@ from services.common.records import (
     ImageContext,
     ResponderRequest,
 )
+from services.common.tenants import Tenants, load_tenants
 from services.common.timeparse import utcnow
+from services.providers.accounts import AccountClients, NoAccount, request_account_problem
 from services.providers.base import Client, MediaPolicy, ProviderFailure
 
 from . import classify, images
@@ -147,14 +156,16 @@ def openai_detail(exc: BaseException) -> str:
 
 class MediaFetcher:
     """Downloads a customer's media through the provider of the channel it came from, with that
-    provider's client (`Provider.open_client(settings, "media")`); attachment URLs go through
-    `_from_url`'s checks (private hosts, size, retries)."""
+    provider's client (`Provider.open_client(settings, "media")`) — with `accounts`, the client of
+    the customer's own tenant account; attachment URLs go through `_from_url`'s checks (private
+    hosts, size, retries)."""
 
     def __init__(
         self,
         settings: Settings,
         *,
         clients: Iterable[Client | None] = (),
+        accounts: AccountClients | None = None,
         http: httpx.AsyncClient,
         allow_private_urls: bool,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -164,11 +175,12 @@ class MediaFetcher:
         for client in clients:
             if client is not None:
                 self.clients[providers.for_client(client).name] = client
+        self.accounts = accounts
         self.http = http
         self.allow_private_urls = allow_private_urls
         self._sleep = sleep
 
-    async def fetch(self, channel: Channel, media_ref: str) -> bytes:
+    async def fetch(self, channel: Channel, media_ref: str, customer_key: str | None = None) -> bytes:
         """The media's bytes; raises ImageRejected (image_download_failed / image_too_large)."""
         if not media_ref:
             raise ImageRejected("image_download_failed", "the message has no media reference")
@@ -178,8 +190,14 @@ class MediaFetcher:
             raise ImageRejected("image_download_failed", str(exc)) from None
         policy = MediaPolicy(max_bytes=self.max_bytes, attempts=MEDIA_ATTEMPTS,
                              retry_cap_seconds=MEDIA_RETRY_CAP_SECONDS, sleep=self._sleep)
+        client: Client | None = self.clients.get(provider.name)
+        if self.accounts is not None and customer_key is not None:
+            try:
+                client = self.accounts.client(provider, customer_key)
+            except NoAccount as exc:
+                raise ImageRejected("image_download_failed", exc.reason) from None
         try:
-            return await provider.fetch_media(self.clients.get(provider.name), channel, media_ref,
+            return await provider.fetch_media(client, channel, media_ref,
                                               policy=policy, download_url=self._from_url)
         except ProviderFailure as exc:
             if exc.reason == "too_large":
@@ -256,11 +274,16 @@ class VisionWorker:
         producer: AIOKafkaProducer,
         client: openai.AsyncOpenAI,
         fetcher: MediaFetcher,
+        clients_for: Callable[[str], openai.AsyncOpenAI] | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         self.settings = settings
         self.topics = Topics.from_settings(settings)
         self.producer = producer
         self.client = client
+        #: the OpenAI client of a customer's tenant (default: `client` for every customer)
+        self.clients_for = clients_for or (lambda _key: self.client)
+        self.tenants = load_tenants(settings) if tenants is None else tenants
         self.fetcher = fetcher
         self.model = settings.vision_model_name
         self.categories = classify.parse_categories(settings.image_categories)
@@ -286,6 +309,13 @@ class VisionWorker:
                 source_topic=record.topic, partition=record.partition, offset=record.offset, key=record.key,
                 payload=record.value, customer_key=request["customer_key"], batch_id=request["batch_id"],
             )
+            return
+        no_account = request_account_problem(self.tenants, request["customer_key"])
+        if no_account is not None:  # no client of any tenant is used: the responder refuses it
+            event(log, "no_account", logging.WARNING, customer=request["customer_key"],
+                  batch_id=request["batch_id"], reason=no_account)
+            await self._send(self.topics.responder_requests, request["customer_key"], "ResponderRequest",
+                             dict(request))
             return
         try:
             await self.process(request, record)
@@ -344,19 +374,20 @@ class VisionWorker:
 
     async def _image_steps(self, request: ResponderRequest, ref: ImageRef) -> ImageResult:
         try:
-            data = await self.fetcher.fetch(request["channel"], ref.media_ref)
+            data = await self.fetcher.fetch(request["channel"], ref.media_ref, request["customer_key"])
             mime = images.validate_image(data, self.settings.image_max_bytes)
         except ImageRejected as exc:
             return ImageResult(classify.failed_context(ref.media_ref, exc.reason),
                                Failure(exc.reason, exc.detail), False)
         try:
-            file_id = await self._upload(data, mime, tenant=metrics.key_tenant(request["customer_key"]))
+            client = self.clients_for(request["customer_key"])
+            tenant = metrics.key_tenant(request["customer_key"])
+            file_id = await self._upload(data, mime, client, tenant=tenant)
         except openai.OpenAIError as exc:
             return ImageResult(classify.failed_context(ref.media_ref, "image_upload_failed", mime=mime),
                                Failure("image_upload_failed", openai_detail(exc)), False)
         try:
-            result = await self._classify(file_id, ref.message.get("caption"),
-                                          tenant=metrics.key_tenant(request["customer_key"]))
+            result = await self._classify(file_id, ref.message.get("caption"), client, tenant=tenant)
         except openai.OpenAIError as exc:
             return ImageResult(
                 classify.failed_context(ref.media_ref, "classification_failed", file_id=file_id, mime=mime),
@@ -367,11 +398,13 @@ class VisionWorker:
             return ImageResult(classify.invalid_output_context(ref.media_ref, file_id, mime), None, True)
         return ImageResult(classify.classified_context(ref.media_ref, file_id, mime, result), None, True)
 
-    async def _upload(self, data: bytes, mime: str, *, tenant: str) -> str:
+    async def _upload(
+        self, data: bytes, mime: str, client: openai.AsyncOpenAI | None = None, *, tenant: str,
+    ) -> str:
         started = time.monotonic()
         outcome = "ok"
         try:
-            uploaded = await self.client.files.create(
+            uploaded = await (client or self.client).files.create(
                 file=(images.upload_file_name(data, mime), data, mime), purpose="vision")
             return uploaded.id
         except openai.OpenAIError as exc:
@@ -381,14 +414,17 @@ class VisionWorker:
             metrics.openai_requests_total.labels("vision_upload", outcome, tenant).inc()
             metrics.openai_latency_seconds.labels("vision_upload").observe(time.monotonic() - started)
 
-    async def _classify(self, file_id: str, caption: str | None, *, tenant: str) -> classify.Classification:
+    async def _classify(
+        self, file_id: str, caption: str | None, client: openai.AsyncOpenAI | None = None,
+        *, tenant: str,
+    ) -> classify.Classification:
         """The validated classification; raises OpenAIError or InvalidClassification. `tenant`: the
         customer's tenant label of the call's metrics."""
         started = time.monotonic()
         outcome = "ok"
         try:
             kwargs = classify.classification_request(self.model, file_id, self.categories, caption)
-            response = await self.client.responses.create(**kwargs)
+            response = await (client or self.client).responses.create(**kwargs)
             if response.status not in (None, "completed"):
                 details = response.incomplete_details
                 why = details.reason if details is not None else None

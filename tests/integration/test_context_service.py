@@ -643,9 +643,10 @@ async def test_a_failing_history_still_answers_and_the_audit_says_why(
 async def test_two_tenants_sharing_a_phone_number_are_two_customers_and_the_default_account_is_not_asked(
     bus: Bus, worker: ContextWorker, stand_ins: StandIns
 ) -> None:
-    """docs/tenants.md: another tenant's customer with the same number has its own state and batch,
-    and is answered without history rather than from the deployment's WATI account (per-tenant
-    clients are not wired yet), which knows that number as its own customer."""
+    """docs/tenants.md: another tenant's customer with the same number has its own state and batch;
+    its tenant is not configured here (no TENANTS_FILE: a tenant removed from the file), so it is
+    answered without history (`no_account`) rather than from the deployment's WATI account, which
+    knows that number as its own customer."""
     ours, wa_id = new_customer()
     theirs = f"hotel-a/centro/{ours}"
     stand_ins.wati.add_message(wa_id, text="the default account's own conversation", owner=True,
@@ -656,7 +657,7 @@ async def test_two_tenants_sharing_a_phone_number_are_two_customers_and_the_defa
     assert texts(request) == ["table for two?"] and request["missed_messages"] == []
     assert request["batch_id"] == f"{theirs}:1"
     audit = (await bus.wait_for(bus.topics.audit, theirs))[0]
-    assert audit["history_error"] == "tenant_not_wired"
+    assert audit["history_error"] == "no_account"
     assert len([r for r in stand_ins.wati.requests if wa_id in r.path]) == asked_before
     await bus.inbound(inbound(ours, "room for tonight?", clock()))
     (own,) = await bus.wait_for(bus.topics.responder_requests, ours)

@@ -503,7 +503,7 @@ async def test_unexpected_errors_still_forward_the_batch(env: Env, monkeypatch: 
     assert worker is not None
     cust = customer("wati")
 
-    async def broken_fetch(channel: str, media_ref: str) -> bytes:
+    async def broken_fetch(channel: str, media_ref: str, customer_key: str | None = None) -> bytes:
         raise RuntimeError("bug in a download")
 
     monkeypatch.setattr(worker.fetcher, "fetch", broken_fetch)

@@ -17,6 +17,7 @@ from services.common import codec, metrics
 from services.common.config import GapPolicy, Settings
 from services.common.kafka import Topics
 from services.common.records import ContextCommand, CustomerState, InboundMessage
+from services.common.tenants import Tenants, parse_tenants
 from services.context import state as sm
 from services.context.app import (
     CustomerIndex,
@@ -30,6 +31,7 @@ from services.context.app import (
 )
 from services.context.fetcher import FetchResult, HistoryFetcher, ReconcileSweep, SweepTarget, TokenBucket
 from services.context.views import bearer_ok, customer_view, jsonable, parse_actor, parse_paging
+from services.providers.accounts import AccountClients
 from services.standins import WatiStandIn
 
 KEY = "wati:50370001111"
@@ -429,25 +431,126 @@ async def test_fetch_failures_become_reason_codes(wati: WatiStandIn, status: int
                   {"reason": reason, "tenant": "default"}) == before + 1
 
 
-async def test_another_tenants_customer_is_never_fetched_from_the_deployments_account(
+async def test_a_customer_of_an_unconfigured_tenant_is_never_fetched_from_another_account(
     wati: WatiStandIn,
 ) -> None:
-    """Per-tenant WATI clients are not wired yet: such a customer is answered without history, and
-    the default account is not asked about its number (which it may know as its own customer)."""
+    """A key whose tenant is not configured (removed from TENANTS_FILE): answered without history,
+    and the default account is not asked about its number (which it knows as its own customer)."""
     wati.add_message("50370001111", text="the default tenant's conversation", owner=False, at=T0)
     fetcher = fetcher_for(wati, Commands())
-    not_wired = {"reason": "tenant_not_wired", "tenant": "hotel-a"}
-    before = sample("watistream_history_fetch_failures_total", not_wired)
-    configured = metrics.bounded_tenants()
-    metrics.bound_tenants(["hotel-a"])  # this process's tenants (the bound is per process)
+    no_account = {"reason": "no_account", "tenant": "other"}  # a tenant not configured: bounded
+    before = sample("watistream_history_fetch_failures_total", no_account)
     try:
         result = await fetcher.fetch("hotel-a/centro/wati:50370001111", "50370001111", None, purpose="batch")
     finally:
         await fetcher.close()
-        metrics.bound_tenants(configured)
-    assert result == FetchResult(error="tenant_not_wired")
+    assert result == FetchResult(error="no_account")
     assert wati.requests == []
-    assert sample("watistream_history_fetch_failures_total", not_wired) == before + 1
+    assert sample("watistream_history_fetch_failures_total", no_account) == before + 1
+
+
+@pytest.fixture
+async def two_watis() -> AsyncIterator[tuple[WatiStandIn, WatiStandIn]]:
+    """Two WATI accounts: different tenant ids (in the API URL) and different tokens."""
+    async with WatiStandIn("token-of-playa", tenant="302222") as playa, \
+            WatiStandIn("token-of-shop", tenant="401111") as shop:
+        yield playa, shop
+
+
+def two_tenants(playa: WatiStandIn, shop: WatiStandIn, **overrides: Any) -> tuple[Settings, Tenants]:
+    settings = Settings(history_timeout_seconds=30.0, **overrides)
+    tenants = parse_tenants({"tenants": [
+        {"id": "playa", "webhook_secret": "env:PLAYA_HOOK",
+         "wati": {"id": "reception", "api_url": playa.url, "token": "env:PLAYA_WATI"}},
+        {"id": "shop", "webhook_secret": "env:SHOP_HOOK",
+         "wati": {"api_url": shop.url, "token": "env:SHOP_WATI"}},
+    ]}, settings, "tenants.json")
+    return settings, tenants
+
+
+def two_tenant_fetcher(playa: WatiStandIn, shop: WatiStandIn, **overrides: Any) -> HistoryFetcher:
+    settings, tenants = two_tenants(playa, shop, **overrides)
+    environ = {"PLAYA_WATI": playa.token, "SHOP_WATI": shop.token}
+    return HistoryFetcher(settings, Commands(), tenants=tenants,
+                          clients=AccountClients(settings, tenants, "history", environ=environ))
+
+
+async def test_each_tenants_history_is_read_from_its_own_account_only(
+    two_watis: tuple[WatiStandIn, WatiStandIn],
+) -> None:
+    """Two tenants share a phone number: each key's history comes from its tenant's WATI account
+    (its tenant id, its token), and neither account is ever asked about the other's customer."""
+    playa, shop = two_watis
+    playa.add_message("50370001111", text="playa's conversation", owner=False, at=T0)
+    shop.add_message("50370001111", text="shop's conversation", owner=False, at=T0)
+    fetcher = two_tenant_fetcher(playa, shop)
+    try:
+        of_playa = await fetcher.fetch("playa/reception/wati:50370001111", "50370001111", None,
+                                       purpose="batch")
+        of_shop = await fetcher.fetch("shop/default/wati:50370001111", "50370001111", None, purpose="batch")
+        again = await fetcher.fetch("playa/reception/wati:50370001111", "50370001111", None,
+                                    purpose="batch")
+        unknown = await fetcher.fetch("playa/restaurant/wati:50370001111", "50370001111", None,
+                                      purpose="batch")
+        assert len(fetcher.clients) == 2  # one client per account, reused
+    finally:
+        await fetcher.close()
+    assert [i["text"] for i in of_playa.history] == ["playa's conversation"] == [
+        i["text"] for i in again.history]
+    assert [i["text"] for i in of_shop.history] == ["shop's conversation"]
+    assert unknown == FetchResult(error="no_account")  # an account the tenant does not have
+    assert [r.path for r in playa.requests] == ["/302222/api/v1/getMessages/50370001111"] * 2
+    assert [r.path for r in shop.requests] == ["/401111/api/v1/getMessages/50370001111"]
+    assert {r.headers["Authorization"] for r in playa.requests} == {"Bearer token-of-playa"}
+    assert {r.headers["Authorization"] for r in shop.requests} == {"Bearer token-of-shop"}
+
+
+async def test_a_hung_tenant_account_does_not_delay_another_tenants_fetches(
+    two_watis: tuple[WatiStandIn, WatiStandIn],
+) -> None:
+    """Fair share: the slow tenant's fetches fill only its own account's slots; the other tenant's
+    customer is fetched while every slow fetch still hangs (a shared pool would make it wait)."""
+    playa, shop = two_watis
+    shop.add_message("50370009999", text="shop's conversation", owner=False, at=T0)
+    fetcher = two_tenant_fetcher(playa, shop, history_fetches_per_account=2)
+    playa.hold_requests()
+    slow = [asyncio.ensure_future(fetcher.fetch(f"playa/reception/wati:5037000{n:04d}", f"5037000{n:04d}",
+                                                None, purpose="batch")) for n in range(20)]
+    try:
+        await wait_until(lambda: playa.held == 2)  # its two slots are taken; 18 wait for them
+        fast = await asyncio.wait_for(
+            fetcher.fetch("shop/default/wati:50370009999", "50370009999", None, purpose="batch"), 10.0)
+        assert [i["text"] for i in fast.history] == ["shop's conversation"]
+        assert playa.held == 2 and not any(task.done() for task in slow)
+    finally:
+        playa.release_requests()
+        results = await asyncio.gather(*slow)
+        await fetcher.close()
+    assert all(r.error is None for r in results) and len(playa.requests) == 20
+
+
+async def test_a_rate_limited_tenant_account_does_not_delay_another_tenants_fetches(
+    two_watis: tuple[WatiStandIn, WatiStandIn],
+) -> None:
+    """Fair share under 429: `playa`'s WATI answers 429 with a long Retry-After; its fetches wait out
+    the back-off inside their own account's slots, and `shop`'s customer is fetched meanwhile."""
+    playa, shop = two_watis
+    shop.add_message("50370009999", text="shop's conversation", owner=False, at=T0)
+    playa.fail_next("getMessages", 429, times=100, headers={"Retry-After": "30"})
+    fetcher = two_tenant_fetcher(playa, shop, history_fetches_per_account=2)
+    slow = [asyncio.ensure_future(fetcher.fetch(f"playa/reception/wati:5037000{n:04d}", f"5037000{n:04d}",
+                                                None, purpose="batch")) for n in range(5)]
+    try:
+        await wait_until(lambda: len(playa.requests) == 2)  # both slots backing off on a 429
+        fast = await asyncio.wait_for(
+            fetcher.fetch("shop/default/wati:50370009999", "50370009999", None, purpose="batch"), 10.0)
+        assert [i["text"] for i in fast.history] == ["shop's conversation"]
+        assert not any(task.done() for task in slow) and len(playa.requests) == 2
+    finally:
+        for task in slow:
+            task.cancel()
+        await asyncio.gather(*slow, return_exceptions=True)
+        await fetcher.close()
 
 
 async def test_fetch_retries_429_and_times_out_a_slow_wati(wati: WatiStandIn) -> None:
@@ -493,15 +596,47 @@ async def test_sweep_delivers_history_without_batch_id_and_backs_off_on_429(wati
     try:
         assert sweep.maybe_start(targets)
         assert not sweep.maybe_start(targets)  # one sweep at a time
-        await wait_until(lambda: sweep._task is not None and sweep._task.done())
+        await wait_until(lambda: sweep.running == 0)
     finally:
         await sweep.close()
         await fetcher.close()
     assert [c["customer_key"] for c in commands.sent] == ["wati:50370002222"]
     assert commands.sent[0]["batch_id"] is None
     assert [i["text"] for i in commands.sent[0]["history"]] == ["lost message"]
-    assert sweep.backoff == 1.0  # reset by the successful fetch after the back-off
-    assert sweep.bucket.paused_until > 0
+    default_account = ("default", "default", "wati")
+    assert sweep.backoffs[default_account] == 1.0  # reset by the successful fetch after the back-off
+    assert sweep.buckets[default_account].paused_until > 0
+
+
+async def test_a_hung_tenant_account_does_not_hold_up_the_sweep_of_another_tenant(
+    two_watis: tuple[WatiStandIn, WatiStandIn],
+) -> None:
+    """Each account is swept on its own budget: `shop`'s customer is checked (and its history
+    delivered) while `playa`'s WATI hangs on the customer listed before it."""
+    playa, shop = two_watis
+    shop.add_message("50370002222", text="shop's lost message", owner=False, at=T0)
+    settings, tenants = two_tenants(playa, shop, reconcile_rate_per_second=50.0)
+    commands = Commands()
+    environ = {"PLAYA_WATI": playa.token, "SHOP_WATI": shop.token}
+    fetcher = HistoryFetcher(settings, commands, tenants=tenants,
+                             clients=AccountClients(settings, tenants, "history", environ=environ))
+    sweep = ReconcileSweep(settings, fetcher)
+    targets = [SweepTarget("playa/reception/wati:50370001111", "50370001111", T0, T0 - secs(60)),
+               SweepTarget("shop/default/wati:50370002222", "50370002222", T0, T0 - secs(60)),
+               SweepTarget("gone/default/wati:50370003333", "50370003333", T0, T0 - secs(60))]
+    playa.hold_requests()
+    try:
+        assert sweep.maybe_start(targets)
+        await wait_until(lambda: bool(commands.sent))
+        assert [c["customer_key"] for c in commands.sent] == ["shop/default/wati:50370002222"]
+        assert playa.held == 1 and sweep.running == 1  # playa's sweep still waits for its WATI
+        assert not sweep.maybe_start(targets[:1])  # one sweep per account at a time
+    finally:
+        playa.release_requests()
+        await wait_until(lambda: sweep.running == 0)
+        await sweep.close()
+        await fetcher.close()
+    assert len(sweep.buckets) == 2  # the unknown tenant is not swept
 
 
 # -- the app factory and readiness (no broker: nothing is started) ------------------------------------

@@ -442,3 +442,40 @@ async def test_unknown_route_and_bad_json(oa: OpenAIStandIn) -> None:
         listed = await http.post("/responses", json=["x"])
         assert listed.status_code == 400
     assert [r.path for r in oa.requests] == ["/v1/chat/nothing", "/v1/responses", "/v1/responses"]
+
+
+async def test_objects_live_in_the_project_that_made_them(oa: OpenAIStandIn) -> None:
+    """Another account (an `add_key` key, or a project header) sees neither the conversations nor
+    the files of another project, as on OpenAI; requests record their key and project."""
+    oa.add_key("sk-shop-0000")
+    mine = AsyncOpenAI(base_url=oa.url, api_key=KEY, max_retries=0, timeout=10)
+    shop = AsyncOpenAI(base_url=oa.url, api_key="sk-shop-0000", project="proj_shop", max_retries=0,
+                       timeout=10)
+    try:
+        conversation = await shop.conversations.create()
+        uploaded = await shop.files.create(file=("a.png", base64.b64decode(PNG), "image/png"),
+                                           purpose="vision")
+        await shop.responses.create(model="m", conversation=conversation.id, input=[{
+            "role": "user", "content": [{"type": "input_text", "text": "hola"},
+                                        {"type": "input_image", "file_id": uploaded.id, "detail": "low"}]}])
+        with pytest.raises(openai.NotFoundError):
+            await mine.conversations.retrieve(conversation.id)
+        with pytest.raises(openai.NotFoundError):
+            await mine.responses.create(model="m", conversation=conversation.id, input="hola")
+        with pytest.raises(openai.BadRequestError):  # the file is not found in this project
+            await mine.responses.create(model="m", input=[{"role": "user", "content": [
+                {"type": "input_image", "file_id": uploaded.id, "detail": "low"}]}])
+        with pytest.raises(openai.NotFoundError):
+            await mine.files.retrieve(uploaded.id)
+        shared = oa.add_conversation()  # test setup: every project sees it
+        await mine.conversations.retrieve(shared)
+        await shop.conversations.retrieve(shared)
+    finally:
+        await mine.close()
+        await shop.close()
+    shop_requests = [r for r in oa.requests if r.headers.get("Authorization") == "Bearer sk-shop-0000"]
+    assert len(shop_requests) == 4
+    assert {r.headers.get("OpenAI-Project") for r in shop_requests} == {"proj_shop"}
+    with pytest.raises(openai.AuthenticationError):
+        async with AsyncOpenAI(base_url=oa.url, api_key="sk-unknown-0000", max_retries=0) as unknown:
+            await unknown.conversations.create()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -234,3 +235,42 @@ async def test_latency_and_request_records(wati: WatiStandIn, http: httpx.AsyncC
     record = wati.requests[-1]
     assert (record.method, record.path, record.query) == (
         "GET", "/tenant123/api/v1/getMessages/5037", {"pageSize": "7"})
+
+
+async def test_held_requests_wait_unanswered_until_released() -> None:
+    """A hung WATI for tests that await what happens meanwhile (no sleeps)."""
+    async with WatiStandIn() as wati, httpx.AsyncClient() as http:
+        wati.hold_requests()
+        pending = asyncio.ensure_future(http.get(f"{wati.url}/api/v1/getMessages/5037",
+                                                 headers={"Authorization": f"Bearer {wati.token}"}))
+        while wati.held < 1:
+            await asyncio.sleep(0.01)
+        assert not pending.done() and len(wati.requests) == 1  # recorded, not answered
+        wati.release_requests()
+        assert (await pending).status_code == 200 and wati.held == 0
+
+
+async def test_one_server_hosts_several_tenants_each_with_its_own_token_and_state() -> None:
+    """As on WATI's shared hosts: the path's tenant id picks the account; its token only opens it."""
+    async with WatiStandIn("token-a", tenant="301111") as host, httpx.AsyncClient() as http:
+        other = host.add_tenant("302222", "token-b")
+        assert other.url == f"{host.origin}/302222" and host.url == f"{host.origin}/301111"
+        host.add_message("5037", text="A's customer", owner=False, at=datetime.now(UTC))
+        other.add_message("5037", text="B's customer", owner=False, at=datetime.now(UTC))
+
+        async def texts(url: str, token: str) -> tuple[int, list[str]]:
+            response = await http.get(f"{url}/api/v1/getMessages/5037",
+                                      headers={"Authorization": f"Bearer {token}"})
+            if response.status_code != 200:
+                return response.status_code, []
+            return 200, [m["text"] for m in response.json()["messages"]["items"]]
+
+        assert await texts(host.url, "token-a") == (200, ["A's customer"])
+        assert await texts(other.url, "token-b") == (200, ["B's customer"])
+        assert await texts(other.url, "token-a") == (401, [])  # A's token does not open B
+        assert await texts(f"{host.origin}/309999", "token-a") == (404, [])
+        assert len(host.requests) == 2 and len(other.requests) == 2  # each records its own
+        with pytest.raises(ValueError):
+            host.add_tenant("302222", "x")
+        host.reset()
+        assert await texts(other.url, "token-b") == (200, [])

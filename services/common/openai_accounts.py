@@ -1,0 +1,66 @@
+"""Which OpenAI account a tenant's customers are answered (and their images classified) with.
+
+A tenant may bring its own OpenAI key and project (docs/tenants.md, `openai.api_key` as a reference,
+`openai.project`); else the deployment's OPENAI_API_KEY is used. Conversations and uploaded files
+live in the project of the key that made them, so every call for a customer — the responder's
+conversation and answer, vision's upload and classification — goes through its tenant's account.
+
+`openai_account` is the plain part (the tenant's key resolved, its project); `OpenAIClients` keeps
+ONE client per account (key + project), made by the service's own factory (each service sets its
+own retries and hooks), so tenants sharing the deployment's key share one client and the number of
+clients is bounded by the tenants file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from services.common.config import Settings
+from services.common.tenants import Tenant
+
+C = TypeVar("C")
+
+
+@dataclass(frozen=True)
+class OpenAIAccount:
+    """An OpenAI API key (never shown by `repr`) and the project its calls are made in (None: the
+    key's default project)."""
+
+    api_key: str = field(repr=False)
+    project: str | None = None
+
+
+def openai_account(
+    tenant: Tenant, settings: Settings, environ: Mapping[str, str],
+    read_file: Callable[[str], str] | None = None,
+) -> OpenAIAccount:
+    """The tenant's own key (its reference resolved; ValueError if it does not) or the deployment's,
+    with the tenant's project."""
+    ref = tenant.openai.api_key
+    key = ref.resolve(environ, read_file) if ref is not None else settings.openai_api_key
+    return OpenAIAccount(key, tenant.openai.project)
+
+
+class OpenAIClients(Generic[C]):
+    """One client per OpenAI account, made by `factory` on first use and kept."""
+
+    def __init__(self, factory: Callable[[OpenAIAccount], C]) -> None:
+        self.factory = factory
+        self._clients: dict[OpenAIAccount, C] = {}
+
+    def get(self, account: OpenAIAccount) -> C:
+        client = self._clients.get(account)
+        if client is None:
+            client = self._clients[account] = self.factory(account)
+        return client
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def all(self) -> list[C]:
+        return list(self._clients.values())
+
+    def clear(self) -> None:
+        self._clients.clear()
