@@ -233,6 +233,12 @@ class WaitingFlush(TypedDict):
     issued_at: datetime
 
 
+class EarlyFlush(TypedDict):
+    batch_id: str
+    batch_messages: int
+    issued_at: datetime
+
+
 class Batch(TypedDict):
     batch_id: str
     opened_at: datetime
@@ -271,3 +277,4 @@ class CustomerState(TypedDict):
     paused_by: str | None
     last_activity_at: datetime | None
     batch_seq: int
+    early_flushes: NotRequired[list[EarlyFlush]]

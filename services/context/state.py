@@ -204,6 +204,7 @@ def new_state(customer_key: str) -> CustomerState:
         "paused_by": None,
         "last_activity_at": None,
         "batch_seq": 0,
+        "early_flushes": [],
     }
 
 
@@ -242,23 +243,21 @@ def _decide_waiting_flushes(
     of the input topics). Deciding it once they are in, exactly as it was decided the first time,
     keeps the batch's id and contents those of the batch already emitted before the crash.
     """
-    batch = state["open_batch"]
-    while batch is not None and batch.get("waiting_flushes"):
+    while True:
+        batch = state["open_batch"]
+        if batch is None or not batch.get("waiting_flushes"):
+            return state, effects
         first = batch["waiting_flushes"][0]
         if len(batch["messages"]) < first["batch_messages"]:
-            break
+            return state, effects
         batch["waiting_flushes"] = batch["waiting_flushes"][1:]
-        command: ContextCommand = {
-            "kind": "flush", "customer_key": state["customer_key"], "batch_id": batch["batch_id"],
-            "issued_at": first["issued_at"], "history": [], "history_error": None, "history_pages": 0,
-            "actor": None, "batch_messages": first["batch_messages"]}
-        state, decided = _on_flush(state, command, first["issued_at"], limits)
+        if state["flushing_batch"] is not None:  # as for any flush while an earlier batch fetches
+            effects.log.append(("flush_ignored", {"batch_id": batch["batch_id"],
+                                                  "reason": "earlier_batch_flushing"}))
+            continue
+        state, decided = _decide_flush(state, batch["batch_id"], first["batch_messages"], first["issued_at"],
+                                       limits)  # may reopen the next batch and decide its own
         _merge_effects(effects, decided)
-        next_batch = state["open_batch"]
-        if next_batch is None or next_batch["batch_id"] != batch["batch_id"]:
-            break  # flushed: later waiting flushes named this batch, now done
-        batch = next_batch
-    return state, effects
 
 
 def _flush_ignored(batch_id: str, reason: str) -> Effects:
@@ -480,14 +479,17 @@ def _on_flush(
                 "batch_id": batch_id, "attempt": flushing["fetch_attempts"]}))
             return state, effects
         return _finalize(state, "flushing_batch", None, "timeout", now, limits, effects)
-    if batch is None and flushing is None and state["held_messages"] and batch_id == _next_batch_id(state):
+    seen = command.get("batch_messages")
+    if (seen is None and batch is None and flushing is None and state["held_messages"]
+            and batch_id == _next_batch_id(state)):
         return _end_hold(state, batch_id, now, limits)
+    if seen is not None and _batch_number(state, batch_id) > state["batch_seq"]:
+        return _wait_early(state, batch_id, seen, now)
     if batch is None or batch["batch_id"] != batch_id:
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "unknown_batch"})])
     if flushing is not None:
         return state, Effects(log=[("flush_ignored", {
             "batch_id": batch_id, "reason": "earlier_batch_flushing"})])
-    seen = command.get("batch_messages")
     waiting = batch.get("waiting_flushes") or []
     if waiting and (seen is None or seen < waiting[-1]["batch_messages"]):
         # issued after an earlier flush of this batch that waits for its messages (a timer reading
@@ -504,6 +506,15 @@ def _on_flush(
         batch["waiting_flushes"] = [*waiting, {"batch_messages": seen, "issued_at": now}]
         return state, Effects(log=[("flush_waiting", {"batch_id": batch_id, "batch_messages": seen,
                                                       "handled": len(batch["messages"])})])
+    return _decide_flush(state, batch_id, seen, now, limits)
+
+
+def _decide_flush(
+    state: CustomerState, batch_id: str, seen: int | None, now: datetime, limits: Limits
+) -> tuple[CustomerState, Effects]:
+    """Flushes the open batch's first `seen` messages if they are due at `now` (the flush's time)."""
+    batch = state["open_batch"]
+    assert batch is not None and batch["batch_id"] == batch_id
     if not _is_due(_seen_part(batch, seen), now, limits):  # judged on what the timer saw
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "not_due"})])
     state = copy.deepcopy(state)
@@ -514,7 +525,29 @@ def _on_flush(
     state, effects = _start_flush(state, batch, now, limits, Effects())
     if later:
         _reopen(state, batch, later)
+        return _decide_waiting_flushes(state, limits, effects)
     return state, effects
+
+
+def _batch_number(state: CustomerState, batch_id: str) -> int:
+    """The sequence number in a batch id of this customer (0 for an id of another form)."""
+    head, _, number = batch_id.rpartition(":")
+    return int(number) if head == state["customer_key"] and number.isdigit() else 0
+
+
+def _wait_early(
+    state: CustomerState, batch_id: str, seen: int, now: datetime
+) -> tuple[CustomerState, Effects]:
+    """A flush of a batch the replay has not opened yet: kept until it opens (`_open_batch`), then
+    decided like any flush waiting for its messages — never dropped, or the batch would be cut
+    where a later timer's flush says, not where the one already emitted was."""
+    early = state.get("early_flushes") or []
+    if len(early) >= MAX_WAITING_FLUSHES:
+        return state, _flush_ignored(batch_id, "too_many_waiting")
+    state = copy.deepcopy(state)
+    state["early_flushes"] = [*early, {"batch_id": batch_id, "batch_messages": seen, "issued_at": now}]
+    return state, Effects(log=[("flush_waiting", {"batch_id": batch_id, "batch_messages": seen,
+                                                  "handled": 0})])
 
 
 def _end_hold(
@@ -961,6 +994,12 @@ def _open_batch(state: CustomerState, now: datetime) -> Batch:
         "fetch_attempts": 0,
         "waiting_flushes": [],
     }
+    early = state.get("early_flushes") or []
+    if early:  # flushes handled before the replay opened this batch wait in it, in log order
+        batch["waiting_flushes"] = [{"batch_messages": f["batch_messages"], "issued_at": f["issued_at"]}
+                                    for f in early if f["batch_id"] == batch["batch_id"]]
+        state["early_flushes"] = [f for f in early
+                                  if _batch_number(state, f["batch_id"]) > state["batch_seq"]]
     state["open_batch"] = batch
     return batch
 

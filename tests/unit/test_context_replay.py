@@ -12,7 +12,12 @@ from their own committed positions: later, and possibly in another interleaving)
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Any, cast
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.common import codec
 from services.common.config import Settings
@@ -182,3 +187,118 @@ async def test_the_timer_tells_how_many_messages_it_saw(tmp_path: Any) -> None:
     await runtime.handle_events(events)
     assert await runtime.flush_tick()
     assert [(c["kind"], c.get("batch_messages")) for c in sent] == [("flush", 3)]
+
+
+def test_a_flush_of_a_batch_the_replay_has_not_opened_yet_waits_for_it() -> None:
+    """The drill's case: the replay reads the original flush of batch N before any of N's messages
+    (the batch is not even open); then the new worker's timer, reading the rebuilt batch, sends a
+    flush with more messages. The original one decides."""
+    original = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(original)
+    replay = Customer(lim=limits(quiet=QUIET))
+    replay.state = copy.deepcopy(original.state)
+    burst = [inbound(f"w{i}", t(f"10:01:0{i}")) for i in range(1, 4)]
+    late = [inbound(f"w{i}", t(f"10:01:5{i}")) for i in range(4, 7)]
+    for m in burst:
+        original.message(m)
+    batch_id = original.due(t("10:01:40"))
+    assert batch_id is not None
+    original.command(flush(t("10:01:40"), batch_id, 3))
+    effects = replay.command(flush(t("10:01:40"), batch_id, 3))  # no message of the batch yet
+    assert effects.log == [("flush_waiting", {"batch_id": batch_id, "batch_messages": 3, "handled": 0})]
+    for m in [*burst, *late]:
+        replay.message(m)
+    replay.command(flush(t("10:02:40"), batch_id, 6))  # the new timer saw all six in "its" batch
+    for m in late:
+        original.message(m)
+    for c in (original, replay):
+        next_id = c.due(t("10:02:40"))
+        assert next_id is not None
+        c.command(flush(t("10:02:40"), next_id, 3))
+    assert batches(replay) == batches(original)[-2:] == [
+        (batch_id, ["w1", "w2", "w3"]), (next_id, ["w4", "w5", "w6"])]
+
+
+@dataclass
+class Recorded:
+    """One run's input topics: the inbound topic and the commands topic, each in its own order."""
+
+    inbound: list[InboundMessage]
+    commands: list[ContextCommand]
+
+
+def record_a_run(gaps: list[int], timer_every: int) -> tuple[Customer, Recorded]:
+    """A first run: messages `gaps` seconds apart; the timer looks every `timer_every` seconds and
+    flushes what is due with the count it sees (as `flush_tick` does)."""
+    c = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(c)
+    recorded = Recorded([], [])
+    now = t("10:01:00")
+    clock = now
+    for n, gap in enumerate(gaps):
+        now = now + secs(gap)
+        while clock + secs(timer_every) <= now:
+            clock = clock + secs(timer_every)
+            timer_flush(c, clock, recorded)
+        message = inbound(f"m{n}", now)
+        c.message(message, message["received_at"])  # the shell's event time
+        recorded.inbound.append(message)
+    for _ in range(3 * QUIET // timer_every + 1):
+        clock = clock + secs(timer_every)
+        timer_flush(c, clock, recorded)
+    return c, recorded
+
+
+def timer_command(c: Customer, at: Any) -> ContextCommand | None:
+    """The flush the timer sends at `at` on `c`'s state, if any (not handled yet)."""
+    batch_id = c.due(at)
+    if batch_id is None:
+        return None
+    batch = c.state["open_batch"]
+    seen = len(batch["messages"]) if batch is not None and batch["batch_id"] == batch_id else None
+    return flush(at, batch_id, seen)
+
+
+def timer_flush(c: Customer, at: Any, recorded: Recorded) -> None:
+    cmd = timer_command(c, at)
+    if cmd is not None:
+        c.command(cmd)
+        recorded.commands.append(cmd)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    gaps=st.lists(st.integers(min_value=0, max_value=70), min_size=1, max_size=12),
+    timer_every=st.integers(min_value=1, max_value=20),
+    order=st.lists(st.booleans(), max_size=40),
+    new_timer_at=st.integers(min_value=0, max_value=40),
+)
+def test_any_replay_interleaving_emits_the_same_batches(
+    gaps: list[int], timer_every: int, order: list[bool], new_timer_at: int,
+) -> None:
+    """The two topics replayed in any interleaving (each in its own order), with a new worker's
+    timer flushing what it sees at some point of the replay: the same batch ids with the same
+    messages as the first run."""
+    original, recorded = record_a_run(gaps, timer_every)
+    replay = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(replay)
+    inbound_left, commands_left = list(recorded.inbound), list(recorded.commands)
+    choices = iter(order)
+    step = 0
+    while inbound_left or commands_left:
+        take_inbound = commands_left == [] or (inbound_left != [] and next(choices, True))
+        if take_inbound:
+            message = inbound_left.pop(0)
+            replay.message(message, message["received_at"])
+        else:
+            replay.command(commands_left.pop(0))
+        step += 1
+        if step == new_timer_at:  # the new worker's timer, on the partly rebuilt state, much later
+            cmd = timer_command(replay, t("10:30:00"))
+            if cmd is not None:
+                commands_left.append(cmd)  # behind the replayed commands in the log
+    for minutes in (31, 32):  # the new worker's timer flushes whatever is still open
+        timer_flush(replay, t(f"10:{minutes}:00"), Recorded([], []))
+    emitted = {b: ids for b, ids in batches(original)}
+    for batch_id, ids in batches(replay):
+        assert emitted.get(batch_id, ids) == ids, f"{batch_id}: first {emitted.get(batch_id)}, replay {ids}"
