@@ -61,6 +61,7 @@ from services.common.broker import EmbeddedKafka, free_port
 from services.common.config import Settings
 from services.common.kafka import Topics
 from services.common.records import CustomerState
+from services.common.timeparse import utcnow
 from services.context.state import REPLY_KEY, new_state
 from services.devtools.dev import DevStack
 from services.devtools.faultproxy import FaultProxy
@@ -274,7 +275,9 @@ def committed_without_state(log: StateLog, kill: ContextKill, skip: set[str]) ->
 def flushes_without_state(log: StateLog, kill: ContextKill) -> set[str]:
     """Batch ids emitted (on the broker at that kill) that the customer's last changelog state does
     not record as flushed, although every command naming the batch is below the committed offset:
-    nothing will replay the state write, so the batch will be flushed again."""
+    nothing will replay the state write, so the batch will be flushed again. A state in which the
+    batch's flush waits for messages (a replay's flush read before them) is not one: the flush was
+    decided by a customer message, which is replayed and decides it again, the same way."""
     states = log.states_at(kill.ends)
     uncommitted = {
         batch_id
@@ -290,9 +293,18 @@ def flushes_without_state(log: StateLog, kill: ContextKill) -> set[str]:
             if offset >= end or batch_id in uncommitted:
                 continue
             state = states.get(customer)
-            if state is None or batch_id not in state["flushed_batch_ids"]:
+            if state is None or (batch_id not in state["flushed_batch_ids"]
+                                 and not flush_waits(state, batch_id)):
                 missing.add(batch_id)
     return missing
+
+
+def flush_waits(state: CustomerState, batch_id: str) -> bool:
+    """Whether the state keeps a flush of `batch_id` waiting for its messages."""
+    batch = state["open_batch"]
+    if batch is not None and batch["batch_id"] == batch_id and batch.get("waiting_flushes"):
+        return True
+    return any(f["batch_id"] == batch_id for f in state.get("early_flushes") or [])
 
 
 def describe(is_state: bool, value: bytes | None) -> str:
@@ -307,7 +319,9 @@ def describe(is_state: bool, value: bytes | None) -> str:
                          f"{[m['event_id'][-4:] for m in batch['messages']]} "
                          f"waiting {[w['batch_messages'] for w in batch.get('waiting_flushes') or []]}"
                          if batch else "open -")
-            return (f"STATE seq {state['batch_seq']} {open_part} flushed "
+            early = [(f["batch_id"].rsplit(":", 1)[-1], f["batch_messages"])
+                     for f in state.get("early_flushes") or []]
+            return (f"STATE seq {state['batch_seq']} {open_part} early {early} flushed "
                     f"{[b.rsplit(':', 1)[-1] for b in state['flushed_batch_ids'][-3:]]} "
                     f"ids {len(state['recent_event_ids'])}")
         name, record = codec.decode_any(value)
@@ -637,6 +651,24 @@ def test_an_emitted_batch_without_its_state_counts_only_once_its_commands_are_co
         "and nothing at or beyond the requests' end offset counts"
     kill.committed = {commands: 2}
     assert flushes_without_state(log, kill) == {"b1"}, "b2 was emitted after the kill's end offset"
+
+
+def test_a_batch_whose_flush_waits_in_the_state_for_its_messages_is_not_counted() -> None:
+    """A replay's flush read before its messages waits in the state; a customer message decided it,
+    and that message (uncommitted, or its state would list the batch) is replayed."""
+    log = StateLog("unused:0", Topics.from_settings(Settings(topic_prefix="acct.")),
+                   "acct.context-customers-changelog", 1)
+    state = new_state("wati:1")
+    state["batch_seq"] = 1
+    state["early_flushes"] = [{"batch_id": "wati:1:2", "batch_messages": 2, "issued_at": utcnow()}]
+    log.states[0].append((0, "wati:1", codec.encode("CustomerState", dict(state))))
+    requests = TopicPartition(log.topics.responder_requests, 0)
+    commands = TopicPartition(log.topics.context_commands, 0)
+    log.emitted[(requests.topic, 0)] += [(0, "wati:1", "wati:1:2"), (1, "wati:1", "wati:1:3")]
+    log.commands[0] += [(0, "wati:1", "wati:1:2"), (1, "wati:1", "wati:1:3")]
+    kill = ContextKill(0, 0.0, "random", 0.0, committed={commands: 2},
+                       ends={TopicPartition(log.changelog, 0): 1, requests: 2, commands: 2})
+    assert flushes_without_state(log, kill) == {"wati:1:3"}
 
 
 def test_a_batch_counts_as_emitted_twice_only_with_other_contents_or_events_in_two_batches() -> None:
