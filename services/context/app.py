@@ -1074,8 +1074,8 @@ class _InputReadOffsets(dict[Any, int | None]):
 
     faust's loop drops a record below a partition's read offset and records a jump above it as a
     gap its commit counts as acked; around a rebalance its read offset is overwritten by records of
-    the old generation, so records re-read after a seek were dropped, later ones delivered out of
-    order, and the jump committed. For input topics the gate in `AckGuard` orders delivery instead.
+    the old generation, so records read again after a seek were dropped, later ones delivered out of
+    order, and the jump committed. For input topics `AckGuard.admit` keeps the order instead.
     """
 
     def __init__(self, input_topics: frozenset[str]) -> None:
@@ -1092,25 +1092,25 @@ class _InputReadOffsets(dict[Any, int | None]):
 
 
 class AckGuard:
-    """Keeps faust from committing past, or delivering out of order, input records never handled.
+    """Keeps faust from committing past, or the agent from handling out of order, input records.
 
     faust's commit trusts that every offset below an acked one was handled, and its fetch loop that
     records come in order; the context drill broke both through several paths, all around
-    rebalances: skipped records acked on the way (old consumer generation, flow control suspended),
-    no seek at all for a partition without a committed offset (aiokafka seeks only to an offset > 0),
-    a read offset overwritten after a seek (records read again dropped, later ones delivered), jumps
-    of the read offset committed as gaps, and a hole of one message let through at the head.
-
-    So, for the input topics:
-    - a gate in front of faust's delivery passes each partition's records strictly in offset order
-      from where the last seek put it; a record after a hole is held back and the partition is
-      sought back to the hole (faust's own read offsets are kept out of it: `_InputReadOffsets`);
+    rebalances: records skipped in the stream and acked on the way (old consumer generation, flow
+    control suspended), no seek at all for a partition without a committed offset (aiokafka seeks
+    only to an offset > 0), a read offset overwritten after a seek (records read again dropped,
+    later ones delivered), jumps of the read offset committed as gaps, and a hole of one message let
+    through at the head. So, for the input topics:
+    - the agent handles each partition's records strictly in offset order from where the last seek
+      put it (`admit`): a record after a hole is skipped (never committable) and the partition is
+      sought back to the hole; one handled already since the seek is skipped; faust's own read
+      offsets are kept out of the way (`_InputReadOffsets`: nothing dropped, no gaps);
     - a partition never committed is sought to its first offset;
-    - an ack faust makes of a record it did not deliver marks it done but is never committable;
+    - an ack faust makes of a record the agent did not get marks it done but is never committable;
     - a commit goes through only when the acked offsets start exactly at the committed one (or,
       before the first commit, at the first offset read); a hole at the head holds it until the
-      record is handled, and one the gate never passed again within `hole_patience_seconds` makes
-      the partition be read again from the committed offset (a replay is safe: event times, flush
+      record is handled, and one not admitted again within `hole_patience_seconds` makes the
+      partition be read again from the committed offset (a replay is safe: event times, flush
       counts, dedupe).
     """
 
@@ -1125,45 +1125,46 @@ class AckGuard:
         self.delivered: weakref.WeakSet[Any] = weakref.WeakSet()
         self.skipped: dict[Any, set[int]] = {}  # tp -> offsets acked by faust, not handled
         self.first_offsets: dict[Any, int] = {}  # tp without a commit -> where reading started
-        self.next_offset: dict[Any, int] = {}  # tp -> the offset the gate passes next
+        self.next_offset: dict[Any, int] = {}  # tp -> the offset the agent handles next
         self.hole_since: dict[Any, tuple[int, float]] = {}  # tp -> (missing offset, first seen)
-        self.reread_at: dict[Any, float] = {}  # tp -> when the gate last sought back to a hole
-        self.held_back = 0  # records the gate held back (after a hole, or seen before a seek)
+        self.reread_at: dict[Any, float] = {}  # tp -> when a partition was last sought back to a hole
+        self.out_of_order = 0  # records skipped by `admit` (after a hole, or handled already)
         self.rereads = 0
         consumer: Any = app.consumer  # private parts: pinned faust, tests/unit/test_context_chunks.py
         self._record_ack = consumer.ack
         self._new_offset = consumer._new_offset
         self._seek_to_committed = consumer.seek_to_committed
         self._seek = consumer.seek
-        self._deliver = consumer.callback
         consumer.ack = self.ack
         consumer._new_offset = self.new_offset
         consumer.seek_to_committed = self.seek_to_committed
         consumer.seek = self.seek
-        consumer.callback = self.gate
         read_offsets = _InputReadOffsets(self.input_topics)
         read_offsets.update(consumer._read_offset)
         consumer._read_offset = read_offsets
         self.consumer = consumer
 
-    def deliver(self, message: Any) -> None:
-        """The agent got `message`: its ack, when the pipeline makes it, may be committed."""
-        self.delivered.add(message)
-
-    async def gate(self, message: Any) -> None:
-        """faust's delivery of a fetched record: input records strictly in order, else held back."""
-        tp = message.tp
-        if tp.topic not in self.input_topics:
-            await self._deliver(message)
-            return
+    async def admit(self, message: Any) -> bool:
+        """Whether the agent handles `message` now: only its partition's next record is; it is then
+        marked delivered (its ack may be committed). Any other is skipped: after a hole, the
+        partition is read again from the hole."""
+        tp, offset = message.tp, message.offset
         expected = self.next_offset.get(tp)
-        if expected is not None and message.offset != expected:
-            self.held_back += 1
-            if message.offset > expected:  # a hole: read again from it
-                await self._reread(tp, expected)
-            return  # below: passed already since the last seek
-        self.next_offset[tp] = message.offset + 1
-        await self._deliver(message)
+        if expected is None or offset == expected:
+            self.next_offset[tp] = offset + 1
+            self.delivered.add(message)
+            return True
+        self.out_of_order += 1
+        message.acked = True  # faust waits for no ack of it
+        self.consumer._unacked_messages.discard(message)
+        if offset > expected:  # never handled: no commit may pass it before it is
+            self.skipped.setdefault(tp, set()).add(offset)
+            await self._reread(tp, expected)
+        return False
+
+    def deliver(self, message: Any) -> None:
+        """`message` reached the agent outside `admit` (tests): its ack may be committed."""
+        self.delivered.add(message)
 
     async def _reread(self, tp: Any, offset: int) -> None:
         now = self.clock()
@@ -1192,7 +1193,7 @@ class AckGuard:
         return recorded
 
     async def seek(self, tp: Any, offset: int) -> None:
-        """faust's seek; the gate passes `tp`'s records from `offset` on."""
+        """faust's seek; the agent handles `tp`'s records from `offset` on."""
         await self._seek(tp, offset)
         if tp.topic in self.input_topics:
             self.next_offset[tp] = offset
@@ -1257,9 +1258,9 @@ class AckGuard:
         if seen is None or seen[0] != missing:
             self.hole_since[tp] = (missing, now)
             return
-        passed = self.next_offset.get(tp, missing) > missing and missing not in self.skipped.get(tp, ())
-        if passed or now - seen[1] < self.hole_patience_seconds:
-            return  # queued for the agent or in the pipeline
+        admitted = self.next_offset.get(tp, missing) > missing and missing not in self.skipped.get(tp, ())
+        if admitted or now - seen[1] < self.hole_patience_seconds:
+            return  # in the pipeline
         self.hole_since.pop(tp, None)
         self.app.loop.create_task(self._reread(tp, missing))
 
@@ -1340,7 +1341,8 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
         runtime.acker = manual.ack
         async with EventPipeline(runtime) as pipeline:
             async for event in manual.events():
-                guard.deliver(event.message)
+                if not await guard.admit(event.message):
+                    continue
                 await pipeline.accept(Incoming(
                     cast(bytes | None, event.key), cast(bytes | None, event.value), event.message.topic,
                     event.message.partition, event.message.offset, event))
