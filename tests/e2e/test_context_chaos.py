@@ -592,12 +592,6 @@ def drill_plan_from_env(plan: DrillPlan) -> DrillPlan:
     return dataclasses.replace(plan, kills=int(kills)) if kills else plan
 
 
-@pytest.mark.skipif(
-    os.environ.get("WATISTREAM_CONTEXT_DRILL") != "1",
-    reason="opt-in (WATISTREAM_CONTEXT_DRILL=1 scripts/test tests/e2e/test_context_chaos.py, or "
-           "`python -m bench.context_chaos`): it still finds state lost early in a run (2 of the last 3 "
-           "runs failed, RELIABILITY.md 2b; issue 13 open), and a failing CI run lands nothing",
-)
 async def test_context_worker_loses_no_state_under_sigkill_with_a_slow_broker_path(
     standins: StandIns, tmp_path: Path,
 ) -> None:
