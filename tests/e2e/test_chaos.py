@@ -49,6 +49,7 @@ from services.common.wati import WatiClient
 from services.devtools import scenario
 from services.devtools.dev import SERVICES, DevStack, _settings_env
 from services.devtools.supervisor import Child, Supervisor
+from services.responder.ai import batch_reference
 from services.responder.channels import ChannelSender, local_message_id
 from services.responder.splitting import limit_for, split_message
 from services.standins import StandIns
@@ -352,10 +353,12 @@ def judge(hooks: list[Webhook], ledger: Ledger, standins: StandIns) -> Verdict:
     part_of = {local_message_id(b, i): f"{b}#{i}" for b in ledger.batches for i in range(4)}
     v.duplicate_sends = {part_of.get(lmid, lmid): n - 1 for lmid, n in sends.items() if n > 1}
     prompts: dict[str, list[str]] = collections.defaultdict(list)  # batch id → inputs of its generations
+    # OpenAI sees a batch by its pseudonymous reference (no phone number): map it back
+    batch_of_reference = {batch_reference(b, b.rpartition(":")[0]): b for b in ledger.batches}
     for r in standins.openai.responses.values():
         if r.conversation_id:  # a reply (vision's classifications run outside any conversation)
-            batch_of_call = str((r.request.get("metadata") or {}).get("batch"))  # pseudonymous, one per batch
-            prompts[batch_of_call].append(str(r.request.get("input")))
+            reference = str((r.request.get("metadata") or {}).get("batch"))
+            prompts[batch_of_reference.get(reference, reference)].append(str(r.request.get("input")))
     v.regenerated = sum(1 for inputs in prompts.values() if len(inputs) > 1)
     v.republished = sum(1 for outcomes in ledger.replies.values() if len(outcomes) > 1)
     for record in ledger.dead:
