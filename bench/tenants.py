@@ -79,6 +79,7 @@ class Size:
     tenants: int
     customers_per_tenant: int
     rate: float
+    rounds: int  # the schedule is played in this many parts per configuration, alternating
 
     @property
     def customers(self) -> int:
@@ -91,10 +92,10 @@ class Size:
 
 SIZES = {
     # the issue's size: 100,000 messages at 200 msg/s = 500 s per run, ~18 min with both runs
-    "full": Size(50, 2000, 200.0),
+    "full": Size(50, 2000, 200.0, 4),
     # same 50 tenants, a tenth of the customers (200 each, so a tenant's p99 is its 2nd-largest value)
-    "quick": Size(50, 200, 200.0),
-    "smoke": Size(3, 20, 30.0),
+    "quick": Size(50, 200, 200.0, 2),
+    "smoke": Size(3, 20, 30.0, 2),
 }
 
 
@@ -238,52 +239,89 @@ def group_stats(groups: dict[Any, list[float]], expected: int) -> dict[str, Any]
     }
 
 
-async def _run_one(
-    bench: BenchEnv, standins: StandIns, name: str, ids: list[str], *, until: str
-) -> dict[str, Any]:
-    """Starts ingest + context (+ responder for replies) with `ids` as tenants, plays the schedule,
-    waits for every request (reply), returns the figures. Customer n belongs to ids[n // per tenant]."""
-    size = SIZES[bench.scale.name]
-    per_tenant = size.customers // len(ids)
-    files = write_tenants_file(
-        ids, bench.workdir / name / "tenants", standins.wati.origin, standins.wati.token
-    )
-    settings = bench.settings(
-        name,
-        quiet_window_seconds=QUIET,
-        wati_api_url=standins.wati_url,
-        wati_api_token=standins.wati.token,
-        openai_base_url=standins.openai_url,
-        openai_api_key=standins.openai.api_key,
-        tenants_file=str(files.path),
-    )
-    topics: Topics = await ensure_topics(settings)
-    watched = [topics.responder_requests, topics.dead_letter] + ([topics.replies] if until == "reply" else [])
-    reader = await TopicReader(settings, watched).start()
-    services = ["ingest", "context"] + (["responder"] if until == "reply" else [])
-    procs = {s: ServiceProcess.watistream(bench, s, settings, tag=f"-{name}") for s in services}
-    for proc in procs.values():
-        proc.env.update(files.environ)
-        proc.start()
-    tag = f"{name[:1]}{bench.run_id}"
-    tally = Tally(tag, slice_size=size.customers_per_tenant)
-    result: dict[str, Any] = {
-        "tenants": len(ids),
-        "customers": size.customers,
-        "customers_per_tenant": per_tenant,
-        "until": until,
-        "load_average_before": [round(x, 2) for x in os.getloadavg()],
-    }
-    try:
-        await procs["ingest"].wait_ready(f"http://127.0.0.1:{settings.ingest_port}/readyz")
-        await procs["context"].wait_ready(f"http://127.0.0.1:{settings.context_web_port}/readyz")
-        if "responder" in procs:
-            await procs["responder"].wait_ready(f"http://127.0.0.1:{settings.responder_web_port}/readyz")
-        base = f"http://127.0.0.1:{settings.ingest_port}/webhooks"
-        routes = [[f"{base}/{t}/wati", files.webhook_secrets[t]] for t in ids]
-        plan = schedule(size, tag, [n // per_tenant for n in range(size.customers)])
-        pids = {s: p.pid for s, p in procs.items()} | {"broker": bench.broker_pid}
+class Stack:
+    """One configuration's services (ingest + context, + responder for replies) with `ids` as its
+    tenants, on its own topics; `play` sends a part of the schedule and waits for its results.
+    Customer n belongs to ids[n // (customers / len(ids))]."""
+
+    def __init__(self, bench: BenchEnv, standins: StandIns, name: str, ids: list[str], until: str) -> None:
+        self.bench = bench
+        self.name = name
+        self.ids = ids
+        self.until = until
+        self.size = SIZES[bench.scale.name]
+        self.per_tenant = self.size.customers // len(ids)
+        self.files = write_tenants_file(
+            ids, bench.workdir / name / "tenants", standins.wati.origin, standins.wati.token
+        )
+        self.settings = bench.settings(
+            name,
+            quiet_window_seconds=QUIET,
+            wati_api_url=standins.wati_url,
+            wati_api_token=standins.wati.token,
+            openai_base_url=standins.openai_url,
+            openai_api_key=standins.openai.api_key,
+            tenants_file=str(self.files.path),
+        )
+        services = ["ingest", "context"] + (["responder"] if until == "reply" else [])
+        self.procs = {s: ServiceProcess.watistream(bench, s, self.settings, tag=f"-{name}") for s in services}
+        self.tag = f"{name[:1]}{bench.run_id}"
+        self.tally = Tally(self.tag, slice_size=self.size.customers_per_tenant)
+        self.topics: Topics | None = None
+        self.reader: TopicReader | None = None
+        self.plays: list[dict[str, Any]] = []
+        self.cpu = dict.fromkeys([*services, "broker", "loadgen"], 0.0)
+        self.replies_seen = 0
+
+    async def start(self) -> None:
+        self.topics = await ensure_topics(self.settings)
+        watched = [self.topics.responder_requests, self.topics.dead_letter]
+        self.reader = await TopicReader(
+            self.settings, watched + ([self.topics.replies] if self.until == "reply" else [])
+        ).start()
+        for proc in self.procs.values():
+            proc.env.update(self.files.environ)
+            proc.start()
+        await self.procs["ingest"].wait_ready(f"http://127.0.0.1:{self.settings.ingest_port}/readyz")
+        await self.procs["context"].wait_ready(f"http://127.0.0.1:{self.settings.context_web_port}/readyz")
+        if "responder" in self.procs:
+            await self.procs["responder"].wait_ready(
+                f"http://127.0.0.1:{self.settings.responder_web_port}/readyz"
+            )
+
+    async def stop(self) -> None:
+        if self.reader is not None:
+            await self.reader.stop()
+        for proc in reversed(self.procs.values()):
+            proc.stop()
+
+    def _drained(self, accepted: int) -> bool:
+        assert self.reader is not None and self.topics is not None
+        records = self.reader.records
+        self.tally.update_requests(records[self.topics.responder_requests], measure=self.until == "request")
+        if self.until == "reply":
+            self.replies_seen += self.tally.update_replies(records[self.topics.replies])
+            return self.replies_seen >= accepted or bool(records[self.topics.dead_letter])
+        return self.tally.messages >= accepted
+
+    @property
+    def accepted(self) -> int:
+        return sum(p["accepted"] for p in self.plays)
+
+    async def play(self, entries: list[list[Any]]) -> dict[str, Any]:
+        """Sends `entries` (times rebased to their first), waits until every accepted message's
+        request (reply) is seen or the drain timeout, adds the CPU used to the stack's account."""
+        assert self.reader is not None and self.topics is not None
+        t0 = entries[0][0]
+        plan = [[t - t0, *rest] for t, *rest in entries]
+        seconds = plan[-1][0] + 1.0 / self.size.rate
+        base = f"http://127.0.0.1:{self.settings.ingest_port}/webhooks"
+        routes = [[f"{base}/{t}/wati", self.files.webhook_secrets[t]] for t in self.ids]
+        pids = {s: p.pid for s, p in self.procs.items()} | {"broker": self.bench.broker_pid}
         cpu0 = {s: cpu_seconds_of(pid) for s, pid in pids.items()}
+        load = os.getloadavg()[0]
+        samples0 = self.tally.samples
+        self.tally.first_ms, self.tally.last_ms = math.inf, 0.0
         wall0 = time.monotonic()
         gen = await run_loadgen(
             {
@@ -292,72 +330,80 @@ async def _run_one(
                 "routes": routes,
                 "mode": "script",
                 "schedule": plan,
-                "duration": size.seconds + 1.0,
+                "duration": seconds + 1.0,
                 "max_requests": len(plan) + 1,
                 "connections": 128,
             },
-            timeout=size.seconds + 120.0,
+            timeout=seconds + 120.0,
         )
         accepted = int(gen["statuses"].get("200", 0))
-        replies_seen = 0
-
-        def drained() -> bool:
-            nonlocal replies_seen
-            tally.update_requests(reader.records[topics.responder_requests], measure=until == "request")
-            if until == "reply":
-                replies_seen += tally.update_replies(reader.records[topics.replies])
-                return replies_seen >= accepted or bool(reader.records[topics.dead_letter])
-            return tally.messages >= accepted
-
+        play = {
+            "messages": len(plan),
+            "accepted": accepted,
+            "not_accepted": len(plan) - accepted,
+            "loadgen_errors": gen["errors"],
+            "accept_latency_p99_ms": gen["latency_ms"]["p99"],
+            "max_scheduler_lag_ms": gen["max_scheduler_lag_ms"],
+            "load_average_at_start": round(load, 2),
+        }
+        self.plays.append(play)
         # the worker may lag behind the load: give it as long again as the load took, at least 60 s
-        complete = await reader.wait_until(drained, max(60.0, size.seconds))
-        wall = time.monotonic() - wall0
-        cpu = {s: cpu_seconds_of(pid) - cpu0[s] for s, pid in pids.items()}
-        dead = reader.records[topics.dead_letter]
-        if until == "reply" and dead:
-            reasons = sorted({str(d.value.get("reason")) + ": " + str(d.value.get("error")) for d in dead})
+        total = self.accepted
+        play["drained"] = await self.reader.wait_until(lambda: self._drained(total), max(60.0, seconds))
+        play["wall_seconds"] = round(time.monotonic() - wall0, 1)
+        # results over the span from the play's first measured message + the quiet window to its
+        # last result: at a load the services sustain this is the offered rate; above, what they did
+        play["results"] = self.tally.samples - samples0
+        play["span_seconds"] = max(1e-3, (self.tally.last_ms - self.tally.first_ms) / 1000.0 - QUIET)
+        for s, pid in pids.items():
+            self.cpu[s] += cpu_seconds_of(pid) - cpu0[s]
+        self.cpu["loadgen"] += gen["cpu_seconds"]
+        return play
+
+    def summary(self) -> dict[str, Any]:
+        assert self.reader is not None and self.topics is not None
+        dead = self.reader.records[self.topics.dead_letter]
+        if self.until == "reply" and dead:
+            reasons = sorted({f"{d.value.get('reason')}: {d.value.get('error')}" for d in dead})
             raise RuntimeError(
                 f"{len(dead)} requests dead-lettered instead of answered ({'; '.join(reasons)[:300]}); "
                 "until='reply' needs per-tenant sending (docs/tenants.md 'Not done yet')"
             )
-        missing = max(0, accepted - tally.samples) if until == "reply" else max(0, accepted - tally.messages)
-        span_s = max(1e-9, (tally.last_ms - tally.first_ms) / 1000.0)
-        result.update(
-            {
-                "offered_rate": size.rate,
-                "seconds": size.seconds,
-                "accepted": accepted,
-                "accepted_rate": gen["rate"],
-                "not_accepted": len(plan) - accepted,
-                "loadgen_errors": gen["errors"],
-                "samples": tally.samples,
-                "missing": missing,
-                "drained": complete,
-                "dead_letters": len(dead),
-                "throughput_per_s": tally.samples / span_s,
-                "overhead_ms": stats(
-                    [v for vs in tally.by_tenant.values() for v in vs] + [math.inf] * missing
-                ),
-                "by_tenant": group_stats(tally.by_tenant, per_tenant),
-                "by_slice": group_stats(tally.by_slice, size.customers_per_tenant),
-                "accept_latency_ms": gen["latency_ms"],
-                "max_scheduler_lag_ms": gen["max_scheduler_lag_ms"],
-                "wall_seconds": round(wall, 1),
-                "cpu_seconds": {
-                    **{s: round(v, 1) for s, v in cpu.items()},
-                    "loadgen": round(gen["cpu_seconds"], 1),
-                },
-                "cpu_us_per_message": {s: 1e6 * v / max(1, accepted) for s, v in cpu.items()},
-                "cpu_share": {s: round(v / wall, 2) for s, v in cpu.items()},
-                "context_rss_mib": round(procs["context"].rss_kib() / 1024, 1),
-                "load_average_after": [round(x, 2) for x in os.getloadavg()],
-            }
-        )
-        return result
-    finally:
-        await reader.stop()
-        for proc in reversed(procs.values()):
-            proc.stop()
+        tally, accepted = self.tally, self.accepted
+        counted = tally.samples if self.until == "reply" else tally.messages
+        missing = max(0, accepted - counted)
+        wall = sum(p["wall_seconds"] for p in self.plays)
+        samples = [v for vs in tally.by_tenant.values() for v in vs]
+        return {
+            "tenants": len(self.ids),
+            "customers": self.size.customers,
+            "customers_per_tenant": self.per_tenant,
+            "until": self.until,
+            "offered_rate": self.size.rate,
+            "accepted": accepted,
+            "not_accepted": sum(p["not_accepted"] for p in self.plays),
+            "samples": tally.samples,
+            "missing": missing,
+            "drained": all(p["drained"] for p in self.plays),
+            "dead_letters": len(dead),
+            "throughput_per_s": sum(p["results"] for p in self.plays)
+            / sum(p["span_seconds"] for p in self.plays),
+            "overhead_ms": stats(samples + [math.inf] * missing),
+            "by_tenant": group_stats(tally.by_tenant, self.per_tenant),
+            "by_slice": group_stats(tally.by_slice, self.size.customers_per_tenant),
+            "plays": self.plays,
+            "wall_seconds": round(wall, 1),
+            "cpu_seconds": {s: round(v, 1) for s, v in self.cpu.items()},
+            "cpu_us_per_message": {s: 1e6 * v / max(1, accepted) for s, v in self.cpu.items()},
+            "cpu_share": {s: round(v / wall, 2) for s, v in self.cpu.items()},
+            "context_rss_mib": round(self.procs["context"].rss_kib() / 1024, 1),
+        }
+
+
+def round_order(rounds: int) -> list[tuple[int, int]]:
+    """(round, stack) pairs, alternating which stack goes first (A B, B A, A B, ...), so a machine
+    whose load drifts during the run weighs on both configurations alike."""
+    return [(r, s) for r in range(rounds) for s in ((0, 1) if r % 2 == 0 else (1, 0))]
 
 
 def _fmt_ms(value: float | None) -> str:
@@ -370,16 +416,31 @@ async def run(bench: BenchEnv, *, until: str = UNTIL) -> dict[str, Any]:
     size = SIZES[bench.scale.name]
     commit = git_commit()
     async with StandIns.running() as standins:
-        many = await _run_one(bench, standins, "tenants", tenant_ids(size.tenants), until=until)
-        single = await _run_one(bench, standins, "single", [SINGLE_TENANT], until=until)
+        stacks = [
+            Stack(bench, standins, "tenants", tenant_ids(size.tenants), until),
+            Stack(bench, standins, "single", [SINGLE_TENANT], until),
+        ]
+        try:
+            for stack in stacks:
+                await stack.start()
+            # the same seeded schedule for both (customer n's route: its tenant in each stack)
+            plans = [schedule(size, st.tag, [n // st.per_tenant for n in range(size.customers)])
+                     for st in stacks]
+            per_round = math.ceil(size.customers / size.rounds)
+            for number, which in round_order(size.rounds):
+                await stacks[which].play(plans[which][number * per_round : (number + 1) * per_round])
+            many, single = (st.summary() for st in stacks)
+        finally:
+            for stack in stacks:
+                await stack.stop()
     worst = many["by_tenant"]["worst_p99"]
     single_p99 = single["overhead_ms"]["p99"]
     ratio = worst / single_p99 if worst is not None and single_p99 else None
     what = "webhook accepted -> ResponderRequest produced" if until == "request" else "webhook -> reply"
     count = f"{size.tenants} tenants x {size.customers_per_tenant:,} customers"
-    load = (
-        f"load average {many['load_average_before'][0]:.1f} / {single['load_average_before'][0]:.1f} "
-        f"at the start of each run"
+    load = "load average at the start of each part: tenants {} / single {}".format(
+        ", ".join(f"{p['load_average_at_start']:.1f}" for p in many["plays"]),
+        ", ".join(f"{p['load_average_at_start']:.1f}" for p in single["plays"]),
     )
     figures = [
         figure(
