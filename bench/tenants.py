@@ -39,6 +39,7 @@ text uses). Commit and load average are recorded with the result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,11 +47,15 @@ import random
 import secrets
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.kafka import Topics, ensure_topics
+from aiokafka.structs import TopicPartition
+
+from services.common.config import Settings
+from services.common.kafka import Topics, ensure_topics, make_consumer
 from services.common.keys import parse_key
 from services.standins import StandIns
 
@@ -91,12 +96,32 @@ class Size:
 
 
 SIZES = {
-    # the issue's size: 100,000 messages at 200 msg/s = 500 s per run, ~18 min with both runs
-    "full": Size(50, 2000, 200.0, 4),
-    # same 50 tenants, a tenth of the customers (200 each, so a tenant's p99 is its 2nd-largest value)
-    "quick": Size(50, 200, 200.0, 2),
+    # the issue's size: 100,000 messages at 100 msg/s = 1,000 s per configuration, ~35 min in all.
+    # Each message opens a batch (3 context events: message, flush, history result), so 100 msg/s
+    # is what one context worker keeps up with on 2 shared cores with the broker and ingest beside it
+    "full": Size(50, 2000, 100.0, 4),
+    # same 50 tenants, 100 customers each (a tenant's p99 is then its largest value), at a rate a
+    # loaded 2-core machine sustains
+    "quick": Size(50, 100, 50.0, 2),
     "smoke": Size(3, 20, 30.0, 2),
 }
+OVERRIDES = {  # environment variables that change the size of a run (BENCHMARKS.md section 9)
+    "BENCH_TENANTS_CUSTOMERS_PER_TENANT": "customers_per_tenant",
+    "BENCH_TENANTS_RATE": "rate",
+    "BENCH_TENANTS_ROUNDS": "rounds",
+}
+SUSTAINED = 0.9  # a part kept up when its results/s reached this share of the offered rate
+
+
+def size_for(scale: str, environ: Mapping[str, str]) -> Size:
+    """The scale's size, with the BENCH_TENANTS_* overrides of `environ` (e.g. a smaller full run)."""
+    size = SIZES[scale]
+    changes: dict[str, Any] = {}
+    for name, field_name in OVERRIDES.items():
+        if environ.get(name):
+            kind = float if field_name == "rate" else int
+            changes[field_name] = kind(environ[name])
+    return dataclasses.replace(size, **changes)
 
 
 def tenant_ids(count: int) -> list[str]:
@@ -249,7 +274,7 @@ class Stack:
         self.name = name
         self.ids = ids
         self.until = until
-        self.size = SIZES[bench.scale.name]
+        self.size = size_for(bench.scale.name, os.environ)
         self.per_tenant = self.size.customers // len(ids)
         self.files = write_tenants_file(
             ids, bench.workdir / name / "tenants", standins.wati.origin, standins.wati.token
@@ -355,13 +380,17 @@ class Stack:
         # last result: at a load the services sustain this is the offered rate; above, what they did
         play["results"] = self.tally.samples - samples0
         play["span_seconds"] = max(1e-3, (self.tally.last_ms - self.tally.first_ms) / 1000.0 - QUIET)
+        play["results_per_s"] = play["results"] / play["span_seconds"]
+        play["kept_up"] = bool(play["drained"]) and play["results_per_s"] >= SUSTAINED * self.size.rate
         for s, pid in pids.items():
             self.cpu[s] += cpu_seconds_of(pid) - cpu0[s]
         self.cpu["loadgen"] += gen["cpu_seconds"]
         return play
 
-    def summary(self) -> dict[str, Any]:
+    async def summary(self) -> dict[str, Any]:
         assert self.reader is not None and self.topics is not None
+        log_dir = self.bench.workdir / "broker" / "logs"
+        traffic = await broker_traffic(self.settings, log_dir if log_dir.is_dir() else None)
         dead = self.reader.records[self.topics.dead_letter]
         if self.until == "reply" and dead:
             reasons = sorted({f"{d.value.get('reason')}: {d.value.get('error')}" for d in dead})
@@ -385,6 +414,7 @@ class Stack:
             "samples": tally.samples,
             "missing": missing,
             "drained": all(p["drained"] for p in self.plays),
+            "kept_up": all(p["kept_up"] for p in self.plays),
             "dead_letters": len(dead),
             "throughput_per_s": sum(p["results"] for p in self.plays)
             / sum(p["span_seconds"] for p in self.plays),
@@ -397,7 +427,34 @@ class Stack:
             "cpu_us_per_message": {s: 1e6 * v / max(1, accepted) for s, v in self.cpu.items()},
             "cpu_share": {s: round(v / wall, 2) for s, v in self.cpu.items()},
             "context_rss_mib": round(self.procs["context"].rss_kib() / 1024, 1),
+            "broker_traffic": traffic,
+            "broker_records_per_message": sum(v["records"] for v in traffic.values()) / max(1, accepted),
+            "broker_bytes_per_message": sum(v["bytes"] for v in traffic.values()) / max(1, accepted),
         }
+
+
+async def broker_traffic(settings: Settings, log_dir: Path | None) -> dict[str, dict[str, int]]:
+    """Records (end offsets) and bytes of log segments (one replica; 0 without the broker's
+    directory) of every topic of this configuration, by topic name without the prefix: what one
+    customer message costs the brokers, incl. the context table's changelog."""
+    consumer = make_consumer(settings, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        names = sorted(t for t in await consumer.topics() if t.startswith(settings.topic_prefix))
+        partitions = [
+            TopicPartition(t, p) for t in names for p in sorted(consumer.partitions_for_topic(t) or ())
+        ]
+        ends = await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()
+    traffic: dict[str, dict[str, int]] = {}
+    for tp, end in ends.items():
+        entry = traffic.setdefault(tp.topic[len(settings.topic_prefix) :], {"records": 0, "bytes": 0})
+        entry["records"] += end
+        if log_dir is not None:
+            segments = (log_dir / f"{tp.topic}-{tp.partition}").glob("*.log")
+            entry["bytes"] += sum(f.stat().st_size for f in segments)
+    return {t: v for t, v in sorted(traffic.items()) if v["records"]}
 
 
 def round_order(rounds: int) -> list[tuple[int, int]]:
@@ -410,10 +467,13 @@ def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else "inf" if math.isinf(value) else f"{value:.0f}"
 
 
-async def run(bench: BenchEnv, *, until: str = UNTIL) -> dict[str, Any]:
+async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
+    """Both configurations, their parts alternating; `until` (default BENCH_TENANTS_UNTIL, else
+    "request"): where the overhead is measured to."""
+    until = until or os.environ.get("BENCH_TENANTS_UNTIL") or UNTIL
     if until not in ("request", "reply"):
         raise ValueError(f"until must be 'request' or 'reply', not {until!r}")
-    size = SIZES[bench.scale.name]
+    size = size_for(bench.scale.name, os.environ)
     commit = git_commit()
     async with StandIns.running() as standins:
         stacks = [
@@ -429,7 +489,7 @@ async def run(bench: BenchEnv, *, until: str = UNTIL) -> dict[str, Any]:
             per_round = math.ceil(size.customers / size.rounds)
             for number, which in round_order(size.rounds):
                 await stacks[which].play(plans[which][number * per_round : (number + 1) * per_round])
-            many, single = (st.summary() for st in stacks)
+            many, single = [await st.summary() for st in stacks]
         finally:
             for stack in stacks:
                 await stack.stop()
@@ -438,6 +498,13 @@ async def run(bench: BenchEnv, *, until: str = UNTIL) -> dict[str, Any]:
     ratio = worst / single_p99 if worst is not None and single_p99 else None
     what = "webhook accepted -> ResponderRequest produced" if until == "request" else "webhook -> reply"
     count = f"{size.tenants} tenants x {size.customers_per_tenant:,} customers"
+    kept_up = (
+        "the services kept up with the offered rate in every part"
+        if many["kept_up"] and single["kept_up"]
+        else "OVERLOADED: results/s fell below 90 % of the offered rate in a part (tenants "
+        f"{[round(p['results_per_s']) for p in many['plays']]}, single "
+        f"{[round(p['results_per_s']) for p in single['plays']]}): the latencies measure a growing queue"
+    )
     load = "load average at the start of each part: tenants {} / single {}".format(
         ", ".join(f"{p['load_average_at_start']:.1f}" for p in many["plays"]),
         ", ".join(f"{p['load_average_at_start']:.1f}" for p in single["plays"]),
@@ -452,8 +519,8 @@ async def run(bench: BenchEnv, *, until: str = UNTIL) -> dict[str, Any]:
             target=f"<= {TARGET_RATIO}x",
             met=ratio is not None and ratio <= TARGET_RATIO,
             note=f"{what}, minus the 1 s quiet window; baseline = one tenant with all {size.customers:,} "
-            f"customers, same schedule, same run; worst tenant {many['by_tenant']['worst']}; {load}; "
-            f"commit {commit}",
+            f"customers, same schedule, same run; worst tenant {many['by_tenant']['worst']}; {kept_up}; "
+            f"{load}; commit {commit}",
         ),
         figure(
             "worst tenant's p99 vs the single run's worst slice of the same customers",
@@ -488,6 +555,15 @@ async def run(bench: BenchEnv, *, until: str = UNTIL) -> dict[str, Any]:
             baseline=single["cpu_us_per_message"]["context"],
             note=f"ingest {many['cpu_us_per_message']['ingest']:.0f} / "
             f"{single['cpu_us_per_message']['ingest']:.0f} us per webhook (tenants / single)",
+        ),
+        figure(
+            "broker records / bytes per customer message",
+            many["broker_records_per_message"],
+            "records",
+            baseline=single["broker_records_per_message"],
+            note=f"{many['broker_bytes_per_message']:,.0f} / {single['broker_bytes_per_message']:,.0f} "
+            "bytes of log segments per message (one replica, all topics incl. the changelog; tenants / "
+            "single)",
         ),
     ]
     return {
