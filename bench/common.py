@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -456,8 +457,8 @@ def figure(
     note: str = "",
 ) -> dict[str, Any]:
     """One row of the results table."""
-    if ratio is None and baseline and value is not None:
-        ratio = value / baseline
+    if ratio is None and baseline and value is not None and math.isfinite(value) and math.isfinite(baseline):
+        ratio = value / baseline  # no ratio of an infinite figure (a result that never came)
     return {
         "metric": metric,
         "value": value,
