@@ -269,6 +269,15 @@ def group_stats(groups: dict[Any, list[float]], expected: int) -> dict[str, Any]
     }
 
 
+def process_alive(pid: int) -> bool:
+    """Whether the process runs (an exited child not yet waited for is a zombie: not alive)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 class Stack:
     """One configuration's services (ingest + context, + responder for replies) with `ids` as its
     tenants, on its own topics; `play` sends a part of the schedule and waits for its results.
@@ -328,7 +337,7 @@ class Stack:
     def _drained(self, accepted: int) -> bool:
         assert self.reader is not None and self.topics is not None
         broker = self.bench.broker_pid
-        if broker is not None and not Path(f"/proc/{broker}").exists():
+        if broker is not None and not process_alive(broker):
             raise RuntimeError(f"the embedded broker (pid {broker}) is gone: the run cannot finish")
         records = self.reader.records
         self.tally.update_requests(records[self.topics.responder_requests], measure=self.until == "request")
