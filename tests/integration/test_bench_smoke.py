@@ -217,7 +217,7 @@ async def test_tenants_benchmark_runs(bench_env: BenchEnv) -> None:
         per_tenant = run["by_tenant"]["per_group"]
         assert len(per_tenant) == tenants
         assert all(s["n"] == size.customers / tenants for s in per_tenant.values()), per_tenant
-        assert len(run["plays"]) == size.rounds
+        assert len(run["plays"]) == size.rounds == len(run["part_p99_ms"])
     assert result["details"]["commit"] != "unknown"
 
 
