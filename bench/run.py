@@ -40,7 +40,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "tenants": tenants.run,
 }
 ON_REQUEST = frozenset({"tenants"})
-"""Run only when named in --only: the tenants benchmark takes ~18 min at full size."""
+"""Run only when named in --only: the tenants benchmark takes ~40 min at full size."""
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -101,7 +101,7 @@ class Size:
 
 
 SIZES = {
-    # the size: 100,000 messages at 100 msg/s = 1,000 s per configuration, ~35 min in all.
+    # the size: 100,000 messages at 100 msg/s = 1,000 s per configuration, ~40 min in all.
     # Each message opens a batch (3 context events: message, flush, history result), so 100 msg/s
     # is what one context worker keeps up with on 2 shared cores with the broker and ingest beside it
     "full": Size(50, 2000, 100.0, 4),
