@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -402,6 +403,18 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def git_commit() -> str:
+    """The commit measured (short hash, `+dirty` when the work tree has changes), or "unknown"."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def machine_info() -> dict[str, Any]:
     """Cores, memory, CPU model, load, versions: printed and stored with every result."""
     model = ""
@@ -428,6 +441,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "java": java.splitlines()[0] if java else "",
+        "commit": git_commit(),
     }
 
 
@@ -443,8 +457,8 @@ def figure(
     note: str = "",
 ) -> dict[str, Any]:
     """One row of the results table."""
-    if ratio is None and baseline and value is not None:
-        ratio = value / baseline
+    if ratio is None and baseline and value is not None and math.isfinite(value) and math.isfinite(baseline):
+        ratio = value / baseline  # no ratio of an infinite figure (a result that never came)
     return {
         "metric": metric,
         "value": value,

@@ -10,7 +10,9 @@ Modes (all bounded by `max_requests` AND `duration` seconds; only 127.0.0.1 is a
 - `open`: fixed arrival rate `rate`/s (request i is due at start + i/rate, whatever happened to the
   earlier ones), sent by a fixed pool of `connections` workers; latency is measured from the DUE
   time, so a server or client that falls behind shows it in the figures (no coordinated omission).
-- `script`: open loop over an explicit schedule `[[t, wa_id, text], ...]` (pipeline benchmark).
+- `script`: open loop over an explicit schedule `[[t, wa_id, text], ...]` (pipeline benchmark); with
+  `routes` (`[[url, token], ...]`, all 127.0.0.1) an entry `[t, wa_id, text, route]` is posted to that
+  route's URL with its token (the tenants benchmark: one webhook route and secret per tenant).
 
 Bodies are WATI customer-message webhooks with unique ids, built from one template (cheap).
 Output (stdout, one JSON object): counts by status, errors, rate, latency percentiles in ms, how
@@ -111,13 +113,22 @@ class Recorder:
 
 
 async def _post(
-    session: aiohttp.ClientSession, url: str, body: bytes, rec: Recorder, due: float, timeout: float
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    rec: Recorder,
+    due: float,
+    timeout: float,
+    token: str | None = None,
 ) -> None:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:  # a route's own secret, in place of the session's
+        headers["Authorization"] = f"Bearer {token}"
     try:
         async with session.post(
             url,
             data=body,
-            headers={"Content-Type": "application/json"},
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as answer:
             await answer.read()
@@ -128,7 +139,8 @@ async def _post(
 
 async def run(spec: dict[str, Any]) -> dict[str, Any]:
     url = spec["url"]
-    if urlsplit(url).hostname != "127.0.0.1":
+    routes = [(str(u), str(t)) for u, t in spec.get("routes", [])]
+    if any(urlsplit(u).hostname != "127.0.0.1" for u in [url, *(r[0] for r in routes)]):
         raise SystemExit("bench.loadgen targets 127.0.0.1 only")
     mode = spec["mode"]
     duration = float(spec["duration"])
@@ -172,9 +184,11 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
             if mode == "open":
                 rate = float(spec["rate"])
                 count = min(max_requests, int(duration * rate))
-                schedule = [(i / rate, wa_id_of(i % customers), f"open {i}") for i in range(count)]
+                schedule = [(i / rate, wa_id_of(i % customers), f"open {i}", -1) for i in range(count)]
             elif mode == "script":
-                schedule = [(float(t), str(w), str(x)) for t, w, x in spec["schedule"]][:max_requests]
+                # an entry's optional 4th element picks its route (url, token); default: `url`
+                schedule = [(float(e[0]), str(e[1]), str(e[2]), int(e[3]) if len(e) > 3 else -1)
+                            for e in spec["schedule"]][:max_requests]
             else:
                 raise SystemExit(f"unknown mode {mode}")
             # A fixed pool of workers (as many as `connections`) takes the requests in schedule order;
@@ -189,7 +203,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                     n = next(positions)
                     if n >= len(schedule):
                         return
-                    offset, wa_id, text = schedule[n]
+                    offset, wa_id, text, route = schedule[n]
                     due = start + offset
                     if due > deadline:
                         return
@@ -199,7 +213,8 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
                     else:
                         rec.max_lag_ms = max(rec.max_lag_ms, -delay * 1000.0)
                     sent += 1
-                    await _post(session, url, webhook_body(wa_id, text), rec, due, timeout)
+                    target, token = routes[route] if route >= 0 else (url, None)
+                    await _post(session, target, webhook_body(wa_id, text), rec, due, timeout, token)
 
             await asyncio.gather(*(scheduled() for _ in range(int(spec.get("connections", 128)))))
         end = time.monotonic()

@@ -25,7 +25,7 @@ from typing import Any
 
 from services.common.broker import EmbeddedKafka
 
-from . import cost, history, idle, ingest, pipeline, responder, state
+from . import cost, history, idle, ingest, pipeline, responder, state, tenants
 from .common import SCALES, BenchEnv, machine_info
 
 Benchmark = Callable[[BenchEnv], Awaitable[dict[str, Any]]]
@@ -37,7 +37,10 @@ BENCHMARKS: dict[str, Benchmark] = {
     "state": state.run,
     "idle": idle.run,
     "history": history.run,
+    "tenants": tenants.run,
 }
+ON_REQUEST = frozenset({"tenants"})
+"""Run only when named in --only: the tenants benchmark takes ~40 min at full size."""
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -121,7 +124,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"# Benchmark results ({doc['scale']}, {doc['finished_at']})",
         "",
         f"Machine: {m['cores']} cores, {m['memory_gib']} GiB, {m['cpu_model']}; load average at start "
-        f"{m['load_average_at_start']}; Python {m['python']}; {m['java']}. Run took {doc['seconds']:.0f} s.",
+        f"{m['load_average_at_start']}; commit {m.get('commit', 'unknown')}; Python {m['python']}; "
+        f"{m['java']}. Run took {doc['seconds']:.0f} s.",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
@@ -141,7 +145,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
 async def main_async(args: argparse.Namespace) -> int:
     # aiokafka warns about leaderless partitions of topics created a moment ago: noise here
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHMARKS)
+    names = [n.strip() for n in args.only.split(",")] if args.only else [
+        n for n in BENCHMARKS if n not in ON_REQUEST
+    ]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}", file=sys.stderr)
@@ -202,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="short runs (~2.5 min in all)")
     parser.add_argument("--smoke", action="store_true", help="seconds per benchmark (the test suite's)")
-    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)} "
+                        f"({', '.join(sorted(ON_REQUEST))} only when named)")
     parser.add_argument(
         "--profile",
         action="store_true",

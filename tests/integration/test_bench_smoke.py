@@ -9,6 +9,7 @@ and the old-design model's arithmetic equal to the stand-in's own usage figures.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,10 +18,13 @@ from typing import Any
 import pytest
 
 from bench import run as bench_run
+from bench import tenants as bench_tenants
 from bench.common import SCALES, BenchEnv, percentile, spread, summarise_collapsed
 from bench.cost import Burst, Day, old_design
 from bench.loadgen import wa_id_of, webhook_body
-from bench.stack import burst_schedule
+from bench.stack import Seen, burst_schedule
+from services.common.config import Settings
+from services.common.tenants import load_tenants
 
 pytestmark = pytest.mark.broker
 
@@ -200,3 +204,74 @@ async def test_history_benchmark_runs(bench_env: BenchEnv) -> None:
         assert run["answered"] == run["bursts"] > 0, run
     assert every_batch["getmessages"] == every_batch["bursts"]  # one history read per batch
     assert gap_mode["getmessages"] <= every_batch["getmessages"]
+
+
+async def test_tenants_benchmark_runs(bench_env: BenchEnv) -> None:
+    result = await _one(bench_env, "tenants")
+    size = bench_tenants.SIZES["smoke"]
+    for kind, tenants in (("tenants", size.tenants), ("single", 1)):
+        run = result["details"][kind]
+        assert run["not_accepted"] == 0 and run["missing"] == 0 and run["drained"], run
+        assert run["dead_letters"] == 0, run
+        assert run["samples"] == size.customers  # one message per customer, one request each
+        per_tenant = run["by_tenant"]["per_group"]
+        assert len(per_tenant) == tenants
+        assert all(s["n"] == size.customers / tenants for s in per_tenant.values()), per_tenant
+        assert len(run["plays"]) == size.rounds == len(run["part_p99_ms"])
+    assert result["details"]["commit"] != "unknown"
+
+
+# -- the tenants benchmark's pure parts ------------------------------------------------------------
+
+
+def test_tenants_file_of_the_benchmark_loads_and_its_secrets_resolve(tmp_path: Path) -> None:
+    ids = bench_tenants.tenant_ids(50)
+    assert ids[0] == "t00" and ids[-1] == "t49" and len(set(ids)) == 50
+    files = bench_tenants.write_tenants_file(ids, tmp_path, "http://127.0.0.1:9", "s3cr3t-wati")
+    settings = Settings(tenants_file=str(files.path))
+    tenants = load_tenants(settings)
+    assert sorted(tenants.by_id) == ids
+    assert tenants.secret_problems(files.environ) == []  # env: webhook secrets, file: WATI tokens
+    assert len(set(files.webhook_secrets.values())) == 50  # each tenant its own
+    text = files.path.read_text()
+    assert "s3cr3t-wati" not in text and not any(v in text for v in files.webhook_secrets.values())
+    assert tenants.secret_problems({}) != []  # the references are real: without the variables, problems
+
+
+def test_tenants_schedule_is_the_same_in_both_configurations_and_routes_by_tenant() -> None:
+    size = bench_tenants.Size(tenants=5, customers_per_tenant=10, rate=25.0, rounds=2)
+    many = bench_tenants.schedule(size, "a1", [n // 10 for n in range(50)])
+    single = bench_tenants.schedule(size, "b1", [0] * 50)
+    assert [e[:2] for e in many] == [e[:2] for e in single]  # same customers at the same moments
+    assert [e[0] for e in many] == [slot / 25.0 for slot in range(50)]
+    assert sorted(e[1] for e in many) == sorted(wa_id_of(n) for n in range(50))
+    for _, wa_id, text, route in many:
+        customer = bench_tenants.customer_of(text)
+        assert customer is not None and wa_id == wa_id_of(customer) and route == customer // 10
+    assert bench_tenants.customer_of("other text") is None
+    assert bench_tenants.round_order(3) == [(0, 0), (0, 1), (1, 1), (1, 0), (2, 0), (2, 1)]
+
+
+def test_tenants_tally_attributes_requests_to_the_key_tenant_and_counts_missing_as_late() -> None:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def request(key: str, text: str, received: datetime, produced_ms: float) -> Seen:
+        message = {"text": text, "received_at": received}
+        return Seen("r", 0, 0, key, "ResponderRequest", {"batch_id": key + ":1", "messages": [message]},
+                    int(produced_ms), produced_ms)
+
+    base_ms = at.timestamp() * 1000.0
+    records = [
+        request("t00/default/wati:1", "x1 c0", at, base_ms + 1000 + 40),
+        request("t01/default/wati:2", "x1 c3", at, base_ms + 1000 + 90),
+        request("t01/default/wati:3", "warm-up", at, base_ms + 5000),  # not the bench's tag
+    ]
+    tally = bench_tenants.Tally("x1", slice_size=2)
+    tally.update_requests(records, measure=True)
+    assert records == []  # consumed records are dropped
+    assert tally.messages == 2
+    assert tally.by_tenant == {"t00": [40.0], "t01": [90.0]}
+    assert tally.by_slice == {0: [40.0], 1: [90.0]}
+    groups = bench_tenants.group_stats(tally.by_tenant, expected=2)  # one sample missing in each
+    assert groups["worst_p99"] == math.inf
+    assert bench_tenants.group_stats(tally.by_tenant, expected=1)["worst"] == "t01"
