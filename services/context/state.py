@@ -491,13 +491,13 @@ def _on_flush(
         return state, Effects(log=[("flush_ignored", {
             "batch_id": batch_id, "reason": "earlier_batch_flushing"})])
     waiting = batch.get("waiting_flushes") or []
-    if waiting and (seen is None or seen < waiting[-1]["batch_messages"]):
-        # issued after an earlier flush of this batch that waits for its messages (a timer reading
-        # a replayed, shorter batch): the earlier one, first in the log, is the one that decided
+    if waiting and seen is None:
         return state, _flush_ignored(batch_id, "earlier_flush_waiting")
-    if seen is not None and len(batch["messages"]) < seen:
+    if seen is not None and (waiting or len(batch["messages"]) < seen):
         # A replay in another interleaving: messages the timer saw are not handled yet. The flush
-        # waits for them and is decided, at its own time, when the last of them comes (on_inbound).
+        # waits for them and is decided, at its own time, when the last of them comes (on_inbound);
+        # one behind an earlier waiting flush waits its turn (log order decides, whatever it counts:
+        # a new timer reading the replayed, shorter batch sends a smaller count).
         if len(waiting) >= MAX_WAITING_FLUSHES:
             return state, _flush_ignored(batch_id, "too_many_waiting")
         state = copy.deepcopy(state)
