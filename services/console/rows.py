@@ -30,10 +30,12 @@ Row = dict[str, Any]
 SOURCES = ("realtime", "history", "both")
 
 
-def ms(at: datetime | None) -> int | None:
-    """Epoch milliseconds of an aware datetime (a naive one is taken as UTC)."""
-    if at is None:
-        return None
+def ms(at: datetime | int | None) -> int | None:
+    """Epoch milliseconds of an aware datetime (a naive one is taken as UTC); an int already is
+    (the consumer decodes timestamps as epoch milliseconds: `codec.decode_any_fast`)."""
+    if at is None or type(at) is int:
+        return at
+    assert isinstance(at, datetime)
     aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
     return int(aware.timestamp() * 1000)
 

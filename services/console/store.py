@@ -22,6 +22,9 @@ from typing import Any
 
 from .rows import Row, decision_counts, hour_of
 
+# the layout's version (PRAGMA user_version): a store of another version is rebuilt from the topics
+SCHEMA_VERSION = 2
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS offsets (topic TEXT, partition INTEGER, next_offset INTEGER,
     PRIMARY KEY (topic, partition));
@@ -42,13 +45,16 @@ CREATE INDEX IF NOT EXISTS customers_recovered ON customers (last_at) WHERE reco
 CREATE INDEX IF NOT EXISTS customers_errors ON customers (last_at) WHERE errors > 0;
 CREATE INDEX IF NOT EXISTS customers_waiting ON customers (COALESCE(paused_at, held_since))
     WHERE held = 1 OR paused = 1;
+-- the bulk of the store (one row per batch): kept in the timeline's order, a customer's batches by
+-- time, so a row costs one place in the table plus one at the end of the time index (the prune's);
+-- a batch id is unique within its customer (it is "<customer key>:<n>")
 CREATE TABLE IF NOT EXISTS decisions (
-    batch_id TEXT PRIMARY KEY, customer_key TEXT NOT NULL, decided_at INTEGER NOT NULL,
+    customer_key TEXT NOT NULL, decided_at INTEGER NOT NULL, batch_id TEXT NOT NULL,
     message_count INTEGER, gap_seconds REAL, gap_threshold_seconds REAL, missed_check_ran INTEGER,
     cutoff INTEGER, held INTEGER, hold_reason TEXT, routed_to TEXT, injected_json TEXT,
     excluded_json TEXT, inj_realtime INTEGER, inj_history INTEGER, inj_both INTEGER,
-    webhooks_missing INTEGER, recovered INTEGER, history_error TEXT);
-CREATE INDEX IF NOT EXISTS decisions_customer ON decisions (customer_key, decided_at);
+    webhooks_missing INTEGER, recovered INTEGER, history_error TEXT,
+    PRIMARY KEY (customer_key, decided_at, batch_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS decisions_at ON decisions (decided_at);
 CREATE TABLE IF NOT EXISTS requests (
     batch_id TEXT PRIMARY KEY, customer_key TEXT NOT NULL, created_at INTEGER NOT NULL,
@@ -139,6 +145,32 @@ class Page:
     limit: int
 
 
+DECISION_COLUMNS = (
+    "customer_key", "decided_at", "batch_id", "message_count", "gap_seconds", "gap_threshold_seconds",
+    "missed_check_ran", "cutoff", "held", "hold_reason", "routed_to", "injected_json", "excluded_json",
+    "inj_realtime", "inj_history", "inj_both", "webhooks_missing", "recovered", "history_error",
+)
+DECISION_INSERT = (f"INSERT INTO decisions ({', '.join(DECISION_COLUMNS)})"  # noqa: S608 - constant names
+                   f" VALUES ({', '.join('?' * len(DECISION_COLUMNS))})")
+# A new decision's effect on its customer, in one statement whether the customer is new or not (a
+# customer row and its indexes are written once). The latest decision sets the hold state; an older
+# one arriving late counts but does not bring a hold back.
+CUSTOMER_DECISION = """
+INSERT INTO customers (key, batches, recovered, errors, last_at, held, held_since, hold_reason,
+                       last_decision_at)
+VALUES (?1, 1, ?2, ?3, ?4, ?5, CASE WHEN ?5 THEN ?4 END, ?6, ?4)
+ON CONFLICT (key) DO UPDATE SET batches = batches + 1, recovered = recovered + ?2,
+    errors = errors + ?3, last_at = MAX(last_at, ?4),
+    held = CASE WHEN last_decision_at IS NULL OR ?4 >= last_decision_at THEN ?5 ELSE held END,
+    held_since = CASE WHEN last_decision_at IS NULL OR ?4 >= last_decision_at
+        THEN (CASE WHEN ?5 THEN COALESCE(held_since, ?4) ELSE NULL END) ELSE held_since END,
+    hold_reason = CASE WHEN last_decision_at IS NULL OR ?4 >= last_decision_at
+        THEN ?6 ELSE hold_reason END,
+    open_since = CASE WHEN open_since IS NOT NULL AND open_since <= ?4 THEN NULL ELSE open_since END,
+    last_decision_at = MAX(COALESCE(last_decision_at, 0), ?4)
+"""
+
+
 def _insert(db: sqlite3.Connection, table: str, row: Row, verb: str = "INSERT OR IGNORE") -> bool:
     cols = ", ".join(row)
     marks = ", ".join(f":{c}" for c in row)
@@ -158,12 +190,30 @@ class Store:
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a power loss may lose the last transactions, never corrupt; the positions are in
+        # the same transactions as the rows, so the consumer simply reads those records again
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA temp_store=MEMORY")
-        self.db.executescript(SCHEMA)
+        # a polled batch touches thousands of index pages: a 64 MiB page cache (a fixed bound, not
+        # one per customer) keeps them in memory until the commit instead of spilling mid-transaction
+        self.db.execute("PRAGMA cache_size=-65536")
+        self._migrate()
         self.lock = threading.Lock()
         self.reader = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.reader.row_factory = sqlite3.Row
+
+    def _migrate(self) -> None:
+        """A store written with another layout is emptied: the consumer then rebuilds it from the
+        topics, which hold everything it shows (pauses and replays included)."""
+        if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            tables = [r[0] for r in self.db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+            for table in tables:
+                self.db.execute(f'DROP TABLE IF EXISTS "{table}"')  # names from sqlite_master
+            self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        else:
+            self.db.executescript(SCHEMA)
 
     def close(self) -> None:
         self.reader.close()
@@ -215,50 +265,35 @@ class Store:
         self.apply_decisions([row])
 
     def apply_decisions(self, batch: list[Row]) -> None:
-        """New decisions (a batch id already stored, or twice in `batch`, counts once), in few
-        statements: one lookup per 500 ids, one insert and one customer update per row."""
-        unique: dict[str, Row] = {}
+        """New decisions (a batch already stored, or twice in `batch`, counts once), in few
+        statements: one lookup per 500 customers, then one insert and one customer upsert per row."""
+        unique: dict[tuple[str, str], Row] = {}
         for row in batch:
-            unique.setdefault(row["batch_id"], row)
-        ids = list(unique)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            for (known,) in self.db.execute(
-                f"SELECT batch_id FROM decisions WHERE batch_id IN ({marks})", chunk  # noqa: S608
+            unique.setdefault((row["customer_key"], row["batch_id"]), row)
+        pairs = list(unique)
+        for i in range(0, len(pairs), 500):
+            chunk = pairs[i:i + 500]
+            keys = list(dict.fromkeys(k for k, _ in chunk))
+            ids = [b for _, b in chunk]
+            key_marks, id_marks = ",".join("?" * len(keys)), ",".join("?" * len(ids))
+            for known in self.db.execute(
+                f"SELECT customer_key, batch_id FROM decisions WHERE customer_key IN ({key_marks})"  # noqa: S608
+                f" AND batch_id IN ({id_marks})", [*keys, *ids]
             ):
-                unique.pop(known, None)
+                unique.pop((known[0], known[1]), None)
         new = sorted(unique.values(), key=lambda r: r["decided_at"])
         if not new:
             return
-        cols = list(new[0])
-        self.db.executemany(
-            f"INSERT INTO decisions ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})",  # noqa: S608
-            new,
-        )
+        self.db.executemany(DECISION_INSERT, [tuple(r[c] for c in DECISION_COLUMNS) for r in new])
         by_hour: dict[int, Counter[str]] = {}
         for row in new:
             by_hour.setdefault(hour_of(row["decided_at"]), Counter()).update(decision_counts(row))
         for hour, counts in by_hour.items():
             self._hourly(hour, counts)
-        self.db.executemany("INSERT OR IGNORE INTO customers (key) VALUES (?)",
-                            [(k,) for k in dict.fromkeys(r["customer_key"] for r in new)])
         self.db.executemany(
-            """UPDATE customers SET batches = batches + 1, recovered = recovered + :recovered,
-                 errors = errors + :error, last_at = MAX(last_at, :at),
-                 held = CASE WHEN last_decision_at IS NULL OR :at >= last_decision_at
-                     THEN :held ELSE held END,
-                 held_since = CASE WHEN last_decision_at IS NULL OR :at >= last_decision_at
-                     THEN (CASE WHEN :held THEN COALESCE(held_since, :at) ELSE NULL END) ELSE held_since END,
-                 hold_reason = CASE WHEN last_decision_at IS NULL OR :at >= last_decision_at
-                     THEN :reason ELSE hold_reason END,
-                 open_since = CASE WHEN open_since IS NOT NULL AND open_since <= :at THEN NULL
-                     ELSE open_since END,
-                 last_decision_at = MAX(COALESCE(last_decision_at, 0), :at)
-               WHERE key = :key""",
-            [{"recovered": r["recovered"], "error": int(bool(r["history_error"])), "at": r["decided_at"],
-              "held": r["held"], "reason": r["hold_reason"] if r["held"] else None, "key": r["customer_key"]}
-             for r in new],
+            CUSTOMER_DECISION,
+            [(r["customer_key"], r["recovered"], int(bool(r["history_error"])), r["decided_at"], r["held"],
+              r["hold_reason"] if r["held"] else None) for r in new],
         )
 
     def apply_request(self, row: Row) -> None:
