@@ -30,6 +30,7 @@ from services.common.records import (
     BatchDecision,
     ContextCommand,
     DeadLetter,
+    DeadLetterReplay,
     InboundMessage,
     ResponderRequest,
 )
@@ -54,7 +55,8 @@ class Polled(NamedTuple):
 
 def console_topics(topics: Topics) -> list[str]:
     return [topics.audit, topics.inbound, topics.agent_activity, topics.replies,
-            topics.responder_requests, topics.dead_letter, topics.context_commands]
+            topics.responder_requests, topics.dead_letter, topics.context_commands,
+            topics.dead_letter_replays]
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Prepared:
 # left as those integers (no datetime made and taken apart again). A ResponderRequest's times are
 # formatted into the human-agent block, exactly as the responder does: decoded as datetimes.
 RAW_TIMESTAMPS = frozenset({"BatchDecision", "AssistantReply", "InboundMessage", "AgentActivity",
-                            "ContextCommand", "DeadLetter"})
+                            "ContextCommand", "DeadLetter", "DeadLetterReplay"})
 
 
 def prepare_records(polled: Iterable[Polled], topics: Topics, labels: Labels) -> Prepared:
@@ -100,6 +102,8 @@ def prepare_records(polled: Iterable[Polled], topics: Topics, labels: Labels) ->
         elif name == "DeadLetter" and rec.topic == topics.dead_letter:
             letter = cast(DeadLetter, value)
             out.ops.append(("dead_letter", rows.dead_letter_row(letter, rec.partition, rec.offset)))
+        elif name == "DeadLetterReplay" and rec.topic == topics.dead_letter_replays:
+            out.ops.append(("replay", rows.replay_row(cast(DeadLetterReplay, value))))
         elif name == "ContextCommand" and (row := rows.command_row(cast(ContextCommand, value))):
             out.ops.append(("command", row))
         else:
@@ -111,7 +115,7 @@ def write_prepared(store: Store, prepared: Prepared) -> None:
     """Writes the rows and the next positions in one transaction."""
     apply = {"request": store.apply_request, "reply": store.apply_reply, "inbound": store.apply_inbound,
              "agent": store.apply_agent, "dead_letter": store.apply_dead_letter,
-             "command": store.apply_command}
+             "command": store.apply_command, "replay": store.apply_replay}
     with store.transaction():
         for kind, row in prepared.ops:
             apply[kind](row)

@@ -19,6 +19,7 @@ from services.common.records import (
     BatchDecision,
     ContextCommand,
     DeadLetter,
+    DeadLetterReplay,
     InboundMessage,
     MissedItem,
     ResponderRequest,
@@ -171,6 +172,18 @@ def dead_letter_row(letter: DeadLetter, partition: int, offset: int) -> Row:
         "payload": letter.get("payload"),
         "customer_key": letter.get("customer_key"),
         "batch_id": letter.get("batch_id"),
+    }
+
+
+def replay_row(r: DeadLetterReplay) -> Row:
+    """A dead letter's replay (dead-letter-replays topic, the CLI's and the console's): who, when, where."""
+    return {
+        "dead_letter_id": r["dead_letter_id"],
+        "replayed_at": ms(r["replayed_at"]),
+        "replayed_by": r["replayed_by"],
+        "source_topic": r["source_topic"],
+        "replayed_partition": int(r["replayed_partition"]),
+        "replayed_offset": int(r["replayed_offset"]),
     }
 
 

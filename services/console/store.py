@@ -77,8 +77,12 @@ CREATE INDEX IF NOT EXISTS agent_at ON agent_activity (at);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY, failed_at INTEGER NOT NULL, service TEXT, reason TEXT, error TEXT,
     source_topic TEXT, source_partition INTEGER, source_offset INTEGER, record_key BLOB,
-    payload BLOB, customer_key TEXT, batch_id TEXT, replayed_at INTEGER, replayed_by TEXT);
+    payload BLOB, customer_key TEXT, batch_id TEXT);
 CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (failed_at);
+-- the dead-letter-replays topic as read (a replay may be read before its dead letter)
+CREATE TABLE IF NOT EXISTS replays (
+    dead_letter_id TEXT PRIMARY KEY, replayed_at INTEGER NOT NULL, replayed_by TEXT NOT NULL,
+    source_topic TEXT, replayed_partition INTEGER, replayed_offset INTEGER);
 CREATE TABLE IF NOT EXISTS actions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, operator TEXT NOT NULL,
     kind TEXT NOT NULL, customer_key TEXT, target TEXT);
@@ -361,6 +365,9 @@ class Store:
     def apply_dead_letter(self, row: Row) -> None:
         if not _insert(self.db, "dead_letters", row):
             return
+        if row["customer_key"]:  # its replay, read first, shows on the customer's timeline too
+            self.db.execute("UPDATE actions SET customer_key = ? WHERE target = ? AND customer_key IS NULL",
+                            (row["customer_key"], row["id"]))
         self._hourly(row["failed_at"], {"dead_letters": 1})
         if row["customer_key"]:
             self._customer(row["customer_key"])
@@ -368,23 +375,20 @@ class Store:
                 "UPDATE customers SET errors = errors + 1, last_at = MAX(last_at, ?) WHERE key = ?",
                 (row["failed_at"], row["customer_key"]))
 
-    def record_action(self, at: int, operator: str, kind: str, customer_key: str | None,
-                      target: str | None = None) -> None:
+    def apply_replay(self, row: Row) -> bool:
+        """A dead letter's replay (from the topic, or the console's own just produced): the first
+        one for an id is the one, as the CLI reads it. Recorded as the operator's action. True when
+        new."""
+        if not _insert(self.db, "replays", row):
+            return False
         self.db.execute(
-            "INSERT OR IGNORE INTO actions (at, operator, kind, customer_key, target) VALUES (?, ?, ?, ?, ?)",
-            (at, operator, kind, customer_key, target),
+            "INSERT OR IGNORE INTO actions (at, operator, kind, customer_key, target)"
+            " VALUES (?, ?, ?, (SELECT customer_key FROM dead_letters WHERE id = ?), ?)",
+            (row["replayed_at"], row["replayed_by"],
+             f"replayed dead letter {row['dead_letter_id']} to {row['source_topic']}",
+             row["dead_letter_id"], row["dead_letter_id"]),
         )
-
-    def mark_replayed(self, letter_id: str, at: int, operator: str) -> bool:
-        """True when this call marked it (it was not replayed before): the once-only guard."""
-        return self.db.execute(
-            "UPDATE dead_letters SET replayed_at = ?, replayed_by = ? WHERE id = ? AND replayed_at IS NULL",
-            (at, operator, letter_id),
-        ).rowcount > 0
-
-    def unmark_replayed(self, letter_id: str) -> None:
-        self.db.execute("UPDATE dead_letters SET replayed_at = NULL, replayed_by = NULL WHERE id = ?",
-                        (letter_id,))
+        return True
 
     def prune(self, before_ms: int) -> int:
         """Deletes every row dated before `before_ms`; returns how many."""
@@ -393,6 +397,7 @@ class Store:
             for table, column in (
                 ("decisions", "decided_at"), ("requests", "created_at"), ("replies", "sent_at"),
                 ("inbound", "at"), ("agent_activity", "at"), ("dead_letters", "failed_at"),
+                ("replays", "replayed_at"),
                 ("actions", "at"), ("hourly", "hour"), ("customers", "last_at"),
             ):
                 deleted += db.execute(
@@ -476,14 +481,16 @@ class Store:
     def dead_letters(self, offset: int = 0, limit: int = 50) -> Page:
         total = self.reader.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
         rows = self.reader.execute(
-            "SELECT id, failed_at, service, reason, source_topic, customer_key, record_key, batch_id,"
-            " replayed_at, replayed_by, length(payload) AS size FROM dead_letters"
-            " ORDER BY failed_at DESC LIMIT ? OFFSET ?",
+            "SELECT id, failed_at, service, reason, d.source_topic, customer_key, record_key, batch_id,"
+            " replayed_at, replayed_by, length(payload) AS size FROM dead_letters d"
+            " LEFT JOIN replays r ON r.dead_letter_id = d.id ORDER BY failed_at DESC LIMIT ? OFFSET ?",
             (limit, offset)).fetchall()
         return Page([dict(r) for r in rows], int(total), offset, limit)
 
     def dead_letter(self, letter_id: str) -> dict[str, Any] | None:
-        row = self.reader.execute("SELECT * FROM dead_letters WHERE id = ?", (letter_id,)).fetchone()
+        row = self.reader.execute(
+            "SELECT d.*, r.replayed_at, r.replayed_by FROM dead_letters d"
+            " LEFT JOIN replays r ON r.dead_letter_id = d.id WHERE d.id = ?", (letter_id,)).fetchone()
         return dict(row) if row else None
 
     def recent_actions(self, limit: int = 20) -> list[dict[str, Any]]:

@@ -71,6 +71,12 @@ def dead(value: Any) -> tuple[str, str, dict[str, Any]]:
     return TOPICS.dead_letter, "DeadLetter", dict(value)
 
 
+def replayed(letter_id: str, at: Any, by: str) -> tuple[str, str, dict[str, Any]]:
+    return TOPICS.dead_letter_replays, "DeadLetterReplay", {
+        "dead_letter_id": letter_id, "source_topic": TOPICS.inbound, "replayed_partition": 0,
+        "replayed_offset": 3, "replayed_by": by, "replayed_at": at}
+
+
 # ---------------------------------------------------------------- rows
 
 
@@ -204,11 +210,21 @@ def test_a_dead_letter_is_replayed_once(store: Store) -> None:
     assert full is not None
     plan = plan_replay(full, TOPICS.all())
     assert (plan.topic, plan.key, plan.payload) == (TOPICS.inbound, KEY.encode(), b"\x00garbage")
-    with store.transaction():
-        assert store.mark_replayed(letter["id"], 1, "ana")
-        assert not store.mark_replayed(letter["id"], 2, "bo")
+    apply(store, replayed(letter["id"], t("10:05:00"), "ana"), replayed(letter["id"], t("10:06:00"), "bo"))
     with pytest.raises(NotReplayable, match="already replayed by ana"):
         plan_replay(store.dead_letter(letter["id"]) or {}, TOPICS.all())
+    assert [a["operator"] for a in store.recent_actions()] == ["ana"]  # the first replay is the one
+
+
+def test_a_replay_read_before_its_dead_letter_still_marks_it_and_shows_on_the_timeline(store: Store) -> None:
+    """The two topics are read in no particular order (a rebuild reads them side by side)."""
+    apply(store, replayed("0:0", t("10:05:00"), "bo"))
+    apply(store, dead(dead_letter(t("10:00:00"), source_topic=TOPICS.inbound)))
+    letter = store.dead_letter("0:0")
+    assert letter is not None and letter["replayed_by"] == "bo"
+    assert store.dead_letters().rows[0]["replayed_by"] == "bo"
+    [action] = store.events_between("actions", KEY, 0, 2**62)
+    assert action["operator"] == "bo" and "replayed dead letter 0:0" in action["kind"]
 
 
 @pytest.mark.parametrize(("topic", "payload", "why"), [
