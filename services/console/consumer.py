@@ -10,10 +10,14 @@ offsets are committed too, so its lag shows in the usual tools.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import multiprocessing
+import os
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
@@ -130,6 +134,30 @@ def apply_records(store: Store, polled: Iterable[Polled], topics: Topics, labels
     return prepared.counts
 
 
+# -- decoding in worker processes -------------------------------------------------------------------
+# Decoding and mapping are pure Python (~15 µs a decision): in the event loop's process they share
+# one core with the fetches and the SQLite writes. Worker processes (spawned: no copy of the loop or
+# of the store's connections) take the raw values and hand back the rows; the writes stay in this
+# process, in order, one transaction per polled batch.
+
+_worker: tuple[Topics, Labels] | None = None
+
+
+def _init_worker(topics: Topics, labels: Labels) -> None:
+    global _worker
+    _worker = (topics, labels)
+
+
+def _prepare_in_worker(polled: list[Polled]) -> Prepared:
+    assert _worker is not None
+    return prepare_records(polled, *_worker)
+
+
+def default_decode_workers() -> int:
+    """One worker per core beyond the first (the first runs the loop and the writes), at most 3."""
+    return max(0, min(3, (os.cpu_count() or 1) - 1))
+
+
 class _Seeker(ConsumerRebalanceListener):
     def __init__(self, shell: ConsoleConsumer) -> None:
         self.shell = shell
@@ -144,8 +172,11 @@ class _Seeker(ConsumerRebalanceListener):
 class ConsoleConsumer:
     """Polls the console's topics into the store until stopped."""
 
-    def __init__(self, settings: Settings, store: Store, labels: Labels, *, max_records: int = 2000) -> None:
+    def __init__(self, settings: Settings, store: Store, labels: Labels, *, max_records: int = 2000,
+                 decode_workers: int | None = None) -> None:
         self.settings = settings
+        self.decode_workers = default_decode_workers() if decode_workers is None else decode_workers
+        self.pool: ProcessPoolExecutor | None = None
         self.store = store
         self.labels = labels
         self.topics = Topics.from_settings(settings)
@@ -179,32 +210,50 @@ class ConsoleConsumer:
             max_poll_records=self.max_records,
             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024,
         )
+        if self.decode_workers > 0:
+            self.pool = ProcessPoolExecutor(
+                self.decode_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(self.topics, self.labels))
         self.consumer.subscribe(console_topics(self.topics), listener=_Seeker(self))
         await self.consumer.start()
         metrics.agent_up.labels(SERVICE, "console").set(1)
         self.task = asyncio.create_task(self._loop(), name="console-consumer")
 
     async def _loop(self) -> None:
-        """Fetch, then decode in a worker thread while the previous batch is written in another:
-        SQLite releases the GIL while it works, so decoding and writing overlap."""
+        """Fetch; decode in the worker processes (or a thread without them), several batches at a
+        time; write each in turn in a worker thread (SQLite releases the GIL while it works)."""
         assert self.consumer is not None
+        loop = asyncio.get_running_loop()
+        in_flight: collections.deque[tuple[asyncio.Future[Prepared], int, dict[TopicPartition, Any]]] = (
+            collections.deque())
+        most = 2 * max(1, self.decode_workers)
         while True:
             try:
-                batches = await self.consumer.getmany(timeout_ms=500, max_records=self.max_records)
+                batches = await self.consumer.getmany(
+                    timeout_ms=0 if in_flight else 500, max_records=self.max_records)
             except KafkaError as exc:  # a broker outage: aiokafka reconnects; keep asking
                 logs.event(log, "console_fetch_failed", logging.WARNING, error=type(exc).__name__)
                 await asyncio.sleep(1.0)
                 continue
             polled = [Polled(tp.topic, tp.partition, r.offset, r.value)
                       for tp, records in batches.items() for r in records]
-            if not polled:
-                continue
-            prepared = await asyncio.to_thread(prepare_records, polled, self.topics, self.labels)
-            if self.writing is not None:
-                await self.writing  # one write at a time, in order
-            commit = {tp: OffsetAndMetadata(records[-1].offset + 1, "")
-                      for tp, records in batches.items() if records}
-            self.writing = asyncio.create_task(self._write(prepared, len(polled), commit))
+            if polled:
+                commit = {tp: OffsetAndMetadata(records[-1].offset + 1, "")
+                          for tp, records in batches.items() if records}
+                if self.pool is not None:
+                    prepared = loop.run_in_executor(self.pool, _prepare_in_worker, polled)
+                else:
+                    prepared = asyncio.ensure_future(
+                        asyncio.to_thread(prepare_records, polled, self.topics, self.labels))
+                in_flight.append((prepared, len(polled), commit))
+            # write, in order, what is decoded: all of it when nothing more came, else enough to
+            # keep at most `most` batches decoding
+            while in_flight and (not polled or len(in_flight) > most or in_flight[0][0].done()):
+                future, count, commit = in_flight.popleft()
+                ready = await future
+                if self.writing is not None:
+                    await self.writing  # one write at a time, in order
+                self.writing = asyncio.create_task(self._write(ready, count, commit))
 
     async def _write(self, prepared: Prepared, count: int, commit: dict[TopicPartition, Any]) -> None:
         await asyncio.to_thread(write_prepared, self.store, prepared)
@@ -230,6 +279,9 @@ class ConsoleConsumer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
             self.task = None
+        if self.pool is not None:  # batches still decoding are dropped: their positions were not written
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
         if self.writing is not None:  # a write under way finishes (its thread cannot be cancelled)
             with contextlib.suppress(Exception):
                 await self.writing
