@@ -264,7 +264,7 @@ async def main_async(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-console-") as tmp:
         store = Store(Path(tmp) / "console.sqlite3")
         filled = fill(store, args.customers, args.decisions, now)
-        size_mb = (Path(tmp) / "console.sqlite3").stat().st_size / 1e6
+        size_mb = sum(f.stat().st_size for f in Path(tmp).glob("console.sqlite3*")) / 1e6  # with the WAL
         print(f"filled {filled['decisions']:,} decisions / {args.customers:,} customers in "
               f"{filled['seconds']:.0f} s ({size_mb:.0f} MB)", flush=True)
         times = await page_times(store, args.customers, args.repeats, now)

@@ -18,6 +18,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
@@ -158,6 +159,10 @@ def default_decode_workers() -> int:
     return max(0, min(3, (os.cpu_count() or 1) - 1))
 
 
+# a polled batch being decoded: (its rows to come, how many records, the group offsets, the records)
+InFlight = tuple["asyncio.Future[Prepared]", int, dict[TopicPartition, Any], list[Polled]]
+
+
 class _Seeker(ConsumerRebalanceListener):
     def __init__(self, shell: ConsoleConsumer) -> None:
         self.shell = shell
@@ -224,8 +229,7 @@ class ConsoleConsumer:
         time; write each in turn in a worker thread (SQLite releases the GIL while it works)."""
         assert self.consumer is not None
         loop = asyncio.get_running_loop()
-        in_flight: collections.deque[tuple[asyncio.Future[Prepared], int, dict[TopicPartition, Any]]] = (
-            collections.deque())
+        in_flight: collections.deque[InFlight] = collections.deque()
         most = 2 * max(1, self.decode_workers)
         while True:
             try:
@@ -245,12 +249,19 @@ class ConsoleConsumer:
                 else:
                     prepared = asyncio.ensure_future(
                         asyncio.to_thread(prepare_records, polled, self.topics, self.labels))
-                in_flight.append((prepared, len(polled), commit))
+                in_flight.append((prepared, len(polled), commit, polled))
             # write, in order, what is decoded: all of it when nothing more came, else enough to
             # keep at most `most` batches decoding
             while in_flight and (not polled or len(in_flight) > most or in_flight[0][0].done()):
-                future, count, commit = in_flight.popleft()
-                ready = await future
+                future, count, commit, polled_batch = in_flight.popleft()
+                try:
+                    ready = await future
+                except BrokenProcessPool:  # a worker died (killed, out of memory): decode here now on
+                    logs.event(log, "console_decode_workers_lost", logging.WARNING)
+                    if self.pool is not None:
+                        self.pool.shutdown(wait=False, cancel_futures=True)
+                    self.pool = None
+                    ready = await asyncio.to_thread(prepare_records, polled_batch, self.topics, self.labels)
                 if self.writing is not None:
                     await self.writing  # one write at a time, in order
                 self.writing = asyncio.create_task(self._write(ready, count, commit))

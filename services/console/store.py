@@ -34,8 +34,7 @@ CREATE TABLE IF NOT EXISTS customers (
     last_decision_at INTEGER, batches INTEGER NOT NULL DEFAULT 0,
     held INTEGER NOT NULL DEFAULT 0, held_since INTEGER, hold_reason TEXT,
     paused INTEGER NOT NULL DEFAULT 0, paused_by TEXT, paused_at INTEGER,
-    open_since INTEGER, recovered INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0)
-    WITHOUT ROWID;  -- found by key on every record: the table is the key's b-tree, no second lookup
+    open_since INTEGER, recovered INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS customers_last ON customers (last_at);
 CREATE INDEX IF NOT EXISTS customers_reply ON customers (last_reply_at);
 CREATE INDEX IF NOT EXISTS customers_name ON customers (lower(name));
