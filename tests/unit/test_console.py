@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,22 @@ def test_the_consumer_position_is_written_with_the_rows(store: Store) -> None:
     apply(store, audited(decision("b1", t("10:00:00"))))
     apply_records(store, [Polled(TOPICS.inbound, 2, 41, b"not avro")], TOPICS, LABELS)
     assert store.offsets() == {(TOPICS.audit, 0): 1, (TOPICS.inbound, 2): 42}
+
+
+def test_a_store_of_another_layout_is_emptied_to_be_rebuilt_from_the_topics(tmp_path: Path) -> None:
+    """An older store (the decisions keyed by batch id alone) would keep its old layout under
+    CREATE TABLE IF NOT EXISTS; emptied, the consumer rebuilds it from the topics' beginning."""
+    old = sqlite3.connect(tmp_path / "old.sqlite3")
+    old.executescript("CREATE TABLE decisions (batch_id TEXT PRIMARY KEY, customer_key TEXT);"
+                      "CREATE TABLE offsets (topic TEXT, partition INTEGER, next_offset INTEGER);"
+                      "INSERT INTO offsets VALUES ('c.audit', 0, 41);")
+    old.close()
+    store = Store(tmp_path / "old.sqlite3")
+    assert store.is_empty() and store.offsets() == {}
+    apply(store, audited(decision("b1", t("10:00:00"))))
+    assert store.totals(0)["batches"] == 1
+    store.close()
+    assert Store(tmp_path / "old.sqlite3").totals(0)["batches"] == 1  # the new layout is kept
 
 
 def test_a_customer_known_only_by_a_recent_pause_survives_the_prune(store: Store) -> None:
