@@ -5,8 +5,10 @@ pages. Rows come from `rows.py`. Every record type is idempotent by its id (batc
 dead-letter offset), so a redelivered record changes nothing, and the overview's hourly figures
 grow only when a row is new. Consumed offsets are kept here, in the same transaction as the rows,
 so the store and its position can never disagree; an empty store starts from the topics' beginning
-(the rebuild). `prune` deletes what is older than the topics' retention: the store's size follows
-the retention, not the number of customers ever seen.
+(the rebuild). Nothing lives only here: pauses come from the context-commands topic and dead-letter
+replays from the dead-letter-replays topic (the CLI's and the console's one record of them), so a
+rebuild loses nothing. `prune` deletes what is older than the topics' retention: the store's size
+follows the retention, not the number of customers ever seen.
 """
 
 from __future__ import annotations
