@@ -152,9 +152,10 @@ async def page_times(store: Store, customers: int, repeats: int, now: datetime) 
             letter = store.dead_letters().rows[0]["id"]
             for _ in range(repeats):
                 c = rng.randrange(customers)
+                offset = rng.randrange(0, 2000) * 50
                 paths = {
                     "overview": "/",
-                    "customers": f"/customers?offset={rng.randrange(0, 2000) * 50}",
+                    "customers": f"/customers?offset={offset}",
                     "customers search": f"/customers?q=5037{c:07d}"[:-2],
                     "customers filtered (held)": "/customers?f=held",
                     "customers filtered (paused, errors)": "/customers?f=paused&f=errors",
@@ -162,6 +163,9 @@ async def page_times(store: Store, customers: int, repeats: int, now: datetime) 
                     "held and paused": "/waiting",
                     "dead letters": "/dead-letters",
                     "dead letter": f"/dead-letters/{letter}",
+                    # the tenant filter (every bench customer is the default tenant's: the most rows)
+                    "overview (tenant filter)": "/?tenant=default",
+                    "customers (tenant filter)": f"/customers?tenant=default&offset={offset}",
                 }
                 for name, path in paths.items():
                     answer = await http.get(path)

@@ -320,7 +320,8 @@ class Store:
 
     def apply_decisions(self, batch: list[Row]) -> None:
         """New decisions (a batch already stored, or twice in `batch`, counts once), in few
-        statements: one lookup per 500 customers, then one insert and one customer upsert per row."""
+        statements: one lookup per 500 customers, then one insert and one customer upsert per row (rows
+        of `rows.decision_row`, which carry their customer's tenant)."""
         unique: dict[tuple[str, str], Row] = {}
         for row in batch:
             unique.setdefault((row["customer_key"], row["batch_id"]), row)
@@ -339,11 +340,10 @@ class Store:
         if not new:
             return
         self.db.executemany(DECISION_INSERT, map(_decision_values, new))
-        tenants = {k: tenant_of(k) for k in dict.fromkeys(r["customer_key"] for r in new)}
         by_hour: dict[tuple[int, str | None], list[int]] = {}
         for row in new:
             figures = decision_figures(row)
-            hour_tenant = (hour_of(row["decided_at"]), tenants[row["customer_key"]])
+            hour_tenant = (hour_of(row["decided_at"]), row["tenant"])
             if (total := by_hour.get(hour_tenant)) is None:
                 by_hour[hour_tenant] = list(figures)
             else:
@@ -354,7 +354,7 @@ class Store:
         self.db.executemany(
             CUSTOMER_DECISION,
             [(r["customer_key"], r["recovered"], 1 if r["history_error"] else 0, r["decided_at"], r["held"],
-              r["hold_reason"] if r["held"] else None, tenants[r["customer_key"]]) for r in new],
+              r["hold_reason"] if r["held"] else None, r["tenant"]) for r in new],
         )
 
     def apply_request(self, row: Row) -> None:
