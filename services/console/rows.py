@@ -198,13 +198,18 @@ def tenant_of(key: str | bytes | None) -> str | None:
         key = key.decode("utf-8", "replace")
     if not key:
         return None
-    return _tenant_of_key(key)
+    head, _, ident = key.partition(":")
+    if not ident or ident != ident.strip():  # parse_key's rule for the id
+        return None
+    return _tenant_of_head(head)
 
 
-@lru_cache(maxsize=65536)  # a fixed bound: a customer's records come close together (~5 µs a parse)
-def _tenant_of_key(key: str) -> str | None:
+@lru_cache(maxsize=1024)
+def _tenant_of_head(head: str) -> str | None:
+    """The tenant of a key's head (`<provider>` or `<tenant>/<account>/<provider>`): few distinct
+    heads (tenants x accounts x providers), each parsed once; called for every record of a rebuild."""
     try:
-        return parse_key(key).tenant
+        return parse_key(f"{head}:-").tenant
     except KeyError_:
         return None
 

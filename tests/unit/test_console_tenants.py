@@ -20,9 +20,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.common.config import ConfigError
+from services.common.keys import KeyError_, parse_key
 from services.console import pages
 from services.console.app import Console, build_app
 from services.console.auth import Sessions, hash_password, parse_accounts, parse_users
+from services.console.rows import tenant_of
 from services.console.store import SCHEMA_VERSION, Store
 
 from .console_builders import dead_letter, decision
@@ -62,6 +64,22 @@ def keys(page: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------- the store's reads
+
+
+@pytest.mark.parametrize("key", [
+    OURS, THEIRS, SHOP, "default/default/wati:1", "x/wati:1", "wati:", "wati: 1", "wati:1 ", "wati", ":1",
+    "Hotel/a/wati:1", "a/b/c/wati:1", "foo:1", "hotel-a/centro/wati:1:2", "hotel-a/centro/wati:",
+])
+def test_a_rows_tenant_is_its_keys_as_parse_key_reads_it(key: str) -> None:
+    """`tenant_of` parses each key head once (it runs for every record of a rebuild): it must
+    still answer exactly as parsing the whole key, None for what is not a customer key."""
+    try:
+        expected: str | None = parse_key(key).tenant
+    except KeyError_:
+        expected = None
+    assert tenant_of(key) == expected == tenant_of(key.encode())
+
+
 
 
 def test_every_read_can_be_limited_to_tenants(store: Store) -> None:
