@@ -19,7 +19,7 @@ refusals and the replay live here, front ends only parse arguments and print.
 
 Pure (unit-tested): `DeadLetterEntry`, `Filters`, `refusal`, `format_list`, `format_entry`, ids.
 I/O: `read_entries`, `read_replays` (each reads its topic from the start to the end offsets taken
-when it starts), `replay`.
+when it starts), `replay`, and `send_replay` (one replay and its record; the console's too).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
@@ -275,6 +276,26 @@ async def read_replays(
     return replays
 
 
+async def send_replay(
+    producer: AIOKafkaProducer, topics: Topics, letter_id: str, source_topic: str, key: bytes | None,
+    payload: bytes, *, by: str, headers: Sequence[tuple[str, bytes]] = (),
+) -> DeadLetterReplay:
+    """Produces a dead letter's record to its source topic, then its `DeadLetterReplay` (the one
+    record of replays, for the CLI and the console alike) keyed by the dead letter's id; both
+    acks=all. Raises what the producer raises: nothing is recorded unless the record was taken."""
+    sent = await producer.send_and_wait(source_topic, payload, key=key,
+                                        headers=[(REPLAY_HEADER, letter_id.encode()), *headers])
+    done: DeadLetterReplay = {
+        "dead_letter_id": letter_id, "source_topic": source_topic,
+        "replayed_partition": sent.partition, "replayed_offset": sent.offset,
+        "replayed_by": by, "replayed_at": utcnow(),
+    }
+    await producer.send_and_wait(topics.dead_letter_replays,
+                                 codec.encode("DeadLetterReplay", cast(dict[str, Any], done)),
+                                 key=letter_id.encode())
+    return done
+
+
 @dataclass(frozen=True)
 class ReplayOutcome:
     id: str
@@ -301,16 +322,8 @@ async def replay(
                 continue
             record = entry.record
             assert record["source_topic"] is not None and record["payload"] is not None
-            sent = await producer.send_and_wait(record["source_topic"], record["payload"], key=record["key"],
-                                                headers=[(REPLAY_HEADER, entry.id.encode())])
-            done: DeadLetterReplay = {
-                "dead_letter_id": entry.id, "source_topic": record["source_topic"],
-                "replayed_partition": sent.partition, "replayed_offset": sent.offset,
-                "replayed_by": by, "replayed_at": utcnow(),
-            }
-            await producer.send_and_wait(topics.dead_letter_replays,
-                                         codec.encode("DeadLetterReplay", cast(dict[str, Any], done)),
-                                         key=entry.id.encode())
+            done = await send_replay(producer, topics, entry.id, record["source_topic"], record["key"],
+                                     record["payload"], by=by)
             known[entry.id] = done
             outcomes.append(ReplayOutcome(entry.id, done))
     except (KafkaError, OSError) as exc:

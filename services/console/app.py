@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from aiohttp import web
 from services.common import codec, logs, metrics
 from services.common.kafka import Topics, send_record
 from services.common.keys import SLUG_PATTERN, KeyError_, split_key
-from services.common.records import ContextCommand
+from services.common.records import ContextCommand, DeadLetterReplay
 from services.common.timeparse import utcnow
 
 from . import pages, rows
@@ -45,6 +45,7 @@ PAGE_SIZE = 50
 TIMELINE_BATCHES = 30
 
 Ready = Callable[[], tuple[bool, str]]
+ReplaysReader = Callable[[], Awaitable[Mapping[str, DeadLetterReplay]]]
 Clock = Callable[[], float]
 
 
@@ -62,6 +63,10 @@ class Console:
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     scopes: dict[str, frozenset[str]] = field(default_factory=dict)  # operator -> its tenants (absent: all)
     tenant_ids: tuple[str, ...] = ()  # the configured tenants, offered by the tenant filter
+    # reads the dead-letter-replays topic now (the one record of replays; the store may lag behind
+    # it): asked before every replay. None: the store's copy only (tests of the pages, the bench)
+    replays: ReplaysReader | None = None
+    replaying: set[str] = field(default_factory=set)  # dead letters with a replay under way here
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -387,22 +392,38 @@ async def replay_letter(request: web.Request, session: Session) -> web.StreamRes
     if form.get("confirm") != "yes":
         return _html(pages.dead_letter_page(_viewer(session), letter, decoded_text(letter.get("payload")),
                                             None, confirm=True), 400)
-    at = console.now_ms()
-    with console.store.transaction():  # claim it first: a second click or operator finds it taken
-        if not console.store.mark_replayed(letter_id, at, session.user):
-            return _html(pages.message_page("Not replayed", "Already replayed.", _viewer(session), back), 409)
+    if letter_id in console.replaying:  # a second click while the first replay is under way
+        return _html(pages.message_page("Not replayed", "A replay of it is under way.", _viewer(session),
+                                        back), 409)
+    console.replaying.add(letter_id)
     try:
-        partition, offset = await replay(console.producer, plan, session.user)
-    except Exception as exc:
-        with console.store.transaction():
-            console.store.unmark_replayed(letter_id)
-        logs.event(log, "console_replay_failed", logging.WARNING, letter=letter_id, operator=session.user,
-                   error=type(exc).__name__)
-        return _html(pages.message_page("Not replayed", "The broker did not take the record; try again.",
-                                        _viewer(session), back), 503)
-    with console.store.transaction():
-        console.store.record_action(at, session.user, f"replayed dead letter {letter_id} to {plan.topic}",
-                                    letter.get("customer_key"), letter_id)
+        if console.replays is not None:  # the topic, not only the store: a CLI replay not read yet
+            try:
+                recorded = (await console.replays()).get(letter_id)
+            except Exception as exc:
+                logs.event(log, "console_replay_check_failed", logging.WARNING, letter=letter_id,
+                           operator=session.user, error=type(exc).__name__)
+                return _html(pages.message_page(
+                    "Not replayed", "The record of replays could not be read; try again.", _viewer(session),
+                    back), 503)
+            if recorded is not None:
+                with console.store.transaction():
+                    console.store.apply_replay(rows.replay_row(recorded))
+                return _html(pages.message_page(
+                    "Not replayed", f"already replayed by {recorded['replayed_by']}", _viewer(session),
+                    back), 409)
+        try:
+            done = await replay(console.producer, console.topics, plan, session.user)
+        except Exception as exc:
+            logs.event(log, "console_replay_failed", logging.WARNING, letter=letter_id, operator=session.user,
+                       error=type(exc).__name__)
+            return _html(pages.message_page("Not replayed", "The broker did not take the record; try again.",
+                                            _viewer(session), back), 503)
+        with console.store.transaction():  # shown at once; the consumer reads the same record later
+            console.store.apply_replay(rows.replay_row(done))
+    finally:
+        console.replaying.discard(letter_id)
+    partition, offset = done["replayed_partition"], done["replayed_offset"]
     metrics.console_actions_total.labels("replay").inc()
     logs.event(log, "operator_replay", letter=letter_id, topic=plan.topic, partition=partition, offset=offset,
                operator=session.user, customer=letter.get("customer_key") or "-")

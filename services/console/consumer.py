@@ -10,12 +10,17 @@ offsets are committed too, so its lag shows in the usual tools.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import multiprocessing
+import os
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
@@ -30,6 +35,7 @@ from services.common.records import (
     BatchDecision,
     ContextCommand,
     DeadLetter,
+    DeadLetterReplay,
     InboundMessage,
     ResponderRequest,
 )
@@ -42,9 +48,9 @@ log = logging.getLogger(__name__)
 SERVICE = "console"
 
 
-@dataclass(frozen=True)
-class Polled:
-    """One record as the shell hands it over: where it was and its raw value."""
+class Polled(NamedTuple):
+    """One record as the shell hands it over: where it was and its raw value (a tuple: one is made
+    per record, and the catch-up after a rebuild makes millions)."""
 
     topic: str
     partition: int
@@ -54,7 +60,8 @@ class Polled:
 
 def console_topics(topics: Topics) -> list[str]:
     return [topics.audit, topics.inbound, topics.agent_activity, topics.replies,
-            topics.responder_requests, topics.dead_letter, topics.context_commands]
+            topics.responder_requests, topics.dead_letter, topics.context_commands,
+            topics.dead_letter_replays]
 
 
 @dataclass
@@ -68,13 +75,21 @@ class Prepared:
     counts: Counter[str] = field(default_factory=Counter)
 
 
+# Records whose row mapping only turns times into epoch milliseconds: decoded with their times
+# left as those integers (no datetime made and taken apart again). A ResponderRequest's times are
+# formatted into the human-agent block, exactly as the responder does: decoded as datetimes.
+RAW_TIMESTAMPS = frozenset({"BatchDecision", "AssistantReply", "InboundMessage", "AgentActivity",
+                            "ContextCommand", "DeadLetter", "DeadLetterReplay"})
+
+
 def prepare_records(polled: Iterable[Polled], topics: Topics, labels: Labels) -> Prepared:
     """Decodes and maps a batch (pure: no store); an undecodable record is counted and skipped."""
     out = Prepared()
+    decode = codec.decode_any_fast
     for rec in polled:
         out.positions[(rec.topic, rec.partition)] = rec.offset + 1
         try:
-            name, value = codec.decode_any(rec.value)
+            name, value = decode(rec.value, raw_timestamps=RAW_TIMESTAMPS)
         except codec.CodecError:
             out.counts["undecodable"] += 1
             continue
@@ -92,6 +107,8 @@ def prepare_records(polled: Iterable[Polled], topics: Topics, labels: Labels) ->
         elif name == "DeadLetter" and rec.topic == topics.dead_letter:
             letter = cast(DeadLetter, value)
             out.ops.append(("dead_letter", rows.dead_letter_row(letter, rec.partition, rec.offset)))
+        elif name == "DeadLetterReplay" and rec.topic == topics.dead_letter_replays:
+            out.ops.append(("replay", rows.replay_row(cast(DeadLetterReplay, value))))
         elif name == "ContextCommand" and (row := rows.command_row(cast(ContextCommand, value))):
             out.ops.append(("command", row))
         else:
@@ -103,7 +120,7 @@ def write_prepared(store: Store, prepared: Prepared) -> None:
     """Writes the rows and the next positions in one transaction."""
     apply = {"request": store.apply_request, "reply": store.apply_reply, "inbound": store.apply_inbound,
              "agent": store.apply_agent, "dead_letter": store.apply_dead_letter,
-             "command": store.apply_command}
+             "command": store.apply_command, "replay": store.apply_replay}
     with store.transaction():
         for kind, row in prepared.ops:
             apply[kind](row)
@@ -116,6 +133,34 @@ def apply_records(store: Store, polled: Iterable[Polled], topics: Topics, labels
     prepared = prepare_records(polled, topics, labels)
     write_prepared(store, prepared)
     return prepared.counts
+
+
+# -- decoding in worker processes -------------------------------------------------------------------
+# Decoding and mapping are pure Python (~15 µs a decision): in the event loop's process they share
+# one core with the fetches and the SQLite writes. Worker processes (spawned: no copy of the loop or
+# of the store's connections) take the raw values and hand back the rows; the writes stay in this
+# process, in order, one transaction per polled batch.
+
+_worker: tuple[Topics, Labels] | None = None
+
+
+def _init_worker(topics: Topics, labels: Labels) -> None:
+    global _worker
+    _worker = (topics, labels)
+
+
+def _prepare_in_worker(polled: list[Polled]) -> Prepared:
+    assert _worker is not None
+    return prepare_records(polled, *_worker)
+
+
+def default_decode_workers() -> int:
+    """One worker per core beyond the first (the first runs the loop and the writes), at most 3."""
+    return max(0, min(3, (os.cpu_count() or 1) - 1))
+
+
+# a polled batch being decoded: (its rows to come, how many records, the group offsets, the records)
+InFlight = tuple["asyncio.Future[Prepared]", int, dict[TopicPartition, Any], list[Polled]]
 
 
 class _Seeker(ConsumerRebalanceListener):
@@ -132,8 +177,11 @@ class _Seeker(ConsumerRebalanceListener):
 class ConsoleConsumer:
     """Polls the console's topics into the store until stopped."""
 
-    def __init__(self, settings: Settings, store: Store, labels: Labels, *, max_records: int = 2000) -> None:
+    def __init__(self, settings: Settings, store: Store, labels: Labels, *, max_records: int = 2000,
+                 decode_workers: int | None = None) -> None:
         self.settings = settings
+        self.decode_workers = default_decode_workers() if decode_workers is None else decode_workers
+        self.pool: ProcessPoolExecutor | None = None
         self.store = store
         self.labels = labels
         self.topics = Topics.from_settings(settings)
@@ -167,32 +215,56 @@ class ConsoleConsumer:
             max_poll_records=self.max_records,
             fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024,
         )
+        if self.decode_workers > 0:
+            self.pool = ProcessPoolExecutor(
+                self.decode_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(self.topics, self.labels))
         self.consumer.subscribe(console_topics(self.topics), listener=_Seeker(self))
         await self.consumer.start()
         metrics.agent_up.labels(SERVICE, "console").set(1)
         self.task = asyncio.create_task(self._loop(), name="console-consumer")
 
     async def _loop(self) -> None:
-        """Fetch, then decode in a worker thread while the previous batch is written in another:
-        SQLite releases the GIL while it works, so decoding and writing overlap."""
+        """Fetch; decode in the worker processes (or a thread without them), several batches at a
+        time; write each in turn in a worker thread (SQLite releases the GIL while it works)."""
         assert self.consumer is not None
+        loop = asyncio.get_running_loop()
+        in_flight: collections.deque[InFlight] = collections.deque()
+        most = 2 * max(1, self.decode_workers)
         while True:
             try:
-                batches = await self.consumer.getmany(timeout_ms=500, max_records=self.max_records)
+                batches = await self.consumer.getmany(
+                    timeout_ms=0 if in_flight else 500, max_records=self.max_records)
             except KafkaError as exc:  # a broker outage: aiokafka reconnects; keep asking
                 logs.event(log, "console_fetch_failed", logging.WARNING, error=type(exc).__name__)
                 await asyncio.sleep(1.0)
                 continue
             polled = [Polled(tp.topic, tp.partition, r.offset, r.value)
                       for tp, records in batches.items() for r in records]
-            if not polled:
-                continue
-            prepared = await asyncio.to_thread(prepare_records, polled, self.topics, self.labels)
-            if self.writing is not None:
-                await self.writing  # one write at a time, in order
-            commit = {tp: OffsetAndMetadata(records[-1].offset + 1, "")
-                      for tp, records in batches.items() if records}
-            self.writing = asyncio.create_task(self._write(prepared, len(polled), commit))
+            if polled:
+                commit = {tp: OffsetAndMetadata(records[-1].offset + 1, "")
+                          for tp, records in batches.items() if records}
+                if self.pool is not None:
+                    prepared = loop.run_in_executor(self.pool, _prepare_in_worker, polled)
+                else:
+                    prepared = asyncio.ensure_future(
+                        asyncio.to_thread(prepare_records, polled, self.topics, self.labels))
+                in_flight.append((prepared, len(polled), commit, polled))
+            # write, in order, what is decoded: all of it when nothing more came, else enough to
+            # keep at most `most` batches decoding
+            while in_flight and (not polled or len(in_flight) > most or in_flight[0][0].done()):
+                future, count, commit, polled_batch = in_flight.popleft()
+                try:
+                    ready = await future
+                except BrokenProcessPool:  # a worker died (killed, out of memory): decode here now on
+                    logs.event(log, "console_decode_workers_lost", logging.WARNING)
+                    if self.pool is not None:
+                        self.pool.shutdown(wait=False, cancel_futures=True)
+                    self.pool = None
+                    ready = await asyncio.to_thread(prepare_records, polled_batch, self.topics, self.labels)
+                if self.writing is not None:
+                    await self.writing  # one write at a time, in order
+                self.writing = asyncio.create_task(self._write(ready, count, commit))
 
     async def _write(self, prepared: Prepared, count: int, commit: dict[TopicPartition, Any]) -> None:
         await asyncio.to_thread(write_prepared, self.store, prepared)
@@ -218,6 +290,9 @@ class ConsoleConsumer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
             self.task = None
+        if self.pool is not None:  # batches still decoding are dropped: their positions were not written
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
         if self.writing is not None:  # a write under way finishes (its thread cannot be cancelled)
             with contextlib.suppress(Exception):
                 await self.writing

@@ -21,7 +21,7 @@ from pathlib import Path
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from services.common import logs
+from services.common import deadletters, logs
 from services.common.config import ConfigError, Settings
 from services.common.kafka import ensure_topics, make_producer
 from services.common.ops_http import bound_port
@@ -84,6 +84,7 @@ class ConsoleService:
             store=self.store, sessions=Sessions(s.console_session_secret, s.console_session_hours * 3600),
             users=self.users, topics=topics, producer=self.producer, ready=self.ready,
             scopes=self.scopes, tenant_ids=self.tenant_ids,
+            replays=lambda: deadletters.read_replays(s),
         )
         self.runner = web.AppRunner(build_app(console), access_log=None)
         await self.runner.setup()

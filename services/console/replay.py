@@ -1,10 +1,11 @@
 """Replaying a dead letter to its source topic: the plan (pure) and the send (thin).
 
 `plan_replay` says what would be produced — the original key and payload to the topic the record
-came from — or why it cannot be (no payload, no source topic, a topic that is not one of ours).
-`replay` produces it with headers naming the dead letter and the operator, so a replayed record is
-recognisable on the topic. The once-only guard and the record of who did it live in the store
-(`Store.mark_replayed`, `Store.record_action`); a CLI replay can share `plan_replay` and `replay`.
+came from — or why it cannot be (already replayed, no payload, no source topic, a topic that is not
+one of ours). `replay` produces it the way the CLI does (`deadletters.send_replay`): the record with
+headers naming the dead letter and the operator, then a `DeadLetterReplay` on the
+`dead-letter-replays` topic. That topic is the one record of replays: the console's store shows
+what it holds (its consumer reads it) and the console asks it again before replaying.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+
+from services.common.deadletters import send_replay
+from services.common.kafka import Topics
+from services.common.records import DeadLetterReplay
 
 
 class NotReplayable(ValueError):
@@ -43,11 +48,9 @@ def plan_replay(letter: Mapping[str, Any], known_topics: Collection[str]) -> Rep
     return ReplayPlan(str(letter["id"]), str(topic), bytes(key) if key else None, bytes(payload))
 
 
-async def replay(producer: AIOKafkaProducer, plan: ReplayPlan, operator: str) -> tuple[int, int]:
-    """Produces the plan's record (acks=all); returns (partition, offset) it landed at."""
-    meta = await producer.send_and_wait(
-        plan.topic, plan.payload, key=plan.key,
-        headers=[("watistream-replay-of", plan.letter_id.encode()),
-                 ("watistream-replayed-by", operator.encode())],
-    )
-    return int(meta.partition), int(meta.offset)
+async def replay(
+    producer: AIOKafkaProducer, topics: Topics, plan: ReplayPlan, operator: str
+) -> DeadLetterReplay:
+    """Produces the plan's record and its replay record (acks=all); returns the replay record."""
+    return await send_replay(producer, topics, plan.letter_id, plan.topic, plan.key, plan.payload,
+                             by=operator, headers=[("watistream-replayed-by", operator.encode())])

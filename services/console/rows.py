@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -20,6 +22,7 @@ from services.common.records import (
     BatchDecision,
     ContextCommand,
     DeadLetter,
+    DeadLetterReplay,
     InboundMessage,
     MissedItem,
     ResponderRequest,
@@ -31,10 +34,12 @@ Row = dict[str, Any]
 SOURCES = ("realtime", "history", "both")
 
 
-def ms(at: datetime | None) -> int | None:
-    """Epoch milliseconds of an aware datetime (a naive one is taken as UTC)."""
-    if at is None:
-        return None
+def ms(at: datetime | int | None) -> int | None:
+    """Epoch milliseconds of an aware datetime (a naive one is taken as UTC); an int already is
+    (the consumer decodes timestamps as epoch milliseconds: `codec.decode_any_fast`)."""
+    if at is None or type(at) is int:
+        return at
+    assert isinstance(at, datetime)
     aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
     return int(aware.timestamp() * 1000)
 
@@ -53,33 +58,46 @@ def _items(items: Iterable[MissedItem]) -> list[dict[str, Any]]:
 
 
 def decision_row(d: BatchDecision) -> Row:
-    """One batch's decision (audit topic): held or routed, what was injected and excluded, why."""
-    injected = d.get("injected") or []
-    by_source = {s: sum(1 for i in injected if i.get("source") == s) for s in SOURCES}
+    """One batch's decision (audit topic): held or routed, what was injected and excluded, why.
+    (Called for every decision of a rebuild: most have nothing injected and one exclusion.)"""
+    injected = d["injected"]
+    by_source = dict.fromkeys(SOURCES, 0)
+    if injected:
+        for item in injected:
+            source = item.get("source")
+            if source in by_source:
+                by_source[source] += 1
+        injected_json = _dumps(_items(injected))
+    else:
+        injected_json = "[]"
+    excluded = d["excluded"]
+    held = d["held"]
     return {
         "batch_id": d["batch_id"],
         "customer_key": d["customer_key"],
         "decided_at": ms(d["decided_at"]),
-        "message_count": int(d.get("message_count") or 0),
-        "gap_seconds": d.get("gap_seconds"),
-        "gap_threshold_seconds": d.get("gap_threshold_seconds"),
-        "missed_check_ran": int(bool(d.get("missed_check_ran"))),
-        "cutoff": ms(d.get("cutoff")),
-        "held": int(bool(d.get("held"))),
-        "hold_reason": d.get("hold_reason"),
-        "routed_to": d.get("routed_to") or "",
-        "injected_json": _dumps(_items(injected)),
+        "message_count": d["message_count"] or 0,
+        "gap_seconds": d["gap_seconds"],
+        "gap_threshold_seconds": d["gap_threshold_seconds"],
+        "missed_check_ran": 1 if d["missed_check_ran"] else 0,
+        "cutoff": ms(d["cutoff"]),
+        "held": 1 if held else 0,
+        "hold_reason": d["hold_reason"],
+        "routed_to": d["routed_to"] or "",
+        "injected_json": injected_json,
         "excluded_json": _dumps([
-            {"item_ids": list(e.get("item_ids") or []), "reason": e.get("reason") or "",
-             "at": ms(e.get("at"))}
-            for e in d.get("excluded") or []
-        ]),
+            {"item_ids": e["item_ids"] or [], "reason": e["reason"] or "", "at": ms(e["at"])}
+            for e in excluded
+        ]) if excluded else "[]",
         "inj_realtime": by_source["realtime"],
         "inj_history": by_source["history"],
         "inj_both": by_source["both"],
-        "webhooks_missing": int(d.get("webhooks_missing") or 0),
-        "recovered": len(d.get("recovered_event_ids") or []),
-        "history_error": d.get("history_error"),
+        "webhooks_missing": d["webhooks_missing"] or 0,
+        "recovered": len(d["recovered_event_ids"] or ()),
+        "history_error": d["history_error"],
+        # not a column of the decision: its customer's and its hour figures' tenant, found here (in
+        # the consumer's decoding worker) rather than by the store's single writer
+        "tenant": tenant_of(d["customer_key"]),
     }
 
 
@@ -180,10 +198,32 @@ def tenant_of(key: str | bytes | None) -> str | None:
         key = key.decode("utf-8", "replace")
     if not key:
         return None
+    head, _, ident = key.partition(":")
+    if not ident or ident != ident.strip():  # parse_key's rule for the id
+        return None
+    return _tenant_of_head(head)
+
+
+@lru_cache(maxsize=1024)
+def _tenant_of_head(head: str) -> str | None:
+    """The tenant of a key's head (`<provider>` or `<tenant>/<account>/<provider>`): few distinct
+    heads (tenants x accounts x providers), each parsed once; called for every record of a rebuild."""
     try:
-        return parse_key(key).tenant
+        return parse_key(f"{head}:-").tenant
     except KeyError_:
         return None
+
+
+def replay_row(r: DeadLetterReplay) -> Row:
+    """A dead letter's replay (dead-letter-replays topic, the CLI's and the console's): who, when, where."""
+    return {
+        "dead_letter_id": r["dead_letter_id"],
+        "replayed_at": ms(r["replayed_at"]),
+        "replayed_by": r["replayed_by"],
+        "source_topic": r["source_topic"],
+        "replayed_partition": int(r["replayed_partition"]),
+        "replayed_offset": int(r["replayed_offset"]),
+    }
 
 
 def hour_of(at_ms: int) -> int:
@@ -191,16 +231,18 @@ def hour_of(at_ms: int) -> int:
     return at_ms - at_ms % 3_600_000
 
 
+#: what one new decision adds to its hour's figures on the overview, in `decision_figures`' order
+DECISION_FIGURES = ("batches", "held", "gaps", "inj_realtime", "inj_history", "inj_both", "webhooks_missing",
+                    "recovered", "history_failures")
+_counted = itemgetter("held", "missed_check_ran", "inj_realtime", "inj_history", "inj_both",
+                      "webhooks_missing", "recovered")
+
+
+def decision_figures(row: Mapping[str, Any]) -> tuple[int, ...]:
+    """`DECISION_FIGURES` of one new decision (a tuple: the catch-up sums one per decision)."""
+    return (1, *_counted(row), 1 if row["history_error"] else 0)
+
+
 def decision_counts(row: Mapping[str, Any]) -> dict[str, int]:
     """What one new decision adds to its hour's figures on the overview."""
-    return {
-        "batches": 1,
-        "held": row["held"],
-        "gaps": row["missed_check_ran"],
-        "inj_realtime": row["inj_realtime"],
-        "inj_history": row["inj_history"],
-        "inj_both": row["inj_both"],
-        "webhooks_missing": row["webhooks_missing"],
-        "recovered": row["recovered"],
-        "history_failures": int(bool(row["history_error"])),
-    }
+    return dict(zip(DECISION_FIGURES, decision_figures(row), strict=True))

@@ -5,29 +5,36 @@ pages. Rows come from `rows.py`. Every record type is idempotent by its id (batc
 dead-letter offset), so a redelivered record changes nothing, and the overview's hourly figures
 grow only when a row is new. Consumed offsets are kept here, in the same transaction as the rows,
 so the store and its position can never disagree; an empty store starts from the topics' beginning
-(the rebuild). `prune` deletes what is older than the topics' retention: the store's size follows
-the retention, not the number of customers ever seen.
+(the rebuild). Nothing lives only here: pauses come from the context-commands topic and dead-letter
+replays from the dead-letter-replays topic (the CLI's and the console's one record of them), so a
+rebuild loses nothing. `prune` deletes what is older than the topics' retention: the store's size
+follows the retention, not the number of customers ever seen.
 
 Tenants (docs/tenants.md, "Per-tenant visibility"): customers, dead letters and operator actions
 carry their tenant (from the customer key, `rows.tenant_of`; NULL when there is none), and the
 overview's hourly figures are also kept per tenant (`tenant_hourly`, '' for none), so every read
-can be limited to a set of tenants. A store written before tenants is migrated in place at open
-(`SCHEMA_VERSION`): the columns are added and filled from the keys, `tenant_hourly` is rebuilt from
-the rows; replay marks and everything else are kept.
+can be limited to a set of tenants. A replay is seen through its dead letter (the `replays` rows
+are only read joined to `dead_letters`, whose tenant limits them) and its action carries the dead
+letter's tenant. A store of another layout (`SCHEMA_VERSION`), one written before tenants
+included, is emptied and rebuilt from the topics.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from .rows import Row, decision_counts, hour_of, tenant_of
+from .rows import DECISION_FIGURES, Row, decision_figures, hour_of, tenant_of
+
+# the layout's version (PRAGMA user_version): a store of another version is rebuilt from the topics.
+# 2: decisions clustered by customer, the replays table; 3: tenant columns and `tenant_hourly`
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS offsets (topic TEXT, partition INTEGER, next_offset INTEGER,
@@ -50,13 +57,16 @@ CREATE INDEX IF NOT EXISTS customers_recovered ON customers (last_at) WHERE reco
 CREATE INDEX IF NOT EXISTS customers_errors ON customers (last_at) WHERE errors > 0;
 CREATE INDEX IF NOT EXISTS customers_waiting ON customers (COALESCE(paused_at, held_since))
     WHERE held = 1 OR paused = 1;
+-- the bulk of the store (one row per batch): kept in the timeline's order, a customer's batches by
+-- time, so a row costs one place in the table plus one at the end of the time index (the prune's);
+-- a batch id is unique within its customer (it is "<customer key>:<n>")
 CREATE TABLE IF NOT EXISTS decisions (
-    batch_id TEXT PRIMARY KEY, customer_key TEXT NOT NULL, decided_at INTEGER NOT NULL,
+    customer_key TEXT NOT NULL, decided_at INTEGER NOT NULL, batch_id TEXT NOT NULL,
     message_count INTEGER, gap_seconds REAL, gap_threshold_seconds REAL, missed_check_ran INTEGER,
     cutoff INTEGER, held INTEGER, hold_reason TEXT, routed_to TEXT, injected_json TEXT,
     excluded_json TEXT, inj_realtime INTEGER, inj_history INTEGER, inj_both INTEGER,
-    webhooks_missing INTEGER, recovered INTEGER, history_error TEXT);
-CREATE INDEX IF NOT EXISTS decisions_customer ON decisions (customer_key, decided_at);
+    webhooks_missing INTEGER, recovered INTEGER, history_error TEXT,
+    PRIMARY KEY (customer_key, decided_at, batch_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS decisions_at ON decisions (decided_at);
 CREATE TABLE IF NOT EXISTS requests (
     batch_id TEXT PRIMARY KEY, customer_key TEXT NOT NULL, created_at INTEGER NOT NULL,
@@ -79,8 +89,12 @@ CREATE INDEX IF NOT EXISTS agent_at ON agent_activity (at);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id TEXT PRIMARY KEY, failed_at INTEGER NOT NULL, service TEXT, reason TEXT, error TEXT,
     source_topic TEXT, source_partition INTEGER, source_offset INTEGER, record_key BLOB,
-    payload BLOB, customer_key TEXT, batch_id TEXT, replayed_at INTEGER, replayed_by TEXT, tenant TEXT);
+    payload BLOB, customer_key TEXT, batch_id TEXT, tenant TEXT);
 CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (failed_at);
+-- the dead-letter-replays topic as read (a replay may be read before its dead letter)
+CREATE TABLE IF NOT EXISTS replays (
+    dead_letter_id TEXT PRIMARY KEY, replayed_at INTEGER NOT NULL, replayed_by TEXT NOT NULL,
+    source_topic TEXT, replayed_partition INTEGER, replayed_offset INTEGER);
 CREATE TABLE IF NOT EXISTS actions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, operator TEXT NOT NULL,
     kind TEXT NOT NULL, customer_key TEXT, target TEXT, tenant TEXT);
@@ -100,40 +114,11 @@ CREATE TABLE IF NOT EXISTS tenant_hourly (
     webhooks_missing INTEGER DEFAULT 0, recovered INTEGER DEFAULT 0, history_failures INTEGER DEFAULT 0,
     requests INTEGER DEFAULT 0, messages INTEGER DEFAULT 0, replies INTEGER DEFAULT 0,
     dead_letters INTEGER DEFAULT 0, pauses INTEGER DEFAULT 0, PRIMARY KEY (hour, tenant));
-"""
-
-# after the migration (an old store gets its tenant columns first)
-TENANT_INDEXES = """
 CREATE INDEX IF NOT EXISTS customers_tenant ON customers (tenant, last_at);
 CREATE INDEX IF NOT EXISTS customers_provider_id ON customers (provider_id);
 CREATE INDEX IF NOT EXISTS dead_letters_tenant ON dead_letters (tenant, failed_at);
 CREATE INDEX IF NOT EXISTS actions_tenant ON actions (tenant, at);
 """
-SCHEMA_VERSION = 2
-"""1 (implicit, user_version 0): before tenants; 2: tenant columns and `tenant_hourly`."""
-HOUR = "(%s - %s %% 3600000)"
-
-# `tenant_hourly` from the rows (the migration): what the apply_* methods add up row by row
-_REBUILD_TENANT_HOURLY = (
-    f"""INSERT INTO tenant_hourly (hour, tenant, batches, held, gaps, inj_realtime, inj_history, inj_both,
-          webhooks_missing, recovered, history_failures)
-        SELECT {HOUR % ("decided_at", "decided_at")}, COALESCE(tenant_of(customer_key), ''), COUNT(*),
-          SUM(held), SUM(missed_check_ran), SUM(inj_realtime), SUM(inj_history), SUM(inj_both),
-          SUM(webhooks_missing), SUM(recovered), SUM(COALESCE(history_error, '') != '')
-        FROM decisions WHERE true GROUP BY 1, 2""",  # noqa: S608
-    *(f"""INSERT INTO tenant_hourly (hour, tenant, {field})
-          SELECT {HOUR % (at, at)}, {tenant}, COUNT(*) FROM {table} WHERE {where} GROUP BY 1, 2
-          ON CONFLICT (hour, tenant) DO UPDATE SET {field} = {field} + excluded.{field}"""  # noqa: S608
-      for field, table, at, tenant, where in (
-          ("requests", "requests", "created_at", "COALESCE(tenant_of(customer_key), '')", "true"),
-          ("messages", "inbound", "at", "COALESCE(tenant_of(customer_key), '')", "true"),
-          ("replies", "replies", "sent_at", "COALESCE(tenant_of(customer_key), '')",
-           "outcome IN ('answered', 'fallback')"),
-          ("dead_letters", "dead_letters", "failed_at", "COALESCE(tenant, '')", "true"),
-          ("pauses", "actions", "at", "COALESCE(tenant, '')", "kind = 'pause'"),
-      )),
-)
-
 
 def tenant_clause(tenants: Collection[str] | None, column: str = "tenant") -> tuple[str, list[str]]:
     """`column IN (...)` for a set of tenants (None: every tenant, no clause; empty: nothing)."""
@@ -143,6 +128,7 @@ def tenant_clause(tenants: Collection[str] | None, column: str = "tenant") -> tu
     if not chosen:
         return "0", []
     return f"{column} IN ({', '.join('?' for _ in chosen)})", chosen
+
 
 HOURLY_FIELDS = (
     "batches", "held", "gaps", "inj_realtime", "inj_history", "inj_both", "webhooks_missing",
@@ -200,6 +186,33 @@ class Page:
     limit: int
 
 
+DECISION_COLUMNS = (
+    "customer_key", "decided_at", "batch_id", "message_count", "gap_seconds", "gap_threshold_seconds",
+    "missed_check_ran", "cutoff", "held", "hold_reason", "routed_to", "injected_json", "excluded_json",
+    "inj_realtime", "inj_history", "inj_both", "webhooks_missing", "recovered", "history_error",
+)
+_decision_values = itemgetter(*DECISION_COLUMNS)
+DECISION_INSERT = (f"INSERT INTO decisions ({', '.join(DECISION_COLUMNS)})"  # noqa: S608 - constant names
+                   f" VALUES ({', '.join('?' * len(DECISION_COLUMNS))})")
+# A new decision's effect on its customer, in one statement whether the customer is new or not (a
+# customer row and its indexes are written once). The latest decision sets the hold state; an older
+# one arriving late counts but does not bring a hold back.
+CUSTOMER_DECISION = """
+INSERT INTO customers (key, batches, recovered, errors, last_at, held, held_since, hold_reason,
+                       last_decision_at, tenant)
+VALUES (?1, 1, ?2, ?3, ?4, ?5, CASE WHEN ?5 THEN ?4 END, ?6, ?4, ?7)
+ON CONFLICT (key) DO UPDATE SET batches = batches + 1, recovered = recovered + ?2,
+    errors = errors + ?3, last_at = MAX(last_at, ?4),
+    held = CASE WHEN last_decision_at IS NULL OR ?4 >= last_decision_at THEN ?5 ELSE held END,
+    held_since = CASE WHEN last_decision_at IS NULL OR ?4 >= last_decision_at
+        THEN (CASE WHEN ?5 THEN COALESCE(held_since, ?4) ELSE NULL END) ELSE held_since END,
+    hold_reason = CASE WHEN last_decision_at IS NULL OR ?4 >= last_decision_at
+        THEN ?6 ELSE hold_reason END,
+    open_since = CASE WHEN open_since IS NOT NULL AND open_since <= ?4 THEN NULL ELSE open_since END,
+    last_decision_at = MAX(COALESCE(last_decision_at, 0), ?4)
+"""
+
+
 def _insert(db: sqlite3.Connection, table: str, row: Row, verb: str = "INSERT OR IGNORE") -> bool:
     cols = ", ".join(row)
     marks = ", ".join(f":{c}" for c in row)
@@ -219,32 +232,35 @@ class Store:
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a power loss may lose the last transactions, never corrupt; the positions are in
+        # the same transactions as the rows, so the consumer simply reads those records again
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA temp_store=MEMORY")
-        self.db.executescript(SCHEMA)
-        self.lock = threading.Lock()
+        # a polled batch touches thousands of index pages: a 64 MiB page cache (a fixed bound, not
+        # one per customer) keeps them in memory until the commit instead of spilling mid-transaction
+        self.db.execute("PRAGMA cache_size=-65536")
+        # a checkpoint (copying the WAL into the database, with an fsync) every 64 MiB of WAL rather
+        # than every 4 MiB: a catch-up's batch writes megabytes, and checkpointing after nearly every
+        # one doubled its time; the WAL file is kept to that size
+        self.db.execute("PRAGMA wal_autocheckpoint=16384")
+        self.db.execute("PRAGMA journal_size_limit=67108864")
         self._migrate()
-        self.db.executescript(TENANT_INDEXES)
+        self.lock = threading.Lock()
         self.reader = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.reader.row_factory = sqlite3.Row
 
     def _migrate(self) -> None:
-        """Brings a store of an older schema to `SCHEMA_VERSION` in place (see the module doc)."""
-        if self.db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
-            return
-        self.db.create_function("tenant_of", 1, tenant_of, deterministic=True)
-        with self.transaction() as db:
-            for table in ("customers", "dead_letters", "actions"):
-                if "tenant" not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN tenant TEXT")
-            db.execute("UPDATE customers SET tenant = tenant_of(key)")
-            db.execute("UPDATE dead_letters SET tenant ="
-                       " COALESCE(tenant_of(customer_key), tenant_of(record_key))")
-            db.execute("UPDATE actions SET tenant = tenant_of(customer_key)")
-            db.execute("DELETE FROM tenant_hourly")
-            for statement in _REBUILD_TENANT_HOURLY:
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        """A store written with another layout is emptied: the consumer then rebuilds it from the
+        topics, which hold everything it shows (pauses and replays included)."""
+        if self.db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            tables = [r[0] for r in self.db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+            for table in tables:
+                self.db.execute(f'DROP TABLE IF EXISTS "{table}"')  # names from sqlite_master
+            self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        else:
+            self.db.executescript(SCHEMA)
 
     def close(self) -> None:
         self.reader.close()
@@ -303,51 +319,42 @@ class Store:
         self.apply_decisions([row])
 
     def apply_decisions(self, batch: list[Row]) -> None:
-        """New decisions (a batch id already stored, or twice in `batch`, counts once), in few
-        statements: one lookup per 500 ids, one insert and one customer update per row."""
-        unique: dict[str, Row] = {}
+        """New decisions (a batch already stored, or twice in `batch`, counts once), in few
+        statements: one lookup per 500 customers, then one insert and one customer upsert per row (rows
+        of `rows.decision_row`, which carry their customer's tenant)."""
+        unique: dict[tuple[str, str], Row] = {}
         for row in batch:
-            unique.setdefault(row["batch_id"], row)
-        ids = list(unique)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            marks = ",".join("?" * len(chunk))
-            for (known,) in self.db.execute(
-                f"SELECT batch_id FROM decisions WHERE batch_id IN ({marks})", chunk  # noqa: S608
+            unique.setdefault((row["customer_key"], row["batch_id"]), row)
+        pairs = list(unique)
+        for i in range(0, len(pairs), 500):
+            chunk = pairs[i:i + 500]
+            keys = list(dict.fromkeys(k for k, _ in chunk))
+            ids = [b for _, b in chunk]
+            key_marks, id_marks = ",".join("?" * len(keys)), ",".join("?" * len(ids))
+            for known in self.db.execute(
+                f"SELECT customer_key, batch_id FROM decisions WHERE customer_key IN ({key_marks})"  # noqa: S608
+                f" AND batch_id IN ({id_marks})", [*keys, *ids]
             ):
-                unique.pop(known, None)
+                unique.pop((known[0], known[1]), None)
         new = sorted(unique.values(), key=lambda r: r["decided_at"])
         if not new:
             return
-        cols = list(new[0])
-        self.db.executemany(
-            f"INSERT INTO decisions ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})",  # noqa: S608
-            new,
-        )
-        tenants = {k: tenant_of(k) for k in dict.fromkeys(r["customer_key"] for r in new)}
-        by_hour: dict[tuple[int, str | None], Counter[str]] = {}
+        self.db.executemany(DECISION_INSERT, map(_decision_values, new))
+        by_hour: dict[tuple[int, str | None], list[int]] = {}
         for row in new:
-            hour_tenant = (hour_of(row["decided_at"]), tenants[row["customer_key"]])
-            by_hour.setdefault(hour_tenant, Counter()).update(decision_counts(row))
-        for (hour, tenant), counts in by_hour.items():
-            self._hourly(hour, counts, tenant)
-        self.db.executemany("INSERT OR IGNORE INTO customers (key, tenant) VALUES (?, ?)", tenants.items())
+            figures = decision_figures(row)
+            hour_tenant = (hour_of(row["decided_at"]), row["tenant"])
+            if (total := by_hour.get(hour_tenant)) is None:
+                by_hour[hour_tenant] = list(figures)
+            else:
+                for i, n in enumerate(figures):
+                    total[i] += n
+        for (hour, tenant), total in by_hour.items():
+            self._hourly(hour, dict(zip(DECISION_FIGURES, total, strict=True)), tenant)
         self.db.executemany(
-            """UPDATE customers SET batches = batches + 1, recovered = recovered + :recovered,
-                 errors = errors + :error, last_at = MAX(last_at, :at),
-                 held = CASE WHEN last_decision_at IS NULL OR :at >= last_decision_at
-                     THEN :held ELSE held END,
-                 held_since = CASE WHEN last_decision_at IS NULL OR :at >= last_decision_at
-                     THEN (CASE WHEN :held THEN COALESCE(held_since, :at) ELSE NULL END) ELSE held_since END,
-                 hold_reason = CASE WHEN last_decision_at IS NULL OR :at >= last_decision_at
-                     THEN :reason ELSE hold_reason END,
-                 open_since = CASE WHEN open_since IS NOT NULL AND open_since <= :at THEN NULL
-                     ELSE open_since END,
-                 last_decision_at = MAX(COALESCE(last_decision_at, 0), :at)
-               WHERE key = :key""",
-            [{"recovered": r["recovered"], "error": int(bool(r["history_error"])), "at": r["decided_at"],
-              "held": r["held"], "reason": r["hold_reason"] if r["held"] else None, "key": r["customer_key"]}
-             for r in new],
+            CUSTOMER_DECISION,
+            [(r["customer_key"], r["recovered"], 1 if r["history_error"] else 0, r["decided_at"], r["held"],
+              r["hold_reason"] if r["held"] else None, r["tenant"]) for r in new],
         )
 
     def apply_request(self, row: Row) -> None:
@@ -418,6 +425,12 @@ class Store:
         tenant = tenant_of(row.get("customer_key")) or tenant_of(row.get("record_key"))
         if not _insert(self.db, "dead_letters", {**row, "tenant": tenant}):
             return
+        replayed = self.db.execute("SELECT 1 FROM replays WHERE dead_letter_id = ?", (row["id"],)).fetchone()
+        if replayed and (row["customer_key"] or tenant):
+            # its replay, read first: now on the customer's timeline, and its tenant's
+            self.db.execute(
+                "UPDATE actions SET customer_key = ?, tenant = ? WHERE target = ? AND customer_key IS NULL"
+                " AND tenant IS NULL", (row["customer_key"], tenant, row["id"]))
         self._hourly(row["failed_at"], {"dead_letters": 1}, tenant)
         if row["customer_key"]:
             self._customer(row["customer_key"])
@@ -425,24 +438,20 @@ class Store:
                 "UPDATE customers SET errors = errors + 1, last_at = MAX(last_at, ?) WHERE key = ?",
                 (row["failed_at"], row["customer_key"]))
 
-    def record_action(self, at: int, operator: str, kind: str, customer_key: str | None,
-                      target: str | None = None) -> None:
+    def apply_replay(self, row: Row) -> bool:
+        """A dead letter's replay (from the topic, or the console's own just produced): the first
+        one for an id is the one, as the CLI reads it. Recorded as the operator's action. True when
+        new."""
+        if not _insert(self.db, "replays", row):
+            return False
         self.db.execute(
             "INSERT OR IGNORE INTO actions (at, operator, kind, customer_key, target, tenant)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (at, operator, kind, customer_key, target, tenant_of(customer_key)),
+            " VALUES (?1, ?2, ?3, (SELECT customer_key FROM dead_letters WHERE id = ?4), ?4,"
+            " (SELECT tenant FROM dead_letters WHERE id = ?4))",
+            (row["replayed_at"], row["replayed_by"],
+             f"replayed dead letter {row['dead_letter_id']} to {row['source_topic']}", row["dead_letter_id"]),
         )
-
-    def mark_replayed(self, letter_id: str, at: int, operator: str) -> bool:
-        """True when this call marked it (it was not replayed before): the once-only guard."""
-        return self.db.execute(
-            "UPDATE dead_letters SET replayed_at = ?, replayed_by = ? WHERE id = ? AND replayed_at IS NULL",
-            (at, operator, letter_id),
-        ).rowcount > 0
-
-    def unmark_replayed(self, letter_id: str) -> None:
-        self.db.execute("UPDATE dead_letters SET replayed_at = NULL, replayed_by = NULL WHERE id = ?",
-                        (letter_id,))
+        return True
 
     def prune(self, before_ms: int) -> int:
         """Deletes every row dated before `before_ms`; returns how many."""
@@ -451,6 +460,7 @@ class Store:
             for table, column in (
                 ("decisions", "decided_at"), ("requests", "created_at"), ("replies", "sent_at"),
                 ("inbound", "at"), ("agent_activity", "at"), ("dead_letters", "failed_at"),
+                ("replays", "replayed_at"),
                 ("actions", "at"), ("hourly", "hour"), ("tenant_hourly", "hour"), ("customers", "last_at"),
             ):
                 deleted += db.execute(
@@ -536,6 +546,7 @@ class Store:
         size is hours x tenants, so every page can ask without scanning the customers."""
         return [r[0] for r in self.reader.execute(
             "SELECT DISTINCT tenant FROM tenant_hourly WHERE tenant != '' ORDER BY tenant")]
+
     def batches(self, key: str, before_ms: int | None = None, limit: int = 30) -> list[dict[str, Any]]:
         """The customer's latest batches (newest first) with their request and reply, if any."""
         rows = self.reader.execute(
@@ -555,18 +566,23 @@ class Store:
             (key, since_ms, until_ms))]
 
     def dead_letters(self, offset: int = 0, limit: int = 50, tenants: Collection[str] | None = None) -> Page:
-        clause, args = tenant_clause(tenants)
+        """The dead letters, newest first, with their replay if any (the replay is seen only through
+        its dead letter, so only within the dead letter's tenant)."""
+        clause, args = tenant_clause(tenants, "d.tenant")
         where = f" WHERE {clause}" if clause else ""
-        total = self.reader.execute(f"SELECT COUNT(*) FROM dead_letters{where}", args).fetchone()[0]  # noqa: S608
+        total = self.reader.execute(f"SELECT COUNT(*) FROM dead_letters d{where}", args).fetchone()[0]  # noqa: S608
         rows = self.reader.execute(
-            "SELECT id, failed_at, service, reason, source_topic, customer_key, record_key, batch_id,"  # noqa: S608
-            f" replayed_at, replayed_by, tenant, length(payload) AS size FROM dead_letters{where}"
+            "SELECT id, failed_at, service, reason, d.source_topic, customer_key, record_key, batch_id,"  # noqa: S608
+            " replayed_at, replayed_by, tenant, length(payload) AS size FROM dead_letters d"
+            f" LEFT JOIN replays r ON r.dead_letter_id = d.id{where}"
             " ORDER BY failed_at DESC LIMIT ? OFFSET ?",
             (*args, limit, offset)).fetchall()
         return Page([dict(r) for r in rows], int(total), offset, limit)
 
     def dead_letter(self, letter_id: str) -> dict[str, Any] | None:
-        row = self.reader.execute("SELECT * FROM dead_letters WHERE id = ?", (letter_id,)).fetchone()
+        row = self.reader.execute(
+            "SELECT d.*, r.replayed_at, r.replayed_by FROM dead_letters d"
+            " LEFT JOIN replays r ON r.dead_letter_id = d.id WHERE d.id = ?", (letter_id,)).fetchone()
         return dict(row) if row else None
 
     def recent_actions(self, limit: int = 20, tenants: Collection[str] | None = None) -> list[dict[str, Any]]:

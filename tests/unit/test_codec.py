@@ -227,3 +227,70 @@ def test_encode_of_a_webhook_record_equals_fastavro() -> None:
              "provider_time": NOW, "received_at": NOW + timedelta(microseconds=999), "recovered": False,
              "username": None}
     assert codec.encode("InboundMessage", value) == codec.encode_with_fastavro("InboundMessage", value)
+
+
+# --- the generated reader reads what fastavro reads ------------------------------------------------
+
+def _outcome_of(read: Any) -> object:
+    try:
+        return read()
+    except Exception as exc:  # both readers fail on a timestamp beyond datetime's range
+        return ("error", type(exc).__name__)
+
+
+def test_every_schema_has_a_generated_reader() -> None:
+    assert [v.full_name for v in _VERSIONS if codec.compile_reader(v.parsed) is None] == []
+
+
+@pytest.mark.parametrize("version", _VERSIONS, ids=lambda v: v.source.name)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_generated_reader_reads_what_fastavro_reads(
+    version: codec.SchemaVersion, data: st.DataObject
+) -> None:
+    """Values of every schema version, timestamps as datetimes; raw, as fastavro's epoch milliseconds."""
+    value = data.draw(_values(fastavro.schema.expand_schema(version.parsed)))
+    body = _fastavro_bytes(version, value)
+    reader, raw_reader = codec.compile_reader(version.parsed), codec.compile_reader(version.parsed,
+                                                                                  raw_timestamps=True)
+    assert reader is not None and raw_reader is not None
+    expected = _outcome_of(lambda: fastavro.schemaless_reader(io.BytesIO(body), version.parsed, None))
+    if isinstance(expected, tuple):  # fastavro failed: so does the reader
+        assert _outcome_of(lambda: reader(body, 0)) == expected
+    else:
+        assert reader(body, 0) == (expected, len(body))
+        assert raw_reader(body, 0) == (codec._datetimes_to_ms(expected), len(body))
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, v in codec.registry().current.items() if v.parsed["type"] == "record"))
+def test_decode_any_fast_equals_decode_any_and_refuses_every_truncation(name: str) -> None:
+    short = name.split(".")[-1]
+    data = codec.encode(short, example(fastavro.schema.expand_schema(codec.registry().current[name].parsed)))  # type: ignore[arg-type]
+    assert codec.decode_any_fast(data) == codec.decode_any(data)
+    raw = codec.decode_any_fast(data, raw_timestamps={short})
+    assert raw == (short, codec._datetimes_to_ms(codec.decode_any(data)[1]))
+    for end in range(codec.HEADER_LEN, len(data)):
+        with pytest.raises(codec.CodecError, match="corrupt body"):
+            codec.decode_any_fast(data[:end])
+    with pytest.raises(codec.CodecError, match="trailing bytes"):
+        codec.decode_any_fast(data + b"\x00")
+
+
+def test_decode_any_fast_resolves_older_versions_like_decode_any() -> None:
+    old = fastavro.schema.load_schema(codec.schema_dir() / "previous" / "watistream.InboundMessage.v1.avsc")
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, old, example(fastavro.schema.expand_schema(old)))
+    data = codec.MAGIC + codec._fingerprint(old) + buf.getvalue()
+    assert codec.decode_any_fast(data) == codec.decode_any(data)
+    _, raw = codec.decode_any_fast(data, raw_timestamps={"InboundMessage"})
+    assert raw["received_at"] == int(NOW.timestamp() * 1000) and raw["recovered"] is False
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "header"),
+    (codec.MAGIC + b"\x00" * 8 + b"body", "unknown schema fingerprint"),
+])
+def test_decode_any_fast_refuses_what_decode_any_refuses(data: bytes, message: str) -> None:
+    with pytest.raises(codec.CodecError, match=message):
+        codec.decode_any_fast(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,12 @@ def commanded(value: Any) -> tuple[str, str, dict[str, Any]]:
 
 def dead(value: Any) -> tuple[str, str, dict[str, Any]]:
     return TOPICS.dead_letter, "DeadLetter", dict(value)
+
+
+def replayed(letter_id: str, at: Any, by: str) -> tuple[str, str, dict[str, Any]]:
+    return TOPICS.dead_letter_replays, "DeadLetterReplay", {
+        "dead_letter_id": letter_id, "source_topic": TOPICS.inbound, "replayed_partition": 0,
+        "replayed_offset": 3, "replayed_by": by, "replayed_at": at}
 
 
 # ---------------------------------------------------------------- rows
@@ -182,6 +189,22 @@ def test_the_consumer_position_is_written_with_the_rows(store: Store) -> None:
     assert store.offsets() == {(TOPICS.audit, 0): 1, (TOPICS.inbound, 2): 42}
 
 
+def test_a_store_of_another_layout_is_emptied_to_be_rebuilt_from_the_topics(tmp_path: Path) -> None:
+    """An older store (the decisions keyed by batch id alone) would keep its old layout under
+    CREATE TABLE IF NOT EXISTS; emptied, the consumer rebuilds it from the topics' beginning."""
+    old = sqlite3.connect(tmp_path / "old.sqlite3")
+    old.executescript("CREATE TABLE decisions (batch_id TEXT PRIMARY KEY, customer_key TEXT);"
+                      "CREATE TABLE offsets (topic TEXT, partition INTEGER, next_offset INTEGER);"
+                      "INSERT INTO offsets VALUES ('c.audit', 0, 41);")
+    old.close()
+    store = Store(tmp_path / "old.sqlite3")
+    assert store.is_empty() and store.offsets() == {}
+    apply(store, audited(decision("b1", t("10:00:00"))))
+    assert store.totals(0)["batches"] == 1
+    store.close()
+    assert Store(tmp_path / "old.sqlite3").totals(0)["batches"] == 1  # the new layout is kept
+
+
 def test_a_customer_known_only_by_a_recent_pause_survives_the_prune(store: Store) -> None:
     apply(store, commanded(command("pause", t("12:00:00"), actor="ana")))
     store.prune(ms(t("10:00:00")))
@@ -204,11 +227,21 @@ def test_a_dead_letter_is_replayed_once(store: Store) -> None:
     assert full is not None
     plan = plan_replay(full, TOPICS.all())
     assert (plan.topic, plan.key, plan.payload) == (TOPICS.inbound, KEY.encode(), b"\x00garbage")
-    with store.transaction():
-        assert store.mark_replayed(letter["id"], 1, "ana")
-        assert not store.mark_replayed(letter["id"], 2, "bo")
+    apply(store, replayed(letter["id"], t("10:05:00"), "ana"), replayed(letter["id"], t("10:06:00"), "bo"))
     with pytest.raises(NotReplayable, match="already replayed by ana"):
         plan_replay(store.dead_letter(letter["id"]) or {}, TOPICS.all())
+    assert [a["operator"] for a in store.recent_actions()] == ["ana"]  # the first replay is the one
+
+
+def test_a_replay_read_before_its_dead_letter_still_marks_it_and_shows_on_the_timeline(store: Store) -> None:
+    """The two topics are read in no particular order (a rebuild reads them side by side)."""
+    apply(store, replayed("0:0", t("10:05:00"), "bo"))
+    apply(store, dead(dead_letter(t("10:00:00"), source_topic=TOPICS.inbound)))
+    letter = store.dead_letter("0:0")
+    assert letter is not None and letter["replayed_by"] == "bo"
+    assert store.dead_letters().rows[0]["replayed_by"] == "bo"
+    [action] = store.events_between("actions", KEY, 0, 2**62)
+    assert action["operator"] == "bo" and "replayed dead letter 0:0" in action["kind"]
 
 
 @pytest.mark.parametrize(("topic", "payload", "why"), [

@@ -1,7 +1,8 @@
 """The console per tenant (docs/tenants.md, "Per-tenant visibility"): the store's reads limited to
 tenants, the tenant filter, operator accounts limited to tenants (never seeing, pausing, resuming or
 replaying another tenant's customer or dead letter, by page, direct URL or POST), accounts in the
-extended CONSOLE_USERS format, and a store written before tenants migrated in place.
+extended CONSOLE_USERS format, replays seen only within their dead letter's tenant, and a store
+written before tenants emptied and rebuilt with them.
 
 Two tenants share one phone number throughout: `wati:<n>` (tenant `default`) and
 `hotel-a/centro/wati:<n>` are two customers.
@@ -19,14 +20,16 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.common.config import ConfigError
+from services.common.keys import KeyError_, parse_key
 from services.console import pages
 from services.console.app import Console, build_app
 from services.console.auth import Sessions, hash_password, parse_accounts, parse_users
-from services.console.store import TENANT_INDEXES, Store
+from services.console.rows import tenant_of
+from services.console.store import SCHEMA_VERSION, Store
 
 from .console_builders import dead_letter, decision
 from .context_builders import command, inbound, reply, secs, t
-from .test_console import TOPICS, apply, audited, commanded, dead, received
+from .test_console import TOPICS, apply, audited, commanded, dead, received, replayed
 
 PHONE = "50370000001"
 OURS = f"wati:{PHONE}"  # tenant `default`
@@ -61,6 +64,22 @@ def keys(page: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------- the store's reads
+
+
+@pytest.mark.parametrize("key", [
+    OURS, THEIRS, SHOP, "default/default/wati:1", "x/wati:1", "wati:", "wati: 1", "wati:1 ", "wati", ":1",
+    "Hotel/a/wati:1", "a/b/c/wati:1", "foo:1", "hotel-a/centro/wati:1:2", "hotel-a/centro/wati:",
+])
+def test_a_rows_tenant_is_its_keys_as_parse_key_reads_it(key: str) -> None:
+    """`tenant_of` parses each key head once (it runs for every record of a rebuild): it must
+    still answer exactly as parsing the whole key, None for what is not a customer key."""
+    try:
+        expected: str | None = parse_key(key).tenant
+    except KeyError_:
+        expected = None
+    assert tenant_of(key) == expected == tenant_of(key.encode())
+
+
 
 
 def test_every_read_can_be_limited_to_tenants(store: Store) -> None:
@@ -98,37 +117,62 @@ def test_a_phone_search_finds_every_tenants_customer_within_the_limit(store: Sto
     assert keys(store.customers("hotel-a/centro/wati:5037")) == [THEIRS]
 
 
-def test_a_store_written_before_tenants_is_migrated_in_place(tmp_path: Path) -> None:
-    """The old schema (no tenant columns, no per-tenant hours): opened, it gets the columns filled
-    from the keys and `tenant_hourly` rebuilt from its rows, equal to what live writes build; a
-    replay mark (kept only here) survives."""
+def test_a_store_written_before_tenants_is_emptied_and_rebuilt_with_them(tmp_path: Path) -> None:
+    """A store of the layout before tenants (no tenant columns, no per-tenant hours) is emptied when
+    opened: read again from the topics (here: the same records), every row has its tenant and
+    `tenant_hourly` equals what live writes build; the replay comes back from its topic."""
     path = tmp_path / "old.sqlite3"
     live = Store(path)
     day(live)
     letter = store_letter(live, THEIRS)
-    with live.transaction():
-        assert live.mark_replayed(letter, 123, "ana")
+    apply(live, replayed(letter, t("10:30:00"), "bo"))
     built_live = sorted(tuple(r) for r in live.reader.execute("SELECT * FROM tenant_hourly"))
     live.close()
-    old = sqlite3.connect(path)
-    for index in re.findall(r"INDEX IF NOT EXISTS (\w+)", TENANT_INDEXES):
+    old = sqlite3.connect(path)  # the previous layout (SCHEMA_VERSION 2): no tenants anywhere
+    for index in ("customers_tenant", "dead_letters_tenant", "actions_tenant", "customers_provider_id"):
         old.execute(f"DROP INDEX {index}")
     for table in ("customers", "dead_letters", "actions"):
         old.execute(f"ALTER TABLE {table} DROP COLUMN tenant")
-    old.execute("DELETE FROM tenant_hourly")
-    old.execute("PRAGMA user_version = 0")
+    old.execute("DROP TABLE tenant_hourly")
+    old.execute("PRAGMA user_version = 2")  # the layout before tenants
+    assert SCHEMA_VERSION > 2
     old.commit()
     old.close()
 
-    migrated = Store(path)
-    assert migrated.customer(THEIRS)["tenant"] == "hotel-a"  # type: ignore[index]
-    assert migrated.customer(OURS)["tenant"] == "default"  # type: ignore[index]
-    assert keys(migrated.dead_letters(tenants={"hotel-a"})) == [THEIRS]
-    assert migrated.dead_letter(letter)["replayed_by"] == "ana"  # type: ignore[index]
-    assert sorted(tuple(r) for r in migrated.reader.execute("SELECT * FROM tenant_hourly")) == built_live
-    assert [a["customer_key"] for a in migrated.recent_actions(tenants={"default"})] == [OURS]
-    migrated.close()
-    assert Store(path).totals(0, {"hotel-a"})["batches"] == 1, "opened again: migrated once"
+    rebuilt = Store(path)
+    assert rebuilt.is_empty() and rebuilt.customers().total == 0 and rebuilt.dead_letters().total == 0
+    day(rebuilt)  # the consumer reads the topics from their beginning
+    apply(rebuilt, replayed(letter, t("10:30:00"), "bo"))
+    assert rebuilt.customer(THEIRS)["tenant"] == "hotel-a"  # type: ignore[index]
+    assert rebuilt.customer(OURS)["tenant"] == "default"  # type: ignore[index]
+    assert keys(rebuilt.dead_letters(tenants={"hotel-a"})) == [THEIRS]
+    assert rebuilt.dead_letter(letter)["replayed_by"] == "bo"  # type: ignore[index]
+    assert sorted(tuple(r) for r in rebuilt.reader.execute("SELECT * FROM tenant_hourly")) == built_live
+    assert [a["customer_key"] for a in rebuilt.recent_actions(tenants={"default"})] == [OURS]
+    rebuilt.close()
+    assert Store(path).totals(0, {"hotel-a"})["batches"] == 1, "opened again: kept, not emptied again"
+
+
+def test_a_replay_is_seen_only_within_its_dead_letters_tenant(store: Store) -> None:
+    """The replays (from the dead-letter-replays topic, which names no customer) are read only
+    through their dead letter, and a replay's action carries its dead letter's tenant, also when the
+    replay is read before the dead letter."""
+    letter = store_letter(store, THEIRS)
+    apply(store, replayed(letter, t("10:30:00"), "bo"))
+    apply(store, replayed("0:0", t("10:31:00"), "cy"))  # of a dead letter not read yet (its id: offset 0)
+    assert [r["replayed_by"] for r in store.dead_letters(tenants={"default"}).rows] == [None]
+    assert [r["replayed_by"] for r in store.dead_letters(tenants={"hotel-a"}).rows] == ["bo"]
+    assert [a["operator"] for a in store.recent_actions(tenants={"default", "shop-b"})] == ["ana"]
+    assert [a["operator"] for a in store.recent_actions(tenants={"hotel-a"})] == ["bo", "bo"]  # replay, pause
+    replays = {a["target"]: a["tenant"] for a in store.recent_actions(100) if a["target"]}
+    assert replays == {letter: "hotel-a", "0:0": None}, "not attributable yet: all-tenant operators only"
+
+    apply(store, dead(dead_letter(t("10:20:00"), source_topic=TOPICS.inbound, key=SHOP)))
+    assert store.dead_letter("0:0")["customer_key"] == SHOP  # type: ignore[index]
+    assert [r["replayed_by"] for r in store.dead_letters(tenants={"shop-b"}).rows] == ["cy", None]
+    assert [a["operator"] for a in store.recent_actions(tenants={"shop-b"})] == ["cy"]
+    [action] = store.events_between("actions", SHOP, 0, 2**62)
+    assert action["operator"] == "cy" and action["tenant"] == "shop-b"
 
 
 def store_letter(store: Store, key: str) -> str:
