@@ -64,12 +64,12 @@ from services.common.records import (
     CustomerState,
     InboundMessage,
 )
-from services.common.tenants import Tenants, load_tenants, settings_environ
+from services.common.tenants import Tenants
 from services.common.timeparse import utcnow
 from services.context import state as domain
 from services.context.fetcher import HistoryFetcher, ReconcileSweep, SweepTarget
 from services.context.state import Effects, Limits
-from services.providers.accounts import account_token_problems, register_tenant_secrets
+from services.providers.accounts import load_served_tenants
 
 log = logging.getLogger(__name__)
 
@@ -506,13 +506,9 @@ class ContextRuntime:
         self.app = app
         self.settings = settings
         self.topics = Topics.from_settings(settings)
-        self.tenants = load_tenants(settings)
-        problems = account_token_problems(self.tenants, settings_environ(settings))
-        if problems:  # a history fetch must reach each customer's own account, or none
-            raise ConfigError("tenant accounts cannot be used:\n  " + "\n  ".join(problems))
-        register_tenant_secrets(self.tenants, settings_environ(settings))
+        # a history fetch must reach each customer's own account, or none
+        self.tenants, _ = load_served_tenants(settings, what="tenant accounts cannot be used")
         self.limits_for = TenantLimits.build(settings, self.tenants)  # per customer's tenant
-        metrics.bound_tenants(self.tenants.by_id)  # the metrics' tenant label values
         self.limits = self.limits_for.base
         self.partitions = table_partitions
         self._flush_wakeup = asyncio.Event()

@@ -23,10 +23,11 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from services.common.config import Settings
+from services.common import metrics
+from services.common.config import ConfigError, Settings
 from services.common.keys import DEFAULT_ACCOUNT, MANYCHAT, WATI, CustomerKey, KeyError_, parse_key
 from services.common.logs import event, register_secret
-from services.common.tenants import ChannelAccount, Tenant, Tenants, settings_environ
+from services.common.tenants import ChannelAccount, Tenant, Tenants, load_tenants, settings_environ
 
 from .base import AccountAccess, Client, Provider, Purpose
 
@@ -173,6 +174,23 @@ def register_tenant_secrets(tenants: Tenants, environ: Mapping[str, str],
     register_secret(*values)
 
 
+def load_served_tenants(
+    settings: Settings, *, what: str, openai_keys: bool = False,
+) -> tuple[Tenants, dict[str, str]]:
+    """The tenants a service serves, with the environment their secrets resolve in: refuses to start
+    (ConfigError naming tenant and field) when an account token — or, with `openai_keys`, a
+    tenant's own OpenAI key — does not resolve; registers every secret for log redaction and bounds
+    the metrics' tenant label to these tenants."""
+    tenants = load_tenants(settings)
+    environ = settings_environ(settings)
+    problems = account_token_problems(tenants, environ, openai_keys=openai_keys)
+    if problems:
+        raise ConfigError(f"{what}:\n  " + "\n  ".join(problems))
+    register_tenant_secrets(tenants, environ)
+    metrics.bound_tenants(tenants.by_id)
+    return tenants, environ
+
+
 __all__ = [
     "TENANT_ACCOUNT_PROVIDERS",
     "AccountChoice",
@@ -180,6 +198,7 @@ __all__ = [
     "NoAccount",
     "account_of",
     "account_token_problems",
+    "load_served_tenants",
     "register_tenant_secrets",
     "request_account_problem",
 ]

@@ -42,8 +42,8 @@ from ..common.keys import DEFAULT_TENANT
 from ..common.logs import event
 from ..common.openai_accounts import OpenAIClients, openai_account
 from ..common.ops_http import bound_port, serve_ops
-from ..common.tenants import Tenant, Tenants, load_tenants, settings_environ
-from ..providers.accounts import AccountClients, account_token_problems, register_tenant_secrets
+from ..common.tenants import Tenant, Tenants
+from ..providers.accounts import AccountClients, load_served_tenants
 from .ai import Replier, TenantRepliers, make_client
 from .channels import ChannelSender
 from .prompt import UnknownLocale, labels_for
@@ -131,12 +131,8 @@ class Responder:
         cancel_revoked: bool = False,
     ) -> None:
         self.settings = settings
-        self.tenants = load_tenants(settings)
-        self.environ = settings_environ(settings)
-        problems = account_token_problems(self.tenants, self.environ, openai_keys=True)
-        if problems:
-            raise ConfigError("tenants cannot be answered:\n  " + "\n  ".join(problems))
-        register_tenant_secrets(self.tenants, self.environ)
+        self.tenants, self.environ = load_served_tenants(
+            settings, what="tenants cannot be answered", openai_keys=True)
         self.instructions_by_tenant = instructions_by_tenant(settings, self.tenants, instructions)
         self.instructions = self.instructions_by_tenant.get(DEFAULT_TENANT) or (
             instructions if instructions is not None else DEFAULT_INSTRUCTIONS)

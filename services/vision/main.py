@@ -23,18 +23,12 @@ import openai
 from aiokafka import AIOKafkaProducer
 
 from services.common import logs
-from services.common.config import ConfigError, Settings
+from services.common.config import Settings
 from services.common.kafka import ensure_topics, make_producer
 from services.common.keyed_consumer import KeyedConsumer
 from services.common.openai_accounts import OpenAIAccount, OpenAIClients, openai_account
 from services.common.ops_http import serve_ops
-from services.common.tenants import load_tenants, settings_environ
-from services.providers.accounts import (
-    AccountClients,
-    NoAccount,
-    account_token_problems,
-    register_tenant_secrets,
-)
+from services.providers.accounts import AccountClients, NoAccount, load_served_tenants
 
 from .classify import parse_categories
 from .images import is_private_host
@@ -62,12 +56,8 @@ class Vision:
         self.allow_private_urls = (
             is_private_host(settings.manychat_api_url) if allow_private_urls is None else allow_private_urls
         )
-        self.tenants = load_tenants(settings)
-        self.environ = settings_environ(settings)
-        problems = account_token_problems(self.tenants, self.environ, openai_keys=True)
-        if problems:
-            raise ConfigError("tenants cannot be served:\n  " + "\n  ".join(problems))
-        register_tenant_secrets(self.tenants, self.environ)
+        self.tenants, self.environ = load_served_tenants(
+            settings, what="tenants cannot be served", openai_keys=True)
         self.producer: AIOKafkaProducer | None = None
         self.client: openai.AsyncOpenAI | None = None
         self.openai_clients: OpenAIClients[openai.AsyncOpenAI] = OpenAIClients(self._openai_client)
