@@ -131,7 +131,11 @@ GIVEN_ITEMS = 20
 """Context items remembered as given per batch (see `_given_keys`)."""
 """Prefixes in `recent_event_ids`: replies handled (dedupe), customer messages the bot answered."""
 MAX_WAITING_FLUSHES = 8
-"""Flushes one batch may keep waiting for their messages during a replay (the timer re-sends)."""
+"""Flushes one batch may keep waiting for their messages during a replay. While a replay waits, the
+timer re-sends the same count every few seconds: of one count only the first and the latest are
+kept (judged on the same messages, a later time can only be due if an earlier one is)."""
+MAX_EARLY_FLUSHES = 32
+"""Flushes of batches to come one customer may keep (every batch's bound is MAX_WAITING_FLUSHES)."""
 
 
 @dataclass(frozen=True)
@@ -498,12 +502,13 @@ def _on_flush(
         # waits for them and is decided, at its own time, when the last of them comes (on_inbound);
         # one behind an earlier waiting flush waits its turn (log order decides, whatever it counts:
         # a new timer reading the replayed, shorter batch sends a smaller count).
-        if len(waiting) >= MAX_WAITING_FLUSHES:
+        queued = _queued(waiting, {"batch_messages": seen, "issued_at": now})
+        if len(queued) > MAX_WAITING_FLUSHES:
             return state, _flush_ignored(batch_id, "too_many_waiting")
         state = copy.deepcopy(state)
         batch = state["open_batch"]
         assert batch is not None
-        batch["waiting_flushes"] = [*waiting, {"batch_messages": seen, "issued_at": now}]
+        batch["waiting_flushes"] = queued
         return state, Effects(log=[("flush_waiting", {"batch_id": batch_id, "batch_messages": seen,
                                                       "handled": len(batch["messages"])})])
     return _decide_flush(state, batch_id, seen, now, limits)
@@ -535,6 +540,16 @@ def _batch_number(state: CustomerState, batch_id: str) -> int:
     return int(number) if head == state["customer_key"] and number.isdigit() else 0
 
 
+def _queued(entries: list[Any], entry: dict[str, Any]) -> list[Any]:
+    """`entries` with `entry` at the end; of its batch and count, only the first and the latest are
+    kept (MAX_WAITING_FLUSHES)."""
+    same = [e for e in entries if e.get("batch_id") == entry.get("batch_id")
+            and e["batch_messages"] == entry["batch_messages"]]
+    if len(same) >= 2:
+        entries = [e for e in entries if e is not same[-1]]
+    return [*entries, entry]
+
+
 def _wait_early(
     state: CustomerState, batch_id: str, seen: int, now: datetime
 ) -> tuple[CustomerState, Effects]:
@@ -542,10 +557,12 @@ def _wait_early(
     decided like any flush waiting for its messages — never dropped, or the batch would be cut
     where a later timer's flush says, not where the one already emitted was."""
     early = state.get("early_flushes") or []
-    if len(early) >= MAX_WAITING_FLUSHES:
+    queued = _queued(early, {"batch_id": batch_id, "batch_messages": seen, "issued_at": now})
+    if (sum(1 for f in queued if f["batch_id"] == batch_id) > MAX_WAITING_FLUSHES
+            or len(queued) > MAX_EARLY_FLUSHES):
         return state, _flush_ignored(batch_id, "too_many_waiting")
     state = copy.deepcopy(state)
-    state["early_flushes"] = [*early, {"batch_id": batch_id, "batch_messages": seen, "issued_at": now}]
+    state["early_flushes"] = queued
     return state, Effects(log=[("flush_waiting", {"batch_id": batch_id, "batch_messages": seen,
                                                   "handled": 0})])
 

@@ -248,6 +248,24 @@ def test_flushes_of_batches_to_come_are_decided_in_log_order_whatever_they_count
     assert batches(replay) == batches(original)[-2:] == [(third, ["w1", "w2"]), (fourth, ["w3"])]
 
 
+def test_a_timer_re_sending_while_a_replay_waits_never_crowds_out_a_later_batch_s_flush() -> None:
+    """The drill's case: while the replay waited, new timers re-sent batch N's flush every few
+    seconds; the bound then dropped the original flush of batch N+1, and N+1 was cut elsewhere."""
+    c = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(c)
+    n, later = f"{KEY}:2", f"{KEY}:3"
+    c.command(flush(t("10:01:40"), n, 2))
+    for i in range(20):  # a new timer's re-sends, read before the batch's messages
+        c.command(flush(t("10:30:00") + secs(5 * i), n, 1))
+    effects = c.command(flush(t("10:02:40"), later, 1))
+    assert effects.log == [("flush_waiting", {"batch_id": later, "batch_messages": 1, "handled": 0})]
+    assert len(c.state["early_flushes"]) == 4, "of one count, the first and the latest"
+    for i, at in enumerate(("10:01:00", "10:01:05", "10:02:00"), start=1):
+        message = inbound(f"w{i}", t(at))
+        c.message(message, message["received_at"])
+    assert batches(c)[-2:] == [(n, ["w1", "w2"]), (later, ["w3"])]
+
+
 @dataclass
 class Recorded:
     """One run's input topics: the inbound topic and the commands topic, each in its own order."""
