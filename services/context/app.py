@@ -1146,17 +1146,36 @@ class AckGuard:
         partition is read again from the hole."""
         tp, offset = message.tp, message.offset
         expected = self.next_offset.get(tp)
-        if expected is None or offset == expected:
+        if expected is None:  # no seek since the partition came (or came back): start at the commit
+            expected = self.expected_offset(tp)
+            if expected is not None:
+                self.next_offset[tp] = expected
+        if expected is not None and offset == expected:
             self.next_offset[tp] = offset + 1
             self.delivered.add(message)
             return True
         self.out_of_order += 1
         message.acked = True  # faust waits for no ack of it
         self.consumer._unacked_messages.discard(message)
-        if offset > expected:  # never handled: no commit may pass it before it is
+        if expected is None:  # nothing says where its reading starts: read from the committed offsets
+            self.skipped.setdefault(tp, set()).add(offset)
+            await self._seek_all_to_committed()
+        elif offset > expected:  # never handled: no commit may pass it before it is
             self.skipped.setdefault(tp, set()).add(offset)
             await self._reread(tp, expected)
         return False
+
+    async def _seek_all_to_committed(self) -> None:
+        now = self.clock()
+        if now - self.reread_at.get(None, -self.reread_retry_seconds) < self.reread_retry_seconds:
+            return
+        self.reread_at[None] = now
+        self.rereads += 1
+        logs.event(log, "input_reread", logging.WARNING, topic="*", partition=-1, from_offset=-1)
+        try:
+            await self.consumer.perform_seek()
+        except Exception as exc:  # mid-rebalance: the assignment's own seek comes next
+            logs.event(log, "input_reread_failed", logging.WARNING, error=f"{type(exc).__name__}: {exc}")
 
     def deliver(self, message: Any) -> None:
         """`message` reached the agent outside `admit` (tests): its ack may be committed."""

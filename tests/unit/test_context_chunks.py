@@ -399,3 +399,36 @@ async def test_a_hole_never_handled_again_makes_the_worker_read_from_its_commit(
     assert app.consumer._new_offset(tp) is None
     await asyncio.wait_for(sought.wait(), 5)
     assert guard.rereads == 1
+
+
+async def test_a_record_with_no_seek_since_its_partition_came_back_starts_nothing_out_of_order(
+    tmp_path: Any,
+) -> None:
+    """The drill's last (b): after a revoke (`forget`) a record came to the agent before the new
+    assignment's seek, and was handled as if its partition started there (past 90 records of it)."""
+    from faust.types.tuples import Message
+
+    app, guard, tp = _guarded_app(tmp_path, "ns.")
+    seeks: list[tuple[Any, int]] = []
+    full_seeks: list[bool] = []
+
+    async def seek(partition: Any, offset: int) -> None:
+        seeks.append((partition, offset))
+
+    async def perform_seek() -> None:
+        full_seeks.append(True)
+
+    guard._seek = seek
+    app.consumer.perform_seek = perform_seek
+    await app.consumer.seek(tp, 164)
+    guard.forget([tp])
+
+    def record(offset: int) -> Message:
+        return Message(tp.topic, 0, offset, 0.0, 0, None, b"k", b"v", None, tp=tp, generation_id=3)
+
+    assert not await guard.admit(record(258)), "nothing says the partition starts at 258"
+    assert full_seeks == [True], "read again from the committed offsets"
+    app.consumer._committed_offset[tp] = 164  # the commit is known again (the assignment's seek)
+    assert not await guard.admit(record(259))
+    assert seeks[-1] == (tp, 164), "sought back to the committed offset"
+    assert await guard.admit(record(164))
