@@ -14,7 +14,6 @@ import collections
 import contextlib
 import logging
 import multiprocessing
-import os
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -155,8 +154,11 @@ def _prepare_in_worker(polled: list[Polled]) -> Prepared:
 
 
 def default_decode_workers() -> int:
-    """One worker per core beyond the first (the first runs the loop and the writes), at most 3."""
-    return max(0, min(3, (os.cpu_count() or 1) - 1))
+    """None by default: decoding runs in a thread of the console's process. Worker processes
+    (`decode_workers`, one per core beyond the first pays off only on an idle machine) gained little
+    here (BENCHMARKS section 7), and a console SIGKILLed with spawned workers did not come back
+    ready in the SIGKILL drill."""
+    return 0
 
 
 # a polled batch being decoded: (its rows to come, how many records, the group offsets, the records)
