@@ -265,11 +265,21 @@ class ConsoleConsumer:
                     self.pool = None
                     ready = await asyncio.to_thread(prepare_records, polled_batch, self.topics, self.labels)
                 if self.writing is not None:
-                    await self.writing  # one write at a time, in order
+                    # one write at a time, in order; shielded: a stop cancelling this loop here must
+                    # not cancel the write (`stop` waits for it)
+                    await asyncio.shield(self.writing)
                 self.writing = asyncio.create_task(self._write(ready, count, commit))
 
     async def _write(self, prepared: Prepared, count: int, commit: dict[TopicPartition, Any]) -> None:
-        await asyncio.to_thread(write_prepared, self.store, prepared)
+        # the thread cannot be stopped: a cancel here waits for its transaction (rows and positions
+        # together) to end, so the write is counted and the store is never closed under it
+        writing = asyncio.ensure_future(asyncio.to_thread(write_prepared, self.store, prepared))
+        try:
+            await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await writing
+            raise
         self.applied += count
         for name, n in prepared.counts.items():
             self._consumed(name).inc(n)
@@ -296,7 +306,7 @@ class ConsoleConsumer:
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = None
         if self.writing is not None:  # a write under way finishes (its thread cannot be cancelled)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.writing
             self.writing = None
         if self.consumer is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,53 @@ async def test_fill_resume_and_rebuild(settings: Settings, tmp_path: Path) -> No
     rebuilt = Store(tmp_path / "b.sqlite3")
     assert await consume_all(s, rebuilt, 7) == 7
     assert rebuilt.totals(0) == Store(tmp_path / "a.sqlite3").totals(0)
+
+
+def second_waits_for_first(consumer: ConsoleConsumer) -> bool:
+    """The consumer's loop has the second batch (b2) decoded while the first write is not done."""
+    if consumer.task is None or consumer.writing is None or consumer.writing.done():
+        return False
+    ready = consumer.task.get_stack(limit=1)[0].f_locals.get("ready")
+    return ready is not None and [d["batch_id"] for d in ready.decisions] == ["b2"]
+
+
+async def test_stopping_during_a_store_write_finishes_that_write_with_its_positions(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The console stopped while a polled batch is being written (and the next batch waits for that
+    write): `stop` returns normally once the write, rows and positions together, is committed — the
+    cancel neither escapes `stop` nor leaves the write running under a store about to be closed."""
+    s = dataclasses.replace(settings, topic_prefix=unique_prefix("console-cancel"))
+    topics = await ensure_topics(s)
+    await produce(s, [(topics.audit, "BatchDecision", dict(decision(f"b{n}", t(f"10:0{n}:00"))))
+                      for n in (1, 2)])
+    store = Store(tmp_path / "c.sqlite3")
+    entered, release = threading.Event(), threading.Event()
+    write_decisions = store.apply_decisions
+
+    def blocked_write(batch: list[Any]) -> None:  # the first write holds until the test releases it
+        entered.set()
+        release.wait(30)
+        write_decisions(batch)
+
+    store.apply_decisions = blocked_write  # type: ignore[method-assign]
+    consumer = ConsoleConsumer(s, store, labels_for("es"), max_records=1)  # one record a batch
+    await consumer.start()
+    try:
+        async with asyncio.timeout(60):
+            await asyncio.to_thread(entered.wait, 60)
+            # wait for the moment a stop hits: the loop holds the second batch decoded (`ready`)
+            # while the first write is still under way, so it is waiting for that write to end
+            while not second_waits_for_first(consumer):
+                await asyncio.sleep(0.01)
+            stopping = asyncio.create_task(consumer.stop())
+            await asyncio.sleep(0)  # `stop` cancels the loop
+            release.set()
+            await stopping
+    finally:
+        release.set()
+        await consumer.stop()
+    # the batch under way was written with its position, and nothing is still writing
+    assert consumer.writing is None and consumer.applied == sum(store.offsets().values()) >= 1
+    assert store.totals(0)["batches"] == sum(store.offsets().values())
+    store.close()
