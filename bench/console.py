@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -177,6 +178,122 @@ async def page_times(store: Store, customers: int, repeats: int, now: datetime) 
     return times
 
 
+# -- the floor: consumers that persist what the pages need without decoding the Avro value --------
+SUMMARY_HEADER = "console-summary"
+_SUMMARY = struct.Struct("<qBBHHHHHB")  # decided_at ms, held, check ran, injected by source x3,
+#                                         webhooks missing, recovered, history error; then hold reason
+
+
+def summary_header(d: BatchDecision) -> bytes:
+    """What the overview's hourly figures and the customers page need of a decision, as a header the
+    producer (the context worker) could add: ~20 bytes, read with one `struct.unpack`."""
+    by_source = dict.fromkeys(rows.SOURCES, 0)
+    for item in d["injected"]:
+        if item.get("source") in by_source:
+            by_source[item["source"]] += 1
+    return _SUMMARY.pack(int(d["decided_at"].timestamp() * 1000), int(d["held"]), int(d["missed_check_ran"]),
+                         by_source["realtime"], by_source["history"], by_source["both"],
+                         d["webhooks_missing"], len(d["recovered_event_ids"]),
+                         int(bool(d["history_error"]))) + (d["hold_reason"] or "").encode()
+
+
+FLOOR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS floor_records (customer_key TEXT NOT NULL, at INTEGER NOT NULL,
+    part INTEGER NOT NULL, off INTEGER NOT NULL, value BLOB,
+    PRIMARY KEY (customer_key, at, part, off)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS floor_records_at ON floor_records (at);
+CREATE TABLE IF NOT EXISTS floor_appended (customer_key TEXT, at INTEGER, part INTEGER, off INTEGER,
+    value BLOB);
+"""
+FLOOR_INSERT = "INSERT OR IGNORE INTO floor_records VALUES (?, ?, ?, ?, ?)"
+FLOOR_APPEND = "INSERT INTO floor_appended VALUES (?, ?, ?, ?, ?)"
+# the customers page's figures of a decision (the upsert as the console's, fewer columns)
+FLOOR_CUSTOMER = """
+INSERT INTO customers (key, batches, recovered, errors, last_at, held, held_since, hold_reason,
+                       last_decision_at, tenant)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?6 THEN ?5 END, ?7, ?5, ?8)
+ON CONFLICT (key) DO UPDATE SET batches = batches + ?2, recovered = recovered + ?3,
+    errors = errors + ?4, last_at = MAX(last_at, ?5),
+    held = CASE WHEN last_decision_at IS NULL OR ?5 >= last_decision_at THEN ?6 ELSE held END,
+    hold_reason = CASE WHEN last_decision_at IS NULL OR ?5 >= last_decision_at THEN ?7 ELSE hold_reason END,
+    last_decision_at = MAX(COALESCE(last_decision_at, 0), ?5)
+"""
+FLOOR_HOURLY = ("INSERT INTO hourly (hour, batches, held, gaps, inj_realtime, inj_history, inj_both,"
+                " webhooks_missing, recovered, history_failures) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (hour) DO UPDATE SET batches = batches + excluded.batches,"
+                " held = held + excluded.held, gaps = gaps + excluded.gaps,"
+                " inj_realtime = inj_realtime + excluded.inj_realtime,"
+                " inj_history = inj_history + excluded.inj_history, inj_both = inj_both + excluded.inj_both,"
+                " webhooks_missing = webhooks_missing + excluded.webhooks_missing,"
+                " recovered = recovered + excluded.recovered,"
+                " history_failures = history_failures + excluded.history_failures")
+
+
+def floor_fill(store: Store, count: int) -> None:
+    """The floor's table with `count` rows of other customers, values the size of a decision's."""
+    store.db.executescript(FLOOR_SCHEMA)
+    value = codec.encode("BatchDecision", dict(decision("wati:50370000001", "wati:50370000001:1",
+                                                        datetime.now(UTC), 1)))
+    with store.transaction() as db:
+        db.executemany(FLOOR_INSERT, ((f"wati:5037{n % 100_000:07d}", 1_700_000_000_000 + n, 0, n, value)
+                                      for n in range(count)))
+
+
+def floor_write(store: Store, polled: list[Any], mode: str) -> None:
+    """One polled batch, one transaction with its positions, into the filled store:
+    append: the records appended in arrival order to a table with no index (what no page can use:
+    the least any SQLite-persisting consumer does);
+    raw: key, time, place and the raw value, clustered by customer (no decoding);
+    customer: raw + the console's customer upsert per record (batches, last time);
+    grouped: raw + one customer upsert per customer of the batch;
+    summary: raw + the figures from the summary header: one upsert per customer (held, hold reason,
+    recovered, errors) and one per hour of the overview's figures — all the pages' indexed data."""
+    positions: dict[tuple[str, int], int] = {}
+    with store.transaction() as db:
+        db.executemany(FLOOR_APPEND if mode == "append" else FLOOR_INSERT,
+                       [(r.key.decode(), r.timestamp, r.partition, r.offset, r.value) for r in polled])
+        for r in polled:
+            positions[(r.topic, r.partition)] = r.offset + 1
+        if mode == "customer":
+            db.executemany(FLOOR_CUSTOMER, [(r.key.decode(), 1, 0, 0, r.timestamp, 0, None, "default")
+                                            for r in polled])
+        elif mode == "grouped":
+            grouped: dict[bytes, list[int]] = {}
+            for r in polled:
+                if (g := grouped.get(r.key)) is None:
+                    grouped[r.key] = [1, r.timestamp]
+                else:
+                    g[0] += 1
+                    g[1] = max(g[1], r.timestamp)
+            db.executemany(FLOOR_CUSTOMER, [(k.decode(), n, 0, 0, at, 0, None, "default")
+                                            for k, (n, at) in grouped.items()])
+        elif mode == "summary":
+            customers: dict[bytes, list[Any]] = {}
+            hours: dict[int, list[int]] = {}
+            unpack = _SUMMARY.unpack_from
+            size = _SUMMARY.size
+            for r in polled:
+                raw = r.headers[0][1]
+                at, held, ran, rt, hist, both, missing, recovered, failed = unpack(raw)
+                if (c := customers.get(r.key)) is None:
+                    customers[r.key] = [1, recovered, failed, at, held, raw[size:].decode() or None]
+                else:
+                    c[0] += 1
+                    c[1] += recovered
+                    c[2] += failed
+                    if at >= c[3]:
+                        c[3], c[4], c[5] = at, held, raw[size:].decode() or None
+                figures = (1, held, ran, rt, hist, both, missing, recovered, failed)
+                if (h := hours.get(at - at % 3_600_000)) is None:
+                    hours[at - at % 3_600_000] = list(figures)
+                else:
+                    for i, n in enumerate(figures):
+                        h[i] += n
+            db.executemany(FLOOR_CUSTOMER, [(k.decode(), *c, "default") for k, c in customers.items()])
+            db.executemany(FLOOR_HOURLY, [(hour, *h) for hour, h in hours.items()])
+        store.set_offsets(positions)
+
+
 def store_ceiling(store: Store, count: int, now: datetime) -> dict[str, float]:
     """No Kafka: decode + map alone (`prepare_records`, one process), and the store's writes alone
     (`write_prepared` of batches mapped beforehand): the two parts of the console's consumer, each
@@ -209,8 +326,10 @@ async def catch_up(
             futures = []
             for n in range(count):
                 key = f"wati:5039{n % 50000:07d}"
-                value = codec.encode("BatchDecision", dict(decision(key, f"{key}:c{n}", now, n)))
-                futures.append(await producer.send(topics.audit, value, key=key.encode()))
+                d = decision(key, f"{key}:c{n}", now, n)
+                value = codec.encode("BatchDecision", dict(d))
+                futures.append(await producer.send(topics.audit, value, key=key.encode(),
+                                                   headers=[(SUMMARY_HEADER, summary_header(d))]))
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
@@ -243,6 +362,37 @@ async def catch_up(
         fastavro_rate = await plain("benchc.decoding", decode=codec.decode_any)
         decoding_rate = await plain("benchc.decoding-console", decode=console_decode)
 
+        async def persisting(
+            group: str, write: Callable[[list[Any]], None], max_records: int = 2000
+        ) -> float:
+            """A consumer of its own group writing each polled batch into the filled store with
+            `write` (in a thread, one transaction with the positions, the next poll overlapping it,
+            as the console's consumer does): rate."""
+            reader = AIOKafkaConsumer(topics.audit, bootstrap_servers=bootstrap, group_id=group,
+                                      auto_offset_reset="earliest", enable_auto_commit=False,
+                                      max_poll_records=max_records, fetch_max_bytes=64 * 1024 * 1024,
+                                      max_partition_fetch_bytes=8 * 1024 * 1024)
+            await reader.start()
+            seen, first = 0, None
+            pending: asyncio.Future[None] | None = None
+            try:
+                while seen < count:
+                    polled = [r for records in (await reader.getmany(
+                        timeout_ms=500, max_records=max_records)).values() for r in records]
+                    if not polled:
+                        continue
+                    if first is None:
+                        first = time.perf_counter()
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.ensure_future(asyncio.to_thread(write, polled))
+                    seen += len(polled)
+                if pending is not None:
+                    await pending
+                return count / max(time.perf_counter() - (first or time.perf_counter()), 1e-9)
+            finally:
+                await reader.stop()
+
         consumer = ConsoleConsumer(settings, store, LABELS, decode_workers=workers)
         before = sum(store.offsets().values())
         start_applied = None
@@ -257,8 +407,31 @@ async def catch_up(
             await consumer.stop()
         t0, first_batch = start_applied or (done, 0)
         console_rate = (count - first_batch) / max(done - t0, 1e-9)
+        # every floor variant into the same table, pre-filled as the store's decisions are, emptied
+        # of the catch-up's customers before each (customers already there, as for the console
+        # after its own catch-up)
+        floor_fill(store, max(count, store.db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]))
+
+        async def floor(group: str, mode: str, max_records: int = 2000) -> float:
+            with store.transaction() as db:
+                db.execute("DELETE FROM floor_records WHERE customer_key >= 'wati:5039'"
+                           " AND customer_key < 'wati:503:'")
+            return await persisting(group, lambda b: floor_write(store, b, mode), max_records)
+
+        floors = {
+            "floor_append_per_s": await floor("benchc.floor-append", "append"),
+            "floor_raw_per_s": await floor("benchc.floor-raw", "raw"),
+            "floor_raw_10k_per_s": await floor("benchc.floor-raw-10k", "raw", 10_000),
+            "floor_customer_per_s": await floor("benchc.floor-customer", "customer"),
+            "floor_grouped_per_s": await floor("benchc.floor-grouped", "grouped"),
+            "floor_summary_per_s": await floor("benchc.floor-summary", "summary"),
+            "floor_summary_10k_per_s": await floor("benchc.floor-summary-10k", "summary", 10_000),
+            # the baseline again at the end: how much the machine moved during the run
+            "bare_again_per_s": await plain("benchc.bare-again", decode=None),
+        }
+
         return {"bare_per_s": bare_rate, "fastavro_per_s": fastavro_rate, "decoding_per_s": decoding_rate,
-                "console_per_s": console_rate}
+                "console_per_s": console_rate, **floors}
     finally:
         await asyncio.to_thread(broker.stop)
 
@@ -308,6 +481,27 @@ async def main_async(args: argparse.Namespace) -> int:
                           baseline=rates["bare_per_s"],
                           note="write_prepared of batches mapped beforehand, into the filled store: the "
                                "single SQLite writer's rate, the bound on the console's catch-up"))
+    for key, label, note in (
+        ("floor_append_per_s", "floor (a0): raw records appended, no index at all",
+         "key, time, place and raw value appended in arrival order to a table without any index, one "
+         "transaction per poll with the positions: nothing a page could find by customer"),
+        ("floor_raw_per_s", "floor (a): raw records by customer, no decoding",
+         "key, time, place and the raw Avro value into a customer-clustered table + time index, one "
+         "transaction per 2,000-record poll with the positions: the least a persisting consumer does"),
+        ("floor_raw_10k_per_s", "floor (a)+(d): the same, 10,000-record polls", "fewer, larger transactions"),
+        ("floor_customer_per_s", "floor (a) + customer upsert per record",
+         "as (a), plus the console's customer upsert (batches, last time) for every record"),
+        ("floor_grouped_per_s", "floor (a) + customer upsert grouped per poll (c)",
+         "as (a), one customer upsert per customer of the poll"),
+        ("floor_summary_per_s", "floor (b)+(c): raw + summary header -> customers and hourly figures",
+         "as (a), with the customers' and the overview's figures from a ~20-byte header, grouped per "
+         "customer and per hour: everything the pages index, no Avro decoding"),
+        ("floor_summary_10k_per_s", "floor (b)+(c)+(d): the same, 10,000-record polls", ""),
+        ("bare_again_per_s", "bare consumer again, after the floors", "the machine's drift during the run"),
+    ):
+        results.append(figure(label, rates[key], "decisions/s", baseline=rates["bare_per_s"],
+                              ratio=rates[key] / rates["bare_per_s"], target=f">= {CATCHUP_TARGET}x bare",
+                              met=rates[key] / rates["bare_per_s"] >= CATCHUP_TARGET, note=note))
     doc = {"scale": {"customers": args.customers, "decisions": filled["decisions"],
                      "repeats": args.repeats, "catchup": args.catchup},
            "fill_seconds": filled["seconds"], "store_mb": size_mb, "machine": machine_info(),
