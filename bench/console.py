@@ -413,10 +413,15 @@ async def catch_up(
         floor_fill(store, max(count, store.db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]))
 
         async def floor(group: str, mode: str, max_records: int = 2000) -> float:
+            """The variant's rate; a bare consumer (its own group) reads the topic just before it,
+            as its own baseline (`adjacent`): the machine's load moves a lot within one run."""
             with store.transaction() as db:
                 db.execute("DELETE FROM floor_records WHERE customer_key >= 'wati:5039'"
                            " AND customer_key < 'wati:503:'")
+            adjacent[mode, max_records] = await plain(f"{group}.bare", decode=None)
             return await persisting(group, lambda b: floor_write(store, b, mode), max_records)
+
+        adjacent: dict[tuple[str, int], float] = {}
 
         floors = {
             "floor_append_per_s": await floor("benchc.floor-append", "append"),
@@ -429,6 +434,9 @@ async def catch_up(
             # the baseline again at the end: how much the machine moved during the run
             "bare_again_per_s": await plain("benchc.bare-again", decode=None),
         }
+        for (mode, max_records), rate in adjacent.items():
+            suffix = "_10k" if max_records != 2000 else ""
+            floors[f"floor_{mode}{suffix}_bare_per_s"] = rate
 
         return {"bare_per_s": bare_rate, "fastavro_per_s": fastavro_rate, "decoding_per_s": decoding_rate,
                 "console_per_s": console_rate, **floors}
@@ -499,9 +507,12 @@ async def main_async(args: argparse.Namespace) -> int:
         ("floor_summary_10k_per_s", "floor (b)+(c)+(d): the same, 10,000-record polls", ""),
         ("bare_again_per_s", "bare consumer again, after the floors", "the machine's drift during the run"),
     ):
-        results.append(figure(label, rates[key], "decisions/s", baseline=rates["bare_per_s"],
-                              ratio=rates[key] / rates["bare_per_s"], target=f">= {CATCHUP_TARGET}x bare",
-                              met=rates[key] / rates["bare_per_s"] >= CATCHUP_TARGET, note=note))
+        bare = rates.get(key.replace("_per_s", "_bare_per_s"), rates["bare_per_s"])
+        results.append(figure(label, rates[key], "decisions/s", baseline=bare,
+                              ratio=rates[key] / bare, target=f">= {CATCHUP_TARGET}x bare",
+                              met=rates[key] / bare >= CATCHUP_TARGET,
+                              note=f"{note}{'; ' if note else ''}baseline: a bare consumer run just before it"
+                              if key != "bare_again_per_s" else note))
     doc = {"scale": {"customers": args.customers, "decisions": filled["decisions"],
                      "repeats": args.repeats, "catchup": args.catchup},
            "fill_seconds": filled["seconds"], "store_mb": size_mb, "machine": machine_info(),
