@@ -36,6 +36,7 @@ from openai import AsyncOpenAI
 from .. import providers
 from ..common import logs
 from ..common.config import ConfigError, Settings
+from ..common.fair_share import per_tenant_slots
 from ..common.kafka import Topics, ensure_topics, make_producer
 from ..common.keyed_consumer import KeyedConsumer
 from ..common.keys import DEFAULT_TENANT
@@ -193,6 +194,8 @@ class Responder:
             handler=self.worker.handle, concurrency=s.responder_concurrency, producer=self.producer,
             on_assign=self._on_assign, agent="requests", drain_timeout=self.drain_timeout,
             revoke_timeout=self.revoke_timeout, cancel_revoked=self.cancel_revoked,
+            per_tenant=per_tenant_slots(s.responder_concurrency, s.responder_concurrency_per_tenant,
+                                        len(self.tenants.by_id)),
         )
         await self.consumer.start()
         event(log, "responder_started", concurrency=s.responder_concurrency, port=self.port)
