@@ -35,8 +35,8 @@ from services.standins import ManyChatStandIn, WatiStandIn
 
 ENVIRON = {"PLAYA_WATI": "token-of-playa", "SHOP_MC": "token-of-shop-page", "HOOK_A": "a" * 16,
            "HOOK_B": "b" * 16}
-REQUIRED = {"openai_api_key": "sk-test", "kafka_bootstrap_servers": "localhost:9092", "web_token": "w",
-            "webhook_token": ""}
+REQUIRED: dict[str, Any] = {"openai_api_key": "sk-test", "kafka_bootstrap_servers": "localhost:9092",
+                            "web_token": "w", "webhook_token": ""}
 
 
 def doc(wati_url: str = "https://live.wati.example/302222",
