@@ -85,6 +85,10 @@ class FairQueue(Generic[Item]):
         """Items of the tenant waiting."""
         return len(self._lines.get(tenant, ()))
 
+    def tenants(self) -> set[str]:
+        """Tenants holding a slot or with items waiting."""
+        return set(self._held) | set(self._lines)
+
     def push(self, tenant: str, item: Item) -> None:
         """Puts `item` at the end of its tenant's line; an item already waiting keeps its place."""
         if item in self._where:

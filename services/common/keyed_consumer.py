@@ -233,7 +233,10 @@ class KeyedConsumer:
         self._queues = {k: q for k, q in self._queues.items() if k in self._active}
         for q in self._queues.values():
             q.clear()
+        waited = self._fair.tenants()
         self._fair.clear()
+        for tenant in waited:
+            self._report_slots(tenant)
         await self._wait_idle(lambda: bool(self._tasks), self.drain_timeout)
         for task in list(self._tasks):
             task.cancel()
@@ -326,7 +329,10 @@ class KeyedConsumer:
         key = self.key_of(record)
         self._queues.setdefault(key, deque()).append(record)
         if key not in self._active:
-            self._fair.push(self.tenant_of_key(key), key)  # a key already waiting keeps its place
+            tenant = self.tenant_of_key(key)
+            if key not in self._fair:
+                self._fair.push(tenant, key)
+                self._report_slots(tenant)
         self._dispatch()
 
     def _dispatch(self) -> None:
@@ -339,7 +345,9 @@ class KeyedConsumer:
             if not queue:  # its records were dropped (revoke) while it waited
                 self._queues.pop(key, None)
                 self._fair.release(tenant)
+                self._report_slots(tenant)
                 continue
+            self._report_slots(tenant)
             record = queue.popleft()
             self._active.add(key)
             part = self._partitions.get(TopicPartition(record.topic, record.partition))
@@ -375,11 +383,19 @@ class KeyedConsumer:
             queue = self._queues.get(key)
             if queue:
                 self._fair.push(tenant, key)  # back to the end of its tenant's line
-            else:
+            self._report_slots(tenant)
+            if not queue:
                 self._queues.pop(key, None)
             self._progress.set()
             self._progress = asyncio.Event()
             self._dispatch()
+
+    def _report_slots(self, tenant: str) -> None:
+        """The slot gauges of the tenant's label (tenants outside the bounded labels share `other`)."""
+        label = metrics.tenant_label(tenant)
+        same = [t for t in self._fair.tenants() if metrics.tenant_label(t) == label]
+        metrics.tenant_slots_held.labels(self.service, label).set(sum(map(self._fair.held, same)))
+        metrics.tenant_slots_waiting.labels(self.service, label).set(sum(map(self._fair.waiting, same)))
 
     async def _process(self, record: ConsumerRecord) -> None:
         try:

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from services.common import codec
+from services.common import codec, metrics
 from services.common.config import Settings
 from services.common.kafka import Topics, ensure_topics, make_producer
 from services.common.records import InboundMessage, ResponderRequest
@@ -153,6 +153,12 @@ def request(tenant: str, media_ref: str | None = None, wa_id: str | None = None)
     }
 
 
+def slots(state: str, service: str, tenant: str) -> float | None:
+    """watistream_tenant_slots_held / _waiting of the worker running in this process."""
+    return metrics.REGISTRY.get_sample_value(f"watistream_tenant_slots_{state}",
+                                             {"service": service, "tenant": tenant})
+
+
 async def produced(env: Env, topic: str, batch_id: str, what: str) -> None:
     """Until `topic` holds a record of the batch."""
     await eventually(lambda: bool(env.outputs(topic, batch_id)), timeout=60, what=what)
@@ -196,6 +202,9 @@ async def test_a_slow_tenant_does_not_stall_another_tenants_replies_on_the_same_
     asked = len(requests_of(env.slow, "sendSessionMessage")) - before
     assert slow_sends_in_flight(env, fault, before) == asked == SLOTS // 2
     assert all(env.outputs(env.topics.replies, r["batch_id"]) == [] for r in slow)
+    # what an operator sees: slow at its share, the rest of its customers waiting
+    assert slots("held", "responder", "slow") == SLOTS // 2
+    assert slots("waiting", "responder", "slow") == WAITING - SLOTS // 2
     print(f"fast tenant answered in {seconds:.2f} s while {SLOTS // 2} sends of the slow one {fault}")
     env.slow.release_requests()
     env.slow.faults.clear()
@@ -228,6 +237,8 @@ async def test_a_hung_tenant_does_not_stall_another_tenants_images_on_the_same_p
     (forwarded,) = env.outputs(env.topics.responder_requests, fast["batch_id"])
     assert [i["category"] for i in forwarded["images"]] == ["general_inquiry"], forwarded["images"]
     assert env.slow.held == len(requests_of(env.slow, "getMedia")) == SLOTS // 2
+    assert slots("held", "vision", "slow") == SLOTS // 2
+    assert slots("waiting", "vision", "slow") == WAITING - SLOTS // 2
     assert all(env.outputs(env.topics.responder_requests, r["batch_id"]) == [] for r in slow)
     print(f"fast tenant's image forwarded in {seconds:.2f} s while {env.slow.held} downloads hang")
     env.slow.release_requests()

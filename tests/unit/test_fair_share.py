@@ -69,6 +69,7 @@ def test_a_slow_tenant_at_its_cap_leaves_the_other_slots_to_another_tenant() -> 
     q.push("b", "b2")
     assert [q.admit(), q.admit(), q.admit()] == [("b", "b0"), ("b", "b1"), None]
     assert (q.held("a"), q.held("b"), q.in_use) == (2, 2, 4)
+    assert q.tenants() == {"a", "b"}
     q.release("b")
     assert q.admit() == ("b", "b2")  # b's own slot comes back to b; a is still at its cap
     q.release("a")
@@ -197,6 +198,7 @@ def test_invariants_under_any_sequence(slots: int, per_tenant: int, ops: list[tu
             tenant = running.pop(int(str(arg)) % len(running))
             q.release(tenant)
         assert q.in_use == len(running) <= slots
+        assert q.tenants() == set(running) | {t for t in "abc" if q.waiting(t)}
         for t in "abc":
             assert q.held(t) == running.count(t) <= cap
             assert admitted.get(t, []) == pushed.get(t, [])[:len(admitted.get(t, []))]
