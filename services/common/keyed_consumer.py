@@ -184,6 +184,8 @@ class KeyedConsumer:
         #: keys waiting for a slot, one line per tenant; it also counts the slots each tenant holds
         self._fair: FairQueue[bytes] = FairQueue(concurrency, self.per_tenant)
         self._active: set[bytes] = set()
+        self._held_gauge = metrics.Children(metrics.tenant_slots_held)  # children kept: a hot path
+        self._waiting_gauge = metrics.Children(metrics.tenant_slots_waiting)
         self._tasks: set[asyncio.Task[None]] = set()
         self._gate_tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -393,9 +395,10 @@ class KeyedConsumer:
     def _report_slots(self, tenant: str) -> None:
         """The slot gauges of the tenant's label (tenants outside the bounded labels share `other`)."""
         label = metrics.tenant_label(tenant)
-        same = [t for t in self._fair.tenants() if metrics.tenant_label(t) == label]
-        metrics.tenant_slots_held.labels(self.service, label).set(sum(map(self._fair.held, same)))
-        metrics.tenant_slots_waiting.labels(self.service, label).set(sum(map(self._fair.waiting, same)))
+        same = [tenant] if label == tenant else [  # `other`: every tenant it stands for
+            t for t in self._fair.tenants() if metrics.tenant_label(t) == label]
+        self._held_gauge(self.service, label).set(sum(map(self._fair.held, same)))
+        self._waiting_gauge(self.service, label).set(sum(map(self._fair.waiting, same)))
 
     async def _process(self, record: ConsumerRecord) -> None:
         try:
