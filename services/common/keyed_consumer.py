@@ -330,11 +330,10 @@ class KeyedConsumer:
     def _enqueue(self, record: ConsumerRecord) -> None:
         key = self.key_of(record)
         self._queues.setdefault(key, deque()).append(record)
-        if key not in self._active:
+        if key not in self._active and key not in self._fair:  # else it keeps its place
             tenant = self.tenant_of_key(key)
-            if key not in self._fair:
-                self._fair.push(tenant, key)
-                self._report_slots(tenant)
+            self._fair.push(tenant, key)
+            self._report_slots(tenant)
         self._dispatch()
 
     def _dispatch(self) -> None:

@@ -97,7 +97,7 @@ def exit_code(checks: Sequence[Check]) -> int:
 def settings_checks(settings: Settings, needs: Collection[str] = ALL_NEEDS) -> list[Check]:
     """What the settings alone can tell (types and ranges were checked when they were read)."""
     checks: list[Check] = []
-    if settings.tenants_file:  # each tenant's channels are its entry's: the "tenants" check says
+    if settings.tenants_file.strip():  # each tenant's channels are its entry's: the "tenants" check says
         checks.append(tenant_channels_check(settings))  # what is wrong with them
     else:
         try:

@@ -38,7 +38,13 @@ from services.common.config import CHANNEL_NAMES, ConfigError, Settings
 from services.common.kafka import Topics, dead_letter
 from services.common.keys import DEFAULT_ACCOUNT, DEFAULT_TENANT, KeyError_, in_account
 from services.common.logs import event, register_secret
-from services.common.tenants import Tenants, load_tenants, require_served_channels, settings_environ
+from services.common.tenants import (
+    Tenants,
+    load_tenants,
+    require_served_channels,
+    serves_tenant_accounts,
+    settings_environ,
+)
 from services.common.timeparse import utcnow
 
 from .auth import check_token, presented_token
@@ -422,7 +428,8 @@ def make_app(settings: Settings, supervisor: ProducerSupervisor, clock: Callable
     register_secret(*secrets.values())  # no tenant's secret ever reaches a log line
     metrics.bound_tenants(tenants.by_id)  # the only tenant label values; any other route is `other`
     ingest = Ingest(settings, Topics.from_settings(settings), supervisor, clock, tenants, secrets,
-                    served=require_served_channels(settings, tenants) if settings.tenants_file else None)
+                    served=(require_served_channels(settings, tenants) if serves_tenant_accounts(settings)
+                            else None))
     app = web.Application(middlewares=[observe])
     app[SUPERVISOR_KEY] = supervisor
     for provider in providers.providers():

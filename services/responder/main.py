@@ -43,7 +43,7 @@ from ..common.keys import DEFAULT_TENANT
 from ..common.logs import event
 from ..common.openai_accounts import OpenAIClients, openai_account
 from ..common.ops_http import bound_port, serve_ops
-from ..common.tenants import Tenant, Tenants, load_tenants, require_served_channels
+from ..common.tenants import Tenant, Tenants, load_tenants, require_served_channels, serves_tenant_accounts
 from ..providers.accounts import AccountClients, load_served_tenants
 from .ai import Replier, TenantRepliers, make_client
 from .channels import ChannelSender
@@ -104,7 +104,7 @@ def check_settings(settings: Settings) -> list[str]:
         labels_for(settings.prompt_locale)
     except UnknownLocale as exc:
         raise ConfigError(f"PROMPT_LOCALE: {exc}") from exc
-    if settings.tenants_file:  # each tenant's channels are its entry's (docs/tenants.md)
+    if serves_tenant_accounts(settings):  # each tenant's channels are its entry's (docs/tenants.md)
         served = require_served_channels(settings, load_tenants(settings))
         warnings = [p.unconfigured_warning() for p in providers.providers()
                     if p.name in CHANNEL_NAMES and p.name not in served]
