@@ -338,6 +338,14 @@ class Settings:
         8, "HISTORY_FETCHES_PER_ACCOUNT", "history fetches running at once per WATI account, per worker",
         ge=1,
     )
+    # --- Fair share of the responder's and vision's slots (issue 17; services/common/fair_share.py):
+    # --- one tenant holds at most this many of a worker's RESPONDER_CONCURRENCY slots.
+    responder_concurrency_per_tenant: int = _env_field(
+        0, "RESPONDER_CONCURRENCY_PER_TENANT",
+        "of a responder's (and vision's) RESPONDER_CONCURRENCY slots, most one tenant may hold; "
+        "0 = all with one tenant, half with several",
+        ge=0,
+    )
 
     def __post_init__(self) -> None:
         """Types and ranges of every field, the WATI token's `Bearer ` dropped (module doc).

@@ -9,6 +9,10 @@ partition while one customer's records stay in order (docs/faust.md, "Concurrenc
 Design:
 - one FIFO queue per Kafka key; at most `concurrency` keys in flight; a key with more records goes
   back to the end of the waiting line after each record, so a busy key cannot starve the others;
+- the waiting line is one line per tenant (the tenant of the key, a customer key): a tenant holds at
+  most `per_tenant` of the slots and a free slot goes to the waiting tenant holding the fewest
+  (services/common/fair_share.py), so one tenant's slow or rate-limited calls cannot take every slot
+  from another tenant's customers, on the same partition or not (issue 17, fair share);
 - per partition, `PartitionOffsets` tracks fetched offsets and which are finished; the commit point is
   the lowest unfinished offset (or highest fetched + 1), committed about every second and on revoke;
 - on revoke: queued records of those partitions are dropped (they were not committed, the next owner
@@ -44,6 +48,7 @@ from aiokafka.structs import TopicPartition
 
 from . import codec, metrics
 from .config import Settings
+from .fair_share import FairQueue, tenant_of
 from .kafka import Topics, dead_letter, make_consumer
 from .keys import mask
 from .logs import event
@@ -143,15 +148,22 @@ class KeyedConsumer:
         pause_above: int = 1000,
         resume_below: int = 500,
         cancel_revoked: bool = True,
+        per_tenant: int | None = None,
+        tenant_of_key: Callable[[bytes], str] = tenant_of,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if per_tenant is not None and per_tenant < 1:
+            raise ValueError("per_tenant must be >= 1")
         self.settings = settings
         self.service = service
         self.topic_names = list(topics)
         self.group_id = group_id
         self.handler = handler
         self.concurrency = concurrency
+        #: slots one tenant may hold (None = all of them: no cap, the least served still go first)
+        self.per_tenant = concurrency if per_tenant is None else min(per_tenant, concurrency)
+        self.tenant_of_key = tenant_of_key
         self.producer = producer
         self.on_assign = on_assign
         self.agent = agent
@@ -169,9 +181,11 @@ class KeyedConsumer:
         #: revoked partitions whose records were still running, until the next assignment
         self._lingering: dict[TopicPartition, _Partition] = {}
         self._queues: dict[bytes, deque[ConsumerRecord]] = {}
-        self._waiting: deque[bytes] = deque()
-        self._waiting_set: set[bytes] = set()
+        #: keys waiting for a slot, one line per tenant; it also counts the slots each tenant holds
+        self._fair: FairQueue[bytes] = FairQueue(concurrency, self.per_tenant)
         self._active: set[bytes] = set()
+        self._held_gauge = metrics.Children(metrics.tenant_slots_held)  # children kept: a hot path
+        self._waiting_gauge = metrics.Children(metrics.tenant_slots_waiting)
         self._tasks: set[asyncio.Task[None]] = set()
         self._gate_tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -221,8 +235,10 @@ class KeyedConsumer:
         self._queues = {k: q for k, q in self._queues.items() if k in self._active}
         for q in self._queues.values():
             q.clear()
-        self._waiting.clear()
-        self._waiting_set.clear()
+        waited = self._fair.tenants()
+        self._fair.clear()
+        for tenant in waited:
+            self._report_slots(tenant)
         await self._wait_idle(lambda: bool(self._tasks), self.drain_timeout)
         for task in list(self._tasks):
             task.cancel()
@@ -314,32 +330,39 @@ class KeyedConsumer:
     def _enqueue(self, record: ConsumerRecord) -> None:
         key = self.key_of(record)
         self._queues.setdefault(key, deque()).append(record)
-        if key not in self._active and key not in self._waiting_set:
-            self._waiting.append(key)
-            self._waiting_set.add(key)
+        if key not in self._active and key not in self._fair:  # else it keeps its place
+            tenant = self.tenant_of_key(key)
+            self._fair.push(tenant, key)
+            self._report_slots(tenant)
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while len(self._active) < self.concurrency and self._waiting and not self._stopping:
-            key = self._waiting.popleft()
-            self._waiting_set.discard(key)
+        while not self._stopping:
+            admitted = self._fair.admit()  # takes a slot of the key's tenant
+            if admitted is None:
+                return  # every slot held, or every waiting tenant at its share
+            tenant, key = admitted
             queue = self._queues.get(key)
-            if not queue:
+            if not queue:  # its records were dropped (revoke) while it waited
                 self._queues.pop(key, None)
+                self._fair.release(tenant)
+                self._report_slots(tenant)
                 continue
+            self._report_slots(tenant)
             record = queue.popleft()
             self._active.add(key)
             part = self._partitions.get(TopicPartition(record.topic, record.partition))
             if part is not None:
                 part.inflight += 1
-            task = asyncio.create_task(self._run(key, record, part), name=f"{self.agent}-record")
+            task = asyncio.create_task(self._run(key, tenant, record, part), name=f"{self.agent}-record")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             if part is not None:
                 part.tasks.add(task)
                 task.add_done_callback(part.tasks.discard)
 
-    async def _run(self, key: bytes, record: ConsumerRecord, part: _Partition | None) -> None:
+    async def _run(self, key: bytes, tenant: str, record: ConsumerRecord, part: _Partition | None
+                   ) -> None:
         """Handles one record of `key`; `part` is the partition state it was fetched under (a
         revoked partition's state is detached, so a late finish never touches a newer assignment)."""
         finished = False
@@ -357,16 +380,24 @@ class KeyedConsumer:
                 if finished:
                     part.offsets.done(record.offset)
             self._active.discard(key)
+            self._fair.release(tenant)
             queue = self._queues.get(key)
             if queue:
-                if key not in self._waiting_set:
-                    self._waiting.append(key)
-                    self._waiting_set.add(key)
-            else:
+                self._fair.push(tenant, key)  # back to the end of its tenant's line
+            self._report_slots(tenant)
+            if not queue:
                 self._queues.pop(key, None)
             self._progress.set()
             self._progress = asyncio.Event()
             self._dispatch()
+
+    def _report_slots(self, tenant: str) -> None:
+        """The slot gauges of the tenant's label (tenants outside the bounded labels share `other`)."""
+        label = metrics.tenant_label(tenant)
+        same = [tenant] if label == tenant else [  # `other`: every tenant it stands for
+            t for t in self._fair.tenants() if metrics.tenant_label(t) == label]
+        self._held_gauge(self.service, label).set(sum(map(self._fair.held, same)))
+        self._waiting_gauge(self.service, label).set(sum(map(self._fair.waiting, same)))
 
     async def _process(self, record: ConsumerRecord) -> None:
         try:

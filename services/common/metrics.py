@@ -161,6 +161,13 @@ inflight_batches = Gauge(
 consumer_lag = Gauge(
     "watistream_consumer_lag", "Messages behind the end of the input topics", ["service"],
     registry=REGISTRY)
+#: the fair share of the responder's and vision's slots (services/common/fair_share.py)
+tenant_slots_held = Gauge(
+    "watistream_tenant_slots_held", "Slots (customers handled at once) a tenant holds in this worker",
+    ["service", "tenant"], registry=REGISTRY)
+tenant_slots_waiting = Gauge(
+    "watistream_tenant_slots_waiting", "Customers of a tenant waiting for a slot in this worker",
+    ["service", "tenant"], registry=REGISTRY)
 images_classified_total = Counter(
     "watistream_images_classified_total", "Images classified by category", ["category", "tenant"],
     registry=REGISTRY)

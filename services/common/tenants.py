@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from services.common.config import ConfigError, GapPolicy, Settings
+from services.common.config import CHANNEL_NAMES, ConfigError, GapPolicy, Settings
 from services.common.keys import DEFAULT_ACCOUNT, DEFAULT_TENANT, MANYCHAT, SLUG_PATTERN, WATI, parse_key
 from services.common.metrics import OTHER_TENANT
 
@@ -267,6 +267,57 @@ def load_tenants(settings: Settings) -> Tenants:
     return parse_tenants_json(text, settings, source=f"TENANTS_FILE {path}")
 
 
+def serves_tenant_accounts(settings: Settings) -> bool:
+    """Whether a tenant's account of a channel is served because its tenants-file entry lists it
+    (with TENANTS_FILE), rather than because the settings enable the channel (without: unchanged)."""
+    return bool(settings.tenants_file.strip())
+
+
+def served_channels(settings: Settings, tenants: Tenants) -> tuple[str, ...]:
+    """The channels the deployment serves. Without TENANTS_FILE, the settings' (CHANNELS, or each
+    channel whose API token is set: unchanged); with one, each tenant's channels are those its entry
+    lists accounts of, and the deployment serves every channel some tenant lists — the deployment's
+    WATI_* / MANYCHAT_* settings and CHANNELS are then not needed."""
+    if not serves_tenant_accounts(settings):
+        return settings.enabled_channels
+    return tuple(c for c in CHANNEL_NAMES if any(t.accounts(c) for t in tenants))
+
+
+def channel_problems(settings: Settings, tenants: Tenants) -> list[str]:
+    """Why the deployment's channels cannot be served as configured, one line each (empty: fine).
+
+    Without TENANTS_FILE: the settings' rule (a channel enabled needs its settings; one at least).
+    With one: CHANNELS, if set, must name every channel a tenant lists accounts of — a tenant's
+    account is never silently left unserved."""
+    if not serves_tenant_accounts(settings):
+        try:
+            settings.require_channels()
+        except ConfigError as exc:
+            return [str(exc)]
+        return []
+    problems: list[str] = []
+    if settings.channels.strip():
+        allowed = settings.enabled_channels
+        for tenant in tenants:
+            for channel in CHANNEL_NAMES:
+                if tenant.accounts(channel) and channel not in allowed:
+                    problems.append(
+                        f"{tenants.source}: tenant {tenant.id!r}: {channel}: has accounts, but "
+                        f"CHANNELS={settings.channels} leaves {channel} out (with a tenants file the "
+                        f"tenants' entries decide: unset CHANNELS, or remove the accounts)")
+    if not served_channels(settings, tenants):
+        problems.append(f"{tenants.source}: no tenant has a channel account")
+    return problems
+
+
+def require_served_channels(settings: Settings, tenants: Tenants) -> tuple[str, ...]:
+    """The served channels (`served_channels`); ConfigError naming every `channel_problems` line."""
+    problems = channel_problems(settings, tenants)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return served_channels(settings, tenants)
+
+
 def tenant_problems(
     settings: Settings, environ: Mapping[str, str] | None = None,
     read_file: Callable[[str], str] | None = None,
@@ -279,6 +330,8 @@ def tenant_problems(
     except ConfigError as exc:
         return [line.strip() for line in str(exc).splitlines()[1:]] or [str(exc)]
     problems = tenants.secret_problems(settings_environ(settings, environ), read_file)
+    if serves_tenant_accounts(settings):  # without a file the settings' check says it ("channels")
+        problems += channel_problems(settings, tenants)
     reader = read_file or _read_text
     for tenant in tenants.by_id.values():
         if not tenant.system_prompt_file:

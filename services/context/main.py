@@ -13,13 +13,16 @@ import asyncio
 from services.common import logs
 from services.common.config import ConfigError, Settings
 from services.common.kafka import ensure_topics
+from services.common.tenants import load_tenants, require_served_channels
 
 
 def check_settings(settings: Settings) -> None:
     """Refuses to start without what the worker needs (ConfigError names the variables)."""
     settings.require("KAFKA_BOOTSTRAP_SERVERS", "WEB_TOKEN")
     # WATI's settings only when WATI is enabled: its history API is the one this worker calls
-    settings.require_channels()
+    # with a tenants file, the tenants' entries decide the channels (the deployment's WATI settings
+    # are then not needed)
+    require_served_channels(settings, load_tenants(settings))
     if settings.reconcile_interval_seconds > 0 and settings.reconcile_rate_per_second <= 0:
         raise ConfigError("RECONCILE_RATE_PER_SECOND must be > 0 when the sweep is on")
 

@@ -97,11 +97,15 @@ def exit_code(checks: Sequence[Check]) -> int:
 def settings_checks(settings: Settings, needs: Collection[str] = ALL_NEEDS) -> list[Check]:
     """What the settings alone can tell (types and ranges were checked when they were read)."""
     checks: list[Check] = []
-    try:
-        settings.require_channels()
-        checks.append(passed("channels", ", ".join(settings.enabled_channels)))
-    except ConfigError as exc:
-        checks.append(failed("channels", str(exc), "set the enabled channels' settings (CHANNELS to choose)"))
+    if settings.tenants_file.strip():  # each tenant's channels are its entry's: the "tenants" check says
+        checks.append(tenant_channels_check(settings))  # what is wrong with them
+    else:
+        try:
+            settings.require_channels()
+            checks.append(passed("channels", ", ".join(settings.enabled_channels)))
+        except ConfigError as exc:
+            checks.append(failed("channels", str(exc),
+                                 "set the enabled channels' settings (CHANNELS to choose)"))
     required = {"KAFKA_BOOTSTRAP_SERVERS": "the cluster's bootstrap servers (host:port, comma-separated)",
                 "WEBHOOK_TOKEN": "a long random secret the webhooks must present",
                 "WEB_TOKEN": "a long random secret for the context web views",
@@ -132,6 +136,18 @@ def tenant_checks(settings: Settings) -> list[Check]:
     wrong = tenant_problems(settings)
     return [failed("tenants", "; ".join(wrong), "correct TENANTS_FILE as named (docs/tenants.md)") if wrong
             else passed("tenants", f"TENANTS_FILE={settings.tenants_file} valid")]
+
+
+def tenant_channels_check(settings: Settings) -> Check:
+    """The channels a tenants file serves (those its tenants list accounts of)."""
+    from services.common.tenants import load_tenants, require_served_channels
+
+    try:
+        served = require_served_channels(settings, load_tenants(settings))
+    except ConfigError:  # named by the "tenants" check (`tenant_problems`), not twice
+        return failed("channels", "TENANTS_FILE: the tenants' channels cannot be served as configured",
+                      "see the 'tenants' check")
+    return passed("channels", f"{', '.join(served)} (from TENANTS_FILE)")
 
 
 def _value_of(settings: Settings, env_name: str) -> str:

@@ -22,6 +22,7 @@ import httpx
 from services.common.broker import EmbeddedKafka
 from services.common.config import SKIP_CHECKS_ENV, ConfigError, Settings
 from services.common.kafka import ensure_topics
+from services.common.tenants import load_tenants, require_served_channels
 
 from .check import exit_code, format_report, run_checks
 from .supervisor import Child, Supervisor
@@ -44,7 +45,8 @@ class DevStack:
     ) -> None:
         """`service_env`: variables for one service only (a drill points one at a fault proxy)."""
         problems = []
-        for requirement in (lambda: settings.require(*REQUIRED), settings.require_channels):
+        for requirement in (lambda: settings.require(*REQUIRED),
+                            lambda: require_served_channels(settings, load_tenants(settings))):
             try:
                 requirement()
             except ConfigError as exc:

@@ -38,7 +38,13 @@ from services.common.config import CHANNEL_NAMES, ConfigError, Settings
 from services.common.kafka import Topics, dead_letter
 from services.common.keys import DEFAULT_ACCOUNT, DEFAULT_TENANT, KeyError_, in_account
 from services.common.logs import event, register_secret
-from services.common.tenants import Tenants, load_tenants, settings_environ
+from services.common.tenants import (
+    Tenants,
+    load_tenants,
+    require_served_channels,
+    serves_tenant_accounts,
+    settings_environ,
+)
 from services.common.timeparse import utcnow
 
 from .auth import check_token, presented_token
@@ -98,6 +104,9 @@ class Ingest:
     clock: Callable[[], datetime] = utcnow
     tenants: Tenants | None = None
     secrets: Mapping[str, str] = field(default_factory=dict)
+    #: the channels served (`served_channels`: with a tenants file, those the tenants list); None =
+    #: the settings' (CHANNELS, or each channel whose token is set)
+    served: tuple[str, ...] | None = None
 
     def scope(self, tenant_id: str, provider: str, account_id: str | None) -> Scope | str:
         """The route's scope, or why there is none (unknown tenant, or no such account)."""
@@ -156,7 +165,7 @@ class Ingest:
         )
         if problem is not None:
             return _reject(401, "unauthorized", problem, fields, {"WWW-Authenticate": "Bearer"})
-        enabled = self.settings.enabled_channels
+        enabled = self.served if self.served is not None else self.settings.enabled_channels
         # none enabled: an ingest without provider credentials; CHANNELS names the built-in channels,
         # a provider registered beyond them (docs/providers.md) is enabled by its registration
         if enabled and provider in CHANNEL_NAMES and provider not in enabled:
@@ -418,7 +427,9 @@ def make_app(settings: Settings, supervisor: ProducerSupervisor, clock: Callable
     secrets = {t.id: t.webhook_secret.resolve(env) for t in tenants.by_id.values()}
     register_secret(*secrets.values())  # no tenant's secret ever reaches a log line
     metrics.bound_tenants(tenants.by_id)  # the only tenant label values; any other route is `other`
-    ingest = Ingest(settings, Topics.from_settings(settings), supervisor, clock, tenants, secrets)
+    ingest = Ingest(settings, Topics.from_settings(settings), supervisor, clock, tenants, secrets,
+                    served=(require_served_channels(settings, tenants) if serves_tenant_accounts(settings)
+                            else None))
     app = web.Application(middlewares=[observe])
     app[SUPERVISOR_KEY] = supervisor
     for provider in providers.providers():

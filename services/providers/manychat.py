@@ -15,6 +15,7 @@ from services.common import metrics
 from services.common.config import Settings
 from services.common.manychat import MAX_TEXT_CHARS, ManyChatClient, ManyChatError
 from services.common.records import HistoryItem
+from services.common.tenants import serves_tenant_accounts
 from services.ingest.manychat import normalise_manychat
 from services.ingest.outcomes import CustomerMessage, Rejected
 
@@ -62,8 +63,12 @@ class ManyChatProvider:
 
     def open_client(self, settings: Settings, purpose: Purpose,
                     account: AccountAccess | None = None) -> ManyChatClient | None:
-        if purpose != "send" or not settings.channel_enabled(self.name):
-            return None  # media are attachment URLs; there is no history API
+        # media are attachment URLs; there is no history API. A tenants file's account is served
+        # because its tenant's entry lists it; otherwise the settings enable the channel
+        served = ((account is not None and serves_tenant_accounts(settings))
+                  or settings.channel_enabled(self.name))
+        if purpose != "send" or not served:
+            return None
         url, token = (settings.manychat_api_url, settings.manychat_api_token) if account is None else (
             account.api_url, account.token)
         return ManyChatClient(url, token) if url and token else None

@@ -16,6 +16,7 @@ from datetime import datetime
 from services.common import metrics
 from services.common.config import Settings
 from services.common.records import HistoryItem
+from services.common.tenants import serves_tenant_accounts
 from services.common.wati import MAX_TEXT_CHARS, WatiClient, WatiError, sent_message_ids
 from services.context.history import parse_history
 from services.ingest.wati import classify_wati
@@ -69,7 +70,11 @@ class WatiProvider:
             account.api_url, bearer_dropped(account.token))
         if purpose == "history":
             return WatiClient(url, token, timeout=max(1.0, settings.history_timeout_seconds))
-        if not (settings.channel_enabled(self.name) and url and token):
+        # a tenants file's account is served because its tenant's entry lists it; otherwise the
+        # settings enable the channel (CHANNELS, or its token set)
+        served = ((account is not None and serves_tenant_accounts(settings))
+                  or settings.channel_enabled(self.name))
+        if not (served and url and token):
             return None
         if purpose == "media":
             return WatiClient(url, token, timeout=20.0)

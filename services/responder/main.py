@@ -35,14 +35,15 @@ from openai import AsyncOpenAI
 
 from .. import providers
 from ..common import logs
-from ..common.config import ConfigError, Settings
+from ..common.config import CHANNEL_NAMES, ConfigError, Settings
+from ..common.fair_share import per_tenant_slots
 from ..common.kafka import Topics, ensure_topics, make_producer
 from ..common.keyed_consumer import KeyedConsumer
 from ..common.keys import DEFAULT_TENANT
 from ..common.logs import event
 from ..common.openai_accounts import OpenAIClients, openai_account
 from ..common.ops_http import bound_port, serve_ops
-from ..common.tenants import Tenant, Tenants
+from ..common.tenants import Tenant, Tenants, load_tenants, require_served_channels, serves_tenant_accounts
 from ..providers.accounts import AccountClients, load_served_tenants
 from .ai import Replier, TenantRepliers, make_client
 from .channels import ChannelSender
@@ -103,14 +104,19 @@ def check_settings(settings: Settings) -> list[str]:
         labels_for(settings.prompt_locale)
     except UnknownLocale as exc:
         raise ConfigError(f"PROMPT_LOCALE: {exc}") from exc
-    settings.require_channels()
-    registered = providers.providers()
-    unconfigured = [p for p in registered if not p.configured(settings)]
-    if len(unconfigured) == len(registered):
-        raise ConfigError(
-            "no channel configured: set " + " and/or ".join(p.config_hint() for p in registered)
-        )
-    warnings = [p.unconfigured_warning() for p in unconfigured]
+    if serves_tenant_accounts(settings):  # each tenant's channels are its entry's (docs/tenants.md)
+        served = require_served_channels(settings, load_tenants(settings))
+        warnings = [p.unconfigured_warning() for p in providers.providers()
+                    if p.name in CHANNEL_NAMES and p.name not in served]
+    else:
+        settings.require_channels()
+        registered = providers.providers()
+        unconfigured = [p for p in registered if not p.configured(settings)]
+        if len(unconfigured) == len(registered):
+            raise ConfigError(
+                "no channel configured: set " + " and/or ".join(p.config_hint() for p in registered)
+            )
+        warnings = [p.unconfigured_warning() for p in unconfigured]
     if not settings.system_prompt_file:
         warnings.append("SYSTEM_PROMPT_FILE is not set: using the built-in instructions")
     return warnings
@@ -193,6 +199,8 @@ class Responder:
             handler=self.worker.handle, concurrency=s.responder_concurrency, producer=self.producer,
             on_assign=self._on_assign, agent="requests", drain_timeout=self.drain_timeout,
             revoke_timeout=self.revoke_timeout, cancel_revoked=self.cancel_revoked,
+            per_tenant=per_tenant_slots(s.responder_concurrency, s.responder_concurrency_per_tenant,
+                                        len(self.tenants.by_id)),
         )
         await self.consumer.start()
         event(log, "responder_started", concurrency=s.responder_concurrency, port=self.port)

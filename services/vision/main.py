@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 
 from services.common import logs
 from services.common.config import Settings
+from services.common.fair_share import per_tenant_slots
 from services.common.kafka import ensure_topics, make_producer
 from services.common.keyed_consumer import KeyedConsumer
 from services.common.openai_accounts import OpenAIAccount, OpenAIClients, openai_account
@@ -83,6 +84,8 @@ class Vision:
             s, service=SERVICE, topics=[topics.vision_requests], group_id=f"{s.topic_prefix}vision",
             handler=self.worker.handle, concurrency=max(1, s.responder_concurrency),
             producer=self.producer, agent="vision_requests",
+            per_tenant=per_tenant_slots(max(1, s.responder_concurrency),
+                                        s.responder_concurrency_per_tenant, len(self.tenants.by_id)),
         )
         await self.consumer.start()
         logs.event(log, "vision_started", model=s.vision_model_name,

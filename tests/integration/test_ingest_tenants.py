@@ -3,6 +3,7 @@ by tenant and account, and one phone number writing to three tenants giving thre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -215,3 +216,29 @@ def test_ingest_refuses_to_start_with_a_missing_or_shared_tenant_secret(settings
     shared = {"HOTEL_A_HOOK": "same-secret-0000", "SHOP_B_HOOK": "same-secret-0000"}
     with pytest.raises(ConfigError, match=r"'shop-b': webhook_secret: same secret as tenant 'hotel-a'"):
         make_app(settings, ProducerSupervisor(settings), tenants=tenants, environ=shared)
+
+
+async def test_a_tenants_channels_come_from_its_entry_not_the_deployments_settings(
+    settings: Settings, reader: Reader, tmp_path: Path
+) -> None:
+    """With TENANTS_FILE, `shop-b`'s ManyChat page is served although the deployment's own settings
+    enable WhatsApp only (no MANYCHAT_API_TOKEN): its webhook is accepted, not `channel_disabled`."""
+    wati_only = dataclasses.replace(settings, tenants_file=str(tmp_path / "tenants.json"),
+                                    manychat_api_token="", channels="")
+    assert wati_only.enabled_channels == ("wati",)
+    tenants = tenants_for(wati_only)
+    async with serve(wati_only, port=0, tenants=tenants, environ=ENVIRON) as url:
+        await wait_until_ready(url)
+        status, body = await post(f"{url}/webhooks/shop-b/manychat", load("manychat", "flat"),
+                                  ENVIRON["SHOP_B_HOOK"])
+    assert status == 200 and body["status"] == "accepted", body
+    values = [codec.decode("InboundMessage", r.value)
+              for r in await reader.read(Topics.from_settings(settings).inbound)]
+    assert any(v["event_id"] == body["event_id"] and v["customer_key"].startswith("shop-b/default/manychat:")
+               for v in values)
+
+
+def test_ingest_refuses_channels_that_leave_out_a_tenants_channel(settings: Settings, tmp_path: Path) -> None:
+    narrowed = dataclasses.replace(settings, tenants_file=str(tmp_path / "tenants.json"), channels="wati")
+    with pytest.raises(ConfigError, match="tenant 'default': manychat: has accounts, but CHANNELS=wati"):
+        make_app(narrowed, ProducerSupervisor(narrowed), tenants=tenants_for(narrowed), environ=ENVIRON)

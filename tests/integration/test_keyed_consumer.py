@@ -191,6 +191,57 @@ async def test_commits_only_finished_records_and_redelivers_the_rest(
         await consumer2.stop()
 
 
+async def test_a_tenant_at_its_share_leaves_the_other_slots_to_another_tenant_and_commits_stay_safe(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    """Fair share (services/common/fair_share.py): `slow`'s customers block in the handler; with 4
+    slots and 2 per tenant, `fast`'s customers on the same partition are all handled, each in order,
+    while `slow` holds only 2 slots; nothing at or after `slow`'s first unfinished record is
+    committed (a restarted consumer of the group gets exactly those records again)."""
+    run = uuid.uuid4().hex[:6]
+    group = f"g-fair-{run}"
+    rec = Recorder(run)
+    slow_keys = [f"slow/default/wati:{i}{run}" for i in range(4)]
+    fast_keys = [f"fast/default/wati:{i}{run}" for i in range(3)]
+    slow_labels = [f"slow{i}-{n}-{run}" for n in range(2) for i in range(4)]
+    for label in slow_labels:
+        rec.gates[label] = asyncio.Event()  # never set: slow's calls hang
+    consumer = make_consumer(settings, topics, producer, rec, group, concurrency=4, per_tenant=2)
+    await consumer.start()
+    try:
+        await send(producer, topics, fast_keys[0], f"pre-{run}")
+        await eventually(lambda: f"pre-{run}" in rec.finished, what="a first record")
+        for n in range(2):
+            for i, key in enumerate(slow_keys):
+                await send(producer, topics, key, f"slow{i}-{n}-{run}")
+        fast_labels = {key: [f"fast{i}-{n}-{run}" for n in range(3)] for i, key in enumerate(fast_keys)}
+        for n in range(3):
+            for key, labels in fast_labels.items():
+                await send(producer, topics, key, labels[n])
+        await eventually(lambda: sum(x.startswith("fast") for x in rec.finished) == 9,
+                         what="fast's records while slow's hang")
+        for labels in fast_labels.values():
+            assert [x for x in rec.finished if x in labels] == labels  # each customer in order
+        started_slow = [x for x in rec.started if x.startswith("slow")]
+        assert len(started_slow) == 2 and not any(x.endswith(f"-1-{run}") for x in started_slow)
+        assert rec.max_inflight <= 4
+    finally:
+        await consumer.stop()  # drain_timeout 0.3 s: slow's running records are cancelled, unfinished
+
+    rec2 = Recorder(run)
+    consumer2 = make_consumer(settings, topics, producer, rec2, group, concurrency=16)
+    await consumer2.start()
+    try:
+        await send(producer, topics, f"fast/default/wati:s{run}", f"sentinel-{run}")
+        await eventually(lambda: f"sentinel-{run}" in rec2.started and len(rec2.started) >= 18,
+                         what="the redelivered records and the sentinel")
+        # everything from slow's first record on comes again (slow's all unfinished); `pre` does not
+        expected = set(slow_labels) | {x for labels in fast_labels.values() for x in labels}
+        assert set(rec2.started) - {f"sentinel-{run}"} == expected
+    finally:
+        await consumer2.stop()
+
+
 async def read_dead_letters(settings: Settings, topics: Topics, want: int) -> list[dict[str, Any]]:
     reader = AIOKafkaConsumer(topics.dead_letter, bootstrap_servers=settings.kafka_bootstrap_servers,
                               auto_offset_reset="earliest", enable_auto_commit=False)

@@ -76,6 +76,7 @@ def test_every_customer_metric_has_a_tenant_label() -> None:
         "watistream_history_fetch", "watistream_history_fetch_failures", "watistream_batches_held",
         "watistream_webhooks_missing", "watistream_messages_recovered", "watistream_replies",
         "watistream_openai_requests", "watistream_send_failures", "watistream_images_classified",
+        "watistream_tenant_slots_held", "watistream_tenant_slots_waiting",
     }
 
 
