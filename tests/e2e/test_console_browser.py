@@ -57,6 +57,9 @@ async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[tuple[DevSt
         env = standins.env()
         compressed = {f.name: type(getattr(settings, f.name))(scenario.COMPRESSED[f.metadata["env"]])
                       for f in dataclasses.fields(settings) if f.metadata["env"] in scenario.COMPRESSED}
+        # the scenario waits out the gap and the hold before its second message: shorter than the
+        # demo's readable ones (tests/e2e/test_dev_and_demo.py's stack settings use the same)
+        compressed.update(missed_gap_seconds=4.0, human_hold_seconds=2.0)
         cfg = dataclasses.replace(
             settings,
             wati_api_url=env["WATI_API_URL"], wati_api_token=env["WATI_API_TOKEN"],

@@ -98,12 +98,27 @@ async def console(cfg: Settings, data_dir: Path) -> AsyncIterator[Running]:
         await service.stop()
 
 
+@contextlib.asynccontextmanager
+async def console_with_a_dead_letter(
+    cfg: Settings, data_dir: Path, customer: str
+) -> AsyncIterator[tuple[Running, str]]:
+    """A dead letter of `customer` on the topic, then the console, once it has stored it: (console, id)."""
+    await put_dead_letter(cfg, customer)
+    async with console(cfg, data_dir) as running:
+        yield running, await running.letter_id(customer)
+
+
+async def replay_from_the_cli(cfg: Settings, letter_id: str, by: str) -> deadletters.ReplayOutcome:
+    """`watistream dead-letters replay` of that one letter, as operator `by`."""
+    [entry] = [e for e in await deadletters.read_entries(cfg) if e.id == letter_id]
+    [outcome] = await deadletters.replay(cfg, [entry], by=by)
+    return outcome
+
+
 async def test_a_console_replay_is_recorded_on_the_topic_and_survives_a_rebuilt_store(
     cfg: Settings, tmp_path: Path
 ) -> None:
-    await put_dead_letter(cfg, "wati:50371111111")
-    async with console(cfg, tmp_path / "first") as first:
-        letter_id = await first.letter_id("wati:50371111111")
+    async with console_with_a_dead_letter(cfg, tmp_path / "first", "wati:50371111111") as (first, letter_id):
         answer = await first.replay(letter_id)
         assert answer.status_code == 200 and f"/dead-letters/{letter_id}" in str(answer.url)
         assert (await first.replay(letter_id)).status_code == 409
@@ -119,21 +134,18 @@ async def test_a_console_replay_is_recorded_on_the_topic_and_survives_a_rebuilt_
         assert second.status_code == 409 and "already replayed by ana" in second.text
 
     # the CLI refuses it too: one record for both
-    [entry] = [e for e in await deadletters.read_entries(cfg) if e.id == letter_id]
-    [outcome] = await deadletters.replay(cfg, [entry], by="bo")
+    outcome = await replay_from_the_cli(cfg, letter_id, by="bo")
     assert outcome.replayed is None and outcome.refused and "by ana" in outcome.refused
 
 
 async def test_a_cli_replay_shows_as_replayed_in_the_console_and_is_refused_there(
     cfg: Settings, tmp_path: Path
 ) -> None:
-    await put_dead_letter(cfg, "wati:50372222222")
-    async with console(cfg, tmp_path / "store") as running:
-        letter_id = await running.letter_id("wati:50372222222")
+    customer = "wati:50372222222"
+    async with console_with_a_dead_letter(cfg, tmp_path / "store", customer) as (running, letter_id):
         assert running.service.consumer is not None
         await running.service.consumer.stop()  # the console does not read the replay yet...
-        [entry] = [e for e in await deadletters.read_entries(cfg) if e.id == letter_id]
-        [outcome] = await deadletters.replay(cfg, [entry], by="bo")
+        outcome = await replay_from_the_cli(cfg, letter_id, by="bo")
         assert outcome.replayed is not None
         refused = await running.replay(letter_id)  # ...and still refuses: it asks the topic itself
         assert refused.status_code == 409 and "already replayed by bo" in refused.text

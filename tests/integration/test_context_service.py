@@ -31,7 +31,7 @@ from aiokafka.structs import TopicPartition
 
 from services.common import codec
 from services.common.config import Settings
-from services.common.kafka import Topics, ensure_topics, make_producer
+from services.common.kafka import Topics, make_producer
 from services.common.timeparse import utcnow
 from services.standins import StandIns
 
@@ -128,10 +128,11 @@ class ContextWorker:
 class Bus:
     """Produces inputs and records every output of the module's topics (decoded, with keys)."""
 
-    def __init__(self, settings: Settings, topics: Topics) -> None:
+    def __init__(self, settings: Settings, topics: Topics, also: list[str] | None = None) -> None:
         self.settings = settings
         self.topics = topics
-        self.outputs = [topics.responder_requests, topics.vision_requests, topics.audit, topics.dead_letter]
+        self.outputs = [topics.responder_requests, topics.vision_requests, topics.audit, topics.dead_letter,
+                        *(also or [])]
         self.records: dict[str, list[tuple[str | None, dict[str, Any]]]] = {t: [] for t in self.outputs}
         self.producer: AIOKafkaProducer = make_producer(settings)
         self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -288,29 +289,9 @@ def worker_settings(settings: Settings, stand_ins: StandIns, tmp_path_factory: p
 
 
 @pytest.fixture(scope="module")
-async def bus(worker_settings: Settings) -> AsyncIterator[Bus]:
-    topics = await ensure_topics(worker_settings)
-    b = Bus(worker_settings, topics)
-    await b.start()
-    yield b
-    await b.stop()
-
-
-@pytest.fixture(scope="module")
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient() as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-async def worker(worker_settings: Settings, bus: Bus, http: httpx.AsyncClient,
-                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ContextWorker]:
-    w = ContextWorker(worker_settings, tmp_path_factory.mktemp("logs") / "context.log").start()
-    try:
-        await w.wait_ready(http)
-        yield w
-    finally:
-        w.stop()
 
 
 def auth(settings: Settings) -> dict[str, str]:

@@ -8,11 +8,9 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from services.common.config import Settings
-from services.common.kafka import ensure_topics
 from services.standins import StandIns
 from tests.integration.test_context_service import (
     Bus,
@@ -55,27 +53,6 @@ def worker_settings(settings: Settings, stand_ins: StandIns, tmp_path_factory: p
         flush_scan_interval_seconds=0.2, history_timeout_seconds=5.0, context_web_port=free_port(),
         context_store="memory", data_dir=str(folder / "data"), log_level="INFO",
     )
-
-
-@pytest.fixture(scope="module")
-async def bus(worker_settings: Settings) -> AsyncIterator[Bus]:
-    topics = await ensure_topics(worker_settings)
-    b = Bus(worker_settings, topics)
-    await b.start()
-    yield b
-    await b.stop()
-
-
-@pytest.fixture(scope="module")
-async def worker(worker_settings: Settings, bus: Bus, tmp_path_factory: pytest.TempPathFactory
-                 ) -> AsyncIterator[ContextWorker]:
-    w = ContextWorker(worker_settings, tmp_path_factory.mktemp("logs") / "context.log").start()
-    try:
-        async with httpx.AsyncClient() as http:
-            await w.wait_ready(http)
-        yield w
-    finally:
-        w.stop()
 
 
 async def test_each_customer_is_batched_with_its_tenants_quiet_window(

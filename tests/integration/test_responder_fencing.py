@@ -48,11 +48,16 @@ from tests.integration.test_responder_service import (
 pytestmark = pytest.mark.broker
 
 #: how long the old owner's OpenAI call takes: long enough to overlap the second responder's join
-OPENAI_LATENCY = 12.0
+#: (a join takes ~2-4 s here: the first responder rejoins at its next heartbeat, SESSION / 3)
+OPENAI_LATENCY = 9.0
 #: the claims' hold (OPENAI_DEADLINE_SECONDS) where the old owner lives: never reached
 LONG_DEADLINE = 60.0
-#: the claims' hold where the old owner is killed: the new owner answers once it passed
-SHORT_DEADLINE = 20.0
+#: the claims' hold where the old owner is killed: the new owner answers once it passed. It must
+#: outlast the dead owner's eviction from the group (SESSION) and the new owner's catch-up.
+SHORT_DEADLINE = 14.0
+#: the group session timeout: the broker's minimum (`group.min.session.timeout.ms`), so a killed
+#: member is evicted, and a live one rejoins a rebalance, as fast as the broker allows
+SESSION = 6.0
 #: how long a revoked partition's in-flight batches may run on before they are cancelled
 REVOKE_GRACE = 1.0
 
@@ -113,7 +118,8 @@ async def rig(settings: Settings) -> AsyncIterator[Rig]:
     async with StandIns.running() as s:
         rs = dataclasses.replace(  # the client waits out the slow call: no timeout, one call
             responder_settings(settings, s, topic_prefix=unique_prefix("responder-fence")),
-            openai_timeout_seconds=OPENAI_LATENCY * 2, openai_deadline_seconds=LONG_DEADLINE)
+            openai_timeout_seconds=OPENAI_LATENCY * 2, openai_deadline_seconds=LONG_DEADLINE,
+            broker_session_timeout_seconds=SESSION)
         await ensure_topics(rs)
         producer = make_producer(rs)
         await producer.start()
@@ -139,7 +145,7 @@ async def read_state(settings: Settings, producer: AIOKafkaProducer) -> StateSto
 async def test_second_responder_joining_mid_call_calls_openai_once_and_sends_once(
     rig: Rig, old_owner: str
 ) -> None:
-    """One customer per partition, each OpenAI call 12 s long; a second responder joins meanwhile.
+    """One customer per partition, each OpenAI call 9 s long; a second responder joins meanwhile.
 
     The partitions it takes over hold batches whose call is running in the first responder. Before
     the fence both responders called OpenAI and both sent (2 sends per moved batch); then the
@@ -323,9 +329,10 @@ async def test_an_owner_killed_mid_call_is_answered_once_by_the_new_owner_after_
     have been finishing (nothing told it the old owner was dead)."""
     customers = [new_customer() for _ in range(2)]
     hashes = {customer_hash(key) for key, _ in customers}
-    # the dead owner's calls outlast its hold; the new owner's calls are quick
+    # the dead owner's calls outlast its hold (the stand-in finishes them, as OpenAI would, holding
+    # the conversation until then); the new owner's calls are quick
     rig.s.openai.latency_for(lambda body: body.get("safety_identifier") in hashes and not rig.killed,
-                             SHORT_DEADLINE + 5)
+                             SHORT_DEADLINE + 2)
     batches = [batch(key, ident, f"Hola {n}") for n, (key, ident) in enumerate(customers)]
     waits_before = claim_waits()
     proc = await asyncio.create_subprocess_exec(

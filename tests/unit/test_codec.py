@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -159,21 +160,31 @@ def _values(schema: Any) -> st.SearchStrategy[Any]:
     return from_schema(schema)
 
 
+def for_every_schema_version(test: Callable[..., None]) -> Callable[..., None]:
+    """Runs `test(version, data)` once per schema version, 80 generated examples each."""
+    examples = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    return pytest.mark.parametrize("version", _VERSIONS, ids=lambda v: v.source.name)(
+        examples(given(data=st.data())(test)))
+
+
+def values_of(version: codec.SchemaVersion) -> st.SearchStrategy[Any]:
+    """Values of that schema version, timestamps as datetimes."""
+    return _values(fastavro.schema.expand_schema(version.parsed))
+
+
 def test_every_schema_has_a_compiled_writer() -> None:
     """CustomerState (written on every context event) refers to named types more than once: a
     reference once counted as recursion and left it on fastavro's slower path."""
     assert [v.full_name for v in codec.registry().by_fingerprint.values() if v.writer is None] == []
 
 
-@pytest.mark.parametrize("version", _VERSIONS, ids=lambda v: v.source.name)
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
+@for_every_schema_version
 def test_compiled_writer_bytes_equal_fastavro_bytes(
     version: codec.SchemaVersion, data: st.DataObject
 ) -> None:
     if version.writer is None:
         return  # a schema with a type the writer does not handle always takes fastavro
-    value = data.draw(_values(fastavro.schema.expand_schema(version.parsed)))
+    value = data.draw(values_of(version))
     assert _compiled_bytes(version, value) == _fastavro_bytes(version, value)
 
 
@@ -191,7 +202,7 @@ _ODD = st.sampled_from([
 def _odd_inbound(draw: st.DrawFn) -> dict[str, Any]:
     """An InboundMessage/AgentActivity-ish dict with a field replaced, removed or added."""
     version = codec.registry().schema(draw(st.sampled_from(["InboundMessage", "AgentActivity"])))
-    value: dict[str, Any] = dict(draw(_values(fastavro.schema.expand_schema(version.parsed))))
+    value: dict[str, Any] = dict(draw(values_of(version)))
     value["_schema"] = version.full_name.rsplit(".", 1)[-1]
     for _ in range(draw(st.integers(1, 2))):
         how = draw(st.sampled_from(["replace", "remove", "add"]))
@@ -242,14 +253,12 @@ def test_every_schema_has_a_generated_reader() -> None:
     assert [v.full_name for v in _VERSIONS if codec.compile_reader(v.parsed) is None] == []
 
 
-@pytest.mark.parametrize("version", _VERSIONS, ids=lambda v: v.source.name)
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
+@for_every_schema_version
 def test_generated_reader_reads_what_fastavro_reads(
     version: codec.SchemaVersion, data: st.DataObject
 ) -> None:
     """Values of every schema version, timestamps as datetimes; raw, as fastavro's epoch milliseconds."""
-    value = data.draw(_values(fastavro.schema.expand_schema(version.parsed)))
+    value = data.draw(values_of(version))
     body = _fastavro_bytes(version, value)
     reader, raw_reader = codec.compile_reader(version.parsed), codec.compile_reader(version.parsed,
                                                                                   raw_timestamps=True)

@@ -75,7 +75,9 @@ def test_a_message_handled_after_the_timer_decided_is_in_the_next_batch_in_eithe
     assert original.requests[2] == replay.requests[2]
 
 
-def test_a_flush_replayed_before_messages_it_saw_waits_for_them() -> None:
+def two_messages_flushed_and_a_replay_of_the_first() -> tuple[Customer, Customer, str, InboundMessage]:
+    """w1 and w2 batched and flushed (counting 2) on the original; the replay has read w1 only.
+    Returns (original, replay, the batch id, w2)."""
     m1 = inbound("w1", t("10:01:00"), "¿Tienen habitaciones?")
     m2 = inbound("w2", t("10:01:10"), "¿Con desayuno?")
     original = Customer(lim=limits(quiet=QUIET))
@@ -85,10 +87,14 @@ def test_a_flush_replayed_before_messages_it_saw_waits_for_them() -> None:
     batch_id = original.due(t("10:01:41"))
     assert batch_id is not None
     original.command(flush(t("10:01:41"), batch_id, 2))
-
     replay = Customer(lim=limits(quiet=QUIET))
     first_contact_done(replay)
     replay.message(m1)
+    return original, replay, batch_id, m2
+
+
+def test_a_flush_replayed_before_messages_it_saw_waits_for_them() -> None:
+    original, replay, batch_id, m2 = two_messages_flushed_and_a_replay_of_the_first()
     effects = replay.command(flush(t("10:01:41"), batch_id, 2))  # before w2 in this interleaving
     assert effects.log == [("flush_waiting", {"batch_id": batch_id, "batch_messages": 2, "handled": 1})]
     assert not effects.responder_requests and replay.state["open_batch"] is not None
@@ -103,19 +109,7 @@ def test_a_timer_reading_the_replayed_shorter_batch_cannot_flush_it_differently(
     """The drill's "emitted twice": after a restart the timer reads a batch the replay has only
     partly rebuilt and sends its own, shorter flush — behind the original one in the commands topic,
     which waits for its messages. The original decides; the batch is the one already emitted."""
-    m1 = inbound("w1", t("10:01:00"), "¿Tienen habitaciones?")
-    m2 = inbound("w2", t("10:01:10"), "¿Con desayuno?")
-    original = Customer(lim=limits(quiet=QUIET))
-    first_contact_done(original)
-    original.message(m1)
-    original.message(m2)
-    batch_id = original.due(t("10:01:41"))
-    assert batch_id is not None
-    original.command(flush(t("10:01:41"), batch_id, 2))
-
-    replay = Customer(lim=limits(quiet=QUIET))
-    first_contact_done(replay)
-    replay.message(m1)
+    original, replay, batch_id, m2 = two_messages_flushed_and_a_replay_of_the_first()
     replay.command(flush(t("10:01:41"), batch_id, 2))  # the original flush, read before w2
     effects = replay.command(flush(t("10:02:30"), batch_id, 1))  # the new worker's timer saw w1 only
     assert effects.log == [("flush_waiting", {"batch_id": batch_id, "batch_messages": 1, "handled": 1})]
