@@ -183,9 +183,8 @@ OPS = st.lists(st.one_of(
 def test_invariants_under_any_sequence(slots: int, per_tenant: int, ops: list[tuple[str, object, int]]
                                        ) -> None:
     """Never more than `slots` in use nor `per_tenant` per tenant; every pushed (not discarded) item
-    admitted once,
-    in its tenant's push order; never idle while an admissible item waits (work-conserving); the
-    admitted tenant holds the fewest slots among those admissible."""
+    admitted once, in its tenant's push order; never idle while an admissible item waits
+    (work-conserving); the admitted tenant holds the fewest slots among those admissible."""
     q: FairQueue[str] = FairQueue(slots, per_tenant)
     cap = min(per_tenant, slots)
     running: list[str] = []  # tenants of admitted, unreleased items
