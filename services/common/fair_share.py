@@ -100,6 +100,19 @@ class FairQueue(Generic[Item]):
         line.append(item)
         self._where[item] = tenant
 
+    def discard(self, item: Item) -> str | None:
+        """Takes a waiting `item` out of its tenant's line (its work went away, e.g. its partition
+        was revoked); returns its tenant, or None if it was not waiting."""
+        tenant = self._where.pop(item, None)
+        if tenant is None:
+            return None
+        line = self._lines[tenant]
+        line.remove(item)
+        if not line:
+            del self._lines[tenant]
+            self._turns.remove(tenant)
+        return tenant
+
     def admit(self) -> tuple[str, Item] | None:
         """The next (tenant, item) to run, its slot taken; None when every slot is held or every
         waiting tenant is at its cap (their items wait for a `release`)."""

@@ -516,6 +516,9 @@ class KeyedConsumer:
                 self._queues[key] = kept
             else:
                 self._queues.pop(key, None)
+                tenant = self._fair.discard(key)  # nothing of it waits any more: out of its line
+                if tenant is not None:
+                    self._report_slots(tenant)
         idle = await self._wait_idle(
             lambda: any(self._partitions[tp].inflight for tp in mine if tp in self._partitions),
             self.revoke_timeout,

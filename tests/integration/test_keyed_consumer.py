@@ -494,3 +494,70 @@ async def test_a_crashed_fetch_loop_shows_in_readiness_and_metrics(
     finally:
         await consumer.stop()
     assert consumer.ready() == (False, "crashed: RuntimeError")
+
+
+async def test_customers_of_a_revoked_partition_leave_their_tenants_waiting_line(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    """Fair share + rebalance: A's one slot is held by a hung record of a partition A keeps (the
+    vision topic, which only A reads); one customer per requests partition waits in the default
+    tenant's line. B joins and takes some requests partitions: their customers must leave A's line
+    (and its `waiting` gauge), not linger there as phantom waiters until the tenant gets a slot."""
+    from services.common import metrics
+    from services.common.fair_share import tenant_of
+    from services.common.keys import DEFAULT_TENANT
+
+    run = uuid.uuid4().hex[:6]
+    release = asyncio.Event()
+    started: dict[str, list[str]] = {"A": [], "B": []}
+
+    def handler_for(name: str) -> Any:
+        async def handle(_: str, value: dict[str, Any], record: ConsumerRecord) -> None:
+            label = str(value.get("batch_id"))
+            if run in label:
+                started[name].append(label)
+                await release.wait()
+        return handle
+
+    group = f"g-fair-revoke-{run}"
+    common: dict[str, Any] = dict(group_id=group, producer=producer, drain_timeout=0.3,
+                                  commit_interval=0.2, revoke_timeout=0.3)
+    a = KeyedConsumer(settings, service=f"fair-a-{run}", handler=handler_for("A"), concurrency=1,
+                      topics=[topics.responder_requests, topics.vision_requests], **common)
+    b = KeyedConsumer(settings, service=f"fair-b-{run}", handler=handler_for("B"), concurrency=8,
+                      topics=[topics.responder_requests], **common)
+    label = metrics.tenant_label(DEFAULT_TENANT)
+
+    def waiting_gauge() -> float:
+        return metrics.REGISTRY.get_sample_value(
+            "watistream_tenant_slots_waiting", {"service": f"fair-a-{run}", "tenant": label}) or 0.0
+
+    def really_waiting() -> int:  # default-tenant customers of A with records queued, not running
+        return sum(1 for key, queue in a._queues.items()
+                   if queue and key not in a._active and tenant_of(key) == DEFAULT_TENANT)
+
+    await a.start()
+    try:
+        await producer.send_and_wait(topics.vision_requests, command(f"wati:h{run}", f"hung-{run}"),
+                                     key=f"wati:h{run}".encode(), partition=0)
+        await eventually(lambda: started["A"] == [f"hung-{run}"], what="A's one slot held")
+        waiters = {p: f"w{p}-{run}" for p in range(settings.topic_partitions)}
+        for p in reversed(range(settings.topic_partitions)):
+            await send(producer, topics, f"wati:w{p}{run}", waiters[p], partition=p)
+        await eventually(lambda: really_waiting() >= len(waiters), what="every waiter queued in A")
+        assert waiting_gauge() == really_waiting()
+
+        await b.start()
+        await eventually(lambda: bool(b.assignment()), what="B taking requests partitions")
+        moved = {waiters[tp.partition] for tp in b.assignment()}
+        kept = len(waiters) - len(moved)
+        await eventually(lambda: set(started["B"]) == moved, what="B handling the moved customers")
+        await eventually(lambda: a.ready() == (True, "ok") and really_waiting() >= kept,
+                         what="A's kept customers fetched again")
+        assert started["A"] == [f"hung-{run}"]  # A's slot is still held: nobody was admitted
+        assert len(a._fair) == really_waiting()  # no phantom customer in A's lines
+        assert waiting_gauge() == really_waiting()
+    finally:
+        release.set()
+        await a.stop()
+        await b.stop()

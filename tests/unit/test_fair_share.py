@@ -152,12 +152,29 @@ def test_clear_drops_waiting_items_not_held_slots() -> None:
     assert q.admit() == ("b", "b1")
 
 
+def test_discard_takes_a_waiting_item_out_of_its_line() -> None:
+    """The keyed consumer discards a customer whose queued records left with a revoked partition:
+    it no longer counts as waiting, and its tenant keeps (or gives up) its turn like any other."""
+    q: FairQueue[str] = FairQueue(slots=1, per_tenant=1)
+    q.push("a", "a0")
+    q.push("b", "b0")
+    q.push("a", "a1")
+    assert q.discard("a0") == "a"
+    assert (len(q), q.waiting("a"), "a0" in q) == (2, 1, False)
+    assert q.discard("a0") is None  # not waiting (any more): nothing to do
+    assert q.discard("b0") == "b"
+    assert q.tenants() == {"a"}  # b's line is gone with its last item
+    assert q.admit() == ("a", "a1")
+    assert q.admit() is None and len(q) == 0
+
+
 # ------------------------------------------------------------------------------ invariants
 
 OPS = st.lists(st.one_of(
     st.tuples(st.just("push"), st.sampled_from("abc"), st.integers(0, 5)),
     st.tuples(st.just("admit"), st.just(""), st.just(0)),
     st.tuples(st.just("release"), st.integers(0, 20), st.just(0)),
+    st.tuples(st.just("discard"), st.sampled_from("abc"), st.integers(0, 5)),
 ), max_size=80)
 
 
@@ -165,9 +182,9 @@ OPS = st.lists(st.one_of(
 @given(slots=st.integers(1, 5), per_tenant=st.integers(1, 5), ops=OPS)
 def test_invariants_under_any_sequence(slots: int, per_tenant: int, ops: list[tuple[str, object, int]]
                                        ) -> None:
-    """Never more than `slots` in use nor `per_tenant` per tenant; every pushed item admitted once,
-    in its tenant's push order; never idle while an admissible item waits (work-conserving); the
-    admitted tenant holds the fewest slots among those admissible."""
+    """Never more than `slots` in use nor `per_tenant` per tenant; every pushed (not discarded) item
+    admitted once, in its tenant's push order; never idle while an admissible item waits
+    (work-conserving); the admitted tenant holds the fewest slots among those admissible."""
     q: FairQueue[str] = FairQueue(slots, per_tenant)
     cap = min(per_tenant, slots)
     running: list[str] = []  # tenants of admitted, unreleased items
@@ -194,6 +211,13 @@ def test_invariants_under_any_sequence(slots: int, per_tenant: int, ops: list[tu
                 assert held[tenant] == min(held[t] for t in eligible)
                 running.append(tenant)
                 admitted.setdefault(tenant, []).append(item)
+        elif op == "discard":
+            tenant = str(arg)
+            waiting = pushed.get(tenant, [])[len(admitted.get(tenant, [])):]
+            if waiting:
+                item = waiting[n % len(waiting)]
+                assert q.discard(item) == tenant and item not in q
+                pushed[tenant].remove(item)
         elif running:
             tenant = running.pop(int(str(arg)) % len(running))
             q.release(tenant)
