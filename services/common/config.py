@@ -371,15 +371,15 @@ class Settings:
     @property
     def enabled_channels(self) -> tuple[str, ...]:
         """The channels this deployment serves (see CHANNELS); their settings are required."""
-        names = channel_names()
         if self.channels.strip():
+            names = channel_names()
             named = tuple(dict.fromkeys(c.strip().lower() for c in self.channels.split(",") if c.strip()))
             unknown = [c for c in named if c not in names]
             if unknown:
                 raise ConfigError(f"CHANNELS: unknown channel(s) {', '.join(unknown)}; known: "
                                   + ", ".join(names))
             return named
-        return tuple(p.name for p in configurable_providers() if self.value_of(p.token_setting))
+        return tuple(p.name for p in configurable_providers() if getattr(self, p.token_setting.lower()))
 
     def channel_enabled(self, channel: str) -> bool:
         return channel in self.enabled_channels
@@ -451,7 +451,7 @@ class Settings:
         return [(f.metadata["env"], _render(f.default), f.metadata["doc"]) for f in fields(cls)]
 
 
-def configurable_providers() -> list[Any]:
+def configurable_providers() -> tuple[Any, ...]:
     """The registered providers configured by settings of their own (`Provider.token_setting`):
     the channels CHANNELS names. Each declares its required settings (docs/providers.md); a
     provider without settings (a test's stand-in) is enabled by its registration alone.
@@ -459,12 +459,14 @@ def configurable_providers() -> list[Any]:
     Looked up when asked, not imported with this module: the providers import this module."""
     from services import providers
 
-    return [p for p in providers.providers() if p.token_setting]
+    return providers.configurable()
 
 
 def channel_names() -> tuple[str, ...]:
     """The names CHANNELS accepts, in registration order."""
-    return tuple(p.name for p in configurable_providers())
+    from services import providers
+
+    return providers.configurable_names()
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
