@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 from aiohttp import web
 
+from services.common.checks import Check, failed, passed, unreachable
 from services.common.config import Settings
 from services.common.records import HistoryItem, InboundMessage
 from services.devtools.schemas import release
@@ -66,6 +67,7 @@ class EchoServer:
         app = web.Application()
         app.router.add_post("/messages", self._send)
         app.router.add_get("/media/{name}", self._media)
+        app.router.add_get("/me", self._me)
         return app
 
     def _authorized(self, request: web.Request) -> bool:
@@ -82,6 +84,11 @@ class EchoServer:
             return web.json_response({"error": "bad_message"}, status=400)
         self.sent.append((to, text))
         return web.json_response({"id": f"echo-{len(self.sent)}"})
+
+    async def _me(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return web.json_response({"id": "echo-account"})
 
     async def _media(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -126,6 +133,16 @@ class EchoProvider:
     channels: tuple[str, ...] = (NAME,)
     has_history: bool = False
     client_type: type = EchoClient
+    audience: str = "echo users"
+    title: str = "echo"
+    # no settings of its own (its URL and token are given to the constructor): CHANNELS does not
+    # name it and it is enabled by its registration; `watistream check` reaches it all the same
+    required_settings: tuple[str, ...] = ()
+    token_setting: str = ""
+    checked_for: tuple[Purpose, ...] = ("send", "media")
+    # the tenants file lists no echo accounts (the guide's step 1 says how a provider opts in)
+    tenant_accounts: bool = False
+    shared_api_url: bool = True
 
     def __init__(self, base_url: str, token: str = TOKEN) -> None:
         self.base_url = base_url
@@ -161,6 +178,23 @@ class EchoProvider:
 
     def config_hint(self) -> str:
         return "the echo stand-in's URL"
+
+    def settings_account(self, settings: Settings) -> tuple[str, str] | None:
+        return None
+
+    def default_api_url(self, settings: Settings) -> str | None:
+        return self.base_url
+
+    async def check(self, settings: Settings, http: httpx.AsyncClient) -> Check:
+        """`GET /me`: authenticated, changes nothing."""
+        try:
+            response = await http.get(f"{self.base_url}/me",
+                                      headers={"Authorization": f"Bearer {self.token}"})
+        except httpx.HTTPError as exc:
+            return unreachable(NAME, "the echo URL", self.base_url, exc)
+        if response.status_code == 200:
+            return passed(NAME, f"echo token accepted for {response.json()['id']}")
+        return failed(NAME, f"echo refused the token (HTTP {response.status_code})", "give the echo token")
 
     def open_client(self, settings: Settings, purpose: Purpose,
                     account: AccountAccess | None = None) -> Client | None:

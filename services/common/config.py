@@ -372,13 +372,14 @@ class Settings:
     def enabled_channels(self) -> tuple[str, ...]:
         """The channels this deployment serves (see CHANNELS); their settings are required."""
         if self.channels.strip():
+            names = channel_names()
             named = tuple(dict.fromkeys(c.strip().lower() for c in self.channels.split(",") if c.strip()))
-            unknown = [c for c in named if c not in CHANNEL_NAMES]
+            unknown = [c for c in named if c not in names]
             if unknown:
                 raise ConfigError(f"CHANNELS: unknown channel(s) {', '.join(unknown)}; known: "
-                                  + ", ".join(CHANNEL_NAMES))
+                                  + ", ".join(names))
             return named
-        return tuple(c for c in CHANNEL_NAMES if getattr(self, f"{c}_api_token"))
+        return tuple(p.name for p in configurable_providers() if getattr(self, p.token_setting.lower()))
 
     def channel_enabled(self, channel: str) -> bool:
         return channel in self.enabled_channels
@@ -387,9 +388,15 @@ class Settings:
         """Raises ConfigError unless at least one channel is enabled and each has its settings."""
         enabled = self.enabled_channels
         if not enabled:
-            raise ConfigError("no channel enabled: set WATI_API_URL + WATI_API_TOKEN (WhatsApp) and/or "
-                              "MANYCHAT_API_TOKEN (Facebook/Instagram), or name them in CHANNELS")
-        self.require(*(name for c in enabled for name in CHANNEL_SETTINGS[c]))
+            raise ConfigError("no channel enabled: set " + " and/or ".join(
+                f"{p.config_hint()} ({p.audience})" for p in configurable_providers())
+                + ", or name them in CHANNELS")
+        needs = {p.name: p.required_settings for p in configurable_providers()}
+        self.require(*(name for c in enabled for name in needs[c]))
+
+    def value_of(self, env_name: str) -> str:
+        """The value of the setting read from `env_name`, as text ("" when unset)."""
+        return str(getattr(self, env_name.lower()))
 
     @property
     def gap_policy(self) -> GapPolicy:
@@ -444,12 +451,23 @@ class Settings:
         return [(f.metadata["env"], _render(f.default), f.metadata["doc"]) for f in fields(cls)]
 
 
-CHANNEL_NAMES = ("wati", "manychat")
-#: the settings each channel needs when it is enabled
-CHANNEL_SETTINGS: dict[str, tuple[str, ...]] = {
-    "wati": ("WATI_API_URL", "WATI_API_TOKEN"),
-    "manychat": ("MANYCHAT_API_URL", "MANYCHAT_API_TOKEN"),
-}
+def configurable_providers() -> tuple[Any, ...]:
+    """The registered providers configured by settings of their own (`Provider.token_setting`):
+    the channels CHANNELS names. Each declares its required settings (docs/providers.md); a
+    provider without settings (a test's stand-in) is enabled by its registration alone.
+
+    Looked up when asked, not imported with this module: the providers import this module."""
+    from services import providers
+
+    return providers.configurable()
+
+
+def channel_names() -> tuple[str, ...]:
+    """The names CHANNELS accepts, in registration order."""
+    from services import providers
+
+    return providers.configurable_names()
+
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

@@ -1,6 +1,8 @@
 """Tenants: the businesses one deployment serves, each with its own accounts, prompt and thresholds.
 
-A tenant is one business: its WATI account(s) and/or ManyChat page(s), its system prompt file, its
+A tenant is one business: its WATI account(s) and/or ManyChat page(s) — in general its accounts of
+each registered provider whose `tenant_accounts` is set, in the file's section named after the
+provider (services/providers, docs/providers.md) — its system prompt file, its
 thresholds (with per-customer-group overrides, as `CUSTOMER_OVERRIDES` / `GapPolicy`), its OpenAI
 model (optionally its own key and project) and the secret its webhooks must present.
 
@@ -21,13 +23,13 @@ import json
 import os
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from services.common.config import CHANNEL_NAMES, ConfigError, GapPolicy, Settings
-from services.common.keys import DEFAULT_ACCOUNT, DEFAULT_TENANT, MANYCHAT, SLUG_PATTERN, WATI, parse_key
+from services.common.config import ConfigError, GapPolicy, Settings
+from services.common.keys import DEFAULT_ACCOUNT, DEFAULT_TENANT, SLUG_PATTERN, parse_key
 from services.common.metrics import OTHER_TENANT
 
 SLUG = re.compile(SLUG_PATTERN)
@@ -94,9 +96,20 @@ def _read_text(path: str) -> str:
     return Path(path).read_text(encoding="utf-8")
 
 
+def account_providers() -> list[Any]:
+    """The registered providers a tenant lists accounts of (`Provider.tenant_accounts`), in
+    registration order; each one's section of a tenant entry is named after it.
+
+    Looked up when asked, not imported with this module: the providers import this module."""
+    from services import providers
+
+    return [p for p in providers.providers() if p.tenant_accounts]
+
+
 @dataclass(frozen=True)
 class ChannelAccount:
-    """One WATI account or ManyChat page of a tenant; `id` is the account part of customer keys."""
+    """One account of a tenant on a provider (a WATI account, a ManyChat page); `id` is the account
+    part of customer keys."""
 
     id: str
     api_url: str
@@ -132,18 +145,26 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Tenant:
-    """One business. `wati` / `manychat` are its accounts on each channel (possibly none)."""
+    """One business. `channel_accounts`: its accounts on each provider (by provider name; a provider
+    it has none of is absent)."""
 
     id: str
-    wati: tuple[ChannelAccount, ...]
-    manychat: tuple[ChannelAccount, ...]
+    channel_accounts: Mapping[str, tuple[ChannelAccount, ...]] = field(hash=False)
     system_prompt_file: str
     webhook_secret: SecretRef
     openai: OpenAIChoice
     thresholds: Thresholds
 
     def accounts(self, channel: str) -> tuple[ChannelAccount, ...]:
-        return {WATI: self.wati, MANYCHAT: self.manychat}.get(channel, ())
+        """Its accounts on the provider named `channel` (possibly none)."""
+        return self.channel_accounts.get(channel, ())
+
+    def __getattr__(self, name: str) -> tuple[ChannelAccount, ...]:
+        """`tenant.<provider name>` (`tenant.wati`): its accounts on that provider, as `accounts`."""
+        accounts = self.__dict__.get("channel_accounts")
+        if name.startswith("_") or accounts is None or name not in {p.name for p in account_providers()}:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return tuple(accounts.get(name, ()))
 
     def account(self, channel: str, account_id: str | None = None) -> ChannelAccount | None:
         """The named account, or with no name the tenant's only (or `default`) account of the channel."""
@@ -157,8 +178,8 @@ class Tenant:
     def secret_refs(self) -> list[tuple[str, SecretRef]]:
         """(field path, reference) of every secret of the tenant, for checks."""
         refs = [("webhook_secret", self.webhook_secret)]
-        for channel in (WATI, MANYCHAT):
-            refs += [(f"{channel}[{a.id}].token", a.token) for a in self.accounts(channel)]
+        for channel, accounts in self.channel_accounts.items():
+            refs += [(f"{channel}[{a.id}].token", a.token) for a in accounts]
         if self.openai.api_key is not None:
             refs.append(("openai.api_key", self.openai.api_key))
         return refs
@@ -240,14 +261,15 @@ def thresholds_from_settings(settings: Settings) -> Thresholds:
 
 def default_tenant(settings: Settings) -> Tenant:
     """The one tenant the environment variables describe (no TENANTS_FILE): today's behaviour."""
-    wati = (ChannelAccount(DEFAULT_ACCOUNT, settings.wati_api_url, SecretRef("env", "WATI_API_TOKEN")),)
-    manychat = (
-        ChannelAccount(DEFAULT_ACCOUNT, settings.manychat_api_url, SecretRef("env", "MANYCHAT_API_TOKEN")),
-    )
+    accounts: dict[str, tuple[ChannelAccount, ...]] = {}
+    for provider in account_providers():
+        described = provider.settings_account(settings)
+        if described is not None:
+            url, token_env = described
+            accounts[provider.name] = (ChannelAccount(DEFAULT_ACCOUNT, url, SecretRef("env", token_env)),)
     return Tenant(
         id=DEFAULT_TENANT,
-        wati=wati if settings.wati_api_url else (),
-        manychat=manychat if settings.manychat_api_token else (),
+        channel_accounts=accounts,
         system_prompt_file=settings.system_prompt_file,
         webhook_secret=SecretRef("env", "WEBHOOK_TOKEN"),
         openai=OpenAIChoice(settings.openai_model),
@@ -280,7 +302,7 @@ def served_channels(settings: Settings, tenants: Tenants) -> tuple[str, ...]:
     WATI_* / MANYCHAT_* settings and CHANNELS are then not needed."""
     if not serves_tenant_accounts(settings):
         return settings.enabled_channels
-    return tuple(c for c in CHANNEL_NAMES if any(t.accounts(c) for t in tenants))
+    return tuple(p.name for p in account_providers() if any(t.accounts(p.name) for t in tenants))
 
 
 def channel_problems(settings: Settings, tenants: Tenants) -> list[str]:
@@ -299,7 +321,7 @@ def channel_problems(settings: Settings, tenants: Tenants) -> list[str]:
     if settings.channels.strip():
         allowed = settings.enabled_channels
         for tenant in tenants:
-            for channel in CHANNEL_NAMES:
+            for channel in (p.name for p in account_providers()):
                 if tenant.accounts(channel) and channel not in allowed:
                     problems.append(
                         f"{tenants.source}: tenant {tenant.id!r}: {channel}: has accounts, but "
@@ -352,9 +374,9 @@ def tenant_problems(
 # -- the file ---------------------------------------------------------------------------------------
 
 TOP_FIELDS = frozenset({"tenants"})
+#: a tenant's fields besides its accounts' sections (one per provider: `tenant_fields`)
 TENANT_FIELDS = frozenset({
-    "id", "wati", "manychat", "system_prompt_file", "webhook_secret", "openai", "thresholds",
-    "customer_overrides",
+    "id", "system_prompt_file", "webhook_secret", "openai", "thresholds", "customer_overrides",
 })
 ACCOUNT_FIELDS = frozenset({"id", "api_url", "token"})
 OPENAI_FIELDS = frozenset({"model", "api_key", "project"})
@@ -420,15 +442,16 @@ def parse_tenants(doc: object, settings: Settings, source: str = "tenants file")
             problems.add(f"tenant {tenant.id!r}", "id used by another tenant")
             continue
         tenants[tenant.id] = tenant
-        for channel in (WATI, MANYCHAT):
+        for provider in account_providers():
+            if provider.shared_api_url:
+                continue  # one API URL serves every account (ManyChat's pages); the token tells them apart
+            channel = provider.name
             for account in tenant.accounts(channel):
-                if channel == MANYCHAT:
-                    continue  # one ManyChat API URL serves every page; the token tells them apart
                 owner = urls.setdefault((channel, account.api_url.rstrip("/")), f"{tenant.id}/{account.id}")
                 if owner != f"{tenant.id}/{account.id}":
                     problems.add(
                         f"tenant {tenant.id!r}: {channel}[{account.id}].api_url",
-                        f"same WATI account as {owner} (an account belongs to one tenant)",
+                        f"same {provider.title} account as {owner} (an account belongs to one tenant)",
                     )
     problems.raise_if_any()
     return Tenants(tenants, source)
@@ -448,13 +471,19 @@ def _parse_tenant(raw: object, index: int, settings: Settings, problems: _Proble
         return None
     where = f"tenant {tenant_id!r}"
     before = len(problems.messages)
-    problems.unknown(where, raw, TENANT_FIELDS)
+    sections = account_providers()
+    problems.unknown(where, raw, TENANT_FIELDS | {p.name for p in sections})
 
     accounts_from = len(problems.messages)
-    wati = _parse_accounts(raw.get("wati"), WATI, where, problems)
-    manychat = _parse_accounts(raw.get("manychat"), MANYCHAT, where, problems, settings.manychat_api_url)
-    if not wati and not manychat and len(problems.messages) == accounts_from:
-        problems.add(where, "needs at least one channel account: 'wati' and/or 'manychat'")
+    accounts: dict[str, tuple[ChannelAccount, ...]] = {}
+    for provider in sections:
+        parsed = _parse_accounts(raw.get(provider.name), provider.name, where, problems,
+                                 provider.default_api_url(settings))
+        if parsed:
+            accounts[provider.name] = parsed
+    if not accounts and len(problems.messages) == accounts_from:
+        problems.add(where, "needs at least one channel account: "
+                     + " and/or ".join(repr(p.name) for p in sections))
 
     prompt = raw.get("system_prompt_file", "")
     if not isinstance(prompt, str):
@@ -466,7 +495,7 @@ def _parse_tenant(raw: object, index: int, settings: Settings, problems: _Proble
     thresholds = _parse_thresholds(raw, tenant_id, settings, where, problems)
     if len(problems.messages) > before or secret is None or openai is None or thresholds is None:
         return None
-    return Tenant(tenant_id, wati, manychat, prompt, secret, openai, thresholds)
+    return Tenant(tenant_id, accounts, prompt, secret, openai, thresholds)
 
 
 def _secret(raw: object, where: str, problems: _Problems) -> SecretRef | None:

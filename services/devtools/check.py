@@ -15,9 +15,9 @@ What is reached, and why that call:
   brokers, then every topic: present with TOPIC_PARTITIONS partitions (the topics are
   co-partitioned by customer key, so a different count breaks the per-customer order), or created
   when KAFKA_CREATE_TOPICS allows it; the compacted ones (state, replay records) compacted.
-- WATI: `GET {WATI_API_URL}/api/v1/getContacts?pageSize=1` — authenticated, reads one contact,
-  changes nothing; 401 means the token, 404 the tenant part of the URL.
-- ManyChat: `GET {MANYCHAT_API_URL}/fb/page/getInfo` — authenticated, changes nothing, names the page.
+- Each enabled provider: its `Provider.check`, one harmless authenticated call of its API (WATI:
+  getContacts with one contact; ManyChat: the page's info), judged in the provider's module. A
+  service checks the providers whose API it uses (`Provider.checked_for`: send, history, media).
 - OpenAI: `GET /models/{OPENAI_MODEL}` (and VISION_MODEL) proves the key and the model; a
   conversation is created and deleted again to prove the Conversations API answers (a base URL of
   a provider without it fails here rather than on every customer).
@@ -28,44 +28,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from services.common.config import CHANNEL_SETTINGS, ConfigError, Settings
+from services import providers
+from services.common.checks import (
+    Check,
+    body_text,
+    failed,
+    get_json,
+    json_of,
+    passed,
+    unexpected,
+    unreachable,
+)
+from services.common.config import ConfigError, Settings
 from services.common.kafka import COMPACTED, Topics, check_kafka_auth, ensure_topics, make_admin
 
+# the built-in providers' judgements, re-exported where callers found them (each lives in its
+# provider's module; `run_checks` reaches every registered provider through `Provider.check`)
+from services.providers.manychat import judge_manychat as judge_manychat
+from services.providers.wati import judge_wati as judge_wati
+
+#: a need of every provider whose API a service uses for `purpose` (`Provider.checked_for`); a
+#: provider's own name needs just that provider's check
+SENDS, HISTORY, MEDIA = "providers:send", "providers:history", "providers:media"
 #: what each service reaches at start (its checks); `watistream check` runs every one of them.
 SERVICE_NEEDS: dict[str, tuple[str, ...]] = {
     "ingest": ("tenants", "kafka"),
-    "context": ("tenants", "kafka", "wati"),
-    "responder": ("kafka", "openai", "wati", "manychat", "prompt"),
-    "vision": ("kafka", "openai", "wati"),
+    "context": ("tenants", "kafka", HISTORY),
+    "responder": ("kafka", "openai", SENDS, "prompt"),
+    "vision": ("kafka", "openai", MEDIA),
 }
-ALL_NEEDS = ("settings", "tenants", "kafka", "wati", "manychat", "openai", "prompt")
+ALL_NEEDS = ("settings", "tenants", "kafka", SENDS, HISTORY, MEDIA, "openai", "prompt")
 DEFAULT_TIMEOUT_SECONDS = 10.0
-
-
-@dataclass(frozen=True)
-class Check:
-    """One check's outcome: `detail` says what was found (or why it failed), `fix` what to change."""
-
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-
-
-def passed(name: str, detail: str) -> Check:
-    return Check(name, True, detail)
-
-
-def failed(name: str, detail: str, fix: str) -> Check:
-    return Check(name, False, detail, fix)
 
 
 # ------------------------------------------------------------------ formatting (pure)
@@ -151,7 +150,7 @@ def tenant_channels_check(settings: Settings) -> Check:
 
 
 def _value_of(settings: Settings, env_name: str) -> str:
-    return str(getattr(settings, env_name.lower()))
+    return settings.value_of(env_name)
 
 
 def _check_overrides(settings: Settings) -> None:
@@ -209,68 +208,21 @@ def compaction_checks(compacted: Sequence[str], policies: Mapping[str, str]) -> 
     ]
 
 
-def _body_text(body: Any) -> str:
-    """A provider's error message, short, for the reason (never the whole body)."""
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])[:200]
-        for key in ("message", "info"):
-            if isinstance(body.get(key), str):
-                return str(body[key])[:200]
-    return ""
-
-
-def _unexpected(name: str, status: int, body: Any, what: str) -> Check:
-    reason = _body_text(body)
-    return failed(name, f"unexpected HTTP {status}" + (f": {reason}" if reason else ""),
-                  f"check {what}; if it persists, the provider may be down")
-
-
-def judge_wati(status: int, body: Any) -> Check:
-    """getContacts' answer: 200 proves URL, tenant and token."""
-    if status == 200 and isinstance(body, dict) and body.get("result") not in (False, "error"):
-        return passed("wati", "WATI_API_URL and WATI_API_TOKEN accepted (getContacts)")
-    if status in (401, 403):
-        return failed("wati", f"WATI refused WATI_API_TOKEN (HTTP {status})",
-                      "copy the token from WATI's API page into WATI_API_TOKEN (with or without `Bearer `)")
-    if status == 404:
-        return failed("wati", "WATI_API_URL not found (HTTP 404)",
-                      "WATI_API_URL is the API endpoint of WATI's API page, including the tenant id, "
-                      "e.g. https://live-mt-server.wati.io/123456")
-    return _unexpected("wati", status, body, "WATI_API_URL")
-
-
-def judge_manychat(status: int, body: Any) -> Check:
-    """page/getInfo's answer: 200 proves the token and names the page."""
-    if status == 200 and isinstance(body, dict) and body.get("status") == "success":
-        data = body.get("data") if isinstance(body.get("data"), dict) else {}
-        page = f"page {data.get('name')!r} ({data.get('id')})" if data else "its page"
-        return passed("manychat", f"MANYCHAT_API_TOKEN accepted for {page}")
-    if status in (401, 403):
-        return failed("manychat", f"ManyChat refused MANYCHAT_API_TOKEN (HTTP {status})",
-                      "create an API key in ManyChat (Settings > API) and put it in MANYCHAT_API_TOKEN")
-    if status == 404:
-        return failed("manychat", "MANYCHAT_API_URL has no ManyChat API (HTTP 404)",
-                      "set MANYCHAT_API_URL=https://api.manychat.com (the default)")
-    return _unexpected("manychat", status, body, "MANYCHAT_API_URL")
-
-
 def judge_openai_model(status: int, body: Any, model: str, setting: str) -> Check:
     """models/{model}'s answer: 200 proves the key and the model; 401 the key; 404 the model."""
     name = "openai" if setting == "OPENAI_MODEL" else "openai vision"
     if status == 200:
         return passed(name, f"OPENAI_API_KEY accepted; {setting}={model} available")
     if status == 401:
-        return failed(name, f"OpenAI refused OPENAI_API_KEY (HTTP 401): {_body_text(body)}",
+        return failed(name, f"OpenAI refused OPENAI_API_KEY (HTTP 401): {body_text(body)}",
                       "create a key at OpenAI (API keys page) and put it in OPENAI_API_KEY")
     if status == 404:
         return failed(name, f"model {model!r} does not exist or this key has no access to it",
                       f"set {setting} to a model your OpenAI project can use, e.g. gpt-4.1-mini")
     if status == 429:
-        return failed(name, f"OpenAI answered 429: {_body_text(body)}",
+        return failed(name, f"OpenAI answered 429: {body_text(body)}",
                       "check the project's billing and rate limits at OpenAI")
-    return _unexpected(name, status, body, "OPENAI_BASE_URL")
+    return unexpected(name, status, body, "OPENAI_BASE_URL")
 
 
 def judge_conversations(status: int, body: Any) -> Check:
@@ -280,7 +232,7 @@ def judge_conversations(status: int, body: Any) -> Check:
     if status == 404:
         return failed("conversations", "OPENAI_BASE_URL has no Conversations API (HTTP 404)",
                       "use https://api.openai.com/v1 or a gateway that supports /v1/conversations")
-    return _unexpected("conversations", status, body, "OPENAI_BASE_URL and the key's permissions")
+    return unexpected("conversations", status, body, "OPENAI_BASE_URL and the key's permissions")
 
 
 def prompt_check(settings: Settings) -> Check:
@@ -390,37 +342,13 @@ async def _close(admin: Any) -> None:
         await admin.close()
 
 
-async def _get(http: httpx.AsyncClient, url: str, token: str) -> tuple[int, Any]:
-    response = await http.get(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
-    return response.status_code, _json(response)
-
-
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def _unreachable(name: str, setting: str, url: str, exc: Exception) -> Check:
-    return failed(name, f"cannot reach {url}: {type(exc).__name__}: {exc}".rstrip(": "),
-                  f"check {setting} and this host's network access to it")
-
-
-async def wati_check(settings: Settings, http: httpx.AsyncClient) -> Check:
-    url = settings.wati_api_url.rstrip("/") + "/api/v1/getContacts?pageSize=1&pageNumber=1"
-    try:
-        return judge_wati(*await _get(http, url, settings.wati_api_token))
-    except httpx.HTTPError as exc:
-        return _unreachable("wati", "WATI_API_URL", settings.wati_api_url, exc)
-
-
-async def manychat_check(settings: Settings, http: httpx.AsyncClient) -> Check:
-    url = settings.manychat_api_url.rstrip("/") + "/fb/page/getInfo"
-    try:
-        return judge_manychat(*await _get(http, url, settings.manychat_api_token))
-    except httpx.HTTPError as exc:
-        return _unreachable("manychat", "MANYCHAT_API_URL", settings.manychat_api_url, exc)
+def provider_checked(provider: Any, settings: Settings, needs: Collection[str]) -> bool:
+    """Whether `needs` call for the provider's check and the settings enable and configure it."""
+    wanted = provider.name in needs or any(f"providers:{p}" in needs for p in provider.checked_for)
+    # a provider without settings of its own is enabled by its registration (config.channel_names)
+    enabled = settings.channel_enabled(provider.name) if provider.token_setting else True
+    configured = all(settings.value_of(name) for name in provider.required_settings)
+    return wanted and enabled and configured
 
 
 async def openai_checks(settings: Settings, http: httpx.AsyncClient) -> list[Check]:
@@ -433,19 +361,19 @@ async def openai_checks(settings: Settings, http: httpx.AsyncClient) -> list[Che
     checks: list[Check] = []
     try:
         for setting, model in models:
-            answer = await _get(http, f"{base}/models/{model}", key)
+            answer = await get_json(http, f"{base}/models/{model}", key)
             checks.append(judge_openai_model(*answer, model, setting))
         if not all(c.ok for c in checks):
             return checks
         headers = {"Authorization": f"Bearer {key}"}
         response = await http.post(f"{base}/conversations", headers=headers,
                                    json={"metadata": {"purpose": "watistream check"}})
-        verdict = judge_conversations(response.status_code, _json(response))
+        verdict = judge_conversations(response.status_code, json_of(response))
         if verdict.ok:
             await http.delete(f"{base}/conversations/{response.json()['id']}", headers=headers)
         checks.append(verdict)
     except httpx.HTTPError as exc:
-        checks.append(_unreachable("openai", "OPENAI_BASE_URL", base, exc))
+        checks.append(unreachable("openai", "OPENAI_BASE_URL", base, exc))
     return checks
 
 
@@ -460,10 +388,8 @@ async def run_checks(
         calls: list[Any] = []
         if "kafka" in needs:
             calls.append(kafka_checks(settings, timeout))
-        for channel, check in (("wati", wati_check), ("manychat", manychat_check)):
-            configured = all(_value_of(settings, name) for name in CHANNEL_SETTINGS[channel])
-            if channel in needs and settings.channel_enabled(channel) and configured:
-                calls.append(check(settings, http))
+        calls += [p.check(settings, http) for p in providers.providers()
+                  if provider_checked(p, settings, needs)]
         if "openai" in needs and settings.openai_api_key:
             calls.append(openai_checks(settings, http))
         for result in await asyncio.gather(*calls):

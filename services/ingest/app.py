@@ -34,7 +34,7 @@ from aiohttp import web
 from services import providers
 from services.common import metrics
 from services.common.codec import CodecError
-from services.common.config import CHANNEL_NAMES, ConfigError, Settings
+from services.common.config import ConfigError, Settings, channel_names
 from services.common.kafka import Topics, dead_letter
 from services.common.keys import DEFAULT_ACCOUNT, DEFAULT_TENANT, KeyError_, in_account
 from services.common.logs import event, register_secret
@@ -166,9 +166,9 @@ class Ingest:
         if problem is not None:
             return _reject(401, "unauthorized", problem, fields, {"WWW-Authenticate": "Bearer"})
         enabled = self.served if self.served is not None else self.settings.enabled_channels
-        # none enabled: an ingest without provider credentials; CHANNELS names the built-in channels,
-        # a provider registered beyond them (docs/providers.md) is enabled by its registration
-        if enabled and provider in CHANNEL_NAMES and provider not in enabled:
+        # none enabled: an ingest without provider credentials; CHANNELS names the providers with
+        # settings of their own, one without any (docs/providers.md) is enabled by its registration
+        if enabled and provider in channel_names() and provider not in enabled:
             reason = f"the {provider} channel is not enabled here (CHANNELS={','.join(enabled)})"
             return _reject(404, "channel_disabled", reason, fields)
         limit = self.settings.max_body_bytes

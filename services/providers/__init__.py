@@ -18,6 +18,10 @@ from .wati import WatiProvider
 
 _BY_NAME: dict[str, Provider] = {}
 _BY_CHANNEL: dict[str, Provider] = {}
+#: the providers configured by settings of their own (`token_setting`), and their names: kept with
+#: the registrations, as ingest asks for them on every webhook (services/common/config.py)
+_CONFIGURABLE: tuple[Provider, ...] = ()
+_CONFIGURABLE_NAMES: tuple[str, ...] = ()
 
 
 class UnknownProvider(LookupError):
@@ -35,6 +39,7 @@ def register(provider: Provider) -> Provider:
     for channel in provider.channels:
         _BY_CHANNEL[channel] = provider
     keys.PROVIDER_PREFIXES.add(provider.name)
+    _configurable_changed()
     return provider
 
 
@@ -44,6 +49,24 @@ def unregister(name: str) -> None:
     for channel in provider.channels:
         _BY_CHANNEL.pop(channel, None)
     keys.PROVIDER_PREFIXES.discard(name)
+    _configurable_changed()
+
+
+def _configurable_changed() -> None:
+    global _CONFIGURABLE, _CONFIGURABLE_NAMES
+    _CONFIGURABLE = tuple(p for p in _BY_NAME.values() if p.token_setting)
+    _CONFIGURABLE_NAMES = tuple(p.name for p in _CONFIGURABLE)
+
+
+def configurable() -> tuple[Provider, ...]:
+    """The providers configured by settings of their own, in registration order: the channels the
+    CHANNELS setting names (a provider without settings is enabled by its registration)."""
+    return _CONFIGURABLE
+
+
+def configurable_names() -> tuple[str, ...]:
+    """The names of `configurable()`."""
+    return _CONFIGURABLE_NAMES
 
 
 def providers() -> list[Provider]:

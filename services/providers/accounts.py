@@ -25,17 +25,26 @@ from dataclasses import dataclass
 
 from services.common import metrics
 from services.common.config import ConfigError, Settings
-from services.common.keys import DEFAULT_ACCOUNT, MANYCHAT, WATI, CustomerKey, KeyError_, parse_key
+from services.common.keys import DEFAULT_ACCOUNT, CustomerKey, KeyError_, parse_key
 from services.common.logs import event, register_secret
-from services.common.tenants import ChannelAccount, Tenant, Tenants, load_tenants, settings_environ
+from services.common.tenants import (
+    ChannelAccount,
+    Tenant,
+    Tenants,
+    account_providers,
+    load_tenants,
+    settings_environ,
+)
 
 from .base import AccountAccess, Client, Provider, Purpose
 
 log = logging.getLogger(__name__)
 
-#: the providers whose accounts a tenant lists (the tenants file's `wati` / `manychat`); any other
-#: registered provider has one account, the settings', for the default tenant's default account
-TENANT_ACCOUNT_PROVIDERS = frozenset({WATI, MANYCHAT})
+def tenant_account_providers() -> frozenset[str]:
+    """The providers whose accounts a tenant lists (`Provider.tenant_accounts`: the tenants file's
+    `wati` / `manychat` sections); any other registered provider has one account, the settings',
+    for the default tenant's default account."""
+    return frozenset(p.name for p in account_providers())
 
 
 class NoAccount(LookupError):
@@ -67,7 +76,7 @@ def account_of(tenants: Tenants, customer_key: str) -> AccountChoice:
     tenant = tenants.get(key.tenant)
     if tenant is None:
         raise NoAccount(f"tenant {key.tenant!r} is not configured ({tenants.source})")
-    if key.provider not in TENANT_ACCOUNT_PROVIDERS:
+    if key.provider not in tenant_account_providers():
         if key.is_default:
             return AccountChoice(tenant, None, key)
         raise NoAccount(f"tenant {key.tenant!r}: {key.provider} has accounts only for the default tenant")
@@ -126,7 +135,7 @@ class AccountClients:
 
     def _open(self, provider: Provider, choice: AccountChoice) -> Client | None:
         if choice.account is None:
-            if provider.name in TENANT_ACCOUNT_PROVIDERS:
+            if provider.tenant_accounts:
                 return None  # the default tenant has no account of this provider: not configured
             return provider.open_client(self.settings, self.purpose)  # the settings' account
         try:
@@ -153,7 +162,7 @@ def account_token_problems(tenants: Tenants, environ: Mapping[str, str],
     the environment keeps today's behaviour instead (a channel without a token is "not configured")."""
     if tenants.source == "environment":
         return []
-    fields = {f"{channel}[{a.id}].token" for t in tenants for channel in sorted(TENANT_ACCOUNT_PROVIDERS)
+    fields = {f"{channel}[{a.id}].token" for t in tenants for channel in sorted(tenant_account_providers())
               for a in t.accounts(channel)}
     if openai_keys:
         fields.add("openai.api_key")
@@ -192,7 +201,6 @@ def load_served_tenants(
 
 
 __all__ = [
-    "TENANT_ACCOUNT_PROVIDERS",
     "AccountChoice",
     "AccountClients",
     "NoAccount",
@@ -201,4 +209,5 @@ __all__ = [
     "load_served_tenants",
     "register_tenant_secrets",
     "request_account_problem",
+    "tenant_account_providers",
 ]

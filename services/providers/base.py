@@ -4,6 +4,9 @@ A provider is one module implementing `Provider` and registered in `services.pro
 registry). The services never switch on a channel's name: ingest parses webhooks with
 `parse_webhook`, the responder sends with `send` (split to `message_limit`), vision downloads media
 with `fetch_media`, the context service reads history with `fetch_history` when `has_history`.
+The configuration asks it too: CHANNELS and its required settings (`required_settings`,
+`token_setting`), `watistream check`'s reach of its API (`check`), and the tenants file's section of
+its accounts (`tenant_accounts`, `settings_account`, `default_api_url`).
 Adding a provider is described in docs/providers.md.
 """
 
@@ -16,6 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+import httpx
+
+from services.common.checks import Check
 from services.common.config import Settings
 from services.common.records import HistoryItem
 from services.ingest.outcomes import BusinessSend, CustomerMessage, Ignored, Rejected
@@ -119,6 +125,21 @@ class Provider(Protocol):
     has_history: bool
     #: the type of the client `open_client` returns (a sender given clients finds their provider)
     client_type: type
+    #: who writes on it, for messages ("WhatsApp"); `title` names the platform ("WATI")
+    audience: str
+    title: str
+    #: the env names of the settings it needs once enabled (CHANNELS names it, or its token is set)
+    required_settings: tuple[str, ...]
+    #: the setting whose value enables it when CHANNELS is empty ("": only CHANNELS enables it)
+    token_setting: str
+    #: the purposes a service uses its API for: a service checks it at start when it has one of them
+    checked_for: tuple[Purpose, ...]
+    #: whether the tenants file lists a tenant's accounts of it, in the section named `name`
+    #: (False: the settings' account serves the default tenant only)
+    tenant_accounts: bool
+    #: whether one API URL serves every account (the token tells them apart); else an account's URL
+    #: belongs to one tenant
+    shared_api_url: bool
 
     def parse_webhook(self, payload: object, received_at: datetime) -> Outcome:
         """One webhook body (parsed JSON) → outcome. Pure; never raises for bad input."""
@@ -138,6 +159,20 @@ class Provider(Protocol):
 
     def config_hint(self) -> str:
         """The settings that configure it, for the "no channel configured" error."""
+        ...
+
+    def settings_account(self, settings: Settings) -> tuple[str, str] | None:
+        """(API URL, env name of its token) of the account the settings describe — the default
+        tenant's without a tenants file — or None when they describe none."""
+        ...
+
+    def default_api_url(self, settings: Settings) -> str | None:
+        """The API URL a tenants-file account omitting `api_url` gets (None: it must be given)."""
+        ...
+
+    async def check(self, settings: Settings, http: httpx.AsyncClient) -> Check:
+        """`watistream check`: one harmless authenticated call with the settings' account, judged
+        (`ok`, or `FAIL` with what to change). Never raises."""
         ...
 
     def open_client(self, settings: Settings, purpose: Purpose,

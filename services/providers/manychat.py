@@ -10,8 +10,12 @@ attachment URLs of the webhook, downloaded with the vision service's URL checks.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
+
+import httpx
 
 from services.common import metrics
+from services.common.checks import Check, failed, get_json, passed, unexpected, unreachable
 from services.common.config import Settings
 from services.common.manychat import MAX_TEXT_CHARS, ManyChatClient, ManyChatError
 from services.common.records import HistoryItem
@@ -42,6 +46,13 @@ class ManyChatProvider:
     channels: tuple[str, ...] = ("facebook", "instagram")
     has_history: bool = False
     client_type: type = ManyChatClient
+    audience: str = "Facebook/Instagram"
+    title: str = "ManyChat"
+    required_settings: tuple[str, ...] = ("MANYCHAT_API_URL", "MANYCHAT_API_TOKEN")
+    token_setting: str = "MANYCHAT_API_TOKEN"  # noqa: S105 - a setting's name, no secret
+    checked_for: tuple[Purpose, ...] = ("send",)  # media are attachment URLs; no history API
+    tenant_accounts: bool = True
+    shared_api_url: bool = True  # one ManyChat API URL serves every page; the token tells them apart
 
     def parse_webhook(self, payload: object, received_at: datetime) -> Outcome:
         result = normalise_manychat(payload, received_at)
@@ -60,6 +71,20 @@ class ManyChatProvider:
 
     def config_hint(self) -> str:
         return "MANYCHAT_API_TOKEN"
+
+    def settings_account(self, settings: Settings) -> tuple[str, str] | None:
+        return (settings.manychat_api_url, "MANYCHAT_API_TOKEN") if settings.manychat_api_token else None
+
+    def default_api_url(self, settings: Settings) -> str | None:
+        return settings.manychat_api_url
+
+    async def check(self, settings: Settings, http: httpx.AsyncClient) -> Check:
+        """`GET /fb/page/getInfo`: authenticated, changes nothing, names the page."""
+        url = settings.manychat_api_url.rstrip("/") + "/fb/page/getInfo"
+        try:
+            return judge_manychat(*await get_json(http, url, settings.manychat_api_token))
+        except httpx.HTTPError as exc:
+            return unreachable(self.name, "MANYCHAT_API_URL", settings.manychat_api_url, exc)
 
     def open_client(self, settings: Settings, purpose: Purpose,
                     account: AccountAccess | None = None) -> ManyChatClient | None:
@@ -111,3 +136,18 @@ class ManyChatProvider:
     async def fetch_media(self, client: Client | None, channel: str, media_ref: str, *,
                           policy: MediaPolicy, download_url: DownloadUrl) -> bytes:
         return await download_url(media_ref)
+
+
+def judge_manychat(status: int, body: Any) -> Check:
+    """page/getInfo's answer: 200 proves the token and names the page."""
+    if status == 200 and isinstance(body, dict) and body.get("status") == "success":
+        data = body.get("data") if isinstance(body.get("data"), dict) else {}
+        page = f"page {data.get('name')!r} ({data.get('id')})" if data else "its page"
+        return passed("manychat", f"MANYCHAT_API_TOKEN accepted for {page}")
+    if status in (401, 403):
+        return failed("manychat", f"ManyChat refused MANYCHAT_API_TOKEN (HTTP {status})",
+                      "create an API key in ManyChat (Settings > API) and put it in MANYCHAT_API_TOKEN")
+    if status == 404:
+        return failed("manychat", "MANYCHAT_API_URL has no ManyChat API (HTTP 404)",
+                      "set MANYCHAT_API_URL=https://api.manychat.com (the default)")
+    return unexpected("manychat", status, body, "MANYCHAT_API_URL")

@@ -12,8 +12,12 @@ History: getMessages pages (the only provider with history). Media: getMedia by 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
+
+import httpx
 
 from services.common import metrics
+from services.common.checks import Check, failed, get_json, passed, unexpected, unreachable
 from services.common.config import Settings
 from services.common.records import HistoryItem
 from services.common.tenants import serves_tenant_accounts
@@ -47,6 +51,13 @@ class WatiProvider:
     channels: tuple[str, ...] = ("wati",)
     has_history: bool = True
     client_type: type = WatiClient
+    audience: str = "WhatsApp"
+    title: str = "WATI"
+    required_settings: tuple[str, ...] = ("WATI_API_URL", "WATI_API_TOKEN")
+    token_setting: str = "WATI_API_TOKEN"  # noqa: S105 - a setting's name, no secret
+    checked_for: tuple[Purpose, ...] = ("send", "history", "media")
+    tenant_accounts: bool = True
+    shared_api_url: bool = False  # the URL includes the WATI tenant: an account is its URL
 
     def parse_webhook(self, payload: object, received_at: datetime) -> Outcome:
         return classify_wati(payload, received_at)
@@ -63,6 +74,20 @@ class WatiProvider:
 
     def config_hint(self) -> str:
         return "WATI_API_URL + WATI_API_TOKEN"
+
+    def settings_account(self, settings: Settings) -> tuple[str, str] | None:
+        return (settings.wati_api_url, "WATI_API_TOKEN") if settings.wati_api_url else None
+
+    def default_api_url(self, settings: Settings) -> str | None:
+        return None  # each WATI account has its own URL (with its tenant id)
+
+    async def check(self, settings: Settings, http: httpx.AsyncClient) -> Check:
+        """`GET getContacts?pageSize=1`: authenticated, reads one contact, changes nothing."""
+        url = settings.wati_api_url.rstrip("/") + "/api/v1/getContacts?pageSize=1&pageNumber=1"
+        try:
+            return judge_wati(*await get_json(http, url, settings.wati_api_token))
+        except httpx.HTTPError as exc:
+            return unreachable(self.name, "WATI_API_URL", settings.wati_api_url, exc)
 
     def open_client(self, settings: Settings, purpose: Purpose,
                     account: AccountAccess | None = None) -> WatiClient | None:
@@ -141,6 +166,20 @@ class WatiProvider:
                 await policy.sleep(min(exc.retry_after if exc.retry_after is not None
                                        else 0.25 * 2 ** attempt, policy.retry_cap_seconds))
         raise AssertionError("unreachable")
+
+
+def judge_wati(status: int, body: Any) -> Check:
+    """getContacts' answer: 200 proves URL, tenant and token; 401 the token, 404 the tenant part."""
+    if status == 200 and isinstance(body, dict) and body.get("result") not in (False, "error"):
+        return passed("wati", "WATI_API_URL and WATI_API_TOKEN accepted (getContacts)")
+    if status in (401, 403):
+        return failed("wati", f"WATI refused WATI_API_TOKEN (HTTP {status})",
+                      "copy the token from WATI's API page into WATI_API_TOKEN (with or without `Bearer `)")
+    if status == 404:
+        return failed("wati", "WATI_API_URL not found (HTTP 404)",
+                      "WATI_API_URL is the API endpoint of WATI's API page, including the tenant id, "
+                      "e.g. https://live-mt-server.wati.io/123456")
+    return unexpected("wati", status, body, "WATI_API_URL")
 
 
 def bearer_dropped(token: str) -> str:

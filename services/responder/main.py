@@ -35,7 +35,7 @@ from openai import AsyncOpenAI
 
 from .. import providers
 from ..common import logs
-from ..common.config import CHANNEL_NAMES, ConfigError, Settings
+from ..common.config import ConfigError, Settings, channel_names
 from ..common.fair_share import per_tenant_slots
 from ..common.kafka import Topics, ensure_topics, make_producer
 from ..common.keyed_consumer import KeyedConsumer
@@ -107,7 +107,7 @@ def check_settings(settings: Settings) -> list[str]:
     if serves_tenant_accounts(settings):  # each tenant's channels are its entry's (docs/tenants.md)
         served = require_served_channels(settings, load_tenants(settings))
         warnings = [p.unconfigured_warning() for p in providers.providers()
-                    if p.name in CHANNEL_NAMES and p.name not in served]
+                    if p.name in channel_names() and p.name not in served]
     else:
         settings.require_channels()
         registered = providers.providers()

@@ -15,10 +15,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from services import providers
 from services.common import keys
-from services.common.config import Settings
+from services.common.config import ConfigError, Settings, channel_names
+from services.common.tenants import parse_tenants, served_channels
+from services.devtools.check import ALL_NEEDS, SERVICE_NEEDS, provider_checked, run_checks
 from services.ingest import app as ingest_app
 from services.ingest.outcomes import CustomerMessage, Rejected
 from services.ingest.producer import ProducerSupervisor
+from services.providers.accounts import account_of
 from services.providers.base import MediaPolicy, Provider, ProviderFailure, SendFailed
 from services.providers.manychat import ManyChatProvider
 from services.providers.wati import WatiProvider
@@ -41,10 +44,9 @@ PROVIDER_FILES = {
     "services/common/wati.py", "services/common/manychat.py",
     "services/common/records.py", "services/common/keys.py",
 }
-#: Not moved behind the registry yet (merged from the configuration work at the same time): the
-#: CHANNELS setting's names, `watistream check`'s per-provider checks and the tenant file's
-#: per-provider account sections. Issue 17 stays open for it.
-NOT_YET_MOVED = {"services/common/config.py", "services/devtools/check.py", "services/common/tenants.py"}
+#: Not moved behind the registry yet: nothing (CHANNELS' names, `watistream check`'s provider checks
+#: and the tenants file's account sections are the providers' declarations now).
+NOT_YET_MOVED: set[str] = set()
 CHANNEL_LITERAL = re.compile(r"""['"](wati|manychat|facebook|instagram)['"]""")
 
 
@@ -253,3 +255,97 @@ async def test_echo_has_no_history() -> None:
         await EchoProvider("http://x").fetch_history(None, "u1", stop_before=None, max_pages=1, notice=None)
     assert failure.value.reason == "no_history"
     assert MediaPolicy(max_bytes=1).attempts == 3
+
+
+# ------------------------------------------- configuration, `watistream check` and the tenants file
+
+
+def test_the_channels_setting_and_its_required_settings_are_the_providers_declarations() -> None:
+    """CHANNELS' names and each channel's required settings come from the registered providers."""
+    assert channel_names() == ("wati", "manychat")
+    assert WatiProvider().required_settings == ("WATI_API_URL", "WATI_API_TOKEN")
+    assert ManyChatProvider().required_settings == ("MANYCHAT_API_URL", "MANYCHAT_API_TOKEN")
+    with pytest.raises(ConfigError, match="missing required setting"):
+        Settings(channels="manychat", manychat_api_token="").require_channels()
+    with pytest.raises(ConfigError, match="unknown channel"):
+        Settings(channels="echo")
+
+
+def test_a_provider_without_settings_of_its_own_is_enabled_by_its_registration(
+    echo_registered: EchoProvider,
+) -> None:
+    assert channel_names() == ("wati", "manychat")  # CHANNELS does not name it
+    settings = Settings(wati_api_url="http://wati.test/1", wati_api_token="t", manychat_api_token="")
+    assert settings.enabled_channels == ("wati",)
+    assert provider_checked(echo_registered, settings, ALL_NEEDS)
+
+
+def test_each_service_checks_the_providers_whose_api_it_uses() -> None:
+    settings = Settings(wati_api_url="http://wati.test/1", wati_api_token="t",
+                        manychat_api_url="http://mc.test", manychat_api_token="m")
+    checked = {service: [p.name for p in providers.providers() if provider_checked(p, settings, needs)]
+               for service, needs in SERVICE_NEEDS.items()}
+    assert checked == {"ingest": [], "context": ["wati"], "responder": ["wati", "manychat"],
+                       "vision": ["wati"]}
+    assert [p.name for p in providers.providers() if provider_checked(p, settings, ("manychat",))] == \
+        ["manychat"]
+    disabled = Settings(wati_api_url="http://wati.test/1", wati_api_token="t", manychat_api_token="m",
+                        channels="manychat")
+    assert [p.name for p in providers.providers() if provider_checked(p, disabled, ALL_NEEDS)] == \
+        ["manychat"]
+
+
+async def test_watistream_check_reaches_a_registered_provider_through_its_check() -> None:
+    async with echo_server() as (server, url):
+        providers.register(EchoProvider(url))
+        try:
+            checks = await run_checks(Settings(), ("providers:send",), timeout=5.0)
+            server.token = "another"  # the stand-in rotates its token
+            refused = await run_checks(Settings(), (NAME,), timeout=5.0)
+        finally:
+            providers.unregister(NAME)
+    assert [(c.name, c.ok, c.detail) for c in checks] == [
+        (NAME, True, "echo token accepted for echo-account")]
+    assert [(c.name, c.ok) for c in refused] == [(NAME, False)]
+    assert "HTTP 401" in refused[0].detail
+
+
+class EchoWithTenantAccounts(EchoProvider):
+    """The guide's provider, opting in to the tenants file's accounts (its section: `echo`)."""
+
+    tenant_accounts = True
+    shared_api_url = False
+
+
+def test_a_provider_declares_its_tenants_file_section() -> None:
+    provider = EchoWithTenantAccounts("http://echo.test")
+    providers.register(provider)
+    try:
+        doc = {"tenants": [
+            {"id": "shop", "webhook_secret": "env:SHOP_HOOK",
+             "echo": [{"id": "north", "token": "env:SHOP_ECHO"},
+                      {"id": "south", "api_url": "http://south.echo.test", "token": "env:SHOP_ECHO_2"}]},
+            {"id": "mall", "webhook_secret": "env:MALL_HOOK",
+             "echo": {"api_url": "http://south.echo.test/", "token": "env:MALL_ECHO"}},
+        ]}
+        with pytest.raises(ConfigError) as same_account:
+            parse_tenants(doc, Settings())
+        assert ("tenant 'mall': echo[default].api_url: same echo account as shop/south"
+                in str(same_account.value))
+        doc["tenants"].pop()
+        tenants = parse_tenants(doc, Settings(), source="tenants.json")
+        shop = tenants.by_id["shop"]
+        assert [(a.id, a.api_url) for a in shop.accounts(NAME)] == [
+            ("north", provider.base_url), ("south", "http://south.echo.test")]
+        assert shop.echo == shop.accounts(NAME)  # `tenant.<provider name>`, as `tenant.wati`
+        assert [path for path, _ in shop.secret_refs()] == [
+            "webhook_secret", "echo[north].token", "echo[south].token"]
+        assert served_channels(Settings(tenants_file="tenants.json"), tenants) == (NAME,)
+        assert account_of(tenants, "shop/south/echo:u1").account == shop.accounts(NAME)[1]
+        with pytest.raises(ConfigError, match="needs at least one channel account: 'wati' and/or "
+                                              "'manychat' and/or 'echo'"):
+            parse_tenants({"tenants": [{"id": "bare", "webhook_secret": "env:X"}]}, Settings())
+    finally:
+        providers.unregister(NAME)
+    with pytest.raises(ConfigError, match="unknown field 'echo'"):
+        parse_tenants(doc, Settings())
