@@ -159,13 +159,6 @@ class Tenant:
         """Its accounts on the provider named `channel` (possibly none)."""
         return self.channel_accounts.get(channel, ())
 
-    def __getattr__(self, name: str) -> tuple[ChannelAccount, ...]:
-        """`tenant.<provider name>` (`tenant.wati`): its accounts on that provider, as `accounts`."""
-        accounts = self.__dict__.get("channel_accounts")
-        if name.startswith("_") or accounts is None or name not in {p.name for p in account_providers()}:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return tuple(accounts.get(name, ()))
-
     def account(self, channel: str, account_id: str | None = None) -> ChannelAccount | None:
         """The named account, or with no name the tenant's only (or `default`) account of the channel."""
         accounts = self.accounts(channel)

@@ -50,8 +50,6 @@ from services.common.kafka import COMPACTED, Topics, check_kafka_auth, ensure_to
 
 # the built-in providers' judgements, re-exported where callers found them (each lives in its
 # provider's module; `run_checks` reaches every registered provider through `Provider.check`)
-from services.providers.manychat import judge_manychat as judge_manychat
-from services.providers.wati import judge_wati as judge_wati
 
 #: a need of every provider whose API a service uses for `purpose` (`Provider.checked_for`); a
 #: provider's own name needs just that provider's check

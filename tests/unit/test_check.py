@@ -13,14 +13,14 @@ from services.devtools.check import (
     format_check,
     format_report,
     judge_conversations,
-    judge_manychat,
     judge_openai_model,
-    judge_wati,
     passed,
     prompt_check,
     settings_checks,
     topic_checks,
 )
+from services.providers.manychat import judge_manychat
+from services.providers.wati import judge_wati
 
 
 def test_format_one_line_per_check_with_the_fix_on_failures() -> None:

@@ -337,7 +337,6 @@ def test_a_provider_declares_its_tenants_file_section() -> None:
         shop = tenants.by_id["shop"]
         assert [(a.id, a.api_url) for a in shop.accounts(NAME)] == [
             ("north", provider.base_url), ("south", "http://south.echo.test")]
-        assert shop.echo == shop.accounts(NAME)  # `tenant.<provider name>`, as `tenant.wati`
         assert [path for path, _ in shop.secret_refs()] == [
             "webhook_secret", "echo[north].token", "echo[south].token"]
         assert served_channels(Settings(tenants_file="tenants.json"), tenants) == (NAME,)

@@ -95,10 +95,10 @@ def test_without_a_tenants_file_one_default_tenant_is_built_from_the_environment
     assert list(tenants.by_id) == ["default"]
     tenant = tenants.default
     assert tenant is not None and tenant.id == "default"
-    (wati,) = tenant.wati
+    (wati,) = tenant.accounts("wati")
     assert (wati.id, wati.api_url, str(wati.token)) == (
         "default", SETTINGS.wati_api_url, "env:WATI_API_TOKEN")
-    (page,) = tenant.manychat
+    (page,) = tenant.accounts("manychat")
     assert (page.id, page.api_url, str(page.token)) == ("default", SETTINGS.manychat_api_url,
                                                         "env:MANYCHAT_API_TOKEN")
     assert str(tenant.webhook_secret) == "env:WEBHOOK_TOKEN"
@@ -120,9 +120,9 @@ def test_the_default_tenant_keeps_todays_customer_overrides() -> None:
 
 def test_the_default_tenant_has_only_the_channels_configured() -> None:
     tenant = default_tenant(Settings(manychat_api_token="mc"))  # a ManyChat-only business
-    assert tenant.wati == () and [a.id for a in tenant.manychat] == ["default"]
+    assert tenant.accounts("wati") == () and [a.id for a in tenant.accounts("manychat")] == ["default"]
     tenant = default_tenant(Settings(wati_api_url="https://live.wati.example/1"))
-    assert [a.id for a in tenant.wati] == ["default"] and tenant.manychat == ()
+    assert [a.id for a in tenant.accounts("wati")] == ["default"] and tenant.accounts("manychat") == ()
 
 
 def test_the_default_tenants_references_resolve_to_what_settings_read() -> None:
@@ -132,7 +132,8 @@ def test_the_default_tenants_references_resolve_to_what_settings_read() -> None:
     assert tenants.secret_problems(env) == []
     tenant = tenants.default
     assert tenant is not None
-    assert tenant.wati[0].token.resolve(env) == "tok" and tenant.webhook_secret.resolve(env) == "hook"
+    assert tenant.accounts("wati")[0].token.resolve(env) == "tok"
+    assert tenant.webhook_secret.resolve(env) == "hook"
 
 
 def test_an_unset_default_secret_is_reported_at_start() -> None:
@@ -152,11 +153,11 @@ def test_a_full_file_parses_into_tenants() -> None:
     assert list(tenants.by_id) == ["hotel-a", "shop-b"] and tenants.default is None
     a = tenants.get("hotel-a")
     assert a is not None
-    assert [(x.id, x.api_url, str(x.token)) for x in a.wati] == [
+    assert [(x.id, x.api_url, str(x.token)) for x in a.accounts("wati")] == [
         ("centro", "https://live.wati.example/1001", "env:HOTEL_A_CENTRO"),
         ("playa", "https://live.wati.example/1002", "file:/run/secrets/a_playa"),
     ]
-    assert [(x.id, x.api_url) for x in a.manychat] == [("default", SETTINGS.manychat_api_url)]
+    assert [(x.id, x.api_url) for x in a.accounts("manychat")] == [("default", SETTINGS.manychat_api_url)]
     assert a.system_prompt_file == "/etc/watistream/hotel-a.txt"
     assert (a.openai.model, str(a.openai.api_key), a.openai.project) == ("gpt-4.1", "env:HOTEL_A_OPENAI",
                                                                           "proj_a")
@@ -172,7 +173,7 @@ def test_a_full_file_parses_into_tenants() -> None:
 def test_omitted_fields_take_the_deployments_settings() -> None:
     b = parse(SHOP_B).get("shop-b")
     assert b is not None
-    assert [a.id for a in b.wati] == ["default"] and b.manychat == ()
+    assert [a.id for a in b.accounts("wati")] == ["default"] and b.accounts("manychat") == ()
     assert b.system_prompt_file == "" and b.openai.model == SETTINGS.openai_model
     assert b.openai.api_key is None and b.openai.project is None
     assert b.thresholds.quiet_window_seconds == SETTINGS.quiet_window_seconds
