@@ -73,6 +73,7 @@ Decisions taken here (where the issues leave a choice):
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -84,6 +85,7 @@ from services.common.config import GapPolicy
 from services.common.keys import split_key
 from services.common.records import (
     AgentActivity,
+    AgentLogEntry,
     AssistantReply,
     Batch,
     BatchDecision,
@@ -95,6 +97,7 @@ from services.common.records import (
     InboundMessage,
     MissedItem,
     OwnReply,
+    ReplyLogEntry,
     ResponderRequest,
     Unanswered,
     VisionRequest,
@@ -209,6 +212,10 @@ def new_state(customer_key: str) -> CustomerState:
         "last_activity_at": None,
         "batch_seq": 0,
         "early_flushes": [],
+        "agent_events_handled": 0,
+        "replies_handled": 0,
+        "agent_log": [],
+        "reply_log": [],
     }
 
 
@@ -252,7 +259,7 @@ def _decide_waiting_flushes(
         if batch is None or not batch.get("waiting_flushes"):
             return state, effects
         first = batch["waiting_flushes"][0]
-        if len(batch["messages"]) < first["batch_messages"]:
+        if not _handled_all(state, batch, first):
             return state, effects
         batch["waiting_flushes"] = batch["waiting_flushes"][1:]
         if state["flushing_batch"] is not None:  # as for any flush while an earlier batch fetches
@@ -260,7 +267,7 @@ def _decide_waiting_flushes(
                                                   "reason": "earlier_batch_flushing"}))
             continue
         state, decided = _decide_flush(state, batch["batch_id"], first["batch_messages"], first["issued_at"],
-                                       limits)  # may reopen the next batch and decide its own
+                                       limits, _seen_counts(first))  # may reopen the next batch
         _merge_effects(effects, decided)
 
 
@@ -294,6 +301,7 @@ def on_agent_activity(
     state = copy.deepcopy(state)
     effects = Effects()
     _remember(state["recent_event_ids"], ids, RECENT_EVENT_IDS)
+    entry = _log_agent_event(state)
     if state["channel"] is None:
         state["channel"] = activity["channel"]
     if state["provider_id"] is None:
@@ -304,7 +312,7 @@ def on_agent_activity(
     if reason is not None:
         effects.log.append(("agent_activity_ignored", {
             "event_id": activity["event_id"], "sender_kind": kind, "reason": reason}))
-        return state, effects
+        return _decide_waiting_flushes(state, limits, effects)
     template = kind == "template"
     text = (activity["text"] or "").strip() or f"[{activity['message_type'] or 'message'}]"
     item: MissedItem = {
@@ -318,12 +326,13 @@ def on_agent_activity(
     }
     agent_messages = sorted([*state["agent_messages"], item], key=lambda m: m["at"])
     state["agent_messages"] = agent_messages[-AGENT_MESSAGES:]
+    entry["item_ids"] = list(item["item_ids"])
     if not template:
         state["last_human_at"] = _later(state["last_human_at"], activity["provider_time"])
     effects.log.append(("agent_message_recorded", {
         "event_id": activity["event_id"], "sender_kind": kind, "at": activity["provider_time"],
         "human": not template}))
-    return state, effects
+    return _decide_waiting_flushes(state, limits, effects)
 
 
 def on_reply(
@@ -339,6 +348,7 @@ def on_reply(
     answered_entry = next((u for u in state["unanswered"] if u["batch_id"] == reply["batch_id"]), None)
     remembered = [key]
     sent = reply["outcome"] in ("answered", "fallback") and bool(reply["text"].strip())
+    last_human_before = state["last_human_at"]
     removed: list[MissedItem] = []
     if sent:
         state["last_reply_at"] = _later(state["last_reply_at"], reply["sent_at"])
@@ -355,11 +365,16 @@ def on_reply(
     _remember(state["recent_event_ids"], remembered, RECENT_EVENT_IDS)
     state["unanswered"] = [u for u in state["unanswered"] if u["batch_id"] != reply["batch_id"]]
     pruned = _prune_agent_messages(state, now, limits)
+    state["replies_handled"] = state.get("replies_handled", 0) + 1
+    logged: ReplyLogEntry = {
+        "seq": state["replies_handled"], "batch_id": reply["batch_id"], "sent": sent, "echoes": removed,
+        "unanswered": answered_entry, "last_human_before": last_human_before}
+    state["reply_log"] = [*state.get("reply_log", []), logged][-OWN_REPLIES:]
     effects.log.append(("reply_recorded", {
         "batch_id": reply["batch_id"], "outcome": reply["outcome"], "sent": sent,
         "last_reply_at": state["last_reply_at"], "agent_messages_pruned": pruned,
         "own_echoes_removed": len(removed)}))
-    return state, effects
+    return _decide_waiting_flushes(state, limits, effects)
 
 
 def on_command(
@@ -487,8 +502,9 @@ def _on_flush(
     if (seen is None and batch is None and flushing is None and state["held_messages"]
             and batch_id == _next_batch_id(state)):
         return _end_hold(state, batch_id, now, limits)
+    counts = _seen_counts(command)
     if seen is not None and _batch_number(state, batch_id) > state["batch_seq"]:
-        return _wait_early(state, batch_id, seen, now)
+        return _wait_early(state, batch_id, seen, counts, now)
     if batch is None or batch["batch_id"] != batch_id:
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "unknown_batch"})])
     if flushing is not None:
@@ -497,12 +513,14 @@ def _on_flush(
     waiting = batch.get("waiting_flushes") or []
     if waiting and seen is None:
         return state, _flush_ignored(batch_id, "earlier_flush_waiting")
-    if seen is not None and (waiting or len(batch["messages"]) < seen):
-        # A replay in another interleaving: messages the timer saw are not handled yet. The flush
-        # waits for them and is decided, at its own time, when the last of them comes (on_inbound);
-        # one behind an earlier waiting flush waits its turn (log order decides, whatever it counts:
-        # a new timer reading the replayed, shorter batch sends a smaller count).
-        queued = _queued(waiting, {"batch_messages": seen, "issued_at": now})
+    wanted = {"batch_messages": seen, "issued_at": now, "agent_events": counts[0], "replies": counts[1]}
+    if seen is not None and (waiting or not _handled_all(state, batch, wanted)):
+        # A replay in another interleaving: messages (or agent-activity events, or replies) the
+        # timer saw are not handled yet. The flush waits for them and is decided, at its own time,
+        # when the last of them comes (on_inbound, on_agent_activity, on_reply); one behind an
+        # earlier waiting flush waits its turn (log order decides, whatever it counts: a new timer
+        # reading the replayed, shorter batch sends a smaller count).
+        queued = _queued(waiting, wanted)
         if len(queued) > MAX_WAITING_FLUSHES:
             return state, _flush_ignored(batch_id, "too_many_waiting")
         state = copy.deepcopy(state)
@@ -511,13 +529,37 @@ def _on_flush(
         batch["waiting_flushes"] = queued
         return state, Effects(log=[("flush_waiting", {"batch_id": batch_id, "batch_messages": seen,
                                                       "handled": len(batch["messages"])})])
-    return _decide_flush(state, batch_id, seen, now, limits)
+    return _decide_flush(state, batch_id, seen, now, limits, counts)
+
+
+def _seen_counts(flush: Any) -> tuple[int | None, int | None]:
+    """(agent-activity events, replies) a flush command or a waiting flush says the timer saw."""
+    return flush.get("agent_events"), flush.get("replies")
+
+
+def _handled_all(state: CustomerState, batch: Batch, flush: Any) -> bool:
+    """Whether every message, agent-activity event and reply the flush counted is handled."""
+    agent_events, replies = _seen_counts(flush)
+    return (len(batch["messages"]) >= flush["batch_messages"]
+            and (agent_events is None or state.get("agent_events_handled", 0) >= agent_events)
+            and (replies is None or state.get("replies_handled", 0) >= replies))
+
+
+def _log_agent_event(state: CustomerState) -> AgentLogEntry:
+    """Counts an accepted agent-activity event; its log entry (item ids filled in if it records one)."""
+    state["agent_events_handled"] = state.get("agent_events_handled", 0) + 1
+    entry: AgentLogEntry = {"seq": state["agent_events_handled"], "item_ids": [],
+                            "last_human_before": state["last_human_at"]}
+    state["agent_log"] = [*state.get("agent_log", []), entry][-AGENT_MESSAGES:]
+    return entry
 
 
 def _decide_flush(
-    state: CustomerState, batch_id: str, seen: int | None, now: datetime, limits: Limits
+    state: CustomerState, batch_id: str, seen: int | None, now: datetime, limits: Limits,
+    counts: tuple[int | None, int | None] = (None, None),
 ) -> tuple[CustomerState, Effects]:
-    """Flushes the open batch's first `seen` messages if they are due at `now` (the flush's time)."""
+    """Flushes the open batch's first `seen` messages if they are due at `now` (the flush's time);
+    its human-agent block and hold will see the agent-activity events and replies of `counts`."""
     batch = state["open_batch"]
     assert batch is not None and batch["batch_id"] == batch_id
     if not _is_due(_seen_part(batch, seen), now, limits):  # judged on what the timer saw
@@ -527,6 +569,7 @@ def _decide_flush(
     assert batch is not None
     later = _take_unseen(batch, seen)
     batch["waiting_flushes"] = []  # decided: any later one names a flushed batch
+    batch["seen_agent_events"], batch["seen_replies"] = counts
     state, effects = _start_flush(state, batch, now, limits, Effects())
     if later:
         _reopen(state, batch, later)
@@ -551,13 +594,14 @@ def _queued(entries: list[Any], entry: dict[str, Any]) -> list[Any]:
 
 
 def _wait_early(
-    state: CustomerState, batch_id: str, seen: int, now: datetime
+    state: CustomerState, batch_id: str, seen: int, counts: tuple[int | None, int | None], now: datetime
 ) -> tuple[CustomerState, Effects]:
     """A flush of a batch the replay has not opened yet: kept until it opens (`_open_batch`), then
     decided like any flush waiting for its messages — never dropped, or the batch would be cut
     where a later timer's flush says, not where the one already emitted was."""
     early = state.get("early_flushes") or []
-    queued = _queued(early, {"batch_id": batch_id, "batch_messages": seen, "issued_at": now})
+    queued = _queued(early, {"batch_id": batch_id, "batch_messages": seen, "issued_at": now,
+                             "agent_events": counts[0], "replies": counts[1]})
     if (sum(1 for f in queued if f["batch_id"] == batch_id) > MAX_WAITING_FLUSHES
             or len(queued) > MAX_EARLY_FLUSHES):
         return state, _flush_ignored(batch_id, "too_many_waiting")
@@ -770,7 +814,9 @@ def _finalize(
     lookback_start = now - timedelta(seconds=limits.missed_lookback_seconds)
     cutoff = batch["prior_last_reply_at"]
     held_before = state["held_messages"]
-    earlier_ids = {i for u in state["unanswered"] for i in u["event_ids"]}
+    seen = _seen_view(state, batch)
+    state["last_human_at"], last_human_now = seen.last_human_at, state["last_human_at"]
+    earlier_ids = {i for u in seen.unanswered for i in u["event_ids"]}
     earlier_ids |= {e[len(ANSWERED_KEY):] for e in state["recent_event_ids"] if e.startswith(ANSWERED_KEY)}
     given_ids = {e[len(GIVEN_KEY):] for e in state["recent_event_ids"] if e.startswith(GIVEN_KEY)}
     resume_from = _resume_from(state, cutoff)
@@ -778,7 +824,7 @@ def _finalize(
     def select(held: list[InboundMessage]) -> missed.Selection:
         return missed.select_missed(
             history=history,
-            realtime=state["agent_messages"],
+            realtime=seen.agent_messages(state),
             cutoff=cutoff,
             lookback_start=lookback_start,
             batch_start=batch_start(batch),
@@ -787,15 +833,17 @@ def _finalize(
             given_event_ids=given_ids,
             resume_from=resume_from,
             seen_event_ids=set(state["recent_event_ids"]),
-            own_replies=state["own_replies"],
+            own_replies=seen.own_replies,
             now=now,
             max_items=limits.missed_max_items,
         )
 
     selection = select(held_before)
-    for item in selection.items:
-        if item["role"] == "agent" and item["agent_name"] != missed.TEMPLATE_AGENT_NAME:
-            state["last_human_at"] = _later(state["last_human_at"], item["at"])
+    humans = [item["at"] for item in selection.items if item["role"] == "agent"
+              and item["agent_name"] != missed.TEMPLATE_AGENT_NAME
+              and not seen.echo_ids.intersection(item["item_ids"])]  # a later reply showed them ours
+    for at in humans:
+        state["last_human_at"] = _later(state["last_human_at"], at)
     hold_reason = _hold_reason(state, now, limits)
     if hold_reason is None and held_before:
         # The hold is over: what a human answered meanwhile (or what outlived the 24 h session) is
@@ -803,6 +851,7 @@ def _finalize(
         held_before, as_context = _settle_held(state, held_before, now)
         if as_context:
             selection = select(held_before)
+    state["last_human_at"] = _later(last_human_now, max(humans, default=None))
     recovered = [_recovered_message(state, item, now) for item in selection.recovered]
     for message in recovered:
         _remember(state["recent_event_ids"], message_ids(message), RECENT_EVENT_IDS)
@@ -839,7 +888,7 @@ def _finalize(
                 "batch_id": batch["batch_id"], "count": dropped_held,
                 "event_ids": [m["event_id"] for m in overflow]}))
     else:
-        routed_to = "vision" if _needs_vision(messages, state["unanswered"]) else "responder"
+        routed_to = "vision" if _needs_vision(messages, _live(seen.unanswered, now)) else "responder"
         state["held_messages"] = []
         message_count = len(messages)
         injected = selection.items
@@ -932,6 +981,55 @@ def _finalize(
     return state, effects
 
 
+@dataclass(frozen=True)
+class SeenView:
+    """What a flushed batch sees of the customer's agent-activity events and replies: those the
+    timer's state had handled when it decided the flush (the batch's `seen_agent_events` and
+    `seen_replies`). Events handled after it — before the flush in a replay's interleaving, or
+    between the timer and the flush in the first run — belong to the next batch: their agent items
+    are left out, the echoes a later reply removed are back, its own reply and the unanswered entry
+    it removed are as before it. So the human-agent block and the hold are the same in any order."""
+
+    late_item_ids: frozenset[str]
+    echoes: tuple[MissedItem, ...]
+    echo_ids: frozenset[str]
+    own_replies: list[OwnReply]
+    unanswered: list[Unanswered]
+    last_human_at: datetime | None
+
+    def agent_messages(self, state: CustomerState) -> list[MissedItem]:
+        kept = [m for m in state["agent_messages"] if not self.late_item_ids.intersection(m["item_ids"])]
+        return sorted([*kept, *self.echoes], key=lambda m: m["at"])
+
+
+def _seen_view(state: CustomerState, batch: Batch) -> SeenView:
+    agent_events, replies = batch.get("seen_agent_events"), batch.get("seen_replies")
+    late_agent = [e for e in state.get("agent_log", []) if agent_events is not None
+                  and e["seq"] > agent_events]
+    late_replies = [r for r in state.get("reply_log", []) if replies is not None and r["seq"] > replies]
+    late_ids = frozenset(i for e in late_agent for i in e["item_ids"])
+    echoes = tuple(m for r in late_replies for m in r["echoes"] if not late_ids.intersection(m["item_ids"]))
+    late_sent = {r["batch_id"] for r in late_replies if r["sent"]}
+    unanswered = list(state["unanswered"])
+    for r in late_replies:
+        if r["unanswered"] is not None and all(u["batch_id"] != r["batch_id"] for u in unanswered):
+            unanswered.append(r["unanswered"])
+    view = SeenView(late_ids, echoes, frozenset(i for m in echoes for i in m["item_ids"]),
+                    [o for o in state["own_replies"] if o["batch_id"] not in late_sent], unanswered,
+                    state["last_human_at"])
+    if not (late_agent or late_replies):
+        return view
+    # last_human_at as it was before the first late event (of either topic; the lower one, since a
+    # late reply may have lowered it and a late agent message raised it), with the batch's agent items
+    befores = [e["last_human_before"] for e in late_agent[:1]]
+    befores += [r["last_human_before"] for r in late_replies[:1]]
+    last_human = None if None in befores else min(b for b in befores if b is not None)
+    for item in view.agent_messages(state):
+        if item["role"] == "agent" and item["agent_name"] != missed.TEMPLATE_AGENT_NAME:
+            last_human = _later(last_human, item["at"])
+    return dataclasses.replace(view, last_human_at=last_human)
+
+
 def _hold_reason(state: CustomerState, now: datetime, limits: Limits) -> str | None:
     if state["paused"]:
         return "paused"
@@ -982,9 +1080,14 @@ def _needs_vision(messages: list[InboundMessage], unanswered: list[Unanswered]) 
     return has_image or any(u["routed_to"] == "vision" for u in unanswered)
 
 
-def _expire_unanswered(state: CustomerState, now: datetime) -> int:
+def _live(unanswered: list[Unanswered], now: datetime) -> list[Unanswered]:
+    """The entries not expired at `now` (UNANSWERED_TTL_SECONDS)."""
     limit = now - timedelta(seconds=UNANSWERED_TTL_SECONDS)
-    kept = [u for u in state["unanswered"] if u["emitted_at"] > limit]
+    return [u for u in unanswered if u["emitted_at"] > limit]
+
+
+def _expire_unanswered(state: CustomerState, now: datetime) -> int:
+    kept = _live(state["unanswered"], now)
     expired = len(state["unanswered"]) - len(kept)
     state["unanswered"] = kept
     return expired
@@ -1010,10 +1113,13 @@ def _open_batch(state: CustomerState, now: datetime) -> Batch:
         "fetch_started_at": None,
         "fetch_attempts": 0,
         "waiting_flushes": [],
+        "seen_agent_events": None,
+        "seen_replies": None,
     }
     early = state.get("early_flushes") or []
     if early:  # flushes handled before the replay opened this batch wait in it, in log order
-        batch["waiting_flushes"] = [{"batch_messages": f["batch_messages"], "issued_at": f["issued_at"]}
+        batch["waiting_flushes"] = [{"batch_messages": f["batch_messages"], "issued_at": f["issued_at"],
+                                     "agent_events": f.get("agent_events"), "replies": f.get("replies")}
                                     for f in early if f["batch_id"] == batch["batch_id"]]
         state["early_flushes"] = [f for f in early
                                   if _batch_number(state, f["batch_id"]) > state["batch_seq"]]

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from services.common import codec
 from services.common.config import Settings
-from services.common.records import ContextCommand, CustomerState, InboundMessage
+from services.common.records import ContextCommand, CustomerState, InboundMessage, ResponderRequest
 from services.context.app import Incoming, build_limits, create_app
 
-from .context_builders import KEY, Customer, command, inbound, limits, secs, t
+from .context_builders import KEY, Customer, activity, command, inbound, limits, reply, secs, t
 
 QUIET = 30
 
@@ -187,7 +187,8 @@ async def test_the_timer_tells_how_many_messages_it_saw(tmp_path: Any) -> None:
               for i, m in enumerate(messages)]
     await runtime.handle_events(events)
     assert await runtime.flush_tick()
-    assert [(c["kind"], c.get("batch_messages")) for c in sent] == [("flush", 3)]
+    assert [(c["kind"], c.get("batch_messages"), c.get("agent_events"), c.get("replies")) for c in sent] == [
+        ("flush", 3, 0, 0)]
 
 
 def test_a_flush_of_a_batch_the_replay_has_not_opened_yet_waits_for_it() -> None:
@@ -349,3 +350,115 @@ def test_any_replay_interleaving_emits_the_same_batches(
     emitted = {b: ids for b, ids in batches(original)}
     for batch_id, ids in batches(replay):
         assert emitted.get(batch_id, ids) == ids, f"{batch_id}: first {emitted.get(batch_id)}, replay {ids}"
+
+
+# -- the interleaving of a flush with agent-activity and reply events (the human-agent block) --------
+
+def counted_flush(c: Customer, at: Any) -> ContextCommand:
+    """The flush the timer sends at `at` on `c`'s state: its batch's messages, and how many of the
+    customer's agent-activity events and replies the state had handled (as `flush_tick` does)."""
+    cmd = timer_command(c, at)
+    assert cmd is not None, f"nothing due at {at}"
+    cmd["agent_events"] = c.state.get("agent_events_handled", 0)
+    cmd["replies"] = c.state.get("replies_handled", 0)
+    return cmd
+
+
+def block(request: ResponderRequest) -> list[tuple[str, str | None, str]]:
+    return [(m["role"], m["agent_name"], m["text"]) for m in request["missed_messages"]]
+
+
+def test_an_agent_message_handled_after_the_timer_decided_is_not_in_the_block_in_either_order() -> None:
+    """An agent wrote before the customer's burst, but its webhook was handled after the timer
+    decided the flush: in the first run it is not in the batch's human-agent block; a replay that
+    handles it before the flush must give the same block (and the same routing: no hold)."""
+    late_agent = activity("a1", t("10:00:55"), "Le escribo en un momento")
+    runs = []
+    for agent_first in (False, True):
+        c = Customer(lim=limits(quiet=QUIET, hold=0))
+        first_contact_done(c)
+        c.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+        cmd = counted_flush(c, t("10:01:31"))  # the timer has seen no agent event of this batch
+        if agent_first:  # the replay's interleaving
+            c.agent(late_agent, late_agent["received_at"])
+            c.command(cmd)
+        else:  # the first run's
+            c.command(cmd)
+            c.agent(late_agent, late_agent["received_at"])
+        runs.append(c)
+    original, replay = runs
+    assert block(original.requests[-1]) == [], "the timer saw no agent message"
+    assert replay.requests[-1] == original.requests[-1]
+    assert replay.decisions[-1] == original.decisions[-1]
+
+
+def test_an_agent_message_the_timer_saw_holds_the_batch_in_either_order() -> None:
+    """The other side: an agent message the timer counted is in the block — and holds the batch —
+    even when a replay handles the flush before it (the flush waits for it)."""
+    agent = activity("a1", t("10:00:55"), "Le escribo en un momento")
+    original = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(original)
+    original.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+    original.agent(agent, agent["received_at"])
+    cmd = counted_flush(original, t("10:01:31"))
+    original.command(cmd)
+    replay = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(replay)
+    replay.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+    effects = replay.command(cmd)
+    assert not effects.decisions, "the flush waits for the agent event it counted"
+    replay.agent(agent, agent["received_at"])
+    assert [d["routed_to"] for d in original.decisions][-1] == "held"
+    assert replay.decisions[-1] == original.decisions[-1]
+    assert replay.state["held_messages"] == original.state["held_messages"]
+
+
+def test_a_reply_handled_after_the_timer_decided_changes_nothing_in_the_block_in_either_order() -> None:
+    """Our reply's echo (reported as an agent send before the reply names its id) is in the block
+    the timer saw; a replay that handles the reply — which shows the echo was ours — before the
+    flush must give the same block, not one without it."""
+    runs = []
+    for reply_first in (False, True):
+        c = Customer(lim=limits(quiet=QUIET, hold=0))
+        first_contact_done(c)
+        c.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+        c.command(counted_flush(c, t("10:01:31")))
+        echo = activity("e2", t("10:01:40"), "Sí, tenemos.", operator=None, ids=["wamid-r2"])
+        c.agent(echo, echo["received_at"])
+        c.message(inbound("w2", t("10:02:00"), "¿Con desayuno?"))  # batch 3, cutoff 10:00:45
+        cmd = counted_flush(c, t("10:02:31"))
+        late_reply = reply(f"{KEY}:2", t("10:01:40"), "Sí, tenemos.", ids=["wamid-r2"])
+        if reply_first:
+            c.replied(late_reply)
+            c.command(cmd)
+        else:
+            c.command(cmd)
+            c.replied(late_reply)
+        runs.append(c)
+    original, replay = runs
+    assert original.requests[-1]["batch_id"] == f"{KEY}:3"
+    assert replay.requests[-1] == original.requests[-1]
+    assert replay.decisions[-1] == original.decisions[-1]
+
+
+def test_a_flush_replayed_before_a_reply_it_saw_waits_for_it() -> None:
+    """The timer counted the reply (which shows the echo was ours): a replay reading the flush
+    before the reply waits for it, and the block is the first run's — without our echo."""
+    original = Customer(lim=limits(quiet=QUIET, hold=0))
+    first_contact_done(original)
+    original.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+    original.command(counted_flush(original, t("10:01:31")))
+    echo = activity("e2", t("10:01:40"), "Sí, tenemos.", operator=None, ids=["wamid-r2"])
+    original.agent(echo, echo["received_at"])
+    original.message(inbound("w2", t("10:02:00"), "¿Con desayuno?"))
+    replay = Customer(lim=limits(quiet=QUIET, hold=0))
+    replay.state = copy.deepcopy(original.state)  # the replay starts here
+    the_reply = reply(f"{KEY}:2", t("10:01:40"), "Sí, tenemos.", ids=["wamid-r2"])
+    original.replied(the_reply)
+    cmd = counted_flush(original, t("10:02:31"))
+    original.command(cmd)
+    assert block(original.requests[-1]) == [], "the echo is ours"
+    effects = replay.command(cmd)
+    assert not effects.decisions, "the flush waits for the reply it counted"
+    replay.replied(the_reply)
+    assert replay.requests[-1] == original.requests[-1]
