@@ -165,9 +165,11 @@ class ContextCommand(TypedDict):
     #: flush: the number of batch messages the timer saw (None: all); replays flush the same batch
     batch_messages: NotRequired[int | None]
     #: flush: agent-activity events / replies of the customer the timer's state had handled (None:
-    #: all); the batch's human-agent block and hold see exactly those, however a replay interleaves
+    #: all); the batch's human-agent block and hold see exactly those, however a replay interleaves;
+    #: `opened_replies`: the replies handled when the batch opened (its cutoff is the last of them)
     agent_events: NotRequired[int | None]
     replies: NotRequired[int | None]
+    opened_replies: NotRequired[int | None]
 
 
 class ExcludedItem(TypedDict):
@@ -237,6 +239,7 @@ class WaitingFlush(TypedDict):
     issued_at: datetime
     agent_events: NotRequired[int | None]
     replies: NotRequired[int | None]
+    opened_replies: NotRequired[int | None]
 
 
 class EarlyFlush(TypedDict):
@@ -245,12 +248,14 @@ class EarlyFlush(TypedDict):
     issued_at: datetime
     agent_events: NotRequired[int | None]
     replies: NotRequired[int | None]
+    opened_replies: NotRequired[int | None]
 
 
 class AgentLogEntry(TypedDict):
     seq: int
     item_ids: list[str]
-    last_human_before: datetime | None
+    human_at: datetime | None
+    forgotten_by: int | None
 
 
 class ReplyLogEntry(TypedDict):
@@ -259,7 +264,7 @@ class ReplyLogEntry(TypedDict):
     sent: bool
     echoes: list[MissedItem]
     unanswered: Unanswered | None
-    last_human_before: datetime | None
+    last_reply_before: NotRequired[datetime | None]
 
 
 class Batch(TypedDict):
@@ -274,6 +279,7 @@ class Batch(TypedDict):
     waiting_flushes: NotRequired[list[WaitingFlush]]
     seen_agent_events: NotRequired[int | None]
     seen_replies: NotRequired[int | None]
+    opened_replies: NotRequired[int | None]
 
 
 class Unanswered(TypedDict):
@@ -307,3 +313,5 @@ class CustomerState(TypedDict):
     replies_handled: NotRequired[int]
     agent_log: NotRequired[list[AgentLogEntry]]
     reply_log: NotRequired[list[ReplyLogEntry]]
+    reply_floor: NotRequired[datetime | None]
+    last_human_base: NotRequired[datetime | None]

@@ -957,6 +957,7 @@ class ContextRuntime:
                 # and the batch's human-agent block and hold see exactly these agent events and replies
                 "agent_events": state.get("agent_events_handled", 0),
                 "replies": state.get("replies_handled", 0),
+                "opened_replies": batch.get("opened_replies") if seen is not None and batch else None,
             }))
         # All due flushes at once: awaiting each ack in turn stretched the tick with the load.
         results = await asyncio.gather(*(self.send_command(c) for _, _, c in due), return_exceptions=True)

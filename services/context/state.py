@@ -216,6 +216,8 @@ def new_state(customer_key: str) -> CustomerState:
         "replies_handled": 0,
         "agent_log": [],
         "reply_log": [],
+        "reply_floor": None,
+        "last_human_base": None,
     }
 
 
@@ -328,6 +330,7 @@ def on_agent_activity(
     state["agent_messages"] = agent_messages[-AGENT_MESSAGES:]
     entry["item_ids"] = list(item["item_ids"])
     if not template:
+        entry["human_at"] = activity["provider_time"]
         state["last_human_at"] = _later(state["last_human_at"], activity["provider_time"])
     effects.log.append(("agent_message_recorded", {
         "event_id": activity["event_id"], "sender_kind": kind, "at": activity["provider_time"],
@@ -348,7 +351,7 @@ def on_reply(
     answered_entry = next((u for u in state["unanswered"] if u["batch_id"] == reply["batch_id"]), None)
     remembered = [key]
     sent = reply["outcome"] in ("answered", "fallback") and bool(reply["text"].strip())
-    last_human_before = state["last_human_at"]
+    last_reply_before = state["last_reply_at"]
     removed: list[MissedItem] = []
     if sent:
         state["last_reply_at"] = _later(state["last_reply_at"], reply["sent_at"])
@@ -360,6 +363,10 @@ def on_reply(
         }
         state["own_replies"] = [*state["own_replies"], own][-OWN_REPLIES:]
         removed = _forget_own_echoes(state, own)
+        echo_ids = {i for m in removed for i in m["item_ids"]}
+        for entry in state.get("agent_log", []):
+            if entry["forgotten_by"] is None and echo_ids.intersection(entry["item_ids"]):
+                entry["forgotten_by"] = state.get("replies_handled", 0) + 1  # this reply's seq
         if reply["outcome"] == "answered" and answered_entry is not None:
             remembered.extend(ANSWERED_KEY + i for i in answered_entry["event_ids"])
     _remember(state["recent_event_ids"], remembered, RECENT_EVENT_IDS)
@@ -368,7 +375,7 @@ def on_reply(
     state["replies_handled"] = state.get("replies_handled", 0) + 1
     logged: ReplyLogEntry = {
         "seq": state["replies_handled"], "batch_id": reply["batch_id"], "sent": sent, "echoes": removed,
-        "unanswered": answered_entry, "last_human_before": last_human_before}
+        "unanswered": answered_entry, "last_reply_before": last_reply_before}
     state["reply_log"] = [*state.get("reply_log", []), logged][-OWN_REPLIES:]
     effects.log.append(("reply_recorded", {
         "batch_id": reply["batch_id"], "outcome": reply["outcome"], "sent": sent,
@@ -513,7 +520,8 @@ def _on_flush(
     waiting = batch.get("waiting_flushes") or []
     if waiting and seen is None:
         return state, _flush_ignored(batch_id, "earlier_flush_waiting")
-    wanted = {"batch_messages": seen, "issued_at": now, "agent_events": counts[0], "replies": counts[1]}
+    wanted = {"batch_messages": seen, "issued_at": now, "agent_events": counts[0], "replies": counts[1],
+              "opened_replies": counts[2]}
     if seen is not None and (waiting or not _handled_all(state, batch, wanted)):
         # A replay in another interleaving: messages (or agent-activity events, or replies) the
         # timer saw are not handled yet. The flush waits for them and is decided, at its own time,
@@ -532,31 +540,48 @@ def _on_flush(
     return _decide_flush(state, batch_id, seen, now, limits, counts)
 
 
-def _seen_counts(flush: Any) -> tuple[int | None, int | None]:
-    """(agent-activity events, replies) a flush command or a waiting flush says the timer saw."""
-    return flush.get("agent_events"), flush.get("replies")
+Counts = tuple[int | None, int | None, int | None]
+"""(agent-activity events, replies, replies when the batch opened) a flush says the timer saw."""
+
+
+def _seen_counts(flush: Any) -> Counts:
+    """The counts of a flush command or of a waiting flush (None: not counted, older commands)."""
+    return flush.get("agent_events"), flush.get("replies"), flush.get("opened_replies")
 
 
 def _handled_all(state: CustomerState, batch: Batch, flush: Any) -> bool:
     """Whether every message, agent-activity event and reply the flush counted is handled."""
-    agent_events, replies = _seen_counts(flush)
+    agent_events, replies, _ = _seen_counts(flush)
     return (len(batch["messages"]) >= flush["batch_messages"]
             and (agent_events is None or state.get("agent_events_handled", 0) >= agent_events)
             and (replies is None or state.get("replies_handled", 0) >= replies))
 
 
+def _reply_time_after(state: CustomerState, replies: int, otherwise: datetime | None) -> datetime | None:
+    """`last_reply_at` as it was once the customer's first `replies` replies were handled
+    (`otherwise` when the reply log no longer tells)."""
+    if replies == state.get("replies_handled", 0):
+        return state["last_reply_at"]
+    following = next((r for r in state.get("reply_log", []) if r["seq"] == replies + 1), None)
+    return following.get("last_reply_before") if following is not None else otherwise
+
+
 def _log_agent_event(state: CustomerState) -> AgentLogEntry:
     """Counts an accepted agent-activity event; its log entry (item ids filled in if it records one)."""
     state["agent_events_handled"] = state.get("agent_events_handled", 0) + 1
-    entry: AgentLogEntry = {"seq": state["agent_events_handled"], "item_ids": [],
-                            "last_human_before": state["last_human_at"]}
-    state["agent_log"] = [*state.get("agent_log", []), entry][-AGENT_MESSAGES:]
+    entry: AgentLogEntry = {"seq": state["agent_events_handled"], "item_ids": [], "human_at": None,
+                            "forgotten_by": None}
+    log = [*state.get("agent_log", []), entry]
+    for dropped in log[:-AGENT_MESSAGES]:  # what the log forgets still counts for the hold
+        if dropped["forgotten_by"] is None:
+            state["last_human_base"] = _later(state.get("last_human_base"), dropped["human_at"])
+    state["agent_log"] = log[-AGENT_MESSAGES:]
     return entry
 
 
 def _decide_flush(
     state: CustomerState, batch_id: str, seen: int | None, now: datetime, limits: Limits,
-    counts: tuple[int | None, int | None] = (None, None),
+    counts: Counts = (None, None, None),
 ) -> tuple[CustomerState, Effects]:
     """Flushes the open batch's first `seen` messages if they are due at `now` (the flush's time);
     its human-agent block and hold will see the agent-activity events and replies of `counts`."""
@@ -569,7 +594,9 @@ def _decide_flush(
     assert batch is not None
     later = _take_unseen(batch, seen)
     batch["waiting_flushes"] = []  # decided: any later one names a flushed batch
-    batch["seen_agent_events"], batch["seen_replies"] = counts
+    batch["seen_agent_events"], batch["seen_replies"], opened_replies = counts
+    if opened_replies is not None:  # the cutoff the first run's batch captured when it opened
+        batch["prior_last_reply_at"] = _reply_time_after(state, opened_replies, batch["prior_last_reply_at"])
     state, effects = _start_flush(state, batch, now, limits, Effects())
     if later:
         _reopen(state, batch, later)
@@ -594,14 +621,14 @@ def _queued(entries: list[Any], entry: dict[str, Any]) -> list[Any]:
 
 
 def _wait_early(
-    state: CustomerState, batch_id: str, seen: int, counts: tuple[int | None, int | None], now: datetime
+    state: CustomerState, batch_id: str, seen: int, counts: Counts, now: datetime
 ) -> tuple[CustomerState, Effects]:
     """A flush of a batch the replay has not opened yet: kept until it opens (`_open_batch`), then
     decided like any flush waiting for its messages — never dropped, or the batch would be cut
     where a later timer's flush says, not where the one already emitted was."""
     early = state.get("early_flushes") or []
     queued = _queued(early, {"batch_id": batch_id, "batch_messages": seen, "issued_at": now,
-                             "agent_events": counts[0], "replies": counts[1]})
+                             "agent_events": counts[0], "replies": counts[1], "opened_replies": counts[2]})
     if (sum(1 for f in queued if f["batch_id"] == batch_id) > MAX_WAITING_FLUSHES
             or len(queued) > MAX_EARLY_FLUSHES):
         return state, _flush_ignored(batch_id, "too_many_waiting")
@@ -814,12 +841,16 @@ def _finalize(
     lookback_start = now - timedelta(seconds=limits.missed_lookback_seconds)
     cutoff = batch["prior_last_reply_at"]
     held_before = state["held_messages"]
-    seen = _seen_view(state, batch)
+    resume_from = _resume_from(state, cutoff)
+    window = WindowStart(cutoff if cutoff is not None else lookback_start, resume_from)
+    seen = _seen_view(state, batch, window)
     state["last_human_at"], last_human_now = seen.last_human_at, state["last_human_at"]
+    seen_replies = batch.get("seen_replies")
+    state["reply_floor"] = (state["last_reply_at"] if seen_replies is None
+                            else _reply_time_after(state, seen_replies, state["last_reply_at"]))
     earlier_ids = {i for u in seen.unanswered for i in u["event_ids"]}
     earlier_ids |= {e[len(ANSWERED_KEY):] for e in state["recent_event_ids"] if e.startswith(ANSWERED_KEY)}
     given_ids = {e[len(GIVEN_KEY):] for e in state["recent_event_ids"] if e.startswith(GIVEN_KEY)}
-    resume_from = _resume_from(state, cutoff)
 
     def select(held: list[InboundMessage]) -> missed.Selection:
         return missed.select_missed(
@@ -839,11 +870,14 @@ def _finalize(
         )
 
     selection = select(held_before)
-    humans = [item["at"] for item in selection.items if item["role"] == "agent"
-              and item["agent_name"] != missed.TEMPLATE_AGENT_NAME
-              and not seen.echo_ids.intersection(item["item_ids"])]  # a later reply showed them ours
+    human_items = [item for item in selection.items if item["role"] == "agent"
+                   and item["agent_name"] != missed.TEMPLATE_AGENT_NAME
+                   and not seen.echo_ids.intersection(item["item_ids"])]  # a later reply showed them ours
+    humans = [item["at"] for item in human_items]
     for at in humans:
         state["last_human_at"] = _later(state["last_human_at"], at)
+    state["last_human_base"] = _later(state.get("last_human_base"), max(  # found in history
+        (item["at"] for item in human_items if item["source"] != "realtime"), default=None))
     hold_reason = _hold_reason(state, now, limits)
     if hold_reason is None and held_before:
         # The hold is over: what a human answered meanwhile (or what outlived the 24 h session) is
@@ -990,6 +1024,7 @@ class SeenView:
     are left out, the echoes a later reply removed are back, its own reply and the unanswered entry
     it removed are as before it. So the human-agent block and the hold are the same in any order."""
 
+    window: WindowStart
     late_item_ids: frozenset[str]
     echoes: tuple[MissedItem, ...]
     echo_ids: frozenset[str]
@@ -998,11 +1033,25 @@ class SeenView:
     last_human_at: datetime | None
 
     def agent_messages(self, state: CustomerState) -> list[MissedItem]:
-        kept = [m for m in state["agent_messages"] if not self.late_item_ids.intersection(m["item_ids"])]
+        kept = [m for m in state["agent_messages"] if not self.late_item_ids.intersection(m["item_ids"])
+                and self.window.maybe_inside(m["at"])]  # pruned or not: outside, so not even listed
         return sorted([*kept, *self.echoes], key=lambda m: m["at"])
 
 
-def _seen_view(state: CustomerState, batch: Batch) -> SeenView:
+@dataclass(frozen=True)
+class WindowStart:
+    """Where a batch's missed-message window starts, as `missed.select_missed` reads it."""
+
+    lower: datetime  # the cutoff, or the lookback start without one
+    resume_from: datetime | None
+
+    def maybe_inside(self, at: datetime) -> bool:
+        """False for a real-time item `select_missed` would exclude as `before_cutoff`."""
+        return (at > self.lower or possibly_after(at, self.lower)
+                or (self.resume_from is not None and at > self.resume_from))
+
+
+def _seen_view(state: CustomerState, batch: Batch, window: WindowStart) -> SeenView:
     agent_events, replies = batch.get("seen_agent_events"), batch.get("seen_replies")
     late_agent = [e for e in state.get("agent_log", []) if agent_events is not None
                   and e["seq"] > agent_events]
@@ -1014,19 +1063,19 @@ def _seen_view(state: CustomerState, batch: Batch) -> SeenView:
     for r in late_replies:
         if r["unanswered"] is not None and all(u["batch_id"] != r["batch_id"] for u in unanswered):
             unanswered.append(r["unanswered"])
-    view = SeenView(late_ids, echoes, frozenset(i for m in echoes for i in m["item_ids"]),
+    view = SeenView(window, late_ids, echoes, frozenset(i for m in echoes for i in m["item_ids"]),
                     [o for o in state["own_replies"] if o["batch_id"] not in late_sent], unanswered,
                     state["last_human_at"])
-    if not (late_agent or late_replies):
-        return view
-    # last_human_at as it was before the first late event (of either topic; the lower one, since a
-    # late reply may have lowered it and a late agent message raised it), with the batch's agent items
-    befores = [e["last_human_before"] for e in late_agent[:1]]
-    befores += [r["last_human_before"] for r in late_replies[:1]]
-    last_human = None if None in befores else min(b for b in befores if b is not None)
-    for item in view.agent_messages(state):
-        if item["role"] == "agent" and item["agent_name"] != missed.TEMPLATE_AGENT_NAME:
-            last_human = _later(last_human, item["at"])
+    # last_human_at as the timer's state had it: the human-agent messages it had handled, less
+    # those a reply it had handled showed were our own sends, and what history found before
+    last_human = state.get("last_human_base")
+    if state.get("agent_events_handled", 0) == 0:  # a state from before the agent log
+        last_human = _later(last_human, state["last_human_at"])
+    for entry in state.get("agent_log", []):
+        forgotten = entry["forgotten_by"]
+        if ((agent_events is None or entry["seq"] <= agent_events)
+                and (forgotten is None or (replies is not None and forgotten > replies))):
+            last_human = _later(last_human, entry["human_at"])
     return dataclasses.replace(view, last_human_at=last_human)
 
 
@@ -1115,11 +1164,13 @@ def _open_batch(state: CustomerState, now: datetime) -> Batch:
         "waiting_flushes": [],
         "seen_agent_events": None,
         "seen_replies": None,
+        "opened_replies": state.get("replies_handled", 0),
     }
     early = state.get("early_flushes") or []
     if early:  # flushes handled before the replay opened this batch wait in it, in log order
         batch["waiting_flushes"] = [{"batch_messages": f["batch_messages"], "issued_at": f["issued_at"],
-                                     "agent_events": f.get("agent_events"), "replies": f.get("replies")}
+                                     "agent_events": f.get("agent_events"), "replies": f.get("replies"),
+                                     "opened_replies": f.get("opened_replies")}
                                     for f in early if f["batch_id"] == batch["batch_id"]]
         state["early_flushes"] = [f for f in early
                                   if _batch_number(state, f["batch_id"]) > state["batch_seq"]]
@@ -1280,10 +1331,14 @@ def _forget_own_echoes(state: CustomerState, reply: OwnReply) -> list[MissedItem
 
 def _prune_agent_messages(state: CustomerState, now: datetime, limits: Limits) -> int:
     """Drops real-time agent items at or before the last reply — but never what a pending batch
-    (open or flushing, whose cutoff was captured earlier) still needs."""
-    horizon = state["last_reply_at"]
-    if horizon is None:
+    (open or flushing, whose cutoff was captured earlier) still needs, nor what came after
+    `reply_floor`: a replay may open the next batch after this reply although the first run opened
+    it before, and its flush then gives it the older cutoff of the first run (never older than the
+    floor: a batch opens after the previous one was decided)."""
+    horizon, floor = state["last_reply_at"], state.get("reply_floor")
+    if horizon is None or floor is None:
         return 0
+    horizon = min(horizon, floor)
     ends = _window_ends(state)
     if ends:  # what came after the last request's window is in no request yet: keep it
         horizon = min(horizon, max(ends))

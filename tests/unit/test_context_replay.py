@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 
 from services.common import codec
 from services.common.config import Settings
-from services.common.records import ContextCommand, CustomerState, InboundMessage, ResponderRequest
+from services.common.records import (
+    AgentActivity,
+    AssistantReply,
+    ContextCommand,
+    CustomerState,
+    InboundMessage,
+    ResponderRequest,
+)
 from services.context.app import Incoming, build_limits, create_app
 
 from .context_builders import KEY, Customer, activity, command, inbound, limits, reply, secs, t
@@ -187,8 +194,8 @@ async def test_the_timer_tells_how_many_messages_it_saw(tmp_path: Any) -> None:
               for i, m in enumerate(messages)]
     await runtime.handle_events(events)
     assert await runtime.flush_tick()
-    assert [(c["kind"], c.get("batch_messages"), c.get("agent_events"), c.get("replies")) for c in sent] == [
-        ("flush", 3, 0, 0)]
+    assert [(c["kind"], c.get("batch_messages"), c.get("agent_events"), c.get("replies"),
+             c.get("opened_replies")) for c in sent] == [("flush", 3, 0, 0, 0)]
 
 
 def test_a_flush_of_a_batch_the_replay_has_not_opened_yet_waits_for_it() -> None:
@@ -298,13 +305,18 @@ def record_a_run(gaps: list[int], timer_every: int) -> tuple[Customer, Recorded]
 
 
 def timer_command(c: Customer, at: Any) -> ContextCommand | None:
-    """The flush the timer sends at `at` on `c`'s state, if any (not handled yet)."""
+    """The flush the timer sends at `at` on `c`'s state, if any (not handled yet), with the counts
+    `flush_tick` puts in it."""
     batch_id = c.due(at)
     if batch_id is None:
         return None
     batch = c.state["open_batch"]
     seen = len(batch["messages"]) if batch is not None and batch["batch_id"] == batch_id else None
-    return flush(at, batch_id, seen)
+    cmd = flush(at, batch_id, seen)
+    cmd["agent_events"] = c.state.get("agent_events_handled", 0)
+    cmd["replies"] = c.state.get("replies_handled", 0)
+    cmd["opened_replies"] = batch.get("opened_replies") if batch is not None and seen is not None else None
+    return cmd
 
 
 def timer_flush(c: Customer, at: Any, recorded: Recorded) -> None:
@@ -359,8 +371,6 @@ def counted_flush(c: Customer, at: Any) -> ContextCommand:
     customer's agent-activity events and replies the state had handled (as `flush_tick` does)."""
     cmd = timer_command(c, at)
     assert cmd is not None, f"nothing due at {at}"
-    cmd["agent_events"] = c.state.get("agent_events_handled", 0)
-    cmd["replies"] = c.state.get("replies_handled", 0)
     return cmd
 
 
@@ -462,3 +472,114 @@ def test_a_flush_replayed_before_a_reply_it_saw_waits_for_it() -> None:
     assert not effects.decisions, "the flush waits for the reply it counted"
     replay.replied(the_reply)
     assert replay.requests[-1] == original.requests[-1]
+
+
+@dataclass
+class RecordedTopics:
+    """One run's four input topics, each in its own order, as (event kind, record)."""
+
+    inbound: list[InboundMessage]
+    agent: list[AgentActivity]
+    replies: list[AssistantReply]
+    commands: list[ContextCommand]
+
+
+def record_a_run_with_agents(
+    steps: list[tuple[str, int]], timer_every: int, hold: int
+) -> tuple[Customer, RecordedTopics]:
+    """A first run: customer messages, human-agent messages (their webhooks a few seconds late) and
+    our replies (to the oldest unanswered batch, some with their echo reported as an agent send
+    first), `gap` seconds apart; the timer flushes what is due with the counts it sees."""
+    c = Customer(lim=limits(quiet=QUIET, hold=hold))
+    first_contact_done(c)
+    recorded = RecordedTopics([], [], [], [])
+    now = t("10:01:00")
+    clock = now
+    answered: set[str] = set()
+
+    def tick_until(until: Any) -> None:
+        nonlocal clock
+        while clock + secs(timer_every) <= until:
+            clock = clock + secs(timer_every)
+            cmd = timer_command(c, clock)
+            if cmd is not None:
+                c.command(cmd)
+                recorded.commands.append(cmd)
+
+    for n, (kind, gap) in enumerate(steps):
+        now = now + secs(gap)
+        tick_until(now)
+        if kind == "message":
+            message = inbound(f"m{n}", now)
+            c.message(message, message["received_at"])
+            recorded.inbound.append(message)
+        elif kind == "agent":
+            act = activity(f"a{n}", now - secs(3), f"agente {n}")  # written 3 s before its webhook
+            act["received_at"] = now
+            c.agent(act, now)
+            recorded.agent.append(act)
+        else:
+            open_ids = [r["batch_id"] for r in c.requests if r["batch_id"] not in answered
+                        and r["batch_id"] != f"{KEY}:1"]
+            if not open_ids:
+                continue
+            batch_id = open_ids[0]
+            answered.add(batch_id)
+            text = f"respuesta {n}"
+            if kind == "reply_echo":  # our send's echo, reported before the reply names its id
+                echo = activity(f"e{n}", now - secs(1), text, operator=None, ids=[f"wamid-{n}"])
+                echo["received_at"] = now
+                c.agent(echo, now)
+                recorded.agent.append(echo)
+            rep = reply(batch_id, now, text, ids=[f"wamid-{n}"])
+            c.replied(rep)
+            recorded.replies.append(rep)
+    tick_until(clock + secs(3 * QUIET + timer_every))
+    return c, recorded
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(st.tuples(st.sampled_from(["message", "message", "agent", "reply", "reply_echo"]),
+                             st.integers(min_value=0, max_value=70)), min_size=1, max_size=14),
+    timer_every=st.integers(min_value=1, max_value=20),
+    hold=st.sampled_from([0, 20]),
+    order=st.lists(st.integers(min_value=0, max_value=3), max_size=60),
+)
+def test_any_replay_interleaving_of_the_four_topics_emits_the_same_batches(
+    steps: list[tuple[str, int]], timer_every: int, hold: int, order: list[int],
+) -> None:
+    """The four topics (inbound, agent activity, replies, commands) replayed in any interleaving,
+    each in its own order: every batch emitted again is the first run's request, human-agent block
+    and hold included."""
+    original, recorded = record_a_run_with_agents(steps, timer_every, hold)
+    replay = Customer(lim=limits(quiet=QUIET, hold=hold))
+    first_contact_done(replay)
+    topics: list[list[Any]] = [list(recorded.inbound), list(recorded.agent), list(recorded.replies),
+                               list(recorded.commands)]
+    choices = iter(order)
+    while any(topics):
+        pick = next(choices, 0)
+        while not topics[pick]:
+            pick = (pick + 1) % 4
+        record = topics[pick].pop(0)
+        if pick == 0:
+            replay.message(record, record["received_at"])
+        elif pick == 1:
+            replay.agent(record, record["received_at"])
+        elif pick == 2:
+            replay.replied(record)
+        else:
+            replay.command(record)
+    emitted = {r["batch_id"]: r for r in original.requests}
+    for request in replay.requests:
+        assert emitted.get(request["batch_id"], request) == request, request["batch_id"]
+    def judged(decision: dict[str, Any]) -> dict[str, Any]:
+        # The audit's list of excluded real-time items is not compared: it names what the agent
+        # memory still held, and a reply prunes it at another point of a replay (never what a batch
+        # can still inject: `reply_floor`).
+        return {k: v for k, v in decision.items() if k != "excluded"}
+
+    decided = {d["batch_id"]: judged(d) for d in original.decisions}
+    for decision in map(judged, replay.decisions):
+        assert decided.get(decision["batch_id"], decision) == decision, decision["batch_id"]

@@ -538,6 +538,12 @@ def test_reply_prunes_agent_messages_it_covers() -> None:
     flushed_request(c, T0 + secs(35))
     c.agent(activity("a2", T0 + secs(50), "después"))
     c.answer(T0 + secs(40))
+    # kept while a batch may still open with the decided batch's cutoff (none: the lookback) — a
+    # replay may handle the next message after this reply where the first run handled it before
+    assert [m["text"] for m in c.state["agent_messages"]] == ["antes", "después"]
+    talk(c, ("m2", T0 + secs(100)))
+    flushed_request(c, T0 + secs(130))  # decided with the reply at T0+40 handled: the floor
+    c.answer(T0 + secs(140))
     assert [m["text"] for m in c.state["agent_messages"]] == ["después"]
 
 
