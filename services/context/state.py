@@ -64,6 +64,10 @@ Decisions taken here (where the issues leave a choice):
   Context items given to the model are remembered too (`given:<id>`): a whole-second real-time
   item in the second of the cutoff may be before or after it, and its ids — not its time — tell
   whether the model already has it.
+- Replays (RELIABILITY.md 6b): a flush names what the timer's state had handled — the batch's
+  messages, the customer's agent-activity events and replies, the replies when the batch opened —
+  and waits for them in a replay; the batch sees exactly those (`_seen_view`), its cutoff is the
+  reply time after `opened_replies` replies. Later events belong to the next batch.
 - Metrics are `(attribute name in services.common.metrics, labels, value)`; for a Histogram the
   value is observed, for a Counter added. Duplicates (`Effects.duplicate`) carry no metric: the
   shell counts `dedupe_hits_total` itself. History-fetch failures reported by the fetcher are

@@ -8,6 +8,9 @@ from their own committed positions: later, and possibly in another interleaving)
   timer decided belongs to the next batch, whether the replay puts it before or after the flush;
   a flush replayed before messages it saw waits for them. So a batch id always names the same
   messages, and the responder's dedupe by batch id drops the same batch that was sent.
+- It also carries how many agent-activity events and replies the timer's state had handled (and
+  how many replies when the batch opened): the batch's human-agent block, hold and cutoff are the
+  same whether a replay handles those events before or after the flush.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, cast
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +35,7 @@ from services.common.records import (
 )
 from services.context.app import Incoming, build_limits, create_app
 
-from .context_builders import KEY, Customer, activity, command, inbound, limits, reply, secs, t
+from .context_builders import KEY, Customer, activity, command, hist, inbound, limits, reply, secs, t
 
 QUIET = 30
 
@@ -583,3 +587,35 @@ def test_any_replay_interleaving_of_the_four_topics_emits_the_same_batches(
     decided = {d["batch_id"]: judged(d) for d in original.decisions}
     for decision in map(judged, replay.decisions):
         assert decided.get(decision["batch_id"], decision) == decision, decision["batch_id"]
+
+
+@pytest.mark.xfail(strict=True, reason="gap B, RELIABILITY.md 6b: a history fetch's recovery of a "
+                   "message whose webhook is in flight depends on the interleaving")
+def test_a_message_recovered_from_history_lands_in_the_same_batch_whatever_its_webhook_s_place() -> None:
+    """MISSED_HISTORY=every_batch: the fetch of batch 2 finds a customer message written just before
+    the batch whose webhook is still in flight, and recovers it into batch 2; its webhook, later, is
+    a duplicate. A replay that handles the webhook before the flush must emit the same batch 2."""
+    lim = limits(quiet=QUIET, hold=0, every_batch=True)
+    late = inbound("x1", t("10:00:58"), "¿Hay parqueo?")
+    late["received_at"] = t("10:01:50")  # its webhook came late
+    runs = []
+    for webhook_first in (False, True):
+        c = Customer(lim=lim)
+        first_contact_done(c)
+        c.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+        cmd = counted_flush(c, t("10:01:31"))
+        if webhook_first:
+            c.message(late, late["received_at"])
+        c.command(cmd)
+        c.history(t("10:01:33"), [hist("x1", t("10:00:58"), "¿Hay parqueo?")])
+        if not webhook_first:
+            c.message(late, late["received_at"])
+        for minute in ("10:03:00", "10:04:00"):
+            if c.due(t(minute)) is not None:
+                c.command(counted_flush(c, t(minute)))
+                if c.state["flushing_batch"] is not None:
+                    c.history(t(minute) + secs(1), [])
+        runs.append(c)
+    original, replay = runs
+    assert batches(original)[-1] == (f"{KEY}:2", ["x1", "w1"])
+    assert batches(replay) == batches(original)
