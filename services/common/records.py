@@ -170,6 +170,9 @@ class ContextCommand(TypedDict):
     agent_events: NotRequired[int | None]
     replies: NotRequired[int | None]
     opened_replies: NotRequired[int | None]
+    #: flush: inbound webhooks the timer's state had handled; a history message whose webhook came
+    #: later is recovered into the batch, whatever the interleaving
+    inbound_messages: NotRequired[int | None]
 
 
 class ExcludedItem(TypedDict):
@@ -240,6 +243,7 @@ class WaitingFlush(TypedDict):
     agent_events: NotRequired[int | None]
     replies: NotRequired[int | None]
     opened_replies: NotRequired[int | None]
+    inbound_messages: NotRequired[int | None]
 
 
 class EarlyFlush(TypedDict):
@@ -249,6 +253,12 @@ class EarlyFlush(TypedDict):
     agent_events: NotRequired[int | None]
     replies: NotRequired[int | None]
     opened_replies: NotRequired[int | None]
+    inbound_messages: NotRequired[int | None]
+
+
+class InboundLogEntry(TypedDict):
+    seq: int
+    ids: list[str]
 
 
 class AgentLogEntry(TypedDict):
@@ -280,6 +290,7 @@ class Batch(TypedDict):
     seen_agent_events: NotRequired[int | None]
     seen_replies: NotRequired[int | None]
     opened_replies: NotRequired[int | None]
+    seen_inbound: NotRequired[int | None]
 
 
 class Unanswered(TypedDict):
@@ -315,3 +326,5 @@ class CustomerState(TypedDict):
     reply_log: NotRequired[list[ReplyLogEntry]]
     reply_floor: NotRequired[datetime | None]
     last_human_base: NotRequired[datetime | None]
+    inbound_handled: NotRequired[int]
+    inbound_log: NotRequired[list[InboundLogEntry]]

@@ -958,6 +958,7 @@ class ContextRuntime:
                 "agent_events": state.get("agent_events_handled", 0),
                 "replies": state.get("replies_handled", 0),
                 "opened_replies": batch.get("opened_replies") if seen is not None and batch else None,
+                "inbound_messages": state.get("inbound_handled", 0),
             }))
         # All due flushes at once: awaiting each ack in turn stretched the tick with the load.
         results = await asyncio.gather(*(self.send_command(c) for _, _, c in due), return_exceptions=True)

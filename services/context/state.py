@@ -96,8 +96,10 @@ from services.common.records import (
     Channel,
     ContextCommand,
     CustomerState,
+    EarlyFlush,
     ExcludedItem,
     HistoryItem,
+    InboundLogEntry,
     InboundMessage,
     MissedItem,
     OwnReply,
@@ -105,6 +107,7 @@ from services.common.records import (
     ResponderRequest,
     Unanswered,
     VisionRequest,
+    WaitingFlush,
 )
 from services.common.timeparse import is_whole_second, latest_possible, possibly_after, surely_after
 from services.context import missed
@@ -141,6 +144,8 @@ MAX_WAITING_FLUSHES = 8
 """Flushes one batch may keep waiting for their messages during a replay. While a replay waits, the
 timer re-sends the same count every few seconds: of one count only the first and the latest are
 kept (judged on the same messages, a later time can only be due if an earlier one is)."""
+INBOUND_LOG = 200
+"""Inbound webhooks remembered with their numbers (a flush's count is judged against them)."""
 MAX_EARLY_FLUSHES = 32
 """Flushes of batches to come one customer may keep (every batch's bound is MAX_WAITING_FLUSHES)."""
 
@@ -222,6 +227,8 @@ def new_state(customer_key: str) -> CustomerState:
         "reply_log": [],
         "reply_floor": None,
         "last_human_base": None,
+        "inbound_handled": 0,
+        "inbound_log": [],
     }
 
 
@@ -232,10 +239,17 @@ def on_inbound(
     ids = message_ids(message)
     seen = set(state["recent_event_ids"])
     if seen.intersection(ids):
-        # Also the late webhook of a message already recovered from history: one answer, never two.
-        return state, Effects(duplicate=True, log=[("duplicate_ignored", {
-            "kind": "inbound", "event_id": message["event_id"]})])
+        log: list[tuple[str, dict[str, object]]] = [
+            ("duplicate_ignored", {"kind": "inbound", "event_id": message["event_id"]})]
+        if any(set(e["ids"]).intersection(ids) for e in state.get("inbound_log", [])):
+            return state, Effects(duplicate=True, log=log)  # this webhook again
+        # The late webhook of a message already recovered from history: one answer, never two. It
+        # is counted all the same: a replay may handle it before the history (RELIABILITY.md 6b).
+        state = copy.deepcopy(state)
+        _log_inbound(state, ids)
+        return state, Effects(log=log)
     state = copy.deepcopy(state)
+    _log_inbound(state, ids)
     effects = Effects()
     batch = state["open_batch"]
     if batch is None:
@@ -524,8 +538,7 @@ def _on_flush(
     waiting = batch.get("waiting_flushes") or []
     if waiting and seen is None:
         return state, _flush_ignored(batch_id, "earlier_flush_waiting")
-    wanted = {"batch_messages": seen, "issued_at": now, "agent_events": counts[0], "replies": counts[1],
-              "opened_replies": counts[2]}
+    wanted = {"batch_messages": seen, "issued_at": now, **_count_fields(counts)}
     if seen is not None and (waiting or not _handled_all(state, batch, wanted)):
         # A replay in another interleaving: messages (or agent-activity events, or replies) the
         # timer saw are not handled yet. The flush waits for them and is decided, at its own time,
@@ -544,19 +557,27 @@ def _on_flush(
     return _decide_flush(state, batch_id, seen, now, limits, counts)
 
 
-Counts = tuple[int | None, int | None, int | None]
-"""(agent-activity events, replies, replies when the batch opened) a flush says the timer saw."""
+Counts = tuple[int | None, int | None, int | None, int | None]
+"""(agent-activity events, replies, replies when the batch opened, inbound webhooks) a flush says
+the timer's state had handled."""
+COUNT_FIELDS = ("agent_events", "replies", "opened_replies", "inbound_messages")
 
 
 def _seen_counts(flush: Any) -> Counts:
     """The counts of a flush command or of a waiting flush (None: not counted, older commands)."""
-    return flush.get("agent_events"), flush.get("replies"), flush.get("opened_replies")
+    agent_events, replies, opened_replies, inbound = (flush.get(name) for name in COUNT_FIELDS)
+    return agent_events, replies, opened_replies, inbound
+
+
+def _count_fields(counts: Counts) -> dict[str, int | None]:
+    return dict(zip(COUNT_FIELDS, counts, strict=True))
 
 
 def _handled_all(state: CustomerState, batch: Batch, flush: Any) -> bool:
     """Whether every message, agent-activity event and reply the flush counted is handled."""
-    agent_events, replies, _ = _seen_counts(flush)
+    agent_events, replies, _, inbound = _seen_counts(flush)
     return (len(batch["messages"]) >= flush["batch_messages"]
+            and (inbound is None or state.get("inbound_handled", 0) >= inbound)
             and (agent_events is None or state.get("agent_events_handled", 0) >= agent_events)
             and (replies is None or state.get("replies_handled", 0) >= replies))
 
@@ -568,6 +589,42 @@ def _reply_time_after(state: CustomerState, replies: int, otherwise: datetime | 
         return state["last_reply_at"]
     following = next((r for r in state.get("reply_log", []) if r["seq"] == replies + 1), None)
     return following.get("last_reply_before") if following is not None else otherwise
+
+
+def _log_inbound(state: CustomerState, ids: list[str]) -> None:
+    """Counts an inbound webhook (once, also when its message was recovered first)."""
+    state["inbound_handled"] = state.get("inbound_handled", 0) + 1
+    entry: InboundLogEntry = {"seq": state["inbound_handled"], "ids": ids}
+    state["inbound_log"] = [*state.get("inbound_log", []), entry][-INBOUND_LOG:]
+
+
+def _take_back(state: CustomerState, recovered_ids: set[str]) -> list[str]:
+    """Removes from the open batch the webhooks of messages a flushed batch just recovered from
+    history (handled after its timer: a replay may handle them before the flush). A batch they
+    opened alone is un-opened; one they opened with others starts at the first other message —
+    the batch the first run opened when they had come after. Returns the event ids removed."""
+    batch = state["open_batch"]
+    if batch is None:
+        return []
+    kept = [m for m in batch["messages"] if not recovered_ids.intersection(message_ids(m))]
+    if len(kept) == len(batch["messages"]):
+        return []
+    removed = [m["event_id"] for m in batch["messages"] if m not in kept]
+    if not kept:
+        state["open_batch"] = None
+        state["batch_seq"] -= 1
+        back = [cast(EarlyFlush, {"batch_id": batch["batch_id"], "batch_messages": w["batch_messages"],
+                                  "issued_at": w["issued_at"], **_count_fields(_seen_counts(w))})
+                for w in batch.get("waiting_flushes") or []]
+        state["early_flushes"] = back + (state.get("early_flushes") or [])
+        return removed
+    first = batch["messages"].index(kept[0])
+    for message in batch["messages"][:first]:  # what the first run knew when `kept[0]` opened it
+        batch["prior_last_inbound_at"] = _later(batch["prior_last_inbound_at"], message["provider_time"])
+    batch["messages"] = kept
+    batch["opened_at"] = kept[0]["received_at"]
+    batch["last_message_at"] = max(m["received_at"] for m in kept)
+    return removed
 
 
 def _log_agent_event(state: CustomerState) -> AgentLogEntry:
@@ -585,7 +642,7 @@ def _log_agent_event(state: CustomerState) -> AgentLogEntry:
 
 def _decide_flush(
     state: CustomerState, batch_id: str, seen: int | None, now: datetime, limits: Limits,
-    counts: Counts = (None, None, None),
+    counts: Counts = (None, None, None, None),
 ) -> tuple[CustomerState, Effects]:
     """Flushes the open batch's first `seen` messages if they are due at `now` (the flush's time);
     its human-agent block and hold will see the agent-activity events and replies of `counts`."""
@@ -598,7 +655,7 @@ def _decide_flush(
     assert batch is not None
     later = _take_unseen(batch, seen)
     batch["waiting_flushes"] = []  # decided: any later one names a flushed batch
-    batch["seen_agent_events"], batch["seen_replies"], opened_replies = counts
+    batch["seen_agent_events"], batch["seen_replies"], opened_replies, batch["seen_inbound"] = counts
     if opened_replies is not None:  # the cutoff the first run's batch captured when it opened
         batch["prior_last_reply_at"] = _reply_time_after(state, opened_replies, batch["prior_last_reply_at"])
     state, effects = _start_flush(state, batch, now, limits, Effects())
@@ -632,7 +689,7 @@ def _wait_early(
     where a later timer's flush says, not where the one already emitted was."""
     early = state.get("early_flushes") or []
     queued = _queued(early, {"batch_id": batch_id, "batch_messages": seen, "issued_at": now,
-                             "agent_events": counts[0], "replies": counts[1], "opened_replies": counts[2]})
+                             **_count_fields(counts)})
     if (sum(1 for f in queued if f["batch_id"] == batch_id) > MAX_WAITING_FLUSHES
             or len(queued) > MAX_EARLY_FLUSHES):
         return state, _flush_ignored(batch_id, "too_many_waiting")
@@ -846,6 +903,9 @@ def _finalize(
     cutoff = batch["prior_last_reply_at"]
     held_before = state["held_messages"]
     resume_from = _resume_from(state, cutoff)
+    seen_inbound = batch.get("seen_inbound")
+    late_inbound = {i for e in state.get("inbound_log", []) if seen_inbound is not None
+                    and e["seq"] > seen_inbound for i in e["ids"]}  # webhooks the timer had not seen
     window = WindowStart(cutoff if cutoff is not None else lookback_start, resume_from)
     seen = _seen_view(state, batch, window)
     state["last_human_at"], last_human_now = seen.last_human_at, state["last_human_at"]
@@ -867,7 +927,7 @@ def _finalize(
             earlier_batch_event_ids=earlier_ids,
             given_event_ids=given_ids,
             resume_from=resume_from,
-            seen_event_ids=set(state["recent_event_ids"]),
+            seen_event_ids=set(state["recent_event_ids"]) - late_inbound,
             own_replies=seen.own_replies,
             now=now,
             max_items=limits.missed_max_items,
@@ -894,6 +954,7 @@ def _finalize(
     for message in recovered:
         _remember(state["recent_event_ids"], message_ids(message), RECENT_EVENT_IDS)
         state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
+
     recovered_ids = [m["event_id"] for m in [*recovered, *batch["messages"]] if m.get("recovered")]
     messages = sorted([*held_before, *recovered], key=lambda m: m["provider_time"]) + batch["messages"]
 
@@ -902,6 +963,10 @@ def _finalize(
     else:
         state["flushing_batch"] = None
     _remember(state["flushed_batch_ids"], [batch["batch_id"]], FLUSHED_BATCH_IDS)
+    taken_back = _take_back(state, {i for m in recovered for i in message_ids(m)} & late_inbound)
+    if taken_back:
+        effects.log.append(("recovered_webhooks_taken_back", {"batch_id": batch["batch_id"],
+                                                              "event_ids": taken_back}))
     expired = _expire_unanswered(state, now)
     channel: Channel = batch["messages"][-1]["channel"]
     provider_id = batch["messages"][-1]["provider_id"]
@@ -1169,13 +1234,14 @@ def _open_batch(state: CustomerState, now: datetime) -> Batch:
         "seen_agent_events": None,
         "seen_replies": None,
         "opened_replies": state.get("replies_handled", 0),
+        "seen_inbound": None,
     }
     early = state.get("early_flushes") or []
     if early:  # flushes handled before the replay opened this batch wait in it, in log order
-        batch["waiting_flushes"] = [{"batch_messages": f["batch_messages"], "issued_at": f["issued_at"],
-                                     "agent_events": f.get("agent_events"), "replies": f.get("replies"),
-                                     "opened_replies": f.get("opened_replies")}
-                                    for f in early if f["batch_id"] == batch["batch_id"]]
+        batch["waiting_flushes"] = [cast(WaitingFlush, {
+            "batch_messages": f["batch_messages"], "issued_at": f["issued_at"],
+            **_count_fields(_seen_counts(f))})
+            for f in early if f["batch_id"] == batch["batch_id"]]
         state["early_flushes"] = [f for f in early
                                   if _batch_number(state, f["batch_id"]) > state["batch_seq"]]
     state["open_batch"] = batch

@@ -19,8 +19,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, cast
 
-import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from services.common import codec
@@ -199,7 +198,7 @@ async def test_the_timer_tells_how_many_messages_it_saw(tmp_path: Any) -> None:
     await runtime.handle_events(events)
     assert await runtime.flush_tick()
     assert [(c["kind"], c.get("batch_messages"), c.get("agent_events"), c.get("replies"),
-             c.get("opened_replies")) for c in sent] == [("flush", 3, 0, 0, 0)]
+             c.get("opened_replies"), c.get("inbound_messages")) for c in sent] == [("flush", 3, 0, 0, 0, 3)]
 
 
 def test_a_flush_of_a_batch_the_replay_has_not_opened_yet_waits_for_it() -> None:
@@ -320,6 +319,7 @@ def timer_command(c: Customer, at: Any) -> ContextCommand | None:
     cmd["agent_events"] = c.state.get("agent_events_handled", 0)
     cmd["replies"] = c.state.get("replies_handled", 0)
     cmd["opened_replies"] = batch.get("opened_replies") if batch is not None and seen is not None else None
+    cmd["inbound_messages"] = c.state.get("inbound_handled", 0)
     return cmd
 
 
@@ -489,34 +489,55 @@ class RecordedTopics:
 
 
 def record_a_run_with_agents(
-    steps: list[tuple[str, int]], timer_every: int, hold: int
+    steps: list[tuple[str, int]], timer_every: int, hold: int, every_batch: bool = False
 ) -> tuple[Customer, RecordedTopics]:
-    """A first run: customer messages, human-agent messages (their webhooks a few seconds late) and
-    our replies (to the oldest unanswered batch, some with their echo reported as an agent send
-    first), `gap` seconds apart; the timer flushes what is due with the counts it sees."""
-    c = Customer(lim=limits(quiet=QUIET, hold=hold))
+    """A first run: customer messages (some with their webhook 40 s late), human-agent messages
+    (their webhooks a few seconds late) and our replies (to the oldest unanswered batch, some with
+    their echo reported as an agent send first), `gap` seconds apart; the timer flushes what is due
+    with the counts it sees, and a fetch (MISSED_HISTORY=every_batch) answers at once with every
+    customer message written so far — also those whose webhook is still in flight."""
+    c = Customer(lim=limits(quiet=QUIET, hold=hold, every_batch=every_batch))
     first_contact_done(c)
     recorded = RecordedTopics([], [], [], [])
     now = t("10:01:00")
     clock = now
     answered: set[str] = set()
+    written: list[InboundMessage] = []
+    in_flight: list[InboundMessage] = []
+
+    def deliver(message: InboundMessage) -> None:
+        c.message(message, message["received_at"])
+        recorded.inbound.append(message)
 
     def tick_until(until: Any) -> None:
         nonlocal clock
         while clock + secs(timer_every) <= until:
             clock = clock + secs(timer_every)
+            while in_flight and in_flight[0]["received_at"] <= clock:
+                deliver(in_flight.pop(0))
             cmd = timer_command(c, clock)
             if cmd is not None:
                 c.command(cmd)
                 recorded.commands.append(cmd)
+                flushing = c.state["flushing_batch"]
+                if flushing is not None and flushing["batch_id"] == cmd["batch_id"]:
+                    found = command("history_fetched", clock, cmd["batch_id"], history=[
+                        hist(m["event_id"], m["provider_time"], m["text"] or "")
+                        for m in written if m["provider_time"] < clock])
+                    c.command(found)
+                    recorded.commands.append(found)
 
     for n, (kind, gap) in enumerate(steps):
         now = now + secs(gap)
         tick_until(now)
-        if kind == "message":
+        if kind in ("message", "late_message"):
             message = inbound(f"m{n}", now)
-            c.message(message, message["received_at"])
-            recorded.inbound.append(message)
+            written.append(message)
+            if kind == "late_message":
+                message["received_at"] = now + secs(40)
+                in_flight.append(message)
+            else:
+                deliver(message)
         elif kind == "agent":
             act = activity(f"a{n}", now - secs(3), f"agente {n}")  # written 3 s before its webhook
             act["received_at"] = now
@@ -538,26 +559,30 @@ def record_a_run_with_agents(
             rep = reply(batch_id, now, text, ids=[f"wamid-{n}"])
             c.replied(rep)
             recorded.replies.append(rep)
-    tick_until(clock + secs(3 * QUIET + timer_every))
+    tick_until(max([clock, *(m["received_at"] for m in in_flight)]) + secs(3 * QUIET + timer_every))
     return c, recorded
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    steps=st.lists(st.tuples(st.sampled_from(["message", "message", "agent", "reply", "reply_echo"]),
+    steps=st.lists(st.tuples(st.sampled_from(["message", "message", "late_message", "agent", "reply",
+                                              "reply_echo"]),
                              st.integers(min_value=0, max_value=70)), min_size=1, max_size=14),
     timer_every=st.integers(min_value=1, max_value=20),
     hold=st.sampled_from([0, 20]),
+    every_batch=st.booleans(),
     order=st.lists(st.integers(min_value=0, max_value=3), max_size=60),
 )
+@example(steps=[("late_message", 0), ("message", 2), ("reply", 40), ("agent", 1)], timer_every=2, hold=0,
+         every_batch=True, order=[])  # gap B: the recovered message's webhook replayed first
 def test_any_replay_interleaving_of_the_four_topics_emits_the_same_batches(
-    steps: list[tuple[str, int]], timer_every: int, hold: int, order: list[int],
+    steps: list[tuple[str, int]], timer_every: int, hold: int, every_batch: bool, order: list[int],
 ) -> None:
     """The four topics (inbound, agent activity, replies, commands) replayed in any interleaving,
-    each in its own order: every batch emitted again is the first run's request, human-agent block
-    and hold included."""
-    original, recorded = record_a_run_with_agents(steps, timer_every, hold)
-    replay = Customer(lim=limits(quiet=QUIET, hold=hold))
+    each in its own order: every batch emitted again is the first run's request, human-agent block,
+    hold and messages recovered from history included."""
+    original, recorded = record_a_run_with_agents(steps, timer_every, hold, every_batch)
+    replay = Customer(lim=limits(quiet=QUIET, hold=hold, every_batch=every_batch))
     first_contact_done(replay)
     topics: list[list[Any]] = [list(recorded.inbound), list(recorded.agent), list(recorded.replies),
                                list(recorded.commands)]
@@ -589,8 +614,6 @@ def test_any_replay_interleaving_of_the_four_topics_emits_the_same_batches(
         assert decided.get(decision["batch_id"], decision) == decision, decision["batch_id"]
 
 
-@pytest.mark.xfail(strict=True, reason="gap B, RELIABILITY.md 6b: a history fetch's recovery of a "
-                   "message whose webhook is in flight depends on the interleaving")
 def test_a_message_recovered_from_history_lands_in_the_same_batch_whatever_its_webhook_s_place() -> None:
     """MISSED_HISTORY=every_batch: the fetch of batch 2 finds a customer message written just before
     the batch whose webhook is still in flight, and recovers it into batch 2; its webhook, later, is
