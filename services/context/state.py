@@ -629,6 +629,8 @@ def _take_back(state: CustomerState, recovered_ids: set[str]) -> list[str]:
 
 def _log_agent_event(state: CustomerState) -> AgentLogEntry:
     """Counts an accepted agent-activity event; its log entry (item ids filled in if it records one)."""
+    if state.get("agent_events_handled", 0) == 0:  # a state from before the log: what it knew stays
+        state["last_human_base"] = _later(state.get("last_human_base"), state["last_human_at"])
     state["agent_events_handled"] = state.get("agent_events_handled", 0) + 1
     entry: AgentLogEntry = {"seq": state["agent_events_handled"], "item_ids": [], "human_at": None,
                             "forgotten_by": None}

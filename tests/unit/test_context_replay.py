@@ -642,3 +642,19 @@ def test_a_message_recovered_from_history_lands_in_the_same_batch_whatever_its_w
     original, replay = runs
     assert batches(original)[-1] == (f"{KEY}:2", ["x1", "w1"])
     assert batches(replay) == batches(original)
+
+
+def test_a_state_from_before_the_agent_log_keeps_its_human_time_for_the_hold() -> None:
+    """A state written by the previous version knows a human's time only as `last_human_at`; the
+    hold, judged from the agent log now, still sees it after the first new agent event."""
+    c = Customer(lim=limits(quiet=QUIET, hold=900))
+    first_contact_done(c)
+    for name in ("agent_events_handled", "agent_log", "last_human_base"):
+        c.state.pop(name, None)  # type: ignore[misc]
+    c.state["last_human_at"] = t("10:00:50")  # a human wrote before the upgrade
+    c.state = cast(CustomerState, codec.decode("CustomerState", codec.encode("CustomerState", dict(c.state))))
+    template = activity("tp1", t("10:00:55"), "Promoción", kind="template")
+    c.agent(template, template["received_at"])
+    c.message(inbound("w1", t("10:01:00")))
+    c.command(counted_flush(c, t("10:01:31")))
+    assert c.decisions[-1]["hold_reason"] == "human_active"
