@@ -247,7 +247,7 @@ def on_inbound(
         # is counted all the same: a replay may handle it before the history (RELIABILITY.md 6b).
         state = copy.deepcopy(state)
         _log_inbound(state, ids)
-        return state, Effects(log=log)
+        return _decide_waiting_flushes(state, limits, Effects(log=log))  # a flush may count it
     state = copy.deepcopy(state)
     _log_inbound(state, ids)
     effects = Effects()

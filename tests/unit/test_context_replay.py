@@ -658,3 +658,28 @@ def test_a_state_from_before_the_agent_log_keeps_its_human_time_for_the_hold() -
     c.message(inbound("w1", t("10:01:00")))
     c.command(counted_flush(c, t("10:01:31")))
     assert c.decisions[-1]["hold_reason"] == "human_active"
+
+
+def test_a_flush_waiting_for_the_late_webhook_of_a_recovered_message_is_decided_by_it() -> None:
+    """The timer counted the late webhook of a message batch 2 had recovered (nothing in batch 3
+    is left to wait for): a replay reading batch 3's flush first decides it when that webhook comes."""
+    lim = limits(quiet=QUIET, hold=0, every_batch=True)
+    late = inbound("x1", t("10:00:58"), "¿Hay parqueo?")
+    late["received_at"] = t("10:01:50")
+    original = Customer(lim=lim)
+    first_contact_done(original)
+    original.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+    original.command(counted_flush(original, t("10:01:31")))
+    original.history(t("10:01:33"), [hist("x1", t("10:00:58"), "¿Hay parqueo?")])
+    original.message(inbound("w2", t("10:01:40"), "¿Y piscina?"))
+    replay = Customer(lim=lim)
+    replay.state = copy.deepcopy(original.state)
+    original.message(late, late["received_at"])  # a duplicate of the recovered x1, counted
+    cmd = counted_flush(original, t("10:02:11"))
+    original.command(cmd)
+    original.history(t("10:02:12"), [])
+    effects = replay.command(cmd)
+    assert effects.log[0][0] == "flush_waiting", "it waits for the webhook it counted"
+    replay.message(late, late["received_at"])
+    replay.history(t("10:02:12"), [])
+    assert batches(replay)[-1] == batches(original)[-1] == (f"{KEY}:3", ["w2"])
