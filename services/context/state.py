@@ -256,7 +256,9 @@ def on_inbound(
         batch = _open_batch(state, now)
         effects.log.append(("batch_opened", _batch_fields(batch)))
     batch["messages"].append(_normalised_message(message))
-    batch["last_message_at"] = now
+    # the quiet window runs from the latest receive time, whatever order ingest's racing requests
+    # were handled in: `_seen_part` and `_reopen` judge a replayed batch's part by the same rule
+    batch["last_message_at"] = max(batch["last_message_at"], now)
     _remember(state["recent_event_ids"], ids, RECENT_EVENT_IDS)
     state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
     state["channel"] = message["channel"]
@@ -849,7 +851,7 @@ def _on_sweep_result(
         batch = _open_batch(state, now)
         effects.log.append(("batch_opened", _batch_fields(batch)))
     batch["messages"] = _insert_by_time(batch["messages"], recovered)
-    batch["last_message_at"] = now
+    batch["last_message_at"] = max(batch["last_message_at"], now)
     for message in recovered:
         _remember(state["recent_event_ids"], message_ids(message), RECENT_EVENT_IDS)
         state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
@@ -1280,7 +1282,7 @@ def _reopen(state: CustomerState, flushed: Batch, later: list[InboundMessage]) -
     batch = _open_batch(state, later[0]["received_at"])
     state["last_inbound_at"] = before
     batch["messages"] = later
-    batch["last_message_at"] = later[-1]["received_at"]
+    batch["last_message_at"] = max(m["received_at"] for m in later)
 
 
 def _batch_fields(batch: Batch) -> dict[str, object]:
