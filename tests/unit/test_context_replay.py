@@ -666,6 +666,57 @@ def test_any_replay_interleaving_of_the_four_topics_emits_the_same_batches(
     replay_the_four_topics(steps, timer_every, hold, every_batch, order, new_timer_at)
 
 
+def test_a_reply_prunes_nothing_an_open_batch_s_window_reaches_back_to() -> None:
+    """Batch 3 is held (an agent wrote), batch 4 ends the hold and gives w2 as context; batch 5
+    opened before the reply to batch 4, so its cutoff is the reply to batch 2 and its window reaches
+    back to batch 2's start (what that reply's request never saw): w2 is in it. The reply to batch 4
+    used to prune w2 all the same (it looked at the open batch's cutoff only), so batch 5's block
+    depended on whether a replay handled that reply before or after batch 5 opened."""
+    lim = limits(quiet=QUIET, hold=20)
+    w1, w2, w3 = (inbound(name, t(at)) for name, at in (("w1", "10:01:00"), ("w2", "10:01:31"),
+                                                        ("w3", "10:02:02")))
+    w4 = inbound("w4", t("10:02:02.500"))
+    w4["received_at"] = t("10:02:42")  # its webhook came late: it opens batch 5
+    agent = activity("a1", t("10:01:42"), "Le atiendo yo")
+    replies = [reply(f"{KEY}:2", t("10:01:45"), "Claro."), reply(f"{KEY}:4", t("10:02:42"), "Listo.")]
+    original = Customer(lim=lim)
+    first_contact_done(original)
+    commands_topic: list[ContextCommand] = []
+
+    def timer(at: str) -> None:
+        commands_topic.append(counted_flush(original, t(at)))
+        original.command(commands_topic[-1])
+        if original.state["flushing_batch"] is not None:  # batch 4's fetch (after the hold)
+            commands_topic.append(command("history_fetched", t(at), commands_topic[-1]["batch_id"], history=[
+                hist(m["event_id"], m["provider_time"] + secs(0.25), "hola") for m in (w1, w2)]))
+            original.command(commands_topic[-1])
+
+    original.message(w1, w1["received_at"])
+    timer("10:01:31")  # batch 2: w1
+    original.message(w2, w2["received_at"])
+    original.agent(agent, agent["received_at"])
+    original.replied(replies[0])
+    timer("10:02:02")  # batch 3: w2, held
+    original.message(w3, w3["received_at"])
+    timer("10:02:33")  # batch 4: w3, w2 given as context
+    original.message(w4, w4["received_at"])
+    original.replied(replies[1])
+    timer("10:03:13")  # batch 5: w4
+    assert [d["routed_to"] for d in original.decisions[1:]] == ["responder", "held", "responder", "responder"]
+    replay = Customer(lim=lim)
+    first_contact_done(replay)
+    for message in (w1, w2, w3, w4):  # the replay reads the inbound, agent and reply topics first
+        replay.message(message, message["received_at"])
+    replay.agent(agent, agent["received_at"])
+    for each in replies:
+        replay.replied(each)
+    for cmd in commands_topic:
+        replay.command(cmd)
+    assert replay.requests == original.requests
+    assert [(m["role"], m["item_ids"]) for m in original.requests[-1]["missed_messages"]] == [
+        ("customer", ["w2"])], "batch 5's window reaches back to batch 2's start"
+
+
 def test_a_message_recovered_from_history_lands_in_the_same_batch_whatever_its_webhook_s_place() -> None:
     """MISSED_HISTORY=every_batch: the fetch of batch 2 finds a customer message written just before
     the batch whose webhook is still in flight, and recovers it into batch 2; its webhook, later, is
