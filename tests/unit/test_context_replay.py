@@ -609,7 +609,8 @@ def replay_the_four_topics(
 ) -> None:
     """Records a run, replays its four topics in the interleaving `order` picks (a new worker's
     timer flushing what it sees after the replay's steps in `new_timer_at`, its flush behind the
-    replayed commands), and checks every batch emitted again against the first run."""
+    replayed commands; with the gap rule), and checks every batch emitted again against the first
+    run."""
     original, recorded = record_a_run_with_agents(steps, timer_every, hold, every_batch)
     replay = Customer(lim=limits(quiet=QUIET, hold=hold, every_batch=every_batch))
     first_contact_done(replay)
@@ -631,7 +632,10 @@ def replay_the_four_topics(
         else:
             replay.command(record)
         step += 1
-        if step in new_timer_at:  # the new worker's timer, on the partly rebuilt state, much later
+        # The new worker's timer, on the partly rebuilt state, much later. Not with every_batch: a
+        # flush that waited in the replay finds its batch's replayed history stale and fetches
+        # again, which this test does not model (RELIABILITY.md 6b, "Not covered").
+        if step in new_timer_at and not every_batch:
             cmd = timer_command(replay, t("10:40:00") + secs(step))
             if cmd is not None:
                 topics[3].append(cmd)  # behind the replayed commands in the log
