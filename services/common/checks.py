@@ -8,6 +8,7 @@ providers (each reaches its own platform's API in `Provider.check`), so every li
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,18 @@ async def get_json(http: httpx.AsyncClient, url: str, token: str) -> tuple[int, 
     """GET with a Bearer token: (status, JSON body or None)."""
     response = await http.get(url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
     return response.status_code, json_of(response)
+
+
+async def check_api(
+    http: httpx.AsyncClient, name: str, setting: str, base_url: str, path: str, token: str,
+    judge: Callable[[int, Any], Check],
+) -> Check:
+    """One provider's connectivity check: GET `base_url + path` with its token, judged by the
+    provider; a network failure names the setting that holds the URL."""
+    try:
+        return judge(*await get_json(http, base_url.rstrip("/") + path, token))
+    except httpx.HTTPError as exc:
+        return unreachable(name, setting, base_url, exc)
 
 
 def json_of(response: httpx.Response) -> Any:

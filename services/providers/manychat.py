@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from services.common import metrics
-from services.common.checks import Check, failed, get_json, passed, unexpected, unreachable
+from services.common.checks import Check, check_api, failed, passed, unexpected
 from services.common.config import Settings
 from services.common.manychat import MAX_TEXT_CHARS, ManyChatClient, ManyChatError
 from services.common.records import HistoryItem
@@ -80,11 +80,8 @@ class ManyChatProvider:
 
     async def check(self, settings: Settings, http: httpx.AsyncClient) -> Check:
         """`GET /fb/page/getInfo`: authenticated, changes nothing, names the page."""
-        url = settings.manychat_api_url.rstrip("/") + "/fb/page/getInfo"
-        try:
-            return judge_manychat(*await get_json(http, url, settings.manychat_api_token))
-        except httpx.HTTPError as exc:
-            return unreachable(self.name, "MANYCHAT_API_URL", settings.manychat_api_url, exc)
+        return await check_api(http, self.name, "MANYCHAT_API_URL", settings.manychat_api_url,
+                               "/fb/page/getInfo", settings.manychat_api_token, judge_manychat)
 
     def open_client(self, settings: Settings, purpose: Purpose,
                     account: AccountAccess | None = None) -> ManyChatClient | None:

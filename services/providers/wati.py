@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from services.common import metrics
-from services.common.checks import Check, failed, get_json, passed, unexpected, unreachable
+from services.common.checks import Check, check_api, failed, passed, unexpected
 from services.common.config import Settings
 from services.common.records import HistoryItem
 from services.common.tenants import serves_tenant_accounts
@@ -83,11 +83,9 @@ class WatiProvider:
 
     async def check(self, settings: Settings, http: httpx.AsyncClient) -> Check:
         """`GET getContacts?pageSize=1`: authenticated, reads one contact, changes nothing."""
-        url = settings.wati_api_url.rstrip("/") + "/api/v1/getContacts?pageSize=1&pageNumber=1"
-        try:
-            return judge_wati(*await get_json(http, url, settings.wati_api_token))
-        except httpx.HTTPError as exc:
-            return unreachable(self.name, "WATI_API_URL", settings.wati_api_url, exc)
+        return await check_api(http, self.name, "WATI_API_URL", settings.wati_api_url,
+                               "/api/v1/getContacts?pageSize=1&pageNumber=1", settings.wati_api_token,
+                               judge_wati)
 
     def open_client(self, settings: Settings, purpose: Purpose,
                     account: AccountAccess | None = None) -> WatiClient | None:
