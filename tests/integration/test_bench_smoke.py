@@ -218,6 +218,10 @@ async def test_tenants_benchmark_runs(bench_env: BenchEnv) -> None:
         assert len(per_tenant) == tenants
         assert all(s["n"] == size.customers / tenants for s in per_tenant.values()), per_tenant
         assert len(run["plays"]) == size.rounds == len(run["part_p99_ms"])
+        # the warm-up part ran, drained, and none of its customers is among the samples
+        assert run["warmup"]["accepted"] == bench_tenants.warmup_count(size) and run["warmup"]["drained"]
+        reads = run["history_reads_by_tenant"]
+        assert len(reads) == tenants and all(n > 0 for n in reads.values()), reads  # each its own account
     assert result["details"]["commit"] != "unknown"
 
 
@@ -249,6 +253,11 @@ def test_tenants_schedule_is_the_same_in_both_configurations_and_routes_by_tenan
         customer = bench_tenants.customer_of(text)
         assert customer is not None and wa_id == wa_id_of(customer) and route == customer // 10
     assert bench_tenants.customer_of("other text") is None
+    warmup = bench_tenants.warmup_schedule(size, "a1", [i % 5 for i in range(12)])
+    warm_customers = {bench_tenants.customer_of(text) for _, _, text, _ in warmup}
+    assert warm_customers == set(range(50, 62))  # other customers than the measured schedule's
+    assert [e[3] for e in warmup] == [i % 5 for i in range(12)]  # every tenant warmed, round robin
+    assert [e[0] for e in warmup] == [i / 25.0 for i in range(12)]  # at the run's rate
     assert bench_tenants.round_order(3) == [(0, 0), (0, 1), (1, 1), (1, 0), (2, 0), (2, 1)]
 
 
