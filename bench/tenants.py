@@ -482,6 +482,7 @@ class Stack:
                 "until='reply' needs per-tenant sending (docs/tenants.md 'Not done yet')"
             )
         tally, accepted = self.tally, self.accepted
+        on_topics = accepted + (self.warmup["accepted"] if self.warmup else 0)
         counted = tally.measured_samples if self.until == "reply" else tally.messages - self.warmup_messages
         missing = max(0, accepted - counted)
         wall = sum(p["wall_seconds"] for p in self.plays)
@@ -521,8 +522,9 @@ class Stack:
             "cpu_share": {s: round(v / wall, 2) for s, v in self.cpu.items()},
             "context_rss_mib": round(self.procs["context"].rss_kib() / 1024, 1),
             "broker_traffic": traffic,
-            "broker_records_per_message": sum(v["records"] for v in traffic.values()) / max(1, accepted),
-            "broker_bytes_per_message": sum(v["bytes"] for v in traffic.values()) / max(1, accepted),
+            # the topics hold the warm-up's records too
+            "broker_records_per_message": sum(v["records"] for v in traffic.values()) / max(1, on_topics),
+            "broker_bytes_per_message": sum(v["bytes"] for v in traffic.values()) / max(1, on_topics),
         }
 
 
