@@ -38,6 +38,7 @@ from urllib.parse import quote
 import httpx
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
 
 from bench import console_rocks
 from bench.common import ROOT, figure, machine_info, percentile
@@ -347,16 +348,18 @@ async def catch_up(
                                     max_poll_records=2000, fetch_max_bytes=64 * 1024 * 1024,
                                     max_partition_fetch_bytes=8 * 1024 * 1024)
             await bare.start()
-            seen, first = 0, None
+            seen, first, cpu_first = 0, None, 0.0
             try:
                 while seen < count:
                     for records in (await bare.getmany(timeout_ms=500, max_records=2000)).values():
                         if records and first is None:
                             first = time.perf_counter()
+                            cpu_first = time.process_time()
                         if decode is not None:
                             for record in records:
                                 decode(record.value)
                         seen += len(records)
+                cpu[group] = (time.process_time() - cpu_first) / count * 1e6
                 return count / max(time.perf_counter() - (first or time.perf_counter()), 1e-9)
             finally:
                 await bare.stop()
@@ -364,6 +367,9 @@ async def catch_up(
         def console_decode(value: bytes | None) -> object:
             return codec.decode_any_fast(value, raw_timestamps=RAW_TIMESTAMPS)
 
+        # the consumer process's CPU (every thread) per record, by group: what each variant costs
+        # whatever the machine's load does to the wall time
+        cpu: dict[str, float] = {}
         rates: dict[str, float] = {"bare_per_s": await plain("benchc.bare", decode=None)}
         if "console" in parts:
             rates["fastavro_per_s"] = await plain("benchc.decoding", decode=codec.decode_any)
@@ -380,7 +386,7 @@ async def catch_up(
                                       max_poll_records=max_records, fetch_max_bytes=64 * 1024 * 1024,
                                       max_partition_fetch_bytes=8 * 1024 * 1024)
             await reader.start()
-            seen, first = 0, None
+            seen, first, cpu_first = 0, None, 0.0
             pending: asyncio.Future[None] | None = None
             try:
                 while seen < count:
@@ -390,12 +396,14 @@ async def catch_up(
                         continue
                     if first is None:
                         first = time.perf_counter()
+                        cpu_first = time.process_time()
                     if pending is not None:
                         await pending
                     pending = asyncio.ensure_future(asyncio.to_thread(write, polled))
                     seen += len(polled)
                 if pending is not None:
                     await pending
+                cpu[group] = (time.process_time() - cpu_first) / count * 1e6
                 return count / max(time.perf_counter() - (first or time.perf_counter()), 1e-9)
             finally:
                 await reader.stop()
@@ -409,7 +417,15 @@ async def catch_up(
             rates |= await sqlite_floors(store, count, plain, persisting, adjacent)
         if "rocks-floor" in parts:
             assert rocks is not None
-            rates |= await rocks_floors(rocks, count, topics.audit, plain, persisting)
+            rates |= await rocks_floors(rocks, count, topics.audit, plain, persisting, cpu)
+            sample = [ConsumerRecord(topics.audit, n % 4, n, int(now.timestamp() * 1000), 0, key.encode(),
+                                     codec.encode("BatchDecision", dict(d)), None, 0, 0,
+                                     [(SUMMARY_HEADER, summary_header(d))])
+                      for n in range(min(count, 20_000))
+                      for key in [f"wati:5040{n % 50000:07d}"]
+                      for d in [decision(key, f"{key}:s{n}", now, n)]]
+            parts_cpu = console_rocks.cpu_components(rocks.filled, rocks.work, sample, topics.audit)
+            rates |= {f"cpu {part}": us for part, us in parts_cpu.items()}
         # the baseline again at the end: how much the machine moved during the run
         rates["bare_again_per_s"] = await plain("benchc.bare-again", decode=None)
         for (mode, max_records), rate in adjacent.items():
@@ -494,7 +510,7 @@ ROCKS_VARIANTS = {
 
 
 async def rocks_floors(setup: RocksSetup, count: int, topic: str, plain: Plain,
-                       persisting: Persisting) -> dict[str, float]:
+                       persisting: Persisting, cpu: dict[str, float]) -> dict[str, float]:
     """Each RocksDB variant (`bench.console_rocks`) on a fresh checkpoint of the filled store, a bare
     consumer read just before it (its baseline); `rounds` times, interleaved."""
     out: dict[str, float] = {}
@@ -524,8 +540,11 @@ async def rocks_floors(setup: RocksSetup, count: int, topic: str, plain: Plain,
             suffix = "" if round_ == 0 else f"_round{round_ + 1}"
             out[f"rocks_{name}{suffix}_per_s"] = rate
             out[f"rocks_{name}{suffix}_bare_per_s"] = bare
+            out[f"cpu rocks {name}{suffix}"] = cpu[group]
+            out[f"cpu rocks {name}{suffix} bare"] = cpu[f"{group}.bare"]
             print(f"rocks {name} round {round_ + 1}: {rate:,.0f}/s, bare just before {bare:,.0f}/s "
-                  f"({rate / bare:.2f}x), load {load:.1f}", flush=True)
+                  f"({rate / bare:.2f}x), load {load:.1f}; CPU {cpu[group]:.1f} µs a record, bare "
+                  f"{cpu[f'{group}.bare']:.1f}", flush=True)
     return out
 
 
@@ -624,6 +643,9 @@ async def main_async(args: argparse.Namespace) -> int:
                               note=f"{note}{'; ' if note else ''}baseline: a bare consumer run just before it"
                               if key != "bare_again_per_s" else note))
     for key, rate in rates.items():
+        if key.startswith("cpu "):
+            results.append(figure(key, rate, "µs CPU a record", note="the consumer's process, every thread"
+                                  if key.startswith("cpu rocks") else "no Kafka, one thread"))
         if key.startswith("rocks_") and not key.endswith("_bare_per_s"):
             name = key.removeprefix("rocks_").removesuffix("_per_s")
             bare = rates[key.replace("_per_s", "_bare_per_s")]
