@@ -504,6 +504,7 @@ ROCKS_VARIANTS = {
     "rc-header": ("rc-header", False, False),
     "rc-header-wal": ("rc-header", True, False),
     "rc-decode": ("rc-decode", False, False),
+    "rd-blind": ("rd-blind", False, False),
     "rc-header-process": ("rc-header", False, True),
     "rc-decode-process": ("rc-decode", False, True),
 }

@@ -60,7 +60,7 @@ COUNT = struct.Struct("<q")
 SUMMARY = struct.Struct("<qBBHHHHHB")
 FLAGS = (b"h", b"r", b"e")
 NO_FLAGS = (False, False, False)
-MODES = ("ra", "rb", "rc-header", "rc-decode")
+MODES = ("ra", "rb", "rc-header", "rc-decode", "rd-blind")
 
 
 def open_db(path: Path, wal: bool) -> Rdict:
@@ -139,6 +139,8 @@ def batch_for(db: Rdict, topic: str, batch: Sequence[Record], mode: str) -> Writ
             positions[partition] = offset + 1
         _positions(put, topic, positions)
         return wb
+    if mode == "rd-blind":
+        return _blind(db, topic, batch)
     figures_of: Callable[[bytes], tuple[int, tuple[int, ...], bytes]] | None = (
         _figures_from_header if mode == "rc-header" else _figures_from_value if mode == "rc-decode" else None)
     # per customer of the poll: [decisions, latest time, recovered, errors, held, hold reason]
@@ -213,6 +215,61 @@ def batch_for(db: Rdict, topic: str, batch: Sequence[Record], mode: str) -> Writ
         for k, old_count, delta in zip(count_keys, _get_many(db, count_keys), counts.values(), strict=True):
             put(k, COUNT.pack((COUNT.unpack(old_count)[0] if old_count else 0) + delta))
     hour_keys = [b"H" + WHEN.pack(hour) + b"default" for hour in hours]  # every bench key: one tenant
+    for k, old_hour, figures_sum in zip(hour_keys, _get_many(db, hour_keys), hours.values(), strict=True):
+        if old_hour is not None:
+            figures_sum = [a + b for a, b in zip(HOUR.unpack(old_hour), figures_sum, strict=True)]
+        put(k, HOUR.pack(*figures_sum))
+    _positions(put, topic, positions)
+    return wb
+
+
+def _blind(db: Rdict, topic: str, batch: Sequence[Record]) -> WriteBatch:
+    """rd-blind: the least Python a customers index can cost. The header would carry the customer's
+    previous order time and hold state and its running totals (the producer knows them), so the
+    consumer writes without reading: per record its rows, the customer's row, the old order keys
+    deleted and the new ones put; one multi-get a poll for the counts and the hours. (The bench's
+    header has no previous time: one minute before is used; a delete costs the same whether its key
+    exists or not: RocksDB writes a tombstone either way.)"""
+    wb = WriteBatch(raw_mode=True)
+    put, delete = wb.put, wb.delete
+    pack_place, pack_when, unpack = PLACE.pack, WHEN.pack, SUMMARY.unpack_from
+    size = SUMMARY.size
+    positions: dict[int, int] = {}
+    hours: dict[int, list[int]] = {}
+    held_delta = 0
+    for key, partition, offset, _, value, header in batch:
+        at, held, ran, rt, hist, both, missing, recovered, failed = unpack(header)
+        place = pack_place(at, partition, offset)
+        put(b"D" + key + b"\0" + place, value)
+        put(b"T" + place + key, b"")
+        positions[partition] = offset + 1
+        tenant = _tenant(key)
+        old, new = pack_when(NEVER - at + 60_000), pack_when(NEVER - at)
+        delete(b"G" + old + key)
+        put(b"G" + new + key, b"")
+        delete(b"L" + tenant + b"\0" + old + key)
+        put(b"L" + tenant + b"\0" + new + key, b"")
+        if held:
+            put(b"Fh" + tenant + b"\0" + new + key, b"")
+            held_delta += 1
+        put(b"C" + key, CUSTOMER.pack(at, at, 1, held, at if held else 0, recovered, failed) + header[size:])
+        hour = at - at % 3_600_000
+        if (h := hours.get(hour)) is None:
+            hours[hour] = [1, held, ran, rt, hist, both, missing, recovered, failed]
+        else:
+            h[0] += 1
+            h[1] += held
+            h[2] += ran
+            h[3] += rt
+            h[4] += hist
+            h[5] += both
+            h[6] += missing
+            h[7] += recovered
+            h[8] += failed
+    count_key = b"Nhdefault"
+    old_count = _get_many(db, [count_key])[0]
+    put(count_key, COUNT.pack((COUNT.unpack(old_count)[0] if old_count else 0) + held_delta))
+    hour_keys = [b"H" + WHEN.pack(hour) + b"default" for hour in hours]
     for k, old_hour, figures_sum in zip(hour_keys, _get_many(db, hour_keys), hours.values(), strict=True):
         if old_hour is not None:
             figures_sum = [a + b for a, b in zip(HOUR.unpack(old_hour), figures_sum, strict=True)]
