@@ -415,6 +415,8 @@ async def catch_up(
         if "sqlite-floor" in parts:
             assert store is not None
             rates |= await sqlite_floors(store, count, plain, persisting, adjacent)
+            rates |= {f"cpu sqlite {group.removeprefix('benchc.')}": us for group, us in cpu.items()
+                      if group.startswith("benchc.floor-")}
         if "rocks-floor" in parts:
             assert rocks is not None
             rates |= await rocks_floors(rocks, count, topics.audit, plain, persisting, cpu)
@@ -646,7 +648,7 @@ async def main_async(args: argparse.Namespace) -> int:
     for key, rate in rates.items():
         if key.startswith("cpu "):
             results.append(figure(key, rate, "µs CPU a record", note="the consumer's process, every thread"
-                                  if key.startswith("cpu rocks") else "no Kafka, one thread"))
+                                  if key.startswith(("cpu rocks", "cpu sqlite")) else "no Kafka, one thread"))
         if key.startswith("rocks_") and not key.endswith("_bare_per_s"):
             name = key.removeprefix("rocks_").removesuffix("_per_s")
             bare = rates[key.replace("_per_s", "_bare_per_s")]
