@@ -12,9 +12,13 @@
    consumer (its own group, getmany, no decoding) reads them all: the baseline rate. Then the
    console's consumer (`ConsoleConsumer`, own group) reads the same topic into the FILLED store:
    decisions/s from its first record to its last. Target >= 0.5x the bare consumer.
+4. Floors: consumers that persist less than the console does, to know what any design can reach
+   here: in SQLite (`floor_write`) and in RocksDB (`bench.console_rocks`), each after a bare read of
+   its own; with each consumer's CPU time a record (BENCHMARKS section 7, "The floor").
 
     python -m bench.console                         # full scale
     python -m bench.console --customers 10000 --decisions 100000 --catchup 50000   # quick
+    python -m bench.console --parts rocks-floor --rocks-rounds 2    # only the RocksDB floors
 """
 
 from __future__ import annotations
