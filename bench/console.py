@@ -12,9 +12,13 @@
    consumer (its own group, getmany, no decoding) reads them all: the baseline rate. Then the
    console's consumer (`ConsoleConsumer`, own group) reads the same topic into the FILLED store:
    decisions/s from its first record to its last. Target >= 0.5x the bare consumer.
+4. Floors: consumers that persist less than the console does, to know what any design can reach
+   here: in SQLite (`floor_write`) and in RocksDB (`bench.console_rocks`), each after a bare read of
+   its own; with each consumer's CPU time a record (BENCHMARKS section 7, "The floor").
 
     python -m bench.console                         # full scale
     python -m bench.console --customers 10000 --decisions 100000 --catchup 50000   # quick
+    python -m bench.console --parts rocks-floor --rocks-rounds 2    # only the RocksDB floors
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -36,7 +42,9 @@ from urllib.parse import quote
 import httpx
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
 
+from bench import console_rocks
 from bench.common import ROOT, figure, machine_info, percentile
 from services.common import codec
 from services.common.broker import EmbeddedKafka, free_port
@@ -61,6 +69,8 @@ LABELS = labels_for("es")
 RESULTS = ROOT / "bench" / "results"
 PAGE_TARGET_MS = 200.0
 CATCHUP_TARGET = 0.5
+# what a run measures (`--parts`): the pages, the console's consumer, the SQLite floors, the RocksDB floors
+PARTS = ("pages", "console", "sqlite-floor", "rocks-floor")
 
 
 def decision(key: str, batch_id: str, at: datetime, n: int) -> BatchDecision:
@@ -312,7 +322,8 @@ def store_ceiling(store: Store, count: int, now: datetime) -> dict[str, float]:
 
 
 async def catch_up(
-    store: Store, count: int, data_dir: Path, now: datetime, workers: int | None
+    store: Store | None, count: int, data_dir: Path, now: datetime, workers: int | None,
+    parts: frozenset[str] = frozenset(PARTS), rocks: RocksSetup | None = None,
 ) -> dict[str, float]:
     broker = EmbeddedKafka(data_dir / "broker", partitions=4)
     bootstrap = await asyncio.to_thread(broker.start)
@@ -341,16 +352,18 @@ async def catch_up(
                                     max_poll_records=2000, fetch_max_bytes=64 * 1024 * 1024,
                                     max_partition_fetch_bytes=8 * 1024 * 1024)
             await bare.start()
-            seen, first = 0, None
+            seen, first, cpu_first = 0, None, 0.0
             try:
                 while seen < count:
                     for records in (await bare.getmany(timeout_ms=500, max_records=2000)).values():
                         if records and first is None:
                             first = time.perf_counter()
+                            cpu_first = time.process_time()
                         if decode is not None:
                             for record in records:
                                 decode(record.value)
                         seen += len(records)
+                cpu[group] = (time.process_time() - cpu_first) / count * 1e6
                 return count / max(time.perf_counter() - (first or time.perf_counter()), 1e-9)
             finally:
                 await bare.stop()
@@ -358,9 +371,13 @@ async def catch_up(
         def console_decode(value: bytes | None) -> object:
             return codec.decode_any_fast(value, raw_timestamps=RAW_TIMESTAMPS)
 
-        bare_rate = await plain("benchc.bare", decode=None)
-        fastavro_rate = await plain("benchc.decoding", decode=codec.decode_any)
-        decoding_rate = await plain("benchc.decoding-console", decode=console_decode)
+        # the consumer process's CPU (every thread) per record, by group: what each variant costs
+        # whatever the machine's load does to the wall time
+        cpu: dict[str, float] = {}
+        rates: dict[str, float] = {"bare_per_s": await plain("benchc.bare", decode=None)}
+        if "console" in parts:
+            rates["fastavro_per_s"] = await plain("benchc.decoding", decode=codec.decode_any)
+            rates["decoding_per_s"] = await plain("benchc.decoding-console", decode=console_decode)
 
         async def persisting(
             group: str, write: Callable[[list[Any]], None], max_records: int = 2000
@@ -373,7 +390,7 @@ async def catch_up(
                                       max_poll_records=max_records, fetch_max_bytes=64 * 1024 * 1024,
                                       max_partition_fetch_bytes=8 * 1024 * 1024)
             await reader.start()
-            seen, first = 0, None
+            seen, first, cpu_first = 0, None, 0.0
             pending: asyncio.Future[None] | None = None
             try:
                 while seen < count:
@@ -383,83 +400,197 @@ async def catch_up(
                         continue
                     if first is None:
                         first = time.perf_counter()
+                        cpu_first = time.process_time()
                     if pending is not None:
                         await pending
                     pending = asyncio.ensure_future(asyncio.to_thread(write, polled))
                     seen += len(polled)
                 if pending is not None:
                     await pending
+                cpu[group] = (time.process_time() - cpu_first) / count * 1e6
                 return count / max(time.perf_counter() - (first or time.perf_counter()), 1e-9)
             finally:
                 await reader.stop()
 
-        consumer = ConsoleConsumer(settings, store, LABELS, decode_workers=workers)
-        before = sum(store.offsets().values())
-        start_applied = None
-        await consumer.start()
-        try:
-            while sum(store.offsets().values()) - before < count:
-                if consumer.applied and start_applied is None:
-                    start_applied = (time.perf_counter(), consumer.applied)
-                await asyncio.sleep(0.01)
-            done = time.perf_counter()
-        finally:
-            await consumer.stop()
-        t0, first_batch = start_applied or (done, 0)
-        console_rate = (count - first_batch) / max(done - t0, 1e-9)
-        # every floor variant into the same table, pre-filled as the store's decisions are, emptied
-        # of the catch-up's customers before each (customers already there, as for the console
-        # after its own catch-up)
-        floor_fill(store, max(count, store.db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]))
-
-        async def floor(group: str, mode: str, max_records: int = 2000) -> float:
-            """The variant's rate; a bare consumer (its own group) reads the topic just before it,
-            as its own baseline (`adjacent`): the machine's load moves a lot within one run."""
-            with store.transaction() as db:
-                db.execute("DELETE FROM floor_records WHERE customer_key >= 'wati:5039'"
-                           " AND customer_key < 'wati:503:'")
-            adjacent[mode, max_records] = await plain(f"{group}.bare", decode=None)
-            return await persisting(group, lambda b: floor_write(store, b, mode), max_records)
-
+        if "console" in parts:
+            assert store is not None
+            rates["console_per_s"] = await console_catch_up(store, settings, count, workers)
         adjacent: dict[tuple[str, int], float] = {}
-
-        floors = {
-            "floor_append_per_s": await floor("benchc.floor-append", "append"),
-            "floor_raw_per_s": await floor("benchc.floor-raw", "raw"),
-            "floor_raw_10k_per_s": await floor("benchc.floor-raw-10k", "raw", 10_000),
-            "floor_customer_per_s": await floor("benchc.floor-customer", "customer"),
-            "floor_grouped_per_s": await floor("benchc.floor-grouped", "grouped"),
-            "floor_summary_per_s": await floor("benchc.floor-summary", "summary"),
-            "floor_summary_10k_per_s": await floor("benchc.floor-summary-10k", "summary", 10_000),
-            # the baseline again at the end: how much the machine moved during the run
-            "bare_again_per_s": await plain("benchc.bare-again", decode=None),
-        }
+        if "sqlite-floor" in parts:
+            assert store is not None
+            rates |= await sqlite_floors(store, count, plain, persisting, adjacent)
+            rates |= {f"cpu sqlite {group.removeprefix('benchc.')}": us for group, us in cpu.items()
+                      if group.startswith("benchc.floor-")}
+        if "rocks-floor" in parts:
+            assert rocks is not None
+            rates |= await rocks_floors(rocks, count, topics.audit, plain, persisting, cpu)
+            sample = [ConsumerRecord(topics.audit, n % 4, n, int(now.timestamp() * 1000), 0, key.encode(),
+                                     codec.encode("BatchDecision", dict(d)), None, 0, 0,
+                                     [(SUMMARY_HEADER, summary_header(d))])
+                      for n in range(min(count, 20_000))
+                      for key in [f"wati:5040{n % 50000:07d}"]
+                      for d in [decision(key, f"{key}:s{n}", now, n)]]
+            parts_cpu = console_rocks.cpu_components(rocks.filled, rocks.work, sample, topics.audit)
+            rates |= {f"cpu {part}": us for part, us in parts_cpu.items()}
+        # the baseline again at the end: how much the machine moved during the run
+        rates["bare_again_per_s"] = await plain("benchc.bare-again", decode=None)
         for (mode, max_records), rate in adjacent.items():
             suffix = "_10k" if max_records != 2000 else ""
-            floors[f"floor_{mode}{suffix}_bare_per_s"] = rate
-
-        return {"bare_per_s": bare_rate, "fastavro_per_s": fastavro_rate, "decoding_per_s": decoding_rate,
-                "console_per_s": console_rate, **floors}
+            rates[f"floor_{mode}{suffix}_bare_per_s"] = rate
+        return rates
     finally:
         await asyncio.to_thread(broker.stop)
+
+
+Plain = Callable[..., Awaitable[float]]
+Persisting = Callable[..., Awaitable[float]]
+
+
+async def console_catch_up(store: Store, settings: Settings, count: int, workers: int | None) -> float:
+    """The console's own consumer reading the topic into the filled store: its rate."""
+    consumer = ConsoleConsumer(settings, store, LABELS, decode_workers=workers)
+    before = sum(store.offsets().values())
+    start_applied = None
+    await consumer.start()
+    try:
+        while sum(store.offsets().values()) - before < count:
+            if consumer.applied and start_applied is None:
+                start_applied = (time.perf_counter(), consumer.applied)
+            await asyncio.sleep(0.01)
+        done = time.perf_counter()
+    finally:
+        await consumer.stop()
+    t0, first_batch = start_applied or (done, 0)
+    return (count - first_batch) / max(done - t0, 1e-9)
+
+
+async def sqlite_floors(store: Store, count: int, plain: Plain, persisting: Persisting,
+                        adjacent: dict[tuple[str, int], float]) -> dict[str, float]:
+    """The SQLite floor variants (`floor_write`), each after a bare read of its own."""
+    # every floor variant into the same table, pre-filled as the store's decisions are, emptied
+    # of the catch-up's customers before each (customers already there, as for the console
+    # after its own catch-up)
+    floor_fill(store, max(count, store.db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]))
+
+    async def floor(group: str, mode: str, max_records: int = 2000) -> float:
+        """The variant's rate; a bare consumer (its own group) reads the topic just before it,
+        as its own baseline (`adjacent`): the machine's load moves a lot within one run."""
+        with store.transaction() as db:
+            db.execute("DELETE FROM floor_records WHERE customer_key >= 'wati:5039'"
+                       " AND customer_key < 'wati:503:'")
+        adjacent[mode, max_records] = await plain(f"{group}.bare", decode=None)
+        return await persisting(group, lambda b: floor_write(store, b, mode), max_records)
+
+    return {
+        "floor_append_per_s": await floor("benchc.floor-append", "append"),
+        "floor_raw_per_s": await floor("benchc.floor-raw", "raw"),
+        "floor_raw_10k_per_s": await floor("benchc.floor-raw-10k", "raw", 10_000),
+        "floor_customer_per_s": await floor("benchc.floor-customer", "customer"),
+        "floor_grouped_per_s": await floor("benchc.floor-grouped", "grouped"),
+        "floor_summary_per_s": await floor("benchc.floor-summary", "summary"),
+        "floor_summary_10k_per_s": await floor("benchc.floor-summary-10k", "summary", 10_000),
+    }
+
+
+@dataclass
+class RocksSetup:
+    """The RocksDB floor's filled store (each variant runs on a checkpoint of it) and its settings."""
+
+    filled: Path
+    work: Path
+    rounds: int
+    modes: tuple[str, ...]
+
+
+ROCKS_VARIANTS = {
+    # name: (mode, WAL, writer in a process of its own)
+    "ra": ("ra", False, False),
+    "ra-wal": ("ra", True, False),
+    "rb": ("rb", False, False),
+    "rc-header": ("rc-header", False, False),
+    "rc-header-wal": ("rc-header", True, False),
+    "rc-decode": ("rc-decode", False, False),
+    "rd-blind": ("rd-blind", False, False),
+    "rc-header-process": ("rc-header", False, True),
+    "rc-decode-process": ("rc-decode", False, True),
+}
+
+
+async def rocks_floors(setup: RocksSetup, count: int, topic: str, plain: Plain,
+                       persisting: Persisting, cpu: dict[str, float]) -> dict[str, float]:
+    """Each RocksDB variant (`bench.console_rocks`) on a fresh checkpoint of the filled store, a bare
+    consumer read just before it (its baseline); `rounds` times, interleaved."""
+    out: dict[str, float] = {}
+    for round_ in range(setup.rounds):
+        for name in setup.modes:
+            mode, wal, own_process = ROCKS_VARIANTS[name]
+            path = setup.work / f"{name}-{round_}"
+            console_rocks.copy_of(setup.filled, path)
+            group = f"benchc.rocks-{name}-{round_}"
+            bare = await plain(f"{group}.bare", decode=None)
+            load = os.getloadavg()[0]
+            if own_process:
+                pool = console_rocks.writer_process(path, wal, topic, mode)
+                try:
+                    rate = await persisting(group, lambda b, pool=pool: console_rocks.submit(
+                        pool, console_rocks.records_of(b)))
+                finally:
+                    console_rocks.close_process(pool)
+            else:
+                db = console_rocks.open_db(path, wal)
+                try:
+                    rate = await persisting(group, lambda b, db=db, mode=mode: console_rocks.write(
+                        db, topic, console_rocks.records_of(b), mode))
+                finally:
+                    db.close()
+            shutil.rmtree(path, ignore_errors=True)
+            suffix = "" if round_ == 0 else f"_round{round_ + 1}"
+            out[f"rocks_{name}{suffix}_per_s"] = rate
+            out[f"rocks_{name}{suffix}_bare_per_s"] = bare
+            out[f"cpu rocks {name}{suffix}"] = cpu[group]
+            out[f"cpu rocks {name}{suffix} bare"] = cpu[f"{group}.bare"]
+            print(f"rocks {name} round {round_ + 1}: {rate:,.0f}/s, bare just before {bare:,.0f}/s "
+                  f"({rate / bare:.2f}x), load {load:.1f}; CPU {cpu[group]:.1f} µs a record, bare "
+                  f"{cpu[f'{group}.bare']:.1f}", flush=True)
+    return out
 
 
 async def main_async(args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="bench-console-") as tmp:
-        store = Store(Path(tmp) / "console.sqlite3")
-        filled = fill(store, args.customers, args.decisions, now)
-        size_mb = sum(f.stat().st_size for f in Path(tmp).glob("console.sqlite3*")) / 1e6  # with the WAL
-        print(f"filled {filled['decisions']:,} decisions / {args.customers:,} customers in "
-              f"{filled['seconds']:.0f} s ({size_mb:.0f} MB)", flush=True)
-        times = await page_times(store, args.customers, args.repeats, now)
-        for page_name, values in times.items():
-            print(f"{page_name}: p95 {percentile(values, 0.95):.1f} ms", flush=True)
+        parts = frozenset(args.parts.split(",")) if args.parts else frozenset(PARTS)
+        store: Store | None = None
+        filled = {"seconds": 0.0, "decisions": args.decisions}
+        size_mb = 0.0
+        times: dict[str, list[float]] = {}
+        if parts & {"pages", "console", "sqlite-floor"}:
+            store = Store(Path(tmp) / "console.sqlite3")
+            filled = fill(store, args.customers, args.decisions, now)
+            size_mb = sum(f.stat().st_size for f in Path(tmp).glob("console.sqlite3*")) / 1e6  # with the WAL
+            print(f"filled {filled['decisions']:,} decisions / {args.customers:,} customers in "
+                  f"{filled['seconds']:.0f} s ({size_mb:.0f} MB)", flush=True)
+        if "pages" in parts:
+            assert store is not None
+            times = await page_times(store, args.customers, args.repeats, now)
+            for page_name, values in times.items():
+                print(f"{page_name}: p95 {percentile(values, 0.95):.1f} ms", flush=True)
+        rocks = None
+        if "rocks-floor" in parts:
+            rocks = RocksSetup(Path(tmp) / "rocks-filled", Path(tmp) / "rocks", args.rocks_rounds,
+                               tuple(args.rocks_variants.split(",")))
+            started = time.perf_counter()
+            value = codec.encode("BatchDecision", dict(decision("wati:50370000001", "wati:50370000001:1",
+                                                                now, 1)))
+            console_rocks.fill(rocks.filled, args.customers, args.decisions, value,
+                               int(now.timestamp() * 1000))
+            print(f"RocksDB floor store filled in {time.perf_counter() - started:.0f} s", flush=True)
         load = os.getloadavg()
-        rates = await catch_up(store, args.catchup, Path(tmp), now, args.decode_workers)
-        ceiling = store_ceiling(store, min(args.catchup, 100_000), now)
+        rates = await catch_up(store, args.catchup, Path(tmp), now, args.decode_workers, parts, rocks)
+        ceiling = (store_ceiling(store, min(args.catchup, 100_000), now)
+                   if store is not None and "console" in parts else None)
         load_after = os.getloadavg()
-        store.close()
+        if store is not None:
+            store.close()
     results = []
     for name, values in times.items():
         p95 = percentile(values, 0.95)
@@ -467,28 +598,31 @@ async def main_async(args: argparse.Namespace) -> int:
                               met=p95 is not None and p95 <= PAGE_TARGET_MS,
                               note=f"p50 {percentile(values, 0.5):.1f} ms, max {max(values):.1f} ms, "
                                    f"n={len(values)}"))
-    ratio = rates["console_per_s"] / rates["bare_per_s"]
-    workers_used = default_decode_workers() if args.decode_workers is None else args.decode_workers
-    results.append(figure("console consumer catch-up", rates["console_per_s"], "decisions/s",
-                          baseline=rates["bare_per_s"], ratio=ratio, target=f">= {CATCHUP_TARGET}x bare",
-                          met=ratio >= CATCHUP_TARGET,
-                          note=f"{args.catchup:,} decisions into the filled store, decode workers: "
-                               f"{workers_used}; baseline = bare consumer of the same topic, same run"))
-    results.append(figure("consumer that only decodes, fastavro, for reference",
-                          rates["fastavro_per_s"], "decisions/s", baseline=rates["bare_per_s"],
-                          note="the same topic read by a consumer that decodes each record with fastavro "
-                               "and stores nothing (the console's decoder before)"))
-    results.append(figure("consumer that only decodes, the console's decoder (ceiling)",
-                          rates["decoding_per_s"], "decisions/s", baseline=rates["bare_per_s"],
-                          note="the same topic, each record decoded as the console does (generated reader, "
-                               "times as epoch ms), in one process, nothing stored"))
-    results.append(figure("decode + map only, no Kafka, one process", ceiling["map_per_s"], "decisions/s",
-                          baseline=rates["bare_per_s"],
-                          note="prepare_records over 2,000-record batches: what one core decodes and maps"))
-    results.append(figure("store writes only, no Kafka (ceiling)", ceiling["write_per_s"], "decisions/s",
-                          baseline=rates["bare_per_s"],
-                          note="write_prepared of batches mapped beforehand, into the filled store: the "
-                               "single SQLite writer's rate, the bound on the console's catch-up"))
+    if "console_per_s" in rates:
+        ratio = rates["console_per_s"] / rates["bare_per_s"]
+        workers_used = default_decode_workers() if args.decode_workers is None else args.decode_workers
+        results.append(figure("console consumer catch-up", rates["console_per_s"], "decisions/s",
+                              baseline=rates["bare_per_s"], ratio=ratio, target=f">= {CATCHUP_TARGET}x bare",
+                              met=ratio >= CATCHUP_TARGET,
+                              note=f"{args.catchup:,} decisions into the filled store, decode workers: "
+                                   f"{workers_used}; baseline = bare consumer of the same topic, same run"))
+        results.append(figure("consumer that only decodes, fastavro, for reference",
+                              rates["fastavro_per_s"], "decisions/s", baseline=rates["bare_per_s"],
+                              note="the same topic read by a consumer that decodes each record with fastavro "
+                                   "and stores nothing (the console's decoder before)"))
+        results.append(figure("consumer that only decodes, the console's decoder (ceiling)",
+                              rates["decoding_per_s"], "decisions/s", baseline=rates["bare_per_s"],
+                              note="the same topic, each record decoded as the console does (generated "
+                                   "reader, times as epoch ms), in one process, nothing stored"))
+    if ceiling is not None:
+        results.append(figure("decode + map only, no Kafka, one process", ceiling["map_per_s"], "decisions/s",
+                              baseline=rates["bare_per_s"],
+                              note="prepare_records over 2,000-record batches: what one core decodes and "
+                                   "maps"))
+        results.append(figure("store writes only, no Kafka (ceiling)", ceiling["write_per_s"], "decisions/s",
+                              baseline=rates["bare_per_s"],
+                              note="write_prepared of batches mapped beforehand, into the filled store: the "
+                                   "single SQLite writer's rate, the bound on the console's catch-up"))
     for key, label, note in (
         ("floor_append_per_s", "floor (a0): raw records appended, no index at all",
          "key, time, place and raw value appended in arrival order to a table without any index, one "
@@ -507,12 +641,28 @@ async def main_async(args: argparse.Namespace) -> int:
         ("floor_summary_10k_per_s", "floor (b)+(c)+(d): the same, 10,000-record polls", ""),
         ("bare_again_per_s", "bare consumer again, after the floors", "the machine's drift during the run"),
     ):
+        if key not in rates:
+            continue
         bare = rates.get(key.replace("_per_s", "_bare_per_s"), rates["bare_per_s"])
         results.append(figure(label, rates[key], "decisions/s", baseline=bare,
                               ratio=rates[key] / bare, target=f">= {CATCHUP_TARGET}x bare",
                               met=rates[key] / bare >= CATCHUP_TARGET,
                               note=f"{note}{'; ' if note else ''}baseline: a bare consumer run just before it"
                               if key != "bare_again_per_s" else note))
+    for key, rate in rates.items():
+        if key.startswith("cpu "):
+            results.append(figure(key, rate, "µs CPU a record", note="the consumer's process, every thread"
+                                  if key.startswith(("cpu rocks", "cpu sqlite")) else "no Kafka, one thread"))
+        if key.startswith("rocks_") and not key.endswith("_bare_per_s"):
+            name = key.removeprefix("rocks_").removesuffix("_per_s")
+            bare = rates[key.replace("_per_s", "_bare_per_s")]
+            mode, wal, own_process = ROCKS_VARIANTS[name.split("_round")[0]]
+            results.append(figure(
+                f"RocksDB floor {name}", rate, "decisions/s", baseline=bare, ratio=rate / bare,
+                target=f">= {CATCHUP_TARGET}x bare", met=rate / bare >= CATCHUP_TARGET,
+                note=f"mode {mode} (bench.console_rocks), WAL {'on' if wal else 'off'}, writer "
+                     f"{'in a process of its own' if own_process else 'in a thread'}; baseline: a bare "
+                     "consumer run just before it"))
     doc = {"scale": {"customers": args.customers, "decisions": filled["decisions"],
                      "repeats": args.repeats, "catchup": args.catchup},
            "fill_seconds": filled["seconds"], "store_mb": size_mb, "machine": machine_info(),
@@ -522,6 +672,8 @@ async def main_async(args: argparse.Namespace) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     full = args.customers >= 100_000 and args.decisions >= 1_000_000
     name = "latest-console" if full else "latest-console-quick"
+    if parts != frozenset(PARTS):  # a partial run does not replace the full one's results
+        name += "-" + "-".join(sorted(parts))
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     lines = [f"# console benchmark ({args.customers:,} customers, {filled['decisions']:,} decisions)", "",
              f"store {size_mb:.0f} MB, filled in {filled['seconds']:.0f} s; load average "
@@ -547,6 +699,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-workers", type=int, default=None,
                         help="the console consumer's decoding processes (default: one per core beyond "
                              "the first)")
+    parser.add_argument("--parts", default="", help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
+    parser.add_argument("--rocks-rounds", type=int, default=1,
+                        help="how many times each RocksDB floor variant runs (interleaved with bare reads)")
+    parser.add_argument("--rocks-variants", default=",".join(ROCKS_VARIANTS),
+                        help=f"comma-separated, of {', '.join(ROCKS_VARIANTS)}")
     return asyncio.run(main_async(parser.parse_args(argv)))
 
 
