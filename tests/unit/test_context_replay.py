@@ -8,6 +8,9 @@ from their own committed positions: later, and possibly in another interleaving)
   timer decided belongs to the next batch, whether the replay puts it before or after the flush;
   a flush replayed before messages it saw waits for them. So a batch id always names the same
   messages, and the responder's dedupe by batch id drops the same batch that was sent.
+- It also carries how many agent-activity events and replies the timer's state had handled (and
+  how many replies when the batch opened): the batch's human-agent block, hold and cutoff are the
+  same whether a replay handles those events before or after the flush.
 """
 
 from __future__ import annotations
@@ -16,15 +19,22 @@ import copy
 from dataclasses import dataclass
 from typing import Any, cast
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from services.common import codec
 from services.common.config import Settings
-from services.common.records import ContextCommand, CustomerState, InboundMessage
+from services.common.records import (
+    AgentActivity,
+    AssistantReply,
+    ContextCommand,
+    CustomerState,
+    InboundMessage,
+    ResponderRequest,
+)
 from services.context.app import Incoming, build_limits, create_app
 
-from .context_builders import KEY, Customer, command, inbound, limits, secs, t
+from .context_builders import KEY, Customer, activity, command, hist, inbound, limits, reply, secs, t
 
 QUIET = 30
 
@@ -181,7 +191,8 @@ async def test_the_timer_tells_how_many_messages_it_saw(tmp_path: Any) -> None:
               for i, m in enumerate(messages)]
     await runtime.handle_events(events)
     assert await runtime.flush_tick()
-    assert [(c["kind"], c.get("batch_messages")) for c in sent] == [("flush", 3)]
+    assert [(c["kind"], c.get("batch_messages"), c.get("agent_events"), c.get("replies"),
+             c.get("opened_replies"), c.get("inbound_messages")) for c in sent] == [("flush", 3, 0, 0, 0, 3)]
 
 
 def test_a_flush_of_a_batch_the_replay_has_not_opened_yet_waits_for_it() -> None:
@@ -291,13 +302,19 @@ def record_a_run(gaps: list[int], timer_every: int) -> tuple[Customer, Recorded]
 
 
 def timer_command(c: Customer, at: Any) -> ContextCommand | None:
-    """The flush the timer sends at `at` on `c`'s state, if any (not handled yet)."""
+    """The flush the timer sends at `at` on `c`'s state, if any (not handled yet), with the counts
+    `flush_tick` puts in it."""
     batch_id = c.due(at)
     if batch_id is None:
         return None
     batch = c.state["open_batch"]
     seen = len(batch["messages"]) if batch is not None and batch["batch_id"] == batch_id else None
-    return flush(at, batch_id, seen)
+    cmd = flush(at, batch_id, seen)
+    cmd["agent_events"] = c.state.get("agent_events_handled", 0)
+    cmd["replies"] = c.state.get("replies_handled", 0)
+    cmd["opened_replies"] = batch.get("opened_replies") if batch is not None and seen is not None else None
+    cmd["inbound_messages"] = c.state.get("inbound_handled", 0)
+    return cmd
 
 
 def timer_flush(c: Customer, at: Any, recorded: Recorded) -> None:
@@ -343,3 +360,322 @@ def test_any_replay_interleaving_emits_the_same_batches(
     emitted = {b: ids for b, ids in batches(original)}
     for batch_id, ids in batches(replay):
         assert emitted.get(batch_id, ids) == ids, f"{batch_id}: first {emitted.get(batch_id)}, replay {ids}"
+
+
+# -- the interleaving of a flush with agent-activity and reply events (the human-agent block) --------
+
+def counted_flush(c: Customer, at: Any) -> ContextCommand:
+    """The flush the timer sends at `at` on `c`'s state: its batch's messages, and how many of the
+    customer's agent-activity events and replies the state had handled (as `flush_tick` does)."""
+    cmd = timer_command(c, at)
+    assert cmd is not None, f"nothing due at {at}"
+    return cmd
+
+
+def block(request: ResponderRequest) -> list[tuple[str, str | None, str]]:
+    return [(m["role"], m["agent_name"], m["text"]) for m in request["missed_messages"]]
+
+
+def test_an_agent_message_handled_after_the_timer_decided_is_not_in_the_block_in_either_order() -> None:
+    """An agent wrote before the customer's burst, but its webhook was handled after the timer
+    decided the flush: in the first run it is not in the batch's human-agent block; a replay that
+    handles it before the flush must give the same block (and the same routing: no hold)."""
+    late_agent = activity("a1", t("10:00:55"), "Le escribo en un momento")
+    runs = []
+    for agent_first in (False, True):
+        c = Customer(lim=limits(quiet=QUIET, hold=0))
+        first_contact_done(c)
+        c.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+        cmd = counted_flush(c, t("10:01:31"))  # the timer has seen no agent event of this batch
+        if agent_first:  # the replay's interleaving
+            c.agent(late_agent, late_agent["received_at"])
+            c.command(cmd)
+        else:  # the first run's
+            c.command(cmd)
+            c.agent(late_agent, late_agent["received_at"])
+        runs.append(c)
+    original, replay = runs
+    assert block(original.requests[-1]) == [], "the timer saw no agent message"
+    assert replay.requests[-1] == original.requests[-1]
+    assert replay.decisions[-1] == original.decisions[-1]
+
+
+def test_an_agent_message_the_timer_saw_holds_the_batch_in_either_order() -> None:
+    """The other side: an agent message the timer counted is in the block — and holds the batch —
+    even when a replay handles the flush before it (the flush waits for it)."""
+    agent = activity("a1", t("10:00:55"), "Le escribo en un momento")
+    original = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(original)
+    original.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+    original.agent(agent, agent["received_at"])
+    cmd = counted_flush(original, t("10:01:31"))
+    original.command(cmd)
+    replay = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(replay)
+    replay.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+    effects = replay.command(cmd)
+    assert not effects.decisions, "the flush waits for the agent event it counted"
+    replay.agent(agent, agent["received_at"])
+    assert [d["routed_to"] for d in original.decisions][-1] == "held"
+    assert replay.decisions[-1] == original.decisions[-1]
+    assert replay.state["held_messages"] == original.state["held_messages"]
+
+
+def test_a_reply_handled_after_the_timer_decided_changes_nothing_in_the_block_in_either_order() -> None:
+    """Our reply's echo (reported as an agent send before the reply names its id) is in the block
+    the timer saw; a replay that handles the reply — which shows the echo was ours — before the
+    flush must give the same block, not one without it."""
+    runs = []
+    for reply_first in (False, True):
+        c = Customer(lim=limits(quiet=QUIET, hold=0))
+        first_contact_done(c)
+        c.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+        c.command(counted_flush(c, t("10:01:31")))
+        echo = activity("e2", t("10:01:40"), "Sí, tenemos.", operator=None, ids=["wamid-r2"])
+        c.agent(echo, echo["received_at"])
+        c.message(inbound("w2", t("10:02:00"), "¿Con desayuno?"))  # batch 3, cutoff 10:00:45
+        cmd = counted_flush(c, t("10:02:31"))
+        late_reply = reply(f"{KEY}:2", t("10:01:40"), "Sí, tenemos.", ids=["wamid-r2"])
+        if reply_first:
+            c.replied(late_reply)
+            c.command(cmd)
+        else:
+            c.command(cmd)
+            c.replied(late_reply)
+        runs.append(c)
+    original, replay = runs
+    assert original.requests[-1]["batch_id"] == f"{KEY}:3"
+    assert replay.requests[-1] == original.requests[-1]
+    assert replay.decisions[-1] == original.decisions[-1]
+
+
+def test_a_flush_replayed_before_a_reply_it_saw_waits_for_it() -> None:
+    """The timer counted the reply (which shows the echo was ours): a replay reading the flush
+    before the reply waits for it, and the block is the first run's — without our echo."""
+    original = Customer(lim=limits(quiet=QUIET, hold=0))
+    first_contact_done(original)
+    original.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+    original.command(counted_flush(original, t("10:01:31")))
+    echo = activity("e2", t("10:01:40"), "Sí, tenemos.", operator=None, ids=["wamid-r2"])
+    original.agent(echo, echo["received_at"])
+    original.message(inbound("w2", t("10:02:00"), "¿Con desayuno?"))
+    replay = Customer(lim=limits(quiet=QUIET, hold=0))
+    replay.state = copy.deepcopy(original.state)  # the replay starts here
+    the_reply = reply(f"{KEY}:2", t("10:01:40"), "Sí, tenemos.", ids=["wamid-r2"])
+    original.replied(the_reply)
+    cmd = counted_flush(original, t("10:02:31"))
+    original.command(cmd)
+    assert block(original.requests[-1]) == [], "the echo is ours"
+    effects = replay.command(cmd)
+    assert not effects.decisions, "the flush waits for the reply it counted"
+    replay.replied(the_reply)
+    assert replay.requests[-1] == original.requests[-1]
+
+
+@dataclass
+class RecordedTopics:
+    """One run's four input topics, each in its own order, as (event kind, record)."""
+
+    inbound: list[InboundMessage]
+    agent: list[AgentActivity]
+    replies: list[AssistantReply]
+    commands: list[ContextCommand]
+
+
+def record_a_run_with_agents(
+    steps: list[tuple[str, int]], timer_every: int, hold: int, every_batch: bool = False
+) -> tuple[Customer, RecordedTopics]:
+    """A first run: customer messages (some with their webhook 40 s late), human-agent messages
+    (their webhooks a few seconds late) and our replies (to the oldest unanswered batch, some with
+    their echo reported as an agent send first), `gap` seconds apart; the timer flushes what is due
+    with the counts it sees, and a fetch (MISSED_HISTORY=every_batch) answers at once with every
+    customer message written so far — also those whose webhook is still in flight."""
+    c = Customer(lim=limits(quiet=QUIET, hold=hold, every_batch=every_batch))
+    first_contact_done(c)
+    recorded = RecordedTopics([], [], [], [])
+    now = t("10:01:00")
+    clock = now
+    answered: set[str] = set()
+    written: list[InboundMessage] = []
+    in_flight: list[InboundMessage] = []
+
+    def deliver(message: InboundMessage) -> None:
+        c.message(message, message["received_at"])
+        recorded.inbound.append(message)
+
+    def tick_until(until: Any) -> None:
+        nonlocal clock
+        while clock + secs(timer_every) <= until:
+            clock = clock + secs(timer_every)
+            while in_flight and in_flight[0]["received_at"] <= clock:
+                deliver(in_flight.pop(0))
+            cmd = timer_command(c, clock)
+            if cmd is not None:
+                c.command(cmd)
+                recorded.commands.append(cmd)
+                flushing = c.state["flushing_batch"]
+                if flushing is not None and flushing["batch_id"] == cmd["batch_id"]:
+                    found = command("history_fetched", clock, cmd["batch_id"], history=[
+                        hist(m["event_id"], m["provider_time"], m["text"] or "")
+                        for m in written if m["provider_time"] < clock])
+                    c.command(found)
+                    recorded.commands.append(found)
+
+    for n, (kind, gap) in enumerate(steps):
+        now = now + secs(gap)
+        tick_until(now)
+        if kind in ("message", "late_message"):
+            message = inbound(f"m{n}", now)
+            written.append(message)
+            if kind == "late_message":
+                message["received_at"] = now + secs(40)
+                in_flight.append(message)
+            else:
+                deliver(message)
+        elif kind == "agent":
+            act = activity(f"a{n}", now - secs(3), f"agente {n}")  # written 3 s before its webhook
+            act["received_at"] = now
+            c.agent(act, now)
+            recorded.agent.append(act)
+        else:
+            open_ids = [r["batch_id"] for r in c.requests if r["batch_id"] not in answered
+                        and r["batch_id"] != f"{KEY}:1"]
+            if not open_ids:
+                continue
+            batch_id = open_ids[0]
+            answered.add(batch_id)
+            text = f"respuesta {n}"
+            if kind == "reply_echo":  # our send's echo, reported before the reply names its id
+                echo = activity(f"e{n}", now - secs(1), text, operator=None, ids=[f"wamid-{n}"])
+                echo["received_at"] = now
+                c.agent(echo, now)
+                recorded.agent.append(echo)
+            rep = reply(batch_id, now, text, ids=[f"wamid-{n}"])
+            c.replied(rep)
+            recorded.replies.append(rep)
+    tick_until(max([clock, *(m["received_at"] for m in in_flight)]) + secs(3 * QUIET + timer_every))
+    return c, recorded
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(st.tuples(st.sampled_from(["message", "message", "late_message", "agent", "reply",
+                                              "reply_echo"]),
+                             st.integers(min_value=0, max_value=70)), min_size=1, max_size=14),
+    timer_every=st.integers(min_value=1, max_value=20),
+    hold=st.sampled_from([0, 20]),
+    every_batch=st.booleans(),
+    order=st.lists(st.integers(min_value=0, max_value=3), max_size=60),
+)
+# gap B: the recovered message's webhook replayed first
+@example(steps=[("late_message", 0), ("message", 2), ("reply", 40), ("agent", 1)], timer_every=2, hold=0,
+         every_batch=True, order=[])
+def test_any_replay_interleaving_of_the_four_topics_emits_the_same_batches(
+    steps: list[tuple[str, int]], timer_every: int, hold: int, every_batch: bool, order: list[int],
+) -> None:
+    """The four topics (inbound, agent activity, replies, commands) replayed in any interleaving,
+    each in its own order: every batch emitted again is the first run's request, human-agent block,
+    hold and messages recovered from history included. (A new worker's timer flushing mid-replay is
+    in the two-topic test above; with these four topics see RELIABILITY.md 6b, "Not covered".)"""
+    original, recorded = record_a_run_with_agents(steps, timer_every, hold, every_batch)
+    replay = Customer(lim=limits(quiet=QUIET, hold=hold, every_batch=every_batch))
+    first_contact_done(replay)
+    topics: list[list[Any]] = [list(recorded.inbound), list(recorded.agent), list(recorded.replies),
+                               list(recorded.commands)]
+    choices = iter(order)
+    while any(topics):
+        pick = next(choices, 0)
+        while not topics[pick]:
+            pick = (pick + 1) % 4
+        record = topics[pick].pop(0)
+        if pick == 0:
+            replay.message(record, record["received_at"])
+        elif pick == 1:
+            replay.agent(record, record["received_at"])
+        elif pick == 2:
+            replay.replied(record)
+        else:
+            replay.command(record)
+    emitted = {r["batch_id"]: r for r in original.requests}
+    for request in replay.requests:
+        assert emitted.get(request["batch_id"], request) == request, request["batch_id"]
+    def judged(decision: dict[str, Any]) -> dict[str, Any]:
+        # The audit's list of excluded real-time items is not compared: it names what the agent
+        # memory still held, and a reply prunes it at another point of a replay (never what a batch
+        # can still inject: `reply_floor`).
+        return {k: v for k, v in decision.items() if k != "excluded"}
+
+    decided = {d["batch_id"]: judged(d) for d in original.decisions}
+    for decision in map(judged, replay.decisions):
+        assert decided.get(decision["batch_id"], decision) == decision, decision["batch_id"]
+
+
+def test_a_message_recovered_from_history_lands_in_the_same_batch_whatever_its_webhook_s_place() -> None:
+    """MISSED_HISTORY=every_batch: the fetch of batch 2 finds a customer message written just before
+    the batch whose webhook is still in flight, and recovers it into batch 2; its webhook, later, is
+    a duplicate. A replay that handles the webhook before the flush must emit the same batch 2."""
+    lim = limits(quiet=QUIET, hold=0, every_batch=True)
+    late = inbound("x1", t("10:00:58"), "¿Hay parqueo?")
+    late["received_at"] = t("10:01:50")  # its webhook came late
+    runs = []
+    for webhook_first in (False, True):
+        c = Customer(lim=lim)
+        first_contact_done(c)
+        c.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+        cmd = counted_flush(c, t("10:01:31"))
+        if webhook_first:
+            c.message(late, late["received_at"])
+        c.command(cmd)
+        c.history(t("10:01:33"), [hist("x1", t("10:00:58"), "¿Hay parqueo?")])
+        if not webhook_first:
+            c.message(late, late["received_at"])
+        for minute in ("10:03:00", "10:04:00"):
+            if c.due(t(minute)) is not None:
+                c.command(counted_flush(c, t(minute)))
+                if c.state["flushing_batch"] is not None:
+                    c.history(t(minute) + secs(1), [])
+        runs.append(c)
+    original, replay = runs
+    assert batches(original)[-1] == (f"{KEY}:2", ["x1", "w1"])
+    assert batches(replay) == batches(original)
+
+
+def test_a_state_from_before_the_agent_log_keeps_its_human_time_for_the_hold() -> None:
+    """A state written by the previous version knows a human's time only as `last_human_at`; the
+    hold, judged from the agent log now, still sees it after the first new agent event."""
+    c = Customer(lim=limits(quiet=QUIET, hold=900))
+    first_contact_done(c)
+    for name in ("agent_events_handled", "agent_log", "last_human_base"):
+        c.state.pop(name, None)  # type: ignore[misc]
+    c.state["last_human_at"] = t("10:00:50")  # a human wrote before the upgrade
+    c.state = cast(CustomerState, codec.decode("CustomerState", codec.encode("CustomerState", dict(c.state))))
+    template = activity("tp1", t("10:00:55"), "Promoción", kind="template")
+    c.agent(template, template["received_at"])
+    c.message(inbound("w1", t("10:01:00")))
+    c.command(counted_flush(c, t("10:01:31")))
+    assert c.decisions[-1]["hold_reason"] == "human_active"
+
+
+def test_a_flush_waiting_for_the_late_webhook_of_a_recovered_message_is_decided_by_it() -> None:
+    """The timer counted the late webhook of a message batch 2 had recovered (nothing in batch 3
+    is left to wait for): a replay reading batch 3's flush first decides it when that webhook comes."""
+    lim = limits(quiet=QUIET, hold=0, every_batch=True)
+    late = inbound("x1", t("10:00:58"), "¿Hay parqueo?")
+    late["received_at"] = t("10:01:50")
+    original = Customer(lim=lim)
+    first_contact_done(original)
+    original.message(inbound("w1", t("10:01:00"), "¿Tienen habitaciones?"))
+    original.command(counted_flush(original, t("10:01:31")))
+    original.history(t("10:01:33"), [hist("x1", t("10:00:58"), "¿Hay parqueo?")])
+    original.message(inbound("w2", t("10:01:40"), "¿Y piscina?"))
+    replay = Customer(lim=lim)
+    replay.state = copy.deepcopy(original.state)
+    original.message(late, late["received_at"])  # a duplicate of the recovered x1, counted
+    cmd = counted_flush(original, t("10:02:11"))
+    original.command(cmd)
+    original.history(t("10:02:12"), [])
+    effects = replay.command(cmd)
+    assert effects.log[0][0] == "flush_waiting", "it waits for the webhook it counted"
+    replay.message(late, late["received_at"])
+    replay.history(t("10:02:12"), [])
+    assert batches(replay)[-1] == batches(original)[-1] == (f"{KEY}:3", ["w2"])
