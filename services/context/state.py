@@ -256,7 +256,9 @@ def on_inbound(
         batch = _open_batch(state, now)
         effects.log.append(("batch_opened", _batch_fields(batch)))
     batch["messages"].append(_normalised_message(message))
-    batch["last_message_at"] = now
+    # the quiet window runs from the latest receive time, whatever order ingest's racing requests
+    # were handled in: `_seen_part` and `_reopen` judge a replayed batch's part by the same rule
+    batch["last_message_at"] = max(batch["last_message_at"], now)
     _remember(state["recent_event_ids"], ids, RECENT_EVENT_IDS)
     state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
     state["channel"] = message["channel"]
@@ -849,7 +851,7 @@ def _on_sweep_result(
         batch = _open_batch(state, now)
         effects.log.append(("batch_opened", _batch_fields(batch)))
     batch["messages"] = _insert_by_time(batch["messages"], recovered)
-    batch["last_message_at"] = now
+    batch["last_message_at"] = max(batch["last_message_at"], now)
     for message in recovered:
         _remember(state["recent_event_ids"], message_ids(message), RECENT_EVENT_IDS)
         state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
@@ -1174,6 +1176,14 @@ def _resume_from(state: CustomerState, cutoff: datetime | None) -> datetime | No
     return max(ends) if ends else None
 
 
+def _window_lower(state: CustomerState, cutoff: datetime) -> datetime:
+    """Where the window of a batch with this cutoff starts: the cutoff, or the earlier `_resume_from`
+    (what the request its reply answered never saw). Pruning stops there, or a batch would select
+    an item in one interleaving of a replay and find it pruned in another."""
+    resume = _resume_from(state, cutoff)
+    return cutoff if resume is None else min(cutoff, resume)
+
+
 def _given_keys(injected: list[MissedItem]) -> list[str]:
     """`given:<id>` of the context items whose time alone could not tell later whether the model
     has them: real-time-only items with a whole-second time (history's times have milliseconds),
@@ -1280,7 +1290,7 @@ def _reopen(state: CustomerState, flushed: Batch, later: list[InboundMessage]) -
     batch = _open_batch(state, later[0]["received_at"])
     state["last_inbound_at"] = before
     batch["messages"] = later
-    batch["last_message_at"] = later[-1]["received_at"]
+    batch["last_message_at"] = max(m["received_at"] for m in later)
 
 
 def _batch_fields(batch: Batch) -> dict[str, object]:
@@ -1410,7 +1420,7 @@ def _prune_agent_messages(state: CustomerState, now: datetime, limits: Limits) -
     horizon, floor = state["last_reply_at"], state.get("reply_floor")
     if horizon is None or floor is None:
         return 0
-    horizon = min(horizon, floor)
+    horizon = min(horizon, _window_lower(state, floor))
     ends = _window_ends(state)
     if ends:  # what came after the last request's window is in no request yet: keep it
         horizon = min(horizon, max(ends))
@@ -1420,7 +1430,7 @@ def _prune_agent_messages(state: CustomerState, now: datetime, limits: Limits) -
         needed = batch["prior_last_reply_at"]
         if needed is None:
             needed = now - timedelta(seconds=limits.missed_lookback_seconds)
-        horizon = min(horizon, needed)
+        horizon = min(horizon, _window_lower(state, needed))
     kept = [m for m in state["agent_messages"] if possibly_after(m["at"], horizon)]  # coarse: keep
     pruned = len(state["agent_messages"]) - len(kept)
     state["agent_messages"] = kept
