@@ -203,6 +203,12 @@ class StateLog(TopicTail):
             lines.append(f"{where} {describe(tp.topic == self.changelog, value)}")
         return lines
 
+    def customers_of(self, event_ids: list[str]) -> list[str]:
+        """The customers of these inbound event ids (for (c)'s timelines), sorted."""
+        wanted = set(event_ids)
+        return sorted({customer for records in self.inbound.values()
+                       for _, customer, event_id in records if event_id in wanted})
+
     def _read(self, tp: TopicPartition, offset: int, key: bytes | None, value: bytes | None) -> None:
         if tp.topic == self.changelog:
             self.states[tp.partition].append((offset, (key or b"").decode(errors="replace"), value))
@@ -323,7 +329,9 @@ def describe(is_state: bool, value: bytes | None) -> str:
                      for f in state.get("early_flushes") or []]
             return (f"STATE seq {state['batch_seq']} {open_part} early {early} flushed "
                     f"{[b.rsplit(':', 1)[-1] for b in state['flushed_batch_ids'][-3:]]} "
-                    f"ids {len(state['recent_event_ids'])}")
+                    f"ids {len(state['recent_event_ids'])} handled in/agent/replies "
+                    f"{state.get('inbound_handled')}/{state.get('agent_events_handled')}/"
+                    f"{state.get('replies_handled')}")
         name, record = codec.decode_any(value)
     except codec.CodecError:
         return "(undecodable)"
@@ -331,7 +339,9 @@ def describe(is_state: bool, value: bytes | None) -> str:
         return f"INBOUND {record['event_id'][-4:]} received {record['received_at']:%H:%M:%S.%f}"
     if name == "ContextCommand":
         return (f"CMD {record['kind']} {str(record.get('batch_id') or '').rsplit(':', 1)[-1]} "
-                f"count {record.get('batch_messages')} issued {record['issued_at']:%H:%M:%S.%f}")
+                f"count {record.get('batch_messages')} issued {record['issued_at']:%H:%M:%S.%f} "
+                f"in/agent/replies/opened {record.get('inbound_messages')}/{record.get('agent_events')}/"
+                f"{record.get('replies')}/{record.get('opened_replies')}")
     if name in ("ResponderRequest", "VisionRequest"):
         request = record["request"] if name == "VisionRequest" else record
         return (f"EMIT {name[:6]} {request['batch_id'].rsplit(':', 1)[-1]} "
@@ -536,10 +546,11 @@ async def _drill(
                         figures.first_seen_at_kill[batch_id] = kill.n
                     figures.flushes_without_state |= flushes
                 figures.emitted_twice, figures.same_batch_reemitted = emitted_twice(ledger)
-                for customer in twice_customers(figures.emitted_twice)[:3]:
+                figures.never_answered = list(verdict.lost)
+                for customer in [*twice_customers(figures.emitted_twice)[:3],
+                                 *state_log.customers_of(figures.never_answered)[:3]]:
                     name = f"timeline-{customer.replace(':', '_').replace('/', '_')}.txt"
                     (tmp / name).write_text("\n".join(state_log.timeline(customer)) + "\n")
-                figures.never_answered = list(verdict.lost)
                 figures.duplicate_replies = sum(verdict.duplicate_sends.values())
     finally:
         await admin.close()
@@ -581,7 +592,7 @@ def failure_report(result: ContextDrillResult) -> str:
         f"(b) emitted twice: {list(f.emitted_twice.items())[:5]}",
         f"(c) never answered: {f.never_answered[:10]}",
         f"(d) duplicate replies: {f.duplicate_replies}",
-        f"stack log: {result.log}",
+        f"stack log: {result.log} (timelines of (b)'s and (c)'s customers next to it)",
     ]
     return "\n".join(lines)
 
