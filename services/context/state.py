@@ -281,13 +281,11 @@ def _decide_waiting_flushes(
         if batch is None or not batch.get("waiting_flushes"):
             return state, effects
         first = batch["waiting_flushes"][0]
-        if not _handled_all(state, batch, first):
+        if state["flushing_batch"] is not None or not _handled_all(state, batch, first):
+            # an earlier batch still fetches (its replayed history came before its flush was
+            # decided): this flush waits for it, or the batch is cut where a later timer says
             return state, effects
         batch["waiting_flushes"] = batch["waiting_flushes"][1:]
-        if state["flushing_batch"] is not None:  # as for any flush while an earlier batch fetches
-            effects.log.append(("flush_ignored", {"batch_id": batch["batch_id"],
-                                                  "reason": "earlier_batch_flushing"}))
-            continue
         state, decided = _decide_flush(state, batch["batch_id"], first["batch_messages"], first["issued_at"],
                                        limits, _seen_counts(first))  # may reopen the next batch
         _merge_effects(effects, decided)
@@ -524,7 +522,8 @@ def _on_flush(
             effects.log.append(("history_fetch_retry", {
                 "batch_id": batch_id, "attempt": flushing["fetch_attempts"]}))
             return state, effects
-        return _finalize(state, "flushing_batch", None, "timeout", now, limits, effects)
+        state, effects = _finalize(state, "flushing_batch", None, "timeout", now, limits, effects)
+        return _decide_waiting_flushes(state, limits, effects)
     seen = command.get("batch_messages")
     if (seen is None and batch is None and flushing is None and state["held_messages"]
             and batch_id == _next_batch_id(state)):
@@ -534,19 +533,20 @@ def _on_flush(
         return _wait_early(state, batch_id, seen, counts, now)
     if batch is None or batch["batch_id"] != batch_id:
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "unknown_batch"})])
-    if flushing is not None:
+    if flushing is not None and seen is None:
         return state, Effects(log=[("flush_ignored", {
             "batch_id": batch_id, "reason": "earlier_batch_flushing"})])
     waiting = batch.get("waiting_flushes") or []
     if waiting and seen is None:
         return state, _flush_ignored(batch_id, "earlier_flush_waiting")
     wanted = {"batch_messages": seen, "issued_at": now, **_count_fields(counts)}
-    if seen is not None and (waiting or not _handled_all(state, batch, wanted)):
+    if seen is not None and (waiting or flushing is not None or not _handled_all(state, batch, wanted)):
         # A replay in another interleaving: messages (or agent-activity events, or replies) the
         # timer saw are not handled yet. The flush waits for them and is decided, at its own time,
         # when the last of them comes (on_inbound, on_agent_activity, on_reply); one behind an
         # earlier waiting flush waits its turn (log order decides, whatever it counts: a new timer
-        # reading the replayed, shorter batch sends a smaller count).
+        # reading the replayed, shorter batch sends a smaller count). One read while an earlier
+        # batch fetches its history again (its replayed result came before its flush) waits for it.
         queued = _queued(waiting, wanted)
         if len(queued) > MAX_WAITING_FLUSHES:
             return state, _flush_ignored(batch_id, "too_many_waiting")
@@ -796,7 +796,8 @@ def _on_history(
     history: list[HistoryItem] | None = list(command["history"])
     if error and not history:
         history = None
-    return _finalize(copy.deepcopy(state), "flushing_batch", history, error, now, limits, Effects())
+    state, effects = _finalize(copy.deepcopy(state), "flushing_batch", history, error, now, limits, Effects())
+    return _decide_waiting_flushes(state, limits, effects)  # flushes that waited for this batch
 
 
 def _on_reconcile(state: CustomerState, now: datetime) -> tuple[CustomerState, Effects]:

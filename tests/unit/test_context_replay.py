@@ -790,3 +790,39 @@ def test_a_flush_waiting_for_the_late_webhook_of_a_recovered_message_is_decided_
     replay.message(late, late["received_at"])
     replay.history(t("10:02:12"), [])
     assert batches(replay)[-1] == batches(original)[-1] == (f"{KEY}:3", ["w2"])
+
+
+# -- a replay's own history fetch, and flushes that can never be satisfied ---------------------------
+
+def test_a_flush_replayed_while_an_earlier_batch_fetches_its_history_again_waits_for_it() -> None:
+    """The replay reads batch 1's history result before its flush is decided (its messages come
+    later): the result is stale, so batch 1 fetches again. Batch 2's original flush, read meanwhile,
+    used to be dropped (`earlier_batch_flushing`): batch 2 then took the next message too and was
+    cut where a new timer said — emitted again with other contents than the first time."""
+    w1, w2, w3 = (inbound(f"w{i}", t(at)) for i, at in ((1, "10:00:00"), (2, "10:05:00"), (3, "10:06:00")))
+    original = Customer(lim=limits(quiet=QUIET))
+    commands_topic: list[ContextCommand] = []
+
+    def timer(at: str) -> None:
+        commands_topic.append(counted_flush(original, t(at)))
+        original.command(commands_topic[-1])
+        if original.state["flushing_batch"] is not None:  # first contact: history
+            commands_topic.append(command("history_fetched", t(at), commands_topic[-1]["batch_id"]))
+            original.command(commands_topic[-1])
+
+    for message, at in ((w1, "10:00:31"), (w2, "10:05:31"), (w3, "10:06:31")):
+        original.message(message, message["received_at"])
+        timer(at)
+    assert batches(original) == [(f"{KEY}:1", ["w1"]), (f"{KEY}:2", ["w2"]), (f"{KEY}:3", ["w3"])]
+    replay = Customer(lim=limits(quiet=QUIET))
+    for cmd in commands_topic:  # the replay reads the commands topic first
+        replay.command(cmd)
+    for message in (w1, w2, w3):
+        replay.message(message, message["received_at"])
+    assert replay.state["flushing_batch"] is not None, "batch 1 fetches its history again"
+    replay.history(t("10:30:00"))
+    for minute in ("10:31:00", "10:32:00"):  # the new worker's timer flushes what is still open
+        cmd = timer_command(replay, t(minute))
+        if cmd is not None:
+            replay.command(cmd)
+    assert batches(replay) == batches(original)
