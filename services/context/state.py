@@ -281,14 +281,57 @@ def _decide_waiting_flushes(
         if batch is None or not batch.get("waiting_flushes"):
             return state, effects
         first = batch["waiting_flushes"][0]
-        if state["flushing_batch"] is not None or not _handled_all(state, batch, first):
+        if state["flushing_batch"] is not None:
             # an earlier batch still fetches (its replayed history came before its flush was
             # decided): this flush waits for it, or the batch is cut where a later timer says
             return state, effects
+        short = _never_satisfied(state, batch, first)
+        if short is None and not _handled_all(state, batch, first):
+            return state, effects
         batch["waiting_flushes"] = batch["waiting_flushes"][1:]
-        state, decided = _decide_flush(state, batch["batch_id"], first["batch_messages"], first["issued_at"],
+        if short == "batch_replied":
+            _merge_effects(effects, _close_replied(state, batch, first))
+            continue
+        seen = first["batch_messages"] if short is None else len(batch["messages"])
+        if short is not None:
+            effects.log.append(("waiting_flush_settled", {
+                "batch_id": batch["batch_id"], "reason": short, "batch_messages": first["batch_messages"],
+                "handled": len(batch["messages"])}))
+        state, decided = _decide_flush(state, batch["batch_id"], seen, first["issued_at"],
                                        limits, _seen_counts(first))  # may reopen the next batch
         _merge_effects(effects, decided)
+
+
+def _never_satisfied(state: CustomerState, batch: Batch, flush: Any) -> str | None:
+    """Why a waiting flush can never get the messages it counted (None: it can, or it has them).
+
+    Every inbound webhook the timer's state had handled is handled again, yet the batch has fewer
+    messages than the timer counted: the missing ones are elsewhere (an earlier batch, the dedupe
+    memory) and no replayed record will bring them. Waiting would leave the batch — and every later
+    flush of the customer, queued behind it — undecided for ever. `batch_replied`: the responder
+    already answered this batch id (a previous worker decided it before the crash); else
+    `messages_elsewhere`: it is decided with what it has. A flush without an inbound count (an
+    older command) cannot be judged and keeps waiting."""
+    inbound = _seen_counts(flush)[3]
+    if (inbound is None or state.get("inbound_handled", 0) < inbound
+            or len(batch["messages"]) >= flush["batch_messages"]):
+        return None
+    replied = REPLY_KEY + batch["batch_id"] in state["recent_event_ids"]
+    return "batch_replied" if replied else "messages_elsewhere"
+
+
+def _close_replied(state: CustomerState, batch: Batch, flush: Any) -> Effects:
+    """Closes an open batch (state already copied) whose reply is in although its flush can never be
+    decided here (`_never_satisfied`): a previous worker emitted it and the responder answered; a
+    second request under the same id would be dropped by the responder's dedupe. Its messages count
+    as answered; the next message opens the next batch."""
+    state["open_batch"] = None
+    _remember(state["flushed_batch_ids"], [batch["batch_id"]], FLUSHED_BATCH_IDS)
+    answered = [ANSWERED_KEY + i for m in batch["messages"] for i in message_ids(m)]
+    _remember(state["recent_event_ids"], answered, RECENT_EVENT_IDS)
+    return Effects(log=[("waiting_flush_settled", {
+        "batch_id": batch["batch_id"], "reason": "batch_replied", "batch_messages": flush["batch_messages"],
+        "handled": len(batch["messages"])})])
 
 
 def _flush_ignored(batch_id: str, reason: str) -> Effects:
@@ -554,8 +597,9 @@ def _on_flush(
         batch = state["open_batch"]
         assert batch is not None
         batch["waiting_flushes"] = queued
-        return state, Effects(log=[("flush_waiting", {"batch_id": batch_id, "batch_messages": seen,
-                                                      "handled": len(batch["messages"])})])
+        effects = Effects(log=[("flush_waiting", {"batch_id": batch_id, "batch_messages": seen,
+                                                  "handled": len(batch["messages"])})])
+        return _decide_waiting_flushes(state, limits, effects)  # unless it never can be (liveness)
     return _decide_flush(state, batch_id, seen, now, limits, counts)
 
 

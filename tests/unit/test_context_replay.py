@@ -34,7 +34,19 @@ from services.common.records import (
 )
 from services.context.app import Incoming, build_limits, create_app
 
-from .context_builders import KEY, Customer, activity, command, hist, inbound, limits, reply, secs, t
+from .context_builders import (
+    KEY,
+    Customer,
+    activity,
+    command,
+    hist,
+    inbound,
+    limits,
+    reply,
+    roundtrip,
+    secs,
+    t,
+)
 
 QUIET = 30
 
@@ -826,3 +838,55 @@ def test_a_flush_replayed_while_an_earlier_batch_fetches_its_history_again_waits
         if cmd is not None:
             replay.command(cmd)
     assert batches(replay) == batches(original)
+
+
+def a_restored_state_without_the_counted_message(reply_first: bool) -> tuple[Customer, ContextCommand]:
+    """The drill's (c), seed 931154: a worker emitted batch 2 with [w1, w2] (its flush counts 2)
+    and was killed; the state the next worker restores has batch 2 open with [w1] only, though w2 is
+    handled (its webhook counted, its id in the dedupe memory): no replayed record brings w2 into
+    the batch. Returns the replay (optionally with batch 2's reply handled) and the flush."""
+    original = Customer(lim=limits(quiet=QUIET))
+    first_contact_done(original)
+    original.message(inbound("w1", t("10:01:00")))
+    restored = copy.deepcopy(original.state)
+    original.message(inbound("w2", t("10:01:05")))
+    cmd = counted_flush(original, t("10:01:40"))
+    original.command(cmd)
+    assert batches(original)[-1] == (f"{KEY}:2", ["w1", "w2"])
+    restored["recent_event_ids"] = [*restored["recent_event_ids"], "w2"]  # handled, outside the batch
+    restored["inbound_handled"] += 1
+    restored["inbound_log"] = [*restored["inbound_log"], {"seq": restored["inbound_handled"], "ids": ["w2"]}]
+    replay = Customer(lim=limits(quiet=QUIET))
+    replay.state = roundtrip(restored)
+    if reply_first:
+        replay.replied(reply(f"{KEY}:2", t("10:01:50")))
+    return replay, cmd
+
+
+def test_a_flush_that_can_never_get_its_messages_is_decided_with_what_the_batch_has() -> None:
+    replay, cmd = a_restored_state_without_the_counted_message(reply_first=False)
+    effects = replay.command(cmd)
+    assert ("waiting_flush_settled", {"batch_id": f"{KEY}:2", "reason": "messages_elsewhere",
+                                      "batch_messages": 2, "handled": 1}) in effects.log
+    assert [r["batch_id"] for r in effects.responder_requests] == [f"{KEY}:2"], "never waits for ever"
+    replay.message(inbound("w3", t("10:02:00")))  # a later message: the next batch, not this one
+    replay.command(counted_flush(replay, t("10:02:31")))
+    assert batches(replay)[-2:] == [(f"{KEY}:2", ["w1"]), (f"{KEY}:3", ["w3"])]
+
+
+def test_a_flush_that_can_never_get_its_messages_of_a_batch_already_answered_closes_it() -> None:
+    """The reply to batch 2 is in (the previous worker's batch was answered): no second request —
+    the responder would drop it by its batch id — and the flushes the new timer re-sends for the
+    batch queue behind nothing; the next message is answered in batch 3."""
+    replay, cmd = a_restored_state_without_the_counted_message(reply_first=True)
+    resent = timer_command(replay, t("10:30:00"))  # the new timer, reading batch 2 with [w1]
+    assert resent is not None
+    effects = replay.command(cmd)
+    assert ("waiting_flush_settled", {"batch_id": f"{KEY}:2", "reason": "batch_replied",
+                                      "batch_messages": 2, "handled": 1}) in effects.log
+    assert not effects.responder_requests and replay.state["open_batch"] is None
+    assert replay.command(resent).duplicate
+    replay.message(inbound("w3", t("10:03:00")))
+    replay.command(counted_flush(replay, t("10:03:31")))
+    assert batches(replay) == [(f"{KEY}:3", ["w3"])]
+    assert replay.requests[-1]["prior_last_reply_at"] == t("10:01:50")
