@@ -139,6 +139,7 @@ class Figures:
     emitted_twice: dict[str, str] = field(default_factory=dict)  # event or batch id → why
     same_batch_reemitted: int = 0  # same batch id, same contents (deduped downstream: allowed)
     never_answered: list[str] = field(default_factory=list)
+    never_answered_where: list[str] = field(default_factory=list)  # "<id> p<partition>@<offset> ..."
     duplicate_replies: int = 0
 
     def rows(self) -> list[tuple[str, object]]:
@@ -201,6 +202,23 @@ class StateLog(TopicTail):
                 continue
             where = f"{at % 10_000_000:>7} {tp.topic.rsplit('.', 1)[-1]:<18}{tp.partition}@{offset:<5}"
             lines.append(f"{where} {describe(tp.topic == self.changelog, value)}")
+        return lines
+
+    def where(self, event_ids: list[str], committed: dict[TopicPartition, int]) -> list[str]:
+        """Each inbound event's customer, partition and offset, and the group's committed offset of
+        that partition now: (c) below the committed offset is a state that never answered it; at or
+        above, the last worker never handled it (its input partition was not read to the end)."""
+        wanted = set(event_ids)
+        found = {event_id: (partition, offset, customer) for partition, records in self.inbound.items()
+                 for offset, customer, event_id in records if event_id in wanted}
+        lines = []
+        for event_id in event_ids:
+            if event_id not in found:
+                lines.append(f"{event_id} (not on the inbound topic)")
+                continue
+            partition, offset, customer = found[event_id]
+            done = committed.get(TopicPartition(self.topics.inbound, partition))
+            lines.append(f"{event_id} {customer} p{partition}@{offset} (committed {done})")
         return lines
 
     def customers_of(self, event_ids: list[str]) -> list[str]:
@@ -552,6 +570,9 @@ async def _drill(
                     name = f"timeline-{customer.replace(':', '_').replace('/', '_')}.txt"
                     (tmp / name).write_text("\n".join(state_log.timeline(customer)) + "\n")
                 figures.duplicate_replies = sum(verdict.duplicate_sends.values())
+                if figures.never_answered:  # a state that waits, or an input partition not read?
+                    final = await committed_offsets(admin, group, {topics.inbound})
+                    figures.never_answered_where = state_log.where(figures.never_answered, final)
     finally:
         await admin.close()
     hows = collections.Counter(k.how for k in kills)
@@ -591,6 +612,7 @@ def failure_report(result: ContextDrillResult) -> str:
         f"    first seen at kills: {[(n, hows.get(n), c) for n, c in sorted(first.items())]}",
         f"(b) emitted twice: {list(f.emitted_twice.items())[:5]}",
         f"(c) never answered: {f.never_answered[:10]}",
+        *(f"    {line}" for line in f.never_answered_where[:10]),
         f"(d) duplicate replies: {f.duplicate_replies}",
         f"stack log: {result.log} (timelines of (b)'s and (c)'s customers next to it)",
     ]
