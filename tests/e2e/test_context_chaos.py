@@ -206,8 +206,9 @@ class StateLog(TopicTail):
 
     def where(self, event_ids: list[str], committed: dict[TopicPartition, int]) -> list[str]:
         """Each inbound event's customer, partition and offset, and the group's committed offset of
-        that partition now: (c) below the committed offset is a state that never answered it; at or
-        above, the last worker never handled it (its input partition was not read to the end)."""
+        that partition now. A (c) below the committed offset was committed by the last worker: a
+        state that never answered it, or an input committed unhandled (an (a) no kill came to
+        count); at or above it, the last worker never handled it (the partition was not read on)."""
         wanted = set(event_ids)
         found = {event_id: (partition, offset, customer) for partition, records in self.inbound.items()
                  for offset, customer, event_id in records if event_id in wanted}
