@@ -67,7 +67,10 @@ Decisions taken here (where the issues leave a choice):
 - Replays (RELIABILITY.md 6b): a flush names what the timer's state had handled — the batch's
   messages, the customer's agent-activity events and replies, the replies when the batch opened —
   and waits for them in a replay; the batch sees exactly those (`_seen_view`), its cutoff is the
-  reply time after `opened_replies` replies. Later events belong to the next batch.
+  reply time after `opened_replies` replies. Later events belong to the next batch. A flush
+  also waits while an earlier batch fetches its history again (its replayed result came first).
+  Liveness: once every webhook the flush counted is handled, a batch still short of its count is
+  never completed — the flush is settled (`_never_satisfied`), never left waiting.
 - Metrics are `(attribute name in services.common.metrics, labels, value)`; for a Histogram the
   value is observed, for a Counter added. Duplicates (`Effects.duplicate`) carry no metric: the
   shell counts `dedupe_hits_total` itself. History-fetch failures reported by the fetcher are
