@@ -164,6 +164,15 @@ class ContextCommand(TypedDict):
     actor: str | None
     #: flush: the number of batch messages the timer saw (None: all); replays flush the same batch
     batch_messages: NotRequired[int | None]
+    #: flush: agent-activity events / replies of the customer the timer's state had handled (None:
+    #: all); the batch's human-agent block and hold see exactly those, however a replay interleaves;
+    #: `opened_replies`: the replies handled when the batch opened (its cutoff is the last of them)
+    agent_events: NotRequired[int | None]
+    replies: NotRequired[int | None]
+    opened_replies: NotRequired[int | None]
+    #: flush: inbound webhooks the timer's state had handled; a history message whose webhook came
+    #: later is recovered into the batch, whatever the interleaving
+    inbound_messages: NotRequired[int | None]
 
 
 class ExcludedItem(TypedDict):
@@ -231,12 +240,41 @@ class OwnReply(TypedDict):
 class WaitingFlush(TypedDict):
     batch_messages: int
     issued_at: datetime
+    agent_events: NotRequired[int | None]
+    replies: NotRequired[int | None]
+    opened_replies: NotRequired[int | None]
+    inbound_messages: NotRequired[int | None]
 
 
 class EarlyFlush(TypedDict):
     batch_id: str
     batch_messages: int
     issued_at: datetime
+    agent_events: NotRequired[int | None]
+    replies: NotRequired[int | None]
+    opened_replies: NotRequired[int | None]
+    inbound_messages: NotRequired[int | None]
+
+
+class InboundLogEntry(TypedDict):
+    seq: int
+    ids: list[str]
+
+
+class AgentLogEntry(TypedDict):
+    seq: int
+    item_ids: list[str]
+    human_at: datetime | None
+    forgotten_by: int | None
+
+
+class ReplyLogEntry(TypedDict):
+    seq: int
+    batch_id: str
+    sent: bool
+    echoes: list[MissedItem]
+    unanswered: Unanswered | None
+    last_reply_before: NotRequired[datetime | None]
 
 
 class Batch(TypedDict):
@@ -249,6 +287,10 @@ class Batch(TypedDict):
     fetch_started_at: datetime | None
     fetch_attempts: int
     waiting_flushes: NotRequired[list[WaitingFlush]]
+    seen_agent_events: NotRequired[int | None]
+    seen_replies: NotRequired[int | None]
+    opened_replies: NotRequired[int | None]
+    seen_inbound: NotRequired[int | None]
 
 
 class Unanswered(TypedDict):
@@ -278,3 +320,11 @@ class CustomerState(TypedDict):
     last_activity_at: datetime | None
     batch_seq: int
     early_flushes: NotRequired[list[EarlyFlush]]
+    agent_events_handled: NotRequired[int]
+    replies_handled: NotRequired[int]
+    agent_log: NotRequired[list[AgentLogEntry]]
+    reply_log: NotRequired[list[ReplyLogEntry]]
+    reply_floor: NotRequired[datetime | None]
+    last_human_base: NotRequired[datetime | None]
+    inbound_handled: NotRequired[int]
+    inbound_log: NotRequired[list[InboundLogEntry]]

@@ -954,6 +954,11 @@ class ContextRuntime:
                 "kind": "flush", "customer_key": key, "batch_id": batch_id, "issued_at": now,
                 "history": [], "history_error": None, "history_pages": 0, "actor": None,
                 "batch_messages": seen,  # exactly these are flushed, whenever the command is handled
+                # and the batch's human-agent block and hold see exactly these agent events and replies
+                "agent_events": state.get("agent_events_handled", 0),
+                "replies": state.get("replies_handled", 0),
+                "opened_replies": batch.get("opened_replies") if seen is not None and batch else None,
+                "inbound_messages": state.get("inbound_handled", 0),
             }))
         # All due flushes at once: awaiting each ack in turn stretched the tick with the load.
         results = await asyncio.gather(*(self.send_command(c) for _, _, c in due), return_exceptions=True)

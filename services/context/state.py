@@ -64,6 +64,13 @@ Decisions taken here (where the issues leave a choice):
   Context items given to the model are remembered too (`given:<id>`): a whole-second real-time
   item in the second of the cutoff may be before or after it, and its ids — not its time — tell
   whether the model already has it.
+- Replays (RELIABILITY.md 6b): a flush names what the timer's state had handled — the batch's
+  messages, the customer's agent-activity events and replies, the replies when the batch opened —
+  and waits for them in a replay; the batch sees exactly those (`_seen_view`), its cutoff is the
+  reply time after `opened_replies` replies. Later events belong to the next batch. A flush
+  also waits while an earlier batch fetches its history again (its replayed result came first).
+  Liveness: once every webhook the flush counted is handled, a batch still short of its count is
+  never completed — the flush is settled (`_never_satisfied`), never left waiting.
 - Metrics are `(attribute name in services.common.metrics, labels, value)`; for a Histogram the
   value is observed, for a Counter added. Duplicates (`Effects.duplicate`) carry no metric: the
   shell counts `dedupe_hits_total` itself. History-fetch failures reported by the fetcher are
@@ -73,6 +80,7 @@ Decisions taken here (where the issues leave a choice):
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -84,20 +92,25 @@ from services.common.config import GapPolicy
 from services.common.keys import split_key
 from services.common.records import (
     AgentActivity,
+    AgentLogEntry,
     AssistantReply,
     Batch,
     BatchDecision,
     Channel,
     ContextCommand,
     CustomerState,
+    EarlyFlush,
     ExcludedItem,
     HistoryItem,
+    InboundLogEntry,
     InboundMessage,
     MissedItem,
     OwnReply,
+    ReplyLogEntry,
     ResponderRequest,
     Unanswered,
     VisionRequest,
+    WaitingFlush,
 )
 from services.common.timeparse import is_whole_second, latest_possible, possibly_after, surely_after
 from services.context import missed
@@ -134,6 +147,8 @@ MAX_WAITING_FLUSHES = 8
 """Flushes one batch may keep waiting for their messages during a replay. While a replay waits, the
 timer re-sends the same count every few seconds: of one count only the first and the latest are
 kept (judged on the same messages, a later time can only be due if an earlier one is)."""
+INBOUND_LOG = 200
+"""Inbound webhooks remembered with their numbers (a flush's count is judged against them)."""
 MAX_EARLY_FLUSHES = 32
 """Flushes of batches to come one customer may keep (every batch's bound is MAX_WAITING_FLUSHES)."""
 
@@ -209,6 +224,14 @@ def new_state(customer_key: str) -> CustomerState:
         "last_activity_at": None,
         "batch_seq": 0,
         "early_flushes": [],
+        "agent_events_handled": 0,
+        "replies_handled": 0,
+        "agent_log": [],
+        "reply_log": [],
+        "reply_floor": None,
+        "last_human_base": None,
+        "inbound_handled": 0,
+        "inbound_log": [],
     }
 
 
@@ -219,17 +242,26 @@ def on_inbound(
     ids = message_ids(message)
     seen = set(state["recent_event_ids"])
     if seen.intersection(ids):
-        # Also the late webhook of a message already recovered from history: one answer, never two.
-        return state, Effects(duplicate=True, log=[("duplicate_ignored", {
-            "kind": "inbound", "event_id": message["event_id"]})])
+        log: list[tuple[str, dict[str, object]]] = [
+            ("duplicate_ignored", {"kind": "inbound", "event_id": message["event_id"]})]
+        if any(set(e["ids"]).intersection(ids) for e in state.get("inbound_log", [])):
+            return state, Effects(duplicate=True, log=log)  # this webhook again
+        # The late webhook of a message already recovered from history: one answer, never two. It
+        # is counted all the same: a replay may handle it before the history (RELIABILITY.md 6b).
+        state = copy.deepcopy(state)
+        _log_inbound(state, ids)
+        return _decide_waiting_flushes(state, limits, Effects(log=log))  # a flush may count it
     state = copy.deepcopy(state)
+    _log_inbound(state, ids)
     effects = Effects()
     batch = state["open_batch"]
     if batch is None:
         batch = _open_batch(state, now)
         effects.log.append(("batch_opened", _batch_fields(batch)))
     batch["messages"].append(_normalised_message(message))
-    batch["last_message_at"] = now
+    # the quiet window runs from the latest receive time, whatever order ingest's racing requests
+    # were handled in: `_seen_part` and `_reopen` judge a replayed batch's part by the same rule
+    batch["last_message_at"] = max(batch["last_message_at"], now)
     _remember(state["recent_event_ids"], ids, RECENT_EVENT_IDS)
     state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
     state["channel"] = message["channel"]
@@ -252,16 +284,57 @@ def _decide_waiting_flushes(
         if batch is None or not batch.get("waiting_flushes"):
             return state, effects
         first = batch["waiting_flushes"][0]
-        if len(batch["messages"]) < first["batch_messages"]:
+        if state["flushing_batch"] is not None:
+            # an earlier batch still fetches (its replayed history came before its flush was
+            # decided): this flush waits for it, or the batch is cut where a later timer says
+            return state, effects
+        short = _never_satisfied(state, batch, first)
+        if short is None and not _handled_all(state, batch, first):
             return state, effects
         batch["waiting_flushes"] = batch["waiting_flushes"][1:]
-        if state["flushing_batch"] is not None:  # as for any flush while an earlier batch fetches
-            effects.log.append(("flush_ignored", {"batch_id": batch["batch_id"],
-                                                  "reason": "earlier_batch_flushing"}))
+        if short == "batch_replied":
+            _merge_effects(effects, _close_replied(state, batch, first))
             continue
-        state, decided = _decide_flush(state, batch["batch_id"], first["batch_messages"], first["issued_at"],
-                                       limits)  # may reopen the next batch and decide its own
+        seen = first["batch_messages"] if short is None else len(batch["messages"])
+        if short is not None:
+            effects.log.append(("waiting_flush_settled", {
+                "batch_id": batch["batch_id"], "reason": short, "batch_messages": first["batch_messages"],
+                "handled": len(batch["messages"])}))
+        state, decided = _decide_flush(state, batch["batch_id"], seen, first["issued_at"],
+                                       limits, _seen_counts(first))  # may reopen the next batch
         _merge_effects(effects, decided)
+
+
+def _never_satisfied(state: CustomerState, batch: Batch, flush: Any) -> str | None:
+    """Why a waiting flush can never get the messages it counted (None: it can, or it has them).
+
+    Every inbound webhook the timer's state had handled is handled again, yet the batch has fewer
+    messages than the timer counted: the missing ones are elsewhere (an earlier batch, the dedupe
+    memory) and no replayed record will bring them. Waiting would leave the batch — and every later
+    flush of the customer, queued behind it — undecided for ever. `batch_replied`: the responder
+    already answered this batch id (a previous worker decided it before the crash); else
+    `messages_elsewhere`: it is decided with what it has. A flush without an inbound count (an
+    older command) cannot be judged and keeps waiting."""
+    inbound = _seen_counts(flush)[3]
+    if (inbound is None or state.get("inbound_handled", 0) < inbound
+            or len(batch["messages"]) >= flush["batch_messages"]):
+        return None
+    replied = REPLY_KEY + batch["batch_id"] in state["recent_event_ids"]
+    return "batch_replied" if replied else "messages_elsewhere"
+
+
+def _close_replied(state: CustomerState, batch: Batch, flush: Any) -> Effects:
+    """Closes an open batch (state already copied) whose reply is in although its flush can never be
+    decided here (`_never_satisfied`): a previous worker emitted it and the responder answered; a
+    second request under the same id would be dropped by the responder's dedupe. Its messages count
+    as answered; the next message opens the next batch."""
+    state["open_batch"] = None
+    _remember(state["flushed_batch_ids"], [batch["batch_id"]], FLUSHED_BATCH_IDS)
+    answered = [ANSWERED_KEY + i for m in batch["messages"] for i in message_ids(m)]
+    _remember(state["recent_event_ids"], answered, RECENT_EVENT_IDS)
+    return Effects(log=[("waiting_flush_settled", {
+        "batch_id": batch["batch_id"], "reason": "batch_replied", "batch_messages": flush["batch_messages"],
+        "handled": len(batch["messages"])})])
 
 
 def _flush_ignored(batch_id: str, reason: str) -> Effects:
@@ -294,6 +367,7 @@ def on_agent_activity(
     state = copy.deepcopy(state)
     effects = Effects()
     _remember(state["recent_event_ids"], ids, RECENT_EVENT_IDS)
+    entry = _log_agent_event(state)
     if state["channel"] is None:
         state["channel"] = activity["channel"]
     if state["provider_id"] is None:
@@ -304,7 +378,7 @@ def on_agent_activity(
     if reason is not None:
         effects.log.append(("agent_activity_ignored", {
             "event_id": activity["event_id"], "sender_kind": kind, "reason": reason}))
-        return state, effects
+        return _decide_waiting_flushes(state, limits, effects)
     template = kind == "template"
     text = (activity["text"] or "").strip() or f"[{activity['message_type'] or 'message'}]"
     item: MissedItem = {
@@ -318,12 +392,14 @@ def on_agent_activity(
     }
     agent_messages = sorted([*state["agent_messages"], item], key=lambda m: m["at"])
     state["agent_messages"] = agent_messages[-AGENT_MESSAGES:]
+    entry["item_ids"] = list(item["item_ids"])
     if not template:
+        entry["human_at"] = activity["provider_time"]
         state["last_human_at"] = _later(state["last_human_at"], activity["provider_time"])
     effects.log.append(("agent_message_recorded", {
         "event_id": activity["event_id"], "sender_kind": kind, "at": activity["provider_time"],
         "human": not template}))
-    return state, effects
+    return _decide_waiting_flushes(state, limits, effects)
 
 
 def on_reply(
@@ -339,6 +415,7 @@ def on_reply(
     answered_entry = next((u for u in state["unanswered"] if u["batch_id"] == reply["batch_id"]), None)
     remembered = [key]
     sent = reply["outcome"] in ("answered", "fallback") and bool(reply["text"].strip())
+    last_reply_before = state["last_reply_at"]
     removed: list[MissedItem] = []
     if sent:
         state["last_reply_at"] = _later(state["last_reply_at"], reply["sent_at"])
@@ -350,16 +427,25 @@ def on_reply(
         }
         state["own_replies"] = [*state["own_replies"], own][-OWN_REPLIES:]
         removed = _forget_own_echoes(state, own)
+        echo_ids = {i for m in removed for i in m["item_ids"]}
+        for entry in state.get("agent_log", []):
+            if entry["forgotten_by"] is None and echo_ids.intersection(entry["item_ids"]):
+                entry["forgotten_by"] = state.get("replies_handled", 0) + 1  # this reply's seq
         if reply["outcome"] == "answered" and answered_entry is not None:
             remembered.extend(ANSWERED_KEY + i for i in answered_entry["event_ids"])
     _remember(state["recent_event_ids"], remembered, RECENT_EVENT_IDS)
     state["unanswered"] = [u for u in state["unanswered"] if u["batch_id"] != reply["batch_id"]]
     pruned = _prune_agent_messages(state, now, limits)
+    state["replies_handled"] = state.get("replies_handled", 0) + 1
+    logged: ReplyLogEntry = {
+        "seq": state["replies_handled"], "batch_id": reply["batch_id"], "sent": sent, "echoes": removed,
+        "unanswered": answered_entry, "last_reply_before": last_reply_before}
+    state["reply_log"] = [*state.get("reply_log", []), logged][-OWN_REPLIES:]
     effects.log.append(("reply_recorded", {
         "batch_id": reply["batch_id"], "outcome": reply["outcome"], "sent": sent,
         "last_reply_at": state["last_reply_at"], "agent_messages_pruned": pruned,
         "own_echoes_removed": len(removed)}))
-    return state, effects
+    return _decide_waiting_flushes(state, limits, effects)
 
 
 def on_command(
@@ -482,42 +568,135 @@ def _on_flush(
             effects.log.append(("history_fetch_retry", {
                 "batch_id": batch_id, "attempt": flushing["fetch_attempts"]}))
             return state, effects
-        return _finalize(state, "flushing_batch", None, "timeout", now, limits, effects)
+        state, effects = _finalize(state, "flushing_batch", None, "timeout", now, limits, effects)
+        return _decide_waiting_flushes(state, limits, effects)
     seen = command.get("batch_messages")
     if (seen is None and batch is None and flushing is None and state["held_messages"]
             and batch_id == _next_batch_id(state)):
         return _end_hold(state, batch_id, now, limits)
+    counts = _seen_counts(command)
     if seen is not None and _batch_number(state, batch_id) > state["batch_seq"]:
-        return _wait_early(state, batch_id, seen, now)
+        return _wait_early(state, batch_id, seen, counts, now)
     if batch is None or batch["batch_id"] != batch_id:
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "unknown_batch"})])
-    if flushing is not None:
+    if flushing is not None and seen is None:
         return state, Effects(log=[("flush_ignored", {
             "batch_id": batch_id, "reason": "earlier_batch_flushing"})])
     waiting = batch.get("waiting_flushes") or []
     if waiting and seen is None:
         return state, _flush_ignored(batch_id, "earlier_flush_waiting")
-    if seen is not None and (waiting or len(batch["messages"]) < seen):
-        # A replay in another interleaving: messages the timer saw are not handled yet. The flush
-        # waits for them and is decided, at its own time, when the last of them comes (on_inbound);
-        # one behind an earlier waiting flush waits its turn (log order decides, whatever it counts:
-        # a new timer reading the replayed, shorter batch sends a smaller count).
-        queued = _queued(waiting, {"batch_messages": seen, "issued_at": now})
+    wanted = {"batch_messages": seen, "issued_at": now, **_count_fields(counts)}
+    if seen is not None and (waiting or flushing is not None or not _handled_all(state, batch, wanted)):
+        # A replay in another interleaving: messages (or agent-activity events, or replies) the
+        # timer saw are not handled yet. The flush waits for them and is decided, at its own time,
+        # when the last of them comes (on_inbound, on_agent_activity, on_reply); one behind an
+        # earlier waiting flush waits its turn (log order decides, whatever it counts: a new timer
+        # reading the replayed, shorter batch sends a smaller count). One read while an earlier
+        # batch fetches its history again (its replayed result came before its flush) waits for it.
+        queued = _queued(waiting, wanted)
         if len(queued) > MAX_WAITING_FLUSHES:
             return state, _flush_ignored(batch_id, "too_many_waiting")
         state = copy.deepcopy(state)
         batch = state["open_batch"]
         assert batch is not None
         batch["waiting_flushes"] = queued
-        return state, Effects(log=[("flush_waiting", {"batch_id": batch_id, "batch_messages": seen,
-                                                      "handled": len(batch["messages"])})])
-    return _decide_flush(state, batch_id, seen, now, limits)
+        effects = Effects(log=[("flush_waiting", {"batch_id": batch_id, "batch_messages": seen,
+                                                  "handled": len(batch["messages"])})])
+        return _decide_waiting_flushes(state, limits, effects)  # unless it never can be (liveness)
+    return _decide_flush(state, batch_id, seen, now, limits, counts)
+
+
+Counts = tuple[int | None, int | None, int | None, int | None]
+"""(agent-activity events, replies, replies when the batch opened, inbound webhooks) a flush says
+the timer's state had handled."""
+COUNT_FIELDS = ("agent_events", "replies", "opened_replies", "inbound_messages")
+
+
+def _seen_counts(flush: Any) -> Counts:
+    """The counts of a flush command or of a waiting flush (None: not counted, older commands)."""
+    agent_events, replies, opened_replies, inbound = (flush.get(name) for name in COUNT_FIELDS)
+    return agent_events, replies, opened_replies, inbound
+
+
+def _count_fields(counts: Counts) -> dict[str, int | None]:
+    return dict(zip(COUNT_FIELDS, counts, strict=True))
+
+
+def _handled_all(state: CustomerState, batch: Batch, flush: Any) -> bool:
+    """Whether every message, agent-activity event and reply the flush counted is handled."""
+    agent_events, replies, _, inbound = _seen_counts(flush)
+    return (len(batch["messages"]) >= flush["batch_messages"]
+            and (inbound is None or state.get("inbound_handled", 0) >= inbound)
+            and (agent_events is None or state.get("agent_events_handled", 0) >= agent_events)
+            and (replies is None or state.get("replies_handled", 0) >= replies))
+
+
+def _reply_time_after(state: CustomerState, replies: int, otherwise: datetime | None) -> datetime | None:
+    """`last_reply_at` as it was once the customer's first `replies` replies were handled
+    (`otherwise` when the reply log no longer tells)."""
+    if replies == state.get("replies_handled", 0):
+        return state["last_reply_at"]
+    following = next((r for r in state.get("reply_log", []) if r["seq"] == replies + 1), None)
+    return following.get("last_reply_before") if following is not None else otherwise
+
+
+def _log_inbound(state: CustomerState, ids: list[str]) -> None:
+    """Counts an inbound webhook (once, also when its message was recovered first)."""
+    state["inbound_handled"] = state.get("inbound_handled", 0) + 1
+    entry: InboundLogEntry = {"seq": state["inbound_handled"], "ids": ids}
+    state["inbound_log"] = [*state.get("inbound_log", []), entry][-INBOUND_LOG:]
+
+
+def _take_back(state: CustomerState, recovered_ids: set[str]) -> list[str]:
+    """Removes from the open batch the webhooks of messages a flushed batch just recovered from
+    history (handled after its timer: a replay may handle them before the flush). A batch they
+    opened alone is un-opened; one they opened with others starts at the first other message —
+    the batch the first run opened when they had come after. Returns the event ids removed."""
+    batch = state["open_batch"]
+    if batch is None:
+        return []
+    kept = [m for m in batch["messages"] if not recovered_ids.intersection(message_ids(m))]
+    if len(kept) == len(batch["messages"]):
+        return []
+    removed = [m["event_id"] for m in batch["messages"] if m not in kept]
+    if not kept:
+        state["open_batch"] = None
+        state["batch_seq"] -= 1
+        back = [cast(EarlyFlush, {"batch_id": batch["batch_id"], "batch_messages": w["batch_messages"],
+                                  "issued_at": w["issued_at"], **_count_fields(_seen_counts(w))})
+                for w in batch.get("waiting_flushes") or []]
+        state["early_flushes"] = back + (state.get("early_flushes") or [])
+        return removed
+    first = batch["messages"].index(kept[0])
+    for message in batch["messages"][:first]:  # what the first run knew when `kept[0]` opened it
+        batch["prior_last_inbound_at"] = _later(batch["prior_last_inbound_at"], message["provider_time"])
+    batch["messages"] = kept
+    batch["opened_at"] = kept[0]["received_at"]
+    batch["last_message_at"] = max(m["received_at"] for m in kept)
+    return removed
+
+
+def _log_agent_event(state: CustomerState) -> AgentLogEntry:
+    """Counts an accepted agent-activity event; its log entry (item ids filled in if it records one)."""
+    if state.get("agent_events_handled", 0) == 0:  # a state from before the log: what it knew stays
+        state["last_human_base"] = _later(state.get("last_human_base"), state["last_human_at"])
+    state["agent_events_handled"] = state.get("agent_events_handled", 0) + 1
+    entry: AgentLogEntry = {"seq": state["agent_events_handled"], "item_ids": [], "human_at": None,
+                            "forgotten_by": None}
+    log = [*state.get("agent_log", []), entry]
+    for dropped in log[:-AGENT_MESSAGES]:  # what the log forgets still counts for the hold
+        if dropped["forgotten_by"] is None:
+            state["last_human_base"] = _later(state.get("last_human_base"), dropped["human_at"])
+    state["agent_log"] = log[-AGENT_MESSAGES:]
+    return entry
 
 
 def _decide_flush(
-    state: CustomerState, batch_id: str, seen: int | None, now: datetime, limits: Limits
+    state: CustomerState, batch_id: str, seen: int | None, now: datetime, limits: Limits,
+    counts: Counts = (None, None, None, None),
 ) -> tuple[CustomerState, Effects]:
-    """Flushes the open batch's first `seen` messages if they are due at `now` (the flush's time)."""
+    """Flushes the open batch's first `seen` messages if they are due at `now` (the flush's time);
+    its human-agent block and hold will see the agent-activity events and replies of `counts`."""
     batch = state["open_batch"]
     assert batch is not None and batch["batch_id"] == batch_id
     if not _is_due(_seen_part(batch, seen), now, limits):  # judged on what the timer saw
@@ -527,6 +706,9 @@ def _decide_flush(
     assert batch is not None
     later = _take_unseen(batch, seen)
     batch["waiting_flushes"] = []  # decided: any later one names a flushed batch
+    batch["seen_agent_events"], batch["seen_replies"], opened_replies, batch["seen_inbound"] = counts
+    if opened_replies is not None:  # the cutoff the first run's batch captured when it opened
+        batch["prior_last_reply_at"] = _reply_time_after(state, opened_replies, batch["prior_last_reply_at"])
     state, effects = _start_flush(state, batch, now, limits, Effects())
     if later:
         _reopen(state, batch, later)
@@ -551,13 +733,14 @@ def _queued(entries: list[Any], entry: dict[str, Any]) -> list[Any]:
 
 
 def _wait_early(
-    state: CustomerState, batch_id: str, seen: int, now: datetime
+    state: CustomerState, batch_id: str, seen: int, counts: Counts, now: datetime
 ) -> tuple[CustomerState, Effects]:
     """A flush of a batch the replay has not opened yet: kept until it opens (`_open_batch`), then
     decided like any flush waiting for its messages — never dropped, or the batch would be cut
     where a later timer's flush says, not where the one already emitted was."""
     early = state.get("early_flushes") or []
-    queued = _queued(early, {"batch_id": batch_id, "batch_messages": seen, "issued_at": now})
+    queued = _queued(early, {"batch_id": batch_id, "batch_messages": seen, "issued_at": now,
+                             **_count_fields(counts)})
     if (sum(1 for f in queued if f["batch_id"] == batch_id) > MAX_WAITING_FLUSHES
             or len(queued) > MAX_EARLY_FLUSHES):
         return state, _flush_ignored(batch_id, "too_many_waiting")
@@ -660,7 +843,8 @@ def _on_history(
     history: list[HistoryItem] | None = list(command["history"])
     if error and not history:
         history = None
-    return _finalize(copy.deepcopy(state), "flushing_batch", history, error, now, limits, Effects())
+    state, effects = _finalize(copy.deepcopy(state), "flushing_batch", history, error, now, limits, Effects())
+    return _decide_waiting_flushes(state, limits, effects)  # flushes that waited for this batch
 
 
 def _on_reconcile(state: CustomerState, now: datetime) -> tuple[CustomerState, Effects]:
@@ -715,7 +899,7 @@ def _on_sweep_result(
         batch = _open_batch(state, now)
         effects.log.append(("batch_opened", _batch_fields(batch)))
     batch["messages"] = _insert_by_time(batch["messages"], recovered)
-    batch["last_message_at"] = now
+    batch["last_message_at"] = max(batch["last_message_at"], now)
     for message in recovered:
         _remember(state["recent_event_ids"], message_ids(message), RECENT_EVENT_IDS)
         state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
@@ -770,15 +954,24 @@ def _finalize(
     lookback_start = now - timedelta(seconds=limits.missed_lookback_seconds)
     cutoff = batch["prior_last_reply_at"]
     held_before = state["held_messages"]
-    earlier_ids = {i for u in state["unanswered"] for i in u["event_ids"]}
+    resume_from = _resume_from(state, cutoff)
+    seen_inbound = batch.get("seen_inbound")
+    late_inbound = {i for e in state.get("inbound_log", []) if seen_inbound is not None
+                    and e["seq"] > seen_inbound for i in e["ids"]}  # webhooks the timer had not seen
+    window = WindowStart(cutoff if cutoff is not None else lookback_start, resume_from)
+    seen = _seen_view(state, batch, window)
+    state["last_human_at"], last_human_now = seen.last_human_at, state["last_human_at"]
+    seen_replies = batch.get("seen_replies")
+    state["reply_floor"] = (state["last_reply_at"] if seen_replies is None
+                            else _reply_time_after(state, seen_replies, state["last_reply_at"]))
+    earlier_ids = {i for u in seen.unanswered for i in u["event_ids"]}
     earlier_ids |= {e[len(ANSWERED_KEY):] for e in state["recent_event_ids"] if e.startswith(ANSWERED_KEY)}
     given_ids = {e[len(GIVEN_KEY):] for e in state["recent_event_ids"] if e.startswith(GIVEN_KEY)}
-    resume_from = _resume_from(state, cutoff)
 
     def select(held: list[InboundMessage]) -> missed.Selection:
         return missed.select_missed(
             history=history,
-            realtime=state["agent_messages"],
+            realtime=seen.agent_messages(state),
             cutoff=cutoff,
             lookback_start=lookback_start,
             batch_start=batch_start(batch),
@@ -786,16 +979,21 @@ def _finalize(
             earlier_batch_event_ids=earlier_ids,
             given_event_ids=given_ids,
             resume_from=resume_from,
-            seen_event_ids=set(state["recent_event_ids"]),
-            own_replies=state["own_replies"],
+            seen_event_ids=set(state["recent_event_ids"]) - late_inbound,
+            own_replies=seen.own_replies,
             now=now,
             max_items=limits.missed_max_items,
         )
 
     selection = select(held_before)
-    for item in selection.items:
-        if item["role"] == "agent" and item["agent_name"] != missed.TEMPLATE_AGENT_NAME:
-            state["last_human_at"] = _later(state["last_human_at"], item["at"])
+    human_items = [item for item in selection.items if item["role"] == "agent"
+                   and item["agent_name"] != missed.TEMPLATE_AGENT_NAME
+                   and not seen.echo_ids.intersection(item["item_ids"])]  # a later reply showed them ours
+    humans = [item["at"] for item in human_items]
+    for at in humans:
+        state["last_human_at"] = _later(state["last_human_at"], at)
+    state["last_human_base"] = _later(state.get("last_human_base"), max(  # found in history
+        (item["at"] for item in human_items if item["source"] != "realtime"), default=None))
     hold_reason = _hold_reason(state, now, limits)
     if hold_reason is None and held_before:
         # The hold is over: what a human answered meanwhile (or what outlived the 24 h session) is
@@ -803,10 +1001,12 @@ def _finalize(
         held_before, as_context = _settle_held(state, held_before, now)
         if as_context:
             selection = select(held_before)
+    state["last_human_at"] = _later(last_human_now, max(humans, default=None))
     recovered = [_recovered_message(state, item, now) for item in selection.recovered]
     for message in recovered:
         _remember(state["recent_event_ids"], message_ids(message), RECENT_EVENT_IDS)
         state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
+
     recovered_ids = [m["event_id"] for m in [*recovered, *batch["messages"]] if m.get("recovered")]
     messages = sorted([*held_before, *recovered], key=lambda m: m["provider_time"]) + batch["messages"]
 
@@ -815,6 +1015,10 @@ def _finalize(
     else:
         state["flushing_batch"] = None
     _remember(state["flushed_batch_ids"], [batch["batch_id"]], FLUSHED_BATCH_IDS)
+    taken_back = _take_back(state, {i for m in recovered for i in message_ids(m)} & late_inbound)
+    if taken_back:
+        effects.log.append(("recovered_webhooks_taken_back", {"batch_id": batch["batch_id"],
+                                                              "event_ids": taken_back}))
     expired = _expire_unanswered(state, now)
     channel: Channel = batch["messages"][-1]["channel"]
     provider_id = batch["messages"][-1]["provider_id"]
@@ -839,7 +1043,7 @@ def _finalize(
                 "batch_id": batch["batch_id"], "count": dropped_held,
                 "event_ids": [m["event_id"] for m in overflow]}))
     else:
-        routed_to = "vision" if _needs_vision(messages, state["unanswered"]) else "responder"
+        routed_to = "vision" if _needs_vision(messages, _live(seen.unanswered, now)) else "responder"
         state["held_messages"] = []
         message_count = len(messages)
         injected = selection.items
@@ -932,6 +1136,70 @@ def _finalize(
     return state, effects
 
 
+@dataclass(frozen=True)
+class SeenView:
+    """What a flushed batch sees of the customer's agent-activity events and replies: those the
+    timer's state had handled when it decided the flush (the batch's `seen_agent_events` and
+    `seen_replies`). Events handled after it — before the flush in a replay's interleaving, or
+    between the timer and the flush in the first run — belong to the next batch: their agent items
+    are left out, the echoes a later reply removed are back, its own reply and the unanswered entry
+    it removed are as before it. So the human-agent block and the hold are the same in any order."""
+
+    window: WindowStart
+    late_item_ids: frozenset[str]
+    echoes: tuple[MissedItem, ...]
+    echo_ids: frozenset[str]
+    own_replies: list[OwnReply]
+    unanswered: list[Unanswered]
+    last_human_at: datetime | None
+
+    def agent_messages(self, state: CustomerState) -> list[MissedItem]:
+        kept = [m for m in state["agent_messages"] if not self.late_item_ids.intersection(m["item_ids"])
+                and self.window.maybe_inside(m["at"])]  # pruned or not: outside, so not even listed
+        return sorted([*kept, *self.echoes], key=lambda m: m["at"])
+
+
+@dataclass(frozen=True)
+class WindowStart:
+    """Where a batch's missed-message window starts, as `missed.select_missed` reads it."""
+
+    lower: datetime  # the cutoff, or the lookback start without one
+    resume_from: datetime | None
+
+    def maybe_inside(self, at: datetime) -> bool:
+        """False for a real-time item `select_missed` would exclude as `before_cutoff`."""
+        return (at > self.lower or possibly_after(at, self.lower)
+                or (self.resume_from is not None and at > self.resume_from))
+
+
+def _seen_view(state: CustomerState, batch: Batch, window: WindowStart) -> SeenView:
+    agent_events, replies = batch.get("seen_agent_events"), batch.get("seen_replies")
+    late_agent = [e for e in state.get("agent_log", []) if agent_events is not None
+                  and e["seq"] > agent_events]
+    late_replies = [r for r in state.get("reply_log", []) if replies is not None and r["seq"] > replies]
+    late_ids = frozenset(i for e in late_agent for i in e["item_ids"])
+    echoes = tuple(m for r in late_replies for m in r["echoes"] if not late_ids.intersection(m["item_ids"]))
+    late_sent = {r["batch_id"] for r in late_replies if r["sent"]}
+    unanswered = list(state["unanswered"])
+    for r in late_replies:
+        if r["unanswered"] is not None and all(u["batch_id"] != r["batch_id"] for u in unanswered):
+            unanswered.append(r["unanswered"])
+    view = SeenView(window, late_ids, echoes, frozenset(i for m in echoes for i in m["item_ids"]),
+                    [o for o in state["own_replies"] if o["batch_id"] not in late_sent], unanswered,
+                    state["last_human_at"])
+    # last_human_at as the timer's state had it: the human-agent messages it had handled, less
+    # those a reply it had handled showed were our own sends, and what history found before
+    last_human = state.get("last_human_base")
+    if state.get("agent_events_handled", 0) == 0:  # a state from before the agent log
+        last_human = _later(last_human, state["last_human_at"])
+    for entry in state.get("agent_log", []):
+        forgotten = entry["forgotten_by"]
+        if ((agent_events is None or entry["seq"] <= agent_events)
+                and (forgotten is None or (replies is not None and forgotten > replies))):
+            last_human = _later(last_human, entry["human_at"])
+    return dataclasses.replace(view, last_human_at=last_human)
+
+
 def _hold_reason(state: CustomerState, now: datetime, limits: Limits) -> str | None:
     if state["paused"]:
         return "paused"
@@ -954,6 +1222,14 @@ def _resume_from(state: CustomerState, cutoff: datetime | None) -> datetime | No
         return None
     ends = [end for end in _window_ends(state) if end <= cutoff]
     return max(ends) if ends else None
+
+
+def _window_lower(state: CustomerState, cutoff: datetime) -> datetime:
+    """Where the window of a batch with this cutoff starts: the cutoff, or the earlier `_resume_from`
+    (what the request its reply answered never saw). Pruning stops there, or a batch would select
+    an item in one interleaving of a replay and find it pruned in another."""
+    resume = _resume_from(state, cutoff)
+    return cutoff if resume is None else min(cutoff, resume)
 
 
 def _given_keys(injected: list[MissedItem]) -> list[str]:
@@ -982,9 +1258,14 @@ def _needs_vision(messages: list[InboundMessage], unanswered: list[Unanswered]) 
     return has_image or any(u["routed_to"] == "vision" for u in unanswered)
 
 
-def _expire_unanswered(state: CustomerState, now: datetime) -> int:
+def _live(unanswered: list[Unanswered], now: datetime) -> list[Unanswered]:
+    """The entries not expired at `now` (UNANSWERED_TTL_SECONDS)."""
     limit = now - timedelta(seconds=UNANSWERED_TTL_SECONDS)
-    kept = [u for u in state["unanswered"] if u["emitted_at"] > limit]
+    return [u for u in unanswered if u["emitted_at"] > limit]
+
+
+def _expire_unanswered(state: CustomerState, now: datetime) -> int:
+    kept = _live(state["unanswered"], now)
     expired = len(state["unanswered"]) - len(kept)
     state["unanswered"] = kept
     return expired
@@ -1010,11 +1291,17 @@ def _open_batch(state: CustomerState, now: datetime) -> Batch:
         "fetch_started_at": None,
         "fetch_attempts": 0,
         "waiting_flushes": [],
+        "seen_agent_events": None,
+        "seen_replies": None,
+        "opened_replies": state.get("replies_handled", 0),
+        "seen_inbound": None,
     }
     early = state.get("early_flushes") or []
     if early:  # flushes handled before the replay opened this batch wait in it, in log order
-        batch["waiting_flushes"] = [{"batch_messages": f["batch_messages"], "issued_at": f["issued_at"]}
-                                    for f in early if f["batch_id"] == batch["batch_id"]]
+        batch["waiting_flushes"] = [cast(WaitingFlush, {
+            "batch_messages": f["batch_messages"], "issued_at": f["issued_at"],
+            **_count_fields(_seen_counts(f))})
+            for f in early if f["batch_id"] == batch["batch_id"]]
         state["early_flushes"] = [f for f in early
                                   if _batch_number(state, f["batch_id"]) > state["batch_seq"]]
     state["open_batch"] = batch
@@ -1051,7 +1338,7 @@ def _reopen(state: CustomerState, flushed: Batch, later: list[InboundMessage]) -
     batch = _open_batch(state, later[0]["received_at"])
     state["last_inbound_at"] = before
     batch["messages"] = later
-    batch["last_message_at"] = later[-1]["received_at"]
+    batch["last_message_at"] = max(m["received_at"] for m in later)
 
 
 def _batch_fields(batch: Batch) -> dict[str, object]:
@@ -1174,10 +1461,14 @@ def _forget_own_echoes(state: CustomerState, reply: OwnReply) -> list[MissedItem
 
 def _prune_agent_messages(state: CustomerState, now: datetime, limits: Limits) -> int:
     """Drops real-time agent items at or before the last reply — but never what a pending batch
-    (open or flushing, whose cutoff was captured earlier) still needs."""
-    horizon = state["last_reply_at"]
-    if horizon is None:
+    (open or flushing, whose cutoff was captured earlier) still needs, nor what came after
+    `reply_floor`: a replay may open the next batch after this reply although the first run opened
+    it before, and its flush then gives it the older cutoff of the first run (never older than the
+    floor: a batch opens after the previous one was decided)."""
+    horizon, floor = state["last_reply_at"], state.get("reply_floor")
+    if horizon is None or floor is None:
         return 0
+    horizon = min(horizon, _window_lower(state, floor))
     ends = _window_ends(state)
     if ends:  # what came after the last request's window is in no request yet: keep it
         horizon = min(horizon, max(ends))
@@ -1187,7 +1478,7 @@ def _prune_agent_messages(state: CustomerState, now: datetime, limits: Limits) -
         needed = batch["prior_last_reply_at"]
         if needed is None:
             needed = now - timedelta(seconds=limits.missed_lookback_seconds)
-        horizon = min(horizon, needed)
+        horizon = min(horizon, _window_lower(state, needed))
     kept = [m for m in state["agent_messages"] if possibly_after(m["at"], horizon)]  # coarse: keep
     pruned = len(state["agent_messages"]) - len(kept)
     state["agent_messages"] = kept

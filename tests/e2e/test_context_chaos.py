@@ -139,6 +139,7 @@ class Figures:
     emitted_twice: dict[str, str] = field(default_factory=dict)  # event or batch id → why
     same_batch_reemitted: int = 0  # same batch id, same contents (deduped downstream: allowed)
     never_answered: list[str] = field(default_factory=list)
+    never_answered_where: list[str] = field(default_factory=list)  # "<id> p<partition>@<offset> ..."
     duplicate_replies: int = 0
 
     def rows(self) -> list[tuple[str, object]]:
@@ -202,6 +203,30 @@ class StateLog(TopicTail):
             where = f"{at % 10_000_000:>7} {tp.topic.rsplit('.', 1)[-1]:<18}{tp.partition}@{offset:<5}"
             lines.append(f"{where} {describe(tp.topic == self.changelog, value)}")
         return lines
+
+    def where(self, event_ids: list[str], committed: dict[TopicPartition, int]) -> list[str]:
+        """Each inbound event's customer, partition and offset, and the group's committed offset of
+        that partition now. A (c) below the committed offset was committed by the last worker: a
+        state that never answered it, or an input committed unhandled (an (a) no kill came to
+        count); at or above it, the last worker never handled it (the partition was not read on)."""
+        wanted = set(event_ids)
+        found = {event_id: (partition, offset, customer) for partition, records in self.inbound.items()
+                 for offset, customer, event_id in records if event_id in wanted}
+        lines = []
+        for event_id in event_ids:
+            if event_id not in found:
+                lines.append(f"{event_id} (not on the inbound topic)")
+                continue
+            partition, offset, customer = found[event_id]
+            done = committed.get(TopicPartition(self.topics.inbound, partition))
+            lines.append(f"{event_id} {customer} p{partition}@{offset} (committed {done})")
+        return lines
+
+    def customers_of(self, event_ids: list[str]) -> list[str]:
+        """The customers of these inbound event ids (for (c)'s timelines), sorted."""
+        wanted = set(event_ids)
+        return sorted({customer for records in self.inbound.values()
+                       for _, customer, event_id in records if event_id in wanted})
 
     def _read(self, tp: TopicPartition, offset: int, key: bytes | None, value: bytes | None) -> None:
         if tp.topic == self.changelog:
@@ -323,7 +348,9 @@ def describe(is_state: bool, value: bytes | None) -> str:
                      for f in state.get("early_flushes") or []]
             return (f"STATE seq {state['batch_seq']} {open_part} early {early} flushed "
                     f"{[b.rsplit(':', 1)[-1] for b in state['flushed_batch_ids'][-3:]]} "
-                    f"ids {len(state['recent_event_ids'])}")
+                    f"ids {len(state['recent_event_ids'])} handled in/agent/replies "
+                    f"{state.get('inbound_handled')}/{state.get('agent_events_handled')}/"
+                    f"{state.get('replies_handled')}")
         name, record = codec.decode_any(value)
     except codec.CodecError:
         return "(undecodable)"
@@ -331,7 +358,9 @@ def describe(is_state: bool, value: bytes | None) -> str:
         return f"INBOUND {record['event_id'][-4:]} received {record['received_at']:%H:%M:%S.%f}"
     if name == "ContextCommand":
         return (f"CMD {record['kind']} {str(record.get('batch_id') or '').rsplit(':', 1)[-1]} "
-                f"count {record.get('batch_messages')} issued {record['issued_at']:%H:%M:%S.%f}")
+                f"count {record.get('batch_messages')} issued {record['issued_at']:%H:%M:%S.%f} "
+                f"in/agent/replies/opened {record.get('inbound_messages')}/{record.get('agent_events')}/"
+                f"{record.get('replies')}/{record.get('opened_replies')}")
     if name in ("ResponderRequest", "VisionRequest"):
         request = record["request"] if name == "VisionRequest" else record
         return (f"EMIT {name[:6]} {request['batch_id'].rsplit(':', 1)[-1]} "
@@ -536,11 +565,15 @@ async def _drill(
                         figures.first_seen_at_kill[batch_id] = kill.n
                     figures.flushes_without_state |= flushes
                 figures.emitted_twice, figures.same_batch_reemitted = emitted_twice(ledger)
-                for customer in twice_customers(figures.emitted_twice)[:3]:
+                figures.never_answered = list(verdict.lost)
+                for customer in [*twice_customers(figures.emitted_twice)[:3],
+                                 *state_log.customers_of(figures.never_answered)[:3]]:
                     name = f"timeline-{customer.replace(':', '_').replace('/', '_')}.txt"
                     (tmp / name).write_text("\n".join(state_log.timeline(customer)) + "\n")
-                figures.never_answered = list(verdict.lost)
                 figures.duplicate_replies = sum(verdict.duplicate_sends.values())
+                if figures.never_answered:  # a state that waits, or an input partition not read?
+                    final = await committed_offsets(admin, group, {topics.inbound})
+                    figures.never_answered_where = state_log.where(figures.never_answered, final)
     finally:
         await admin.close()
     hows = collections.Counter(k.how for k in kills)
@@ -580,8 +613,9 @@ def failure_report(result: ContextDrillResult) -> str:
         f"    first seen at kills: {[(n, hows.get(n), c) for n, c in sorted(first.items())]}",
         f"(b) emitted twice: {list(f.emitted_twice.items())[:5]}",
         f"(c) never answered: {f.never_answered[:10]}",
+        *(f"    {line}" for line in f.never_answered_where[:10]),
         f"(d) duplicate replies: {f.duplicate_replies}",
-        f"stack log: {result.log}",
+        f"stack log: {result.log} (timelines of (b)'s and (c)'s customers next to it)",
     ]
     return "\n".join(lines)
 

@@ -538,6 +538,12 @@ def test_reply_prunes_agent_messages_it_covers() -> None:
     flushed_request(c, T0 + secs(35))
     c.agent(activity("a2", T0 + secs(50), "después"))
     c.answer(T0 + secs(40))
+    # kept while a batch may still open with the decided batch's cutoff (none: the lookback) — a
+    # replay may handle the next message after this reply where the first run handled it before
+    assert [m["text"] for m in c.state["agent_messages"]] == ["antes", "después"]
+    talk(c, ("m2", T0 + secs(100)))
+    flushed_request(c, T0 + secs(130))  # decided with the reply at T0+40 handled: the floor
+    c.answer(T0 + secs(140))
     assert [m["text"] for m in c.state["agent_messages"]] == ["después"]
 
 
@@ -633,7 +639,10 @@ def test_message_only_in_history_is_recovered_into_the_batch_and_its_late_webhoo
     assert ("webhooks_missing_total", {}, 1) in effects.metrics
     assert c.state["last_inbound_at"] == T0 + secs(1000)
     late = c.message(inbound("wamid.LOST", T0 + secs(900)), now=T0 + secs(1040))
-    assert late.duplicate and c.state["open_batch"] is None
+    # nothing opened or emitted; the webhook is only counted (a flush's inbound count, 6b)
+    assert late.log == [("duplicate_ignored", {"kind": "inbound", "event_id": "wamid.LOST"})]
+    assert c.state["open_batch"] is None and not late.responder_requests
+    assert c.message(inbound("wamid.LOST", T0 + secs(900)), now=T0 + secs(1041)).duplicate  # again
 
 
 def test_reconciliation_sweep_recovers_once_and_answers_within_one_sweep() -> None:
@@ -656,7 +665,9 @@ def test_reconciliation_sweep_recovers_once_and_answers_within_one_sweep() -> No
     flushed_request(c, T0 + secs(431))
     assert [(m["event_id"], m.get("recovered")) for m in c.requests[-1]["messages"]] == [("wamid.ONLY", True)]
     assert c.decisions[-1]["recovered_event_ids"] == ["wamid.ONLY"]
-    assert c.message(inbound("wamid.ONLY", T0 + secs(300)), now=T0 + secs(440)).duplicate
+    late = c.message(inbound("wamid.ONLY", T0 + secs(300)), now=T0 + secs(440))
+    assert late.log == [("duplicate_ignored", {"kind": "inbound", "event_id": "wamid.ONLY"})]
+    assert c.state["open_batch"] is None and not late.responder_requests
 
 
 def test_sweep_ignores_messages_before_the_last_reply_or_older_than_a_day() -> None:
