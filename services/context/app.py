@@ -76,8 +76,13 @@ log = logging.getLogger(__name__)
 SERVICE = "context"
 AGENT_NAME = "context-events"
 TABLE_NAME = "customers"
-#: After this long without any change to the customer's state, a flush command is sent again.
+#: After this long without any change to the customer's state, a flush command the agent has
+#: handled is sent again (the batch is still due: the command changed nothing).
 FLUSH_RESEND_SECONDS = 5.0
+#: A flush command the agent has not handled yet is sent again only after this long (a safety net:
+#: a produced command is handled by whoever owns its partition). Sending it again sooner only adds
+#: work to an agent that is behind: each copy is one more event for it.
+FLUSH_UNHANDLED_RESEND_SECONDS = 60.0
 #: Flush commands sent per timer tick at most (the rest wait for the next tick).
 FLUSH_MAX_PER_TICK = 2000
 #: The flush loop never sleeps less than this between looks (more flushes due than one look sends).
@@ -223,6 +228,15 @@ def _is_open(entry: Tracked) -> int:
     return 1 if entry.open or entry.flushing else 0
 
 
+@dataclass(slots=True)
+class SentFlush:
+    """A flush command the timer sent for a customer's batch, and whether the agent handled it."""
+
+    batch_id: str
+    at: float  # monotonic time it was sent
+    handled: bool = False
+
+
 @dataclass
 class CustomerIndex:
     """customer → next due time and status, for the customers of this worker's partitions.
@@ -232,12 +246,13 @@ class CustomerIndex:
     """
 
     resend_after: float = FLUSH_RESEND_SECONDS
+    unhandled_resend_after: float = FLUSH_UNHANDLED_RESEND_SECONDS
     #: Called when a due time earlier than every other one is recorded: the flush loop sleeps
     #: until the earliest due time, so it must wake up and sleep less.
     on_earlier_due: Callable[[], None] | None = None
     entries: dict[str, Tracked] = field(default_factory=dict)
     _heap: list[tuple[datetime, str]] = field(default_factory=list)
-    _inflight: dict[str, tuple[str, float]] = field(default_factory=dict)
+    _inflight: dict[str, SentFlush] = field(default_factory=dict)
     _open: int = 0  # customers with an open or flushing batch (kept up to date, never counted)
 
     def update(self, key: str, partition: int, state: CustomerState, limits: Limits) -> None:
@@ -261,7 +276,11 @@ class CustomerIndex:
         previous = self.entries.get(key)
         self._open += _is_open(entry) - (_is_open(previous) if previous is not None else 0)
         self.entries[key] = entry
-        self._inflight.pop(key, None)  # the state changed: the timer decides afresh
+        sent = self._inflight.get(key)
+        if sent is not None and sent.handled:
+            del self._inflight[key]  # changed after its flush was handled: the timer decides afresh
+        # Not before: a later message of the same batch, handled while the flush command waits in the
+        # agent's queue, changes nothing about that command (it carries what the timer saw).
         if entry.due_at is not None:
             self._push(entry.due_at, key)
 
@@ -295,12 +314,22 @@ class CustomerIndex:
         return found
 
     def should_send(self, key: str, batch_id: str, monotonic_now: float) -> bool:
-        """False while a flush for this batch is in flight and younger than `resend_after`."""
+        """False while a flush for this batch is in flight: not handled by the agent yet (and younger
+        than `unhandled_resend_after`), or handled and younger than `resend_after`."""
         sent = self._inflight.get(key)
-        return sent is None or sent[0] != batch_id or monotonic_now - sent[1] >= self.resend_after
+        if sent is None or sent.batch_id != batch_id:
+            return True
+        wait = self.resend_after if sent.handled else self.unhandled_resend_after
+        return monotonic_now - sent.at >= wait
 
     def mark_sent(self, key: str, batch_id: str, monotonic_now: float) -> None:
-        self._inflight[key] = (batch_id, monotonic_now)
+        self._inflight[key] = SentFlush(batch_id, monotonic_now)
+
+    def flush_handled(self, key: str, batch_id: str | None) -> None:
+        """The agent handled a flush command of this customer's batch (whatever it decided)."""
+        sent = self._inflight.get(key)
+        if sent is not None and sent.batch_id == batch_id:
+            sent.handled = True
 
     def keep_partitions(self, partitions: set[int]) -> None:
         """Forgets customers of partitions this worker no longer owns."""
@@ -465,6 +494,8 @@ class Pending:
 
     item: Incoming
     outcome: Decided | None = None
+    #: (customer, batch id) of a flush command: the flush timer learns it was handled
+    flush_of: tuple[str, str | None] | None = None
 
 
 @dataclass(slots=True)
@@ -608,6 +639,8 @@ class ContextRuntime:
         except Rejected as rejected:
             await self._dead_letter_input(item, rejected.reason, rejected.error, rejected.customer_key)
             return Pending(item)
+        flush_of = (customer, record.get("batch_id")) \
+            if name == "ContextCommand" and record.get("kind") == "flush" else None
         try:
             state = unwritten.get(customer)
             if state is None:
@@ -623,16 +656,16 @@ class ContextRuntime:
             logs.event(log, "handler_error", logging.ERROR, customer=customer, record=name,
                        error=f"{type(exc).__name__}: {exc}")
             await self._dead_letter_input(item, "handler_error", f"{type(exc).__name__}: {exc}", customer)
-            return Pending(item)
+            return Pending(item, flush_of=flush_of)
         if effects.duplicate:
             metrics.dedupe_hits_total.labels(name).inc()
             self._apply_observability(customer, effects)
-            return Pending(item)
+            return Pending(item, flush_of=flush_of)
         changed = new_state is not state
         if changed:
             unwritten[customer] = new_state
         return Pending(item, Decided(item, customer, new_state if changed else None, encoded, effects,
-                                     outputs, await self._start_sends(customer, outputs)))
+                                     outputs, await self._start_sends(customer, outputs)), flush_of)
 
     async def _start_sends(
         self, customer: str, outputs: list[tuple[str, bytes]]
@@ -660,10 +693,15 @@ class ContextRuntime:
         for outcome in decided:
             await self._await_effects(outcome)
         writes: list[tuple[Decided, list[asyncio.Future[Any]]]] = []
-        for outcome in decided:
-            writes.append((outcome, self._write_state(outcome)))
-            if outcome.new_state is not None and unwritten.get(outcome.customer) is outcome.new_state:
-                del unwritten[outcome.customer]  # the table has it (or a newer one is still unwritten)
+        for pending in chunk:
+            if pending.flush_of is not None:  # before its write: the index then decides afresh
+                self.index.flush_handled(*pending.flush_of)
+            done = pending.outcome
+            if done is None:
+                continue
+            writes.append((done, self._write_state(done)))
+            if done.new_state is not None and unwritten.get(done.customer) is done.new_state:
+                del unwritten[done.customer]  # the table has it (or a newer one is still unwritten)
         for outcome, changelog in writes:
             await self._durable(outcome, changelog)
         for outcome in decided:

@@ -432,3 +432,64 @@ async def test_a_record_with_no_seek_since_its_partition_came_back_starts_nothin
     assert not await guard.admit(record(259))
     assert seeks[-1] == (tp, 164), "sought back to the committed offset"
     assert await guard.admit(record(164))
+
+
+async def test_a_lagging_agent_gets_one_flush_per_batch_not_one_per_message(tmp_path: Any) -> None:
+    """The timer sends a flush for what the table holds; when the agent, behind, then handles a later
+    message of the same batch before that command, the timer must not send another one for the batch
+    (each copy is one more event for the agent that is behind: the bench at 200 msg/s sent ~3.6 flush
+    commands per batch and fell further behind with each). Once the command is handled, the timer
+    decides afresh: the message it did not see is flushed in the next batch."""
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ch.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path),
+                        missed_history="gap", reconcile_interval_seconds=60.0)
+    runtime = create_app(settings).runtime
+    start = utcnow() - secs(60)  # the burst is long past its quiet window: the agent is behind
+    customer = Customer(lim=build_limits(settings))  # known, answered recently: no history check
+    customer.message(inbound("w-1", start - secs(120), "¿Tienen habitaciones?"))
+    customer.flush(start - secs(90))
+    customer.history(start - secs(89), [])
+    customer.answer(start - secs(70), ids=["wamid.BOT1"])
+    table: dict[bytes, bytes] = {KEY.encode(): codec.encode("CustomerState", dict(customer.state))}
+    runtime.customers = table  # type: ignore[assignment]
+    sent: list[dict[str, Any]] = []
+
+    async def send_command(cmd: Any) -> None:
+        sent.append(dict(cmd))
+
+    runtime.send_command = send_command  # type: ignore[method-assign]
+    runtime.index_ready = True
+    runtime.readiness = lambda: (True, {})  # type: ignore[method-assign]
+    producer = HeldProducer()
+    runtime._producer = producer  # type: ignore[assignment]
+    topics = runtime.topics
+
+    def message_event(number: int) -> Incoming:
+        value = codec.encode("InboundMessage", dict(inbound(f"w{number}", start + secs(number * 0.2))))
+        return Incoming(KEY.encode(), value, topics.inbound, 0, number)
+
+    def flushes() -> list[tuple[str, int]]:
+        return [(c["batch_id"], c["batch_messages"]) for c in sent if c["kind"] == "flush"]
+
+    await runtime.handle_events([message_event(0)])
+    assert await runtime.flush_tick()
+    [(first_batch, seen)] = flushes()
+    assert seen == 1
+    for number in (1, 2):  # the rest of the burst, handled before the flush command
+        await runtime.handle_events([message_event(number)])
+        assert await runtime.flush_tick()
+    assert flushes() == [(first_batch, 1)], "a second flush for a batch whose flush is in flight"
+
+    command_value = codec.encode("ContextCommand", dict(sent[0]))
+    handling = asyncio.create_task(runtime.handle_events(
+        [Incoming(KEY.encode(), command_value, topics.context_commands, 0, 0)]))
+    for _ in range(1000):  # the flush's effects (request, audit) wait for the broker's acks
+        if producer.acks or handling.done():
+            break
+        await asyncio.sleep(0)
+    for ack in producer.acks:
+        ack.set_result(None)
+    await asyncio.wait_for(handling, 5)
+    assert await runtime.flush_tick()
+    [_, (second_batch, seen)] = flushes()
+    assert second_batch != first_batch and seen == 2  # the two messages the first flush did not see
