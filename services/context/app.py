@@ -50,6 +50,7 @@ import faust.streams as faust_streams
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 from aiokafka.partitioner import murmur2
+from faust.types import TP
 from prometheus_client import Counter, Gauge, Histogram
 
 from services import providers
@@ -89,6 +90,10 @@ FLUSH_MAX_PER_TICK = 2000
 FLUSH_MIN_SLEEP_SECONDS = 0.002
 #: When `due_action` says "not yet" although our estimate said "due", look again this much later.
 RECHECK_SECONDS = 1.0
+#: A batch due by the clock whose customer messages the agent has not all read yet (see
+#: `ContextRuntime.inbound_watermark`) is looked at again as soon as the agent has read far enough
+#: (or caught up), and at the latest this much later (no state is read until then).
+BEHIND_RECHECK_SECONDS = 0.05
 #: How often `consumer_lag{service="context"}` is refreshed.
 LAG_INTERVAL_SECONDS = 5.0
 #: Events decided by the agent and not yet completed (effects acked, state durable, input acked) at
@@ -208,6 +213,7 @@ class Tracked:
 
     partition: int
     due_at: datetime | None = None
+    batch_due_at: datetime | None = None  # `next_due` of the state (due_at also moves by defer)
     open: bool = False
     flushing: bool = False
     held: int = 0
@@ -260,9 +266,11 @@ class CustomerIndex:
         open_batch = state.get("open_batch")
         flushing = state.get("flushing_batch")
         batch = flushing or open_batch
+        due_at = next_due(state, limits)
         entry = Tracked(
             partition=partition,
-            due_at=next_due(state, limits),
+            due_at=due_at,
+            batch_due_at=due_at,
             open=open_batch is not None,
             flushing=flushing is not None,
             held=len(state.get("held_messages") or []),
@@ -496,6 +504,7 @@ class Pending:
     outcome: Decided | None = None
     #: (customer, batch id) of a flush command: the flush timer learns it was handled
     flush_of: tuple[str, str | None] | None = None
+    inbound_at: datetime | None = None  # a customer message's receive time (the partition's progress)
 
 
 @dataclass(slots=True)
@@ -563,6 +572,10 @@ class ContextRuntime:
         self._stopping = False
         self.fetcher = HistoryFetcher(settings, self.send_command, tenants=self.tenants)
         self.sweep = ReconcileSweep(settings, self.fetcher)
+        #: inbound partition -> receive time of the newest customer message the agent has handled
+        self.inbound_handled: dict[int, datetime] = {}
+        #: inbound partition -> (due time, customer) of batches waiting for the agent to read that far
+        self._behind: dict[int, list[tuple[datetime, str]]] = {}
 
     # -- producer ---------------------------------------------------------------------------------
     async def producer(self) -> AIOKafkaProducer:
@@ -641,6 +654,7 @@ class ContextRuntime:
             return Pending(item)
         flush_of = (customer, record.get("batch_id")) \
             if name == "ContextCommand" and record.get("kind") == "flush" else None
+        inbound_at = record.get("received_at") if name == "InboundMessage" else None
         try:
             state = unwritten.get(customer)
             if state is None:
@@ -656,16 +670,17 @@ class ContextRuntime:
             logs.event(log, "handler_error", logging.ERROR, customer=customer, record=name,
                        error=f"{type(exc).__name__}: {exc}")
             await self._dead_letter_input(item, "handler_error", f"{type(exc).__name__}: {exc}", customer)
-            return Pending(item, flush_of=flush_of)
+            return Pending(item, flush_of=flush_of, inbound_at=inbound_at)
         if effects.duplicate:
             metrics.dedupe_hits_total.labels(name).inc()
             self._apply_observability(customer, effects)
-            return Pending(item, flush_of=flush_of)
+            return Pending(item, flush_of=flush_of, inbound_at=inbound_at)
         changed = new_state is not state
         if changed:
             unwritten[customer] = new_state
         return Pending(item, Decided(item, customer, new_state if changed else None, encoded, effects,
-                                     outputs, await self._start_sends(customer, outputs)), flush_of)
+                                     outputs, await self._start_sends(customer, outputs)), flush_of,
+                       inbound_at)
 
     async def _start_sends(
         self, customer: str, outputs: list[tuple[str, bytes]]
@@ -696,12 +711,18 @@ class ContextRuntime:
         for pending in chunk:
             if pending.flush_of is not None:  # before its write: the index then decides afresh
                 self.index.flush_handled(*pending.flush_of)
+            if pending.inbound_at is not None:
+                partition = pending.item.partition
+                seen = self.inbound_handled.get(partition)
+                if seen is None or pending.inbound_at > seen:
+                    self.inbound_handled[partition] = pending.inbound_at
             done = pending.outcome
             if done is None:
                 continue
             writes.append((done, self._write_state(done)))
             if done.new_state is not None and unwritten.get(done.customer) is done.new_state:
                 del unwritten[done.customer]  # the table has it (or a newer one is still unwritten)
+        self._release_behind()
         for outcome, changelog in writes:
             await self._durable(outcome, changelog)
         for outcome in decided:
@@ -931,6 +952,9 @@ class ContextRuntime:
     def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
         self.index_ready = False
         lost = {tp.partition for tp in revoked if tp.topic == self.topics.inbound}
+        for partition in lost:  # read again from its commit by whoever gets it next
+            self.inbound_handled.pop(partition, None)
+            self._behind.pop(partition, None)
         if lost:
             self.index.keep_partitions({e.partition for e in self.index.entries.values()} - lost)
 
@@ -965,12 +989,26 @@ class ContextRuntime:
         due: list[tuple[str, str, ContextCommand]] = []
         for key in self.index.due(now):
             entry = self.index.entries.get(key)
+            if entry is None:
+                continue
+            # Judged as of the receive time up to which the agent has read the customer's partition
+            # while it is behind: by the clock alone, every message it handles late would end its
+            # batch's quiet window at once, and the burst's later messages (still unread) would be
+            # split off into another batch — more work per message the further behind it is.
+            judge = now
+            watermark = self.inbound_watermark(entry.partition)
+            if watermark is not None and watermark < now:
+                if entry.batch_due_at is not None and entry.batch_due_at > watermark:
+                    heapq.heappush(self._behind.setdefault(entry.partition, []), (entry.batch_due_at, key))
+                    self.index.defer(key, now + timedelta(seconds=BEHIND_RECHECK_SECONDS))
+                    continue
+                judge = watermark
             stored = self.customers.get(key.encode("utf-8"))
-            if entry is None or stored is None:
+            if stored is None:
                 continue
             try:
                 state = cast(CustomerState, codec.decode("CustomerState", stored))
-                batch_id = domain.due_action(state, now, self.limits_for(key))
+                batch_id = domain.due_action(state, judge, self.limits_for(key))
             except Exception as exc:
                 logs.event(log, "due_check_failed", logging.ERROR, customer=key,
                            error=f"{type(exc).__name__}: {exc}")
@@ -989,7 +1027,7 @@ class ContextRuntime:
             batch = state["open_batch"]
             seen = len(batch["messages"]) if batch is not None and batch["batch_id"] == batch_id else None
             due.append((key, batch_id, {
-                "kind": "flush", "customer_key": key, "batch_id": batch_id, "issued_at": now,
+                "kind": "flush", "customer_key": key, "batch_id": batch_id, "issued_at": judge,
                 "history": [], "history_error": None, "history_pages": 0, "actor": None,
                 "batch_messages": seen,  # exactly these are flushed, whenever the command is handled
             }))
@@ -1004,6 +1042,40 @@ class ContextRuntime:
             else:
                 self.index.mark_sent(key, batch_id, monotonic_now)
         return True
+
+    def _release_behind(self) -> None:
+        """Batches that waited for the agent to read their partition far enough are looked at now."""
+        if not self._behind:
+            return
+        now = utcnow()
+        for partition, waiting in list(self._behind.items()):
+            watermark = self.inbound_watermark(partition)
+            while waiting and (watermark is None or waiting[0][0] <= watermark):
+                _, key = heapq.heappop(waiting)
+                self.index.defer(key, now)
+            if not waiting:
+                del self._behind[partition]
+
+    def inbound_watermark(self, partition: int) -> datetime | None:
+        """The receive time up to which the agent has handled this inbound partition's customer
+        messages, while the partition has more to read (the consumer's last known end is past the
+        agent's next offset); None when it has read all it knows of, or nothing says (no stream)."""
+        seen = self.inbound_handled.get(partition)
+        return seen if seen is not None and self.inbound_behind(partition) else None
+
+    def inbound_behind(self, partition: int) -> bool:
+        """Whether the agent has records of this inbound partition still to read (as far as the
+        consumer's last fetch knows)."""
+        guard = self.ack_guard
+        if guard is None:
+            return False
+        tp = TP(self.topics.inbound, partition)
+        next_offset = guard.next_offset.get(tp)
+        try:
+            end = self.app.consumer.highwater(tp)
+        except Exception:  # not assigned (any more): the clock decides, as before
+            return False
+        return next_offset is not None and end is not None and int(end) > next_offset
 
     async def lag_tick(self) -> None:
         """Exports `consumer_lag{service="context"}`: messages behind the end of the input topics.
