@@ -437,8 +437,8 @@ async def test_a_record_with_no_seek_since_its_partition_came_back_starts_nothin
 async def test_a_lagging_agent_gets_one_flush_per_batch_not_one_per_message(tmp_path: Any) -> None:
     """The timer sends a flush for what the table holds; when the agent, behind, then handles a later
     message of the same batch before that command, the timer must not send another one for the batch
-    (each copy is one more event for the agent that is behind: the bench at 200 msg/s sent ~3.6 flush
-    commands per batch and fell further behind with each). Once the command is handled, the timer
+    (each copy is one more event for the agent that is behind: an instrumented bench run had ~3.7 flush
+    copies per batch and fell further behind with each). Once the command is handled, the timer
     decides afresh: the message it did not see is flushed in the next batch."""
     settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ch.", web_token="t",
                         context_store="memory", data_dir=str(tmp_path),
