@@ -94,6 +94,9 @@ RECHECK_SECONDS = 1.0
 #: `ContextRuntime.inbound_watermark`) is looked at again as soon as the agent has read far enough
 #: (or caught up), and at the latest this much later (no state is read until then).
 BEHIND_RECHECK_SECONDS = 0.05
+#: ... but never longer than this past the batch's due time by the clock: a partition end the agent
+#: never reaches (whatever the cause) must not hold a batch for ever.
+BEHIND_MAX_WAIT_SECONDS = 60.0
 #: How often `consumer_lag{service="context"}` is refreshed.
 LAG_INTERVAL_SECONDS = 5.0
 #: Events decided by the agent and not yet completed (effects acked, state durable, input acked) at
@@ -997,7 +1000,9 @@ class ContextRuntime:
             # split off into another batch — more work per message the further behind it is.
             judge = now
             watermark = self.inbound_watermark(entry.partition)
-            if watermark is not None and watermark < now:
+            overdue = entry.batch_due_at is not None \
+                and now - entry.batch_due_at >= timedelta(seconds=BEHIND_MAX_WAIT_SECONDS)
+            if watermark is not None and watermark < now and not overdue:
                 if entry.batch_due_at is not None and entry.batch_due_at > watermark:
                     heapq.heappush(self._behind.setdefault(entry.partition, []), (entry.batch_due_at, key))
                     self.index.defer(key, now + timedelta(seconds=BEHIND_RECHECK_SECONDS))

@@ -13,7 +13,7 @@ from services.common.config import Settings
 from services.common.records import CustomerState
 from services.common.timeparse import utcnow
 from services.context import state as sm
-from services.context.app import Incoming, build_limits, create_app
+from services.context.app import BEHIND_MAX_WAIT_SECONDS, Incoming, build_limits, create_app
 
 from .context_builders import KEY, Customer, command, inbound, secs
 
@@ -551,3 +551,12 @@ async def test_a_batch_is_not_flushed_before_the_agent_read_past_its_quiet_windo
 
     behind[0] = False  # caught up: the clock decides, as before
     assert runtime.inbound_watermark(0) is None
+
+    behind[0] = True  # a partition end the agent never reaches holds no batch for ever
+    third = "wati:50376971111"
+    late = utcnow() - secs(quiet + BEHIND_MAX_WAIT_SECONDS + 1)
+    await runtime.handle_events([message_event(4, late, third)])
+    runtime.inbound_handled[0] = late - secs(3600)
+    runtime.index.defer(third, utcnow())
+    assert await runtime.flush_tick()
+    assert [seen for batch, seen in flushes() if batch.startswith(third)] == [1]
