@@ -576,7 +576,7 @@ class ContextRuntime:
         self.fetcher = HistoryFetcher(settings, self.send_command, tenants=self.tenants)
         self.sweep = ReconcileSweep(settings, self.fetcher)
         #: inbound partition -> receive time of the newest customer message the agent has handled
-        self.inbound_handled: dict[int, datetime] = {}
+        self.inbound_read_up_to: dict[int, datetime] = {}
         #: inbound partition -> (due time, customer) of batches waiting for the agent to read that far
         self._behind: dict[int, list[tuple[datetime, str]]] = {}
 
@@ -716,9 +716,9 @@ class ContextRuntime:
                 self.index.flush_handled(*pending.flush_of)
             if pending.inbound_at is not None:
                 partition = pending.item.partition
-                seen = self.inbound_handled.get(partition)
+                seen = self.inbound_read_up_to.get(partition)
                 if seen is None or pending.inbound_at > seen:
-                    self.inbound_handled[partition] = pending.inbound_at
+                    self.inbound_read_up_to[partition] = pending.inbound_at
             done = pending.outcome
             if done is None:
                 continue
@@ -956,7 +956,7 @@ class ContextRuntime:
         self.index_ready = False
         lost = {tp.partition for tp in revoked if tp.topic == self.topics.inbound}
         for partition in lost:  # read again from its commit by whoever gets it next
-            self.inbound_handled.pop(partition, None)
+            self.inbound_read_up_to.pop(partition, None)
             self._behind.pop(partition, None)
         if lost:
             self.index.keep_partitions({e.partition for e in self.index.entries.values()} - lost)
@@ -1065,7 +1065,7 @@ class ContextRuntime:
         """The receive time up to which the agent has handled this inbound partition's customer
         messages, while the partition has more to read (the consumer's last known end is past the
         agent's next offset); None when it has read all it knows of, or nothing says (no stream)."""
-        seen = self.inbound_handled.get(partition)
+        seen = self.inbound_read_up_to.get(partition)
         return seen if seen is not None and self.inbound_behind(partition) else None
 
     def inbound_behind(self, partition: int) -> bool:

@@ -556,7 +556,7 @@ async def test_a_batch_is_not_flushed_before_the_agent_read_past_its_quiet_windo
     third = "wati:50376971111"
     late = utcnow() - secs(quiet + BEHIND_MAX_WAIT_SECONDS + 1)
     await runtime.handle_events([message_event(4, late, third)])
-    runtime.inbound_handled[0] = late - secs(3600)
+    runtime.inbound_read_up_to[0] = late - secs(3600)
     runtime.index.defer(third, utcnow())
     assert await runtime.flush_tick()
     assert [seen for batch, seen in flushes() if batch.startswith(third)] == [1]
