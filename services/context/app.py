@@ -50,6 +50,7 @@ import faust.streams as faust_streams
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 from aiokafka.partitioner import murmur2
+from faust.types import TP
 from prometheus_client import Counter, Gauge, Histogram
 
 from services import providers
@@ -76,14 +77,26 @@ log = logging.getLogger(__name__)
 SERVICE = "context"
 AGENT_NAME = "context-events"
 TABLE_NAME = "customers"
-#: After this long without any change to the customer's state, a flush command is sent again.
+#: After this long without any change to the customer's state, a flush command the agent has
+#: handled is sent again (the batch is still due: the command changed nothing).
 FLUSH_RESEND_SECONDS = 5.0
+#: A flush command the agent has not handled yet is sent again only after this long (a safety net:
+#: a produced command is handled by whoever owns its partition). Sending it again sooner only adds
+#: work to an agent that is behind: each copy is one more event for it.
+FLUSH_UNHANDLED_RESEND_SECONDS = 60.0
 #: Flush commands sent per timer tick at most (the rest wait for the next tick).
 FLUSH_MAX_PER_TICK = 2000
 #: The flush loop never sleeps less than this between looks (more flushes due than one look sends).
 FLUSH_MIN_SLEEP_SECONDS = 0.002
 #: When `due_action` says "not yet" although our estimate said "due", look again this much later.
 RECHECK_SECONDS = 1.0
+#: A batch due by the clock whose customer messages the agent has not all read yet (see
+#: `ContextRuntime.inbound_watermark`) is looked at again as soon as the agent has read far enough
+#: (or caught up), and at the latest this much later (no state is read until then).
+BEHIND_RECHECK_SECONDS = 0.05
+#: ... but never longer than this past the batch's due time by the clock: a partition end the agent
+#: never reaches (whatever the cause) must not hold a batch for ever.
+BEHIND_MAX_WAIT_SECONDS = 60.0
 #: How often `consumer_lag{service="context"}` is refreshed.
 LAG_INTERVAL_SECONDS = 5.0
 #: Events decided by the agent and not yet completed (effects acked, state durable, input acked) at
@@ -203,6 +216,7 @@ class Tracked:
 
     partition: int
     due_at: datetime | None = None
+    batch_due_at: datetime | None = None  # `next_due` of the state (due_at also moves by defer)
     open: bool = False
     flushing: bool = False
     held: int = 0
@@ -223,6 +237,15 @@ def _is_open(entry: Tracked) -> int:
     return 1 if entry.open or entry.flushing else 0
 
 
+@dataclass(slots=True)
+class SentFlush:
+    """A flush command the timer sent for a customer's batch, and whether the agent handled it."""
+
+    batch_id: str
+    at: float  # monotonic time it was sent
+    handled: bool = False
+
+
 @dataclass
 class CustomerIndex:
     """customer → next due time and status, for the customers of this worker's partitions.
@@ -232,12 +255,13 @@ class CustomerIndex:
     """
 
     resend_after: float = FLUSH_RESEND_SECONDS
+    unhandled_resend_after: float = FLUSH_UNHANDLED_RESEND_SECONDS
     #: Called when a due time earlier than every other one is recorded: the flush loop sleeps
     #: until the earliest due time, so it must wake up and sleep less.
     on_earlier_due: Callable[[], None] | None = None
     entries: dict[str, Tracked] = field(default_factory=dict)
     _heap: list[tuple[datetime, str]] = field(default_factory=list)
-    _inflight: dict[str, tuple[str, float]] = field(default_factory=dict)
+    _inflight: dict[str, SentFlush] = field(default_factory=dict)
     _open: int = 0  # customers with an open or flushing batch (kept up to date, never counted)
 
     def update(self, key: str, partition: int, state: CustomerState, limits: Limits) -> None:
@@ -245,9 +269,11 @@ class CustomerIndex:
         open_batch = state.get("open_batch")
         flushing = state.get("flushing_batch")
         batch = flushing or open_batch
+        due_at = next_due(state, limits)
         entry = Tracked(
             partition=partition,
-            due_at=next_due(state, limits),
+            due_at=due_at,
+            batch_due_at=due_at,
             open=open_batch is not None,
             flushing=flushing is not None,
             held=len(state.get("held_messages") or []),
@@ -261,7 +287,11 @@ class CustomerIndex:
         previous = self.entries.get(key)
         self._open += _is_open(entry) - (_is_open(previous) if previous is not None else 0)
         self.entries[key] = entry
-        self._inflight.pop(key, None)  # the state changed: the timer decides afresh
+        sent = self._inflight.get(key)
+        if sent is not None and sent.handled:
+            del self._inflight[key]  # changed after its flush was handled: the timer decides afresh
+        # Not before: a later message of the same batch, handled while the flush command waits in the
+        # agent's queue, changes nothing about that command (it carries what the timer saw).
         if entry.due_at is not None:
             self._push(entry.due_at, key)
 
@@ -295,12 +325,22 @@ class CustomerIndex:
         return found
 
     def should_send(self, key: str, batch_id: str, monotonic_now: float) -> bool:
-        """False while a flush for this batch is in flight and younger than `resend_after`."""
+        """False while a flush for this batch is in flight: not handled by the agent yet (and younger
+        than `unhandled_resend_after`), or handled and younger than `resend_after`."""
         sent = self._inflight.get(key)
-        return sent is None or sent[0] != batch_id or monotonic_now - sent[1] >= self.resend_after
+        if sent is None or sent.batch_id != batch_id:
+            return True
+        wait = self.resend_after if sent.handled else self.unhandled_resend_after
+        return monotonic_now - sent.at >= wait
 
     def mark_sent(self, key: str, batch_id: str, monotonic_now: float) -> None:
-        self._inflight[key] = (batch_id, monotonic_now)
+        self._inflight[key] = SentFlush(batch_id, monotonic_now)
+
+    def flush_handled(self, key: str, batch_id: str | None) -> None:
+        """The agent handled a flush command of this customer's batch (whatever it decided)."""
+        sent = self._inflight.get(key)
+        if sent is not None and sent.batch_id == batch_id:
+            sent.handled = True
 
     def keep_partitions(self, partitions: set[int]) -> None:
         """Forgets customers of partitions this worker no longer owns."""
@@ -465,6 +505,9 @@ class Pending:
 
     item: Incoming
     outcome: Decided | None = None
+    #: (customer, batch id) of a flush command: the flush timer learns it was handled
+    flush_of: tuple[str, str | None] | None = None
+    inbound_at: datetime | None = None  # a customer message's receive time (the partition's progress)
 
 
 @dataclass(slots=True)
@@ -532,6 +575,10 @@ class ContextRuntime:
         self._stopping = False
         self.fetcher = HistoryFetcher(settings, self.send_command, tenants=self.tenants)
         self.sweep = ReconcileSweep(settings, self.fetcher)
+        #: inbound partition -> receive time of the newest customer message the agent has handled
+        self.inbound_read_up_to: dict[int, datetime] = {}
+        #: inbound partition -> (due time, customer) of batches waiting for the agent to read that far
+        self._behind: dict[int, list[tuple[datetime, str]]] = {}
 
     # -- producer ---------------------------------------------------------------------------------
     async def producer(self) -> AIOKafkaProducer:
@@ -608,6 +655,9 @@ class ContextRuntime:
         except Rejected as rejected:
             await self._dead_letter_input(item, rejected.reason, rejected.error, rejected.customer_key)
             return Pending(item)
+        flush_of = (customer, record.get("batch_id")) \
+            if name == "ContextCommand" and record.get("kind") == "flush" else None
+        inbound_at = record.get("received_at") if name == "InboundMessage" else None
         try:
             state = unwritten.get(customer)
             if state is None:
@@ -623,16 +673,17 @@ class ContextRuntime:
             logs.event(log, "handler_error", logging.ERROR, customer=customer, record=name,
                        error=f"{type(exc).__name__}: {exc}")
             await self._dead_letter_input(item, "handler_error", f"{type(exc).__name__}: {exc}", customer)
-            return Pending(item)
+            return Pending(item, flush_of=flush_of, inbound_at=inbound_at)
         if effects.duplicate:
             metrics.dedupe_hits_total.labels(name).inc()
             self._apply_observability(customer, effects)
-            return Pending(item)
+            return Pending(item, flush_of=flush_of, inbound_at=inbound_at)
         changed = new_state is not state
         if changed:
             unwritten[customer] = new_state
         return Pending(item, Decided(item, customer, new_state if changed else None, encoded, effects,
-                                     outputs, await self._start_sends(customer, outputs)))
+                                     outputs, await self._start_sends(customer, outputs)), flush_of,
+                       inbound_at)
 
     async def _start_sends(
         self, customer: str, outputs: list[tuple[str, bytes]]
@@ -660,10 +711,21 @@ class ContextRuntime:
         for outcome in decided:
             await self._await_effects(outcome)
         writes: list[tuple[Decided, list[asyncio.Future[Any]]]] = []
-        for outcome in decided:
-            writes.append((outcome, self._write_state(outcome)))
-            if outcome.new_state is not None and unwritten.get(outcome.customer) is outcome.new_state:
-                del unwritten[outcome.customer]  # the table has it (or a newer one is still unwritten)
+        for pending in chunk:
+            if pending.flush_of is not None:  # before its write: the index then decides afresh
+                self.index.flush_handled(*pending.flush_of)
+            if pending.inbound_at is not None:
+                partition = pending.item.partition
+                seen = self.inbound_read_up_to.get(partition)
+                if seen is None or pending.inbound_at > seen:
+                    self.inbound_read_up_to[partition] = pending.inbound_at
+            done = pending.outcome
+            if done is None:
+                continue
+            writes.append((done, self._write_state(done)))
+            if done.new_state is not None and unwritten.get(done.customer) is done.new_state:
+                del unwritten[done.customer]  # the table has it (or a newer one is still unwritten)
+        self._release_behind()
         for outcome, changelog in writes:
             await self._durable(outcome, changelog)
         for outcome in decided:
@@ -893,6 +955,9 @@ class ContextRuntime:
     def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
         self.index_ready = False
         lost = {tp.partition for tp in revoked if tp.topic == self.topics.inbound}
+        for partition in lost:  # read again from its commit by whoever gets it next
+            self.inbound_read_up_to.pop(partition, None)
+            self._behind.pop(partition, None)
         if lost:
             self.index.keep_partitions({e.partition for e in self.index.entries.values()} - lost)
 
@@ -927,12 +992,28 @@ class ContextRuntime:
         due: list[tuple[str, str, ContextCommand]] = []
         for key in self.index.due(now):
             entry = self.index.entries.get(key)
+            if entry is None:
+                continue
+            # Judged as of the receive time up to which the agent has read the customer's partition
+            # while it is behind: by the clock alone, every message it handles late would end its
+            # batch's quiet window at once, and the burst's later messages (still unread) would be
+            # split off into another batch — more work per message the further behind it is.
+            judge = now
+            watermark = self.inbound_watermark(entry.partition)
+            overdue = entry.batch_due_at is not None \
+                and now - entry.batch_due_at >= timedelta(seconds=BEHIND_MAX_WAIT_SECONDS)
+            if watermark is not None and watermark < now and not overdue:
+                if entry.batch_due_at is not None and entry.batch_due_at > watermark:
+                    heapq.heappush(self._behind.setdefault(entry.partition, []), (entry.batch_due_at, key))
+                    self.index.defer(key, now + timedelta(seconds=BEHIND_RECHECK_SECONDS))
+                    continue
+                judge = watermark
             stored = self.customers.get(key.encode("utf-8"))
-            if entry is None or stored is None:
+            if stored is None:
                 continue
             try:
                 state = cast(CustomerState, codec.decode("CustomerState", stored))
-                batch_id = domain.due_action(state, now, self.limits_for(key))
+                batch_id = domain.due_action(state, judge, self.limits_for(key))
             except Exception as exc:
                 logs.event(log, "due_check_failed", logging.ERROR, customer=key,
                            error=f"{type(exc).__name__}: {exc}")
@@ -951,7 +1032,7 @@ class ContextRuntime:
             batch = state["open_batch"]
             seen = len(batch["messages"]) if batch is not None and batch["batch_id"] == batch_id else None
             due.append((key, batch_id, {
-                "kind": "flush", "customer_key": key, "batch_id": batch_id, "issued_at": now,
+                "kind": "flush", "customer_key": key, "batch_id": batch_id, "issued_at": judge,
                 "history": [], "history_error": None, "history_pages": 0, "actor": None,
                 "batch_messages": seen,  # exactly these are flushed, whenever the command is handled
                 # and the batch's human-agent block and hold see exactly these agent events and replies
@@ -971,6 +1052,40 @@ class ContextRuntime:
             else:
                 self.index.mark_sent(key, batch_id, monotonic_now)
         return True
+
+    def _release_behind(self) -> None:
+        """Batches that waited for the agent to read their partition far enough are looked at now."""
+        if not self._behind:
+            return
+        now = utcnow()
+        for partition, waiting in list(self._behind.items()):
+            watermark = self.inbound_watermark(partition)
+            while waiting and (watermark is None or waiting[0][0] <= watermark):
+                _, key = heapq.heappop(waiting)
+                self.index.defer(key, now)
+            if not waiting:
+                del self._behind[partition]
+
+    def inbound_watermark(self, partition: int) -> datetime | None:
+        """The receive time up to which the agent has handled this inbound partition's customer
+        messages, while the partition has more to read (the consumer's last known end is past the
+        agent's next offset); None when it has read all it knows of, or nothing says (no stream)."""
+        seen = self.inbound_read_up_to.get(partition)
+        return seen if seen is not None and self.inbound_behind(partition) else None
+
+    def inbound_behind(self, partition: int) -> bool:
+        """Whether the agent has records of this inbound partition still to read (as far as the
+        consumer's last fetch knows)."""
+        guard = self.ack_guard
+        if guard is None:
+            return False
+        tp = TP(self.topics.inbound, partition)
+        next_offset = guard.next_offset.get(tp)
+        try:
+            end = self.app.consumer.highwater(tp)
+        except Exception:  # not assigned (any more): the clock decides, as before
+            return False
+        return next_offset is not None and end is not None and int(end) > next_offset
 
     async def lag_tick(self) -> None:
         """Exports `consumer_lag{service="context"}`: messages behind the end of the input topics.

@@ -13,7 +13,7 @@ from services.common.config import Settings
 from services.common.records import CustomerState
 from services.common.timeparse import utcnow
 from services.context import state as sm
-from services.context.app import Incoming, build_limits, create_app
+from services.context.app import BEHIND_MAX_WAIT_SECONDS, Incoming, build_limits, create_app
 
 from .context_builders import KEY, Customer, command, inbound, secs
 
@@ -432,3 +432,131 @@ async def test_a_record_with_no_seek_since_its_partition_came_back_starts_nothin
     assert not await guard.admit(record(259))
     assert seeks[-1] == (tp, 164), "sought back to the committed offset"
     assert await guard.admit(record(164))
+
+
+async def test_a_lagging_agent_gets_one_flush_per_batch_not_one_per_message(tmp_path: Any) -> None:
+    """The timer sends a flush for what the table holds; when the agent, behind, then handles a later
+    message of the same batch before that command, the timer must not send another one for the batch
+    (each copy is one more event for the agent that is behind: an instrumented bench run had ~3.7 flush
+    copies per batch and fell further behind with each). Once the command is handled, the timer
+    decides afresh: the message it did not see is flushed in the next batch."""
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ch.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path),
+                        missed_history="gap", reconcile_interval_seconds=60.0)
+    runtime = create_app(settings).runtime
+    start = utcnow() - secs(60)  # the burst is long past its quiet window: the agent is behind
+    customer = Customer(lim=build_limits(settings))  # known, answered recently: no history check
+    customer.message(inbound("w-1", start - secs(120), "¿Tienen habitaciones?"))
+    customer.flush(start - secs(90))
+    customer.history(start - secs(89), [])
+    customer.answer(start - secs(70), ids=["wamid.BOT1"])
+    table: dict[bytes, bytes] = {KEY.encode(): codec.encode("CustomerState", dict(customer.state))}
+    runtime.customers = table  # type: ignore[assignment]
+    sent: list[dict[str, Any]] = []
+
+    async def send_command(cmd: Any) -> None:
+        sent.append(dict(cmd))
+
+    runtime.send_command = send_command  # type: ignore[method-assign]
+    runtime.index_ready = True
+    runtime.readiness = lambda: (True, {})  # type: ignore[method-assign]
+    producer = HeldProducer()
+    runtime._producer = producer  # type: ignore[assignment]
+    topics = runtime.topics
+
+    def message_event(number: int) -> Incoming:
+        value = codec.encode("InboundMessage", dict(inbound(f"w{number}", start + secs(number * 0.2))))
+        return Incoming(KEY.encode(), value, topics.inbound, 0, number)
+
+    def flushes() -> list[tuple[str, int]]:
+        return [(c["batch_id"], c["batch_messages"]) for c in sent if c["kind"] == "flush"]
+
+    await runtime.handle_events([message_event(0)])
+    assert await runtime.flush_tick()
+    [(first_batch, seen)] = flushes()
+    assert seen == 1
+    for number in (1, 2):  # the rest of the burst, handled before the flush command
+        await runtime.handle_events([message_event(number)])
+        assert await runtime.flush_tick()
+    assert flushes() == [(first_batch, 1)], "a second flush for a batch whose flush is in flight"
+
+    command_value = codec.encode("ContextCommand", dict(sent[0]))
+    handling = asyncio.create_task(runtime.handle_events(
+        [Incoming(KEY.encode(), command_value, topics.context_commands, 0, 0)]))
+    for _ in range(1000):  # the flush's effects (request, audit) wait for the broker's acks
+        if producer.acks or handling.done():
+            break
+        await asyncio.sleep(0)
+    for ack in producer.acks:
+        ack.set_result(None)
+    await asyncio.wait_for(handling, 5)
+    assert await runtime.flush_tick()
+    [_, (second_batch, seen)] = flushes()
+    assert second_batch != first_batch and seen == 2  # the two messages the first flush did not see
+
+
+async def test_a_batch_is_not_flushed_before_the_agent_read_past_its_quiet_window(tmp_path: Any) -> None:
+    """While the agent is behind on a partition, the timer judges a batch quiet as of the receive time
+    up to which the agent has read that partition, not by its clock alone: by the clock, every burst
+    the agent reaches late looks quiet after its first message, and the rest of the burst (not read
+    yet) is split off into another batch — more batches, history checks and requests per message."""
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ch.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path),
+                        missed_history="gap", reconcile_interval_seconds=60.0)
+    runtime = create_app(settings).runtime
+    start = utcnow() - secs(60)  # the burst is long past its quiet window by the clock
+    customer = Customer(lim=build_limits(settings))  # known, answered recently: no history check
+    customer.message(inbound("w-1", start - secs(120), "¿Tienen habitaciones?"))
+    customer.flush(start - secs(90))
+    customer.history(start - secs(89), [])
+    customer.answer(start - secs(70), ids=["wamid.BOT1"])
+    table: dict[bytes, bytes] = {KEY.encode(): codec.encode("CustomerState", dict(customer.state))}
+    runtime.customers = table  # type: ignore[assignment]
+    sent: list[dict[str, Any]] = []
+
+    async def send_command(cmd: Any) -> None:
+        sent.append(dict(cmd))
+
+    runtime.send_command = send_command  # type: ignore[method-assign]
+    runtime.index_ready = True
+    runtime.readiness = lambda: (True, {})  # type: ignore[method-assign]
+    behind = [True]
+    runtime.inbound_behind = lambda partition: behind[0]  # type: ignore[method-assign]
+    topics = runtime.topics
+    quiet = build_limits(settings).quiet_window_seconds
+
+    def message_event(number: int, at: Any, key: str = KEY) -> Incoming:
+        value = codec.encode("InboundMessage", dict(inbound(f"w{number}", at, key=key)))
+        return Incoming(key.encode(), value, topics.inbound, 0, number)
+
+    def flushes() -> list[tuple[str, int]]:
+        return [(c["batch_id"], c["batch_messages"]) for c in sent if c["kind"] == "flush"]
+
+    await runtime.handle_events([message_event(0, start)])
+    assert await runtime.flush_tick()
+    assert flushes() == [], "flushed while the rest of the burst was still unread"
+    await runtime.handle_events([message_event(1, start + secs(0.2)), message_event(2, start + secs(0.4))])
+    runtime.index.defer(KEY, utcnow())  # look now (the agent has read further, not far enough)
+    assert await runtime.flush_tick()
+    assert flushes() == []  # read up to the burst's last message only: its quiet window has not passed
+    other = "wati:50376970000"  # another customer's message of the same partition, read later
+    read_up_to = start + secs(0.4 + quiet + 0.1)
+    await runtime.handle_events([message_event(3, read_up_to, other)])  # puts the batch back in the index
+    assert await runtime.flush_tick()
+    [(batch_id, seen)] = [f for f in flushes() if f[0].startswith(KEY)]
+    assert seen == 3  # the whole burst, one batch
+    command = next(c for c in sent if c["batch_id"] == batch_id)
+    # judged as of that message's receive time (as the record carries it: milliseconds)
+    assert abs(command["issued_at"] - (read_up_to + secs(0.2))) < secs(0.001)
+
+    behind[0] = False  # caught up: the clock decides, as before
+    assert runtime.inbound_watermark(0) is None
+
+    behind[0] = True  # a partition end the agent never reaches holds no batch for ever
+    third = "wati:50376971111"
+    late = utcnow() - secs(quiet + BEHIND_MAX_WAIT_SECONDS + 1)
+    await runtime.handle_events([message_event(4, late, third)])
+    runtime.inbound_read_up_to[0] = late - secs(3600)
+    runtime.index.defer(third, utcnow())
+    assert await runtime.flush_tick()
+    assert [seen for batch, seen in flushes() if batch.startswith(third)] == [1]

@@ -160,15 +160,34 @@ def test_index_forgets_customers_without_pending_batches() -> None:
     assert index.due(T0 + secs(10**6)) == []
 
 
-def test_index_resends_a_flush_only_after_the_resend_delay() -> None:
-    index = CustomerIndex(resend_after=5.0)
+def test_index_resends_a_handled_flush_only_after_the_resend_delay() -> None:
+    index = CustomerIndex(resend_after=5.0, unhandled_resend_after=60.0)
     assert index.should_send(KEY, "b1", 100.0)
     index.mark_sent(KEY, "b1", 100.0)
+    assert index.should_send(KEY, "b2", 101.0)  # another batch is another flush
+    index.flush_handled(KEY, "b2")  # a flush of another batch says nothing about b1's
+    assert not index.should_send(KEY, "b1", 104.9)
+    index.flush_handled(KEY, "b1")  # the agent handled it, the state did not change
     assert not index.should_send(KEY, "b1", 104.9)
     assert index.should_send(KEY, "b1", 105.0)
-    assert index.should_send(KEY, "b2", 101.0)  # another batch is another flush
-    index.update(KEY, 0, with_open_batch(T0, ("a", 0)), LIMITS)  # the state changed: decide afresh
+    index.update(KEY, 0, with_open_batch(T0, ("a", 0)), LIMITS)  # changed after it: decide afresh
     assert index.should_send(KEY, "b1", 101.0)
+
+
+def test_index_sends_no_second_flush_while_the_first_waits_for_the_agent() -> None:
+    """A lagging agent handles a later message of the batch before the flush command the timer sent:
+    that is no reason for another command (an instrumented bench run handled ~3.7 copies per batch)."""
+    index = CustomerIndex(resend_after=5.0)
+    index.unhandled_resend_after = 60.0
+    index.mark_sent(KEY, "b1", 100.0)
+    index.update(KEY, 0, with_open_batch(T0, ("a", 0), ("b", 1)), LIMITS)  # message b handled
+    assert not index.should_send(KEY, "b1", 101.0)
+    assert not index.should_send(KEY, "b1", 159.9)  # still not handled: no copy every 5 s either
+    assert index.should_send(KEY, "b1", 160.0)  # the safety net
+    index.mark_sent(KEY, "b1", 160.0)
+    index.flush_handled(KEY, "b1")
+    index.update(KEY, 0, with_open_batch(T0, ("a", 0), ("b", 1)), LIMITS)
+    assert index.should_send(KEY, "b1", 160.1)
 
 
 def test_index_wakes_the_flush_loop_only_for_a_new_earliest_due_time() -> None:
