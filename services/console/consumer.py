@@ -199,11 +199,12 @@ class ConsoleConsumer:
         assert self.consumer is not None
         stored = self.store.offsets()
         for tp in partitions:
-            position = stored.get((tp.topic, tp.partition))
-            if position is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, position)
+            # No stored position: from offset 0, which is the beginning (an offset below the log's
+            # start is out of range, and `auto_offset_reset="earliest"` moves it to the first one
+            # kept). Not `seek_to_beginning`: it awaits an offset lookup inside the rebalance, and on
+            # topics created a moment before that lookup failed once (leader not known yet) and
+            # kept the console unready ~16 s.
+            self.consumer.seek(tp, stored.get((tp.topic, tp.partition), 0))
         self.assigned = True
         logs.event(log, "console_assigned", partitions=len(partitions), rebuild=not stored)
 
