@@ -98,6 +98,9 @@ BEHIND_RECHECK_SECONDS = 0.05
 #: never reaches (whatever the cause) must not hold a batch for ever.
 BEHIND_MAX_WAIT_SECONDS = 60.0
 #: How often `consumer_lag{service="context"}` is refreshed.
+# A hole at the head of an input partition not filled within this long: the partition is read again
+# from its committed offset (`AckGuard`).
+HOLE_PATIENCE_SECONDS = 60.0
 LAG_INTERVAL_SECONDS = 5.0
 #: Events decided by the agent and not yet completed (effects acked, state durable, input acked) at
 #: most: the agent waits for the completion task beyond this. The completion task takes whatever is
@@ -1231,7 +1234,7 @@ class AckGuard:
     """
 
     def __init__(self, app: faust.App, input_topics: Iterable[str] = (),
-                 *, hole_patience_seconds: float = 60.0, reread_retry_seconds: float = 5.0,
+                 *, hole_patience_seconds: float = HOLE_PATIENCE_SECONDS, reread_retry_seconds: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
         self.input_topics = frozenset(input_topics)

@@ -62,6 +62,11 @@ from services.common.config import Settings
 from services.common.kafka import Topics
 from services.common.records import CustomerState
 from services.common.timeparse import utcnow
+from services.context.app import (
+    BEHIND_MAX_WAIT_SECONDS,
+    FLUSH_UNHANDLED_RESEND_SECONDS,
+    HOLE_PATIENCE_SECONDS,
+)
 from services.context.state import REPLY_KEY, new_state
 from services.devtools.dev import DevStack
 from services.devtools.faultproxy import FaultProxy
@@ -110,7 +115,11 @@ class DrillPlan:
     #: faust's producer_max_batch_size (default 16 KiB), via its env var; 0 keeps faust's default
     producer_max_batch_size: int = 0
     session_timeout: float = 3.0  # the broker's group.min.session.timeout.ms is lowered to 1 s
-    settle_timeout: float = 45.0
+    #: how long the end waits for every accepted message to be answered: past the worker's own
+    #: safety nets (a hole re-read, an unhandled flush re-sent, a lagging partition's wait), so a
+    #: message those recover counts as answered (late), and (c) only counts what they never recover
+    settle_timeout: float = max(HOLE_PATIENCE_SECONDS, FLUSH_UNHANDLED_RESEND_SECONDS,
+                                BEHIND_MAX_WAIT_SECONDS) + 30.0
 
 
 @dataclass
