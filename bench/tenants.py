@@ -479,7 +479,7 @@ class Stack:
             reasons = sorted({f"{d.value.get('reason')}: {d.value.get('error')}" for d in dead})
             raise RuntimeError(
                 f"{len(dead)} requests dead-lettered instead of answered ({'; '.join(reasons)[:300]}); "
-                "until='reply' needs per-tenant sending (docs/tenants.md 'Not done yet')"
+                "every tenant's requests must be answered for until='reply'"
             )
         tally, accepted = self.tally, self.accepted
         on_topics = accepted + (self.warmup["accepted"] if self.warmup else 0)
