@@ -185,7 +185,8 @@ class EchoProvider:
     def default_api_url(self, settings: Settings) -> str | None:
         return self.base_url
 
-    async def check(self, settings: Settings, http: httpx.AsyncClient) -> Check:
+    async def check(self, settings: Settings, http: httpx.AsyncClient,
+                    account: AccountAccess | None = None, where: str = "") -> Check:
         """`GET /me`: authenticated, changes nothing."""
         try:
             response = await http.get(f"{self.base_url}/me",

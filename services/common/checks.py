@@ -25,6 +25,22 @@ class Check:
     fix: str = ""
 
 
+@dataclass(frozen=True)
+class AccountNames:
+    """How a provider check names the account it checked: the line's name, and where the account's
+    URL and token are configured (the settings' environment variables, or a tenants-file entry's
+    fields), so a failure says exactly what to change."""
+
+    check: str
+    url: str
+    token: str
+
+    @classmethod
+    def of_tenant(cls, provider: str, where: str) -> AccountNames:
+        """A tenants-file account, `where` as the file names it (`t03 wati[default]`)."""
+        return cls(f"{provider} {where}", f"TENANTS_FILE {where}.api_url", f"TENANTS_FILE {where}.token")
+
+
 def passed(name: str, detail: str) -> Check:
     return Check(name, True, detail)
 
@@ -82,4 +98,5 @@ def json_of(response: httpx.Response) -> Any:
         return None
 
 
-__all__ = ["Check", "body_text", "failed", "get_json", "json_of", "passed", "unexpected", "unreachable"]
+__all__ = ["AccountNames", "Check", "body_text", "failed", "get_json", "json_of", "passed", "unexpected",
+           "unreachable"]

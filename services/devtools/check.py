@@ -18,6 +18,9 @@ What is reached, and why that call:
 - Each enabled provider: its `Provider.check`, one harmless authenticated call of its API (WATI:
   getContacts with one contact; ManyChat: the page's info), judged in the provider's module. A
   service checks the providers whose API it uses (`Provider.checked_for`: send, history, media).
+- Each tenant's accounts (TENANTS_FILE): the same call with each account's URL and token, one line
+  per account (`wati t03 wati[default]`). Run by `watistream check` and `watistream dev`, not at a
+  service's start: one tenant's wrong token must not stop the service for every other tenant.
 - OpenAI: `GET /models/{OPENAI_MODEL}` (and VISION_MODEL) proves the key and the model; a
   conversation is created and deleted again to prove the Conversations API answers (a base URL of
   a provider without it fails here rather than on every customer).
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,11 @@ from services.common.kafka import COMPACTED, Topics, check_kafka_auth, ensure_to
 #: a need of every provider whose API a service uses for `purpose` (`Provider.checked_for`); a
 #: provider's own name needs just that provider's check
 SENDS, HISTORY, MEDIA = "providers:send", "providers:history", "providers:media"
+#: each tenant's accounts (a tenants file): checked by `watistream check` and `watistream dev`, not
+#: when a service starts — one tenant's wrong token must not keep the others' customers waiting
+TENANT_ACCOUNTS = "tenant-accounts"
+#: at most this many tenant accounts are asked at once
+TENANT_ACCOUNT_CONCURRENCY = 8
 #: what each service reaches at start (its checks); `watistream check` runs every one of them.
 SERVICE_NEEDS: dict[str, tuple[str, ...]] = {
     "ingest": ("tenants", "kafka"),
@@ -61,7 +70,7 @@ SERVICE_NEEDS: dict[str, tuple[str, ...]] = {
     "responder": ("kafka", "openai", SENDS, "prompt"),
     "vision": ("kafka", "openai", MEDIA),
 }
-ALL_NEEDS = ("settings", "tenants", "kafka", SENDS, HISTORY, MEDIA, "openai", "prompt")
+ALL_NEEDS = ("settings", "tenants", TENANT_ACCOUNTS, "kafka", SENDS, HISTORY, MEDIA, "openai", "prompt")
 DEFAULT_TIMEOUT_SECONDS = 10.0
 
 
@@ -349,6 +358,45 @@ def provider_checked(provider: Any, settings: Settings, needs: Collection[str]) 
     return wanted and enabled and configured
 
 
+async def tenant_account_checks(settings: Settings, http: httpx.AsyncClient,
+                                environ: Mapping[str, str] | None = None) -> list[Check]:
+    """Each account of each tenant of TENANTS_FILE, on each provider that lists tenants' accounts:
+    the provider's own check with that account, its line named as the file names it
+    (`wati t03 wati[default]`), so a tenant's wrong token fails here rather than on its first
+    customer. An invalid file, or an account whose token reference cannot be resolved, is left to
+    the "tenants" check (named there, not twice)."""
+    if not settings.tenants_file.strip():
+        return []
+    from services.common.tenants import load_tenants
+    from services.providers.base import AccountAccess
+
+    try:
+        tenants = load_tenants(settings)
+    except ConfigError:
+        return []
+    env = os.environ if environ is None else environ
+    slots = asyncio.Semaphore(TENANT_ACCOUNT_CONCURRENCY)
+
+    async def one(provider: Any, access: AccountAccess, where: str) -> Check:
+        async with slots:
+            result: Check = await provider.check(settings, http, access, where)
+            return result
+
+    calls = []
+    for tenant in tenants:
+        for provider in providers.providers():
+            if not provider.tenant_accounts:
+                continue
+            for account in tenant.accounts(provider.name):
+                try:
+                    token = account.token.resolve(env)
+                except ValueError:
+                    continue
+                where = f"{tenant.id} {provider.name}[{account.id}]"
+                calls.append(one(provider, AccountAccess(account.api_url, token), where))
+    return list(await asyncio.gather(*calls))
+
+
 async def openai_checks(settings: Settings, http: httpx.AsyncClient) -> list[Check]:
     """The key and the model(s) (VISION_MODEL too when it differs), then the Conversations API."""
     base = settings.openai_base_url.rstrip("/")
@@ -388,6 +436,8 @@ async def run_checks(
             calls.append(kafka_checks(settings, timeout))
         calls += [p.check(settings, http) for p in providers.providers()
                   if provider_checked(p, settings, needs)]
+        if TENANT_ACCOUNTS in needs:
+            calls.append(tenant_account_checks(settings, http))
         if "openai" in needs and settings.openai_api_key:
             calls.append(openai_checks(settings, http))
         for result in await asyncio.gather(*calls):

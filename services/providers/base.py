@@ -170,9 +170,11 @@ class Provider(Protocol):
         """The API URL a tenants-file account omitting `api_url` gets (None: it must be given)."""
         ...
 
-    async def check(self, settings: Settings, http: httpx.AsyncClient) -> Check:
-        """`watistream check`: one harmless authenticated call with the settings' account, judged
-        (`ok`, or `FAIL` with what to change). Never raises."""
+    async def check(self, settings: Settings, http: httpx.AsyncClient,
+                    account: AccountAccess | None = None, where: str = "") -> Check:
+        """`watistream check`: one harmless authenticated call with the settings' account — or with
+        `account`, a tenant's account, which `where` names as the tenants file does
+        (`t03 wati[default]`) — judged (`ok`, or `FAIL` with what to change). Never raises."""
         ...
 
     def open_client(self, settings: Settings, purpose: Purpose,

@@ -10,12 +10,13 @@ attachment URLs of the webhook, downloaded with the vision service's URL checks.
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import httpx
 
 from services.common import metrics
-from services.common.checks import Check, check_api, failed, passed, unexpected
+from services.common.checks import AccountNames, Check, check_api, failed, passed, unexpected
 from services.common.config import Settings
 from services.common.manychat import MAX_TEXT_CHARS, ManyChatClient, ManyChatError
 from services.common.records import HistoryItem
@@ -39,6 +40,10 @@ from .base import (
 
 #: the longest message ManyChat's sendContent accepts
 MANYCHAT_LIMIT = MAX_TEXT_CHARS
+#: `watistream check`'s call: authenticated, changes nothing, names the page
+CHECK_PATH = "/fb/page/getInfo"
+#: the settings' account, as `watistream check` names it
+SETTINGS_NAMES = AccountNames("manychat", "MANYCHAT_API_URL", "MANYCHAT_API_TOKEN")
 
 
 class ManyChatProvider:
@@ -78,10 +83,15 @@ class ManyChatProvider:
     def default_api_url(self, settings: Settings) -> str | None:
         return settings.manychat_api_url
 
-    async def check(self, settings: Settings, http: httpx.AsyncClient) -> Check:
+    async def check(self, settings: Settings, http: httpx.AsyncClient,
+                    account: AccountAccess | None = None, where: str = "") -> Check:
         """`GET /fb/page/getInfo`: authenticated, changes nothing, names the page."""
-        return await check_api(http, self.name, "MANYCHAT_API_URL", settings.manychat_api_url,
-                               "/fb/page/getInfo", settings.manychat_api_token, judge_manychat)
+        if account is None:
+            return await check_api(http, self.name, "MANYCHAT_API_URL", settings.manychat_api_url,
+                                   CHECK_PATH, settings.manychat_api_token, judge_manychat)
+        names = AccountNames.of_tenant(self.name, where)
+        return await check_api(http, names.check, names.url, account.api_url, CHECK_PATH, account.token,
+                               partial(judge_manychat, names=names))
 
     def open_client(self, settings: Settings, purpose: Purpose,
                     account: AccountAccess | None = None) -> ManyChatClient | None:
@@ -135,16 +145,17 @@ class ManyChatProvider:
         return await download_url(media_ref)
 
 
-def judge_manychat(status: int, body: Any) -> Check:
+def judge_manychat(status: int, body: Any, names: AccountNames = SETTINGS_NAMES) -> Check:
     """page/getInfo's answer: 200 proves the token and names the page."""
+    name, url, token = names.check, names.url, names.token
     if status == 200 and isinstance(body, dict) and body.get("status") == "success":
         data = body.get("data") if isinstance(body.get("data"), dict) else {}
         page = f"page {data.get('name')!r} ({data.get('id')})" if data else "its page"
-        return passed("manychat", f"MANYCHAT_API_TOKEN accepted for {page}")
+        return passed(name, f"{token} accepted for {page}")
     if status in (401, 403):
-        return failed("manychat", f"ManyChat refused MANYCHAT_API_TOKEN (HTTP {status})",
-                      "create an API key in ManyChat (Settings > API) and put it in MANYCHAT_API_TOKEN")
+        return failed(name, f"ManyChat refused {token} (HTTP {status})",
+                      f"create an API key in ManyChat (Settings > API) and put it in {token}")
     if status == 404:
-        return failed("manychat", "MANYCHAT_API_URL has no ManyChat API (HTTP 404)",
-                      "set MANYCHAT_API_URL=https://api.manychat.com (the default)")
-    return unexpected("manychat", status, body, "MANYCHAT_API_URL")
+        return failed(name, f"{url} has no ManyChat API (HTTP 404)",
+                      f"set {url}=https://api.manychat.com (the default)")
+    return unexpected(name, status, body, url)

@@ -12,12 +12,13 @@ History: getMessages pages (the only provider with history). Media: getMedia by 
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import httpx
 
 from services.common import metrics
-from services.common.checks import Check, check_api, failed, passed, unexpected
+from services.common.checks import AccountNames, Check, check_api, failed, passed, unexpected
 from services.common.config import Settings
 from services.common.records import HistoryItem
 from services.common.tenants import serves_tenant_accounts
@@ -42,6 +43,10 @@ from .base import (
 
 #: history items searched for the parts of a resumed send (WATI lists the newest first).
 RESUME_LOOKUP_ITEMS = 100
+#: `watistream check`'s call: authenticated, reads one contact, changes nothing
+CHECK_PATH = "/api/v1/getContacts?pageSize=1&pageNumber=1"
+#: the settings' account, as `watistream check` names it
+SETTINGS_NAMES = AccountNames("wati", "WATI_API_URL", "WATI_API_TOKEN")
 #: the longest session message WATI accepts
 WATI_LIMIT = MAX_TEXT_CHARS
 
@@ -81,11 +86,15 @@ class WatiProvider:
     def default_api_url(self, settings: Settings) -> str | None:
         return None  # each WATI account has its own URL (with its tenant id)
 
-    async def check(self, settings: Settings, http: httpx.AsyncClient) -> Check:
+    async def check(self, settings: Settings, http: httpx.AsyncClient,
+                    account: AccountAccess | None = None, where: str = "") -> Check:
         """`GET getContacts?pageSize=1`: authenticated, reads one contact, changes nothing."""
-        return await check_api(http, self.name, "WATI_API_URL", settings.wati_api_url,
-                               "/api/v1/getContacts?pageSize=1&pageNumber=1", settings.wati_api_token,
-                               judge_wati)
+        if account is None:
+            return await check_api(http, self.name, "WATI_API_URL", settings.wati_api_url, CHECK_PATH,
+                                   settings.wati_api_token, judge_wati)
+        names = AccountNames.of_tenant(self.name, where)
+        return await check_api(http, names.check, names.url, account.api_url, CHECK_PATH,
+                               bearer_dropped(account.token), partial(judge_wati, names=names))
 
     def open_client(self, settings: Settings, purpose: Purpose,
                     account: AccountAccess | None = None) -> WatiClient | None:
@@ -166,18 +175,19 @@ class WatiProvider:
         raise AssertionError("unreachable")
 
 
-def judge_wati(status: int, body: Any) -> Check:
+def judge_wati(status: int, body: Any, names: AccountNames = SETTINGS_NAMES) -> Check:
     """getContacts' answer: 200 proves URL, tenant and token; 401 the token, 404 the tenant part."""
+    name, url, token = names.check, names.url, names.token
     if status == 200 and isinstance(body, dict) and body.get("result") not in (False, "error"):
-        return passed("wati", "WATI_API_URL and WATI_API_TOKEN accepted (getContacts)")
+        return passed(name, f"{url} and {token} accepted (getContacts)")
     if status in (401, 403):
-        return failed("wati", f"WATI refused WATI_API_TOKEN (HTTP {status})",
-                      "copy the token from WATI's API page into WATI_API_TOKEN (with or without `Bearer `)")
+        return failed(name, f"WATI refused {token} (HTTP {status})",
+                      f"copy the token from WATI's API page into {token} (with or without `Bearer `)")
     if status == 404:
-        return failed("wati", "WATI_API_URL not found (HTTP 404)",
-                      "WATI_API_URL is the API endpoint of WATI's API page, including the tenant id, "
+        return failed(name, f"{url} not found (HTTP 404)",
+                      f"{url} is the API endpoint of WATI's API page, including the tenant id, "
                       "e.g. https://live-mt-server.wati.io/123456")
-    return unexpected("wati", status, body, "WATI_API_URL")
+    return unexpected(name, status, body, url)
 
 
 def bearer_dropped(token: str) -> str:

@@ -4,6 +4,7 @@ fails exactly its own line with a reason that names the setting to change, and t
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from services.common.broker import free_port
 from services.common.config import Settings
 from services.common.kafka import Topics
-from services.devtools.check import Check, exit_code, run_checks
+from services.devtools.check import SERVICE_NEEDS, Check, exit_code, run_checks
 from services.standins import StandIns
 
 from ..conftest import unique_prefix
@@ -236,3 +237,48 @@ def test_skip_checks_starts_the_service_anyway(settings: Settings) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+async def test_each_tenants_account_is_checked_on_its_own_line_and_not_at_a_services_start(
+    settings: Settings, stand_ins: StandIns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenants file: each tenant's WATI / ManyChat account is asked with its own URL and token, and
+    a wrong one fails its own line, named as the file names the account; a service's start checks
+    leave them out (one tenant's wrong token must not stop the service for the others)."""
+    good = stand_ins.wati.add_tenant("check-good", "good-token")
+    stand_ins.wati.add_tenant("check-wrong", "right-token")
+    (tmp_path / "good-token").write_text("Bearer good-token\n")  # as WATI's dashboard shows it
+    monkeypatch.setenv("CHECK_WRONG_WATI_TOKEN", "not-the-token")
+    monkeypatch.setenv("CHECK_MANYCHAT_TOKEN", stand_ins.manychat.token)
+    monkeypatch.setenv("CHECK_SECRET", "s3cret-webhook")
+    tenants = [
+        {"id": "good", "webhook_secret": "env:CHECK_SECRET",
+         "wati": {"api_url": good.url, "token": f"file:{tmp_path / 'good-token'}"},
+         "manychat": {"api_url": stand_ins.manychat_url, "token": "env:CHECK_MANYCHAT_TOKEN"}},
+        {"id": "wrong", "webhook_secret": "env:CHECK_SECRET",
+         "wati": [{"id": "reception", "api_url": f"{stand_ins.wati.origin}/check-wrong",
+                   "token": "env:CHECK_WRONG_WATI_TOKEN"},
+                  {"id": "bar", "api_url": f"{stand_ins.wati.origin}/no-such-tenant",
+                   "token": f"file:{tmp_path / 'good-token'}"}]},
+    ]
+    path = tmp_path / "tenants.json"
+    path.write_text(json.dumps({"tenants": tenants}))
+    cfg = healthy(settings, stand_ins, "tenant-accounts", tenants_file=str(path))
+    checks = by_name(await run_checks(cfg))
+    assert checks["wati good wati[default]"].ok
+    assert checks["manychat good manychat[default]"].ok and "Tienda Demo" in checks[
+        "manychat good manychat[default]"].detail
+    wrong = checks["wati wrong wati[reception]"]
+    assert not wrong.ok
+    assert wrong.detail == "WATI refused TENANTS_FILE wrong wati[reception].token (HTTP 401)"
+    assert "TENANTS_FILE wrong wati[reception].token" in wrong.fix
+    missing = checks["wati wrong wati[bar]"]
+    assert not missing.ok and missing.detail == "TENANTS_FILE wrong wati[bar].api_url not found (HTTP 404)"
+    assert exit_code(list(checks.values())) == 1
+    text = "\n".join(f"{c.detail} {c.fix}" for c in checks.values())
+    assert "good-token" not in text and "not-the-token" not in text  # no token in any line
+    # each account was asked with its own token, on its own WATI tenant
+    assert any(r.headers.get("Authorization") == "Bearer good-token" for r in good.requests)
+    # a service's start: the tenants file is checked, its accounts are not called
+    at_start = by_name(await run_checks(cfg, SERVICE_NEEDS["context"]))
+    assert "tenants" in at_start and not any(name.startswith("wati ") for name in at_start)
