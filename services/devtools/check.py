@@ -19,7 +19,8 @@ What is reached, and why that call:
   getContacts with one contact; ManyChat: the page's info), judged in the provider's module. A
   service checks the providers whose API it uses (`Provider.checked_for`: send, history, media).
 - Each tenant's accounts (TENANTS_FILE): the same call with each account's URL and token, one line
-  per account (`wati t03 wati[default]`). Run by `watistream check` and `watistream dev`, not at a
+  per account (`wati t03 wati[default]`), and `GET /models/{model}` for each tenant with an OpenAI
+  key, project or model of its own (`openai t03`). Run by `watistream check` and `watistream dev`, not at a
   service's start: one tenant's wrong token must not stop the service for every other tenant.
 - OpenAI: `GET /models/{OPENAI_MODEL}` (and VISION_MODEL) proves the key and the model; a
   conversation is created and deleted again to prove the Conversations API answers (a base URL of
@@ -215,14 +216,16 @@ def compaction_checks(compacted: Sequence[str], policies: Mapping[str, str]) -> 
     ]
 
 
-def judge_openai_model(status: int, body: Any, model: str, setting: str) -> Check:
-    """models/{model}'s answer: 200 proves the key and the model; 401 the key; 404 the model."""
-    name = "openai" if setting == "OPENAI_MODEL" else "openai vision"
+def judge_openai_model(status: int, body: Any, model: str, setting: str, *, name: str | None = None,
+                       key_setting: str = "OPENAI_API_KEY") -> Check:
+    """models/{model}'s answer: 200 proves the key and the model; 401 the key; 404 the model.
+    `name` and `key_setting` name a tenant's line and where its key is configured."""
+    name = name or ("openai" if setting == "OPENAI_MODEL" else "openai vision")
     if status == 200:
-        return passed(name, f"OPENAI_API_KEY accepted; {setting}={model} available")
+        return passed(name, f"{key_setting} accepted; {setting}={model} available")
     if status == 401:
-        return failed(name, f"OpenAI refused OPENAI_API_KEY (HTTP 401): {body_text(body)}",
-                      "create a key at OpenAI (API keys page) and put it in OPENAI_API_KEY")
+        return failed(name, f"OpenAI refused {key_setting} (HTTP 401): {body_text(body)}",
+                      f"create a key at OpenAI (API keys page) and put it in {key_setting}")
     if status == 404:
         return failed(name, f"model {model!r} does not exist or this key has no access to it",
                       f"set {setting} to a model your OpenAI project can use, e.g. gpt-4.1-mini")
@@ -397,6 +400,50 @@ async def tenant_account_checks(settings: Settings, http: httpx.AsyncClient,
     return list(await asyncio.gather(*calls))
 
 
+async def tenant_openai_checks(settings: Settings, http: httpx.AsyncClient,
+                               environ: Mapping[str, str] | None = None) -> list[Check]:
+    """Each tenant of TENANTS_FILE with an OpenAI key, project or model of its own: `GET
+    /models/{its model}` with its key in its project (`openai <tenant>` lines). Tenants on the
+    deployment's key and model are the "openai" line's; an unresolvable key is the "tenants" check's."""
+    if not settings.tenants_file.strip():
+        return []
+    from services.common.openai_accounts import openai_account
+    from services.common.tenants import load_tenants
+
+    try:
+        tenants = load_tenants(settings)
+    except ConfigError:
+        return []
+    env = os.environ if environ is None else environ
+    base = settings.openai_base_url.rstrip("/")
+    checks: list[Check] = []
+    for tenant in tenants:
+        own = tenant.openai
+        if own.api_key is None and own.project is None and own.model == settings.openai_model:
+            continue
+        try:
+            account = openai_account(tenant, settings, env)
+        except ValueError:
+            continue
+        if not account.api_key:
+            continue
+        name = f"openai {tenant.id}"
+        key_setting = f"TENANTS_FILE {tenant.id} openai.api_key" if own.api_key is not None \
+            else "OPENAI_API_KEY"
+        headers = {"Authorization": f"Bearer {account.api_key}", "Accept": "application/json"}
+        if account.project:
+            headers["OpenAI-Project"] = account.project
+        try:
+            response = await http.get(f"{base}/models/{own.model}", headers=headers)
+        except httpx.HTTPError as exc:
+            checks.append(unreachable(name, "OPENAI_BASE_URL", base, exc))
+            continue
+        checks.append(judge_openai_model(response.status_code, json_of(response), own.model,
+                                         f"TENANTS_FILE {tenant.id} openai.model", name=name,
+                                         key_setting=key_setting))
+    return checks
+
+
 async def openai_checks(settings: Settings, http: httpx.AsyncClient) -> list[Check]:
     """The key and the model(s) (VISION_MODEL too when it differs), then the Conversations API."""
     base = settings.openai_base_url.rstrip("/")
@@ -438,6 +485,7 @@ async def run_checks(
                   if provider_checked(p, settings, needs)]
         if TENANT_ACCOUNTS in needs:
             calls.append(tenant_account_checks(settings, http))
+            calls.append(tenant_openai_checks(settings, http))
         if "openai" in needs and settings.openai_api_key:
             calls.append(openai_checks(settings, http))
         for result in await asyncio.gather(*calls):

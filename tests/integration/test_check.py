@@ -246,16 +246,22 @@ async def test_each_tenants_account_is_checked_on_its_own_line_and_not_at_a_serv
     a wrong one fails its own line, named as the file names the account; a service's start checks
     leave them out (one tenant's wrong token must not stop the service for the others)."""
     good = stand_ins.wati.add_tenant("check-good", "good-token")
+    cfg_model = settings.openai_model
     stand_ins.wati.add_tenant("check-wrong", "right-token")
     (tmp_path / "good-token").write_text("Bearer good-token\n")  # as WATI's dashboard shows it
     monkeypatch.setenv("CHECK_WRONG_WATI_TOKEN", "not-the-token")
     monkeypatch.setenv("CHECK_MANYCHAT_TOKEN", stand_ins.manychat.token)
     monkeypatch.setenv("CHECK_SECRET", "s3cret-webhook")
+    stand_ins.openai.add_key("sk-tenant-good")
+    monkeypatch.setenv("CHECK_GOOD_OPENAI_KEY", "sk-tenant-good")
+    monkeypatch.setenv("CHECK_WRONG_OPENAI_KEY", "sk-tenant-wrong")
     tenants = [
         {"id": "good", "webhook_secret": "env:CHECK_SECRET",
          "wati": {"api_url": good.url, "token": f"file:{tmp_path / 'good-token'}"},
-         "manychat": {"api_url": stand_ins.manychat_url, "token": "env:CHECK_MANYCHAT_TOKEN"}},
+         "manychat": {"api_url": stand_ins.manychat_url, "token": "env:CHECK_MANYCHAT_TOKEN"},
+         "openai": {"model": cfg_model, "api_key": "env:CHECK_GOOD_OPENAI_KEY", "project": "proj_good"}},
         {"id": "wrong", "webhook_secret": "env:CHECK_SECRET",
+         "openai": {"model": cfg_model, "api_key": "env:CHECK_WRONG_OPENAI_KEY"},
          "wati": [{"id": "reception", "api_url": f"{stand_ins.wati.origin}/check-wrong",
                    "token": "env:CHECK_WRONG_WATI_TOKEN"},
                   {"id": "bar", "api_url": f"{stand_ins.wati.origin}/no-such-tenant",
@@ -274,11 +280,18 @@ async def test_each_tenants_account_is_checked_on_its_own_line_and_not_at_a_serv
     assert "TENANTS_FILE wrong wati[reception].token" in wrong.fix
     missing = checks["wati wrong wati[bar]"]
     assert not missing.ok and missing.detail == "TENANTS_FILE wrong wati[bar].api_url not found (HTTP 404)"
+    # a tenant's own OpenAI key, in its project: its own line; a refused one names where it is set
+    own = checks["openai good"]
+    assert own.ok and "TENANTS_FILE good openai.api_key accepted" in own.detail
+    assert any(r.headers.get("OpenAI-Project") == "proj_good" for r in stand_ins.openai.requests)
+    refused = checks["openai wrong"]
+    assert not refused.ok and "OpenAI refused TENANTS_FILE wrong openai.api_key (HTTP 401)" in refused.detail
+    assert checks["openai"].ok  # the deployment's own key is still its own line
     assert exit_code(list(checks.values())) == 1
     text = "\n".join(f"{c.detail} {c.fix}" for c in checks.values())
-    assert "good-token" not in text and "not-the-token" not in text  # no token in any line
+    assert not any(secret in text for secret in ("good-token", "not-the-token", "sk-tenant"))  # no secrets
     # each account was asked with its own token, on its own WATI tenant
     assert any(r.headers.get("Authorization") == "Bearer good-token" for r in good.requests)
     # a service's start: the tenants file is checked, its accounts are not called
     at_start = by_name(await run_checks(cfg, SERVICE_NEEDS["context"]))
-    assert "tenants" in at_start and not any(name.startswith("wati ") for name in at_start)
+    assert "tenants" in at_start and not any(name.startswith(("wati ", "openai ")) for name in at_start)
