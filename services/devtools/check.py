@@ -35,7 +35,7 @@ import contextlib
 import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -52,6 +52,9 @@ from services.common.checks import (
 )
 from services.common.config import ConfigError, Settings
 from services.common.kafka import COMPACTED, Topics, check_kafka_auth, ensure_topics, make_admin
+
+if TYPE_CHECKING:
+    from services.common.tenants import Tenants
 
 # the built-in providers' judgements, re-exported where callers found them (each lives in its
 # provider's module; `run_checks` reaches every registered provider through `Provider.check`)
@@ -361,6 +364,19 @@ def provider_checked(provider: Any, settings: Settings, needs: Collection[str]) 
     return wanted and enabled and configured
 
 
+def _file_tenants(settings: Settings) -> Tenants | None:
+    """TENANTS_FILE's tenants, or None without a file or with an invalid one (the "tenants" check
+    names what is wrong with it, not every check that reads it)."""
+    if not settings.tenants_file.strip():
+        return None
+    from services.common.tenants import load_tenants
+
+    try:
+        return load_tenants(settings)
+    except ConfigError:
+        return None
+
+
 async def tenant_account_checks(settings: Settings, http: httpx.AsyncClient,
                                 environ: Mapping[str, str] | None = None) -> list[Check]:
     """Each account of each tenant of TENANTS_FILE, on each provider that lists tenants' accounts:
@@ -368,14 +384,11 @@ async def tenant_account_checks(settings: Settings, http: httpx.AsyncClient,
     (`wati t03 wati[default]`), so a tenant's wrong token fails here rather than on its first
     customer. An invalid file, or an account whose token reference cannot be resolved, is left to
     the "tenants" check (named there, not twice)."""
-    if not settings.tenants_file.strip():
-        return []
-    from services.common.tenants import load_tenants
+    from services.common.tenants import account_providers
     from services.providers.base import AccountAccess
 
-    try:
-        tenants = load_tenants(settings)
-    except ConfigError:
+    tenants = _file_tenants(settings)
+    if tenants is None:
         return []
     env = os.environ if environ is None else environ
     slots = asyncio.Semaphore(TENANT_ACCOUNT_CONCURRENCY)
@@ -387,9 +400,7 @@ async def tenant_account_checks(settings: Settings, http: httpx.AsyncClient,
 
     calls = []
     for tenant in tenants:
-        for provider in providers.providers():
-            if not provider.tenant_accounts:
-                continue
+        for provider in account_providers():
             for account in tenant.accounts(provider.name):
                 try:
                     token = account.token.resolve(env)
@@ -405,14 +416,10 @@ async def tenant_openai_checks(settings: Settings, http: httpx.AsyncClient,
     """Each tenant of TENANTS_FILE with an OpenAI key, project or model of its own: `GET
     /models/{its model}` with its key in its project (`openai <tenant>` lines). Tenants on the
     deployment's key and model are the "openai" line's; an unresolvable key is the "tenants" check's."""
-    if not settings.tenants_file.strip():
-        return []
     from services.common.openai_accounts import openai_account
-    from services.common.tenants import load_tenants
 
-    try:
-        tenants = load_tenants(settings)
-    except ConfigError:
+    tenants = _file_tenants(settings)
+    if tenants is None:
         return []
     env = os.environ if environ is None else environ
     base = settings.openai_base_url.rstrip("/")
