@@ -115,6 +115,9 @@ class DrillPlan:
     #: faust's producer_max_batch_size (default 16 KiB), via its env var; 0 keeps faust's default
     producer_max_batch_size: int = 0
     session_timeout: float = 3.0  # the broker's group.min.session.timeout.ms is lowered to 1 s
+    #: `gap` by default (see `_drill`); `CONTEXT_DRILL_MISSED_HISTORY=every_batch` runs it with a history
+    #: read of every batch (the stand-in's history then holds only the bot's own sends)
+    missed_history: str = "gap"
     #: how long the end waits for every accepted message to be answered: past the worker's own
     #: safety nets (a hole re-read, an unhandled flush re-sent, a lagging partition's wait), so a
     #: message those recover counts as answered (late), and (c) only counts what they never recover
@@ -473,14 +476,14 @@ async def _drill(
 ) -> ContextDrillResult:
     base = Settings(kafka_bootstrap_servers=bootstrap, topic_prefix=unique_prefix("context-drill"),
                     topic_partitions=4, webhook_token="drill-webhook-token", web_token="drill-web-token")
-    # History only after a gap (with the sweep, which that mode requires, at a period longer than
-    # the drill): with MISSED_HISTORY=every_batch a history read can recover a customer message
-    # whose webhook is still in flight, and whether it is "in flight" depends on the interleaving,
-    # so a replay may put it into another batch — a known gap (RELIABILITY.md 2b, issue 13), not
-    # the state loss and batching determinism this drill measures.
+    # History only after a gap by default (with the sweep, which that mode requires, at a period
+    # longer than the drill): the drill measures state loss and batching determinism under kills.
+    # `CONTEXT_DRILL_MISSED_HISTORY=every_batch` runs it with a history read of every batch, each a
+    # `history_fetched` command replayed with the rest (the stand-in's history holds only the bot's
+    # own sends, so nothing is recovered from it).
     cfg = chaos_settings(base, standins, tmp, context_store="memory",
                          broker_session_timeout_seconds=plan.session_timeout,
-                         missed_history="gap", reconcile_interval_seconds=86400.0)
+                         missed_history=plan.missed_history, reconcile_interval_seconds=86400.0)
     topics = Topics.from_settings(cfg)
     group = f"{cfg.topic_prefix}{CONTEXT}"
     changelog = f"{group}-customers-changelog"
@@ -635,9 +638,12 @@ SHORT_VERSION_KILLS = 12
 
 
 def drill_plan_from_env(plan: DrillPlan) -> DrillPlan:
-    """`CONTEXT_DRILL_KILLS=<n>` sets the kill count (30 for the full drill); else the short version."""
+    """`CONTEXT_DRILL_KILLS=<n>` sets the kill count (30 for the full drill); else the short version.
+    `CONTEXT_DRILL_MISSED_HISTORY` sets the history rule (`gap` unless it says `every_batch`)."""
     kills = os.environ.get("CONTEXT_DRILL_KILLS")
-    return dataclasses.replace(plan, kills=int(kills) if kills else SHORT_VERSION_KILLS)
+    missed_history = os.environ.get("CONTEXT_DRILL_MISSED_HISTORY") or plan.missed_history
+    return dataclasses.replace(plan, kills=int(kills) if kills else SHORT_VERSION_KILLS,
+                               missed_history=missed_history)
 
 
 async def test_context_worker_loses_no_state_under_sigkill_with_a_slow_broker_path(
