@@ -76,7 +76,7 @@ from .stack import Seen, TopicReader
 
 QUIET = 1.0
 TARGET_RATIO = 1.2
-UNTIL = "request"  # "reply" once per-tenant sending exists (see the module docstring)
+UNTIL = "request"  # the figure is the pipeline's overhead; "reply" adds the responder (docstring)
 SINGLE_TENANT = "solo"
 
 
