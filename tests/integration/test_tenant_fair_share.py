@@ -244,3 +244,70 @@ async def test_a_hung_tenant_does_not_stall_another_tenants_images_on_the_same_p
     env.slow.release_requests()
     for r in slow:
         await produced(env, env.topics.responder_requests, r["batch_id"], "slow's batches after the release")
+
+
+# ------------------------------------------------------------------ the partition's backpressure
+
+PAUSE = 10  # PARTITION_PAUSE_ABOVE: a partition with more unfinished records is paused
+PER_TENANT = 6  # RECORDS_PER_TENANT: records of one tenant a worker keeps in memory
+BURST = 30  # `slow`'s customers on partition 0: more than PAUSE
+
+
+def records(state: str, service: str, tenant: str) -> float | None:
+    """watistream_tenant_records_buffered / _read_past of the worker running in this process."""
+    return metrics.REGISTRY.get_sample_value(f"watistream_tenant_records_{state}",
+                                             {"service": service, "tenant": tenant})
+
+
+async def test_a_hung_tenants_burst_over_the_pause_threshold_does_not_stall_another_tenant(
+    env: Env
+) -> None:
+    """`slow`'s WATI hangs and BURST of its customers (more than PARTITION_PAUSE_ABOVE) are on
+    partition 0 beside one `fast` customer fetched after them. With one count of unfinished records
+    per partition, the partition was paused and `fast` waited until `slow`'s sends timed out; now
+    `slow` keeps RECORDS_PER_TENANT in memory, the rest are read past and read again once it has
+    room, so the partition is not paused and `fast` is answered at once."""
+    cfg = dataclasses.replace(env.settings, partition_pause_above=PAUSE, records_per_tenant=PER_TENANT,
+                              partition_unfinished_max=200)
+    responder = Responder(cfg, web_port=0, serve_http=False)
+    await responder.start()
+    try:
+        await responder.wait_ready(60)
+        assert responder.consumer is not None
+        consumer = responder.consumer
+        sent_before = len(env.slow.sent)
+        env.slow.hold_requests()
+        slow = [request("slow") for _ in range(BURST)]
+        for r in slow:
+            await env.submit(env.topics.responder_requests, r)
+        # the burst taken in as far as the worker takes it: all fetched, or the partition paused
+        await eventually(lambda: env.slow.held == SLOTS // 2
+                         and (bool(consumer.paused()) or consumer.unfinished() >= BURST),
+                         what="slow's burst fetched and its sends hanging")
+        fast = request("fast")
+        started = time.monotonic()
+        await env.submit(env.topics.responder_requests, fast)
+        await eventually(lambda: bool(env.outputs(env.topics.replies, fast["batch_id"])), timeout=BOUND,
+                         what="fast's reply while slow's burst waits behind its hung sends")
+        seconds = time.monotonic() - started
+        (reply,) = env.outputs(env.topics.replies, fast["batch_id"])
+        assert reply["outcome"] == "answered", reply
+        assert consumer.paused() == set()
+        assert env.slow.held == SLOTS // 2
+        assert all(env.outputs(env.topics.replies, r["batch_id"]) == [] for r in slow)
+        # what an operator sees: slow at its cap of records in memory, the rest read past
+        await eventually(lambda: records("buffered", "responder", "slow") == PER_TENANT
+                         and records("read_past", "responder", "slow") == BURST - PER_TENANT,
+                         what="slow's records gauges")
+        print(f"fast tenant answered in {seconds:.2f} s beside {BURST} records of a hung tenant "
+              f"(pause above {PAUSE}, {PER_TENANT} kept)")
+        env.slow.release_requests()
+        for r in slow:  # read again once slow has room: every slow customer answered in its turn
+            await produced(env, env.topics.replies, r["batch_id"], "slow's replies after the release")
+            assert env.outputs(env.topics.replies, r["batch_id"])[0]["outcome"] == "answered"
+        assert len(env.slow.sent) - sent_before == BURST
+        await eventually(lambda: records("buffered", "responder", "slow") == 0
+                         and records("read_past", "responder", "slow") == 0, what="gauges back to 0")
+    finally:
+        env.slow.release_requests()
+        await responder.stop()
