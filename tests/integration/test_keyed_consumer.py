@@ -4,6 +4,7 @@ finished records only, poison records to the dead-letter topic, on_assign gating
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -567,12 +568,16 @@ async def test_customers_of_a_revoked_partition_leave_their_tenants_waiting_line
         await b.stop()
 
 
-def tenant_by_prefix(run: str) -> Callable[[bytes], str]:
-    """Tenants of this test's keys `<tenant>|<run>|...`; records of earlier tests are tenant `old`."""
-    def tenant(key: bytes) -> str:
-        text = key.decode("utf-8", errors="replace")
-        return text.split("|")[0] if f"|{run}|" in text else "old"
-    return tenant
+def tenant_by_prefix(key: bytes) -> str:
+    """The tenant of this module's test keys `<tenant>|...`."""
+    return key.decode("utf-8", errors="replace").split("|")[0]
+
+
+async def fresh_topics(settings: Settings, run: str) -> tuple[Settings, Topics]:
+    """Topics of their own: with a small cap per tenant, the records earlier tests left on the
+    module's topics (all of one tenant) would be read past and read again a few at a time."""
+    cfg = dataclasses.replace(settings, topic_prefix=f"{settings.topic_prefix}{run}.")
+    return cfg, await ensure_topics(cfg)
 
 
 async def test_a_saturated_tenants_records_are_read_past_and_read_again_in_order(
@@ -582,6 +587,7 @@ async def test_a_saturated_tenants_records_are_read_past_and_read_again_in_order
     on the same partition run and the partition is not paused; once A's run, A's records are read
     again from the broker (a seek back) and every one runs once, each customer's in order."""
     run = uuid.uuid4().hex[:6]
+    settings, topics = await fresh_topics(settings, run)
     rec = Recorder(run)
     release = asyncio.Event()
     a_labels = [f"A-{run}-k{i}-{n}" for n in range(4) for i in range(4)]  # 4 customers x 4 records
@@ -589,7 +595,7 @@ async def test_a_saturated_tenants_records_are_read_past_and_read_again_in_order
         rec.gates[label] = release
     consumer = make_consumer(settings, topics, producer, rec, f"g-readpast-{run}", concurrency=8,
                              pause_above=5, resume_below=2, records_per_tenant=3, unfinished_max=100,
-                             tenant_of_key=tenant_by_prefix(run))
+                             tenant_of_key=tenant_by_prefix)
     await consumer.start()
     try:
         for label in a_labels:
@@ -627,6 +633,7 @@ async def test_a_partition_is_still_paused_above_the_hard_cap_of_unfinished_reco
     """Above `unfinished_max` unfinished records (read past ones included) the partition pauses
     whatever their tenant: the documented limit of the read-past rule."""
     run = uuid.uuid4().hex[:6]
+    settings, topics = await fresh_topics(settings, run)
     rec = Recorder(run)
     release = asyncio.Event()
     a_labels = [f"A-{run}-{n:02d}" for n in range(12)]
@@ -634,7 +641,7 @@ async def test_a_partition_is_still_paused_above_the_hard_cap_of_unfinished_reco
         rec.gates[label] = release
     consumer = make_consumer(settings, topics, producer, rec, f"g-hardcap-{run}", concurrency=8,
                              pause_above=5, resume_below=2, records_per_tenant=2, unfinished_max=8,
-                             tenant_of_key=tenant_by_prefix(run))
+                             tenant_of_key=tenant_by_prefix)
     await consumer.start()
     try:
         for n, label in enumerate(a_labels):
