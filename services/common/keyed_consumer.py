@@ -294,6 +294,8 @@ class KeyedConsumer:
             rewind_to = part.backlog.rewind(self._buffers)
             if rewind_to is not None:
                 self._consumer.seek(tp, rewind_to)
+                event(log, "partition_read_again", logging.DEBUG, service=self.service, agent=self.agent,
+                      topic=tp.topic, partition=tp.partition, offset=rewind_to)
             pause = part.backlog.should_pause(part.paused, self._buffers, self.limits)
             if pause and not part.paused:
                 self._consumer.pause(tp)
