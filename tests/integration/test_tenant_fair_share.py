@@ -311,9 +311,12 @@ async def test_a_hung_tenants_burst_over_the_pause_threshold_does_not_stall_anot
         print(f"fast tenant answered in {seconds:.2f} s beside {BURST} records of a hung tenant "
               f"(pause above {PAUSE}, {PER_TENANT} kept)")
         env.burst.release_requests()
+        released = time.monotonic()
         for r in hung:  # read again once burst has room: every customer of it answered in its turn
             await produced(env, env.topics.replies, r["batch_id"], "burst's replies after the release")
             assert env.outputs(env.topics.replies, r["batch_id"])[0]["outcome"] == "answered"
+        print(f"the hung tenant's {BURST} customers answered {time.monotonic() - released:.2f} s after "
+              f"its WATI answered again ({BURST - PER_TENANT} of them read again)")
         assert len(env.burst.sent) - sent_before == BURST
         await eventually(lambda: records("buffered", "responder", "burst") == 0
                          and records("read_past", "responder", "burst") == 0, what="gauges back to 0")
