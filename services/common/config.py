@@ -346,6 +346,25 @@ class Settings:
         "0 = all with one tenant, half with several",
         ge=0,
     )
+    # --- Backpressure per tenant (issue 17, fair share; services/common/backpressure.py): the
+    # --- responder's and vision's consumer keeps at most RECORDS_PER_TENANT records of one tenant in
+    # --- memory; a tenant's further records are read past (offset kept, uncommitted) and read again
+    # --- when it has room, so its backlog never pauses another tenant's records on its partition.
+    partition_pause_above: int = _env_field(
+        1000, "PARTITION_PAUSE_ABOVE",
+        "a responder/vision partition is paused above this many unfinished records of tenants under "
+        "their RECORDS_PER_TENANT (resumed below half)", ge=1,
+    )
+    records_per_tenant: int = _env_field(
+        0, "RECORDS_PER_TENANT",
+        "fetched, unfinished records of one tenant a responder/vision worker keeps in memory, the rest "
+        "read again later; 0 = no cap with one tenant, half of PARTITION_PAUSE_ABOVE with several", ge=0,
+    )
+    partition_unfinished_max: int = _env_field(
+        20000, "PARTITION_UNFINISHED_MAX",
+        "a responder/vision partition is paused above this many unfinished records whatever their "
+        "tenant, those read past included (at least PARTITION_PAUSE_ABOVE)", ge=1,
+    )
 
     def __post_init__(self) -> None:
         """Types and ranges of every field, the WATI token's `Bearer ` dropped (module doc).

@@ -25,7 +25,12 @@ Design:
   handler with external effects needs a fence of its own (the responder's is in its worker);
 - `on_assign` is awaited (in a task, not in the rebalance callback) before records of newly assigned
   partitions are dispatched: they are held meanwhile;
-- a partition with too many unfinished records is paused, and resumed below a low mark;
+- backpressure per tenant (services/common/backpressure.py, issue 17): at most `records_per_tenant`
+  records of one tenant are kept in memory; its further records are read past (offset kept
+  unfinished, so never committed) and read again by seeking back once it has room. A partition is
+  paused when too many of its unfinished records belong to tenants under that cap (resumed below a
+  low mark), or when too many are unfinished at all (`unfinished_max`, read past ones included), so a
+  hung tenant's backlog does not pause the other tenants' records behind it;
 - every value is decoded in a guard: undecodable → dead letter; handler exception → dead letter; both
   are then marked finished. A failing dead-letter produce is retried and never marked finished;
 - a key stays "in flight" across a revoke until its running record ends, so a redelivered record of
@@ -47,6 +52,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
 from . import codec, metrics
+from .backpressure import Limits, PartitionBacklog, PartitionOffsets, TenantBuffers, Verdict
 from .config import Settings
 from .fair_share import FairQueue, tenant_of
 from .kafka import Topics, dead_letter, make_consumer
@@ -59,68 +65,18 @@ Handler = Callable[[str, dict[str, Any], ConsumerRecord], Awaitable[None]]
 OnAssign = Callable[[set[TopicPartition]], Awaitable[None]]
 
 
-class PartitionOffsets:
-    """Offsets of one partition fetched but not yet committed, and which of them are finished.
-
-    Pure bookkeeping (no Kafka): records are added in increasing offset order (gaps allowed, e.g.
-    after compaction); `commit_point()` is the offset to commit so that every record below it is
-    finished and nothing unfinished is skipped.
-    """
-
-    def __init__(self) -> None:
-        self._pending: deque[int] = deque()  # ascending offsets not yet below the commit point
-        self._done: set[int] = set()  # finished offsets still in _pending
-        self._highest: int | None = None
-        self._committed: int | None = None
-
-    def add(self, offset: int) -> bool:
-        """Registers a fetched record; False (ignore it) if it is not above the highest seen."""
-        if self._highest is not None and offset <= self._highest:
-            return False
-        self._pending.append(offset)
-        self._highest = offset
-        return True
-
-    def done(self, offset: int) -> None:
-        """Marks a registered record finished; unknown offsets are ignored."""
-        if offset in self._done:
-            return
-        if not self._pending or offset < self._pending[0] or offset > self._pending[-1]:
-            return
-        self._done.add(offset)
-        while self._pending and self._pending[0] in self._done:
-            self._done.discard(self._pending.popleft())
-
-    def commit_point(self) -> int | None:
-        """Lowest unfinished offset, or highest seen + 1 when all are finished; None if none seen."""
-        if self._pending:
-            return self._pending[0]
-        return None if self._highest is None else self._highest + 1
-
-    def unfinished(self) -> int:
-        """How many registered records are not finished."""
-        return len(self._pending) - len(self._done)
-
-    def to_commit(self) -> int | None:
-        """The commit point if it moved beyond the last one marked committed, else None."""
-        point = self.commit_point()
-        if point is None or (self._committed is not None and point <= self._committed):
-            return None
-        return point
-
-    def mark_committed(self, offset: int) -> None:
-        if self._committed is None or offset > self._committed:
-            self._committed = offset
-
-
 @dataclass
 class _Partition:
-    offsets: PartitionOffsets = field(default_factory=PartitionOffsets)
+    backlog: PartitionBacklog = field(default_factory=PartitionBacklog)
     gated: bool = True  # records are held until on_assign has finished
     held: list[ConsumerRecord] = field(default_factory=list)
     inflight: int = 0
     paused: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)  # its records being handled
+
+    @property
+    def offsets(self) -> PartitionOffsets:
+        return self.backlog.offsets
 
 
 class _Abandon(Exception):
@@ -145,11 +101,13 @@ class KeyedConsumer:
         commit_interval: float = 1.0,
         revoke_timeout: float = 10.0,
         drain_timeout: float = 10.0,
-        pause_above: int = 1000,
-        resume_below: int = 500,
+        pause_above: int | None = None,
+        resume_below: int | None = None,
         cancel_revoked: bool = True,
         per_tenant: int | None = None,
         tenant_of_key: Callable[[bytes], str] = tenant_of,
+        records_per_tenant: int | None = None,
+        unfinished_max: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -170,8 +128,13 @@ class KeyedConsumer:
         self.commit_interval = commit_interval
         self.revoke_timeout = revoke_timeout
         self.drain_timeout = drain_timeout
-        self.pause_above = pause_above
-        self.resume_below = resume_below
+        pause = settings.partition_pause_above if pause_above is None else pause_above
+        #: the backpressure thresholds; `records_per_tenant` None = no cap (one tenant)
+        self.limits = Limits(
+            pause_above=pause, resume_below=max(1, pause // 2) if resume_below is None else resume_below,
+            per_tenant=records_per_tenant,
+            unfinished_max=max(pause, settings.partition_unfinished_max if unfinished_max is None
+                               else unfinished_max))
         #: False keeps the old behaviour (a revoked record runs on): only the drills that play a
         #: worker unaware of its revoke use it
         self.cancel_revoked = cancel_revoked
@@ -186,6 +149,11 @@ class KeyedConsumer:
         self._active: set[bytes] = set()
         self._held_gauge = metrics.Children(metrics.tenant_slots_held)  # children kept: a hot path
         self._waiting_gauge = metrics.Children(metrics.tenant_slots_waiting)
+        #: records in memory per tenant over the worker (the cap of backpressure.py)
+        self._buffers = TenantBuffers(records_per_tenant)
+        self._record_labels: set[str] = set()  # tenant labels of the records gauges set so far
+        self._buffered_gauge = metrics.Children(metrics.tenant_records_buffered)
+        self._read_past_gauge = metrics.Children(metrics.tenant_records_read_past)
         self._tasks: set[asyncio.Task[None]] = set()
         self._gate_tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -232,6 +200,11 @@ class KeyedConsumer:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         # nothing new starts: drop what has not started yet (it is not committed; redelivered later)
+        for q in self._queues.values():
+            self._forget(q)
+        for part in self._partitions.values():
+            self._forget(part.held)
+            part.held = []
         self._queues = {k: q for k, q in self._queues.items() if k in self._active}
         for q in self._queues.values():
             q.clear()
@@ -250,6 +223,7 @@ class KeyedConsumer:
         self._consumer = None
         self._partitions.clear()
         self._lingering.clear()
+        self._report_records()
         if self._state == "running":
             self._state = "stopped"
         metrics.agent_up.labels(self.service, self.agent).set(0)
@@ -298,25 +272,60 @@ class KeyedConsumer:
 
     def _accept(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         part = self._partitions.get(tp)
-        if part is None or not part.offsets.add(record.offset):
-            return  # not (or no longer) ours, or already seen
+        if part is None:
+            return  # not (or no longer) ours
+        verdict = part.backlog.accept(record.offset, self.tenant_of_key(self.key_of(record)), self._buffers)
+        if verdict is not Verdict.KEEP:
+            return  # read past (read again later), or already seen
         if part.gated:
             part.held.append(record)
         else:
             self._enqueue(record)
 
     def _apply_backpressure(self) -> None:
+        """After each fetch: rewinds partitions whose records read past can be read again, then
+        pauses or resumes each partition (services/common/backpressure.py)."""
         if self._consumer is None:
             return
         assigned = self._consumer.assignment()
         for tp, part in self._partitions.items():
-            unfinished = part.offsets.unfinished()
-            if not part.paused and unfinished > self.pause_above and tp in assigned:
+            if tp not in assigned:
+                continue
+            rewind_to = part.backlog.rewind(self._buffers)
+            if rewind_to is not None:
+                self._consumer.seek(tp, rewind_to)
+                event(log, "partition_read_again", logging.DEBUG, service=self.service, agent=self.agent,
+                      topic=tp.topic, partition=tp.partition, offset=rewind_to)
+            pause = part.backlog.should_pause(part.paused, self._buffers, self.limits)
+            if pause and not part.paused:
                 self._consumer.pause(tp)
                 part.paused = True
-            elif part.paused and unfinished < self.resume_below and tp in assigned:
+            elif part.paused and not pause:
                 self._consumer.resume(tp)
                 part.paused = False
+        self._report_records()
+
+    def _report_records(self) -> None:
+        """The records gauges per tenant label (tenants outside the bounded labels share `other`)."""
+        buffered: dict[str, int] = {}
+        for tenant in self._buffers.tenants():
+            label = metrics.tenant_label(tenant)
+            buffered[label] = buffered.get(label, 0) + self._buffers.held(tenant)
+        read_past: dict[str, int] = {}
+        for part in self._partitions.values():
+            for tenant in part.backlog.read_past_tenants():
+                label = metrics.tenant_label(tenant)
+                read_past[label] = read_past.get(label, 0) + part.backlog.read_past(tenant)
+        self._record_labels |= buffered.keys() | read_past.keys()
+        for label in self._record_labels:
+            self._buffered_gauge(self.service, label).set(buffered.get(label, 0))
+            self._read_past_gauge(self.service, label).set(read_past.get(label, 0))
+
+    def _forget(self, records: Iterable[ConsumerRecord]) -> None:
+        """Records kept in memory dropped unstarted (revoke, stop): their tenants get their room back
+        (the records stay uncommitted: the partition's next owner, or this one later, reads them)."""
+        for record in records:
+            self._buffers.give_back(self.tenant_of_key(self.key_of(record)))
 
     # ---------------------------------------------------------------- keyed pool
 
@@ -377,8 +386,8 @@ class KeyedConsumer:
         finally:
             if part is not None:
                 part.inflight = max(0, part.inflight - 1)
-                if finished:
-                    part.offsets.done(record.offset)
+                part.backlog.finished(record.offset, tenant, done=finished)
+            self._buffers.give_back(tenant)
             self._active.discard(key)
             self._fair.release(tenant)
             queue = self._queues.get(key)
@@ -507,10 +516,12 @@ class KeyedConsumer:
         the finished prefix; what still runs is kept for `assigned` to cancel or let run on."""
         mine = [tp for tp in revoked if tp in self._partitions]
         for tp in mine:
+            self._forget(self._partitions[tp].held)
             self._partitions[tp].held.clear()
             self._partitions[tp].gated = True  # nothing of it starts any more
         gone = set(mine)
         for key, queue in list(self._queues.items()):
+            self._forget(r for r in queue if TopicPartition(r.topic, r.partition) in gone)
             kept = deque(r for r in queue if TopicPartition(r.topic, r.partition) not in gone)
             if kept:
                 self._queues[key] = kept

@@ -168,6 +168,15 @@ tenant_slots_held = Gauge(
 tenant_slots_waiting = Gauge(
     "watistream_tenant_slots_waiting", "Customers of a tenant waiting for a slot in this worker",
     ["service", "tenant"], registry=REGISTRY)
+#: the partition backpressure per tenant (services/common/backpressure.py)
+tenant_records_buffered = Gauge(
+    "watistream_tenant_records_buffered",
+    "Fetched, unfinished records of a tenant this worker keeps in memory (queued or running)",
+    ["service", "tenant"], registry=REGISTRY)
+tenant_records_read_past = Gauge(
+    "watistream_tenant_records_read_past",
+    "Records of a tenant at its RECORDS_PER_TENANT read past by this worker, to be read again",
+    ["service", "tenant"], registry=REGISTRY)
 images_classified_total = Counter(
     "watistream_images_classified_total", "Images classified by category", ["category", "tenant"],
     registry=REGISTRY)

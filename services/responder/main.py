@@ -35,6 +35,7 @@ from openai import AsyncOpenAI
 
 from .. import providers
 from ..common import logs
+from ..common.backpressure import records_per_tenant
 from ..common.config import ConfigError, Settings, channel_names
 from ..common.fair_share import per_tenant_slots
 from ..common.kafka import Topics, ensure_topics, make_producer
@@ -201,6 +202,8 @@ class Responder:
             revoke_timeout=self.revoke_timeout, cancel_revoked=self.cancel_revoked,
             per_tenant=per_tenant_slots(s.responder_concurrency, s.responder_concurrency_per_tenant,
                                         len(self.tenants.by_id)),
+            records_per_tenant=records_per_tenant(s.records_per_tenant, s.partition_pause_above,
+                                                  len(self.tenants.by_id)),
         )
         await self.consumer.start()
         event(log, "responder_started", concurrency=s.responder_concurrency, port=self.port)

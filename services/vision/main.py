@@ -23,6 +23,7 @@ import openai
 from aiokafka import AIOKafkaProducer
 
 from services.common import logs
+from services.common.backpressure import records_per_tenant
 from services.common.config import Settings
 from services.common.fair_share import per_tenant_slots
 from services.common.kafka import ensure_topics, make_producer
@@ -86,6 +87,8 @@ class Vision:
             producer=self.producer, agent="vision_requests",
             per_tenant=per_tenant_slots(max(1, s.responder_concurrency),
                                         s.responder_concurrency_per_tenant, len(self.tenants.by_id)),
+            records_per_tenant=records_per_tenant(s.records_per_tenant, s.partition_pause_above,
+                                                  len(self.tenants.by_id)),
         )
         await self.consumer.start()
         logs.event(log, "vision_started", model=s.vision_model_name,

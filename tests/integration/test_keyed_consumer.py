@@ -4,6 +4,7 @@ finished records only, poison records to the dead-letter topic, on_assign gating
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -565,3 +566,94 @@ async def test_customers_of_a_revoked_partition_leave_their_tenants_waiting_line
         release.set()
         await a.stop()
         await b.stop()
+
+
+def tenant_by_prefix(key: bytes) -> str:
+    """The tenant of this module's test keys `<tenant>|...`."""
+    return key.decode("utf-8", errors="replace").split("|")[0]
+
+
+async def fresh_topics(settings: Settings, run: str) -> tuple[Settings, Topics]:
+    """Topics of their own: with a small cap per tenant, the records earlier tests left on the
+    module's topics (all of one tenant) would be read past and read again a few at a time."""
+    cfg = dataclasses.replace(settings, topic_prefix=f"{settings.topic_prefix}{run}.")
+    return cfg, await ensure_topics(cfg)
+
+
+async def test_a_saturated_tenants_records_are_read_past_and_read_again_in_order(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    """Tenant A's records hang with 3 kept (its cap), the rest read past: B's records behind them
+    on the same partition run and the partition is not paused; once A's run, A's records are read
+    again from the broker (a seek back) and every one runs once, each customer's in order."""
+    run = uuid.uuid4().hex[:6]
+    settings, topics = await fresh_topics(settings, run)
+    rec = Recorder(run)
+    release = asyncio.Event()
+    a_labels = [f"A-{run}-k{i}-{n}" for n in range(4) for i in range(4)]  # 4 customers x 4 records
+    for label in a_labels:
+        rec.gates[label] = release
+    consumer = make_consumer(settings, topics, producer, rec, f"g-readpast-{run}", concurrency=8,
+                             pause_above=5, resume_below=2, records_per_tenant=3, unfinished_max=100,
+                             tenant_of_key=tenant_by_prefix)
+    await consumer.start()
+    try:
+        for label in a_labels:
+            customer = label.rsplit("-", 1)[0]
+            await producer.send(topics.responder_requests, command(f"A|{run}|{customer}", label),
+                                key=f"A|{run}|{customer}".encode(), partition=1)
+        b_labels = [f"B-{run}-{n}" for n in range(8)]  # more than pause_above, behind A's
+        for label in b_labels:
+            await producer.send(topics.responder_requests, command(f"B|{run}|c", label),
+                                key=f"B|{run}|c".encode(), partition=1)
+        await producer.flush()
+        await eventually(lambda: [x for x in rec.finished if x.startswith("B-")] == b_labels,
+                         what="B's records run while A's hang")
+        tp1 = TopicPartition(topics.responder_requests, 1)
+        assert tp1 not in consumer.paused()
+        # A at its cap: its first 3 records hang, the other 13 were read past (not in memory)
+        assert sorted(x for x in rec.started if x.startswith("A-")) == sorted(a_labels[:3])
+        assert consumer._partitions[tp1].backlog.read_past("A") == len(a_labels) - 3
+        release.set()
+        await eventually(lambda: sorted(x for x in rec.finished if x.startswith("A-")) == sorted(a_labels),
+                         what="every record of A read again and run")
+        finished_a = [x for x in rec.finished if x.startswith("A-")]
+        assert len(finished_a) == len(a_labels)  # each once
+        for i in range(4):  # each customer's records in order
+            assert [x for x in finished_a if f"-k{i}-" in x] == [f"A-{run}-k{i}-{n}" for n in range(4)]
+        await eventually(lambda: consumer.unfinished() == 0, what="nothing unfinished")
+    finally:
+        release.set()
+        await consumer.stop()
+
+
+async def test_a_partition_is_still_paused_above_the_hard_cap_of_unfinished_records(
+    settings: Settings, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    """Above `unfinished_max` unfinished records (read past ones included) the partition pauses
+    whatever their tenant: the documented limit of the read-past rule."""
+    run = uuid.uuid4().hex[:6]
+    settings, topics = await fresh_topics(settings, run)
+    rec = Recorder(run)
+    release = asyncio.Event()
+    a_labels = [f"A-{run}-{n:02d}" for n in range(12)]
+    for label in a_labels:
+        rec.gates[label] = release
+    consumer = make_consumer(settings, topics, producer, rec, f"g-hardcap-{run}", concurrency=8,
+                             pause_above=5, resume_below=2, records_per_tenant=2, unfinished_max=8,
+                             tenant_of_key=tenant_by_prefix)
+    await consumer.start()
+    try:
+        for n, label in enumerate(a_labels):
+            await producer.send(topics.responder_requests, command(f"A|{run}|{n}", label),
+                                key=f"A|{run}|{n}".encode(), partition=2)
+        await producer.flush()
+        tp2 = TopicPartition(topics.responder_requests, 2)
+        await eventually(lambda: tp2 in consumer.paused(), what="partition 2 paused at the hard cap")
+        assert sorted(rec.started) == a_labels[:2]  # A at its cap of 2 in memory, the rest read past
+        release.set()
+        await eventually(lambda: sorted(rec.finished) == a_labels, what="A's records after the release")
+        await eventually(lambda: tp2 not in consumer.paused(), what="partition 2 resumed")
+    finally:
+        release.set()
+        await consumer.stop()

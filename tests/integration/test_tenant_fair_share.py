@@ -15,6 +15,11 @@ partition.
 
 The wait for `fast` is bounded below those client timeouts: while every call of `slow` hangs, nothing
 but fair admission can let `fast` through.
+
+- the partition's backpressure: a third tenant, `burst`, hangs with more customers on partition 0
+  than PARTITION_PAUSE_ABOVE (made small) before one `fast` customer; `fast` is answered while
+  `burst` is at its RECORDS_PER_TENANT and the rest of its records are read past (the partition is
+  not paused), and every `burst` customer is answered once its WATI answers again.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class Env:
     fast: WatiStandIn
     producer: AIOKafkaProducer
     out: Collector
+    burst: WatiStandIn  # a third tenant, only for the backpressure test (nothing of it left by others)
 
     async def submit(self, topic: str, request: ResponderRequest) -> None:
         value = (codec.encode("VisionRequest", {"request": request}) if topic == self.topics.vision_requests
@@ -74,8 +80,9 @@ async def env(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> A
     async with StandIns.running() as s:
         slow = s.wati.add_tenant("710001", "token-of-slow-0001")
         fast = s.wati.add_tenant("720002", "token-of-fast-0002")
+        burst = s.wati.add_tenant("730003", "token-of-burst-0003")
         tenants = []
-        for name, wati in (("slow", slow), ("fast", fast)):
+        for name, wati in (("slow", slow), ("fast", fast), ("burst", burst)):
             (folder / f"{name}-wati").write_text(wati.token, encoding="utf-8")
             (folder / f"{name}-hook").write_text(f"{name}-webhook-secret", encoding="utf-8")
             tenants.append({"id": name, "webhook_secret": f"file:{folder / f'{name}-hook'}",
@@ -95,7 +102,7 @@ async def env(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> A
         out = Collector(cfg, [topics.responder_requests, topics.replies, topics.dead_letter])
         await out.start()
         try:
-            yield Env(cfg, topics, s, slow, fast, producer, out)
+            yield Env(cfg, topics, s, slow, fast, producer, out, burst)
         finally:
             await out.stop()
             await producer.stop()
@@ -244,3 +251,75 @@ async def test_a_hung_tenant_does_not_stall_another_tenants_images_on_the_same_p
     env.slow.release_requests()
     for r in slow:
         await produced(env, env.topics.responder_requests, r["batch_id"], "slow's batches after the release")
+
+
+# ------------------------------------------------------------------ the partition's backpressure
+
+PAUSE = 10  # PARTITION_PAUSE_ABOVE: a partition with more unfinished records is paused
+PER_TENANT = 6  # RECORDS_PER_TENANT: records of one tenant a worker keeps in memory
+BURST = 30  # customers of the hung tenant `burst` on partition 0: more than PAUSE
+
+
+def records(state: str, service: str, tenant: str) -> float | None:
+    """watistream_tenant_records_buffered / _read_past of the worker running in this process."""
+    return metrics.REGISTRY.get_sample_value(f"watistream_tenant_records_{state}",
+                                             {"service": service, "tenant": tenant})
+
+
+async def test_a_hung_tenants_burst_over_the_pause_threshold_does_not_stall_another_tenant(
+    env: Env
+) -> None:
+    """`burst`'s WATI hangs and BURST of its customers (more than PARTITION_PAUSE_ABOVE) are on
+    partition 0 beside one `fast` customer fetched after them. With one count of unfinished records
+    per partition, the partition was paused and `fast` waited until `burst`'s sends timed out (not
+    answered within 120 s); now `burst` keeps RECORDS_PER_TENANT in memory, the rest are read past
+    and read again once it has room, so the partition is not paused and `fast` is answered at once.
+    (`burst` is a tenant of its own: the other tests leave records of `slow` behind, e.g. the
+    batches vision forwarded.)"""
+    cfg = dataclasses.replace(env.settings, partition_pause_above=PAUSE, records_per_tenant=PER_TENANT,
+                              partition_unfinished_max=200)
+    responder = Responder(cfg, web_port=0, serve_http=False)
+    await responder.start()
+    try:
+        await responder.wait_ready(60)
+        assert responder.consumer is not None
+        consumer = responder.consumer
+        sent_before = len(env.burst.sent)
+        env.burst.hold_requests()
+        hung = [request("burst") for _ in range(BURST)]
+        for r in hung:
+            await env.submit(env.topics.responder_requests, r)
+        # the burst taken in as far as the worker takes it: all fetched, or the partition paused
+        await eventually(lambda: env.burst.held == SLOTS // 2
+                         and (bool(consumer.paused()) or consumer.unfinished() >= BURST),
+                         what="the burst fetched and its sends hanging")
+        fast = request("fast")
+        started = time.monotonic()
+        await env.submit(env.topics.responder_requests, fast)
+        await eventually(lambda: bool(env.outputs(env.topics.replies, fast["batch_id"])), timeout=BOUND,
+                         what="fast's reply while the burst waits behind its hung sends")
+        seconds = time.monotonic() - started
+        (reply,) = env.outputs(env.topics.replies, fast["batch_id"])
+        assert reply["outcome"] == "answered", reply
+        assert consumer.paused() == set()
+        assert env.burst.held == SLOTS // 2
+        assert all(env.outputs(env.topics.replies, r["batch_id"]) == [] for r in hung)
+        # what an operator sees: burst at its cap of records in memory, the rest read past
+        await eventually(lambda: records("buffered", "responder", "burst") == PER_TENANT
+                         and records("read_past", "responder", "burst") == BURST - PER_TENANT,
+                         what="burst's records gauges at its cap and the rest read past")
+        print(f"fast tenant answered in {seconds:.2f} s beside {BURST} records of a hung tenant "
+              f"(pause above {PAUSE}, {PER_TENANT} kept)")
+        env.burst.release_requests()
+        released = time.monotonic()
+        for r in hung:  # read again once burst has room: every customer of it answered in its turn
+            await produced(env, env.topics.replies, r["batch_id"], "burst's replies after the release")
+            assert env.outputs(env.topics.replies, r["batch_id"])[0]["outcome"] == "answered"
+        print(f"the hung tenant's {BURST} customers answered {time.monotonic() - released:.2f} s after "
+              f"its WATI answered again ({BURST - PER_TENANT} of them read again)")
+        assert len(env.burst.sent) - sent_before == BURST
+        await eventually(lambda: records("buffered", "responder", "burst") == 0
+                         and records("read_past", "responder", "burst") == 0, what="gauges back to 0")
+    finally:
+        env.burst.release_requests()
+        await responder.stop()

@@ -77,6 +77,7 @@ def test_every_customer_metric_has_a_tenant_label() -> None:
         "watistream_webhooks_missing", "watistream_messages_recovered", "watistream_replies",
         "watistream_openai_requests", "watistream_send_failures", "watistream_images_classified",
         "watistream_tenant_slots_held", "watistream_tenant_slots_waiting",
+        "watistream_tenant_records_buffered", "watistream_tenant_records_read_past",
     }
 
 
