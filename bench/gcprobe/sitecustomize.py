@@ -17,8 +17,10 @@ _PATH = os.environ.get("BENCH_GC_PROBE")
 
 
 def _install(path: str) -> None:
-    totals = {"collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0], "max_seconds": [0.0, 0.0, 0.0],
-              "objects_at_last_gen2": 0}
+    collections = [0, 0, 0]
+    seconds = [0.0, 0.0, 0.0]
+    max_seconds = [0.0, 0.0, 0.0]
+    totals: dict[str, object] = {"collections": collections, "seconds": seconds, "max_seconds": max_seconds}
     started: list[float] = [0.0]
 
     def callback(phase: str, info: dict[str, int]) -> None:
@@ -27,9 +29,9 @@ def _install(path: str) -> None:
             return
         generation = info["generation"]
         took = time.perf_counter() - started[0]
-        totals["collections"][generation] += 1
-        totals["seconds"][generation] += took
-        totals["max_seconds"][generation] = max(totals["max_seconds"][generation], took)
+        collections[generation] += 1
+        seconds[generation] += took
+        max_seconds[generation] = max(max_seconds[generation], took)
 
     def writer() -> None:
         ticks = 0
