@@ -25,7 +25,7 @@ from typing import Any
 
 from services.common.broker import EmbeddedKafka
 
-from . import cost, growth, history, idle, ingest, pipeline, responder, state, tenants
+from . import behind, cost, growth, history, idle, ingest, pipeline, responder, state, tenants
 from .common import SCALES, BenchEnv, machine_info
 
 Benchmark = Callable[[BenchEnv], Awaitable[dict[str, Any]]]
@@ -39,8 +39,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "history": history.run,
     "tenants": tenants.run,
     "growth": growth.run,
+    "behind": behind.run,
 }
-ON_REQUEST = frozenset({"tenants", "growth"})
+ON_REQUEST = frozenset({"tenants", "growth", "behind"})
 """Run only when named in --only: the tenants benchmark takes ~40 min at full size."""
 RESULTS = Path(__file__).resolve().parent / "results"
 
