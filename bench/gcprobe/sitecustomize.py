@@ -20,7 +20,9 @@ def _install(path: str) -> None:
     collections = [0, 0, 0]
     seconds = [0.0, 0.0, 0.0]
     max_seconds = [0.0, 0.0, 0.0]
-    totals: dict[str, object] = {"collections": collections, "seconds": seconds, "max_seconds": max_seconds}
+    gen2: list[float] = []  # each gen-2 collection's duration, in order (a part's pauses: its slice)
+    totals: dict[str, object] = {"collections": collections, "seconds": seconds, "max_seconds": max_seconds,
+                                 "gen2_seconds": gen2}
     started: list[float] = [0.0]
 
     def callback(phase: str, info: dict[str, int]) -> None:
@@ -32,6 +34,8 @@ def _install(path: str) -> None:
         collections[generation] += 1
         seconds[generation] += took
         max_seconds[generation] = max(max_seconds[generation], took)
+        if generation == 2:
+            gen2.append(took)
 
     def writer() -> None:
         ticks = 0

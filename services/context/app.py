@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import heapq
 import logging
 import socket
@@ -953,6 +954,9 @@ class ContextRuntime:
                 if number % 500 == 499:
                     await asyncio.sleep(0)
             metrics.open_batches.set(self.index.open_count())
+            # What exists now (the index, the app, the clients) lives as long as the worker: out of the
+            # cyclic GC's walk, or every gen-2 collection walks it again (its pause grew with the table)
+            gc.freeze()
             self.index_ready = True
             logs.event(log, "index_rebuilt", partitions=sorted(owned), customers=len(self.index.entries),
                        pending=len(self.index.pending()), undecodable=broken)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import gc
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -609,3 +610,25 @@ async def test_a_batch_waiting_for_the_agent_to_read_further_waits_once(tmp_path
     assert await runtime.flush_tick()
     assert [c["batch_messages"] for c in sent if c["kind"] == "flush" and c["customer_key"] == KEY] == [1]
     assert runtime._behind == {} and runtime._parked == {}
+
+
+async def test_the_rebuilt_index_is_left_out_of_the_cyclic_gcs_walk(tmp_path: Any) -> None:
+    """After recovery the index holds an entry per customer of the worker's partitions for as long as
+    the worker runs; a gen-2 collection walking them again each time paused the worker longer the
+    more customers it had. They are frozen out of the GC's walk once rebuilt."""
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ch.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    runtime = create_app(settings).runtime
+    customer = Customer(lim=build_limits(settings))
+    customer.message(inbound("w-1", utcnow() - secs(120), "hola"))
+    runtime.customers = {  # type: ignore[assignment]
+        KEY.encode(): codec.encode("CustomerState", dict(customer.state))}
+    runtime.active_partitions = lambda: set(range(settings.topic_partitions))  # type: ignore[method-assign]
+    gc.unfreeze()
+    try:
+        await runtime.rebuild_index()
+        entry = runtime.index.entries[KEY]
+        assert runtime.index_ready and gc.is_tracked(entry)
+        assert not any(o is entry for o in gc.get_objects()), "the index entry is still walked by the GC"
+    finally:
+        gc.unfreeze()
