@@ -955,7 +955,9 @@ class ContextRuntime:
                     await asyncio.sleep(0)
             metrics.open_batches.set(self.index.open_count())
             # What exists now (the index, the app, the clients) lives as long as the worker: out of the
-            # cyclic GC's walk, or every gen-2 collection walks it again (its pause grew with the table)
+            # cyclic GC's walk, or every gen-2 collection walks it again (its pause grew with the table).
+            # The price: a frozen object that later dies inside a reference cycle is never freed (a few
+            # per rebalance; the index's entries hold no cycles and are freed when replaced or revoked).
             gc.freeze()
             self.index_ready = True
             logs.event(log, "index_rebuilt", partitions=sorted(owned), customers=len(self.index.entries),
