@@ -25,7 +25,7 @@ from typing import Any
 
 from services.common.broker import EmbeddedKafka
 
-from . import cost, history, idle, ingest, pipeline, responder, state, tenants
+from . import behind, cost, growth, history, idle, ingest, pipeline, responder, state, tenants
 from .common import SCALES, BenchEnv, machine_info
 
 Benchmark = Callable[[BenchEnv], Awaitable[dict[str, Any]]]
@@ -38,8 +38,10 @@ BENCHMARKS: dict[str, Benchmark] = {
     "idle": idle.run,
     "history": history.run,
     "tenants": tenants.run,
+    "growth": growth.run,
+    "behind": behind.run,
 }
-ON_REQUEST = frozenset({"tenants"})
+ON_REQUEST = frozenset({"tenants", "growth", "behind"})
 """Run only when named in --only: the tenants benchmark takes ~40 min at full size."""
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -465,8 +465,11 @@ class Stack:
         play["span_seconds"] = max(1e-3, (self.tally.last_ms - self.tally.first_ms) / 1000.0 - QUIET)
         play["results_per_s"] = play["results"] / play["span_seconds"]
         play["kept_up"] = bool(play["drained"]) and play["results_per_s"] >= SUSTAINED * self.size.rate
-        for s, pid in pids.items():
-            self.cpu[s] += cpu_seconds_of(pid) - cpu0[s]
+        used = {s: cpu_seconds_of(pid) - cpu0[s] for s, pid in pids.items()}
+        for s, seconds_used in used.items():
+            self.cpu[s] += seconds_used
+        # per part: whether a part (the table fuller, the worker behind) cost more per message
+        play["cpu_ms_per_message"] = {s: round(1000 * v / max(1, accepted), 2) for s, v in used.items()}
         self.cpu["loadgen"] += gen["cpu_seconds"]
         return play
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import heapq
 import logging
 import socket
@@ -92,8 +93,11 @@ FLUSH_MIN_SLEEP_SECONDS = 0.002
 RECHECK_SECONDS = 1.0
 #: A batch due by the clock whose customer messages the agent has not all read yet (see
 #: `ContextRuntime.inbound_watermark`) is looked at again as soon as the agent has read far enough
-#: (or caught up), and at the latest this much later (no state is read until then).
-BEHIND_RECHECK_SECONDS = 0.05
+#: (or caught up), and at the latest this much later (no state is read until then). Only a safety
+#: net: the agent's progress releases it. Every look costs the flush loop CPU, and a worker that is
+#: behind has many such batches (each second behind at 100 msg/s adds 100): at 0.05 s they were
+#: looked at 20 times a second each, and the loop took the CPU the agent needed to catch up.
+BEHIND_RECHECK_SECONDS = 1.0
 #: ... but never longer than this past the batch's due time by the clock: a partition end the agent
 #: never reaches (whatever the cause) must not hold a batch for ever.
 BEHIND_MAX_WAIT_SECONDS = 60.0
@@ -317,15 +321,15 @@ class CustomerIndex:
 
     def due(self, now: datetime, limit: int = FLUSH_MAX_PER_TICK) -> list[str]:
         """Customers whose due time has passed (each removed from the heap; re-added by defer/update)."""
-        found: list[str] = []
+        found: dict[str, None] = {}  # in order; `in` a list cost O(found) per key, O(limit²) a tick
         while self._heap and self._heap[0][0] <= now and len(found) < limit:
             at, key = heapq.heappop(self._heap)
             entry = self.entries.get(key)
             if entry is None or entry.due_at != at or key in found:
                 continue
             entry.due_at = None
-            found.append(key)
-        return found
+            found[key] = None
+        return list(found)
 
     def should_send(self, key: str, batch_id: str, monotonic_now: float) -> bool:
         """False while a flush for this batch is in flight: not handled by the agent yet (and younger
@@ -582,6 +586,8 @@ class ContextRuntime:
         self.inbound_read_up_to: dict[int, datetime] = {}
         #: inbound partition -> (due time, customer) of batches waiting for the agent to read that far
         self._behind: dict[int, list[tuple[datetime, str]]] = {}
+        #: customer -> the due time it waits in `_behind` with (each waits there once, not once per look)
+        self._parked: dict[str, datetime] = {}
 
     # -- producer ---------------------------------------------------------------------------------
     async def producer(self) -> AIOKafkaProducer:
@@ -948,6 +954,11 @@ class ContextRuntime:
                 if number % 500 == 499:
                     await asyncio.sleep(0)
             metrics.open_batches.set(self.index.open_count())
+            # What exists now (the index, the app, the clients) lives as long as the worker: out of the
+            # cyclic GC's walk, or every gen-2 collection walks it again (its pause grew with the table).
+            # The price: a frozen object that later dies inside a reference cycle is never freed (a few
+            # per rebalance; the index's entries hold no cycles and are freed when replaced or revoked).
+            gc.freeze()
             self.index_ready = True
             logs.event(log, "index_rebuilt", partitions=sorted(owned), customers=len(self.index.entries),
                        pending=len(self.index.pending()), undecodable=broken)
@@ -960,7 +971,8 @@ class ContextRuntime:
         lost = {tp.partition for tp in revoked if tp.topic == self.topics.inbound}
         for partition in lost:  # read again from its commit by whoever gets it next
             self.inbound_read_up_to.pop(partition, None)
-            self._behind.pop(partition, None)
+            for _, key in self._behind.pop(partition, []):
+                self._parked.pop(key, None)
         if lost:
             self.index.keep_partitions({e.partition for e in self.index.entries.values()} - lost)
 
@@ -1007,7 +1019,10 @@ class ContextRuntime:
                 and now - entry.batch_due_at >= timedelta(seconds=BEHIND_MAX_WAIT_SECONDS)
             if watermark is not None and watermark < now and not overdue:
                 if entry.batch_due_at is not None and entry.batch_due_at > watermark:
-                    heapq.heappush(self._behind.setdefault(entry.partition, []), (entry.batch_due_at, key))
+                    if self._parked.get(key) != entry.batch_due_at:  # waits there already: once is enough
+                        self._parked[key] = entry.batch_due_at
+                        waiting = self._behind.setdefault(entry.partition, [])
+                        heapq.heappush(waiting, (entry.batch_due_at, key))
                     self.index.defer(key, now + timedelta(seconds=BEHIND_RECHECK_SECONDS))
                     continue
                 judge = watermark
@@ -1064,7 +1079,9 @@ class ContextRuntime:
         for partition, waiting in list(self._behind.items()):
             watermark = self.inbound_watermark(partition)
             while waiting and (watermark is None or waiting[0][0] <= watermark):
-                _, key = heapq.heappop(waiting)
+                due_at, key = heapq.heappop(waiting)
+                if self._parked.get(key) == due_at:
+                    del self._parked[key]
                 self.index.defer(key, now)
             if not waiting:
                 del self._behind[partition]

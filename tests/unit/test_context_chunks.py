@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc
+import gc
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -560,3 +561,74 @@ async def test_a_batch_is_not_flushed_before_the_agent_read_past_its_quiet_windo
     runtime.index.defer(third, utcnow())
     assert await runtime.flush_tick()
     assert [seen for batch, seen in flushes() if batch.startswith(third)] == [1]
+
+
+async def test_a_batch_waiting_for_the_agent_to_read_further_waits_once(tmp_path: Any) -> None:
+    """A due batch whose partition the agent has not read far enough waits for the agent's progress.
+    Looked at again before then, it must not wait a second time nor be looked at again soon: a worker
+    that is behind has a waiting batch per message it is behind, and each look is flush-loop CPU taken
+    from the agent (a bench worker 40 s behind spent more on these looks than on its events, and fell
+    further behind). The agent's progress releases it, once."""
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ch.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path),
+                        missed_history="gap", reconcile_interval_seconds=60.0)
+    runtime = create_app(settings).runtime
+    start = utcnow() - secs(60)  # the message is long past its quiet window by the clock
+    customer = Customer(lim=build_limits(settings))  # known, answered recently: no history check
+    customer.message(inbound("w-1", start - secs(120), "¿Tienen habitaciones?"))
+    customer.flush(start - secs(90))
+    customer.history(start - secs(89), [])
+    customer.answer(start - secs(70), ids=["wamid.BOT1"])
+    table: dict[bytes, bytes] = {KEY.encode(): codec.encode("CustomerState", dict(customer.state))}
+    runtime.customers = table  # type: ignore[assignment]
+    sent: list[dict[str, Any]] = []
+
+    async def send_command(cmd: Any) -> None:
+        sent.append(dict(cmd))
+
+    runtime.send_command = send_command  # type: ignore[method-assign]
+    runtime.index_ready = True
+    runtime.readiness = lambda: (True, {})  # type: ignore[method-assign]
+    runtime.inbound_behind = lambda partition: True  # type: ignore[method-assign]
+    topics = runtime.topics
+    quiet = build_limits(settings).quiet_window_seconds
+
+    def message_event(number: int, at: Any, key: str = KEY) -> Incoming:
+        value = codec.encode("InboundMessage", dict(inbound(f"w{number}", at, key=key)))
+        return Incoming(key.encode(), value, topics.inbound, 0, number)
+
+    await runtime.handle_events([message_event(0, start)])
+    assert await runtime.flush_tick()
+    runtime.index.defer(KEY, utcnow())  # looked at again while the agent has read nothing more
+    assert await runtime.flush_tick()
+    assert [c for c in sent if c["kind"] == "flush"] == []
+    assert len(runtime._behind[0]) == 1, "the batch waits twice: released twice, looked at twice"
+    assert runtime.index.due(utcnow() + secs(0.5)) == [], "looked at again while nothing changed"
+
+    other = "wati:50376970000"  # another customer's message of the same partition, read later
+    await runtime.handle_events([message_event(1, start + secs(quiet + 0.1), other)])
+    assert await runtime.flush_tick()
+    assert [c["batch_messages"] for c in sent if c["kind"] == "flush" and c["customer_key"] == KEY] == [1]
+    assert runtime._behind == {} and runtime._parked == {}
+
+
+async def test_the_rebuilt_index_is_left_out_of_the_cyclic_gcs_walk(tmp_path: Any) -> None:
+    """After recovery the index holds an entry per customer of the worker's partitions for as long as
+    the worker runs; a gen-2 collection walking them again each time paused the worker longer the
+    more customers it had. They are frozen out of the GC's walk once rebuilt."""
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="ch.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    runtime = create_app(settings).runtime
+    customer = Customer(lim=build_limits(settings))
+    customer.message(inbound("w-1", utcnow() - secs(120), "hola"))
+    runtime.customers = {  # type: ignore[assignment]
+        KEY.encode(): codec.encode("CustomerState", dict(customer.state))}
+    runtime.active_partitions = lambda: set(range(settings.topic_partitions))  # type: ignore[method-assign]
+    gc.unfreeze()
+    try:
+        await runtime.rebuild_index()
+        entry = runtime.index.entries[KEY]
+        assert runtime.index_ready and gc.is_tracked(entry)
+        assert not any(o is entry for o in gc.get_objects()), "the index entry is still walked by the GC"
+    finally:
+        gc.unfreeze()
