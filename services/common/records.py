@@ -328,3 +328,5 @@ class CustomerState(TypedDict):
     last_human_base: NotRequired[datetime | None]
     inbound_handled: NotRequired[int]
     inbound_log: NotRequired[list[InboundLogEntry]]
+    #: history results and fetch retries of a batch handled before it started flushing (a replay)
+    early_fetch_commands: NotRequired[list[ContextCommand]]

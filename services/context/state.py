@@ -151,6 +151,9 @@ INBOUND_LOG = 200
 """Inbound webhooks remembered with their numbers (a flush's count is judged against them)."""
 MAX_EARLY_FLUSHES = 32
 """Flushes of batches to come one customer may keep (every batch's bound is MAX_WAITING_FLUSHES)."""
+MAX_EARLY_FETCH_COMMANDS = 16
+"""History results and fetch retries one customer may keep for batches not flushing yet (a replay);
+beyond it later ones are ignored (the first in log order are the ones that decide)."""
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,7 @@ def new_state(customer_key: str) -> CustomerState:
         "last_human_base": None,
         "inbound_handled": 0,
         "inbound_log": [],
+        "early_fetch_commands": [],
     }
 
 
@@ -330,6 +334,8 @@ def _close_replied(state: CustomerState, batch: Batch, flush: Any) -> Effects:
     as answered; the next message opens the next batch."""
     state["open_batch"] = None
     _remember(state["flushed_batch_ids"], [batch["batch_id"]], FLUSHED_BATCH_IDS)
+    state["early_fetch_commands"] = [c for c in state.get("early_fetch_commands") or []
+                                     if c["batch_id"] != batch["batch_id"]]
     answered = [ANSWERED_KEY + i for m in batch["messages"] for i in message_ids(m)]
     _remember(state["recent_event_ids"], answered, RECENT_EVENT_IDS)
     return Effects(log=[("waiting_flush_settled", {
@@ -575,16 +581,19 @@ def _on_flush(
             and batch_id == _next_batch_id(state)):
         return _end_hold(state, batch_id, now, limits)
     counts = _seen_counts(command)
-    if seen is not None and _batch_number(state, batch_id) > state["batch_seq"]:
+    to_come = _batch_number(state, batch_id) > state["batch_seq"]
+    if seen is not None and to_come:
         return _wait_early(state, batch_id, seen, counts, now)
+    if seen is None and to_come and any(f["batch_id"] == batch_id for f in state.get("early_flushes") or []):
+        return _keep_fetch_command(state, command)  # the first run's retry of the batch's fetch
     if batch is None or batch["batch_id"] != batch_id:
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "unknown_batch"})])
+    waiting = batch.get("waiting_flushes") or []
+    if waiting and seen is None:  # the first run's retry of the fetch of a batch still waiting here
+        return _keep_fetch_command(state, command)
     if flushing is not None and seen is None:
         return state, Effects(log=[("flush_ignored", {
             "batch_id": batch_id, "reason": "earlier_batch_flushing"})])
-    waiting = batch.get("waiting_flushes") or []
-    if waiting and seen is None:
-        return state, _flush_ignored(batch_id, "earlier_flush_waiting")
     wanted = {"batch_messages": seen, "issued_at": now, **_count_fields(counts)}
     if seen is not None and (waiting or flushing is not None or not _handled_all(state, batch, wanted)):
         # A replay in another interleaving: messages (or agent-activity events, or replies) the
@@ -712,6 +721,8 @@ def _decide_flush(
     state, effects = _start_flush(state, batch, now, limits, Effects())
     if later:
         _reopen(state, batch, later)
+    state, effects = _handle_kept_fetch_commands(state, batch_id, limits, effects)
+    if later:
         return _decide_waiting_flushes(state, limits, effects)
     return state, effects
 
@@ -772,7 +783,8 @@ def _end_hold(
     batch = _open_batch(state, now)
     batch["messages"] = to_answer
     effects.log.append(("batch_opened", _batch_fields(batch)))
-    return _start_flush(state, batch, now, limits, effects)
+    state, effects = _start_flush(state, batch, now, limits, effects)
+    return _handle_kept_fetch_commands(state, batch["batch_id"], limits, effects)
 
 
 def _settle_held(
@@ -838,6 +850,10 @@ def _on_history(
         if batch_id in state["flushed_batch_ids"]:
             return state, Effects(duplicate=True, log=[("duplicate_ignored", {
                 "kind": "history", "batch_id": batch_id})])
+        open_batch = state["open_batch"]
+        if batch_id and ((open_batch is not None and open_batch["batch_id"] == batch_id)
+                or _batch_number(state, batch_id) > state["batch_seq"]):
+            return _keep_fetch_command(state, command)  # a replay: its flush is not decided yet
         return state, Effects(log=[("history_ignored", {"batch_id": batch_id, "reason": "stale"})])
     error = command["history_error"]
     history: list[HistoryItem] | None = list(command["history"])
@@ -845,6 +861,50 @@ def _on_history(
         history = None
     state, effects = _finalize(copy.deepcopy(state), "flushing_batch", history, error, now, limits, Effects())
     return _decide_waiting_flushes(state, limits, effects)  # flushes that waited for this batch
+
+
+def _keep_fetch_command(state: CustomerState, command: ContextCommand) -> tuple[CustomerState, Effects]:
+    """A history result (or the timer's retry of a fetch) of a batch this replay has not started
+    flushing yet: its flush waits for messages or events it counted. In the first run the batch
+    was flushing when this came; it is handled when the batch starts flushing here
+    (`_handle_kept_fetch_commands`), so the batch is decided on the first run's result, at its
+    time — not on a new fetch, later, with what the history holds then."""
+    batch_id = command["batch_id"]
+    kept = state.get("early_fetch_commands") or []
+    if any(c["batch_id"] == batch_id and c["kind"] == "history_fetched" for c in kept):
+        # its first result decides the batch (or a timeout before it): nothing after it matters
+        return state, Effects(log=[("fetch_command_ignored", {"batch_id": batch_id,
+                                                              "reason": "after_kept_result"})])
+    if len(kept) >= MAX_EARLY_FETCH_COMMANDS:
+        return state, Effects(log=[("fetch_command_ignored", {"batch_id": batch_id,
+                                                              "reason": "too_many_kept"})])
+    state = copy.deepcopy(state)
+    state["early_fetch_commands"] = [*kept, copy.deepcopy(command)]
+    return state, Effects(log=[("fetch_command_kept", {"batch_id": batch_id, "kind": command["kind"]})])
+
+
+def _handle_kept_fetch_commands(
+    state: CustomerState, batch_id: str, limits: Limits, effects: Effects
+) -> tuple[CustomerState, Effects]:
+    """The batch (state already copied) has just been decided: handles, in log order and each at its
+    own time, the results and retries of its fetch a replay read before (`_keep_fetch_command`).
+    The fetch `_start_flush` ordered is dropped when they decide the batch."""
+    kept = state.get("early_fetch_commands") or []
+    mine = [c for c in kept if c["batch_id"] == batch_id]
+    if not mine:
+        return state, effects
+    state["early_fetch_commands"] = [c for c in kept if c["batch_id"] != batch_id]
+    flushing = state["flushing_batch"]
+    if flushing is None or flushing["batch_id"] != batch_id:
+        return state, effects  # decided without a fetch (no check ran): nothing to handle
+    effects.log.append(("kept_fetch_commands_handled", {"batch_id": batch_id, "commands": len(mine)}))
+    for command in mine:
+        state, more = on_command(state, command, command["issued_at"], limits)
+        _merge_effects(effects, more)
+    flushing = state["flushing_batch"]
+    if effects.fetch is not None and (flushing is None or flushing["batch_id"] != effects.fetch.batch_id):
+        effects.fetch = None  # the batch it was for is decided
+    return state, effects
 
 
 def _on_reconcile(state: CustomerState, now: datetime) -> tuple[CustomerState, Effects]:
@@ -1015,6 +1075,9 @@ def _finalize(
     else:
         state["flushing_batch"] = None
     _remember(state["flushed_batch_ids"], [batch["batch_id"]], FLUSHED_BATCH_IDS)
+    if state.get("early_fetch_commands"):  # decided: what a replay kept for it is moot
+        state["early_fetch_commands"] = [c for c in state.get("early_fetch_commands") or []
+                                         if c["batch_id"] != batch["batch_id"]]
     taken_back = _take_back(state, {i for m in recovered for i in message_ids(m)} & late_inbound)
     if taken_back:
         effects.log.append(("recovered_webhooks_taken_back", {"batch_id": batch["batch_id"],

@@ -39,6 +39,7 @@ from .context_builders import (
     KEY,
     Customer,
     activity,
+    agent_item,
     command,
     hist,
     inbound,
@@ -622,7 +623,7 @@ def replay_the_four_topics(
 ) -> None:
     """Records a run, replays its four topics in the interleaving `order` picks (a new worker's
     timer flushing what it sees after the replay's steps in `new_timer_at`, its flush behind the
-    replayed commands; with the gap rule), and checks every batch emitted again against the first
+    replayed commands), and checks every batch emitted again against the first
     run."""
     original, recorded = record_a_run_with_agents(steps, timer_every, hold, every_batch)
     replay = Customer(lim=limits(quiet=QUIET, hold=hold, every_batch=every_batch))
@@ -645,10 +646,10 @@ def replay_the_four_topics(
         else:
             replay.command(record)
         step += 1
-        # The new worker's timer, on the partly rebuilt state, much later. Not with every_batch: a
-        # flush that waited in the replay finds its batch's replayed history stale and fetches
-        # again, which this test does not model (RELIABILITY.md 6b, "Not covered").
-        if step in new_timer_at and not every_batch:
+        # The new worker's timer, on the partly rebuilt state, much later (its flushes behind the
+        # replayed commands; the replay's own fetches are never answered: a batch is emitted again
+        # only on the first run's history result, kept when it comes before its flush is decided).
+        if step in new_timer_at:
             cmd = timer_command(replay, t("10:40:00") + secs(step))
             if cmd is not None:
                 topics[3].append(cmd)  # behind the replayed commands in the log
@@ -808,10 +809,11 @@ def test_a_flush_waiting_for_the_late_webhook_of_a_recovered_message_is_decided_
 # -- a replay's own history fetch, and flushes that can never be satisfied ---------------------------
 
 def test_a_flush_replayed_while_an_earlier_batch_fetches_its_history_again_waits_for_it() -> None:
-    """The replay reads batch 1's history result before its flush is decided (its messages come
-    later): the result is stale, so batch 1 fetches again. Batch 2's original flush, read meanwhile,
-    used to be dropped (`earlier_batch_flushing`): batch 2 then took the next message too and was
-    cut where a new timer said — emitted again with other contents than the first time."""
+    """Batch 1 fetches its history again in the replay: its result, read before its flush was
+    decided (its messages come later), was dropped as stale — as the previous version did (a state
+    it wrote; this one keeps such a result for the batch, see below). Batch 2's original flush, read
+    meanwhile, used to be dropped (`earlier_batch_flushing`): batch 2 then took the next message too
+    and was cut where a new timer said — emitted again with other contents than the first time."""
     w1, w2, w3 = (inbound(f"w{i}", t(at)) for i, at in ((1, "10:00:00"), (2, "10:05:00"), (3, "10:06:00")))
     original = Customer(lim=limits(quiet=QUIET))
     commands_topic: list[ContextCommand] = []
@@ -829,7 +831,8 @@ def test_a_flush_replayed_while_an_earlier_batch_fetches_its_history_again_waits
     assert batches(original) == [(f"{KEY}:1", ["w1"]), (f"{KEY}:2", ["w2"]), (f"{KEY}:3", ["w3"])]
     replay = Customer(lim=limits(quiet=QUIET))
     for cmd in commands_topic:  # the replay reads the commands topic first
-        replay.command(cmd)
+        if cmd is not commands_topic[1]:  # batch 1's result: dropped as stale by the previous version
+            replay.command(cmd)
     for message in (w1, w2, w3):
         replay.message(message, message["received_at"])
     assert replay.state["flushing_batch"] is not None, "batch 1 fetches its history again"
@@ -1121,3 +1124,68 @@ def test_restarts_of_restarted_workers_emit_each_batch_once_and_answer_every_mes
     restarts: int,
 ) -> None:
     restarts_of_restarted_workers(seed, messages, timer_every, every_batch, reply_p, race_p, restarts)
+
+
+# -- a replayed history result read before its batch is decided (MISSED_HISTORY=every_batch) -------
+
+def test_a_history_result_replayed_before_its_flush_is_decided_is_kept_for_it() -> None:
+    """every_batch: batch 2's flush counted [w1, w2]; its fetch found an agent's message. A replay
+    reads the flush (it waits for w2), then the fetch's result — the batch is not flushing yet — and
+    then w2. The result used to be dropped as stale and the batch fetched again once decided: emitted
+    later, with that later time (`created_at`, `decided_at`) and whatever the history held then. Now
+    the result waits for its batch, which is emitted exactly as the first time, with no new fetch."""
+    lim = limits(quiet=QUIET, hold=0, every_batch=True)
+    w1 = inbound("w1", t("10:01:00"), "¿Tienen habitaciones?")
+    w2 = inbound("w2", t("10:01:05"), "¿Y piscina?")
+    original = Customer(lim=lim)
+    first_contact_done(original)
+    replay = Customer(lim=lim)
+    replay.state = copy.deepcopy(original.state)
+    original.message(w1, w1["received_at"])
+    original.message(w2, w2["received_at"])
+    cmd = counted_flush(original, t("10:01:36"))
+    original.command(cmd)
+    result = command("history_fetched", t("10:01:38"), cmd["batch_id"], history=[
+        agent_item("h1", t("10:00:50"), "Le escribo en un momento")])
+    original.command(result)
+    assert original.requests[-1]["created_at"] == t("10:01:38")
+    replay.message(w1, w1["received_at"])
+    assert replay.command(cmd).log[0][0] == "flush_waiting"
+    replay.command(result)  # read before w2: the batch is not flushing yet
+    effects = replay.message(w2, w2["received_at"])
+    assert effects.fetch is None, "no second fetch"
+    assert effects.responder_requests == [original.requests[-1]]
+    assert replay.decisions[-1] == original.decisions[-1]
+    assert not replay.state.get("early_fetch_commands")
+
+
+def test_a_fetch_retried_and_timed_out_before_its_flush_is_decided_is_replayed_as_such() -> None:
+    """The first run's fetch of batch 2 timed out twice (the timer's retry, then its timeout: the
+    batch answered without history); the late result came after. A replay reading all of it before
+    the batch's last message decides the batch as the first run did: without history, at the
+    timeout's time — not with the late result."""
+    lim = limits(quiet=QUIET, hold=0, every_batch=True, history_timeout=20)
+    w1, w2 = inbound("w1", t("10:01:00")), inbound("w2", t("10:01:05"))
+    original = Customer(lim=lim)
+    first_contact_done(original)
+    replay = Customer(lim=lim)
+    replay.state = copy.deepcopy(original.state)
+    original.message(w1, w1["received_at"])
+    original.message(w2, w2["received_at"])
+    commands_topic = [counted_flush(original, t("10:01:36"))]
+    original.command(commands_topic[-1])
+    for at in ("10:01:56", "10:02:16"):  # the timer: a retry, then the timeout
+        retry = timer_command(original, t(at))
+        assert retry is not None and retry["batch_messages"] is None
+        commands_topic.append(retry)
+        original.command(retry)
+    commands_topic.append(command("history_fetched", t("10:02:20"), f"{KEY}:2", history=[
+        agent_item("h1", t("10:00:50"), "Le escribo en un momento")]))
+    original.command(commands_topic[-1])
+    assert original.decisions[-1]["history_error"] == "timeout"
+    replay.message(w1, w1["received_at"])
+    for cmd in commands_topic:
+        replay.command(cmd)
+    replay.message(w2, w2["received_at"])
+    assert replay.requests[-1] == original.requests[-1]
+    assert replay.decisions[-1] == original.decisions[-1]
