@@ -828,6 +828,7 @@ class ContextRuntime:
             + [(self.topics.vision_requests, "VisionRequest", dict(r)) for r in effects.vision_requests]
             + [(self.topics.audit, "BatchDecision", dict(d)) for d in effects.decisions]
             + [(self.topics.dead_letter, "DeadLetter", dict(d)) for d in effects.dead_letters]
+            + [(self.topics.inbound, "InboundMessage", dict(m)) for m in effects.recovered_inbound]
         )
         return [(topic, codec.encode(schema, value)) for topic, schema, value in outputs]
 

@@ -191,6 +191,9 @@ class Effects:
     metrics: list[tuple[str, dict[str, str], float]] = field(default_factory=list)  # (name, labels, inc)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)  # DeadLetter records to produce
     duplicate: bool = False  # the event was a redelivery: nothing changed
+    # customer messages only the reconciliation sweep found: produced to the inbound topic (keyed by
+    # the customer) and handled there like their webhooks, in that topic's one order (6b)
+    recovered_inbound: list[InboundMessage] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -355,6 +358,7 @@ def _merge_effects(into: Effects, more: Effects) -> None:
     into.log.extend(more.log)
     into.metrics.extend(more.metrics)
     into.dead_letters.extend(more.dead_letters)
+    into.recovered_inbound.extend(more.recovered_inbound)
 
 
 def on_agent_activity(
@@ -925,13 +929,17 @@ def _sweep_lower_bound(state: CustomerState, now: datetime) -> datetime:
 def _on_sweep_result(
     state: CustomerState, command: ContextCommand, now: datetime, limits: Limits
 ) -> tuple[CustomerState, Effects]:
-    """Reconciliation: customer messages after the last reply, within 24 h, no webhook ever came,
+    """Reconciliation: customer messages after the last reply, within 24 h, no webhook handled,
     and no human agent answered (`_human_answered_until`).
 
-    They are put into the open batch (opened if needed, priors captured as for any message) as
-    `recovered` messages, so the customer is answered within one sweep; their ids join the dedupe
-    memory, so a repeated sweep — or the late webhook — recovers nothing twice. Only what is
-    recovered is counted as missing here (a repeated sweep would count the rest again).
+    They are not put into a batch here: they go to the inbound topic as `recovered` messages
+    (`Effects.recovered_inbound`), and are handled there like webhooks — opening or joining a batch,
+    counted in the inbound log a flush's count is judged against — so the customer is answered
+    within one sweep. Whether a message's webhook was "seen" depends on where a replay puts this
+    command among the inbound events; the inbound topic has one order: of a recovered copy and its
+    webhook, the first in it is the message, the other a duplicate, in the first run and in any
+    replay (a copy produced again by a replay, or by a repeated sweep before the first is handled,
+    comes later: a duplicate). The state is unchanged; only what is recovered is counted as missing.
     """
     if command["history_error"]:
         return state, Effects(log=[("reconcile_failed", {"error": command["history_error"]})])
@@ -950,26 +958,12 @@ def _on_sweep_result(
         seen.update(ids)
     if not found:
         return state, Effects(log=[("reconcile_clean", {"items": len(command["history"])})])
-    state = copy.deepcopy(state)
-    effects = Effects()
     recovered = sorted((_recovered_message(state, item, now) for item in found),
                        key=lambda m: m["provider_time"])
-    batch = state["open_batch"]
-    if batch is None:
-        batch = _open_batch(state, now)
-        effects.log.append(("batch_opened", _batch_fields(batch)))
-    batch["messages"] = _insert_by_time(batch["messages"], recovered)
-    batch["last_message_at"] = max(batch["last_message_at"], now)
-    for message in recovered:
-        _remember(state["recent_event_ids"], message_ids(message), RECENT_EVENT_IDS)
-        state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
-    state["last_activity_at"] = now
-    effects.metrics += [("webhooks_missing_total", {}, len(recovered)),
-                        ("messages_recovered_total", {}, len(recovered))]
-    effects.log.append(("messages_recovered", {
-        "batch_id": batch["batch_id"], "count": len(recovered), "by": "reconcile",
-        "event_ids": [m["event_id"] for m in recovered]}))
-    return state, effects
+    return state, Effects(recovered_inbound=recovered, metrics=[
+        ("webhooks_missing_total", {}, len(recovered)), ("messages_recovered_total", {}, len(recovered))],
+        log=[("messages_recovered", {"count": len(recovered), "by": "reconcile",
+                                     "event_ids": [m["event_id"] for m in recovered]})])
 
 
 def _human_answered_until(
@@ -1068,7 +1062,10 @@ def _finalize(
         state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
 
     recovered_ids = [m["event_id"] for m in [*recovered, *batch["messages"]] if m.get("recovered")]
-    messages = sorted([*held_before, *recovered], key=lambda m: m["provider_time"]) + batch["messages"]
+    # held and recovered messages first, by time (the sweep's came through the inbound topic)
+    swept = [m for m in batch["messages"] if m.get("recovered")]
+    messages = (sorted([*held_before, *recovered, *swept], key=lambda m: m["provider_time"])
+                + [m for m in batch["messages"] if not m.get("recovered")])
 
     if slot == "open_batch":
         state["open_batch"] = None
@@ -1467,16 +1464,6 @@ def _normalised_message(message: InboundMessage) -> InboundMessage:
     copied.setdefault("recovered", False)
     copied.setdefault("username", None)
     return copied
-
-
-def _insert_by_time(existing: list[InboundMessage], new: list[InboundMessage]) -> list[InboundMessage]:
-    """Inserts `new` (sorted) before the first existing message sent later; existing order is kept."""
-    out = list(existing)
-    for message in new:
-        index = next((i for i, m in enumerate(out) if m["provider_time"] > message["provider_time"]),
-                     len(out))
-        out.insert(index, message)
-    return out
 
 
 def _ignored_activity_reason(

@@ -16,6 +16,7 @@ from their own committed positions: later, and possibly in another interleaving)
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Any, cast
@@ -673,6 +674,12 @@ def replay_the_four_topics(
 # gap B: the recovered message's webhook replayed first
 @example(steps=[("late_message", 0), ("message", 2), ("reply", 40), ("agent", 1)], timer_every=2, hold=0,
          every_batch=True, order=[], new_timer_at=set())
+# found on the code before with the new timer under every_batch (seed 9, 5,000 examples): batch 2's
+# flush waited, its replayed result was dropped as stale, the new timer's flushes answered it later
+@example(steps=[("reply", 2), ("agent", 50), ("reply_echo", 11), ("late_message", 12), ("late_message", 18),
+                ("reply_echo", 30), ("reply", 12), ("message", 63), ("late_message", 52), ("agent", 50),
+                ("late_message", 18), ("reply_echo", 11), ("reply_echo", 25), ("late_message", 0)],
+         timer_every=13, hold=0, every_batch=True, order=[3, 3], new_timer_at={25, 11, 4, 6})
 def test_any_replay_interleaving_of_the_four_topics_emits_the_same_batches(
     steps: list[tuple[str, int]], timer_every: int, hold: int, every_batch: bool, order: list[int],
     new_timer_at: set[int],
@@ -1189,3 +1196,59 @@ def test_a_fetch_retried_and_timed_out_before_its_flush_is_decided_is_replayed_a
     replay.message(w2, w2["received_at"])
     assert replay.requests[-1] == original.requests[-1]
     assert replay.decisions[-1] == original.decisions[-1]
+
+
+# -- the reconciliation sweep's recoveries -------------------------------------------------------------
+
+def test_a_message_the_sweep_recovers_lands_in_the_same_batch_whatever_its_webhook_s_place() -> None:
+    """MISSED_HISTORY=gap with the sweep: the sweep finds customer message x1, whose webhook is still
+    in flight, and recovers it; its webhook, later, is a duplicate. A replay that handled the webhook
+    before the sweep's result put x1 into a batch the webhook opened (at the webhook's time, not
+    recovered), found it seen in the sweep's result and recovered nothing: batch 2 was another
+    batch, flushed at another time (the first run's flush was not due on it). The recovered message
+    now goes through the inbound topic, whose one order decides in the first run and in any replay."""
+    lim = limits(quiet=QUIET, hold=0)
+    x1 = inbound("x1", t("10:05:00"), "¿Siguen ahí?")
+    x1["received_at"] = t("10:06:10")  # its webhook came late
+    sweep = command("history_fetched", t("10:05:30"), None,
+                    history=[hist("x1", t("10:05:00"), "¿Siguen ahí?")])
+    original = Customer(lim=lim)
+    first_contact_done(original)
+    restored = copy.deepcopy(original.state)
+    inbound_topic: list[InboundMessage] = []
+    for message in [*original.command(sweep).recovered_inbound, x1]:  # the sweep's copy, then the webhook
+        inbound_topic.append(message)
+        original.message(message, message["received_at"])
+    flush_command = counted_flush(original, t("10:06:00"))
+    original.command(flush_command)
+    assert batches(original)[-1] == (f"{KEY}:2", ["x1"])
+    assert original.requests[-1]["messages"][0]["recovered"]
+    steps = len(inbound_topic) + 2
+    for commands_at in itertools.combinations(range(steps), 2):  # every interleaving of the two topics
+        replay = Customer(lim=lim)
+        replay.state = copy.deepcopy(restored)
+        topic, commands = list(inbound_topic), [sweep, flush_command]
+        for position in range(steps):
+            if position in commands_at:
+                for again in replay.command(commands.pop(0)).recovered_inbound:
+                    topic.append(again)  # produced again: behind in the inbound topic
+            else:
+                message = topic.pop(0)
+                replay.message(message, message["received_at"])
+        for message in topic:
+            assert replay.message(message, message["received_at"]).log[0][0] == "duplicate_ignored"
+        assert replay.requests == original.requests[-1:], commands_at
+
+
+def test_the_shell_produces_a_swept_message_to_the_inbound_topic_keyed_by_the_customer(tmp_path: Any) -> None:
+    c = Customer(lim=limits(quiet=QUIET, hold=0))
+    first_contact_done(c)
+    effects = c.command(command("history_fetched", t("10:05:30"), None,
+                                history=[hist("x1", t("10:05:00"), "¿Siguen ahí?")]))
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="rp.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    runtime = create_app(settings).runtime
+    outputs = runtime._encode_outputs(effects)
+    assert [topic for topic, _ in outputs] == [runtime.topics.inbound]
+    message = codec.decode("InboundMessage", outputs[0][1])
+    assert (message["event_id"], message["customer_key"], message["recovered"]) == ("x1", KEY, True)
