@@ -1035,6 +1035,8 @@ class ContextRuntime:
                 continue
             batch = state["open_batch"]
             seen = len(batch["messages"]) if batch is not None and batch["batch_id"] == batch_id else None
+            if batch is None and state["flushing_batch"] is None:  # a hold's end: no batch seen yet
+                seen = 0
             due.append((key, batch_id, {
                 "kind": "flush", "customer_key": key, "batch_id": batch_id, "issued_at": judge,
                 "history": [], "history_error": None, "history_pages": 0, "actor": None,
@@ -1042,7 +1044,8 @@ class ContextRuntime:
                 # and the batch's human-agent block and hold see exactly these agent events and replies
                 "agent_events": state.get("agent_events_handled", 0),
                 "replies": state.get("replies_handled", 0),
-                "opened_replies": batch.get("opened_replies") if seen is not None and batch else None,
+                "opened_replies": (batch.get("opened_replies") if seen is not None and batch
+                                   else state.get("replies_handled", 0) if seen == 0 else None),
                 "inbound_messages": state.get("inbound_handled", 0),
             }))
         # All due flushes at once: awaiting each ack in turn stretched the tick with the load.

@@ -288,13 +288,30 @@ def _decide_waiting_flushes(
     """
     while True:
         batch = state["open_batch"]
-        if batch is None or not batch.get("waiting_flushes"):
+        if batch is None:
+            hold_end = _hold_end_due(state)
+            if hold_end is None:
+                return state, effects
+            state["early_flushes"] = [f for f in state.get("early_flushes") or [] if f is not hold_end]
+            state, decided = _end_hold_counted(state, hold_end["batch_id"], hold_end["issued_at"], limits,
+                                               _seen_counts(hold_end))
+            _merge_effects(effects, decided)
+            continue
+        if not batch.get("waiting_flushes"):
             return state, effects
         first = batch["waiting_flushes"][0]
         if state["flushing_batch"] is not None:
             # an earlier batch still fetches (its replayed history came before its flush was
             # decided): this flush waits for it, or the batch is cut where a later timer says
             return state, effects
+        if first["batch_messages"] == 0:  # a hold's end; the batch was opened by later messages
+            if not _counted_all(state, first):
+                return state, effects
+            batch["waiting_flushes"] = batch["waiting_flushes"][1:]
+            state, decided = _end_hold_counted(state, batch["batch_id"], first["issued_at"], limits,
+                                               _seen_counts(first))
+            _merge_effects(effects, decided)
+            continue
         short = _never_satisfied(state, batch, first)
         if short is None and not _handled_all(state, batch, first):
             return state, effects
@@ -583,8 +600,10 @@ def _on_flush(
     seen = command.get("batch_messages")
     if (seen is None and batch is None and flushing is None and state["held_messages"]
             and batch_id == _next_batch_id(state)):
-        return _end_hold(state, batch_id, now, limits)
+        return _end_hold(state, batch_id, now, limits)  # a command from before the hold end's counts
     counts = _seen_counts(command)
+    if seen == 0:
+        return _on_hold_end_flush(state, batch_id, now, limits, counts)
     to_come = _batch_number(state, batch_id) > state["batch_seq"]
     if seen is not None and to_come:
         return _wait_early(state, batch_id, seen, counts, now)
@@ -637,9 +656,13 @@ def _count_fields(counts: Counts) -> dict[str, int | None]:
 
 def _handled_all(state: CustomerState, batch: Batch, flush: Any) -> bool:
     """Whether every message, agent-activity event and reply the flush counted is handled."""
+    return len(batch["messages"]) >= flush["batch_messages"] and _counted_all(state, flush)
+
+
+def _counted_all(state: CustomerState, flush: Any) -> bool:
+    """Whether every inbound webhook, agent-activity event and reply the flush counted is handled."""
     agent_events, replies, _, inbound = _seen_counts(flush)
-    return (len(batch["messages"]) >= flush["batch_messages"]
-            and (inbound is None or state.get("inbound_handled", 0) >= inbound)
+    return ((inbound is None or state.get("inbound_handled", 0) >= inbound)
             and (agent_events is None or state.get("agent_events_handled", 0) >= agent_events)
             and (replies is None or state.get("replies_handled", 0) >= replies))
 
@@ -765,20 +788,102 @@ def _wait_early(
                                                   "handled": 0})])
 
 
+def _on_hold_end_flush(
+    state: CustomerState, batch_id: str, now: datetime, limits: Limits, counts: Counts
+) -> tuple[CustomerState, Effects]:
+    """The timer's flush of a hold's end, with its counts (`batch_messages` 0: the timer saw no open
+    batch). It queues like any counted flush, in log order — in the open batch when messages handled
+    after the timer opened it, else among the flushes of batches to come — and is decided once the
+    replay has handled what the timer counted and every earlier batch is decided."""
+    batch = state["open_batch"]
+    if batch is not None and batch["batch_id"] == batch_id:
+        queued = _queued(batch.get("waiting_flushes") or [],
+                         {"batch_messages": 0, "issued_at": now, **_count_fields(counts)})
+        if len(queued) > MAX_WAITING_FLUSHES:
+            return state, _flush_ignored(batch_id, "too_many_waiting")
+        state = copy.deepcopy(state)
+        batch = state["open_batch"]
+        assert batch is not None
+        batch["waiting_flushes"] = queued
+    elif _batch_number(state, batch_id) > state["batch_seq"]:
+        state, effects = _wait_early(state, batch_id, 0, counts, now)
+        if effects.log and effects.log[0][0] == "flush_ignored":
+            return state, effects  # beyond the bound
+    else:
+        return state, _flush_ignored(batch_id, "unknown_batch")
+    return _decide_waiting_flushes(state, limits, Effects(log=[("flush_waiting", {
+        "batch_id": batch_id, "batch_messages": 0, "handled": 0})]))
+
+
+def _hold_end_due(state: CustomerState) -> EarlyFlush | None:
+    """The hold end's flush of the next batch whose turn it is (no batch open or flushing, it is the
+    first of that batch's flushes, and what its timer counted is handled), if any."""
+    if state["open_batch"] is not None or state["flushing_batch"] is not None:
+        return None
+    next_id = _next_batch_id(state)
+    first = next((f for f in state.get("early_flushes") or [] if f["batch_id"] == next_id), None)
+    if first is None or first["batch_messages"] != 0 or not _counted_all(state, first):
+        return None
+    return first
+
+
+def _end_hold_counted(
+    state: CustomerState, batch_id: str, now: datetime, limits: Limits, counts: Counts
+) -> tuple[CustomerState, Effects]:
+    """A counted hold end (state already copied), decided as at its timer's point: the hold and the
+    held messages are judged on the agent events and replies it counted, and a batch opened by
+    messages handled after the timer follows the held messages' batch (it opened after it in the
+    first run, or the first run moved it there as here)."""
+    later = state["open_batch"]
+    if later is None:
+        return _end_hold(state, batch_id, now, limits, counts)
+    # un-opened while the held messages' batch is decided, which captures the priors it had then
+    state["open_batch"] = None
+    state["batch_seq"] -= 1
+    last_inbound = state["last_inbound_at"]
+    state["last_inbound_at"] = later["prior_last_inbound_at"]
+    state, effects = _end_hold(state, batch_id, now, limits, counts)
+    state["last_inbound_at"] = last_inbound
+    state["batch_seq"] += 1
+    if state["batch_seq"] == _batch_number(state, later["batch_id"]):  # the hold's end opened nothing
+        state["open_batch"] = later
+        return state, effects
+    # it follows the held messages' batch; its own flushes came after this one in the log
+    later["batch_id"] = f"{state['customer_key']}:{state['batch_seq']}"
+    early = state.get("early_flushes") or []
+    later["waiting_flushes"] = [cast(WaitingFlush, {
+        "batch_messages": f["batch_messages"], "issued_at": f["issued_at"], **_count_fields(_seen_counts(f))})
+        for f in early if f["batch_id"] == later["batch_id"]]
+    state["early_flushes"] = [f for f in early if _batch_number(state, f["batch_id"]) > state["batch_seq"]]
+    state["open_batch"] = later
+    effects.log.append(("batch_moved", {"from": batch_id, "to": later["batch_id"]}))
+    return state, effects
+
+
 def _end_hold(
-    state: CustomerState, batch_id: str, now: datetime, limits: Limits
+    state: CustomerState, batch_id: str, now: datetime, limits: Limits,
+    counts: Counts = (None, None, None, None),
 ) -> tuple[CustomerState, Effects]:
     """The hold ended (timer flush with the next batch id): nobody is left waiting.
 
     Held messages a human wrote after, or older than WhatsApp's 24 h session, become context (the
     next request gives them in the human-agent block, in time order); the others are answered now,
-    as a batch of their own (`batch_id` is the id `_open_batch` gives it).
+    as a batch of their own (`batch_id` is the id `_open_batch` gives it). With the timer's
+    `counts`, the hold and the held messages are judged on the agent events and replies it had
+    handled, and its batch sees exactly those (as a counted flush's).
     """
-    if _hold_reason(state, now, limits) is not None:
+    agent_events, replies, opened_replies, inbound = counts
+    last_human_now = state["last_human_at"]
+    judged = copy.copy(state)
+    if agent_events is not None:
+        judged["last_human_at"] = _last_human_seen(state, agent_events, replies)
+    if _hold_reason(judged, now, limits) is not None:
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "still_held"})])
     state = copy.deepcopy(state)
     effects = Effects()
+    state["last_human_at"] = judged["last_human_at"]
     to_answer, as_context = _settle_held(state, state["held_messages"], now)
+    state["last_human_at"] = last_human_now
     state["held_messages"] = []
     effects.log.append(("hold_ended", {"batch_id": batch_id, "answered": len(to_answer),
                                        "as_context": len(as_context)}))
@@ -786,6 +891,13 @@ def _end_hold(
         return state, effects
     batch = _open_batch(state, now)
     batch["messages"] = to_answer
+    batch["waiting_flushes"] = []  # this hold end's flush again: decided now
+    if agent_events is not None:  # its block and hold see what the timer's state had handled
+        batch["seen_agent_events"], batch["seen_replies"] = agent_events, replies
+        batch["seen_inbound"] = inbound
+        if opened_replies is not None:
+            cutoff = _reply_time_after(state, opened_replies, batch["prior_last_reply_at"])
+            batch["prior_last_reply_at"] = cutoff
     effects.log.append(("batch_opened", _batch_fields(batch)))
     state, effects = _start_flush(state, batch, now, limits, effects)
     return _handle_kept_fetch_commands(state, batch["batch_id"], limits, effects)
@@ -1249,6 +1361,13 @@ def _seen_view(state: CustomerState, batch: Batch, window: WindowStart) -> SeenV
                     state["last_human_at"])
     # last_human_at as the timer's state had it: the human-agent messages it had handled, less
     # those a reply it had handled showed were our own sends, and what history found before
+    return dataclasses.replace(view, last_human_at=_last_human_seen(state, agent_events, replies))
+
+
+def _last_human_seen(state: CustomerState, agent_events: int | None, replies: int | None) -> datetime | None:
+    """`last_human_at` once the customer's first `agent_events` agent-activity events and `replies`
+    replies were handled (None: all): their human-agent messages, less those a reply among them
+    showed were our own sends, and what history found before."""
     last_human = state.get("last_human_base")
     if state.get("agent_events_handled", 0) == 0:  # a state from before the agent log
         last_human = _later(last_human, state["last_human_at"])
@@ -1257,7 +1376,7 @@ def _seen_view(state: CustomerState, batch: Batch, window: WindowStart) -> SeenV
         if ((agent_events is None or entry["seq"] <= agent_events)
                 and (forgotten is None or (replies is not None and forgotten > replies))):
             last_human = _later(last_human, entry["human_at"])
-    return dataclasses.replace(view, last_human_at=last_human)
+    return last_human
 
 
 def _hold_reason(state: CustomerState, now: datetime, limits: Limits) -> str | None:

@@ -34,6 +34,7 @@ from services.common.records import (
     InboundMessage,
     ResponderRequest,
 )
+from services.common.timeparse import utcnow
 from services.context.app import Incoming, build_limits, create_app
 
 from .context_builders import (
@@ -358,10 +359,13 @@ def timer_command(c: Customer, at: Any) -> ContextCommand | None:
         return None
     batch = c.state["open_batch"]
     seen = len(batch["messages"]) if batch is not None and batch["batch_id"] == batch_id else None
+    if batch is None and c.state["flushing_batch"] is None:  # a hold's end
+        seen = 0
     cmd = flush(at, batch_id, seen)
     cmd["agent_events"] = c.state.get("agent_events_handled", 0)
     cmd["replies"] = c.state.get("replies_handled", 0)
-    cmd["opened_replies"] = batch.get("opened_replies") if batch is not None and seen is not None else None
+    cmd["opened_replies"] = (batch.get("opened_replies") if batch is not None and seen is not None
+                             else c.state.get("replies_handled", 0) if seen == 0 else None)
     cmd["inbound_messages"] = c.state.get("inbound_handled", 0)
     return cmd
 
@@ -1252,3 +1256,121 @@ def test_the_shell_produces_a_swept_message_to_the_inbound_topic_keyed_by_the_cu
     assert [topic for topic, _ in outputs] == [runtime.topics.inbound]
     message = codec.decode("InboundMessage", outputs[0][1])
     assert (message["event_id"], message["customer_key"], message["recovered"]) == ("x1", KEY, True)
+
+
+# -- a hold's end ----------------------------------------------------------------------------------------
+
+def held_then_a_hold_end_flush() -> tuple[Customer, ContextCommand]:
+    """w1 is held (an agent wrote just before it); the timer sends the hold's end at 10:02:00 (the
+    next batch id, no batch open). Returns the customer before that flush is handled, and it."""
+    c = Customer(lim=limits(quiet=QUIET, hold=60))
+    first_contact_done(c)
+    agent = activity("a1", t("10:00:58"), "Le atiendo yo")
+    c.agent(agent, agent["received_at"])
+    c.message(inbound("w1", t("10:01:00")))
+    c.command(counted_flush(c, t("10:01:31")))
+    assert c.decisions[-1]["routed_to"] == "held"
+    end = counted_flush(c, t("10:02:00"))
+    assert (end["batch_id"], end["batch_messages"]) == (f"{KEY}:3", 0), "the hold's end names its counts"
+    return c, end
+
+
+def flushed_with_history(c: Customer, cmd: ContextCommand) -> None:
+    """Handles a flush; a fetch it orders (after a hold) is answered at once, with nothing."""
+    c.command(cmd)
+    if c.state["flushing_batch"] is not None:
+        c.history(cmd["issued_at"] + secs(1))
+
+
+def test_a_hold_s_end_is_the_same_batch_whether_a_later_message_comes_before_or_after_it() -> None:
+    """w2, handled after the timer decided the hold's end, belongs to the next batch in either order
+    of the two topics. (Without counts the hold's end, handled after w2, found batch 3 opened by w2
+    and not due: the held w1 waited for w2's batch; handled before it, it answered w1 alone.)"""
+    runs = []
+    for message_first in (False, True):
+        c, end = held_then_a_hold_end_flush()
+        w2 = inbound("w2", t("10:01:59"), "¿Hola?")
+        w2["received_at"] = t("10:02:01")
+        if message_first:
+            c.message(w2, w2["received_at"])
+        flushed_with_history(c, end)
+        if not message_first:
+            c.message(w2, w2["received_at"])
+        flushed_with_history(c, counted_flush(c, t("10:02:32")))
+        runs.append(c)
+    original, replay = runs
+    assert batches(original)[-2:] == [(f"{KEY}:3", ["w1"]), (f"{KEY}:4", ["w2"])]
+    assert replay.requests == original.requests
+    assert replay.decisions == original.decisions
+
+
+def test_a_hold_s_end_is_judged_on_the_agent_events_its_timer_counted() -> None:
+    """A human wrote again after the timer decided the hold was over: the first run ends the hold
+    at the timer's point (w1 answered), and a replay that handles that agent message first too.
+    (Judged on the state as handled, a replay found it still held, and w1 waited for another timer.)"""
+    runs = []
+    for agent_first in (False, True):
+        c, end = held_then_a_hold_end_flush()
+        again = activity("a2", t("10:01:59.500"), "Un momento")
+        if agent_first:
+            c.agent(again, again["received_at"])
+        flushed_with_history(c, end)
+        if not agent_first:
+            c.agent(again, again["received_at"])
+        runs.append(c)
+    original, replay = runs
+    assert batches(original)[-1] == (f"{KEY}:3", ["w1"])
+    assert replay.requests == original.requests
+
+
+async def test_the_timer_s_flush_of_a_hold_s_end_names_its_counts(tmp_path: Any) -> None:
+    """The hold's end is a counted flush: no batch seen (`batch_messages` 0), and the replies the
+    batch it opens captures its cutoff after."""
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="rp.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    runtime = create_app(settings).runtime
+    orders: list[Any] = []
+    runtime.fetcher.start = orders.append  # type: ignore[method-assign]
+    produced: list[tuple[str, bytes]] = []
+
+    async def start_sends(customer: str, outputs: list[tuple[str, bytes]]) -> list[Any]:
+        produced.extend(outputs)
+        return []
+
+    async def produce(customer: str, outputs: list[tuple[str, bytes]]) -> None:
+        return None
+
+    runtime._start_sends = start_sends  # type: ignore[method-assign]
+    runtime._produce = produce  # type: ignore[method-assign]
+    table: dict[bytes, bytes] = {}
+    runtime.customers = table  # type: ignore[assignment]
+    sent: list[ContextCommand] = []
+
+    async def send_command(cmd: ContextCommand) -> None:
+        sent.append(cmd)
+
+    runtime.send_command = send_command  # type: ignore[method-assign]
+    runtime.index_ready = True
+    runtime.readiness = lambda: (True, {})  # type: ignore[method-assign]
+    offsets = iter(range(100))
+
+    async def handle(name: str, value: Any) -> None:
+        topic = runtime.topics.inbound if name == "InboundMessage" else runtime.topics.context_commands
+        await runtime.handle_events([Incoming(KEY.encode(), codec.encode(name, dict(value)), topic, 0,
+                                              next(offsets))])
+
+    start = utcnow() - secs(120)
+    await handle("ContextCommand", command("pause", start, actor="ops"))
+    await handle("InboundMessage", inbound("w1", start))
+    assert await runtime.flush_tick()
+    await handle("ContextCommand", sent[-1])
+    if orders:  # its fetch (a first contact)
+        flushed = sent[-1]
+        await handle("ContextCommand", command("history_fetched", flushed["issued_at"], flushed["batch_id"]))
+    state = cast(CustomerState, codec.decode("CustomerState", table[KEY.encode()]))
+    assert [m["event_id"] for m in state["held_messages"]] == ["w1"]
+    await handle("ContextCommand", command("resume", start + secs(60)))
+    assert await runtime.flush_tick()
+    end = sent[-1]
+    assert (end["batch_id"], end["batch_messages"], end["opened_replies"], end["inbound_messages"]) == (
+        f"{KEY}:2", 0, 0, 1)
