@@ -162,7 +162,8 @@ class ContextCommand(TypedDict):
     history_error: str | None
     history_pages: int
     actor: str | None
-    #: flush: the number of batch messages the timer saw (None: all); replays flush the same batch
+    #: flush: the number of batch messages the timer saw (None: all; 0: a hold's end, no batch open);
+    #: replays flush the same batch
     batch_messages: NotRequired[int | None]
     #: flush: agent-activity events / replies of the customer the timer's state had handled (None:
     #: all); the batch's human-agent block and hold see exactly those, however a replay interleaves;

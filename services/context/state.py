@@ -69,6 +69,9 @@ Decisions taken here (where the issues leave a choice):
   and waits for them in a replay; the batch sees exactly those (`_seen_view`), its cutoff is the
   reply time after `opened_replies` replies. Later events belong to the next batch. A flush
   also waits while an earlier batch fetches its history again (its replayed result came first).
+  A history result (or the timer's retry of a fetch) read before its batch started flushing waits
+  for it (`early_fetch_commands`); a hold's end is a counted flush too (`batch_messages` 0); the
+  sweep's recovered messages go through the inbound topic, whose one order decides.
   Liveness: once every webhook the flush counted is handled, a batch still short of its count is
   never completed — the flush is settled (`_never_satisfied`), never left waiting.
 - Metrics are `(attribute name in services.common.metrics, labels, value)`; for a Histogram the
