@@ -162,7 +162,8 @@ class ContextCommand(TypedDict):
     history_error: str | None
     history_pages: int
     actor: str | None
-    #: flush: the number of batch messages the timer saw (None: all); replays flush the same batch
+    #: flush: the number of batch messages the timer saw (None: all; 0: a hold's end, no batch open);
+    #: replays flush the same batch
     batch_messages: NotRequired[int | None]
     #: flush: agent-activity events / replies of the customer the timer's state had handled (None:
     #: all); the batch's human-agent block and hold see exactly those, however a replay interleaves;
@@ -328,3 +329,5 @@ class CustomerState(TypedDict):
     last_human_base: NotRequired[datetime | None]
     inbound_handled: NotRequired[int]
     inbound_log: NotRequired[list[InboundLogEntry]]
+    #: history results and fetch retries of a batch handled before it started flushing (a replay)
+    early_fetch_commands: NotRequired[list[ContextCommand]]

@@ -834,6 +834,7 @@ class ContextRuntime:
             + [(self.topics.vision_requests, "VisionRequest", dict(r)) for r in effects.vision_requests]
             + [(self.topics.audit, "BatchDecision", dict(d)) for d in effects.decisions]
             + [(self.topics.dead_letter, "DeadLetter", dict(d)) for d in effects.dead_letters]
+            + [(self.topics.inbound, "InboundMessage", dict(m)) for m in effects.recovered_inbound]
         )
         return [(topic, codec.encode(schema, value)) for topic, schema, value in outputs]
 
@@ -1049,6 +1050,8 @@ class ContextRuntime:
                 continue
             batch = state["open_batch"]
             seen = len(batch["messages"]) if batch is not None and batch["batch_id"] == batch_id else None
+            if batch is None and state["flushing_batch"] is None:  # a hold's end: no batch seen yet
+                seen = 0
             due.append((key, batch_id, {
                 "kind": "flush", "customer_key": key, "batch_id": batch_id, "issued_at": judge,
                 "history": [], "history_error": None, "history_pages": 0, "actor": None,
@@ -1056,7 +1059,8 @@ class ContextRuntime:
                 # and the batch's human-agent block and hold see exactly these agent events and replies
                 "agent_events": state.get("agent_events_handled", 0),
                 "replies": state.get("replies_handled", 0),
-                "opened_replies": batch.get("opened_replies") if seen is not None and batch else None,
+                "opened_replies": (batch.get("opened_replies") if seen is not None and batch
+                                   else state.get("replies_handled", 0) if seen == 0 else None),
                 "inbound_messages": state.get("inbound_handled", 0),
             }))
         # All due flushes at once: awaiting each ack in turn stretched the tick with the load.

@@ -69,6 +69,9 @@ Decisions taken here (where the issues leave a choice):
   and waits for them in a replay; the batch sees exactly those (`_seen_view`), its cutoff is the
   reply time after `opened_replies` replies. Later events belong to the next batch. A flush
   also waits while an earlier batch fetches its history again (its replayed result came first).
+  A history result (or the timer's retry of a fetch) read before its batch started flushing waits
+  for it (`early_fetch_commands`); a hold's end is a counted flush too (`batch_messages` 0); the
+  sweep's recovered messages go through the inbound topic, whose one order decides.
   Liveness: once every webhook the flush counted is handled, a batch still short of its count is
   never completed — the flush is settled (`_never_satisfied`), never left waiting.
 - Metrics are `(attribute name in services.common.metrics, labels, value)`; for a Histogram the
@@ -151,6 +154,9 @@ INBOUND_LOG = 200
 """Inbound webhooks remembered with their numbers (a flush's count is judged against them)."""
 MAX_EARLY_FLUSHES = 32
 """Flushes of batches to come one customer may keep (every batch's bound is MAX_WAITING_FLUSHES)."""
+MAX_EARLY_FETCH_COMMANDS = 16
+"""History results and fetch retries one customer may keep for batches not flushing yet (a replay);
+beyond it later ones are ignored (the first in log order are the ones that decide)."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,9 @@ class Effects:
     metrics: list[tuple[str, dict[str, str], float]] = field(default_factory=list)  # (name, labels, inc)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)  # DeadLetter records to produce
     duplicate: bool = False  # the event was a redelivery: nothing changed
+    # customer messages only the reconciliation sweep found: produced to the inbound topic (keyed by
+    # the customer) and handled there like their webhooks, in that topic's one order (6b)
+    recovered_inbound: list[InboundMessage] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -232,6 +241,7 @@ def new_state(customer_key: str) -> CustomerState:
         "last_human_base": None,
         "inbound_handled": 0,
         "inbound_log": [],
+        "early_fetch_commands": [],
     }
 
 
@@ -281,13 +291,30 @@ def _decide_waiting_flushes(
     """
     while True:
         batch = state["open_batch"]
-        if batch is None or not batch.get("waiting_flushes"):
+        if batch is None:
+            hold_end = _hold_end_due(state)
+            if hold_end is None:
+                return state, effects
+            state["early_flushes"] = [f for f in state.get("early_flushes") or [] if f is not hold_end]
+            state, decided = _end_hold_counted(state, hold_end["batch_id"], hold_end["issued_at"], limits,
+                                               _seen_counts(hold_end))
+            _merge_effects(effects, decided)
+            continue
+        if not batch.get("waiting_flushes"):
             return state, effects
         first = batch["waiting_flushes"][0]
         if state["flushing_batch"] is not None:
             # an earlier batch still fetches (its replayed history came before its flush was
             # decided): this flush waits for it, or the batch is cut where a later timer says
             return state, effects
+        if first["batch_messages"] == 0:  # a hold's end; the batch was opened by later messages
+            if not _counted_all(state, first):
+                return state, effects
+            batch["waiting_flushes"] = batch["waiting_flushes"][1:]
+            state, decided = _end_hold_counted(state, batch["batch_id"], first["issued_at"], limits,
+                                               _seen_counts(first))
+            _merge_effects(effects, decided)
+            continue
         short = _never_satisfied(state, batch, first)
         if short is None and not _handled_all(state, batch, first):
             return state, effects
@@ -330,6 +357,8 @@ def _close_replied(state: CustomerState, batch: Batch, flush: Any) -> Effects:
     as answered; the next message opens the next batch."""
     state["open_batch"] = None
     _remember(state["flushed_batch_ids"], [batch["batch_id"]], FLUSHED_BATCH_IDS)
+    state["early_fetch_commands"] = [c for c in state.get("early_fetch_commands") or []
+                                     if c["batch_id"] != batch["batch_id"]]
     answered = [ANSWERED_KEY + i for m in batch["messages"] for i in message_ids(m)]
     _remember(state["recent_event_ids"], answered, RECENT_EVENT_IDS)
     return Effects(log=[("waiting_flush_settled", {
@@ -349,6 +378,7 @@ def _merge_effects(into: Effects, more: Effects) -> None:
     into.log.extend(more.log)
     into.metrics.extend(more.metrics)
     into.dead_letters.extend(more.dead_letters)
+    into.recovered_inbound.extend(more.recovered_inbound)
 
 
 def on_agent_activity(
@@ -573,18 +603,23 @@ def _on_flush(
     seen = command.get("batch_messages")
     if (seen is None and batch is None and flushing is None and state["held_messages"]
             and batch_id == _next_batch_id(state)):
-        return _end_hold(state, batch_id, now, limits)
+        return _end_hold(state, batch_id, now, limits)  # a command from before the hold end's counts
     counts = _seen_counts(command)
-    if seen is not None and _batch_number(state, batch_id) > state["batch_seq"]:
+    if seen == 0:
+        return _on_hold_end_flush(state, batch_id, now, limits, counts)
+    to_come = _batch_number(state, batch_id) > state["batch_seq"]
+    if seen is not None and to_come:
         return _wait_early(state, batch_id, seen, counts, now)
+    if seen is None and to_come and any(f["batch_id"] == batch_id for f in state.get("early_flushes") or []):
+        return _keep_fetch_command(state, command)  # the first run's retry of the batch's fetch
     if batch is None or batch["batch_id"] != batch_id:
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "unknown_batch"})])
+    waiting = batch.get("waiting_flushes") or []
+    if waiting and seen is None:  # the first run's retry of the fetch of a batch still waiting here
+        return _keep_fetch_command(state, command)
     if flushing is not None and seen is None:
         return state, Effects(log=[("flush_ignored", {
             "batch_id": batch_id, "reason": "earlier_batch_flushing"})])
-    waiting = batch.get("waiting_flushes") or []
-    if waiting and seen is None:
-        return state, _flush_ignored(batch_id, "earlier_flush_waiting")
     wanted = {"batch_messages": seen, "issued_at": now, **_count_fields(counts)}
     if seen is not None and (waiting or flushing is not None or not _handled_all(state, batch, wanted)):
         # A replay in another interleaving: messages (or agent-activity events, or replies) the
@@ -624,9 +659,13 @@ def _count_fields(counts: Counts) -> dict[str, int | None]:
 
 def _handled_all(state: CustomerState, batch: Batch, flush: Any) -> bool:
     """Whether every message, agent-activity event and reply the flush counted is handled."""
+    return len(batch["messages"]) >= flush["batch_messages"] and _counted_all(state, flush)
+
+
+def _counted_all(state: CustomerState, flush: Any) -> bool:
+    """Whether every inbound webhook, agent-activity event and reply the flush counted is handled."""
     agent_events, replies, _, inbound = _seen_counts(flush)
-    return (len(batch["messages"]) >= flush["batch_messages"]
-            and (inbound is None or state.get("inbound_handled", 0) >= inbound)
+    return ((inbound is None or state.get("inbound_handled", 0) >= inbound)
             and (agent_events is None or state.get("agent_events_handled", 0) >= agent_events)
             and (replies is None or state.get("replies_handled", 0) >= replies))
 
@@ -712,6 +751,8 @@ def _decide_flush(
     state, effects = _start_flush(state, batch, now, limits, Effects())
     if later:
         _reopen(state, batch, later)
+    state, effects = _handle_kept_fetch_commands(state, batch_id, limits, effects)
+    if later:
         return _decide_waiting_flushes(state, limits, effects)
     return state, effects
 
@@ -750,20 +791,102 @@ def _wait_early(
                                                   "handled": 0})])
 
 
+def _on_hold_end_flush(
+    state: CustomerState, batch_id: str, now: datetime, limits: Limits, counts: Counts
+) -> tuple[CustomerState, Effects]:
+    """The timer's flush of a hold's end, with its counts (`batch_messages` 0: the timer saw no open
+    batch). It queues like any counted flush, in log order — in the open batch when messages handled
+    after the timer opened it, else among the flushes of batches to come — and is decided once the
+    replay has handled what the timer counted and every earlier batch is decided."""
+    batch = state["open_batch"]
+    if batch is not None and batch["batch_id"] == batch_id:
+        queued = _queued(batch.get("waiting_flushes") or [],
+                         {"batch_messages": 0, "issued_at": now, **_count_fields(counts)})
+        if len(queued) > MAX_WAITING_FLUSHES:
+            return state, _flush_ignored(batch_id, "too_many_waiting")
+        state = copy.deepcopy(state)
+        batch = state["open_batch"]
+        assert batch is not None
+        batch["waiting_flushes"] = queued
+    elif _batch_number(state, batch_id) > state["batch_seq"]:
+        state, effects = _wait_early(state, batch_id, 0, counts, now)
+        if effects.log and effects.log[0][0] == "flush_ignored":
+            return state, effects  # beyond the bound
+    else:
+        return state, _flush_ignored(batch_id, "unknown_batch")
+    return _decide_waiting_flushes(state, limits, Effects(log=[("flush_waiting", {
+        "batch_id": batch_id, "batch_messages": 0, "handled": 0})]))
+
+
+def _hold_end_due(state: CustomerState) -> EarlyFlush | None:
+    """The hold end's flush of the next batch whose turn it is (no batch open or flushing, it is the
+    first of that batch's flushes, and what its timer counted is handled), if any."""
+    if state["open_batch"] is not None or state["flushing_batch"] is not None:
+        return None
+    next_id = _next_batch_id(state)
+    first = next((f for f in state.get("early_flushes") or [] if f["batch_id"] == next_id), None)
+    if first is None or first["batch_messages"] != 0 or not _counted_all(state, first):
+        return None
+    return first
+
+
+def _end_hold_counted(
+    state: CustomerState, batch_id: str, now: datetime, limits: Limits, counts: Counts
+) -> tuple[CustomerState, Effects]:
+    """A counted hold end (state already copied), decided as at its timer's point: the hold and the
+    held messages are judged on the agent events and replies it counted, and a batch opened by
+    messages handled after the timer follows the held messages' batch (it opened after it in the
+    first run, or the first run moved it there as here)."""
+    later = state["open_batch"]
+    if later is None:
+        return _end_hold(state, batch_id, now, limits, counts)
+    # un-opened while the held messages' batch is decided, which captures the priors it had then
+    state["open_batch"] = None
+    state["batch_seq"] -= 1
+    last_inbound = state["last_inbound_at"]
+    state["last_inbound_at"] = later["prior_last_inbound_at"]
+    state, effects = _end_hold(state, batch_id, now, limits, counts)
+    state["last_inbound_at"] = last_inbound
+    state["batch_seq"] += 1
+    if state["batch_seq"] == _batch_number(state, later["batch_id"]):  # the hold's end opened nothing
+        state["open_batch"] = later
+        return state, effects
+    # it follows the held messages' batch; its own flushes came after this one in the log
+    later["batch_id"] = f"{state['customer_key']}:{state['batch_seq']}"
+    early = state.get("early_flushes") or []
+    later["waiting_flushes"] = [cast(WaitingFlush, {
+        "batch_messages": f["batch_messages"], "issued_at": f["issued_at"], **_count_fields(_seen_counts(f))})
+        for f in early if f["batch_id"] == later["batch_id"]]
+    state["early_flushes"] = [f for f in early if _batch_number(state, f["batch_id"]) > state["batch_seq"]]
+    state["open_batch"] = later
+    effects.log.append(("batch_moved", {"from": batch_id, "to": later["batch_id"]}))
+    return state, effects
+
+
 def _end_hold(
-    state: CustomerState, batch_id: str, now: datetime, limits: Limits
+    state: CustomerState, batch_id: str, now: datetime, limits: Limits,
+    counts: Counts = (None, None, None, None),
 ) -> tuple[CustomerState, Effects]:
     """The hold ended (timer flush with the next batch id): nobody is left waiting.
 
     Held messages a human wrote after, or older than WhatsApp's 24 h session, become context (the
     next request gives them in the human-agent block, in time order); the others are answered now,
-    as a batch of their own (`batch_id` is the id `_open_batch` gives it).
+    as a batch of their own (`batch_id` is the id `_open_batch` gives it). With the timer's
+    `counts`, the hold and the held messages are judged on the agent events and replies it had
+    handled, and its batch sees exactly those (as a counted flush's).
     """
-    if _hold_reason(state, now, limits) is not None:
+    agent_events, replies, opened_replies, inbound = counts
+    last_human_now = state["last_human_at"]
+    judged = copy.copy(state)
+    if agent_events is not None:
+        judged["last_human_at"] = _last_human_seen(state, agent_events, replies)
+    if _hold_reason(judged, now, limits) is not None:
         return state, Effects(log=[("flush_ignored", {"batch_id": batch_id, "reason": "still_held"})])
     state = copy.deepcopy(state)
     effects = Effects()
+    state["last_human_at"] = judged["last_human_at"]
     to_answer, as_context = _settle_held(state, state["held_messages"], now)
+    state["last_human_at"] = last_human_now
     state["held_messages"] = []
     effects.log.append(("hold_ended", {"batch_id": batch_id, "answered": len(to_answer),
                                        "as_context": len(as_context)}))
@@ -771,8 +894,16 @@ def _end_hold(
         return state, effects
     batch = _open_batch(state, now)
     batch["messages"] = to_answer
+    batch["waiting_flushes"] = []  # this hold end's flush again: decided now
+    if agent_events is not None:  # its block and hold see what the timer's state had handled
+        batch["seen_agent_events"], batch["seen_replies"] = agent_events, replies
+        batch["seen_inbound"] = inbound
+        if opened_replies is not None:
+            cutoff = _reply_time_after(state, opened_replies, batch["prior_last_reply_at"])
+            batch["prior_last_reply_at"] = cutoff
     effects.log.append(("batch_opened", _batch_fields(batch)))
-    return _start_flush(state, batch, now, limits, effects)
+    state, effects = _start_flush(state, batch, now, limits, effects)
+    return _handle_kept_fetch_commands(state, batch["batch_id"], limits, effects)
 
 
 def _settle_held(
@@ -838,6 +969,10 @@ def _on_history(
         if batch_id in state["flushed_batch_ids"]:
             return state, Effects(duplicate=True, log=[("duplicate_ignored", {
                 "kind": "history", "batch_id": batch_id})])
+        open_batch = state["open_batch"]
+        if batch_id and ((open_batch is not None and open_batch["batch_id"] == batch_id)
+                or _batch_number(state, batch_id) > state["batch_seq"]):
+            return _keep_fetch_command(state, command)  # a replay: its flush is not decided yet
         return state, Effects(log=[("history_ignored", {"batch_id": batch_id, "reason": "stale"})])
     error = command["history_error"]
     history: list[HistoryItem] | None = list(command["history"])
@@ -845,6 +980,50 @@ def _on_history(
         history = None
     state, effects = _finalize(copy.deepcopy(state), "flushing_batch", history, error, now, limits, Effects())
     return _decide_waiting_flushes(state, limits, effects)  # flushes that waited for this batch
+
+
+def _keep_fetch_command(state: CustomerState, command: ContextCommand) -> tuple[CustomerState, Effects]:
+    """A history result (or the timer's retry of a fetch) of a batch this replay has not started
+    flushing yet: its flush waits for messages or events it counted. In the first run the batch
+    was flushing when this came; it is handled when the batch starts flushing here
+    (`_handle_kept_fetch_commands`), so the batch is decided on the first run's result, at its
+    time — not on a new fetch, later, with what the history holds then."""
+    batch_id = command["batch_id"]
+    kept = state.get("early_fetch_commands") or []
+    if any(c["batch_id"] == batch_id and c["kind"] == "history_fetched" for c in kept):
+        # its first result decides the batch (or a timeout before it): nothing after it matters
+        return state, Effects(log=[("fetch_command_ignored", {"batch_id": batch_id,
+                                                              "reason": "after_kept_result"})])
+    if len(kept) >= MAX_EARLY_FETCH_COMMANDS:
+        return state, Effects(log=[("fetch_command_ignored", {"batch_id": batch_id,
+                                                              "reason": "too_many_kept"})])
+    state = copy.deepcopy(state)
+    state["early_fetch_commands"] = [*kept, copy.deepcopy(command)]
+    return state, Effects(log=[("fetch_command_kept", {"batch_id": batch_id, "kind": command["kind"]})])
+
+
+def _handle_kept_fetch_commands(
+    state: CustomerState, batch_id: str, limits: Limits, effects: Effects
+) -> tuple[CustomerState, Effects]:
+    """The batch (state already copied) has just been decided: handles, in log order and each at its
+    own time, the results and retries of its fetch a replay read before (`_keep_fetch_command`).
+    The fetch `_start_flush` ordered is dropped when they decide the batch."""
+    kept = state.get("early_fetch_commands") or []
+    mine = [c for c in kept if c["batch_id"] == batch_id]
+    if not mine:
+        return state, effects
+    state["early_fetch_commands"] = [c for c in kept if c["batch_id"] != batch_id]
+    flushing = state["flushing_batch"]
+    if flushing is None or flushing["batch_id"] != batch_id:
+        return state, effects  # decided without a fetch (no check ran): nothing to handle
+    effects.log.append(("kept_fetch_commands_handled", {"batch_id": batch_id, "commands": len(mine)}))
+    for command in mine:
+        state, more = on_command(state, command, command["issued_at"], limits)
+        _merge_effects(effects, more)
+    flushing = state["flushing_batch"]
+    if effects.fetch is not None and (flushing is None or flushing["batch_id"] != effects.fetch.batch_id):
+        effects.fetch = None  # the batch it was for is decided
+    return state, effects
 
 
 def _on_reconcile(state: CustomerState, now: datetime) -> tuple[CustomerState, Effects]:
@@ -865,13 +1044,17 @@ def _sweep_lower_bound(state: CustomerState, now: datetime) -> datetime:
 def _on_sweep_result(
     state: CustomerState, command: ContextCommand, now: datetime, limits: Limits
 ) -> tuple[CustomerState, Effects]:
-    """Reconciliation: customer messages after the last reply, within 24 h, no webhook ever came,
+    """Reconciliation: customer messages after the last reply, within 24 h, no webhook handled,
     and no human agent answered (`_human_answered_until`).
 
-    They are put into the open batch (opened if needed, priors captured as for any message) as
-    `recovered` messages, so the customer is answered within one sweep; their ids join the dedupe
-    memory, so a repeated sweep — or the late webhook — recovers nothing twice. Only what is
-    recovered is counted as missing here (a repeated sweep would count the rest again).
+    They are not put into a batch here: they go to the inbound topic as `recovered` messages
+    (`Effects.recovered_inbound`), and are handled there like webhooks — opening or joining a batch,
+    counted in the inbound log a flush's count is judged against — so the customer is answered
+    within one sweep. Whether a message's webhook was "seen" depends on where a replay puts this
+    command among the inbound events; the inbound topic has one order: of a recovered copy and its
+    webhook, the first in it is the message, the other a duplicate, in the first run and in any
+    replay (a copy produced again by a replay, or by a repeated sweep before the first is handled,
+    comes later: a duplicate). The state is unchanged; only what is recovered is counted as missing.
     """
     if command["history_error"]:
         return state, Effects(log=[("reconcile_failed", {"error": command["history_error"]})])
@@ -890,26 +1073,12 @@ def _on_sweep_result(
         seen.update(ids)
     if not found:
         return state, Effects(log=[("reconcile_clean", {"items": len(command["history"])})])
-    state = copy.deepcopy(state)
-    effects = Effects()
     recovered = sorted((_recovered_message(state, item, now) for item in found),
                        key=lambda m: m["provider_time"])
-    batch = state["open_batch"]
-    if batch is None:
-        batch = _open_batch(state, now)
-        effects.log.append(("batch_opened", _batch_fields(batch)))
-    batch["messages"] = _insert_by_time(batch["messages"], recovered)
-    batch["last_message_at"] = max(batch["last_message_at"], now)
-    for message in recovered:
-        _remember(state["recent_event_ids"], message_ids(message), RECENT_EVENT_IDS)
-        state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
-    state["last_activity_at"] = now
-    effects.metrics += [("webhooks_missing_total", {}, len(recovered)),
-                        ("messages_recovered_total", {}, len(recovered))]
-    effects.log.append(("messages_recovered", {
-        "batch_id": batch["batch_id"], "count": len(recovered), "by": "reconcile",
-        "event_ids": [m["event_id"] for m in recovered]}))
-    return state, effects
+    return state, Effects(recovered_inbound=recovered, metrics=[
+        ("webhooks_missing_total", {}, len(recovered)), ("messages_recovered_total", {}, len(recovered))],
+        log=[("messages_recovered", {"count": len(recovered), "by": "reconcile",
+                                     "event_ids": [m["event_id"] for m in recovered]})])
 
 
 def _human_answered_until(
@@ -1008,13 +1177,19 @@ def _finalize(
         state["last_inbound_at"] = _later(state["last_inbound_at"], message["provider_time"])
 
     recovered_ids = [m["event_id"] for m in [*recovered, *batch["messages"]] if m.get("recovered")]
-    messages = sorted([*held_before, *recovered], key=lambda m: m["provider_time"]) + batch["messages"]
+    # held and recovered messages first, by time (the sweep's came through the inbound topic)
+    swept = [m for m in batch["messages"] if m.get("recovered")]
+    messages = (sorted([*held_before, *recovered, *swept], key=lambda m: m["provider_time"])
+                + [m for m in batch["messages"] if not m.get("recovered")])
 
     if slot == "open_batch":
         state["open_batch"] = None
     else:
         state["flushing_batch"] = None
     _remember(state["flushed_batch_ids"], [batch["batch_id"]], FLUSHED_BATCH_IDS)
+    if state.get("early_fetch_commands"):  # decided: what a replay kept for it is moot
+        state["early_fetch_commands"] = [c for c in state.get("early_fetch_commands") or []
+                                         if c["batch_id"] != batch["batch_id"]]
     taken_back = _take_back(state, {i for m in recovered for i in message_ids(m)} & late_inbound)
     if taken_back:
         effects.log.append(("recovered_webhooks_taken_back", {"batch_id": batch["batch_id"],
@@ -1189,6 +1364,13 @@ def _seen_view(state: CustomerState, batch: Batch, window: WindowStart) -> SeenV
                     state["last_human_at"])
     # last_human_at as the timer's state had it: the human-agent messages it had handled, less
     # those a reply it had handled showed were our own sends, and what history found before
+    return dataclasses.replace(view, last_human_at=_last_human_seen(state, agent_events, replies))
+
+
+def _last_human_seen(state: CustomerState, agent_events: int | None, replies: int | None) -> datetime | None:
+    """`last_human_at` once the customer's first `agent_events` agent-activity events and `replies`
+    replies were handled (None: all): their human-agent messages, less those a reply among them
+    showed were our own sends, and what history found before."""
     last_human = state.get("last_human_base")
     if state.get("agent_events_handled", 0) == 0:  # a state from before the agent log
         last_human = _later(last_human, state["last_human_at"])
@@ -1197,7 +1379,7 @@ def _seen_view(state: CustomerState, batch: Batch, window: WindowStart) -> SeenV
         if ((agent_events is None or entry["seq"] <= agent_events)
                 and (forgotten is None or (replies is not None and forgotten > replies))):
             last_human = _later(last_human, entry["human_at"])
-    return dataclasses.replace(view, last_human_at=last_human)
+    return last_human
 
 
 def _hold_reason(state: CustomerState, now: datetime, limits: Limits) -> str | None:
@@ -1404,16 +1586,6 @@ def _normalised_message(message: InboundMessage) -> InboundMessage:
     copied.setdefault("recovered", False)
     copied.setdefault("username", None)
     return copied
-
-
-def _insert_by_time(existing: list[InboundMessage], new: list[InboundMessage]) -> list[InboundMessage]:
-    """Inserts `new` (sorted) before the first existing message sent later; existing order is kept."""
-    out = list(existing)
-    for message in new:
-        index = next((i for i, m in enumerate(out) if m["provider_time"] > message["provider_time"]),
-                     len(out))
-        out.insert(index, message)
-    return out
 
 
 def _ignored_activity_reason(

@@ -230,6 +230,8 @@ def check_effects(effects: Effects) -> None:
         codec.encode("BatchDecision", dict(decision))
     for dead_letter in effects.dead_letters:
         codec.encode("DeadLetter", dict(dead_letter))
+    for message in effects.recovered_inbound:
+        codec.encode("InboundMessage", dict(message))
 
 
 class Customer:

@@ -16,6 +16,7 @@ from their own committed positions: later, and possibly in another interleaving)
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Any, cast
@@ -33,12 +34,14 @@ from services.common.records import (
     InboundMessage,
     ResponderRequest,
 )
+from services.common.timeparse import utcnow
 from services.context.app import Incoming, build_limits, create_app
 
 from .context_builders import (
     KEY,
     Customer,
     activity,
+    agent_item,
     command,
     hist,
     inbound,
@@ -356,10 +359,13 @@ def timer_command(c: Customer, at: Any) -> ContextCommand | None:
         return None
     batch = c.state["open_batch"]
     seen = len(batch["messages"]) if batch is not None and batch["batch_id"] == batch_id else None
+    if batch is None and c.state["flushing_batch"] is None:  # a hold's end
+        seen = 0
     cmd = flush(at, batch_id, seen)
     cmd["agent_events"] = c.state.get("agent_events_handled", 0)
     cmd["replies"] = c.state.get("replies_handled", 0)
-    cmd["opened_replies"] = batch.get("opened_replies") if batch is not None and seen is not None else None
+    cmd["opened_replies"] = (batch.get("opened_replies") if batch is not None and seen is not None
+                             else c.state.get("replies_handled", 0) if seen == 0 else None)
     cmd["inbound_messages"] = c.state.get("inbound_handled", 0)
     return cmd
 
@@ -622,7 +628,7 @@ def replay_the_four_topics(
 ) -> None:
     """Records a run, replays its four topics in the interleaving `order` picks (a new worker's
     timer flushing what it sees after the replay's steps in `new_timer_at`, its flush behind the
-    replayed commands; with the gap rule), and checks every batch emitted again against the first
+    replayed commands), and checks every batch emitted again against the first
     run."""
     original, recorded = record_a_run_with_agents(steps, timer_every, hold, every_batch)
     replay = Customer(lim=limits(quiet=QUIET, hold=hold, every_batch=every_batch))
@@ -645,10 +651,10 @@ def replay_the_four_topics(
         else:
             replay.command(record)
         step += 1
-        # The new worker's timer, on the partly rebuilt state, much later. Not with every_batch: a
-        # flush that waited in the replay finds its batch's replayed history stale and fetches
-        # again, which this test does not model (RELIABILITY.md 6b, "Not covered").
-        if step in new_timer_at and not every_batch:
+        # The new worker's timer, on the partly rebuilt state, much later (its flushes behind the
+        # replayed commands; the replay's own fetches are never answered: a batch is emitted again
+        # only on the first run's history result, kept when it comes before its flush is decided).
+        if step in new_timer_at:
             cmd = timer_command(replay, t("10:40:00") + secs(step))
             if cmd is not None:
                 topics[3].append(cmd)  # behind the replayed commands in the log
@@ -672,6 +678,12 @@ def replay_the_four_topics(
 # gap B: the recovered message's webhook replayed first
 @example(steps=[("late_message", 0), ("message", 2), ("reply", 40), ("agent", 1)], timer_every=2, hold=0,
          every_batch=True, order=[], new_timer_at=set())
+# found on the code before with the new timer under every_batch (seed 9, 5,000 examples): batch 2's
+# flush waited, its replayed result was dropped as stale, the new timer's flushes answered it later
+@example(steps=[("reply", 2), ("agent", 50), ("reply_echo", 11), ("late_message", 12), ("late_message", 18),
+                ("reply_echo", 30), ("reply", 12), ("message", 63), ("late_message", 52), ("agent", 50),
+                ("late_message", 18), ("reply_echo", 11), ("reply_echo", 25), ("late_message", 0)],
+         timer_every=13, hold=0, every_batch=True, order=[3, 3], new_timer_at={25, 11, 4, 6})
 def test_any_replay_interleaving_of_the_four_topics_emits_the_same_batches(
     steps: list[tuple[str, int]], timer_every: int, hold: int, every_batch: bool, order: list[int],
     new_timer_at: set[int],
@@ -808,10 +820,11 @@ def test_a_flush_waiting_for_the_late_webhook_of_a_recovered_message_is_decided_
 # -- a replay's own history fetch, and flushes that can never be satisfied ---------------------------
 
 def test_a_flush_replayed_while_an_earlier_batch_fetches_its_history_again_waits_for_it() -> None:
-    """The replay reads batch 1's history result before its flush is decided (its messages come
-    later): the result is stale, so batch 1 fetches again. Batch 2's original flush, read meanwhile,
-    used to be dropped (`earlier_batch_flushing`): batch 2 then took the next message too and was
-    cut where a new timer said — emitted again with other contents than the first time."""
+    """Batch 1 fetches its history again in the replay: its result, read before its flush was
+    decided (its messages come later), was dropped as stale — as the previous version did (a state
+    it wrote; this one keeps such a result for the batch, see below). Batch 2's original flush, read
+    meanwhile, used to be dropped (`earlier_batch_flushing`): batch 2 then took the next message too
+    and was cut where a new timer said — emitted again with other contents than the first time."""
     w1, w2, w3 = (inbound(f"w{i}", t(at)) for i, at in ((1, "10:00:00"), (2, "10:05:00"), (3, "10:06:00")))
     original = Customer(lim=limits(quiet=QUIET))
     commands_topic: list[ContextCommand] = []
@@ -829,7 +842,8 @@ def test_a_flush_replayed_while_an_earlier_batch_fetches_its_history_again_waits
     assert batches(original) == [(f"{KEY}:1", ["w1"]), (f"{KEY}:2", ["w2"]), (f"{KEY}:3", ["w3"])]
     replay = Customer(lim=limits(quiet=QUIET))
     for cmd in commands_topic:  # the replay reads the commands topic first
-        replay.command(cmd)
+        if cmd is not commands_topic[1]:  # batch 1's result: dropped as stale by the previous version
+            replay.command(cmd)
     for message in (w1, w2, w3):
         replay.message(message, message["received_at"])
     assert replay.state["flushing_batch"] is not None, "batch 1 fetches its history again"
@@ -1121,3 +1135,242 @@ def test_restarts_of_restarted_workers_emit_each_batch_once_and_answer_every_mes
     restarts: int,
 ) -> None:
     restarts_of_restarted_workers(seed, messages, timer_every, every_batch, reply_p, race_p, restarts)
+
+
+# -- a replayed history result read before its batch is decided (MISSED_HISTORY=every_batch) -------
+
+def test_a_history_result_replayed_before_its_flush_is_decided_is_kept_for_it() -> None:
+    """every_batch: batch 2's flush counted [w1, w2]; its fetch found an agent's message. A replay
+    reads the flush (it waits for w2), then the fetch's result — the batch is not flushing yet — and
+    then w2. The result used to be dropped as stale and the batch fetched again once decided: emitted
+    later, with that later time (`created_at`, `decided_at`) and whatever the history held then. Now
+    the result waits for its batch, which is emitted exactly as the first time, with no new fetch."""
+    lim = limits(quiet=QUIET, hold=0, every_batch=True)
+    w1 = inbound("w1", t("10:01:00"), "¿Tienen habitaciones?")
+    w2 = inbound("w2", t("10:01:05"), "¿Y piscina?")
+    original = Customer(lim=lim)
+    first_contact_done(original)
+    replay = Customer(lim=lim)
+    replay.state = copy.deepcopy(original.state)
+    original.message(w1, w1["received_at"])
+    original.message(w2, w2["received_at"])
+    cmd = counted_flush(original, t("10:01:36"))
+    original.command(cmd)
+    result = command("history_fetched", t("10:01:38"), cmd["batch_id"], history=[
+        agent_item("h1", t("10:00:50"), "Le escribo en un momento")])
+    original.command(result)
+    assert original.requests[-1]["created_at"] == t("10:01:38")
+    replay.message(w1, w1["received_at"])
+    assert replay.command(cmd).log[0][0] == "flush_waiting"
+    replay.command(result)  # read before w2: the batch is not flushing yet
+    effects = replay.message(w2, w2["received_at"])
+    assert effects.fetch is None, "no second fetch"
+    assert effects.responder_requests == [original.requests[-1]]
+    assert replay.decisions[-1] == original.decisions[-1]
+    assert not replay.state.get("early_fetch_commands")
+
+
+def test_a_fetch_retried_and_timed_out_before_its_flush_is_decided_is_replayed_as_such() -> None:
+    """The first run's fetch of batch 2 timed out twice (the timer's retry, then its timeout: the
+    batch answered without history); the late result came after. A replay reading all of it before
+    the batch's last message decides the batch as the first run did: without history, at the
+    timeout's time — not with the late result."""
+    lim = limits(quiet=QUIET, hold=0, every_batch=True, history_timeout=20)
+    w1, w2 = inbound("w1", t("10:01:00")), inbound("w2", t("10:01:05"))
+    original = Customer(lim=lim)
+    first_contact_done(original)
+    replay = Customer(lim=lim)
+    replay.state = copy.deepcopy(original.state)
+    original.message(w1, w1["received_at"])
+    original.message(w2, w2["received_at"])
+    commands_topic = [counted_flush(original, t("10:01:36"))]
+    original.command(commands_topic[-1])
+    for at in ("10:01:56", "10:02:16"):  # the timer: a retry, then the timeout
+        retry = timer_command(original, t(at))
+        assert retry is not None and retry["batch_messages"] is None
+        commands_topic.append(retry)
+        original.command(retry)
+    commands_topic.append(command("history_fetched", t("10:02:20"), f"{KEY}:2", history=[
+        agent_item("h1", t("10:00:50"), "Le escribo en un momento")]))
+    original.command(commands_topic[-1])
+    assert original.decisions[-1]["history_error"] == "timeout"
+    replay.message(w1, w1["received_at"])
+    for cmd in commands_topic:
+        replay.command(cmd)
+    replay.message(w2, w2["received_at"])
+    assert replay.requests[-1] == original.requests[-1]
+    assert replay.decisions[-1] == original.decisions[-1]
+
+
+# -- the reconciliation sweep's recoveries -------------------------------------------------------------
+
+def test_a_message_the_sweep_recovers_lands_in_the_same_batch_whatever_its_webhook_s_place() -> None:
+    """MISSED_HISTORY=gap with the sweep: the sweep finds customer message x1, whose webhook is still
+    in flight, and recovers it; its webhook, later, is a duplicate. A replay that handled the webhook
+    before the sweep's result put x1 into a batch the webhook opened (at the webhook's time, not
+    recovered), found it seen in the sweep's result and recovered nothing: batch 2 was another
+    batch, flushed at another time (the first run's flush was not due on it). The recovered message
+    now goes through the inbound topic, whose one order decides in the first run and in any replay."""
+    lim = limits(quiet=QUIET, hold=0)
+    x1 = inbound("x1", t("10:05:00"), "¿Siguen ahí?")
+    x1["received_at"] = t("10:06:10")  # its webhook came late
+    sweep = command("history_fetched", t("10:05:30"), None,
+                    history=[hist("x1", t("10:05:00"), "¿Siguen ahí?")])
+    original = Customer(lim=lim)
+    first_contact_done(original)
+    restored = copy.deepcopy(original.state)
+    inbound_topic: list[InboundMessage] = []
+    for message in [*original.command(sweep).recovered_inbound, x1]:  # the sweep's copy, then the webhook
+        inbound_topic.append(message)
+        original.message(message, message["received_at"])
+    flush_command = counted_flush(original, t("10:06:00"))
+    original.command(flush_command)
+    assert batches(original)[-1] == (f"{KEY}:2", ["x1"])
+    assert original.requests[-1]["messages"][0]["recovered"]
+    steps = len(inbound_topic) + 2
+    for commands_at in itertools.combinations(range(steps), 2):  # every interleaving of the two topics
+        replay = Customer(lim=lim)
+        replay.state = copy.deepcopy(restored)
+        topic, commands = list(inbound_topic), [sweep, flush_command]
+        for position in range(steps):
+            if position in commands_at:
+                for again in replay.command(commands.pop(0)).recovered_inbound:
+                    topic.append(again)  # produced again: behind in the inbound topic
+            else:
+                message = topic.pop(0)
+                replay.message(message, message["received_at"])
+        for message in topic:
+            assert replay.message(message, message["received_at"]).log[0][0] == "duplicate_ignored"
+        assert replay.requests == original.requests[-1:], commands_at
+
+
+def test_the_shell_produces_a_swept_message_to_the_inbound_topic_keyed_by_the_customer(tmp_path: Any) -> None:
+    c = Customer(lim=limits(quiet=QUIET, hold=0))
+    first_contact_done(c)
+    effects = c.command(command("history_fetched", t("10:05:30"), None,
+                                history=[hist("x1", t("10:05:00"), "¿Siguen ahí?")]))
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="rp.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    runtime = create_app(settings).runtime
+    outputs = runtime._encode_outputs(effects)
+    assert [topic for topic, _ in outputs] == [runtime.topics.inbound]
+    message = codec.decode("InboundMessage", outputs[0][1])
+    assert (message["event_id"], message["customer_key"], message["recovered"]) == ("x1", KEY, True)
+
+
+# -- a hold's end ----------------------------------------------------------------------------------------
+
+def held_then_a_hold_end_flush() -> tuple[Customer, ContextCommand]:
+    """w1 is held (an agent wrote just before it); the timer sends the hold's end at 10:02:00 (the
+    next batch id, no batch open). Returns the customer before that flush is handled, and it."""
+    c = Customer(lim=limits(quiet=QUIET, hold=60))
+    first_contact_done(c)
+    agent = activity("a1", t("10:00:58"), "Le atiendo yo")
+    c.agent(agent, agent["received_at"])
+    c.message(inbound("w1", t("10:01:00")))
+    c.command(counted_flush(c, t("10:01:31")))
+    assert c.decisions[-1]["routed_to"] == "held"
+    end = counted_flush(c, t("10:02:00"))
+    assert (end["batch_id"], end["batch_messages"]) == (f"{KEY}:3", 0), "the hold's end names its counts"
+    return c, end
+
+
+def flushed_with_history(c: Customer, cmd: ContextCommand) -> None:
+    """Handles a flush; a fetch it orders (after a hold) is answered at once, with nothing."""
+    c.command(cmd)
+    if c.state["flushing_batch"] is not None:
+        c.history(cmd["issued_at"] + secs(1))
+
+
+def test_a_hold_s_end_is_the_same_batch_whether_a_later_message_comes_before_or_after_it() -> None:
+    """w2, handled after the timer decided the hold's end, belongs to the next batch in either order
+    of the two topics. (Without counts the hold's end, handled after w2, found batch 3 opened by w2
+    and not due: the held w1 waited for w2's batch; handled before it, it answered w1 alone.)"""
+    runs = []
+    for message_first in (False, True):
+        c, end = held_then_a_hold_end_flush()
+        w2 = inbound("w2", t("10:01:59"), "¿Hola?")
+        w2["received_at"] = t("10:02:01")
+        if message_first:
+            c.message(w2, w2["received_at"])
+        flushed_with_history(c, end)
+        if not message_first:
+            c.message(w2, w2["received_at"])
+        flushed_with_history(c, counted_flush(c, t("10:02:32")))
+        runs.append(c)
+    original, replay = runs
+    assert batches(original)[-2:] == [(f"{KEY}:3", ["w1"]), (f"{KEY}:4", ["w2"])]
+    assert replay.requests == original.requests
+    assert replay.decisions == original.decisions
+
+
+def test_a_hold_s_end_is_judged_on_the_agent_events_its_timer_counted() -> None:
+    """A human wrote again after the timer decided the hold was over: the first run ends the hold
+    at the timer's point (w1 answered), and a replay that handles that agent message first too.
+    (Judged on the state as handled, a replay found it still held, and w1 waited for another timer.)"""
+    runs = []
+    for agent_first in (False, True):
+        c, end = held_then_a_hold_end_flush()
+        again = activity("a2", t("10:01:59.500"), "Un momento")
+        if agent_first:
+            c.agent(again, again["received_at"])
+        flushed_with_history(c, end)
+        if not agent_first:
+            c.agent(again, again["received_at"])
+        runs.append(c)
+    original, replay = runs
+    assert batches(original)[-1] == (f"{KEY}:3", ["w1"])
+    assert replay.requests == original.requests
+
+
+async def test_the_timer_s_flush_of_a_hold_s_end_names_its_counts(tmp_path: Any) -> None:
+    """The hold's end is a counted flush: no batch seen (`batch_messages` 0), and the replies the
+    batch it opens captures its cutoff after."""
+    settings = Settings(kafka_bootstrap_servers="k:9092", topic_prefix="rp.", web_token="t",
+                        context_store="memory", data_dir=str(tmp_path))
+    runtime = create_app(settings).runtime
+    orders: list[Any] = []
+    runtime.fetcher.start = orders.append  # type: ignore[method-assign]
+    produced: list[tuple[str, bytes]] = []
+
+    async def start_sends(customer: str, outputs: list[tuple[str, bytes]]) -> list[Any]:
+        produced.extend(outputs)
+        return []
+
+    async def produce(customer: str, outputs: list[tuple[str, bytes]]) -> None:
+        return None
+
+    runtime._start_sends = start_sends  # type: ignore[method-assign]
+    runtime._produce = produce  # type: ignore[method-assign]
+    table: dict[bytes, bytes] = {}
+    runtime.customers = table  # type: ignore[assignment]
+    sent: list[ContextCommand] = []
+
+    async def send_command(cmd: ContextCommand) -> None:
+        sent.append(cmd)
+
+    runtime.send_command = send_command  # type: ignore[method-assign]
+    runtime.index_ready = True
+    runtime.readiness = lambda: (True, {})  # type: ignore[method-assign]
+    offsets = iter(range(100))
+
+    async def handle(name: str, value: Any) -> None:
+        topic = runtime.topics.inbound if name == "InboundMessage" else runtime.topics.context_commands
+        await runtime.handle_events([Incoming(KEY.encode(), codec.encode(name, dict(value)), topic, 0,
+                                              next(offsets))])
+
+    start = utcnow() - secs(120)
+    await handle("ContextCommand", command("pause", start, actor="ops"))
+    await handle("InboundMessage", inbound("w1", start))
+    assert await runtime.flush_tick()
+    await handle("ContextCommand", sent[-1])
+    if orders:  # its fetch (a first contact)
+        flushed = sent[-1]
+        await handle("ContextCommand", command("history_fetched", flushed["issued_at"], flushed["batch_id"]))
+    state = cast(CustomerState, codec.decode("CustomerState", table[KEY.encode()]))
+    assert [m["event_id"] for m in state["held_messages"]] == ["w1"]
+    await handle("ContextCommand", command("resume", start + secs(60)))
+    assert await runtime.flush_tick()
+    end = sent[-1]
+    assert (end["batch_id"], end["batch_messages"], end["opened_replies"], end["inbound_messages"]) == (
+        f"{KEY}:2", 0, 0, 1)

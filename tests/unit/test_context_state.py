@@ -657,11 +657,16 @@ def test_reconciliation_sweep_recovers_once_and_answers_within_one_sweep() -> No
     ])
     effects = c.command(sweep)
     assert ("messages_recovered_total", {}, 1) in effects.metrics
+    assert [(m["event_id"], m["recovered"], m["received_at"]) for m in effects.recovered_inbound] == [
+        ("wamid.ONLY", True, T0 + secs(400))], "to the inbound topic, stamped with the sweep's time"
+    for message in effects.recovered_inbound:  # the inbound topic: handled like its webhook
+        c.message(message, message["received_at"])
     batch = c.state["open_batch"]
     assert batch is not None and [m["event_id"] for m in batch["messages"]] == ["wamid.ONLY"]
     assert batch["prior_last_reply_at"] == T0 + secs(40)
     again = c.command(command("history_fetched", T0 + secs(401), None, history=sweep["history"]))
-    assert again.metrics == [] and len(c.state["open_batch"]["messages"]) == 1  # type: ignore[index]
+    assert again.metrics == [] and not again.recovered_inbound
+    assert len(c.state["open_batch"]["messages"]) == 1  # type: ignore[index]
     flushed_request(c, T0 + secs(431))
     assert [(m["event_id"], m.get("recovered")) for m in c.requests[-1]["messages"]] == [("wamid.ONLY", True)]
     assert c.decisions[-1]["recovered_event_ids"] == ["wamid.ONLY"]
@@ -685,12 +690,17 @@ def test_sweep_ignores_messages_before_the_last_reply_or_older_than_a_day() -> N
     assert far.state["open_batch"] is None
 
 
-def test_sweep_joins_an_open_batch_in_time_order() -> None:
+def test_a_swept_message_joins_the_open_batch_and_is_asked_in_time_order() -> None:
     c = Customer()
     talk(c, ("m5", T0 + secs(50)))
     lost = customer_item("lost", T0 + secs(20), "x")
-    c.command(command("history_fetched", T0 + secs(60), None, history=[lost]))
-    assert [m["event_id"] for m in c.state["open_batch"]["messages"]] == ["lost", "m5"]  # type: ignore[index]
+    swept = c.command(command("history_fetched", T0 + secs(60), None, history=[lost]))
+    for message in swept.recovered_inbound:
+        c.message(message, message["received_at"])
+    assert [m["event_id"] for m in c.state["open_batch"]["messages"]] == ["m5", "lost"]  # type: ignore[index]
+    c.flush(T0 + secs(95))
+    c.history(T0 + secs(96))
+    assert [m["event_id"] for m in c.requests[-1]["messages"]] == ["lost", "m5"]
 
 
 def test_reconcile_command_orders_a_fetch_for_wati_customers_only() -> None:
