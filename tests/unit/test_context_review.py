@@ -74,7 +74,10 @@ def test_the_sweep_still_recovers_what_nobody_answered() -> None:
         customer_item("lost1", t("10:10:00"), "¿Aceptan mascotas?"),
         agent_item("own1", t("10:12:00"), "Respuesta automática", operator="API Token 3"),
     ]
-    c.command(command("history_fetched", t("10:30:00"), None, history=history))
+    swept = c.command(command("history_fetched", t("10:30:00"), None, history=history))
+    assert [m["event_id"] for m in swept.recovered_inbound] == ["lost1"]
+    for message in swept.recovered_inbound:  # back through the inbound topic, like its webhook
+        c.message(message, message["received_at"])
     batch = c.state["open_batch"]
     assert batch is not None and [m["event_id"] for m in batch["messages"]] == ["lost1"]
 
