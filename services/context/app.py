@@ -690,9 +690,16 @@ class ContextRuntime:
         changed = new_state is not state
         if changed:
             unwritten[customer] = new_state
+        sends = await self._start_sends(customer, outputs)
+        if effects.fetch is not None:
+            # A read, started now rather than once the chunk is durable (one ack round trip or more
+            # per batch of MISSED_HISTORY=every_batch): its result comes back as a `history_fetched`
+            # command after this event, so whatever happens to this event (replayed after a crash:
+            # the same fetch is ordered again, and the state function takes the first result in log
+            # order and ignores the other) happens before the result is handled.
+            self.fetcher.start(effects.fetch)
         return Pending(item, Decided(item, customer, new_state if changed else None, encoded, effects,
-                                     outputs, await self._start_sends(customer, outputs)), flush_of,
-                       inbound_at)
+                                     outputs, sends), flush_of, inbound_at)
 
     async def _start_sends(
         self, customer: str, outputs: list[tuple[str, bytes]]
@@ -739,8 +746,6 @@ class ContextRuntime:
             await self._durable(outcome, changelog)
         for outcome in decided:
             self._apply_observability(outcome.customer, outcome.effects)
-            if outcome.effects.fetch is not None:  # `reconcile` orders a fetch without a state change
-                self.fetcher.start(outcome.effects.fetch)
         for pending in chunk:
             await self.ack(pending.item)
 

@@ -245,6 +245,7 @@ class HistoryFetcher:
             metrics.history_fetch_failures_total.labels(NO_ACCOUNT, tenant).inc()
             return FetchResult(error=NO_ACCOUNT)
         async with limit:
+            queued = time.monotonic() - started  # waiting for one of the account's fetch slots
             try:
                 history, pages = await asyncio.wait_for(
                     provider.fetch_history(
@@ -271,7 +272,7 @@ class HistoryFetcher:
             log, "history_fetched", logging.INFO if result.error is None else logging.WARNING,
             customer=customer_key, batch_id=batch_id, purpose=purpose, items=len(result.history),
             pages=result.pages, error=result.error, status=result.status,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=round(time.monotonic() - started, 3), queued_seconds=round(queued, 3),
         )
         return result
 

@@ -202,6 +202,33 @@ async def test_a_failed_changelog_send_is_repaired_with_the_newest_state(tmp_pat
     assert acks.acked == [10, 11]
 
 
+async def test_a_history_fetch_starts_when_its_flush_is_decided_before_the_chunk_is_durable(
+    tmp_path: Any,
+) -> None:
+    """MISSED_HISTORY=every_batch: the fetch (a read; its result is a later event) starts as the flush
+    is decided, not one ack round trip or more later; the flush's input is still acked only once its
+    state is on the broker."""
+    table = ChangelogTable()
+    runtime, _, acks = _runtime_with(tmp_path, table)
+    started: list[sm.HistoryFetchOrder] = []
+    runtime.fetcher.start = started.append
+    message = _inbound_event(runtime, "w1", 10)
+    record = cast(Any, codec.decode("InboundMessage", message.value))
+    flush_at = record["received_at"] + secs(runtime.limits.quiet_window_seconds + 1)
+    flush = command("flush", flush_at, f"{KEY}:1")
+    flush_item = Incoming(KEY.encode(), codec.encode("ContextCommand", dict(flush)),
+                          runtime.topics.context_commands, 0, 4, event=FakeEvent(4))
+    handling = asyncio.create_task(runtime.handle_events([message, flush_item]))
+    await _until(lambda: len(table.sent) == 2, "both states written")
+    assert [(o.customer_key, o.batch_id) for o in started] == [(KEY, f"{KEY}:1")], \
+        "the fetch waited for the chunk's changelog acks"
+    assert acks.acked == []
+    for _, _, sent in table.sent:
+        sent.set_result(None)
+    await asyncio.wait_for(handling, 5)
+    assert acks.acked == [10, 4] and len(started) == 1
+
+
 def test_the_private_faust_parts_the_shell_relies_on_still_exist(tmp_path: Any) -> None:
     """faust-streaming and mode-streaming are pinned (pyproject.toml); this fails loudly on an upgrade
     that removes what the shell uses from their insides."""
