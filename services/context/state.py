@@ -631,10 +631,7 @@ def _on_flush(
         queued = _queued(waiting, wanted)
         if len(queued) > MAX_WAITING_FLUSHES:
             return state, _flush_ignored(batch_id, "too_many_waiting")
-        state = copy_plain(state)
-        batch = state["open_batch"]
-        assert batch is not None
-        batch["waiting_flushes"] = queued
+        state = _with_waiting_flushes(state, queued)
         effects = Effects(log=[("flush_waiting", {"batch_id": batch_id, "batch_messages": seen,
                                                   "handled": len(batch["messages"])})])
         return _decide_waiting_flushes(state, limits, effects)  # unless it never can be (liveness)
@@ -773,6 +770,15 @@ def _queued(entries: list[Any], entry: dict[str, Any]) -> list[Any]:
     return [*entries, entry]
 
 
+def _with_waiting_flushes(state: CustomerState, queued: list[Any]) -> CustomerState:
+    """A copy of `state` whose open batch waits with the flushes `queued`."""
+    state = copy_plain(state)
+    batch = state["open_batch"]
+    assert batch is not None
+    batch["waiting_flushes"] = queued
+    return state
+
+
 def _wait_early(
     state: CustomerState, batch_id: str, seen: int, counts: Counts, now: datetime
 ) -> tuple[CustomerState, Effects]:
@@ -804,10 +810,7 @@ def _on_hold_end_flush(
                          {"batch_messages": 0, "issued_at": now, **_count_fields(counts)})
         if len(queued) > MAX_WAITING_FLUSHES:
             return state, _flush_ignored(batch_id, "too_many_waiting")
-        state = copy_plain(state)
-        batch = state["open_batch"]
-        assert batch is not None
-        batch["waiting_flushes"] = queued
+        state = _with_waiting_flushes(state, queued)
     elif _batch_number(state, batch_id) > state["batch_seq"]:
         state, effects = _wait_early(state, batch_id, 0, counts, now)
         if effects.log and effects.log[0][0] == "flush_ignored":
