@@ -285,3 +285,18 @@ class Customer:
         """The responder's reply to the latest (or the given) request."""
         target = request or self.requests[-1]
         return self.replied(reply(target["batch_id"], sent_at, text, ids=ids))
+
+
+def ready_recording_commands(runtime: Any, table: dict[bytes, bytes]) -> list[dict[str, Any]]:
+    """Makes a context runtime ready over `table` (its customers), its timer's commands recorded in
+    the list returned instead of produced."""
+    runtime.customers = table
+    sent: list[dict[str, Any]] = []
+
+    async def send_command(cmd: Any) -> None:
+        sent.append(dict(cmd))
+
+    runtime.send_command = send_command
+    runtime.index_ready = True
+    runtime.readiness = lambda: (True, {})
+    return sent

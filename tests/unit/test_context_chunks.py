@@ -16,7 +16,7 @@ from services.common.timeparse import utcnow
 from services.context import state as sm
 from services.context.app import BEHIND_MAX_WAIT_SECONDS, Incoming, build_limits, create_app
 
-from .context_builders import KEY, Customer, command, inbound, secs
+from .context_builders import KEY, Customer, command, inbound, ready_recording_commands, secs
 
 
 class HeldProducer:
@@ -479,15 +479,7 @@ async def test_a_lagging_agent_gets_one_flush_per_batch_not_one_per_message(tmp_
     customer.history(start - secs(89), [])
     customer.answer(start - secs(70), ids=["wamid.BOT1"])
     table: dict[bytes, bytes] = {KEY.encode(): codec.encode("CustomerState", dict(customer.state))}
-    runtime.customers = table  # type: ignore[assignment]
-    sent: list[dict[str, Any]] = []
-
-    async def send_command(cmd: Any) -> None:
-        sent.append(dict(cmd))
-
-    runtime.send_command = send_command  # type: ignore[method-assign]
-    runtime.index_ready = True
-    runtime.readiness = lambda: (True, {})  # type: ignore[method-assign]
+    sent = ready_recording_commands(runtime, table)
     producer = HeldProducer()
     runtime._producer = producer  # type: ignore[assignment]
     topics = runtime.topics
@@ -539,15 +531,7 @@ async def test_a_batch_is_not_flushed_before_the_agent_read_past_its_quiet_windo
     customer.history(start - secs(89), [])
     customer.answer(start - secs(70), ids=["wamid.BOT1"])
     table: dict[bytes, bytes] = {KEY.encode(): codec.encode("CustomerState", dict(customer.state))}
-    runtime.customers = table  # type: ignore[assignment]
-    sent: list[dict[str, Any]] = []
-
-    async def send_command(cmd: Any) -> None:
-        sent.append(dict(cmd))
-
-    runtime.send_command = send_command  # type: ignore[method-assign]
-    runtime.index_ready = True
-    runtime.readiness = lambda: (True, {})  # type: ignore[method-assign]
+    sent = ready_recording_commands(runtime, table)
     behind = [True]
     runtime.inbound_behind = lambda partition: behind[0]  # type: ignore[method-assign]
     topics = runtime.topics
@@ -607,15 +591,7 @@ async def test_a_batch_waiting_for_the_agent_to_read_further_waits_once(tmp_path
     customer.history(start - secs(89), [])
     customer.answer(start - secs(70), ids=["wamid.BOT1"])
     table: dict[bytes, bytes] = {KEY.encode(): codec.encode("CustomerState", dict(customer.state))}
-    runtime.customers = table  # type: ignore[assignment]
-    sent: list[dict[str, Any]] = []
-
-    async def send_command(cmd: Any) -> None:
-        sent.append(dict(cmd))
-
-    runtime.send_command = send_command  # type: ignore[method-assign]
-    runtime.index_ready = True
-    runtime.readiness = lambda: (True, {})  # type: ignore[method-assign]
+    sent = ready_recording_commands(runtime, table)
     runtime.inbound_behind = lambda partition: True  # type: ignore[method-assign]
     topics = runtime.topics
     quiet = build_limits(settings).quiet_window_seconds

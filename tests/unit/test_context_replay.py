@@ -46,6 +46,7 @@ from .context_builders import (
     hist,
     inbound,
     limits,
+    ready_recording_commands,
     reply,
     roundtrip,
     secs,
@@ -227,15 +228,7 @@ async def test_the_timer_tells_how_many_messages_it_saw(tmp_path: Any) -> None:
                         context_store="memory", data_dir=str(tmp_path))
     runtime = create_app(settings).runtime
     table: dict[bytes, bytes] = {}
-    runtime.customers = table  # type: ignore[assignment]
-    sent: list[ContextCommand] = []
-
-    async def send_command(cmd: ContextCommand) -> None:
-        sent.append(cmd)
-
-    runtime.send_command = send_command  # type: ignore[method-assign]
-    runtime.index_ready = True
-    runtime.readiness = lambda: (True, {})  # type: ignore[method-assign]
+    sent = ready_recording_commands(runtime, table)
     messages = [inbound(f"w{i}", t("10:01:00") + secs(i)) for i in range(3)]
     events = [Incoming(KEY.encode(), codec.encode("InboundMessage", dict(m)), runtime.topics.inbound, 0, i)
               for i, m in enumerate(messages)]
@@ -1343,15 +1336,7 @@ async def test_the_timer_s_flush_of_a_hold_s_end_names_its_counts(tmp_path: Any)
     runtime._start_sends = start_sends  # type: ignore[method-assign]
     runtime._produce = produce  # type: ignore[method-assign]
     table: dict[bytes, bytes] = {}
-    runtime.customers = table  # type: ignore[assignment]
-    sent: list[ContextCommand] = []
-
-    async def send_command(cmd: ContextCommand) -> None:
-        sent.append(cmd)
-
-    runtime.send_command = send_command  # type: ignore[method-assign]
-    runtime.index_ready = True
-    runtime.readiness = lambda: (True, {})  # type: ignore[method-assign]
+    sent = ready_recording_commands(runtime, table)
     offsets = iter(range(100))
 
     async def handle(name: str, value: Any) -> None:
