@@ -42,6 +42,7 @@ load averages are recorded with the result.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -62,6 +63,7 @@ from services.common.kafka import Topics, ensure_topics, make_admin, make_consum
 from services.common.keys import parse_key
 from services.standins import StandIns
 
+from . import stall_report
 from .common import (
     BenchEnv,
     ServiceProcess,
@@ -71,6 +73,7 @@ from .common import (
     percentile,
     run_loadgen,
 )
+from .gcprobe import stalls
 from .loadgen import wa_id_of
 from .stack import Seen, TopicReader
 
@@ -120,6 +123,11 @@ SUSTAINED = 0.9  # a part kept up when its results/s reached this share of the o
 # of each tenant creates its per-tenant clients and the worker's caches fill, which the alternation
 # between configurations does not cancel.
 WARMUP_PER_TENANT = 4
+# A result later than this is part of a stall: the seconds of arrivals with one are set beside what
+# the stall probes saw then (bench/gcprobe/stalls.py in the bench, ingest and context processes; the
+# broker's GC log; the context table's RocksDB LOG)
+STALL_MS = 1500.0
+PROBE_DIR = Path(__file__).resolve().parent / "gcprobe"
 WARMUP_MIN = 100
 
 
@@ -231,6 +239,9 @@ class Tally:
     current_part: list[float] = field(default_factory=list)  # the samples of the part being played
     measuring: bool = True  # False during the warm-up: its results are counted, not sampled
     warmup_samples: int = 0
+    # second of arrival (wall clock) → [results, results over STALL_MS, largest overhead ms]: when
+    # the tail happened, to set beside the stall probes' events (`stalls_of`)
+    by_second: dict[int, list[float]] = field(default_factory=dict)
 
     def update_requests(self, records: list[Seen], *, measure: bool) -> None:
         """Reads new ResponderRequests; with `measure` each is a sample, else only remembered for
@@ -267,6 +278,10 @@ class Tally:
 
     def _sample(self, tenant: str, customer: int, overhead_ms: float, last_ms: float, seen: Seen) -> None:
         self.current_part.append(overhead_ms)
+        second = self.by_second.setdefault(int(last_ms // 1000), [0, 0, 0.0])
+        second[0] += 1
+        second[1] += overhead_ms > STALL_MS
+        second[2] = max(second[2], overhead_ms)
         self.first_ms = min(self.first_ms, last_ms)
         self.last_ms = max(self.last_ms, float(seen.timestamp_ms))
         if not self.measuring:
@@ -363,8 +378,12 @@ class Stack:
         self.reader = await TopicReader(
             self.settings, watched + ([self.topics.replies] if self.until == "reply" else [])
         ).start()
-        for proc in self.procs.values():
+        for service, proc in self.procs.items():
             proc.env.update(self.files.environ)
+            proc.env["BENCH_STALL_PROBE"] = str(self.probe_file(service))
+            proc.env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(PROBE_DIR), proc.env.get("PYTHONPATH", "")) if p
+            )
             proc.start()
         await self.procs["ingest"].wait_ready(f"http://127.0.0.1:{self.settings.ingest_port}/readyz")
         await self.procs["context"].wait_ready(f"http://127.0.0.1:{self.settings.context_web_port}/readyz")
@@ -372,6 +391,9 @@ class Stack:
             await self.procs["responder"].wait_ready(
                 f"http://127.0.0.1:{self.settings.responder_web_port}/readyz"
             )
+
+    def probe_file(self, service: str) -> Path:
+        return self.bench.workdir / self.name / f"stall-probe-{service}.json"
 
     async def stop(self) -> None:
         if self.reader is not None:
@@ -460,8 +482,10 @@ class Stack:
         play["results"] = self.tally.samples - samples0
         # per part: the p99 of a few minutes is set by the machine's worst seconds in them (a stall
         # of the shared VM delays every customer at once), so the parts show how much that moves
-        play["overhead_ms"] = {"p50": percentile(self.tally.current_part, 0.5),
-                               "p99": percentile(self.tally.current_part, 0.99)}
+        play["overhead_ms"] = {
+            "p50": percentile(self.tally.current_part, 0.5),
+            "p99": percentile(self.tally.current_part, 0.99),
+        }
         play["span_seconds"] = max(1e-3, (self.tally.last_ms - self.tally.first_ms) / 1000.0 - QUIET)
         play["results_per_s"] = play["results"] / play["span_seconds"]
         play["kept_up"] = bool(play["drained"]) and play["results_per_s"] >= SUSTAINED * self.size.rate
@@ -514,8 +538,12 @@ class Stack:
             "overhead_ms": stats(samples + [math.inf] * missing),
             "part_p99_ms": [p["overhead_ms"]["p99"] for p in self.plays],
             "median_part_p99_ms": percentile(
-                [p["overhead_ms"]["p99"] if p["overhead_ms"]["p99"] is not None else math.inf
-                 for p in self.plays], 0.5),
+                [
+                    p["overhead_ms"]["p99"] if p["overhead_ms"]["p99"] is not None else math.inf
+                    for p in self.plays
+                ],
+                0.5,
+            ),
             "by_tenant": group_stats(tally.by_tenant, self.per_tenant),
             "by_slice": group_stats(tally.by_slice, self.size.customers_per_tenant),
             "plays": self.plays,
@@ -559,6 +587,40 @@ async def broker_traffic(settings: Settings, log_dir: Path | None) -> dict[str, 
     return {t: v for t, v in sorted(traffic.items()) if v["records"]}
 
 
+def stalls_of(bench: BenchEnv, stacks: list[Stack], bench_probe: Path) -> dict[str, Any]:
+    """Each configuration's stall windows (arrivals with a result later than STALL_MS) with what the
+    probes of every process saw in them, the loops' sampled stacks and RocksDB's stall summary."""
+    probes = {"bench": stalls.read(str(bench_probe))}
+    for stack in stacks:
+        for service in stack.procs:
+            probes[f"{stack.name}-{service}"] = stalls.read(str(stack.probe_file(service)))
+    sources: dict[str, dict[str, list[list[Any]]]] = {
+        name: {"gc_pauses": probe.get("gc_pauses", []), "lags": probe.get("lags", [])}
+        for name, probe in probes.items()
+    }
+    sources["broker"] = {"gc_pauses": stall_report.jvm_gc_pauses(bench.workdir / "broker" / "gc.log")}
+    rocks = {stack.name: stall_report.rocksdb_stalls(bench.workdir / stack.name) for stack in stacks}
+    for name, found in rocks.items():
+        sources[f"{name}-rocksdb"] = {"stalls": found["events"]}
+    windows = {
+        stack.name: stall_report.describe(stall_report.stall_windows(stack.tally.by_second), sources)
+        for stack in stacks
+    }
+    lines = [stall_report.summary_line(name, w) for name, ws in windows.items() for w in ws]
+    return {
+        "late_ms": STALL_MS,
+        "windows": windows,
+        "lines": lines or [f"no result later than {STALL_MS / 1000:.1f} s in either configuration"],
+        "loop_stacks": {name: probe.get("stacks", [])[:10] for name, probe in probes.items()},
+        "lags_over_1s": {
+            name: sum(1 for e in kinds["lags"] if e[1] >= 1.0)
+            for name, kinds in sources.items()
+            if "lags" in kinds
+        },
+        "rocksdb_cumulative": {name: found["cumulative"] for name, found in rocks.items()},
+    }
+
+
 def round_order(rounds: int) -> list[tuple[int, int]]:
     """(round, stack) pairs, alternating which stack goes first (A B, B A, A B, ...), so a machine
     whose load drifts during the run weighs on both configurations alike."""
@@ -577,6 +639,8 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
         raise ValueError(f"until must be 'request' or 'reply', not {until!r}")
     size = size_for(bench.scale.name, os.environ)
     commit = git_commit()
+    bench_probe = bench.workdir / "stall-probe-bench.json"
+    stalls.install(str(bench_probe), asyncio.get_running_loop())
     async with StandIns.running() as standins:
         stacks = [
             Stack(bench, standins, "tenants", tenant_ids(size.tenants), until),
@@ -586,8 +650,9 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
             for stack in stacks:
                 await stack.start()
             # the same seeded schedule for both (customer n's route: its tenant in each stack)
-            plans = [schedule(size, st.tag, [n // st.per_tenant for n in range(size.customers)])
-                     for st in stacks]
+            plans = [
+                schedule(size, st.tag, [n // st.per_tenant for n in range(size.customers)]) for st in stacks
+            ]
             for stack in stacks:  # a warm-up part each (discarded), its customers spread over every tenant
                 routes = [i % len(stack.ids) for i in range(warmup_count(size))]
                 await stack.warm_up(warmup_schedule(size, stack.tag, routes))
@@ -595,6 +660,7 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
             for number, which in round_order(size.rounds):
                 await stacks[which].play(plans[which][number * per_round : (number + 1) * per_round])
             many, single = [await st.summary() for st in stacks]
+            stall_details = stalls_of(bench, stacks, bench_probe)
         finally:
             for stack in stacks:
                 await stack.stop()
@@ -650,11 +716,17 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
             "ms",
             baseline=single["median_part_p99_ms"],
             note="p99 of each part (in the order played): tenants "
-            + ", ".join(_fmt_ms(v) for v in many["part_p99_ms"]) + " / single "
-            + ", ".join(_fmt_ms(v) for v in single["part_p99_ms"]) + " ms",
+            + ", ".join(_fmt_ms(v) for v in many["part_p99_ms"])
+            + " / single "
+            + ", ".join(_fmt_ms(v) for v in single["part_p99_ms"])
+            + " ms",
         ),
-        figure("p50, all tenants pooled vs single tenant", many["overhead_ms"]["p50"], "ms",
-               baseline=single["overhead_ms"]["p50"]),
+        figure(
+            "p50, all tenants pooled vs single tenant",
+            many["overhead_ms"]["p50"],
+            "ms",
+            baseline=single["overhead_ms"]["p50"],
+        ),
         figure(
             f"{'requests' if until == 'request' else 'replies'}/s produced (offered {size.rate:.0f} msg/s)",
             many["throughput_per_s"],
@@ -690,8 +762,15 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
             f"account on the stand-in; a warm-up part of {warmup_count(size)} other customers per "
             "configuration before the measured parts, not counted (details.tenants.warmup)",
             f"commit {commit}",
+            *stall_details["lines"],
         ],
-        "details": {"commit": commit, "size": size.__dict__, "tenants": many, "single": single},
+        "details": {
+            "commit": commit,
+            "size": size.__dict__,
+            "tenants": many,
+            "single": single,
+            "stalls": stall_details,
+        },
     }
 
 

@@ -3,6 +3,8 @@
 `bench.growth` puts this directory on the context worker's PYTHONPATH with BENCH_GC_PROBE set to a
 file: every collection's generation and duration (gc.callbacks) are summed, and the sums are
 written to that file every second as JSON — the bench reads them before and after a part.
+With BENCH_STALL_PROBE set to a file, `stalls.py` (the stall probe: long GC pauses, loop lag and the
+loop's stack while it is late, with wall-clock times) is installed too.
 """
 
 from __future__ import annotations
@@ -56,3 +58,7 @@ def _install(path: str) -> None:
 
 if _PATH:
     _install(_PATH)
+if os.environ.get("BENCH_STALL_PROBE"):  # `stalls.py` beside this file (bench.tenants)
+    import stalls  # type: ignore[import-not-found]  # beside this file, on the same PYTHONPATH
+
+    stalls.install(os.environ["BENCH_STALL_PROBE"])

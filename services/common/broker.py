@@ -179,6 +179,11 @@ class EmbeddedKafka:
     def log_file(self) -> Path:
         return self.data_dir / "broker.log"
 
+    @property
+    def gc_log_file(self) -> Path:
+        """The JVM's GC log (one line per pause, with its wall time and duration)."""
+        return self.data_dir / "gc.log"
+
     def _write_config(self) -> Path:
         client = "SASL_SSL" if self.secured else "PLAINTEXT"
         listeners = f"{client}://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
@@ -247,6 +252,8 @@ class EmbeddedKafka:
         log = open(self.log_file, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         self.process = subprocess.Popen(
             ["java", f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseSerialGC",
+             # each pause with its wall time: a stalled broker stalls every service at once
+             f"-Xlog:gc:file={self.gc_log_file}:time,uptime:filecount=2,filesize=10m",
              "-XX:TieredStopAtLevel=1", "-Dorg.slf4j.simpleLogger.defaultLogLevel=info",
              "-cp", classpath, "kafka.Kafka", str(config)],
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,

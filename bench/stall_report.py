@@ -1,0 +1,134 @@
+"""When a benchmark's tail happened and what each process was doing then.
+
+A benchmark that sees a tail of several seconds in one part (every customer late at once) needs to
+know which process stopped: the stall probes (`bench/gcprobe/stalls.py`: long GC pauses, loop lag
+and the loop's stack, in the bench process and each service), the broker's JVM GC log and the
+RocksDB LOG of a table store. This module turns the results' per-second timeline into stall windows
+and sets beside each the events of every source that overlap it. Plain functions over plain data.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+# a window: arrivals of these seconds had a late result; events from this many seconds before its
+# first arrival (a stall just before the arrivals delays them too) up to its last late result
+LEAD_SECONDS = 2.0
+
+
+def stall_windows(by_second: dict[int, list[float]], *, join_gap: int = 2) -> list[dict[str, Any]]:
+    """Consecutive seconds (gaps up to `join_gap` joined) whose arrivals had a late result:
+    `by_second` maps a second to [results, late results, largest overhead ms]."""
+    windows: list[dict[str, Any]] = []
+    for second in sorted(s for s, v in by_second.items() if v[1] > 0):
+        _, late, largest = by_second[second]
+        if windows and second - windows[-1]["last_second"] <= join_gap:
+            window = windows[-1]
+            window["last_second"] = second
+            window["late"] += int(late)
+            window["largest_ms"] = max(window["largest_ms"], largest)
+        else:
+            windows.append(
+                {"first_second": second, "last_second": second, "late": int(late), "largest_ms": largest}
+            )
+    for window in windows:
+        window["results"] = int(
+            sum(by_second.get(s, [0])[0] for s in range(window["first_second"], window["last_second"] + 1))
+        )
+        window["from"] = window["first_second"] - LEAD_SECONDS
+        window["to"] = window["last_second"] + 1 + window["largest_ms"] / 1000.0
+    return windows
+
+
+def events_in(window: dict[str, Any], events: list[list[Any]]) -> list[list[Any]]:
+    """The events (first item: wall time in s) inside the window's span."""
+    return [e for e in events if window["from"] <= e[0] <= window["to"]]
+
+
+_JVM_PAUSE = re.compile(r"^\[(?P<time>[^\]]+)\]\[[^\]]+\] GC\(\d+\) (?P<what>Pause .*?) (?P<ms>[\d.]+)ms$")
+
+
+def jvm_gc_pauses(path: Path, *, at_least_ms: float = 50.0) -> list[list[Any]]:
+    """[wall time, seconds, what] of each pause of a JVM GC log (`-Xlog:gc:...:time,uptime`)."""
+    pauses: list[list[Any]] = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return pauses
+    for line in lines:
+        match = _JVM_PAUSE.match(line.strip())
+        if match is None or float(match["ms"]) < at_least_ms:
+            continue
+        when = datetime.strptime(match["time"], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+        pauses.append([when, round(float(match["ms"]) / 1000.0, 4), match["what"]])
+    return pauses
+
+
+_ROCKS_LINE = re.compile(r"^(?P<time>\d{4}/\d\d/\d\d-\d\d:\d\d:\d\d\.\d+) \S+ (?P<text>.*)$")
+_ROCKS_STALL = re.compile(r"Stalling writes|Stopping writes|stall", re.IGNORECASE)
+
+
+def rocksdb_stalls(directory: Path) -> dict[str, Any]:
+    """Write stalls RocksDB reported in the LOG files under `directory`: each stall line with its
+    time (local time of the process, as RocksDB writes it), and the last cumulative-stall summary."""
+    events: list[list[Any]] = []
+    cumulative: list[str] = []
+    for log in sorted(directory.rglob("LOG")):
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if "Cumulative stall" in line:
+                cumulative.append(f"{log.parent.name}: {line.strip()}")
+                continue
+            match = _ROCKS_LINE.match(line)
+            if match is None or not _ROCKS_STALL.search(match["text"]) or "Stalls(count)" in line:
+                continue
+            when = datetime.strptime(match["time"], "%Y/%m/%d-%H:%M:%S.%f").timestamp()
+            events.append([when, match["text"][:200]])
+    return {"events": events, "cumulative": cumulative[-8:]}
+
+
+Sources = dict[str, dict[str, list[list[Any]]]]  # source (a process, a log) → kind → events
+
+
+def describe(windows: list[dict[str, Any]], sources: Sources) -> list[dict[str, Any]]:
+    """Each window with, per source (a process or log) and kind (gc_pauses, lags, ...), its events."""
+    described = []
+    for window in windows:
+        seen = {
+            source: {kind: events_in(window, events) for kind, events in kinds.items()}
+            for source, kinds in sources.items()
+        }
+        described.append(
+            window
+            | {
+                "seen": {
+                    s: {k: e for k, e in kinds.items() if e}
+                    for s, kinds in seen.items()
+                    if any(kinds.values())
+                }
+            }
+        )
+    return described
+
+
+def summary_line(name: str, window: dict[str, Any]) -> str:
+    """One line for a report: the window, and per source the longest event of each kind."""
+    start = datetime.fromtimestamp(window["first_second"]).strftime("%H:%M:%S")
+    end = datetime.fromtimestamp(window["last_second"]).strftime("%H:%M:%S")
+    parts = []
+    for source, kinds in window["seen"].items():
+        for kind, events in kinds.items():
+            longest = max((e[1] for e in events if isinstance(e[1], (int, float))), default=None)
+            longest_text = f" (longest {longest:.2f} s)" if longest else ""
+            parts.append(f"{source} {kind} x{len(events)}{longest_text}")
+    found = "; ".join(parts) or "no probe saw anything"
+    return (
+        f"{name}: arrivals {start}-{end}, {window['late']} of {window['results']} results late "
+        f"(largest {window['largest_ms'] / 1000:.1f} s): {found}"
+    )
