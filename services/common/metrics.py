@@ -95,6 +95,14 @@ produce_latency_seconds = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY)
 
+# every service
+event_loop_lag_seconds = Histogram(
+    "watistream_event_loop_lag_seconds",
+    "How much later than asked the event loop woke a sleeping task (services/common/loop_lag.py)",
+    ["service"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY)
+
 # every consumer
 dead_letters_total = Counter(
     "watistream_dead_letters_total", "Messages sent to the dead-letter topic",

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 from services.common import deadletters, logs
 from services.common.config import ConfigError, Settings
 from services.common.kafka import ensure_topics, make_producer
+from services.common.loop_lag import loop_lag_watched
 from services.common.ops_http import bound_port
 from services.common.tenants import load_tenants
 from services.responder.prompt import labels_for
@@ -127,8 +128,9 @@ async def run(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     service = ConsoleService(settings)
     try:
-        await service.start()
-        await stop.wait()
+        async with loop_lag_watched("console"):
+            await service.start()
+            await stop.wait()
     finally:
         await service.stop()
     return 0

@@ -59,6 +59,7 @@ from services.common import codec, kafka, logs, metrics
 from services.common.config import ConfigError, Settings
 from services.common.kafka import Topics
 from services.common.keys import KeyError_, parse_key
+from services.common.loop_lag import watch_loop_lag
 from services.common.records import (
     AgentActivity,
     AssistantReply,
@@ -1532,6 +1533,11 @@ def create_app(settings: Settings, *, table_standby_replicas: int = 1) -> Contex
         return run_tick
 
     app.task(runtime.flush_loop)
+
+    @app.task
+    async def watch_the_loop() -> None:
+        await watch_loop_lag(SERVICE)
+
     app.timer(interval=LAG_INTERVAL_SECONDS, name="context-lag")(guarded(runtime.lag_tick, "context-lag"))
     if settings.reconcile_interval_seconds > 0:
         app.timer(interval=settings.reconcile_interval_seconds, name="context-reconcile")(

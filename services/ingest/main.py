@@ -12,6 +12,7 @@ from collections.abc import Callable
 from services.common import logs
 from services.common.config import ConfigError, Settings
 from services.common.logs import event
+from services.common.loop_lag import loop_lag_watched
 
 from .app import serve
 
@@ -67,7 +68,7 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with serve(settings) as url:
+    async with serve(settings) as url, loop_lag_watched("ingest"):
         event(log, "ingest_listening", url=url)
         await stop.wait()
         event(log, "ingest_stopping")

@@ -42,6 +42,7 @@ from ..common.kafka import Topics, ensure_topics, make_producer
 from ..common.keyed_consumer import KeyedConsumer
 from ..common.keys import DEFAULT_TENANT
 from ..common.logs import event
+from ..common.loop_lag import loop_lag_watched
 from ..common.openai_accounts import OpenAIClients, openai_account
 from ..common.ops_http import bound_port, serve_ops
 from ..common.tenants import Tenant, Tenants, load_tenants, require_served_channels, serves_tenant_accounts
@@ -252,8 +253,9 @@ async def run(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await responder.start()
-        await stop.wait()
+        async with loop_lag_watched(SERVICE):
+            await responder.start()
+            await stop.wait()
     finally:
         await responder.stop()
     return 0

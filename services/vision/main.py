@@ -28,6 +28,7 @@ from services.common.config import Settings
 from services.common.fair_share import per_tenant_slots
 from services.common.kafka import ensure_topics, make_producer
 from services.common.keyed_consumer import KeyedConsumer
+from services.common.loop_lag import loop_lag_watched
 from services.common.openai_accounts import OpenAIAccount, OpenAIClients, openai_account
 from services.common.ops_http import serve_ops
 from services.providers.accounts import AccountClients, NoAccount, load_served_tenants
@@ -153,8 +154,9 @@ async def run(settings: Settings) -> int:
     # OPS_WEB_HOST (loopback by default; 0.0.0.0 in docker-compose), as for the responder
     ops = await serve_ops(settings.ops_web_host, settings.vision_web_port, vision.ready)
     try:
-        await vision.start()
-        await stop.wait()
+        async with loop_lag_watched(SERVICE):
+            await vision.start()
+            await stop.wait()
     finally:
         await vision.stop()
         await ops.cleanup()

@@ -449,8 +449,10 @@ async def test_views_need_the_token_and_ops_endpoints_answer(
     assert 'watistream_agent_up{agent="context-events",service="context"} 1.0' in metrics_response.text
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 15
-    while 'watistream_consumer_lag{service="context"}' not in metrics_response.text:  # every 5 s
-        assert loop.time() < deadline, "consumer lag never exported"
+    exported = ('watistream_consumer_lag{service="context"}',  # every 5 s
+                'watistream_event_loop_lag_seconds_count{service="context"}')  # every 0.25 s
+    while not all(name in metrics_response.text for name in exported):
+        assert loop.time() < deadline, "consumer lag or event loop lag never exported"
         await asyncio.sleep(0.2)
         metrics_response = await http.get(worker.url + "/metrics")
     for builtin in ("/table/customers/", f"/table/customers/{customer}/", "/router/", "/graph/"):

@@ -481,6 +481,12 @@ async def test_the_cli_serves_and_stops_cleanly_on_sigterm(
         payload["whatsappMessageId"] = "wamid.cli-process"
         status, _ = await post(http, f"{url}/webhooks/wati", payload)
         assert status == 200
+        while True:  # the process watches its event loop (observed every 0.25 s)
+            async with http.get(f"{url}/metrics") as resp:
+                if 'watistream_event_loop_lag_seconds_count{service="ingest"}' in await resp.text():
+                    break
+            assert time.monotonic() < deadline, "the ingest process exports no event loop lag"
+            await asyncio.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 15) == 0
     stderr = proc.stderr.read().decode() if proc.stderr else ""

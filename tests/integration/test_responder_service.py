@@ -852,6 +852,12 @@ async def test_cli_worker_answers_and_stops_cleanly_on_sigterm(env: Env, tmp_pat
                 assert proc.returncode is None, "worker exited"
                 assert loop.time() < deadline, "worker not ready"
                 await asyncio.sleep(0.1)
+            # the process watches its event loop (observed every 0.25 s)
+            while 'watistream_event_loop_lag_seconds_count{service="responder"}' not in (
+                await http.get("/metrics")
+            ).text:
+                assert loop.time() < deadline, "the responder process exports no event loop lag"
+                await asyncio.sleep(0.1)
         key, ident = new_customer()
         b = batch(key, ident, "Hola desde el proceso")
         await env.producer.send_and_wait(Topics.from_settings(rs).responder_requests,

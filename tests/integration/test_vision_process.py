@@ -77,6 +77,12 @@ async def test_process_gets_ready_forwards_and_stops_cleanly_on_sigterm(
                     await asyncio.sleep(0.1)
                 assert ready.json() == {"ready": True, "reason": "ok"}
                 assert b"watistream_agent_up" in (await http.get(f"http://127.0.0.1:{port}/metrics")).content
+                # the process watches its event loop (observed every 0.25 s)
+                while b'watistream_event_loop_lag_seconds_count{service="vision"}' not in (
+                    await http.get(f"http://127.0.0.1:{port}/metrics")
+                ).content:
+                    assert loop.time() < deadline, "vision exports no event loop lag"
+                    await asyncio.sleep(0.1)
 
             batch = f"proc-{uuid.uuid4().hex[:8]}"
             request = {

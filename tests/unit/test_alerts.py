@@ -62,6 +62,8 @@ def label_names() -> dict[str, set[str]]:
         if isinstance(value, MetricWrapperBase):
             # prometheus_client keeps these on private attributes; there is no public accessor
             out[value._name] = set(value._labelnames)
+            if isinstance(value, Histogram):  # a histogram's buckets carry their bound as `le`
+                out[value._name].add("le")
     return out
 
 
