@@ -124,7 +124,7 @@ def summary_line(name: str, window: dict[str, Any]) -> str:
     parts = []
     for source, kinds in window["seen"].items():
         for kind, events in kinds.items():
-            longest = max((e[1] for e in events if isinstance(e[1], (int, float))), default=None)
+            longest = max((e[1] for e in events if isinstance(e[1], (int, float))), default=None)  # seconds
             longest_text = f" (longest {longest:.2f} s)" if longest else ""
             parts.append(f"{source} {kind} x{len(events)}{longest_text}")
     found = "; ".join(parts) or "no probe saw anything"

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -102,10 +103,13 @@ class Size:
 
 
 SIZES = {
-    # the issue's size: 100,000 messages at 100 msg/s = 1,000 s per configuration, ~40 min in all.
-    # Each message opens a batch (3 context events: message, flush, history result), so 100 msg/s
-    # is what one context worker keeps up with on 2 shared cores with the broker and ingest beside it
-    "full": Size(50, 2000, 100.0, 4),
+    # the issue's size: 100,000 messages at 70 msg/s = 1,430 s per configuration, ~50 min in all.
+    # Each message opens a batch (3 context events: message, flush, history result; ~8.5 ms of the
+    # worker's CPU). At 100 msg/s the worker used ~0.85 of a core and the whole machine (broker,
+    # ingest, load generator, this process) nearly both: two runs of the same code gave the single
+    # tenant a p99 of 0.6 s and 14 s (BENCHMARKS.md section 9), a measure of the queue, not of the
+    # tenants. At 70 msg/s every process keeps a margin.
+    "full": Size(50, 2000, 70.0, 4),
     # same 50 tenants, 100 customers each (a tenant's p99 is then its largest value), at a rate the
     # shared 2-core machine sustained under a load average of ~15 (50 msg/s did not), in 4 parts
     "quick": Size(50, 100, 30.0, 4),
@@ -351,6 +355,7 @@ class Stack:
             tenant_id: standins.wati.add_tenant(wati_tenant_of(tenant_id), standins.wati.token)
             for tenant_id in ids
         }
+        self.history_reads = dict.fromkeys(ids, 0)  # getMessages per tenant's account (`take_wati_requests`)
         self.settings = bench.settings(
             name,
             quiet_window_seconds=QUIET,
@@ -391,6 +396,14 @@ class Stack:
             await self.procs["responder"].wait_ready(
                 f"http://127.0.0.1:{self.settings.responder_web_port}/readyz"
             )
+
+    def take_wati_requests(self) -> dict[str, int]:
+        """Adds the history reads the stand-in recorded for each tenant's account to the count and
+        forgets the requests (100,000s of them would fill this process); returns the counts."""
+        for tenant_id, account in self.wati_accounts.items():
+            self.history_reads[tenant_id] += sum(1 for r in account.requests if "/getMessages/" in r.path)
+            account.requests.clear()
+        return dict(self.history_reads)
 
     def probe_file(self, service: str) -> Path:
         return self.bench.workdir / self.name / f"stall-probe-{service}.json"
@@ -477,6 +490,13 @@ class Stack:
         total = self.accepted + warmed + (0 if measured else accepted)
         play["drained"] = await self.reader.wait_until(lambda: self._drained(total), max(120.0, 3 * seconds))
         play["wall_seconds"] = round(time.monotonic() - wall0, 1)
+        self.take_wati_requests()
+        # This process serves every history check (the WATI stand-in): a collection of its garbage
+        # delays them all. Part after part its heap grew and its full collections took 0.4-1.3 s
+        # (stall probe, 50 x 2,000 at 100 msg/s); collected and frozen between parts, each walks
+        # what one part adds.
+        gc.collect()
+        gc.freeze()
         # results over the span from the play's first measured message + the quiet window to its
         # last result: at a load the services sustain this is the offered rate; above, what they did
         play["results"] = self.tally.samples - samples0
@@ -525,10 +545,7 @@ class Stack:
             "samples": tally.measured_samples,
             "warmup": self.warmup,
             # history checks read from each tenant's own WATI account (warm-up included)
-            "history_reads_by_tenant": {
-                t: sum(1 for r in account.requests if "/getMessages/" in r.path)
-                for t, account in self.wati_accounts.items()
-            },
+            "history_reads_by_tenant": self.take_wati_requests(),
             "missing": missing,
             "drained": all(p["drained"] for p in self.plays),
             "kept_up": all(p["kept_up"] for p in self.plays),
@@ -587,10 +604,10 @@ async def broker_traffic(settings: Settings, log_dir: Path | None) -> dict[str, 
     return {t: v for t, v in sorted(traffic.items()) if v["records"]}
 
 
-def stalls_of(bench: BenchEnv, stacks: list[Stack], bench_probe: Path) -> dict[str, Any]:
+def stalls_of(bench: BenchEnv, stacks: list[Stack], bench_probe: dict[str, Any]) -> dict[str, Any]:
     """Each configuration's stall windows (arrivals with a result later than STALL_MS) with what the
     probes of every process saw in them, the loops' sampled stacks and RocksDB's stall summary."""
-    probes = {"bench": stalls.read(str(bench_probe))}
+    probes = {"bench": bench_probe}
     for stack in stacks:
         for service in stack.procs:
             probes[f"{stack.name}-{service}"] = stalls.read(str(stack.probe_file(service)))
@@ -639,8 +656,7 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
         raise ValueError(f"until must be 'request' or 'reply', not {until!r}")
     size = size_for(bench.scale.name, os.environ)
     commit = git_commit()
-    bench_probe = bench.workdir / "stall-probe-bench.json"
-    stalls.install(str(bench_probe), asyncio.get_running_loop())
+    bench_probe = stalls.install(str(bench.workdir / "stall-probe-bench.json"), asyncio.get_running_loop())
     async with StandIns.running() as standins:
         stacks = [
             Stack(bench, standins, "tenants", tenant_ids(size.tenants), until),
@@ -660,8 +676,9 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
             for number, which in round_order(size.rounds):
                 await stacks[which].play(plans[which][number * per_round : (number + 1) * per_round])
             many, single = [await st.summary() for st in stacks]
-            stall_details = stalls_of(bench, stacks, bench_probe)
+            stall_details = stalls_of(bench, stacks, bench_probe.snapshot())
         finally:
+            bench_probe.stop()
             for stack in stacks:
                 await stack.stop()
     worst = many["by_tenant"]["worst_p99"]

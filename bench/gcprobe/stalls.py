@@ -9,8 +9,9 @@ Records, with wall-clock times (`time.time()`, comparable across the run's proce
   watchdog each `BEAT` (if the watchdog cannot run during a stall, the loop thread holds the GIL
   in one native call — a GC, or a C extension that does not release it — which is itself the answer).
 
-Written as JSON to the given path every second. Loaded in a service by `sitecustomize` (this
-directory on its PYTHONPATH, `BENCH_STALL_PROBE=<file>`), in the bench process by `install`.
+Every event is a list `[wall time, seconds, ...]`. Written as JSON to the given path every second.
+Loaded in a service by `sitecustomize` (this directory on its PYTHONPATH, `BENCH_STALL_PROBE=<file>`),
+in the bench process by `install`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 import traceback
 from typing import Any
 
-BEAT = 0.05
+BEAT = 0.1
 LONG_GC = 0.05
 LONG_LAG = 0.2
 SAMPLE_AFTER = 0.3
@@ -38,7 +39,7 @@ class Probe:
         self.path = path
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread: int | None = None
-        self.gc_pauses: list[list[Any]] = []  # [wall, generation, seconds, collected]
+        self.gc_pauses: list[list[Any]] = []  # [wall, seconds, generation, collected]
         self.lags: list[list[Any]] = []  # [wall posted, seconds late, samples taken]
         self.stacks: dict[str, int] = {}  # a sampled stack (innermost last) → times seen
         self._gc_started = 0.0
@@ -54,7 +55,7 @@ class Probe:
         if took >= LONG_GC:
             self._keep(
                 self.gc_pauses,
-                [time.time() - took, info["generation"], round(took, 4), info.get("collected", 0)],
+                [time.time() - took, round(took, 4), info["generation"], info.get("collected", 0)],
             )
 
     # -- the loop ------------------------------------------------------------------------------

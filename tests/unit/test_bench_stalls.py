@@ -52,7 +52,7 @@ def test_the_probe_records_a_long_gc_with_its_time(tmp_path: Path) -> None:
     finally:
         gc.callbacks.remove(probe.on_gc)
     assert probe.gc_pauses, "the collection was not recorded"
-    started, generation, seconds, collected = probe.gc_pauses[-1]
+    started, seconds, generation, collected = probe.gc_pauses[-1]
     assert generation == 2
     assert collected >= 300_000
     assert before - 0.05 <= started <= time.time()
