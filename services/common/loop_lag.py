@@ -3,9 +3,9 @@
 Every service does its work on one asyncio loop: while something holds that loop (a long
 synchronous call, a large garbage collection, a store write that waits for a compaction), the
 service serves nobody, yet its queue and lag gauges move only afterwards. So each service measures
-the loop itself: a task sleeps `LAG_INTERVAL` and records how much later than asked it woke, into
-`watistream_event_loop_lag_seconds`, and logs a warning for a wake-up `STALL_LOG_SECONDS` late or
-more (alert: WatistreamEventLoopBlocked).
+the loop itself: a task sleeps `LOOP_LAG_INTERVAL_SECONDS` and records how much later than asked it
+woke, into `watistream_event_loop_lag_seconds`, and logs a warning for a wake-up `STALL_LOG_SECONDS`
+late or more (alert: WatistreamEventLoopBlocked).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from . import logs, metrics
 
 log = logging.getLogger(__name__)
 
-LAG_INTERVAL = 0.25  # seconds between two looks; the lag of a wake-up is what it adds to this
-STALL_LOG_SECONDS = 1.0  # a wake-up this late is logged (a customer waited this long for nothing)
+LOOP_LAG_INTERVAL_SECONDS = 0.25  # between two looks; the lag of a wake-up is what it adds to this
+STALL_LOG_SECONDS = 1.0  # a wake-up this late is logged
 
 
 def lag_of(slept_from: float, woke_at: float, interval: float) -> float:
@@ -32,7 +32,7 @@ def lag_of(slept_from: float, woke_at: float, interval: float) -> float:
 async def watch_loop_lag(
     service: str,
     *,
-    interval: float = LAG_INTERVAL,
+    interval: float = LOOP_LAG_INTERVAL_SECONDS,
     log_after: float = STALL_LOG_SECONDS,
     clock: Callable[[], float] = time.perf_counter,
 ) -> None:
@@ -44,7 +44,8 @@ async def watch_loop_lag(
         lag = lag_of(slept_from, clock(), interval)
         observed.observe(lag)
         if lag >= log_after:
-            # nothing else ran meanwhile: every customer of this worker waited this long
+            # one long callback or a backlog of ready ones: work that became ready meanwhile waited
+            # up to this long
             logs.event(log, "event_loop_blocked", logging.WARNING, service=service, seconds=round(lag, 3))
 
 

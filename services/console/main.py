@@ -31,7 +31,7 @@ from services.responder.prompt import labels_for
 
 from .app import Console, build_app
 from .auth import Sessions, hash_password, load_accounts
-from .consumer import ConsoleConsumer
+from .consumer import SERVICE, ConsoleConsumer
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ async def run(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     service = ConsoleService(settings)
     try:
-        async with loop_lag_watched("console"):
+        async with loop_lag_watched(SERVICE):
             await service.start()
             await stop.wait()
     finally:

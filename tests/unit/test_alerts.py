@@ -14,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.utils import floatToGoString
 
 from services.common import metrics
 
@@ -197,6 +198,34 @@ def test_a_wrong_label_is_caught(rules: list[dict[str, Any]]) -> None:
     problems = label_problems(broken, exported)
     assert "WatistreamDeadLetters: grouping by unknown label 'svc'" in problems
     assert "WatistreamIngestBrokerUnavailable: watistream_http_requests_total has no label 'code'" in problems
+
+
+BUCKET_BOUND = re.compile(r'\b(watistream_[A-Za-z0-9_]+)_bucket\s*\{[^}]*\ble\s*=\s*"([^"]*)"')
+
+
+def bucket_problems(rules: list[dict[str, Any]]) -> list[str]:
+    """`le` values in the alerts that are no bucket bound of their histogram, as the code exports it
+    (prometheus_client writes the bound 1 as "1.0": a rule with `le="1"` would match nothing)."""
+    bounds = {
+        value._name: {floatToGoString(b) for b in value._upper_bounds}
+        for value in vars(metrics).values()
+        if isinstance(value, Histogram)
+    }
+    return [
+        f"{rule['alert']}: {name} has no bucket le={le!r}"
+        for rule in rules
+        for name, le in BUCKET_BOUND.findall(rule["expr"])
+        if le not in bounds.get(name, set())
+    ]
+
+
+def test_every_bucket_bound_named_is_one_the_histogram_has(rules: list[dict[str, Any]]) -> None:
+    assert any(BUCKET_BOUND.search(rule["expr"]) for rule in rules)  # the check has something to check
+    assert bucket_problems(rules) == []
+    wrong = load_rules(ALERTS.read_text(encoding="utf-8").replace('le="1.0"', 'le="1"'))
+    assert bucket_problems(wrong) == [
+        "WatistreamEventLoopBlocked: watistream_event_loop_lag_seconds has no bucket le='1'"
+    ]
 
 
 class _Fixed:
