@@ -95,6 +95,7 @@ class BenchEnv:
     scale: Scale
     profile: bool = False
     broker_pid: int | None = None  # the embedded broker's JVM, for CPU accounting (None: external)
+    broker_gc_log: Path | None = None  # its GC log, one line per pause (None: external)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
 
     def settings(self, name: str, **overrides: Any) -> Settings:
@@ -130,6 +131,27 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env.update({f.metadata["env"]: str(getattr(settings, f.name)) for f in dataclasses.fields(settings)})
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+#: `sitecustomize` and the probes it loads into a service whose PYTHONPATH starts with it
+#: (`with_probes`): the GC probe (BENCH_GC_PROBE) and the stall probe (BENCH_STALL_PROBE)
+PROBE_DIR = Path(__file__).resolve().parent / "gcprobe"
+
+
+def with_probes(env: dict[str, str], **probe_files: str) -> None:
+    """Loads the probes into the service started with `env`: PROBE_DIR first on its PYTHONPATH and
+    each `BENCH_..._PROBE=<file>` given (the probe writes its figures there every second)."""
+    env.update(probe_files)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROBE_DIR), env.get("PYTHONPATH", "")) if p)
+
+
+def read_probe(path: Path) -> dict[str, Any]:
+    """A probe's last written figures ({} before its first write)."""
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+    except (OSError, ValueError):
+        return {}
 
 
 class ServiceProcess:

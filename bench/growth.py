@@ -25,7 +25,6 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from aiokafka.structs import TopicPartition
@@ -35,7 +34,7 @@ from services.common.kafka import make_consumer, make_producer
 from services.context.app import SERVICE, TABLE_NAME, customer_partition
 from services.standins import StandIns
 
-from .common import BenchEnv, Profiler, figure, git_commit
+from .common import BenchEnv, Profiler, figure, git_commit, read_probe, with_probes
 from .loadgen import wa_id_of
 from .tenants import SINGLE_TENANT, Stack
 
@@ -46,7 +45,6 @@ PROBE = {"full": (4_000, 50.0), "quick": (2_000, 50.0), "smoke": (100, 20.0)}
 WARMUP = 200
 #: the filled customers' numbers start here (the probes' customers are 0, 1, …; the warm-up's after)
 FILL_BASE = 50_000_000
-GC_PROBE_DIR = Path(__file__).resolve().parent / "gcprobe"
 
 
 def changelog_topic(prefix: str) -> str:
@@ -121,14 +119,6 @@ async def fill(stack: Stack, template: tuple[str, dict[str, Any]], start: int, s
     return time.monotonic() - began
 
 
-def read_gc(path: Path) -> dict[str, Any]:
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-        return data
-    except (OSError, ValueError):
-        return {}
-
-
 async def run(bench: BenchEnv) -> dict[str, Any]:
     levels = tuple(int(v) for v in os.environ["BENCH_GROWTH_LEVELS"].split(",")) \
         if os.environ.get("BENCH_GROWTH_LEVELS") else LEVELS[bench.scale.name]
@@ -143,9 +133,7 @@ async def run(bench: BenchEnv) -> dict[str, Any]:
     async with StandIns.running() as standins:
         stack = Stack(bench, standins, "growth", [SINGLE_TENANT], "request")
         context = stack.procs["context"]
-        context.env["BENCH_GC_PROBE"] = str(gc_file)
-        context.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(GC_PROBE_DIR), context.env.get("PYTHONPATH", "")) if p)
+        with_probes(context.env, BENCH_GC_PROBE=str(gc_file))
         try:
             await stack.start()
             warm = [[i / rate, wa_id_of(n), f"{stack.tag} c{n}", 0]
@@ -165,12 +153,12 @@ async def run(bench: BenchEnv) -> dict[str, Any]:
                 first = number * probe_customers
                 entries = [[i / rate, wa_id_of(first + i), f"{stack.tag} c{first + i}", 0]
                            for i in range(probe_customers)]
-                cpu0, gc0, own0 = dict(stack.cpu), read_gc(gc_file), time.process_time()
+                cpu0, gc0, own0 = dict(stack.cpu), read_probe(gc_file), time.process_time()
                 profiler = Profiler(bench, f"growth-context-{level}")
                 profiler.start(context.pid, probe_customers / rate)
                 play = await stack.play(entries)
                 await asyncio.sleep(1.2)  # the probe writes its sums every second
-                gc1, own = read_gc(gc_file), time.process_time() - own0
+                gc1, own = read_probe(gc_file), time.process_time() - own0
                 accepted = max(1, play["accepted"])
                 zero = {"collections": [0] * 3, "seconds": [0.0] * 3, "max_seconds": [0.0] * 3}
                 before, after = {**zero, **gc0}, {**zero, **gc1}

@@ -42,7 +42,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "behind": behind.run,
 }
 ON_REQUEST = frozenset({"tenants", "growth", "behind"})
-"""Run only when named in --only: the tenants benchmark takes ~40 min at full size."""
+"""Run only when named in --only: the tenants benchmark takes ~50 min at full size."""
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -175,6 +175,7 @@ async def main_async(args: argparse.Namespace) -> int:
             scale,
             profile=args.profile,
             broker_pid=broker.process.pid if broker is not None and broker.process else None,
+            broker_gc_log=broker.gc_log_file if broker is not None else None,
         )
         results = await run_all(bench, names)
     finally:

@@ -4,13 +4,15 @@ A benchmark that sees a tail of several seconds in one part (every customer late
 know which process stopped: the stall probes (`bench/gcprobe/stalls.py`: long GC pauses, loop lag
 and the loop's stack, in the bench process and each service), the broker's JVM GC log and the
 RocksDB LOG of a table store. This module turns the results' per-second timeline into stall windows
-and sets beside each the events of every source that overlap it. Plain functions over plain data.
+and sets beside each the events of every source that overlap it; every event is a list
+`[wall time, seconds, ...]`. Plain functions over plain data.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +21,50 @@ from typing import Any
 LEAD_SECONDS = 2.0
 
 
-def stall_windows(by_second: dict[int, list[float]], *, join_gap: int = 2) -> list[dict[str, Any]]:
-    """Consecutive seconds (gaps up to `join_gap` joined) whose arrivals had a late result:
-    `by_second` maps a second to [results, late results, largest overhead ms]."""
+@dataclass
+class Second:
+    """The results of the messages that arrived in one second of the run."""
+
+    results: int = 0
+    late: int = 0  # results later than the bench's threshold
+    largest_ms: float = 0.0
+
+    def add(self, overhead_ms: float, late_ms: float) -> None:
+        self.results += 1
+        self.late += overhead_ms > late_ms
+        self.largest_ms = max(self.largest_ms, overhead_ms)
+
+
+def stall_windows(
+    by_second: dict[int, Second], *, tail_seconds: float = 0.0, join_gap: int = 2
+) -> list[dict[str, Any]]:
+    """Consecutive seconds of arrivals (gaps up to `join_gap` joined) that had a late result. A
+    window's span, in which the probes' events are looked for, runs from LEAD_SECONDS before its
+    first arrival to its last late result: its last arrival + `tail_seconds` (what the pipeline
+    waits by design, e.g. the quiet window) + the largest overhead."""
     windows: list[dict[str, Any]] = []
-    for second in sorted(s for s, v in by_second.items() if v[1] > 0):
-        _, late, largest = by_second[second]
+    for second in sorted(s for s, v in by_second.items() if v.late > 0):
+        tally = by_second[second]
         if windows and second - windows[-1]["last_second"] <= join_gap:
             window = windows[-1]
             window["last_second"] = second
-            window["late"] += int(late)
-            window["largest_ms"] = max(window["largest_ms"], largest)
+            window["late"] += tally.late
+            window["largest_ms"] = max(window["largest_ms"], tally.largest_ms)
         else:
-            windows.append(
-                {"first_second": second, "last_second": second, "late": int(late), "largest_ms": largest}
-            )
+            windows.append({"first_second": second, "last_second": second, "late": tally.late,
+                            "largest_ms": tally.largest_ms})
     for window in windows:
-        window["results"] = int(
-            sum(by_second.get(s, [0])[0] for s in range(window["first_second"], window["last_second"] + 1))
-        )
+        window["results"] = sum(by_second[s].results
+                                for s in range(window["first_second"], window["last_second"] + 1)
+                                if s in by_second)
         window["from"] = window["first_second"] - LEAD_SECONDS
-        window["to"] = window["last_second"] + 1 + window["largest_ms"] / 1000.0
+        window["to"] = window["last_second"] + 1 + tail_seconds + window["largest_ms"] / 1000.0
     return windows
 
 
 def events_in(window: dict[str, Any], events: list[list[Any]]) -> list[list[Any]]:
-    """The events (first item: wall time in s) inside the window's span."""
-    return [e for e in events if window["from"] <= e[0] <= window["to"]]
+    """The events (`[wall time, seconds, ...]`) that overlap the window's span."""
+    return [e for e in events if e[0] <= window["to"] and e[0] + e[1] >= window["from"]]
 
 
 _JVM_PAUSE = re.compile(r"^\[(?P<time>[^\]]+)\]\[[^\]]+\] GC\(\d+\) (?P<what>Pause .*?) (?P<ms>[\d.]+)ms$")
@@ -72,10 +91,11 @@ _ROCKS_STALL = re.compile(r"Stalling writes|Stopping writes|stall", re.IGNORECAS
 
 
 def rocksdb_stalls(directory: Path) -> dict[str, Any]:
-    """Write stalls RocksDB reported in the LOG files under `directory`: each stall line with its
-    time (local time of the process, as RocksDB writes it), and the last cumulative-stall summary."""
+    """Write stalls RocksDB reported in the LOG files under `directory`: each stall line as
+    `[wall time, 0, text]` (RocksDB writes the process's local time), and each store's last
+    cumulative-stall summary."""
     events: list[list[Any]] = []
-    cumulative: list[str] = []
+    cumulative: dict[str, str] = {}
     for log in sorted(directory.rglob("LOG")):
         try:
             lines = log.read_text(errors="replace").splitlines()
@@ -83,14 +103,14 @@ def rocksdb_stalls(directory: Path) -> dict[str, Any]:
             continue
         for line in lines:
             if "Cumulative stall" in line:
-                cumulative.append(f"{log.parent.name}: {line.strip()}")
+                cumulative[str(log.parent.relative_to(directory))] = line.strip()
                 continue
             match = _ROCKS_LINE.match(line)
             if match is None or not _ROCKS_STALL.search(match["text"]) or "Stalls(count)" in line:
                 continue
             when = datetime.strptime(match["time"], "%Y/%m/%d-%H:%M:%S.%f").timestamp()
-            events.append([when, match["text"][:200]])
-    return {"events": events, "cumulative": cumulative[-8:]}
+            events.append([when, 0, match["text"][:200]])
+    return {"events": events, "cumulative": cumulative}
 
 
 Sources = dict[str, dict[str, list[list[Any]]]]  # source (a process, a log) → kind → events
@@ -119,12 +139,12 @@ def describe(windows: list[dict[str, Any]], sources: Sources) -> list[dict[str, 
 
 def summary_line(name: str, window: dict[str, Any]) -> str:
     """One line for a report: the window, and per source the longest event of each kind."""
-    start = datetime.fromtimestamp(window["first_second"]).strftime("%H:%M:%S")
-    end = datetime.fromtimestamp(window["last_second"]).strftime("%H:%M:%S")
+    start = datetime.fromtimestamp(window["first_second"], UTC).strftime("%H:%M:%S")
+    end = datetime.fromtimestamp(window["last_second"], UTC).strftime("%H:%M:%S UTC")
     parts = []
     for source, kinds in window["seen"].items():
         for kind, events in kinds.items():
-            longest = max((e[1] for e in events if isinstance(e[1], (int, float))), default=None)  # seconds
+            longest = max((e[1] for e in events), default=None)  # seconds
             longest_text = f" (longest {longest:.2f} s)" if longest else ""
             parts.append(f"{source} {kind} x{len(events)}{longest_text}")
     found = "; ".join(parts) or "no probe saw anything"

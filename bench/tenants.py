@@ -72,7 +72,9 @@ from .common import (
     figure,
     git_commit,
     percentile,
+    read_probe,
     run_loadgen,
+    with_probes,
 )
 from .gcprobe import stalls
 from .loadgen import wa_id_of
@@ -127,12 +129,11 @@ SUSTAINED = 0.9  # a part kept up when its results/s reached this share of the o
 # of each tenant creates its per-tenant clients and the worker's caches fill, which the alternation
 # between configurations does not cancel.
 WARMUP_PER_TENANT = 4
+WARMUP_MIN = 100
 # A result later than this is part of a stall: the seconds of arrivals with one are set beside what
-# the stall probes saw then (bench/gcprobe/stalls.py in the bench, ingest and context processes; the
+# the stall probes saw then (bench/gcprobe/stalls.py in the bench process and each service; the
 # broker's GC log; the context table's RocksDB LOG)
 STALL_MS = 1500.0
-PROBE_DIR = Path(__file__).resolve().parent / "gcprobe"
-WARMUP_MIN = 100
 
 
 def size_for(scale: str, environ: Mapping[str, str]) -> Size:
@@ -243,9 +244,9 @@ class Tally:
     current_part: list[float] = field(default_factory=list)  # the samples of the part being played
     measuring: bool = True  # False during the warm-up: its results are counted, not sampled
     warmup_samples: int = 0
-    # second of arrival (wall clock) → [results, results over STALL_MS, largest overhead ms]: when
-    # the tail happened, to set beside the stall probes' events (`stalls_of`)
-    by_second: dict[int, list[float]] = field(default_factory=dict)
+    # measured results by second of arrival (wall clock): when the tail happened, to set beside the
+    # stall probes' events (`stall_details`)
+    by_second: dict[int, stall_report.Second] = field(default_factory=dict)
 
     def update_requests(self, records: list[Seen], *, measure: bool) -> None:
         """Reads new ResponderRequests; with `measure` each is a sample, else only remembered for
@@ -282,15 +283,12 @@ class Tally:
 
     def _sample(self, tenant: str, customer: int, overhead_ms: float, last_ms: float, seen: Seen) -> None:
         self.current_part.append(overhead_ms)
-        second = self.by_second.setdefault(int(last_ms // 1000), [0, 0, 0.0])
-        second[0] += 1
-        second[1] += overhead_ms > STALL_MS
-        second[2] = max(second[2], overhead_ms)
         self.first_ms = min(self.first_ms, last_ms)
         self.last_ms = max(self.last_ms, float(seen.timestamp_ms))
         if not self.measuring:
             self.warmup_samples += 1
             return
+        self.by_second.setdefault(int(last_ms // 1000), stall_report.Second()).add(overhead_ms, STALL_MS)
         self.by_tenant.setdefault(tenant, []).append(overhead_ms)
         self.by_slice.setdefault(customer // self.slice_size, []).append(overhead_ms)
 
@@ -340,7 +338,10 @@ class Stack:
     tenants, on its own topics; `play` sends a part of the schedule and waits for its results.
     Customer n belongs to ids[n // (customers / len(ids))]."""
 
-    def __init__(self, bench: BenchEnv, standins: StandIns, name: str, ids: list[str], until: str) -> None:
+    def __init__(
+        self, bench: BenchEnv, standins: StandIns, name: str, ids: list[str], until: str, *,
+        stall_probes: bool = False,
+    ) -> None:
         self.bench = bench
         self.name = name
         self.ids = ids
@@ -355,7 +356,8 @@ class Stack:
             tenant_id: standins.wati.add_tenant(wati_tenant_of(tenant_id), standins.wati.token)
             for tenant_id in ids
         }
-        self.history_reads = dict.fromkeys(ids, 0)  # getMessages per tenant's account (`take_wati_requests`)
+        self.history_reads = dict.fromkeys(ids, 0)  # getMessages per tenant's account (`count_history_reads`)
+        self.stall_probes = stall_probes  # each service with the stall probe (`probe_file`)
         self.settings = bench.settings(
             name,
             quiet_window_seconds=QUIET,
@@ -385,10 +387,8 @@ class Stack:
         ).start()
         for service, proc in self.procs.items():
             proc.env.update(self.files.environ)
-            proc.env["BENCH_STALL_PROBE"] = str(self.probe_file(service))
-            proc.env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(PROBE_DIR), proc.env.get("PYTHONPATH", "")) if p
-            )
+            if self.stall_probes:
+                with_probes(proc.env, BENCH_STALL_PROBE=str(self.probe_file(service)))
             proc.start()
         await self.procs["ingest"].wait_ready(f"http://127.0.0.1:{self.settings.ingest_port}/readyz")
         await self.procs["context"].wait_ready(f"http://127.0.0.1:{self.settings.context_web_port}/readyz")
@@ -397,7 +397,7 @@ class Stack:
                 f"http://127.0.0.1:{self.settings.responder_web_port}/readyz"
             )
 
-    def take_wati_requests(self) -> dict[str, int]:
+    def count_history_reads(self) -> dict[str, int]:
         """Adds the history reads the stand-in recorded for each tenant's account to the count and
         forgets the requests (100,000s of them would fill this process); returns the counts."""
         for tenant_id, account in self.wati_accounts.items():
@@ -406,6 +406,7 @@ class Stack:
         return dict(self.history_reads)
 
     def probe_file(self, service: str) -> Path:
+        """Where a service's stall probe writes (with `stall_probes`)."""
         return self.bench.workdir / self.name / f"stall-probe-{service}.json"
 
     async def stop(self) -> None:
@@ -490,13 +491,7 @@ class Stack:
         total = self.accepted + warmed + (0 if measured else accepted)
         play["drained"] = await self.reader.wait_until(lambda: self._drained(total), max(120.0, 3 * seconds))
         play["wall_seconds"] = round(time.monotonic() - wall0, 1)
-        self.take_wati_requests()
-        # This process serves every history check (the WATI stand-in): a collection of its garbage
-        # delays them all. Part after part its heap grew and its full collections took 0.4-1.3 s
-        # (stall probe, 50 x 2,000 at 100 msg/s); collected and frozen between parts, each walks
-        # what one part adds.
-        gc.collect()
-        gc.freeze()
+        self.count_history_reads()
         # results over the span from the play's first measured message + the quiet window to its
         # last result: at a load the services sustain this is the offered rate; above, what they did
         play["results"] = self.tally.samples - samples0
@@ -545,7 +540,7 @@ class Stack:
             "samples": tally.measured_samples,
             "warmup": self.warmup,
             # history checks read from each tenant's own WATI account (warm-up included)
-            "history_reads_by_tenant": self.take_wati_requests(),
+            "history_reads_by_tenant": self.count_history_reads(),
             "missing": missing,
             "drained": all(p["drained"] for p in self.plays),
             "kept_up": all(p["kept_up"] for p in self.plays),
@@ -604,23 +599,35 @@ async def broker_traffic(settings: Settings, log_dir: Path | None) -> dict[str, 
     return {t: v for t, v in sorted(traffic.items()) if v["records"]}
 
 
-def stalls_of(bench: BenchEnv, stacks: list[Stack], bench_probe: dict[str, Any]) -> dict[str, Any]:
+def settle_between_parts() -> None:
+    """Collects and freezes this process's heap. It serves every history check (the WATI stand-in),
+    so a collection of its garbage delays them all: part after part its heap grew and its full
+    collections took 0.4-1.3 s (stall probe, 50 x 2,000 at 100 msg/s). Frozen between parts, each
+    collection walks what one part adds (`run` unfreezes at its end)."""
+    gc.collect()
+    gc.freeze()
+
+
+def stall_details(bench: BenchEnv, stacks: list[Stack], bench_probe: dict[str, Any]) -> dict[str, Any]:
     """Each configuration's stall windows (arrivals with a result later than STALL_MS) with what the
     probes of every process saw in them, the loops' sampled stacks and RocksDB's stall summary."""
     probes = {"bench": bench_probe}
     for stack in stacks:
         for service in stack.procs:
-            probes[f"{stack.name}-{service}"] = stalls.read(str(stack.probe_file(service)))
-    sources: dict[str, dict[str, list[list[Any]]]] = {
+            probes[f"{stack.name}-{service}"] = read_probe(stack.probe_file(service))
+    sources: stall_report.Sources = {
         name: {"gc_pauses": probe.get("gc_pauses", []), "lags": probe.get("lags", [])}
         for name, probe in probes.items()
     }
-    sources["broker"] = {"gc_pauses": stall_report.jvm_gc_pauses(bench.workdir / "broker" / "gc.log")}
+    if bench.broker_gc_log is not None:
+        sources["broker"] = {"gc_pauses": stall_report.jvm_gc_pauses(bench.broker_gc_log)}
     rocks = {stack.name: stall_report.rocksdb_stalls(bench.workdir / stack.name) for stack in stacks}
     for name, found in rocks.items():
         sources[f"{name}-rocksdb"] = {"stalls": found["events"]}
     windows = {
-        stack.name: stall_report.describe(stall_report.stall_windows(stack.tally.by_second), sources)
+        stack.name: stall_report.describe(
+            stall_report.stall_windows(stack.tally.by_second, tail_seconds=QUIET), sources
+        )
         for stack in stacks
     }
     lines = [stall_report.summary_line(name, w) for name, ws in windows.items() for w in ws]
@@ -656,31 +663,39 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
         raise ValueError(f"until must be 'request' or 'reply', not {until!r}")
     size = size_for(bench.scale.name, os.environ)
     commit = git_commit()
+    # this process serves every history check (the WATI stand-in): its own pauses are in the
+    # measured path, so it carries the stall probe too
     bench_probe = stalls.install(str(bench.workdir / "stall-probe-bench.json"), asyncio.get_running_loop())
-    async with StandIns.running() as standins:
-        stacks = [
-            Stack(bench, standins, "tenants", tenant_ids(size.tenants), until),
-            Stack(bench, standins, "single", [SINGLE_TENANT], until),
-        ]
-        try:
-            for stack in stacks:
-                await stack.start()
-            # the same seeded schedule for both (customer n's route: its tenant in each stack)
-            plans = [
-                schedule(size, st.tag, [n // st.per_tenant for n in range(size.customers)]) for st in stacks
+    try:
+        async with StandIns.running() as standins:
+            stacks = [
+                Stack(bench, standins, "tenants", tenant_ids(size.tenants), until, stall_probes=True),
+                Stack(bench, standins, "single", [SINGLE_TENANT], until, stall_probes=True),
             ]
-            for stack in stacks:  # a warm-up part each (discarded), its customers spread over every tenant
-                routes = [i % len(stack.ids) for i in range(warmup_count(size))]
-                await stack.warm_up(warmup_schedule(size, stack.tag, routes))
-            per_round = math.ceil(size.customers / size.rounds)
-            for number, which in round_order(size.rounds):
-                await stacks[which].play(plans[which][number * per_round : (number + 1) * per_round])
-            many, single = [await st.summary() for st in stacks]
-            stall_details = stalls_of(bench, stacks, bench_probe.snapshot())
-        finally:
-            bench_probe.stop()
-            for stack in stacks:
-                await stack.stop()
+            try:
+                for stack in stacks:
+                    await stack.start()
+                # the same seeded schedule for both (customer n's route: its tenant in each stack)
+                plans = [
+                    schedule(size, st.tag, [n // st.per_tenant for n in range(size.customers)])
+                    for st in stacks
+                ]
+                for stack in stacks:  # a warm-up part each (discarded), its customers over every tenant
+                    routes = [i % len(stack.ids) for i in range(warmup_count(size))]
+                    await stack.warm_up(warmup_schedule(size, stack.tag, routes))
+                    settle_between_parts()
+                per_round = math.ceil(size.customers / size.rounds)
+                for number, which in round_order(size.rounds):
+                    await stacks[which].play(plans[which][number * per_round : (number + 1) * per_round])
+                    settle_between_parts()
+                many, single = [await st.summary() for st in stacks]
+                stalls_seen = stall_details(bench, stacks, bench_probe.snapshot())
+            finally:
+                for stack in stacks:
+                    await stack.stop()
+    finally:
+        bench_probe.stop()
+        gc.unfreeze()
     worst = many["by_tenant"]["worst_p99"]
     single_p99 = single["overhead_ms"]["p99"]
     finite = worst is not None and single_p99 and math.isfinite(worst) and math.isfinite(single_p99)
@@ -779,14 +794,14 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
             f"account on the stand-in; a warm-up part of {warmup_count(size)} other customers per "
             "configuration before the measured parts, not counted (details.tenants.warmup)",
             f"commit {commit}",
-            *stall_details["lines"],
+            *stalls_seen["lines"],
         ],
         "details": {
             "commit": commit,
             "size": size.__dict__,
             "tenants": many,
             "single": single,
-            "stalls": stall_details,
+            "stalls": stalls_seen,
         },
     }
 

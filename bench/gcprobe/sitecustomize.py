@@ -1,10 +1,10 @@
-"""A probe of Python's cyclic GC in a service process, for `bench.growth` (not loaded otherwise).
+"""The benchmarks' probes in a service process (loaded only where a bench asks: `bench.common.with_probes`).
 
-`bench.growth` puts this directory on the context worker's PYTHONPATH with BENCH_GC_PROBE set to a
-file: every collection's generation and duration (gc.callbacks) are summed, and the sums are
-written to that file every second as JSON — the bench reads them before and after a part.
-With BENCH_STALL_PROBE set to a file, `stalls.py` (the stall probe: long GC pauses, loop lag and the
-loop's stack while it is late, with wall-clock times) is installed too.
+With BENCH_GC_PROBE set to a file (`bench.growth`, the context worker): every collection's
+generation and duration (gc.callbacks) are summed, and the sums are written to that file every
+second as JSON — the bench reads them before and after a part.
+With BENCH_STALL_PROBE set to a file (`bench.tenants`, each service), `stalls.py` beside this file:
+long GC pauses, loop lag and the loop's stack while it is late, with wall-clock times.
 """
 
 from __future__ import annotations
