@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,14 +13,11 @@ import pytest
 from bench import stall_report
 from bench.gcprobe import stalls
 
+from .waiting import until
+
 
 def _block_the_loop_for(seconds: float) -> None:
     time.sleep(seconds)  # the stall under test: the loop's thread busy, no await
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await asyncio.sleep(0.02)
 
 
 def test_the_probe_times_a_blocked_loop_and_samples_what_blocked_it(tmp_path: Path) -> None:
@@ -29,7 +25,7 @@ def test_the_probe_times_a_blocked_loop_and_samples_what_blocked_it(tmp_path: Pa
         probe = stalls.install(str(tmp_path / "probe.json"), asyncio.get_running_loop())
         before = time.time()
         _block_the_loop_for(0.8)
-        await asyncio.wait_for(_until(lambda: bool(probe.lags)), 5)  # the watchdog records it
+        await until(lambda: probe.lags, timeout=5, what="the watchdog records the late heartbeat")
         probe.stop()
         posted, late, samples = probe.lags[-1]
         assert before <= posted <= before + 0.3  # its first heartbeat, posted during the block
@@ -58,7 +54,7 @@ def test_without_a_loop_given_the_probe_watches_the_one_that_runs_and_not_the_ga
             assert probe.loop is asyncio.get_running_loop()  # the first one closed: this one now
             await asyncio.sleep(0.3)  # heartbeats answered on time
             _block_the_loop_for(0.6)
-            await asyncio.wait_for(_until(lambda: bool(probe.lags)), 5)
+            await until(lambda: probe.lags, timeout=5, what='a late heartbeat recorded')
 
         asyncio.run(serving())
     finally:

@@ -17,6 +17,7 @@ from services.context import state as sm
 from services.context.app import BEHIND_MAX_WAIT_SECONDS, Incoming, build_limits, create_app
 
 from .context_builders import KEY, Customer, command, inbound, ready_recording_commands, secs
+from .waiting import until
 
 
 class HeldProducer:
@@ -114,11 +115,7 @@ class Acks:
 
 async def _until(condition: Any, what: str, timeout: float = 5.0) -> None:
     """Waits for a condition the code under test reaches by itself (a retry backs off for real)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.001)
+    await until(condition, timeout=timeout, what=what, poll=0.001)
 
 
 def _runtime_with(tmp_path: Any, table: dict[bytes, bytes]) -> tuple[Any, HeldProducer, Acks]:

@@ -34,6 +34,8 @@ from services.context.views import bearer_ok, customer_view, jsonable, parse_act
 from services.providers.accounts import AccountClients
 from services.standins import WatiStandIn
 
+from .waiting import until
+
 KEY = "wati:50370001111"
 T0 = datetime(2026, 3, 2, 12, 0, 0, tzinfo=UTC)
 LIMITS = sm.Limits(quiet_window_seconds=30, max_batch_wait_seconds=120, missed_lookback_seconds=86400,
@@ -409,11 +411,7 @@ def fetcher_for(wati: WatiStandIn, commands: Commands, **overrides: Any) -> Hist
 
 
 async def wait_until(check: Any, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
+    await until(check, timeout=timeout, what="timed out", poll=0.01)
 
 
 async def test_fetch_order_delivers_parsed_history_as_a_command(wati: WatiStandIn) -> None:
