@@ -34,6 +34,7 @@ from openai import AsyncOpenAI
 from ..common import metrics
 from ..common.keys import DEFAULT_TENANT, parse_key
 from ..common.logs import event
+from ..common.openai_accounts import openai_http_client
 from ..common.openai_errors import ErrorBody, ErrorClass, classify, retry_after_seconds
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def batch_reference(batch_id: str, customer_key: str) -> str:
 def make_client(api_key: str, base_url: str, timeout: float, project: str | None = None) -> AsyncOpenAI:
     """The responder's OpenAI client (our retries, not the SDK's); `project`: the OpenAI-Project
     its calls are made in (a tenant's own project)."""
-    return AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0, project=project)
+    return AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0, project=project,
+                       http_client=openai_http_client())
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from services.common.fair_share import per_tenant_slots
 from services.common.kafka import ensure_topics, make_producer
 from services.common.keyed_consumer import KeyedConsumer
 from services.common.loop_lag import loop_lag_watched
-from services.common.openai_accounts import OpenAIAccount, OpenAIClients, openai_account
+from services.common.openai_accounts import OpenAIAccount, OpenAIClients, openai_account, openai_http_client
 from services.common.ops_http import serve_ops
 from services.providers.accounts import AccountClients, NoAccount, load_served_tenants
 
@@ -101,7 +101,7 @@ class Vision:
         return openai.AsyncOpenAI(
             api_key=account.api_key, project=account.project, base_url=s.openai_base_url,
             timeout=s.openai_timeout_seconds, max_retries=max(0, s.openai_max_attempts - 1),
-            http_client=openai.DefaultAsyncHttpxClient(event_hooks={
+            http_client=openai_http_client(event_hooks={
                 "request": [count_sdk_retry], "response": [refuse_retry_of_billing_errors]}),
         )
 

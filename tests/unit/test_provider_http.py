@@ -1,20 +1,30 @@
-"""services/common/provider_http.py: every provider client of a process shares one verifying TLS context."""
+"""services/common/provider_http.py: every provider client of a process — WATI, ManyChat and the
+OpenAI SDK's clients of every tenant account — shares one verifying TLS context."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from typing import Any
 
 import httpx
+import openai
 
+from services.common.config import Settings
 from services.common.manychat import ManyChatClient
-from services.common.provider_http import shared_tls_context
+from services.common.openai_accounts import OpenAIAccount
+from services.common.provider_http import ProviderClient, shared_tls_context
 from services.common.wati import WatiClient
+from services.responder.ai import make_client
+from services.vision.main import Vision
 
 
-def _tls_context_of(client: WatiClient | ManyChatClient) -> ssl.SSLContext:
-    transport = client._http._transport
-    assert isinstance(transport, httpx.AsyncHTTPTransport)
+def _tls_context_of(client: ProviderClient | openai.AsyncOpenAI) -> ssl.SSLContext:
+    if isinstance(client, openai.AsyncOpenAI):  # the SDK's HTTP client is its own httpx fork's
+        transport: Any = client._client._transport
+    else:
+        transport = client._http._transport
+        assert isinstance(transport, httpx.AsyncHTTPTransport)
     context: ssl.SSLContext = transport._pool._ssl_context  # httpcore keeps it here
     return context
 
@@ -34,6 +44,27 @@ def test_clients_of_many_accounts_share_one_tls_context() -> None:
         finally:
             for client in clients:
                 await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_openai_clients_of_many_accounts_share_the_same_tls_context() -> None:
+    """Tenants with their own OpenAI keys: the responder's and vision's client per account too."""
+
+    async def main() -> None:
+        vision = Vision(Settings(openai_api_key="sk-deploy-0000"))
+        clients = [
+            make_client("sk-tenant-a", "https://api.openai.com/v1", 30.0),
+            make_client("sk-tenant-b", "https://api.openai.com/v1", 30.0, project="proj_b"),
+            vision.openai_clients.get(OpenAIAccount("sk-tenant-a")),
+            vision.openai_clients.get(OpenAIAccount("sk-tenant-b", "proj_b")),
+        ]
+        try:
+            assert len({id(client) for client in clients}) == 4
+            assert {id(_tls_context_of(c)) for c in clients} == {id(shared_tls_context())}
+        finally:
+            for client in clients:
+                await client.close()
 
     asyncio.run(main())
 
