@@ -9,19 +9,21 @@ conversation and answer, vision's upload and classification — goes through its
 ONE client per account (key + project), made by the service's own factory (each service sets its
 own retries and hooks), so tenants sharing the deployment's key share one client and the number of
 clients is bounded by the tenants file. Every such client's HTTP client comes from
-`openai_http_client`, which shares the process's one TLS context.
+`openai_http_client`, which shares the process's one TLS context for OpenAI.
 """
 
 from __future__ import annotations
 
+import functools
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import httpx2
 import openai
 
 from services.common.config import Settings
-from services.common.provider_http import shared_tls_context
 from services.common.tenants import Tenant
 
 C = TypeVar("C")
@@ -36,11 +38,23 @@ class OpenAIAccount:
     project: str | None = None
 
 
+@functools.cache
+def openai_tls_context() -> ssl.SSLContext:
+    """The one TLS context of every OpenAI SDK client of the process, made as the SDK makes each
+    client's by itself (its HTTP library, httpx2): the same trusted CAs — the system's store, or
+    SSL_CERT_FILE / SSL_CERT_DIR — so sharing changes what is trusted in no way. Left to itself the
+    SDK makes one per client, loading the CA store again (~30 ms of the event loop) on every tenant
+    account's first call. A service's first client, made at its start, builds it."""
+    return httpx2.create_ssl_context()
+
+
 def openai_http_client(**options: Any) -> openai.DefaultAsyncHttpxClient:
-    """The HTTP client of one OpenAI SDK client (the SDK's defaults, `options` added), on the
-    process's shared TLS context: left to itself the SDK makes a context per client, loading the CA
-    bundle again (~30 ms of the event loop) for every tenant account's first call."""
-    return openai.DefaultAsyncHttpxClient(verify=shared_tls_context(), **options)
+    """The HTTP client of one OpenAI SDK client: the SDK's defaults (limits, timeouts, proxies from
+    the environment), `options` added, on `openai_tls_context`. HTTP/1.1 only: an HTTP/2 client
+    sets its protocols on the context it connects with, which every client shares."""
+    if options.get("http2"):
+        raise ValueError("OpenAI clients share one TLS context: HTTP/2 would change it for all")
+    return openai.DefaultAsyncHttpxClient(verify=openai_tls_context(), **options)
 
 
 def openai_account(

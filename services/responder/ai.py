@@ -91,7 +91,7 @@ def make_client(api_key: str, base_url: str, timeout: float, project: str | None
     """The responder's OpenAI client (our retries, not the SDK's); `project`: the OpenAI-Project
     its calls are made in (a tenant's own project)."""
     return AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0, project=project,
-                       http_client=openai_http_client())
+                       http_client=openai_http_client(timeout=timeout))
 
 
 @dataclass(frozen=True)

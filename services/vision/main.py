@@ -101,7 +101,7 @@ class Vision:
         return openai.AsyncOpenAI(
             api_key=account.api_key, project=account.project, base_url=s.openai_base_url,
             timeout=s.openai_timeout_seconds, max_retries=max(0, s.openai_max_attempts - 1),
-            http_client=openai_http_client(event_hooks={
+            http_client=openai_http_client(timeout=s.openai_timeout_seconds, event_hooks={
                 "request": [count_sdk_retry], "response": [refuse_retry_of_billing_errors]}),
         )
 
