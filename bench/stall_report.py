@@ -2,7 +2,8 @@
 
 A benchmark that sees a tail of several seconds in one part (every customer late at once) needs to
 know which process stopped: the stall probes (`bench/gcprobe/stalls.py`: long GC pauses, loop lag
-and the loop's stack, in the bench process and each service), the broker's JVM GC log and the
+and the loop's stack, in the bench process and each service), the CPU every process and the machine
+used each second (`bench/cpu_probe.py`, steal time included), the broker's JVM GC log and the
 RocksDB LOG of a table store. This module turns the results' per-second timeline into stall windows
 and sets beside each the events of every source that overlap it; every event is a list
 `[wall time, seconds, ...]`. Plain functions over plain data.
@@ -137,18 +138,38 @@ def describe(windows: list[dict[str, Any]], sources: Sources) -> list[dict[str, 
     return described
 
 
+#: a window's line names the processes whose CPU peaked at this many cores or more, the busiest first
+CPU_LINE_FROM_CORES = 0.2
+CPU_LINE_TOP = 3
+
+
 def summary_line(name: str, window: dict[str, Any]) -> str:
-    """One line for a report: the window, and per source the longest event of each kind."""
+    """One line for a report: the window; per source the longest event of each kind of the stall
+    probes and logs; the machine's peak busy / iowait / steal cores and the CPU_LINE_TOP processes
+    with the highest peaks (`bench/cpu_probe.py`)."""
     start = datetime.fromtimestamp(window["first_second"], UTC).strftime("%H:%M:%S")
     end = datetime.fromtimestamp(window["last_second"], UTC).strftime("%H:%M:%S UTC")
-    parts = []
+    parts, peaks = [], []
     for source, kinds in window["seen"].items():
         for kind, events in kinds.items():
+            if kind == "cpu":  # [wall, seconds, cores] per second
+                peaks.append((max(e[2] for e in events), source))
+                continue
+            if kind == "machine":  # [wall, seconds, busy, iowait, steal] per second
+                continue
             longest = max((e[1] for e in events), default=None)  # seconds
             longest_text = f" (longest {longest:.2f} s)" if longest else ""
             parts.append(f"{source} {kind} x{len(events)}{longest_text}")
-    found = "; ".join(parts) or "no probe saw anything"
+    found = "; ".join(parts) or "no stall probe saw anything"
+    cpu = []
+    machine = window["seen"].get("machine", {}).get("machine")
+    if machine:
+        cpu.append("machine peak busy {:.2f}, iowait {:.2f}, steal {:.2f} cores".format(
+            *(max(e[column] for e in machine) for column in (2, 3, 4))))
+    busiest = sorted((p for p in peaks if p[0] >= CPU_LINE_FROM_CORES), reverse=True)[:CPU_LINE_TOP]
+    cpu += [f"{source} peak {cores:.2f}" for cores, source in busiest]
+    cpu_text = f"; CPU: {', '.join(cpu)}" if cpu else ""
     return (
         f"{name}: arrivals {start}-{end}, {window['late']} of {window['results']} results late "
-        f"(largest {window['largest_ms'] / 1000:.1f} s): {found}"
+        f"(largest {window['largest_ms'] / 1000:.1f} s): {found}{cpu_text}"
     )

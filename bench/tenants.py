@@ -52,6 +52,7 @@ import random
 import secrets
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ from services.common.kafka import Topics, ensure_topics, make_admin, make_consum
 from services.common.keys import parse_key
 from services.standins import StandIns
 
-from . import stall_report
+from . import cpu_probe, stall_report
 from .common import (
     BenchEnv,
     ServiceProcess,
@@ -94,6 +95,7 @@ class Size:
     customers_per_tenant: int
     rate: float
     rounds: int  # the schedule is played in this many parts per configuration, alternating
+    warmup_seconds: float = 0.0  # each configuration's warm-up lasts at least this long (`warmup_count`)
 
     @property
     def customers(self) -> int:
@@ -111,7 +113,7 @@ SIZES = {
     # ingest, load generator, this process) nearly both: two runs of the same code gave the single
     # tenant a p99 of 0.6 s and 14 s (BENCHMARKS.md section 9), a measure of the queue, not of the
     # tenants. At 70 msg/s every process keeps a margin.
-    "full": Size(50, 2000, 70.0, 4),
+    "full": Size(50, 2000, 70.0, 4, warmup_seconds=120.0),
     # same 50 tenants, 100 customers each (a tenant's p99 is then its largest value), at a rate the
     # shared 2-core machine sustained under a load average of ~15 (50 msg/s did not), in 4 parts
     "quick": Size(50, 100, 30.0, 4),
@@ -121,15 +123,20 @@ OVERRIDES = {  # environment variables that change the size of a run (BENCHMARKS
     "BENCH_TENANTS_CUSTOMERS_PER_TENANT": "customers_per_tenant",
     "BENCH_TENANTS_RATE": "rate",
     "BENCH_TENANTS_ROUNDS": "rounds",
+    "BENCH_TENANTS_WARMUP_SECONDS": "warmup_seconds",
 }
 SUSTAINED = 0.9  # a part kept up when its results/s reached this share of the offered rate
 # Before the measured parts each configuration plays a warm-up part (discarded, recorded in "warmup"):
 # other customers, spread over every tenant, at the same rate. A quick run without it had its whole
 # tail in the first part played (p99 634 ms against 27-43 ms in the other parts): the first message
 # of each tenant creates its per-tenant clients and the worker's caches fill, which the alternation
-# between configurations does not cancel.
+# between configurations does not cancel. With 200 messages (3 s) the first part of each
+# configuration still had the highest p99 in two full runs (tenants 616 / 1,067 ms against 86-212
+# in their later parts; single 205 / 3,245 against 74-410): the full size warms up for
+# `Size.warmup_seconds` at the full rate (`timeline` per part shows what is left).
 WARMUP_PER_TENANT = 4
 WARMUP_MIN = 100
+TIMELINE_SECONDS = 30  # a part's results are also summarised per this many seconds of arrivals
 # A result later than this is part of a stall: the seconds of arrivals with one are set beside what
 # the stall probes saw then (bench/gcprobe/stalls.py in the bench process and each service; the
 # broker's GC log; the context table's RocksDB LOG)
@@ -142,7 +149,7 @@ def size_for(scale: str, environ: Mapping[str, str]) -> Size:
     changes: dict[str, Any] = {}
     for name, field_name in OVERRIDES.items():
         if environ.get(name):
-            kind = float if field_name == "rate" else int
+            kind = float if field_name in ("rate", "warmup_seconds") else int
             changes[field_name] = kind(environ[name])
     return dataclasses.replace(size, **changes)
 
@@ -220,7 +227,25 @@ def warmup_schedule(size: Size, tag: str, route_of_warmup: list[int]) -> list[li
 
 
 def warmup_count(size: Size) -> int:
-    return max(WARMUP_MIN, WARMUP_PER_TENANT * size.tenants)
+    """Messages of the warm-up: a few per tenant, and at least `warmup_seconds` at the rate."""
+    return max(WARMUP_MIN, WARMUP_PER_TENANT * size.tenants, math.ceil(size.warmup_seconds * size.rate))
+
+
+def timeline(arrivals_ms: list[float], overheads_ms: list[float], *,
+             bucket_seconds: int = TIMELINE_SECONDS) -> list[dict[str, Any]]:
+    """A part's results per `bucket_seconds` of arrivals from its first: when in the part its tail
+    was (its start: a warm-up left short; one bucket: a stall), as {from_s, n, p50, p99, max}."""
+    if not arrivals_ms:
+        return []
+    first = min(arrivals_ms)
+    buckets: dict[int, list[float]] = {}
+    for arrived, overhead in zip(arrivals_ms, overheads_ms, strict=True):
+        buckets.setdefault(int((arrived - first) / 1000.0 // bucket_seconds), []).append(overhead)
+    return [
+        {"from_s": n * bucket_seconds, "n": len(values), "p50": percentile(values, 0.5),
+         "p99": percentile(values, 0.99), "max": max(values)}
+        for n, values in sorted(buckets.items())
+    ]
 
 
 def customer_of(text: str) -> int | None:
@@ -242,6 +267,7 @@ class Tally:
     last_ms: float = 0.0
     last_of_batch: dict[str, tuple[float, str, int]] = field(default_factory=dict)  # reply mode
     current_part: list[float] = field(default_factory=list)  # the samples of the part being played
+    current_arrivals: list[float] = field(default_factory=list)  # their last messages' arrivals (ms)
     measuring: bool = True  # False during the warm-up: its results are counted, not sampled
     warmup_samples: int = 0
     # measured results by second of arrival (wall clock): when the tail happened, to set beside the
@@ -283,6 +309,7 @@ class Tally:
 
     def _sample(self, tenant: str, customer: int, overhead_ms: float, last_ms: float, seen: Seen) -> None:
         self.current_part.append(overhead_ms)
+        self.current_arrivals.append(last_ms)
         self.first_ms = min(self.first_ms, last_ms)
         self.last_ms = max(self.last_ms, float(seen.timestamp_ms))
         if not self.measuring:
@@ -458,9 +485,9 @@ class Stack:
         cpu0 = {s: cpu_seconds_of(pid) for s, pid in pids.items()}
         load = os.getloadavg()[0]
         samples0 = self.tally.samples
-        self.tally.current_part = []
+        self.tally.current_part, self.tally.current_arrivals = [], []
         self.tally.first_ms, self.tally.last_ms = math.inf, 0.0
-        wall0 = time.monotonic()
+        wall0, play_from = time.monotonic(), time.time()
         gen = await run_loadgen(
             {
                 "url": routes[0][0],
@@ -483,6 +510,7 @@ class Stack:
             "accept_latency_p99_ms": gen["latency_ms"]["p99"],
             "max_scheduler_lag_ms": gen["max_scheduler_lag_ms"],
             "load_average_at_start": round(load, 2),
+            "wall_span": [play_from, time.time()],  # the load, then the drain (set below)
         }
         if measured:
             self.plays.append(play)
@@ -491,6 +519,7 @@ class Stack:
         total = self.accepted + warmed + (0 if measured else accepted)
         play["drained"] = await self.reader.wait_until(lambda: self._drained(total), max(120.0, 3 * seconds))
         play["wall_seconds"] = round(time.monotonic() - wall0, 1)
+        play["wall_span"][1] = time.time()  # where `stall_details` looks up the CPU used
         self.count_history_reads()
         # results over the span from the play's first measured message + the quiet window to its
         # last result: at a load the services sustain this is the offered rate; above, what they did
@@ -501,6 +530,7 @@ class Stack:
             "p50": percentile(self.tally.current_part, 0.5),
             "p99": percentile(self.tally.current_part, 0.99),
         }
+        play["timeline"] = timeline(self.tally.current_arrivals, self.tally.current_part)
         play["span_seconds"] = max(1e-3, (self.tally.last_ms - self.tally.first_ms) / 1000.0 - QUIET)
         play["results_per_s"] = play["results"] / play["span_seconds"]
         play["kept_up"] = bool(play["drained"]) and play["results_per_s"] >= SUSTAINED * self.size.rate
@@ -608,9 +638,23 @@ def settle_between_parts() -> None:
     gc.freeze()
 
 
-def stall_details(bench: BenchEnv, stacks: list[Stack], bench_probe: dict[str, Any]) -> dict[str, Any]:
+def process_names(bench: BenchEnv, stacks: list[Stack]) -> dict[int, str]:
+    """pid → name of the run's own processes, for the CPU probe (`tenants-context`, `broker`, ...)."""
+    names = {os.getpid(): "bench"} | ({bench.broker_pid: "broker"} if bench.broker_pid else {})
+    for stack in stacks:
+        for service, proc in stack.procs.items():
+            if proc.proc is not None:
+                names[proc.proc.pid] = f"{stack.name}-{service}"
+    return names
+
+
+def stall_details(
+    bench: BenchEnv, stacks: list[Stack], bench_probe: dict[str, Any], cpu: dict[str, Any]
+) -> dict[str, Any]:
     """Each configuration's stall windows (arrivals with a result later than STALL_MS) with what the
-    probes of every process saw in them, the loops' sampled stacks and RocksDB's stall summary."""
+    probes of every process and the CPU probe (`cpu`, a `CpuProbe.snapshot`) saw in them, the
+    loops' sampled stacks, RocksDB's stall summary, and per measured part the CPU the machine and
+    its busiest processes used (the other configuration's idle services included)."""
     probes = {"bench": bench_probe}
     for stack in stacks:
         for service in stack.procs:
@@ -621,6 +665,9 @@ def stall_details(bench: BenchEnv, stacks: list[Stack], bench_probe: dict[str, A
     }
     if bench.broker_gc_log is not None:
         sources["broker"] = {"gc_pauses": stall_report.jvm_gc_pauses(bench.broker_gc_log)}
+    for name, events in cpu["by_process"].items():
+        sources.setdefault(name, {})["cpu"] = events
+    sources["machine"] = {"machine": cpu["machine"]}
     rocks = {stack.name: stall_report.rocksdb_stalls(bench.workdir / stack.name) for stack in stacks}
     for name, found in rocks.items():
         sources[f"{name}-rocksdb"] = {"stalls": found["events"]}
@@ -642,7 +689,35 @@ def stall_details(bench: BenchEnv, stacks: list[Stack], bench_probe: dict[str, A
             if "lags" in kinds
         },
         "rocksdb_cumulative": {name: found["cumulative"] for name, found in rocks.items()},
+        "cpu_by_part": {
+            stack.name: [cpu_probe.span_summary(cpu, *play["wall_span"]) for play in stack.plays]
+            for stack in stacks
+        },
     }
+
+
+def cpu_lines(by_part: dict[str, list[dict[str, Any]]], top: int = 4) -> list[str]:
+    """One line per measured part: the machine's mean busy / iowait / steal cores and its busiest
+    processes' (the other configuration's idle services show here if they were not idle)."""
+    lines = []
+    for name, parts in by_part.items():
+        for number, part in enumerate(parts, 1):
+            machine = part["machine"]
+            busiest = ", ".join(f"{p} {c:.2f}" for p, c in list(part["processes"].items())[:top])
+            lines.append(
+                f"{name} part {number} CPU (mean cores): machine busy {machine['busy']:.2f}, iowait "
+                f"{machine['iowait']:.2f}, steal {machine['steal']:.2f}; {busiest or 'no process'}"
+            )
+    return lines
+
+
+def timeline_lines(name: str, plays: list[dict[str, Any]]) -> list[str]:
+    """One line per measured part: its p99 per TIMELINE_SECONDS of arrivals, in order."""
+    return [
+        f"{name} part {number} p99 per {TIMELINE_SECONDS} s (ms): "
+        + ", ".join(_fmt_ms(bucket["p99"]) for bucket in play.get("timeline", []))
+        for number, play in enumerate(plays, 1)
+    ]
 
 
 def round_order(rounds: int) -> list[tuple[int, int]]:
@@ -666,9 +741,11 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
     # this process serves every history check (the WATI stand-in): its own pauses are in the
     # measured path, so it carries the stall probe too
     bench_probe = stalls.install(str(bench.workdir / "stall-probe-bench.json"), asyncio.get_running_loop())
+    stacks: list[Stack] = []
+    cpu = cpu_probe.CpuProbe(lambda: process_names(bench, stacks)).start()
     try:
         async with StandIns.running() as standins:
-            stacks = [
+            stacks += [
                 Stack(bench, standins, "tenants", tenant_ids(size.tenants), until, stall_probes=True),
                 Stack(bench, standins, "single", [SINGLE_TENANT], until, stall_probes=True),
             ]
@@ -689,12 +766,17 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
                     await stacks[which].play(plans[which][number * per_round : (number + 1) * per_round])
                     settle_between_parts()
                 many, single = [await st.summary() for st in stacks]
-                stalls_seen = stall_details(bench, stacks, bench_probe.snapshot())
+                try:
+                    stalls_seen = stall_details(bench, stacks, bench_probe.snapshot(), cpu.snapshot())
+                except Exception:  # a diagnostic must not cost the run's figures
+                    stalls_seen = {"error": traceback.format_exc()[-2000:], "cpu_by_part": {},
+                                   "lines": ["the stall details failed (details.stalls.error)"]}
             finally:
                 for stack in stacks:
                     await stack.stop()
     finally:
         bench_probe.stop()
+        cpu.stop()
         gc.unfreeze()
     worst = many["by_tenant"]["worst_p99"]
     single_p99 = single["overhead_ms"]["p99"]
@@ -795,6 +877,9 @@ async def run(bench: BenchEnv, *, until: str | None = None) -> dict[str, Any]:
             "configuration before the measured parts, not counted (details.tenants.warmup)",
             f"commit {commit}",
             *stalls_seen["lines"],
+            *cpu_lines(stalls_seen["cpu_by_part"]),
+            *timeline_lines("tenants", many["plays"]),
+            *timeline_lines("single", single["plays"]),
         ],
         "details": {
             "commit": commit,

@@ -222,7 +222,13 @@ async def test_tenants_benchmark_runs(bench_env: BenchEnv) -> None:
         assert run["warmup"]["accepted"] == bench_tenants.warmup_count(size) and run["warmup"]["drained"]
         reads = run["history_reads_by_tenant"]
         assert len(reads) == tenants and all(n > 0 for n in reads.values()), reads  # each its own account
+        # each part's results by seconds of arrival, and what the machine and the services used then
+        assert all(sum(b["n"] for b in p["timeline"]) == p["results"] for p in run["plays"]), run["plays"]
+        parts_cpu = result["details"]["stalls"]["cpu_by_part"][kind]
+        assert len(parts_cpu) == size.rounds and all(p["machine"]["busy"] > 0 for p in parts_cpu), parts_cpu
+        assert all(f"{kind}-context" in p["processes"] for p in parts_cpu), parts_cpu
     assert result["details"]["commit"] != "unknown"
+    assert "error" not in result["details"]["stalls"], result["details"]["stalls"]
 
 
 # -- the tenants benchmark's pure parts ------------------------------------------------------------
