@@ -130,10 +130,11 @@ SUSTAINED = 0.9  # a part kept up when its results/s reached this share of the o
 # other customers, spread over every tenant, at the same rate. A quick run without it had its whole
 # tail in the first part played (p99 634 ms against 27-43 ms in the other parts): the first message
 # of each tenant creates its per-tenant clients and the worker's caches fill, which the alternation
-# between configurations does not cancel. With 200 messages (3 s) the first part of each
-# configuration still had the highest p99 in two full runs (tenants 616 / 1,067 ms against 86-212
-# in their later parts; single 205 / 3,245 against 74-410): the full size warms up for
-# `Size.warmup_seconds` at the full rate (`timeline` per part shows what is left).
+# between configurations does not cancel. The full size warms up for `Size.warmup_seconds` at the
+# full rate besides: its parts last minutes, and a few seconds of warm-up left the first part played
+# exposed to whatever settles in a fresh broker and fresh services (a warm-up's and each part's
+# `timeline` show what is left; in the first run with it, nothing: the warm-up's first 30 s already
+# had the parts' p99).
 WARMUP_PER_TENANT = 4
 WARMUP_MIN = 100
 TIMELINE_SECONDS = 30  # a part's results are also summarised per this many seconds of arrivals
