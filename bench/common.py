@@ -33,6 +33,8 @@ from services.common.broker import free_port
 from services.common.config import Settings
 from services.common.kafka import make_consumer
 
+from .cpu_probe import process_times
+
 ROOT = Path(__file__).resolve().parents[1]
 WEBHOOK_TOKEN = "bench-webhook-token"
 WEB_TOKEN = "bench-web-token"
@@ -254,10 +256,9 @@ def cpu_seconds_of(pid: int | None) -> float:
     if pid is None:
         return 0.0
     try:
-        fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return process_times(Path(f"/proc/{pid}/stat").read_text()).cpu_seconds
     except OSError:
         return 0.0
-    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:

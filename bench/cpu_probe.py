@@ -52,12 +52,18 @@ def machine_times(proc_stat: str) -> MachineTimes:
 
 @dataclass(frozen=True)
 class ProcessTimes:
-    """One process from its /proc/<pid>/stat: command name, CPU ticks used (user + system, all its
-    threads) and its start (ticks after boot: with the pid, who it is — pids are reused)."""
+    """One process from its /proc/<pid>/stat: command name, state (`R`, `S`, … `Z` a zombie), CPU
+    ticks used (user + system, all its threads) and its start (ticks after boot: with the pid, who
+    it is — pids are reused)."""
 
     command: str
+    state: str
     ticks: int
     started: int
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.ticks / TICKS
 
 
 def process_times(pid_stat: str) -> ProcessTimes:
@@ -66,7 +72,7 @@ def process_times(pid_stat: str) -> ProcessTimes:
     command = pid_stat[pid_stat.index("(") + 1 : pid_stat.rindex(")")]
     after = pid_stat[pid_stat.rindex(")") + 2 :].split()
     # after the name: state(0) ppid(1) ... utime(11) stime(12) ... starttime(19)
-    return ProcessTimes(command, int(after[11]) + int(after[12]), int(after[19]))
+    return ProcessTimes(command, after[0], int(after[11]) + int(after[12]), int(after[19]))
 
 
 def label_of(command: str, cmdline: list[str]) -> str:

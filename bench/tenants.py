@@ -355,8 +355,8 @@ def group_stats(groups: dict[Any, list[float]], expected: int) -> dict[str, Any]
 def process_alive(pid: int) -> bool:
     """Whether the process runs (an exited child not yet waited for is a zombie: not alive)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        state = cpu_probe.process_times(Path(f"/proc/{pid}/stat").read_text()).state
+    except (OSError, ValueError, IndexError):
         return False
     return state not in ("Z", "X")
 

@@ -43,7 +43,7 @@ def test_machine_times_read_the_cpu_line_without_counting_guest_time_twice() -> 
 @pytest.mark.parametrize("name", ["python", "tmux: server", "a) b", "(sd-pam)"])
 def test_process_times_count_fields_after_the_last_parenthesis_of_the_name(name: str) -> None:
     rest = "S 1 2 3 4 5 6 7 8 9 10 120 30 0 0 20 0 4 0 98765 200 300"
-    assert process_times(f"4242 ({name}) {rest}") == ProcessTimes(name, ticks=150, started=98765)
+    assert process_times(f"4242 ({name}) {rest}") == ProcessTimes(name, state="S", ticks=150, started=98765)
 
 
 def test_unnamed_processes_are_labelled_by_module_or_kafka_or_command() -> None:
